@@ -1,0 +1,231 @@
+package tap
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync/atomic"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// LinkConfig is the configuration of the sandbox's interface.
+type LinkConfig struct {
+	Name string
+	MTU  int
+	// Address is the sandbox's own address with its prefix, e.g.
+	// 10.0.2.100/24.
+	Address netip.Prefix
+	// Gateway becomes the default route.
+	Gateway netip.Addr
+	// Address6 and Gateway6 are the IPv6 equivalents; zero to skip.
+	Address6 netip.Prefix
+	Gateway6 netip.Addr
+}
+
+// Configure brings up lo, then sets the MTU, address and state of the
+// interface and adds the default route, all over rtnetlink.
+func Configure(c LinkConfig) error {
+	nl, err := dialNetlink()
+	if err != nil {
+		return err
+	}
+	defer nl.close()
+	if err := nl.setLinkUp("lo", 0); err != nil {
+		return err
+	}
+	if err := nl.setLinkUp(c.Name, c.MTU); err != nil {
+		return err
+	}
+	for _, a := range []netip.Prefix{c.Address, c.Address6} {
+		if a.IsValid() {
+			if err := nl.addAddr(c.Name, a); err != nil {
+				return err
+			}
+		}
+	}
+	for _, gw := range []netip.Addr{c.Gateway, c.Gateway6} {
+		if gw.IsValid() {
+			if err := nl.addDefaultRoute(c.Name, gw); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// LoopbackUp brings up lo (for --net=none).
+func LoopbackUp() error {
+	nl, err := dialNetlink()
+	if err != nil {
+		return err
+	}
+	defer nl.close()
+	return nl.setLinkUp("lo", 0)
+}
+
+type netlinkConn struct {
+	fd  int
+	seq atomic.Uint32
+}
+
+func dialNetlink() (*netlinkConn, error) {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("open rtnetlink socket: %w", err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("bind rtnetlink socket: %w", err)
+	}
+	return &netlinkConn{fd: fd}, nil
+}
+
+func (c *netlinkConn) close() { unix.Close(c.fd) }
+
+// request sends one message and waits for its acknowledgement.
+func (c *netlinkConn) request(typ uint16, flags uint16, body []byte) error {
+	seq := c.seq.Add(1)
+	msg := make([]byte, unix.NLMSG_HDRLEN+len(body))
+	binary.NativeEndian.PutUint32(msg[0:], uint32(len(msg)))
+	binary.NativeEndian.PutUint16(msg[4:], typ)
+	binary.NativeEndian.PutUint16(msg[6:], flags|unix.NLM_F_REQUEST|unix.NLM_F_ACK)
+	binary.NativeEndian.PutUint32(msg[8:], seq)
+	copy(msg[unix.NLMSG_HDRLEN:], body)
+	if err := unix.Sendto(c.fd, msg, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		return err
+	}
+	buf := make([]byte, 8192)
+	for {
+		n, _, err := unix.Recvfrom(c.fd, buf, 0)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		msgs, err := syscall.ParseNetlinkMessage(buf[:n])
+		if err != nil {
+			return err
+		}
+		for _, m := range msgs {
+			if m.Header.Seq != seq || m.Header.Type != unix.NLMSG_ERROR {
+				continue
+			}
+			if len(m.Data) < 4 {
+				return errors.New("short netlink error message")
+			}
+			if code := int32(binary.NativeEndian.Uint32(m.Data)); code != 0 {
+				return unix.Errno(-code)
+			}
+			return nil
+		}
+	}
+}
+
+func ifIndex(name string) (int, error) {
+	ifi, err := net.InterfaceByName(name)
+	if err != nil {
+		return 0, fmt.Errorf("interface %s: %w", name, err)
+	}
+	return ifi.Index, nil
+}
+
+func (c *netlinkConn) setLinkUp(name string, mtu int) error {
+	idx, err := ifIndex(name)
+	if err != nil {
+		return err
+	}
+	ifi := unix.IfInfomsg{Family: unix.AF_UNSPEC, Index: int32(idx), Flags: unix.IFF_UP, Change: unix.IFF_UP}
+	body := structBytes(&ifi)
+	if mtu > 0 {
+		body = appendAttr(body, unix.IFLA_MTU, binary.NativeEndian.AppendUint32(nil, uint32(mtu)))
+	}
+	if err := c.request(unix.RTM_NEWLINK, 0, body); err != nil {
+		if mtu > 0 {
+			return fmt.Errorf("set %s up with MTU %d: %w", name, mtu, err)
+		}
+		return fmt.Errorf("set %s up: %w", name, err)
+	}
+	return nil
+}
+
+func (c *netlinkConn) addAddr(name string, p netip.Prefix) error {
+	idx, err := ifIndex(name)
+	if err != nil {
+		return err
+	}
+	family := uint8(unix.AF_INET)
+	if p.Addr().Is6() {
+		family = unix.AF_INET6
+	}
+	ifa := unix.IfAddrmsg{Family: family, Prefixlen: uint8(p.Bits()), Index: uint32(idx)}
+	body := structBytes(&ifa)
+	addr := p.Addr().AsSlice()
+	body = appendAttr(body, unix.IFA_LOCAL, addr)
+	body = appendAttr(body, unix.IFA_ADDRESS, addr)
+	if p.Addr().Is4() {
+		body = appendAttr(body, unix.IFA_BROADCAST, broadcast(p).AsSlice())
+	} else {
+		// No duplicate address detection: nothing else is on this link,
+		// and DAD would hold the address "tentative" for a second.
+		body = appendAttr(body, unix.IFA_FLAGS, binary.NativeEndian.AppendUint32(nil, unix.IFA_F_NODAD))
+	}
+	if err := c.request(unix.RTM_NEWADDR, unix.NLM_F_CREATE|unix.NLM_F_EXCL, body); err != nil {
+		return fmt.Errorf("add address %s to %s: %w", p, name, err)
+	}
+	return nil
+}
+
+func (c *netlinkConn) addDefaultRoute(name string, gw netip.Addr) error {
+	idx, err := ifIndex(name)
+	if err != nil {
+		return err
+	}
+	family := uint8(unix.AF_INET)
+	if gw.Is6() {
+		family = unix.AF_INET6
+	}
+	rtm := unix.RtMsg{
+		Family:   family,
+		Table:    unix.RT_TABLE_MAIN,
+		Protocol: unix.RTPROT_BOOT,
+		Scope:    unix.RT_SCOPE_UNIVERSE,
+		Type:     unix.RTN_UNICAST,
+	}
+	body := structBytes(&rtm)
+	body = appendAttr(body, unix.RTA_GATEWAY, gw.AsSlice())
+	body = appendAttr(body, unix.RTA_OIF, binary.NativeEndian.AppendUint32(nil, uint32(idx)))
+	if err := c.request(unix.RTM_NEWROUTE, unix.NLM_F_CREATE|unix.NLM_F_EXCL, body); err != nil {
+		return fmt.Errorf("add default route via %s dev %s: %w", gw, name, err)
+	}
+	return nil
+}
+
+func broadcast(p netip.Prefix) netip.Addr {
+	a := p.Masked().Addr().As4()
+	host := uint32(1)<<(32-p.Bits()) - 1
+	v := binary.BigEndian.Uint32(a[:]) | host
+	binary.BigEndian.PutUint32(a[:], v)
+	return netip.AddrFrom4(a)
+}
+
+func structBytes[T any](v *T) []byte {
+	b := unsafe.Slice((*byte)(unsafe.Pointer(v)), unsafe.Sizeof(*v))
+	return append([]byte(nil), b...)
+}
+
+func appendAttr(b []byte, typ uint16, data []byte) []byte {
+	l := unix.SizeofRtAttr + len(data)
+	b = binary.NativeEndian.AppendUint16(b, uint16(l))
+	b = binary.NativeEndian.AppendUint16(b, typ)
+	b = append(b, data...)
+	for len(b)%4 != 0 {
+		b = append(b, 0)
+	}
+	return b
+}

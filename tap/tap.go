@@ -1,0 +1,209 @@
+// Package tap owns the layer-2 device between the sandbox's kernel and the
+// gonetns netstack: opening a TAP on /dev/net/tun (with the virtio-net
+// header and kernel offloads when available), configuring it and the
+// loopback over rtnetlink without the ip(8) binary, and the Device
+// interface the netstack reads and writes frames through.
+package tap
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// VNetHdrLen is the size of struct virtio_net_hdr, which prefixes every
+// frame on a device opened with IFF_VNET_HDR.
+const VNetHdrLen = 10
+
+// Device is a layer-2 device carrying Ethernet frames. With VNetHdr, every
+// frame read or written starts with a virtio_net_hdr (VNetHdrLen bytes)
+// describing checksum and segmentation offload.
+type Device interface {
+	// Read reads one frame, scattered into bufs in order, and returns its
+	// length. It blocks until a frame arrives. A frame longer than the
+	// buffers is truncated. The buffers are the caller's and are not
+	// retained. After Close, Read returns an error wrapping net.ErrClosed
+	// (or os.ErrClosed).
+	Read(bufs [][]byte) (int, error)
+	// Write writes one frame gathered from bufs. It does not retain the
+	// buffers. Safe for concurrent use; each call is one frame.
+	Write(bufs [][]byte) (int, error)
+	// VNetHdr reports whether frames carry a virtio_net_hdr.
+	VNetHdr() bool
+	// Close unblocks pending Reads and releases the device. Idempotent.
+	Close() error
+}
+
+// Options of Open.
+type Options struct {
+	// Name of the interface, e.g. "tap0".
+	Name string
+	// VNetHdr asks for IFF_VNET_HDR and the TSO/checksum offloads, so the
+	// kernel hands over 64 KB TCP segments regardless of the MTU.
+	VNetHdr bool
+}
+
+// Opened describes the device Open made.
+type Opened struct {
+	File *os.File
+	Name string
+	// VNetHdr is true when frames carry a virtio_net_hdr.
+	VNetHdr bool
+	// Offload is true when TUNSETOFFLOAD accepted checksum and TSO
+	// offloads (the kernel then sends large segments).
+	Offload bool
+}
+
+// ErrTunAccess reports that /dev/net/tun could not be opened.
+var ErrTunAccess = errors.New("cannot open /dev/net/tun")
+
+// Open creates a TAP interface. It must run inside the network namespace
+// that should own the interface, with CAP_NET_ADMIN there.
+func Open(o Options) (Opened, error) {
+	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return Opened{}, tunOpenError(err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			unix.Close(fd)
+		}
+	}()
+	flags := uint16(unix.IFF_TAP | unix.IFF_NO_PI)
+	if o.VNetHdr {
+		flags |= unix.IFF_VNET_HDR
+	}
+	ifr, err := unix.NewIfreq(o.Name)
+	if err != nil {
+		return Opened{}, fmt.Errorf("interface name %q: %w", o.Name, err)
+	}
+	ifr.SetUint16(flags)
+	if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
+		return Opened{}, fmt.Errorf("create TAP %q (TUNSETIFF): %w", o.Name, err)
+	}
+	res := Opened{Name: ifr.Name(), VNetHdr: o.VNetHdr}
+	if o.VNetHdr {
+		hdrLen := VNetHdrLen
+		if err := ioctlPtr(fd, unix.TUNSETVNETHDRSZ, unsafe.Pointer(&hdrLen)); err != nil {
+			return Opened{}, fmt.Errorf("TAP %q: set virtio-net header size: %w", o.Name, err)
+		}
+		// TSO needs checksum offload; the kernel then passes segments up
+		// to 64 KB with a partial checksum for us to leave unverified.
+		off := unix.TUN_F_CSUM | unix.TUN_F_TSO4 | unix.TUN_F_TSO6
+		if err := unix.IoctlSetInt(fd, unix.TUNSETOFFLOAD, off); err == nil {
+			res.Offload = true
+		}
+	}
+	ok = true
+	res.File = os.NewFile(uintptr(fd), "/dev/net/tun:"+res.Name)
+	return res, nil
+}
+
+func tunOpenError(err error) error {
+	switch {
+	case errors.Is(err, unix.EACCES), errors.Is(err, unix.EPERM):
+		hint := "its mode must allow the user gonetns runs as to read and write it"
+		if st, serr := os.Stat("/dev/net/tun"); serr == nil {
+			hint = fmt.Sprintf("it is mode %04o here; most distributions ship it 0666", st.Mode().Perm())
+		}
+		return fmt.Errorf("%w: permission denied (%s). Fix: sudo chmod 0666 /dev/net/tun, and to keep it after reboot "+
+			`add a udev rule, e.g. echo 'KERNEL=="tun", MODE="0666"' | sudo tee /etc/udev/rules.d/99-tun.rules. `+
+			"Or run with --net=none or --net=host", ErrTunAccess, hint)
+	case errors.Is(err, unix.ENOENT), errors.Is(err, unix.ENODEV), errors.Is(err, unix.ENXIO):
+		return fmt.Errorf("%w: %v. The tun driver is missing: sudo modprobe tun (in a container, pass the device: --device /dev/net/tun)", ErrTunAccess, err)
+	}
+	return fmt.Errorf("%w: %v", ErrTunAccess, err)
+}
+
+func ioctlPtr(fd int, req uint, arg unsafe.Pointer) error {
+	_, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), uintptr(req), uintptr(arg))
+	if e != 0 {
+		return e
+	}
+	return nil
+}
+
+// fileDevice is a Device over a TAP file descriptor.
+type fileDevice struct {
+	f       *os.File
+	rc      syscall.RawConn
+	vnetHdr bool
+}
+
+// NewDevice wraps a TAP file (e.g. received from the child) as a Device. f
+// is duplicated and put in non-blocking mode so reads wait in Go's poller;
+// the caller still owns f and may close it.
+func NewDevice(f *os.File, vnetHdr bool) (Device, error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return nil, fmt.Errorf("TAP file: %w", err)
+	}
+	var dup int
+	var derr error
+	if err := rc.Control(func(fd uintptr) {
+		dup, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
+	}); err != nil {
+		return nil, fmt.Errorf("TAP file: %w", err)
+	}
+	if derr != nil {
+		return nil, fmt.Errorf("duplicate TAP descriptor: %w", derr)
+	}
+	if err := unix.SetNonblock(dup, true); err != nil {
+		unix.Close(dup)
+		return nil, fmt.Errorf("TAP descriptor: %w", err)
+	}
+	nf := os.NewFile(uintptr(dup), f.Name())
+	nrc, err := nf.SyscallConn()
+	if err != nil {
+		nf.Close()
+		return nil, fmt.Errorf("TAP file: %w", err)
+	}
+	return &fileDevice{f: nf, rc: nrc, vnetHdr: vnetHdr}, nil
+}
+
+func (d *fileDevice) VNetHdr() bool { return d.vnetHdr }
+
+func (d *fileDevice) Read(bufs [][]byte) (int, error) {
+	var n int
+	var rerr error
+	err := d.rc.Read(func(fd uintptr) bool {
+		n, rerr = unix.Readv(int(fd), bufs)
+		return rerr != unix.EAGAIN
+	})
+	if err != nil {
+		return 0, err
+	}
+	if rerr != nil {
+		return 0, fmt.Errorf("read TAP: %w", rerr)
+	}
+	return n, nil
+}
+
+func (d *fileDevice) Write(bufs [][]byte) (int, error) {
+	var n int
+	var werr error
+	err := d.rc.Write(func(fd uintptr) bool {
+		n, werr = unix.Writev(int(fd), bufs)
+		return werr != unix.EAGAIN
+	})
+	if err != nil {
+		return 0, err
+	}
+	if werr != nil {
+		return n, fmt.Errorf("write TAP: %w", werr)
+	}
+	return n, nil
+}
+
+func (d *fileDevice) Close() error {
+	err := d.f.Close()
+	if errors.Is(err, os.ErrClosed) {
+		return nil
+	}
+	return err
+}

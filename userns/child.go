@@ -1,0 +1,352 @@
+package userns
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/gonetns/gonetns/internal/wire"
+)
+
+// ChildHooks are the parts of the child's work that belong to other
+// packages; cmd/gonetns wires them.
+type ChildHooks struct {
+	// Network runs inside the new namespaces, after the mounts and before
+	// the command, with Options.Network as JSON. The files it returns
+	// (e.g. the TAP device) and the info are sent to the parent.
+	Network func(cfg json.RawMessage, log *slog.Logger) (info any, files []*os.File, err error)
+	// Serve runs while the command runs, with Options.ExtraFiles; it must
+	// return when ctx is done.
+	Serve func(ctx context.Context, extra []*os.File, log *slog.Logger)
+	// NewLogger makes the child's logger; nil means slog's text handler
+	// on stderr.
+	NewLogger func(debug bool) *slog.Logger
+}
+
+// RunChild is the whole life of the child process; it returns the exit
+// status for os.Exit.
+func RunChild(hooks ChildHooks) int {
+	switch os.Getenv(envStage) {
+	case stageFirst:
+		return firstStage()
+	case stageSecond:
+		return secondStage(hooks)
+	case stageInit:
+		return initStage()
+	}
+	fmt.Fprintln(os.Stderr, "gonetns: RunChild called outside a gonetns child")
+	return 125
+}
+
+// firstStage waits until the parent has written the id maps, then
+// re-executes the binary: capabilities in a user namespace are computed at
+// execve(2), and at the first execve the process's uid was still unmapped,
+// so it holds none yet.
+func firstStage() int {
+	f := os.NewFile(ctlFD, "control")
+	ctl, err := wire.FileConn(f)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "gonetns child: %v\n", err)
+		return 125
+	}
+	var m message
+	if _, err := ctl.Recv(&m); err != nil || m.Type != msgProceed {
+		// The parent failed or died before mapping the ids.
+		return 125
+	}
+	ctl.Close() // a duplicate; descriptor 3 itself survives the exec
+	os.Setenv(envStage, stageSecond)
+	err = unix.Exec("/proc/self/exe", os.Args, os.Environ())
+	fmt.Fprintf(os.Stderr, "gonetns child: re-execute: %v\n", err)
+	return 125
+}
+
+// initStage is PID 1 of the new PID namespace (--pidns): it mounts a procfs
+// that shows the namespace's processes and becomes the command, so that
+// the command's $$ is 1.
+func initStage() int {
+	path := os.Getenv(envInitPath)
+	os.Unsetenv(envInitPath)
+	os.Unsetenv(envStage)
+	if err := unix.Mount("proc", "/proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+		fmt.Fprintf(os.Stderr, "gonetns: warning: cannot mount /proc for the new PID namespace (%v); it shows the host's processes\n", err)
+	}
+	err := unix.Exec(path, os.Args, os.Environ())
+	fmt.Fprintf(os.Stderr, "gonetns: exec %s: %v\n", path, err)
+	return 126
+}
+
+func secondStage(hooks ChildHooks) int {
+	// The credential change of the exec cleared the parent-death signal.
+	unix.Prctl(unix.PR_SET_PDEATHSIG, uintptr(unix.SIGKILL), 0, 0, 0)
+	os.Unsetenv(envStage)
+
+	ctlFile := os.NewFile(ctlFD, "control")
+	ctl, err := wire.FileConn(ctlFile)
+	ctlFile.Close()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "gonetns child: %v\n", err)
+		return 125
+	}
+	var m message
+	if _, err := ctl.Recv(&m); err != nil || m.Type != msgConfig || m.Config == nil {
+		fmt.Fprintf(os.Stderr, "gonetns child: no configuration from the parent (%v)\n", err)
+		return 125
+	}
+	cfg := m.Config
+	var log *slog.Logger
+	if hooks.NewLogger != nil {
+		log = hooks.NewLogger(cfg.Debug)
+	} else {
+		level := slog.LevelInfo
+		if cfg.Debug {
+			level = slog.LevelDebug
+		}
+		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	}
+
+	var extra []*os.File
+	for i := 0; i < cfg.ExtraFiles; i++ {
+		f := os.NewFile(uintptr(ctlFD+1+i), fmt.Sprintf("extra-%d", i))
+		unix.CloseOnExec(int(f.Fd()))
+		extra = append(extra, f)
+	}
+
+	setupErr := func(err error) int {
+		ctl.Send(message{Type: msgError, Error: err.Error()})
+		return 125
+	}
+	if err := setupMounts(cfg, log); err != nil {
+		return setupErr(err)
+	}
+	var info any
+	var files []*os.File
+	if hooks.Network != nil && len(cfg.Network) > 0 && string(cfg.Network) != "null" {
+		info, files, err = hooks.Network(cfg.Network, log)
+		if err != nil {
+			return setupErr(err)
+		}
+	}
+	infoJSON, err := json.Marshal(info)
+	if err != nil {
+		return setupErr(err)
+	}
+	if err := ctl.Send(message{Type: msgNetwork, Info: infoJSON}, files...); err != nil {
+		return 125
+	}
+	closeFiles(files)
+
+	// Wait for the parent to finish its side (netstack, ports, API).
+	if _, err := ctl.Recv(&m); err != nil || m.Type != msgStart {
+		return 125
+	}
+	if cfg.Reaper {
+		if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+			log.Warn("cannot become a subreaper; orphaned processes go to the host's init", "err", err)
+		}
+	}
+	r := &runner{cfg: cfg, log: log, ctl: ctl}
+	return r.run(hooks, extra)
+}
+
+// runner starts the command and stays with it: reaping, relaying signals,
+// serving the hooks.
+type runner struct {
+	cfg *childConfig
+	log *slog.Logger
+	ctl *wire.Conn
+}
+
+func (r *runner) run(hooks ChildHooks, extra []*os.File) int {
+	env := append(os.Environ(), r.cfg.Env...)
+	path, err := lookPath(r.cfg.Args[0], env)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "gonetns: %v\n", err)
+		r.ctl.Send(message{Type: msgError, Error: err.Error()})
+		if errors.Is(err, exec.ErrNotFound) {
+			return 127
+		}
+		return 126
+	}
+
+	// Signals sent to this process: those a terminal sends (INT, QUIT,
+	// HUP) reached the command directly already; the others are relayed.
+	sigs := make(chan os.Signal, 16)
+	signal.Notify(sigs, forwardedSignals...)
+	sigchld := make(chan os.Signal, 1)
+	signal.Notify(sigchld, unix.SIGCHLD)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	type exit struct {
+		status int
+		err    error
+	}
+	started := make(chan int, 1)
+	done := make(chan exit, 1)
+	go func() {
+		// Locked and alive until the command is reaped, for Pdeathsig.
+		runtime.LockOSThread()
+		exe, procEnv := path, env
+		sys := &syscall.SysProcAttr{Pdeathsig: unix.SIGKILL}
+		if r.cfg.PIDNS {
+			// Through the init stage, which mounts /proc and execs path.
+			exe = "/proc/self/exe"
+			procEnv = append(env[:len(env):len(env)], envStage+"="+stageInit, envInitPath+"="+path)
+			sys.Cloneflags = unix.CLONE_NEWPID
+		}
+		p, err := os.StartProcess(exe, r.cfg.Args, &os.ProcAttr{
+			Env:   procEnv,
+			Files: []*os.File{os.Stdin, os.Stdout, os.Stderr},
+			Sys:   sys,
+		})
+		if err != nil {
+			started <- 0
+			done <- exit{126, fmt.Errorf("start %s: %w", path, err)}
+			return
+		}
+		started <- p.Pid
+		done <- exit{status: reap(p.Pid, sigchld)}
+	}()
+	pid := <-started
+	if pid != 0 {
+		r.ctl.Send(message{Type: msgStarted, PID: pid})
+		r.log.Debug("command started", "pid", pid, "path", path)
+	}
+
+	// Messages from the parent: relayed signals; end of stream means the
+	// parent is gone, and so must everything here be.
+	parentGone := make(chan struct{})
+	go func() {
+		defer close(parentGone)
+		for {
+			var m message
+			files, err := r.ctl.Recv(&m)
+			closeFiles(files)
+			if err != nil {
+				return
+			}
+			if m.Type == msgSignal && pid != 0 {
+				unix.Kill(pid, syscall.Signal(m.Signal))
+			}
+		}
+	}()
+	serveDone := make(chan struct{})
+	go func() {
+		defer close(serveDone)
+		if hooks.Serve != nil {
+			hooks.Serve(ctx, extra, r.log)
+		}
+	}()
+
+	var result exit
+loop:
+	for {
+		select {
+		case result = <-done:
+			break loop
+		case s := <-sigs:
+			sig := s.(syscall.Signal)
+			switch sig {
+			case unix.SIGINT, unix.SIGQUIT, unix.SIGHUP:
+				r.log.Debug("terminal signal not relayed", "signal", sig)
+			default:
+				if pid != 0 {
+					unix.Kill(pid, sig)
+				}
+			}
+		case <-parentGone:
+			if pid != 0 {
+				unix.Kill(pid, unix.SIGKILL)
+			}
+			parentGone = nil
+		}
+	}
+	cancel()
+	<-serveDone
+	if result.err != nil {
+		fmt.Fprintf(os.Stderr, "gonetns: %v\n", result.err)
+	}
+	return result.status
+}
+
+// reap waits for every child (this process may be PID 1 or a subreaper)
+// until pid exits, and returns pid's exit status, 128+N for signal N.
+func reap(pid int, sigchld <-chan os.Signal) int {
+	for {
+		for {
+			var ws unix.WaitStatus
+			got, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil || got <= 0 {
+				break
+			}
+			if got == pid {
+				if ws.Signaled() {
+					return 128 + int(ws.Signal())
+				}
+				return ws.ExitStatus()
+			}
+		}
+		<-sigchld
+	}
+}
+
+// lookPath resolves the command with the PATH the command will see.
+func lookPath(name string, env []string) (string, error) {
+	if strings.Contains(name, "/") {
+		return name, checkExecutable(name)
+	}
+	path := "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+	for _, kv := range env {
+		if v, ok := strings.CutPrefix(kv, "PATH="); ok {
+			path = v
+		}
+	}
+	var firstErr error
+	for _, dir := range filepath.SplitList(path) {
+		if dir == "" {
+			dir = "."
+		}
+		p := filepath.Join(dir, name)
+		err := checkExecutable(p)
+		if err == nil {
+			return p, nil
+		}
+		if firstErr == nil && !errors.Is(err, exec.ErrNotFound) {
+			firstErr = err
+		}
+	}
+	if firstErr != nil {
+		return "", firstErr
+	}
+	return "", fmt.Errorf("%s: command not found: %w", name, exec.ErrNotFound)
+}
+
+func checkExecutable(p string) error {
+	st, err := os.Stat(p)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("%s: %w", p, exec.ErrNotFound)
+	case err != nil:
+		return err
+	case st.IsDir():
+		return fmt.Errorf("%s: is a directory", p)
+	}
+	if err := unix.Access(p, unix.X_OK); err != nil {
+		return fmt.Errorf("%s: not executable: %w", p, err)
+	}
+	return nil
+}

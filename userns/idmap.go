@@ -1,0 +1,182 @@
+package userns
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// minSubIDs is the number of subordinate ids most container images expect
+// (uids up to 65534, "nobody", must exist).
+const minSubIDs = 65536
+
+// MapResult says which mapping was installed for the child.
+type MapResult struct {
+	// Full is true when the subordinate ranges are mapped (or, as root,
+	// the whole id space); false for the single mapping 0 -> own id.
+	Full bool
+	// UIDMap and GIDMap are the lines written, as in /proc/PID/uid_map.
+	UIDMap, GIDMap string
+	// Warnings are for the person running gonetns: printed once.
+	Warnings []string
+}
+
+// idMapper installs the uid and gid maps of a freshly cloned child.
+type idMapper struct {
+	uid, gid int
+	user     string
+	src      SubIDSource
+	log      *slog.Logger
+}
+
+// mapIDs writes /proc/PID/{uid,gid}_map. As root the whole id space is
+// mapped one to one. Otherwise the subordinate ranges are mapped with the
+// setuid helpers newuidmap/newgidmap; when there are no ranges or no
+// helpers, it falls back to mapping only the user's own ids (what
+// `unshare -r` does) and explains in a warning what to install or add.
+func (m *idMapper) mapIDs(pid int) (MapResult, error) {
+	if m.uid == 0 {
+		const all = "0 0 4294967295"
+		if err := writeMap(pid, "uid_map", all); err != nil {
+			return MapResult{}, err
+		}
+		if err := writeMap(pid, "gid_map", all); err != nil {
+			return MapResult{}, err
+		}
+		return MapResult{Full: true, UIDMap: all, GIDMap: all}, nil
+	}
+
+	var warnings []string
+	ids, lookupErr := LookupSubIDs(m.src, m.user, m.uid)
+	for _, b := range ids.Bad {
+		m.log.Debug("ignoring unusable subordinate id line", "line", b)
+	}
+	newuidmap, uidHelperErr := findIDHelper("newuidmap")
+	newgidmap, gidHelperErr := findIDHelper("newgidmap")
+
+	var reason string
+	switch {
+	case lookupErr != nil:
+		reason = lookupErr.Error()
+	case len(ids.UIDs) == 0 || len(ids.GIDs) == 0:
+		reason = fmt.Sprintf("user %s has no subordinate ids in %s. "+
+			"To map 65536 ids, run as root: usermod --add-subuids 100000-165535 --add-subgids 100000-165535 %s "+
+			"(pick a range no other user has)", m.user, ids.From, m.user)
+	case uidHelperErr != nil:
+		reason = uidHelperErr.Error()
+	case gidHelperErr != nil:
+		reason = gidHelperErr.Error()
+	}
+	if reason == "" {
+		for _, kind := range []struct {
+			name   string
+			ranges []Range
+		}{{"subuid", ids.UIDs}, {"subgid", ids.GIDs}} {
+			if n := total(kind.ranges); n < minSubIDs {
+				warnings = append(warnings, fmt.Sprintf("user %s has only %d %s ids in %s; "+
+					"images that use ids up to 65534 (nobody) need at least %d", m.user, n, kind.name, ids.From, minSubIDs))
+			}
+		}
+		uidArgs := MapArgs(m.uid, ids.UIDs)
+		gidArgs := MapArgs(m.gid, ids.GIDs)
+		err := runIDHelper(newuidmap, pid, uidArgs)
+		if err == nil {
+			err = runIDHelper(newgidmap, pid, gidArgs)
+			if err != nil {
+				// The uid map is in place and cannot be rewritten; give the
+				// gids the single mapping.
+				warnings = append(warnings, fmt.Sprintf("%v; mapping only gid %d to 0", err, m.gid))
+				if err := writeSingleGID(pid, m.gid); err != nil {
+					return MapResult{}, err
+				}
+				return MapResult{Full: false, UIDMap: mapLines(uidArgs), GIDMap: fmt.Sprintf("0 %d 1", m.gid), Warnings: warnings}, nil
+			}
+			return MapResult{Full: true, UIDMap: mapLines(uidArgs), GIDMap: mapLines(gidArgs), Warnings: warnings}, nil
+		}
+		reason = err.Error()
+	}
+
+	warnings = append(warnings, "only uid "+fmt.Sprint(m.uid)+" and gid "+fmt.Sprint(m.gid)+
+		" are mapped (to 0) because "+reason+". Inside, chown to other ids and programs that switch users (apt, su, sshd) will fail.")
+	if err := writeSingleGID(pid, m.gid); err != nil {
+		return MapResult{}, err
+	}
+	single := fmt.Sprintf("0 %d 1", m.uid)
+	if err := writeMap(pid, "uid_map", single); err != nil {
+		return MapResult{}, err
+	}
+	return MapResult{Full: false, UIDMap: single, GIDMap: fmt.Sprintf("0 %d 1", m.gid), Warnings: warnings}, nil
+}
+
+// writeSingleGID maps the user's own gid; an unprivileged writer must deny
+// setgroups(2) first (user_namespaces(7)).
+func writeSingleGID(pid, gid int) error {
+	if err := os.WriteFile(fmt.Sprintf("/proc/%d/setgroups", pid), []byte("deny"), 0); err != nil {
+		return fmt.Errorf("deny setgroups for the single gid mapping: %w", err)
+	}
+	return writeMap(pid, "gid_map", fmt.Sprintf("0 %d 1", gid))
+}
+
+func writeMap(pid int, file, content string) error {
+	path := fmt.Sprintf("/proc/%d/%s", pid, file)
+	if err := os.WriteFile(path, []byte(content+"\n"), 0); err != nil {
+		return fmt.Errorf("write %s %q: %w", path, content, err)
+	}
+	return nil
+}
+
+func mapLines(args []string) string {
+	var b strings.Builder
+	for i := 0; i+2 < len(args); i += 3 {
+		if i > 0 {
+			b.WriteByte('\n')
+		}
+		b.WriteString(args[i] + " " + args[i+1] + " " + args[i+2])
+	}
+	return b.String()
+}
+
+// errNoIDHelper marks a missing or unusable newuidmap/newgidmap.
+var errNoIDHelper = errors.New("id mapping helper unusable")
+
+// findIDHelper locates newuidmap/newgidmap and checks that it can do its
+// job: it must be setuid root or carry file capabilities (Fedora ships
+// them with cap_setuid/cap_setgid instead of the setuid bit).
+func findIDHelper(name string) (string, error) {
+	path, err := exec.LookPath(name)
+	if err != nil {
+		return "", fmt.Errorf("%w: %s is not installed (install the uidmap package: sudo apt-get install uidmap, or shadow-utils on Fedora)", errNoIDHelper, name)
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return "", fmt.Errorf("%w: stat %s: %v", errNoIDHelper, path, err)
+	}
+	setuidRoot := st.Mode&unix.S_ISUID != 0 && st.Uid == 0
+	if !setuidRoot && !hasFileCaps(path) {
+		return "", fmt.Errorf("%w: %s is neither setuid root nor has file capabilities (fix: sudo chmod u+s %s, or sudo setcap cap_setuid,cap_setgid+ep %s)", errNoIDHelper, path, path, path)
+	}
+	return path, nil
+}
+
+func hasFileCaps(path string) bool {
+	sz, err := unix.Getxattr(path, "security.capability", nil)
+	return err == nil && sz > 0
+}
+
+func runIDHelper(path string, pid int, mapArgs []string) error {
+	args := append([]string{fmt.Sprint(pid)}, mapArgs...)
+	var out bytes.Buffer
+	c := exec.Command(path, args...)
+	c.Stdout = &out
+	c.Stderr = &out
+	if err := c.Run(); err != nil {
+		return fmt.Errorf("%s %s failed: %w: %s", path, strings.Join(args, " "), err, strings.TrimSpace(out.String()))
+	}
+	return nil
+}

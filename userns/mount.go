@@ -1,0 +1,164 @@
+package userns
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+
+	"golang.org/x/sys/unix"
+)
+
+// setupMounts prepares the child's mount namespace: propagation, a sysfs
+// and procfs that show the new namespaces, the copied-up directories, and
+// resolv.conf/hosts for the sandbox's DNS.
+func setupMounts(cfg *childConfig, log *slog.Logger) error {
+	prop := uintptr(unix.MS_PRIVATE)
+	switch cfg.Propagation {
+	case "rprivate", "":
+	case "rslave":
+		prop = unix.MS_SLAVE
+	default:
+		return fmt.Errorf("invalid --propagation %q: use rprivate or rslave", cfg.Propagation)
+	}
+	if err := unix.Mount("none", "/", "", prop|unix.MS_REC, ""); err != nil {
+		return fmt.Errorf("set mount propagation of / to %s: %w", cfg.Propagation, err)
+	}
+
+	// Scratch space for mount points that must not be visible anywhere:
+	// a tmpfs on a directory of the state dir, gone when setup is done.
+	scratch, err := os.MkdirTemp(cfg.StateDir, ".mnt-")
+	if err != nil {
+		return fmt.Errorf("scratch directory for mounts: %w", err)
+	}
+	defer os.Remove(scratch)
+	if err := unix.Mount("none", scratch, "tmpfs", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("mount a scratch tmpfs on %s: %w", scratch, err)
+	}
+	defer unix.Unmount(scratch, unix.MNT_DETACH)
+
+	if cfg.NewNet {
+		mountSysfs(scratch, log)
+	}
+	for _, dir := range cfg.CopyUp {
+		if err := copyUp(filepath.Clean(dir), scratch); err != nil {
+			return err
+		}
+		log.Debug("copied up", "dir", dir)
+	}
+	if cfg.DNSFiles {
+		etcCopied := slices.Contains(cfg.CopyUp, "/etc") || slices.Contains(cfg.CopyUp, "/etc/")
+		for _, name := range []string{ResolvConf, HostsFile} {
+			if err := installEtcFile(filepath.Join(cfg.StateDir, name), "/etc/"+name, etcCopied); err != nil {
+				return err
+			}
+		}
+		if !etcCopied {
+			log.Debug("/etc/resolv.conf and /etc/hosts are bind mounts from the state directory; " +
+				"if the host replaces its files, the mounts go with them (use --copy-up=/etc to avoid it)")
+		}
+	}
+	return nil
+}
+
+// mountSysfs mounts a sysfs that belongs to the new network namespace, so
+// that /sys/class/net lists its interfaces, keeping the host's cgroup
+// mount visible underneath.
+func mountSysfs(scratch string, log *slog.Logger) {
+	const cgroupDir = "/sys/fs/cgroup"
+	cg := filepath.Join(scratch, "cgroup")
+	haveCgroup := false
+	if st, err := os.Stat(cgroupDir); err == nil && st.IsDir() {
+		if err := os.Mkdir(cg, 0o700); err == nil {
+			haveCgroup = unix.Mount(cgroupDir, cg, "", unix.MS_BIND|unix.MS_REC, "") == nil
+		}
+	}
+	err := unix.Mount("none", "/sys", "sysfs", 0, "")
+	if err != nil {
+		// A read-only sysfs outside allows only a read-only one inside.
+		err = unix.Mount("none", "/sys", "sysfs", unix.MS_RDONLY, "")
+	}
+	if err != nil {
+		log.Warn("cannot mount sysfs for the new network namespace; /sys/class/net shows the host's interfaces", "err", err)
+		if haveCgroup {
+			unix.Unmount(cg, unix.MNT_DETACH)
+		}
+		return
+	}
+	if haveCgroup {
+		if err := unix.Mount(cg, cgroupDir, "", unix.MS_MOVE, ""); err != nil {
+			log.Warn("cannot keep the cgroup filesystem under the new sysfs", "err", err)
+			unix.Unmount(cg, unix.MNT_DETACH)
+		}
+	}
+}
+
+// copyUp replaces dir with a writable tmpfs whose entries are symlinks into
+// a bind mount of the original (RootlessKit's tmpfs+symlink mode): files
+// can be added, removed and replaced inside, while the host's files are
+// never touched by those changes.
+func copyUp(dir, scratch string) error {
+	orig, err := os.MkdirTemp(scratch, "orig-")
+	if err != nil {
+		return fmt.Errorf("copy up %s: %w", dir, err)
+	}
+	if err := unix.Mount(dir, orig, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+		return fmt.Errorf("copy up %s: bind the original: %w", dir, err)
+	}
+	if err := unix.Mount("none", dir, "tmpfs", 0, "mode=0755"); err != nil {
+		return fmt.Errorf("copy up %s: mount a tmpfs on it: %w", dir, err)
+	}
+	ro, err := os.MkdirTemp(dir, ".ro")
+	if err != nil {
+		return fmt.Errorf("copy up %s: %w", dir, err)
+	}
+	if err := unix.Mount(orig, ro, "", unix.MS_MOVE, ""); err != nil {
+		return fmt.Errorf("copy up %s: move the original into place: %w", dir, err)
+	}
+	entries, err := os.ReadDir(ro)
+	if err != nil {
+		return fmt.Errorf("copy up %s: %w", dir, err)
+	}
+	base := filepath.Base(ro)
+	for _, e := range entries {
+		target := filepath.Join(base, e.Name())
+		if e.Type()&os.ModeSymlink != 0 {
+			// Keep symlinks as they are, so relative and absolute links
+			// resolve as on the host.
+			if target, err = os.Readlink(filepath.Join(ro, e.Name())); err != nil {
+				return fmt.Errorf("copy up %s: %w", dir, err)
+			}
+		}
+		if err := os.Symlink(target, filepath.Join(dir, e.Name())); err != nil {
+			return fmt.Errorf("copy up %s: %w", dir, err)
+		}
+	}
+	return nil
+}
+
+// installEtcFile makes dst show src: a real file in a copied-up /etc, a bind
+// mount otherwise.
+func installEtcFile(src, dst string, etcCopied bool) error {
+	if etcCopied {
+		data, err := os.ReadFile(src)
+		if err != nil {
+			return err
+		}
+		if err := os.Remove(dst); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("replace %s: %w", dst, err)
+		}
+		if err := os.WriteFile(dst, data, 0o644); err != nil {
+			return fmt.Errorf("write %s: %w", dst, err)
+		}
+		return nil
+	}
+	if _, err := os.Stat(dst); err != nil {
+		return fmt.Errorf("cannot bind %s over %s (%v): use --copy-up=/etc so gonetns can write its own", src, dst, err)
+	}
+	if err := unix.Mount(src, dst, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("bind %s over %s: %w (try --copy-up=/etc)", src, dst, err)
+	}
+	return nil
+}

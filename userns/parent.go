@@ -1,0 +1,430 @@
+package userns
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"os/signal"
+	"os/user"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/gonetns/gonetns/internal/wire"
+)
+
+// Options describe the namespaces and the command of one run.
+type Options struct {
+	// Args is the command and its arguments, run as uid 0 inside.
+	Args []string
+	// Env is added to the command's environment (after os.Environ()).
+	Env []string
+	// NewNet creates a network namespace (every --net but host).
+	NewNet bool
+	// PIDNS runs the command as PID 1 of a new PID namespace, with the
+	// child as its parent outside it; UTSNS, IPCNS and CgroupNS create
+	// those namespaces.
+	PIDNS, UTSNS, IPCNS, CgroupNS bool
+	// Reaper makes the child a subreaper of orphaned processes: "true",
+	// "false", or "auto" (false: with PIDNS the command is PID 1 and
+	// inherits the orphans itself).
+	Reaper string
+	// Propagation of the mounts inside: "rprivate" or "rslave".
+	Propagation string
+	// CopyUp lists directories replaced inside by writable tmpfs copies
+	// (tmpfs+symlink mode); see ValidateCopyUp.
+	CopyUp []string
+	// SubIDSource is where subordinate ids are looked up.
+	SubIDSource SubIDSource
+	// StateDir is open and locked; the caller closes it after Wait.
+	StateDir *StateDir
+	// ResolvConf and Hosts, when set, become /etc/resolv.conf and
+	// /etc/hosts inside: written into the copied-up /etc when /etc is in
+	// CopyUp, bind-mounted from the state directory otherwise.
+	ResolvConf, Hosts []byte
+	// Network is handed, JSON-encoded, to the child's network hook.
+	Network any
+	// ExtraFiles are given to the child; ChildHooks.Serve receives them.
+	ExtraFiles []*os.File
+	// Debug turns on the child's debug log.
+	Debug  bool
+	Logger *slog.Logger
+}
+
+// Child is a running gonetns child: the namespaces, their setup, and later
+// the command inside.
+type Child struct {
+	opts    Options
+	log     *slog.Logger
+	ctl     *wire.Conn
+	cmd     *exec.Cmd
+	exited  chan struct{} // closed when the child process is reaped
+	state   *os.ProcessState
+	waitErr error
+	sigs    chan os.Signal
+	Maps    MapResult
+	netInfo json.RawMessage
+	netFile []*os.File
+}
+
+// forwardedSignals are relayed to the command.
+var forwardedSignals = []os.Signal{unix.SIGHUP, unix.SIGINT, unix.SIGQUIT, unix.SIGTERM, unix.SIGUSR1, unix.SIGUSR2}
+
+// Start re-executes gonetns as the child in new namespaces, installs the
+// id maps, and waits until the child has set up its mounts and run the
+// network hook. The command is not started yet: call Run.
+func Start(opts Options) (*Child, error) {
+	if len(opts.Args) == 0 {
+		return nil, errors.New("no command given")
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.Propagation == "" {
+		opts.Propagation = "rprivate"
+	}
+	reaper, err := parseReaper(opts.Reaper)
+	if err != nil {
+		return nil, err
+	}
+	if err := ValidateCopyUp(opts.CopyUp); err != nil {
+		return nil, err
+	}
+	if opts.ResolvConf != nil {
+		if err := opts.StateDir.WriteFile(ResolvConf, opts.ResolvConf, 0o644); err != nil {
+			return nil, err
+		}
+	}
+	if opts.Hosts != nil {
+		if err := opts.StateDir.WriteFile(HostsFile, opts.Hosts, 0o644); err != nil {
+			return nil, err
+		}
+	}
+	netJSON, err := json.Marshal(opts.Network)
+	if err != nil {
+		return nil, fmt.Errorf("encode network config: %w", err)
+	}
+
+	parentEnd, childEnd, err := wire.Socketpair()
+	if err != nil {
+		return nil, err
+	}
+	defer childEnd.Close()
+	ctl, err := wire.FileConn(parentEnd)
+	parentEnd.Close()
+	if err != nil {
+		return nil, err
+	}
+
+	exe, err := os.Executable()
+	if err != nil {
+		exe = "/proc/self/exe"
+	}
+	cmd := exec.Command("/proc/self/exe")
+	cmd.Args = append([]string{exe}, os.Args[1:]...)
+	cmd.Env = append(os.Environ(), envStage+"="+stageFirst)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	cmd.ExtraFiles = append([]*os.File{childEnd}, opts.ExtraFiles...)
+	flags := unix.CLONE_NEWUSER | unix.CLONE_NEWNS
+	if opts.NewNet {
+		flags |= unix.CLONE_NEWNET
+	}
+	if opts.UTSNS {
+		flags |= unix.CLONE_NEWUTS
+	}
+	if opts.IPCNS {
+		flags |= unix.CLONE_NEWIPC
+	}
+	if opts.CgroupNS {
+		flags |= unix.CLONE_NEWCGROUP
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Cloneflags: uintptr(flags),
+		Pdeathsig:  unix.SIGKILL,
+	}
+
+	c := &Child{
+		opts:   opts,
+		log:    opts.Logger,
+		ctl:    ctl,
+		cmd:    cmd,
+		exited: make(chan struct{}),
+		sigs:   make(chan os.Signal, 16),
+	}
+	// Catch the signals now: a Ctrl-C during setup must still tear the
+	// child down and clean the state directory, not kill only the parent.
+	signal.Notify(c.sigs, forwardedSignals...)
+
+	if err := c.spawn(); err != nil {
+		signal.Stop(c.sigs)
+		ctl.Close()
+		return nil, fmt.Errorf("create namespaces: %w%s", err, Diagnose(err))
+	}
+	fail := func(err error) (*Child, error) {
+		c.Kill()
+		<-c.exited
+		signal.Stop(c.sigs)
+		ctl.Close()
+		return nil, err
+	}
+
+	u := currentUser()
+	m := idMapper{uid: os.Getuid(), gid: os.Getgid(), user: u, src: opts.SubIDSource, log: c.log}
+	if m.src == "" {
+		m.src = SubIDAuto
+	}
+	maps, err := m.mapIDs(cmd.Process.Pid)
+	if err != nil {
+		return fail(fmt.Errorf("set up the id maps: %w", err))
+	}
+	c.Maps = maps
+	for _, w := range maps.Warnings {
+		c.log.Warn(w)
+	}
+	c.log.Debug("id maps written", "pid", cmd.Process.Pid, "uid_map", maps.UIDMap, "gid_map", maps.GIDMap)
+
+	cfg := &childConfig{
+		Args:        opts.Args,
+		Env:         opts.Env,
+		StateDir:    opts.StateDir.Path,
+		NewNet:      opts.NewNet,
+		PIDNS:       opts.PIDNS,
+		Reaper:      reaper,
+		Propagation: opts.Propagation,
+		CopyUp:      opts.CopyUp,
+		DNSFiles:    opts.ResolvConf != nil,
+		Network:     netJSON,
+		ExtraFiles:  len(opts.ExtraFiles),
+		Debug:       opts.Debug,
+	}
+	if err := ctl.Send(message{Type: msgProceed}); err != nil {
+		return fail(c.childDied(err))
+	}
+	if err := ctl.Send(message{Type: msgConfig, Config: cfg}); err != nil {
+		return fail(c.childDied(err))
+	}
+	var reply message
+	files, err := ctl.Recv(&reply)
+	if err != nil {
+		return fail(c.childDied(err))
+	}
+	switch reply.Type {
+	case msgNetwork:
+		c.netInfo, c.netFile = reply.Info, files
+		return c, nil
+	case msgError:
+		closeFiles(files)
+		return fail(fmt.Errorf("set up the namespaces: %s%s", reply.Error, Diagnose(errors.New(reply.Error))))
+	default:
+		closeFiles(files)
+		return fail(fmt.Errorf("child sent %q during setup", reply.Type))
+	}
+}
+
+// spawn starts the child from a goroutine locked to its OS thread that
+// lives until the child is reaped: Pdeathsig fires when the thread that
+// forked the child exits, and Go may otherwise retire that thread at any
+// time.
+func (c *Child) spawn() error {
+	started := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		// Never unlocked: when this goroutine ends, its thread ends with
+		// it, which is fine only after the child is gone.
+		if err := c.cmd.Start(); err != nil {
+			started <- err
+			close(c.exited)
+			return
+		}
+		started <- nil
+		c.waitErr = c.cmd.Wait()
+		c.state = c.cmd.ProcessState
+		close(c.exited)
+	}()
+	return <-started
+}
+
+// childDied turns a control channel failure into the child's own story:
+// when the child exited, its status says more than "broken pipe".
+func (c *Child) childDied(err error) error {
+	if errors.Is(err, io.EOF) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET) {
+		<-c.exited
+		return fmt.Errorf("the gonetns child exited during setup (%v); run with --debug for details", c.state)
+	}
+	return err
+}
+
+// PID is the child's pid on the host.
+func (c *Child) PID() int { return c.cmd.Process.Pid }
+
+// NetworkInfo is what the child's network hook returned, JSON-encoded, and
+// the files it sent (the caller owns them).
+func (c *Child) NetworkInfo() (json.RawMessage, []*os.File) { return c.netInfo, c.netFile }
+
+// Kill ends the child (and, through Pdeathsig and the PID namespace, what
+// runs inside) at once.
+func (c *Child) Kill() {
+	select {
+	case <-c.exited:
+	default:
+		c.cmd.Process.Signal(unix.SIGKILL)
+	}
+}
+
+// Run writes child_pid, tells the child to run the command, relays
+// signals, and waits. It returns the command's exit status (128+N when a
+// signal N ended it). Cancelling ctx kills the child.
+func (c *Child) Run(ctx context.Context) (int, error) {
+	defer signal.Stop(c.sigs)
+	defer c.ctl.Close()
+	if err := c.opts.StateDir.writeChildPID(c.PID()); err != nil {
+		c.Kill()
+		<-c.exited
+		return 0, err
+	}
+	if err := c.ctl.Send(message{Type: msgStart}); err != nil {
+		c.log.Debug("start message not delivered", "err", err)
+	}
+	// The child reports "started", or an error and exits; it exits in any
+	// case when the command ends. Only its exit status matters here.
+	go c.drainControl()
+
+	for {
+		select {
+		case <-c.exited:
+			return exitStatus(c.state, c.waitErr)
+		case <-ctx.Done():
+			c.Kill()
+			<-c.exited
+			return exitStatus(c.state, c.waitErr)
+		case s := <-c.sigs:
+			sig := s.(syscall.Signal)
+			if fromTerminal(sig) {
+				// The terminal sent it to the whole foreground process
+				// group, the command included: relaying it would deliver
+				// it twice.
+				c.log.Debug("signal from the terminal, not relayed", "signal", sig)
+				continue
+			}
+			c.log.Debug("relaying signal", "signal", sig)
+			if err := c.ctl.Send(message{Type: msgSignal, Signal: int(sig)}); err != nil {
+				c.cmd.Process.Signal(sig)
+			}
+		}
+	}
+}
+
+func (c *Child) drainControl() {
+	for {
+		var m message
+		files, err := c.ctl.Recv(&m)
+		closeFiles(files)
+		if err != nil {
+			return
+		}
+		switch m.Type {
+		case msgStarted:
+			c.log.Debug("command started", "pid_in_namespace", m.PID)
+		case msgError:
+			c.log.Debug("child reported", "error", m.Error)
+		}
+	}
+}
+
+// fromTerminal reports whether sig is one a terminal sends (INT, QUIT, HUP)
+// while gonetns's process group is the terminal's foreground group.
+func fromTerminal(sig syscall.Signal) bool {
+	switch sig {
+	case unix.SIGINT, unix.SIGQUIT, unix.SIGHUP:
+	default:
+		return false
+	}
+	fg, err := unix.IoctlGetInt(0, unix.TIOCGPGRP)
+	return err == nil && fg == unix.Getpgrp()
+}
+
+func exitStatus(st *os.ProcessState, waitErr error) (int, error) {
+	if st == nil {
+		return 0, fmt.Errorf("wait for the child: %w", waitErr)
+	}
+	if ws, ok := st.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		return 128 + int(ws.Signal()), nil
+	}
+	return st.ExitCode(), nil
+}
+
+func parseReaper(s string) (bool, error) {
+	switch s {
+	case "", "auto":
+		return false, nil
+	case "true":
+		return true, nil
+	case "false":
+		return false, nil
+	}
+	return false, fmt.Errorf("invalid --reaper %q: use auto, true or false", s)
+}
+
+// ValidateCopyUp checks --copy-up directories before anything is created.
+func ValidateCopyUp(dirs []string) error {
+	seen := map[string]bool{}
+	for _, d := range dirs {
+		if !filepath.IsAbs(d) {
+			return fmt.Errorf("--copy-up=%s: the path must be absolute, e.g. --copy-up=/etc", d)
+		}
+		clean := filepath.Clean(d)
+		switch clean {
+		case "/":
+			return errors.New("--copy-up=/ is not possible: copy up the directories you need to write, e.g. --copy-up=/etc")
+		case "/tmp":
+			return errors.New("--copy-up=/tmp is refused (as RootlessKit does): /tmp is already writable, and gonetns's state may live there")
+		}
+		st, err := os.Stat(clean)
+		if err != nil {
+			return fmt.Errorf("--copy-up=%s: %w", d, err)
+		}
+		if !st.IsDir() {
+			return fmt.Errorf("--copy-up=%s: not a directory", d)
+		}
+		if seen[clean] {
+			return fmt.Errorf("--copy-up=%s given twice", d)
+		}
+		seen[clean] = true
+	}
+	return nil
+}
+
+func currentUser() string {
+	if u, err := user.Current(); err == nil {
+		return u.Username
+	}
+	if s := os.Getenv("USER"); s != "" {
+		return s
+	}
+	return strconv.Itoa(os.Getuid())
+}
+
+func closeFiles(files []*os.File) {
+	for _, f := range files {
+		f.Close()
+	}
+}
+
+// IsChild reports whether this process is a re-executed gonetns child; main
+// must then call RunChild before anything else.
+func IsChild() bool {
+	switch os.Getenv(envStage) {
+	case stageFirst, stageSecond, stageInit:
+		return true
+	}
+	return false
+}
+

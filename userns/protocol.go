@@ -1,0 +1,57 @@
+package userns
+
+import (
+	"encoding/json"
+)
+
+// Environment variables of the re-executed child. They are internal: the
+// command never sees them.
+const (
+	envStage    = "_GONETNS_CHILD_STAGE"
+	stageFirst  = "1" // waits for the id maps, then re-executes itself
+	stageSecond = "2" // has capabilities in the namespace; sets everything up
+	stageInit   = "init" // PID 1 of a new PID namespace: mounts /proc, execs the command
+	envInitPath = "_GONETNS_INIT_PATH"
+)
+
+// ctlFD is the child's descriptor of the control socket; ExtraFiles follow.
+const ctlFD = 3
+
+// Message types on the control channel.
+const (
+	// parent -> child
+	msgProceed = "proceed" // the id maps are written: re-execute to gain capabilities
+	msgConfig  = "config"  // childConfig for the second stage
+	msgStart   = "start"   // the parent is ready: run the command
+	msgSignal  = "signal"  // deliver Signal to the command
+	// child -> parent
+	msgNetwork = "network" // namespaces and mounts are set up; Info and files of the network hook
+	msgStarted = "started" // the command runs as PID
+	msgError   = "error"   // setup failed with Error; the child exits next
+)
+
+type message struct {
+	Type   string          `json:"type"`
+	Config *childConfig    `json:"config,omitempty"`
+	Signal int             `json:"signal,omitempty"`
+	PID    int             `json:"pid,omitempty"`
+	Error  string          `json:"error,omitempty"`
+	Info   json.RawMessage `json:"info,omitempty"`
+}
+
+// childConfig is everything the second stage needs, sent over the control
+// channel rather than on the command line.
+type childConfig struct {
+	Args        []string        `json:"args"`
+	Env         []string        `json:"env"`
+	StateDir    string          `json:"stateDir"`
+	NewNet      bool            `json:"newNet"`
+	PIDNS       bool            `json:"pidns"`
+	Reaper      bool            `json:"reaper"`
+	Propagation string          `json:"propagation"`
+	CopyUp      []string        `json:"copyUp"`
+	DNSFiles    bool            `json:"dnsFiles"`
+	Network     json.RawMessage `json:"network,omitempty"`
+	ExtraFiles  int             `json:"extraFiles"`
+	Debug       bool            `json:"debug"`
+}

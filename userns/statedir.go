@@ -1,0 +1,140 @@
+package userns
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// Files of the state directory, named as RootlessKit names them.
+const (
+	LockFile   = "lock"
+	ChildPID   = "child_pid"
+	APISocket  = "api.sock"
+	ResolvConf = "resolv.conf"
+	HostsFile  = "hosts"
+)
+
+// StateDir is the directory of one running gonetns: a lock held for the
+// whole run, child_pid once the namespaces are set up, api.sock, and the
+// resolv.conf and hosts files given to the namespace.
+type StateDir struct {
+	Path      string
+	temporary bool
+	lock      *os.File
+}
+
+// ErrStateDirBusy reports a state directory locked by another gonetns.
+var ErrStateDirBusy = errors.New("state directory is in use")
+
+// OpenStateDir creates (mode 0700) and locks the state directory. With an
+// empty path it makes a new private directory under $XDG_RUNTIME_DIR, or
+// /tmp when that is unset or unusable, removed again by Close.
+func OpenStateDir(path string) (*StateDir, error) {
+	d := &StateDir{Path: path}
+	if path == "" {
+		base := os.Getenv("XDG_RUNTIME_DIR")
+		if base == "" || unix.Access(base, unix.W_OK|unix.X_OK) != nil {
+			base = os.TempDir()
+		}
+		p, err := os.MkdirTemp(base, "gonetns-")
+		if err != nil {
+			return nil, fmt.Errorf("create a state directory under %s: %w (set --state-dir)", base, err)
+		}
+		d.Path, d.temporary = p, true
+	} else {
+		abs, err := filepath.Abs(path)
+		if err != nil {
+			return nil, fmt.Errorf("state directory %q: %w", path, err)
+		}
+		d.Path = abs
+		if err := os.MkdirAll(abs, 0o700); err != nil {
+			return nil, fmt.Errorf("create state directory: %w", err)
+		}
+	}
+	if err := os.Chmod(d.Path, 0o700); err != nil {
+		d.removeTemp()
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	lock, err := os.OpenFile(filepath.Join(d.Path, LockFile), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		d.removeTemp()
+		return nil, fmt.Errorf("state directory lock: %w", err)
+	}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lock.Close()
+		d.removeTemp()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			who := ""
+			if b, err := os.ReadFile(filepath.Join(d.Path, ChildPID)); err == nil {
+				who = fmt.Sprintf(" (its namespace's child pid is %s)", strings.TrimSpace(string(b)))
+			}
+			return nil, fmt.Errorf("%w: %s is locked by another gonetns%s; stop it or choose another --state-dir", ErrStateDirBusy, d.Path, who)
+		}
+		return nil, fmt.Errorf("lock %s: %w", lock.Name(), err)
+	}
+	d.lock = lock
+	// Leftovers of an earlier run that died without cleaning up.
+	for _, name := range []string{ChildPID, APISocket} {
+		os.Remove(filepath.Join(d.Path, name))
+	}
+	return d, nil
+}
+
+// Join returns the path of a file in the state directory.
+func (d *StateDir) Join(name string) string { return filepath.Join(d.Path, name) }
+
+// WriteFile writes a file into the state directory atomically (rename).
+func (d *StateDir) WriteFile(name string, data []byte, perm os.FileMode) error {
+	tmp, err := os.CreateTemp(d.Path, "."+name+".")
+	if err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return fmt.Errorf("write %s: %w", d.Join(name), err)
+	}
+	if err := tmp.Chmod(perm); err != nil {
+		tmp.Close()
+		return fmt.Errorf("write %s: %w", d.Join(name), err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("write %s: %w", d.Join(name), err)
+	}
+	if err := os.Rename(tmp.Name(), d.Join(name)); err != nil {
+		return fmt.Errorf("write %s: %w", d.Join(name), err)
+	}
+	return nil
+}
+
+// writeChildPID records the child's pid, for nsenter(1) and rootlessctl.
+func (d *StateDir) writeChildPID(pid int) error {
+	return d.WriteFile(ChildPID, []byte(strconv.Itoa(pid)), 0o644)
+}
+
+// Close removes what this run created and releases the lock; a temporary
+// directory is removed entirely. Idempotent.
+func (d *StateDir) Close() error {
+	if d.lock == nil {
+		return nil
+	}
+	for _, name := range []string{ChildPID, APISocket, ResolvConf, HostsFile} {
+		os.Remove(d.Join(name))
+	}
+	d.removeTemp()
+	err := d.lock.Close()
+	d.lock = nil
+	return err
+}
+
+func (d *StateDir) removeTemp() {
+	if d.temporary {
+		os.RemoveAll(d.Path)
+	}
+}
