@@ -19,7 +19,7 @@ if [ "$(id -u)" -ne 0 ]; then
 	exit 1
 fi
 
-packages=(uidmap iperf3 curl iputils-ping iproute2 rootlesskit slirp4netns passt procps util-linux)
+packages=(uidmap iperf3 curl iputils-ping iproute2 rootlesskit slirp4netns passt procps util-linux strace python3)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

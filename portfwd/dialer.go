@@ -1,0 +1,230 @@
+package portfwd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+
+	"github.com/gonetns/gonetns/internal/wire"
+)
+
+// ChildDialer connects to addr inside the sandbox's network namespace. proto
+// is tcp, tcp4, tcp6, udp, udp4 or udp6; the connection is a *net.TCPConn
+// or a *net.UDPConn (the Manager relays TCP with splice(2) only between two
+// *net.TCPConn). A refused connection is an error that matches
+// syscall.ECONNREFUSED with errors.Is. Dial must be safe for concurrent use.
+type ChildDialer interface {
+	Dial(ctx context.Context, proto string, addr netip.AddrPort) (net.Conn, error)
+}
+
+// Dialer is the parent's side of the dial protocol: it sends each Dial to
+// ServeChild over a wire.Conn and turns the descriptor that comes back into
+// a net.Conn. It implements ChildDialer.
+type Dialer struct {
+	c      *wire.Conn
+	nextID atomic.Uint64
+	done   chan struct{} // closed when the reply loop has ended
+
+	mu      sync.Mutex
+	started bool
+	err     error // why the reply loop ended; Dials fail with it
+	pending map[uint64]chan dialResult
+
+	closeOnce sync.Once
+}
+
+type dialResult struct {
+	rep   dialReply
+	files []*os.File
+	err   error // the Dialer failed before a reply came
+}
+
+// NewDialer returns a Dialer over c, which it owns from now on. It starts
+// nothing: call Start.
+func NewDialer(c *wire.Conn) *Dialer {
+	return &Dialer{
+		c:       c,
+		done:    make(chan struct{}),
+		pending: make(map[uint64]chan dialResult),
+	}
+}
+
+// Start starts the goroutine that reads replies and hands them to the
+// waiting Dials. It runs until Close, or until the child closes its end
+// (then every Dial fails with an error that wraps io.EOF). Calling Start
+// again does nothing.
+func (d *Dialer) Start() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.started {
+		return
+	}
+	d.started = true
+	go d.readReplies()
+}
+
+// Dial asks the child to connect to addr over proto inside the namespace
+// and waits for the answer or for ctx to end. A refusal in the namespace
+// comes back as an error matching syscall.ECONNREFUSED.
+func (d *Dialer) Dial(ctx context.Context, proto string, addr netip.AddrPort) (net.Conn, error) {
+	if !validProto(proto) {
+		return nil, fmt.Errorf("dial %s %s in the namespace: unknown protocol", proto, addr)
+	}
+	ch := make(chan dialResult, 1)
+	id := d.nextID.Add(1)
+	d.mu.Lock()
+	switch {
+	case d.err != nil:
+		err := d.err
+		d.mu.Unlock()
+		return nil, fmt.Errorf("dial %s %s in the namespace: %w", proto, addr, err)
+	case !d.started:
+		d.mu.Unlock()
+		return nil, fmt.Errorf("dial %s %s in the namespace: portfwd.Dialer.Start was not called", proto, addr)
+	}
+	d.pending[id] = ch
+	d.mu.Unlock()
+
+	if err := d.c.Send(dialRequest{ID: id, Proto: proto, Addr: addr}); err != nil {
+		d.forget(id)
+		return nil, fmt.Errorf("dial %s %s in the namespace: ask the child: %w", proto, addr, err)
+	}
+	select {
+	case res := <-ch:
+		return connFromReply(proto, addr, res)
+	case <-ctx.Done():
+		if !d.forget(id) {
+			// The reply is being delivered; drop it.
+			res := <-ch
+			closeFiles(res.files)
+		}
+		return nil, fmt.Errorf("dial %s %s in the namespace: %w", proto, addr, ctx.Err())
+	}
+}
+
+// forget removes a pending dial; false if the reply loop took it already.
+func (d *Dialer) forget(id uint64) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	_, ok := d.pending[id]
+	delete(d.pending, id)
+	return ok
+}
+
+func (d *Dialer) readReplies() {
+	defer close(d.done)
+	for {
+		var rep dialReply
+		files, err := d.c.Recv(&rep)
+		if err != nil {
+			if isBadMessage(err) {
+				// One lost reply: its Dial ends with its context.
+				continue
+			}
+			if errors.Is(err, io.EOF) {
+				err = fmt.Errorf("the child closed the port-forwarding channel (has it exited?): %w", err)
+			}
+			d.fail(err)
+			return
+		}
+		d.mu.Lock()
+		ch, ok := d.pending[rep.ID]
+		delete(d.pending, rep.ID)
+		d.mu.Unlock()
+		if !ok {
+			closeFiles(files) // its Dial gave up
+			continue
+		}
+		ch <- dialResult{rep: rep, files: files}
+	}
+}
+
+// fail ends every pending Dial, and every later one, with err.
+func (d *Dialer) fail(err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.err == nil {
+		d.err = err
+	}
+	for id, ch := range d.pending {
+		ch <- dialResult{err: d.err}
+		delete(d.pending, id)
+	}
+}
+
+// Close closes the connection to the child, fails the pending Dials with an
+// error wrapping net.ErrClosed, and waits for the reply loop. It may be
+// called more than once.
+func (d *Dialer) Close() error {
+	var err error
+	d.closeOnce.Do(func() {
+		d.fail(fmt.Errorf("port-forwarding dialer: %w", net.ErrClosed))
+		err = d.c.Close()
+		d.mu.Lock()
+		started := d.started
+		d.started = true // a later Start must not run the loop
+		d.mu.Unlock()
+		if !started {
+			close(d.done)
+		}
+	})
+	<-d.done
+	return err
+}
+
+// connFromReply turns a reply into a connection of the right kind.
+func connFromReply(proto string, addr netip.AddrPort, res dialResult) (net.Conn, error) {
+	fail := func(err error) (net.Conn, error) {
+		closeFiles(res.files)
+		return nil, fmt.Errorf("dial %s %s in the namespace: %w", proto, addr, err)
+	}
+	switch {
+	case res.err != nil:
+		return fail(res.err)
+	case res.rep.Error != "":
+		return fail(&childError{msg: res.rep.Error, errno: syscall.Errno(res.rep.Errno)})
+	case len(res.files) != 1:
+		return fail(fmt.Errorf("protocol error: the child sent %d descriptors, want 1", len(res.files)))
+	}
+	f := res.files[0]
+	conn, err := net.FileConn(f) // duplicates the descriptor
+	f.Close()
+	if err != nil {
+		return nil, fmt.Errorf("dial %s %s in the namespace: use the child's socket: %w", proto, addr, err)
+	}
+	ok := false
+	switch proto[:3] {
+	case "tcp":
+		_, ok = conn.(*net.TCPConn)
+	case "udp":
+		_, ok = conn.(*net.UDPConn)
+	}
+	if !ok {
+		conn.Close()
+		return nil, fmt.Errorf("dial %s %s in the namespace: protocol error: the child sent a %T", proto, addr, conn)
+	}
+	return conn, nil
+}
+
+// childError is a dial failure reported by the child. It matches its errno
+// (syscall.ECONNREFUSED, ...) with errors.Is.
+type childError struct {
+	msg   string
+	errno syscall.Errno
+}
+
+func (e *childError) Error() string { return e.msg }
+
+func (e *childError) Unwrap() error {
+	if e.errno == 0 {
+		return nil
+	}
+	return e.errno
+}

@@ -1,0 +1,304 @@
+package portfwd
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Defaults for the zero fields of Config.
+const (
+	DefaultUDPIdleTimeout = 60 * time.Second
+	DefaultDialTimeout    = 10 * time.Second
+	DefaultMaxTCPConns    = 4096
+	DefaultMaxUDPFlows    = 1024
+)
+
+// Errors a caller may branch on (errors.Is); the API maps them to HTTP
+// status codes. Listen errors also keep their errno (syscall.EADDRINUSE,
+// syscall.EACCES, ...).
+var (
+	// ErrConflict: the spec overlaps a port this Manager publishes already.
+	ErrConflict = errors.New("port already published")
+	// ErrUnknownPort: no published port has that ID.
+	ErrUnknownPort = errors.New("unknown port ID")
+)
+
+// Config configures a Manager.
+type Config struct {
+	// Dialer reaches the namespace: a *Dialer in gonetns, anything that
+	// returns *net.TCPConn and *net.UDPConn in tests. Required.
+	Dialer ChildDialer
+	// Logger gets per-connection events at Debug and trouble at Warn. Nil
+	// discards.
+	Logger *slog.Logger
+	// UDPIdleTimeout ends a UDP flow (one client address) that has carried
+	// no datagram either way for this long. Zero means 60 s.
+	UDPIdleTimeout time.Duration
+	// DialTimeout bounds getting a connected socket from the child for one
+	// TCP connection or UDP flow. Zero means 10 s.
+	DialTimeout time.Duration
+	// MaxTCPConns bounds the relayed TCP connections of one published port
+	// (dialing or established). A connection accepted beyond it is reset
+	// at once, and a warning logged. Zero means 4096.
+	MaxTCPConns int
+	// MaxUDPFlows bounds the UDP flows (client addresses) of one published
+	// port; each holds a socket in the namespace, a goroutine and a 64 KiB
+	// buffer. Datagrams from new clients beyond it are dropped, and a
+	// warning logged. Zero means 1024.
+	MaxUDPFlows int
+}
+
+// Manager publishes ports: it listens on the host and relays each
+// connection or UDP flow to a socket the ChildDialer connects inside the
+// namespace. Its methods are safe for concurrent use.
+type Manager struct {
+	cfg    Config
+	log    *slog.Logger
+	ctx    context.Context // ends at Close: aborts dials in flight
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // every goroutine of every port and relay
+
+	mu     sync.Mutex
+	closed bool
+	nextID int
+	ports  map[int]publishedPort
+
+	relayMu  sync.Mutex
+	closing  bool                   // under relayMu
+	relays   map[*tcpRelay]struct{} // TCP relays outlive their ports
+	closeErr error
+	once     sync.Once
+}
+
+// publishedPort is a listener with its loop: tcpPort or udpPort.
+type publishedPort interface {
+	status() Status
+	// stop closes the listener and waits for its loop. TCP relays go on;
+	// UDP flows end (their replies need the listener).
+	stop() error
+}
+
+// NewManager returns a Manager that publishes nothing yet. It starts no
+// goroutine; Close it when done.
+func NewManager(cfg Config) *Manager {
+	if cfg.Logger == nil {
+		cfg.Logger = discardLogger
+	}
+	if cfg.UDPIdleTimeout <= 0 {
+		cfg.UDPIdleTimeout = DefaultUDPIdleTimeout
+	}
+	if cfg.DialTimeout <= 0 {
+		cfg.DialTimeout = DefaultDialTimeout
+	}
+	if cfg.MaxTCPConns <= 0 {
+		cfg.MaxTCPConns = DefaultMaxTCPConns
+	}
+	if cfg.MaxUDPFlows <= 0 {
+		cfg.MaxUDPFlows = DefaultMaxUDPFlows
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Manager{
+		cfg:    cfg,
+		log:    cfg.Logger,
+		ctx:    ctx,
+		cancel: cancel,
+		nextID: 1,
+		ports:  make(map[int]publishedPort),
+		relays: make(map[*tcpRelay]struct{}),
+	}
+}
+
+// PortDriverInfo describes this port driver for GET /v1/info.
+func (m *Manager) PortDriverInfo() PortDriverInfo {
+	return PortDriverInfo{Driver: "builtin", Protos: slices.Clone(Protos)}
+}
+
+// AddPort validates spec, listens on the host and starts relaying. The
+// errors wrap ErrInvalidSpec for a bad spec, ErrConflict when the spec
+// overlaps a port published already (tcp on all addresses and tcp4 on
+// 127.0.0.1 with the same port overlap), or the listen error with its errno
+// (syscall.EADDRINUSE when another program uses the host port). Other
+// published ports are unaffected by a failure. ctx bounds the listen only.
+func (m *Manager) AddPort(ctx context.Context, spec Spec) (Status, error) {
+	if err := spec.Validate(); err != nil {
+		return Status{}, fmt.Errorf("publish %s: %w", spec, err)
+	}
+	if m.cfg.Dialer == nil {
+		return Status{}, fmt.Errorf("publish %s: portfwd.Config.Dialer is nil", spec)
+	}
+	// Held across the listen so that two AddPorts of overlapping specs
+	// cannot both pass the conflict check; a listen is quick.
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return Status{}, fmt.Errorf("publish %s: port manager is closed: %w", spec, net.ErrClosed)
+	}
+	for _, id := range slices.Sorted(maps.Keys(m.ports)) {
+		if other := m.ports[id].status().Spec; other.overlaps(spec) {
+			return Status{}, fmt.Errorf("publish %s: it overlaps port ID %d (%s), published already; remove that one first or choose another parent port: %w",
+				spec, id, other, ErrConflict)
+		}
+	}
+	id := m.nextID
+	var p publishedPort
+	var err error
+	switch spec.transport() {
+	case "tcp":
+		p, err = m.listenTCP(ctx, id, spec)
+	default:
+		p, err = m.listenUDP(ctx, id, spec)
+	}
+	if err != nil {
+		return Status{}, listenError(spec, err)
+	}
+	m.nextID++
+	m.ports[id] = p
+	m.log.Info("portfwd: published", "id", id, "spec", spec.String())
+	return p.status(), nil
+}
+
+// listenError explains a failed listen and what to do about it.
+func listenError(spec Spec, err error) error {
+	addr := hostPort(spec.listenAddr())
+	switch {
+	case errors.Is(err, syscall.EADDRINUSE):
+		return fmt.Errorf("publish %s: host address %s is already in use: another program listens there; stop it or choose another parent port: %w", spec, addr, err)
+	case errors.Is(err, syscall.EADDRNOTAVAIL):
+		return fmt.Errorf("publish %s: host address %s is not an address of this host; choose one that is, or leave PARENTIP out: %w", spec, addr, err)
+	case errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM):
+		return fmt.Errorf("publish %s: %s: %w", spec, privilegedPortHint(spec.ParentPort), err)
+	}
+	return fmt.Errorf("publish %s: listen on %s: %w", spec, addr, err)
+}
+
+// privilegedPortHint says how to allow an unprivileged process to bind a
+// low port.
+func privilegedPortHint(port int) string {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+	if err != nil {
+		return "permission denied"
+	}
+	start, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || port >= start {
+		return "permission denied"
+	}
+	return fmt.Sprintf("port %d is privileged (net.ipv4.ip_unprivileged_port_start is %d); choose a port >= %d, or run sysctl -w net.ipv4.ip_unprivileged_port_start=%d as root", port, start, start, port)
+}
+
+// hostPort formats a listen address; the zero address is ":PORT" (all
+// addresses, both families).
+func hostPort(ap netip.AddrPort) string {
+	if !ap.Addr().IsValid() {
+		return ":" + strconv.Itoa(int(ap.Port()))
+	}
+	return ap.String()
+}
+
+// ListPorts returns the published ports, sorted by ID (never nil).
+func (m *Manager) ListPorts() []Status {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make([]Status, 0, len(m.ports))
+	for _, p := range m.ports {
+		out = append(out, p.status())
+	}
+	slices.SortFunc(out, func(a, b Status) int { return cmp.Compare(a.ID, b.ID) })
+	return out
+}
+
+// RemovePort stops publishing port id: its listener is closed before
+// RemovePort returns, so new connections are refused. TCP connections
+// being relayed go on until they end (or Close); UDP flows end with the
+// port. An unknown id is an error wrapping ErrUnknownPort.
+func (m *Manager) RemovePort(id int) error {
+	m.mu.Lock()
+	p, ok := m.ports[id]
+	delete(m.ports, id)
+	m.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("no published port has ID %d (list them with `gonetns ctl list-ports`): %w", id, ErrUnknownPort)
+	}
+	err := p.stop()
+	m.log.Info("portfwd: unpublished", "id", id, "spec", p.status().Spec.String())
+	if err != nil {
+		return fmt.Errorf("remove port %d: %w", id, err)
+	}
+	return nil
+}
+
+// Close stops every port, resets every relayed connection, aborts dials
+// in flight and waits for all goroutines. It may be called more than once;
+// later calls wait too and return the first result.
+func (m *Manager) Close() error {
+	m.once.Do(func() {
+		m.mu.Lock()
+		m.closed = true
+		ports := m.ports
+		m.ports = make(map[int]publishedPort)
+		m.mu.Unlock()
+
+		m.cancel()
+		var errs []error
+		for _, p := range ports {
+			if err := p.stop(); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		m.relayMu.Lock()
+		m.closing = true
+		for r := range m.relays {
+			r.abort()
+		}
+		m.relayMu.Unlock()
+		m.closeErr = errors.Join(errs...)
+	})
+	m.wg.Wait()
+	return m.closeErr
+}
+
+// track registers a relay for Close; false once Close has begun.
+func (m *Manager) track(r *tcpRelay) bool {
+	m.relayMu.Lock()
+	defer m.relayMu.Unlock()
+	if m.closing {
+		return false
+	}
+	m.relays[r] = struct{}{}
+	return true
+}
+
+func (m *Manager) untrack(r *tcpRelay) {
+	m.relayMu.Lock()
+	delete(m.relays, r)
+	m.relayMu.Unlock()
+}
+
+// limitWarner logs a "limit reached" warning at most once every 10 s.
+type limitWarner struct {
+	mu   sync.Mutex
+	last time.Time
+	n    int // events since the last warning
+}
+
+func (w *limitWarner) warn(log *slog.Logger, msg string, args ...any) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.n++
+	if now := time.Now(); now.Sub(w.last) >= 10*time.Second {
+		log.Warn(msg, append(args, "events", w.n)...)
+		w.last, w.n = now, 0
+	}
+}

@@ -1,0 +1,214 @@
+package portfwd
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// udpWhoami answers "whoami" with the sender's address and echoes the rest.
+func udpWhoami(t testing.TB, pc *net.UDPConn) netip.AddrPort {
+	t.Helper()
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		buf := make([]byte, 65536)
+		for {
+			n, from, err := pc.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				if errors.Is(err, net.ErrClosed) {
+					return
+				}
+				continue
+			}
+			reply := buf[:n]
+			if string(reply) == "whoami" {
+				reply = []byte(from.String())
+			}
+			pc.WriteToUDPAddrPort(reply, from)
+		}
+	})
+	t.Cleanup(func() { pc.Close(); wg.Wait() })
+	return addrOf(pc.LocalAddr())
+}
+
+func listenUDP(t testing.TB, addr string) *net.UDPConn {
+	t.Helper()
+	pc, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.MustParseAddrPort(addr)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pc
+}
+
+func udpClient(t testing.TB, st Status) *net.UDPConn {
+	t.Helper()
+	c, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(netip.MustParseAddrPort(hostAddr(st))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// ask sends msg and waits up to wait for an answer; "" if none came.
+func ask(t testing.TB, c *net.UDPConn, msg string, wait time.Duration) string {
+	t.Helper()
+	if _, err := c.Write([]byte(msg)); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 65536)
+	c.SetReadDeadline(time.Now().Add(wait))
+	n, err := c.Read(buf)
+	if err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return ""
+		}
+		t.Fatal(err)
+	}
+	return string(buf[:n])
+}
+
+func (p *udpPort) flowCount() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.flows)
+}
+
+func udpPortOf(t testing.TB, m *Manager, id int) *udpPort {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	p, ok := m.ports[id].(*udpPort)
+	if !ok {
+		t.Fatalf("port %d is no UDP port", id)
+	}
+	return p
+}
+
+// TestUDPIdleFlowEnds: an idle flow ends, and the client's next datagram
+// gets a new socket in the namespace.
+func TestUDPIdleFlowEnds(t *testing.T) {
+	m := newTestManager(t, Config{UDPIdleTimeout: 200 * time.Millisecond})
+	st := publishLoop(t, m, "udp4", udpWhoami(t, listenUDP(t, "127.0.0.1:0")))
+	c := udpClient(t, st)
+	first := ask(t, c, "whoami", 5*time.Second)
+	if first == "" {
+		t.Fatal("no answer")
+	}
+	p := udpPortOf(t, m, st.ID)
+	deadline := time.Now().Add(10 * time.Second)
+	for p.flowCount() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the idle flow is still there after 50 idle timeouts")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	second := ask(t, c, "whoami", 5*time.Second)
+	if second == "" || second == first {
+		t.Fatalf("after the idle timeout the server saw %q, before %q; want a new source", second, first)
+	}
+}
+
+// TestUDPFlowLimit: beyond MaxUDPFlows, datagrams from new clients are
+// dropped and the existing flows go on.
+func TestUDPFlowLimit(t *testing.T) {
+	m := newTestManager(t, Config{MaxUDPFlows: 1})
+	st := publishLoop(t, m, "udp4", udpWhoami(t, listenUDP(t, "127.0.0.1:0")))
+	a, b := udpClient(t, st), udpClient(t, st)
+	if ask(t, a, "a", 5*time.Second) != "a" {
+		t.Fatal("the first client got no answer")
+	}
+	if got := ask(t, b, "b", 300*time.Millisecond); got != "" {
+		t.Fatalf("a client beyond MaxUDPFlows got %q", got)
+	}
+	if ask(t, a, "a2", 5*time.Second) != "a2" {
+		t.Fatal("the first client lost its flow")
+	}
+}
+
+// TestUDPQueuedWhileDialing: datagrams that arrive while the flow's socket
+// is being dialed are delivered, in order, once it is there.
+func TestUDPQueuedWhileDialing(t *testing.T) {
+	release := make(chan struct{})
+	m := newTestManager(t, Config{Dialer: dialFunc(func(ctx context.Context, proto string, addr netip.AddrPort) (net.Conn, error) {
+		<-release
+		return netDial(ctx, proto, addr)
+	})})
+	st := publishLoop(t, m, "udp4", udpWhoami(t, listenUDP(t, "127.0.0.1:0")))
+	c := udpClient(t, st)
+	for _, s := range []string{"1", "2", "3"} {
+		c.Write([]byte(s))
+	}
+	p := udpPortOf(t, m, st.ID)
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		p.mu.Lock()
+		var queued int
+		if f := p.flows[addrOf(c.LocalAddr())]; f != nil {
+			f.mu.Lock()
+			queued = len(f.queue)
+			f.mu.Unlock()
+		}
+		p.mu.Unlock()
+		if queued == 3 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d datagrams queued, want 3", queued)
+		}
+	}
+	close(release)
+	buf := make([]byte, 16)
+	for _, want := range []string{"1", "2", "3"} {
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		n, err := c.Read(buf)
+		if err != nil || string(buf[:n]) != want {
+			t.Fatalf("got %q, %v; want %q", buf[:n], err, want)
+		}
+	}
+}
+
+// TestUDPDialFailureRetries: a flow whose dial fails goes away, so the next
+// datagram tries again.
+func TestUDPDialFailureRetries(t *testing.T) {
+	var calls atomic.Int32
+	m := newTestManager(t, Config{Dialer: dialFunc(func(ctx context.Context, proto string, addr netip.AddrPort) (net.Conn, error) {
+		if calls.Add(1) == 1 {
+			return nil, errors.New("the child is busy")
+		}
+		return netDial(ctx, proto, addr)
+	})})
+	st := publishLoop(t, m, "udp4", udpWhoami(t, listenUDP(t, "127.0.0.1:0")))
+	c := udpClient(t, st)
+	deadline := time.Now().Add(5 * time.Second)
+	for ask(t, c, "x", 200*time.Millisecond) != "x" {
+		if time.Now().After(deadline) {
+			t.Fatalf("no answer after the first dial failed (%d dials)", calls.Load())
+		}
+	}
+}
+
+// TestUDPServerStartsLater: nothing listens at first (ICMP port
+// unreachable); the flow stays and works once the server is up.
+func TestUDPServerStartsLater(t *testing.T) {
+	m := newTestManager(t, Config{})
+	pc := listenUDP(t, "127.0.0.1:0")
+	target := addrOf(pc.LocalAddr())
+	pc.Close()
+	st := publishLoop(t, m, "udp4", target)
+	c := udpClient(t, st)
+	if got := ask(t, c, "anyone?", 200*time.Millisecond); got != "" {
+		t.Fatalf("an answer from nowhere: %q", got)
+	}
+	udpWhoami(t, listenUDP(t, target.String()))
+	deadline := time.Now().Add(5 * time.Second)
+	for ask(t, c, "now?", 200*time.Millisecond) != "now?" {
+		if time.Now().After(deadline) {
+			t.Fatal("no answer after the server started")
+		}
+	}
+}
