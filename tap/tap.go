@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync/atomic"
 	"syscall"
 	"unsafe"
 
@@ -133,6 +134,7 @@ type fileDevice struct {
 	f       *os.File
 	rc      syscall.RawConn
 	vnetHdr bool
+	closed  atomic.Bool
 }
 
 // NewDevice wraps a TAP file (e.g. received from the child) as a Device. f
@@ -176,7 +178,7 @@ func (d *fileDevice) Read(bufs [][]byte) (int, error) {
 		return rerr != unix.EAGAIN
 	})
 	if err != nil {
-		return 0, err
+		return 0, d.closedErr("read", err)
 	}
 	if rerr != nil {
 		return 0, fmt.Errorf("read TAP: %w", rerr)
@@ -192,7 +194,7 @@ func (d *fileDevice) Write(bufs [][]byte) (int, error) {
 		return werr != unix.EAGAIN
 	})
 	if err != nil {
-		return 0, err
+		return 0, d.closedErr("write", err)
 	}
 	if werr != nil {
 		return n, fmt.Errorf("write TAP: %w", werr)
@@ -200,7 +202,18 @@ func (d *fileDevice) Write(bufs [][]byte) (int, error) {
 	return n, nil
 }
 
+// closedErr reports an error of the poller: after Close it is
+// os.ErrClosed, as Device promises (the poller's own "use of closed file"
+// is not an exported error).
+func (d *fileDevice) closedErr(op string, err error) error {
+	if d.closed.Load() {
+		return fmt.Errorf("%s TAP: %w", op, os.ErrClosed)
+	}
+	return fmt.Errorf("%s TAP: %w", op, err)
+}
+
 func (d *fileDevice) Close() error {
+	d.closed.Store(true)
 	err := d.f.Close()
 	if errors.Is(err, os.ErrClosed) {
 		return nil

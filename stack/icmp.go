@@ -1,0 +1,113 @@
+package stack
+
+import (
+	"errors"
+	"math/rand/v2"
+	"net/netip"
+
+	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+)
+
+// EchoRequest is an ICMP (or ICMPv6) echo request from the sandbox.
+type EchoRequest struct {
+	// Src is the sandbox's address; Dst the address it pings.
+	Src, Dst netip.Addr
+	// ID and Seq are the echo identifier and sequence number.
+	ID, Seq uint16
+	// Data is the payload after the 8-byte echo header (a copy).
+	Data []byte
+
+	st     *Stack
+	srcMAC tcpip.LinkAddress
+}
+
+func (st *Stack) handleICMPv4(_ stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
+	h := header.ICMPv4(pkt.TransportHeader().Slice())
+	if len(h) < header.ICMPv4MinimumSize || h.Type() != header.ICMPv4Echo || h.Code() != 0 {
+		return false
+	}
+	ip := header.IPv4(pkt.NetworkHeader().Slice())
+	return st.cfg.Echo(st.echoRequest(ip.SourceAddress(), ip.DestinationAddress(), h.Ident(), h.Sequence(), pkt))
+}
+
+func (st *Stack) handleICMPv6(_ stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
+	h := header.ICMPv6(pkt.TransportHeader().Slice())
+	if len(h) < header.ICMPv6EchoMinimumSize || h.Type() != header.ICMPv6EchoRequest || h.Code() != 0 {
+		return false
+	}
+	ip := header.IPv6(pkt.NetworkHeader().Slice())
+	return st.cfg.Echo(st.echoRequest(ip.SourceAddress(), ip.DestinationAddress(), h.Ident(), h.Sequence(), pkt))
+}
+
+func (st *Stack) echoRequest(src, dst tcpip.Address, id, seq uint16, pkt *stack.PacketBuffer) *EchoRequest {
+	s, _ := netip.AddrFromSlice(src.AsSlice())
+	d, _ := netip.AddrFromSlice(dst.AsSlice())
+	var mac tcpip.LinkAddress
+	if lh := pkt.LinkHeader().Slice(); len(lh) >= header.EthernetMinimumSize {
+		mac = header.Ethernet(lh).SourceAddress()
+	}
+	return &EchoRequest{Src: s, Dst: d, ID: id, Seq: seq, Data: pkt.Data().AsRange().ToSlice(), st: st, srcMAC: mac}
+}
+
+// Reply sends an echo reply with sequence number seq and data to the
+// sandbox, as if from Dst (with this request's ID). It may be called any
+// number of times, from any goroutine.
+func (r *EchoRequest) Reply(seq uint16, data []byte) error {
+	s, err := r.st.running()
+	if err != nil {
+		return err
+	}
+	if r.srcMAC == "" {
+		return errors.New("stack: echo request without a link address")
+	}
+	var pkt []byte
+	var proto tcpip.NetworkProtocolNumber
+	if r.Src.Is4() {
+		proto = ipv4.ProtocolNumber
+		pkt = make([]byte, header.IPv4MinimumSize+header.ICMPv4MinimumSize+len(data))
+		ip := header.IPv4(pkt)
+		ip.Encode(&header.IPv4Fields{
+			TotalLength: uint16(len(pkt)),
+			ID:          uint16(rand.Uint32()),
+			TTL:         64,
+			Protocol:    uint8(header.ICMPv4ProtocolNumber),
+			SrcAddr:     tcpip.AddrFrom4(r.Dst.As4()),
+			DstAddr:     tcpip.AddrFrom4(r.Src.As4()),
+		})
+		ip.SetChecksum(^ip.CalculateChecksum())
+		icmp := header.ICMPv4(pkt[header.IPv4MinimumSize:])
+		icmp.SetType(header.ICMPv4EchoReply)
+		icmp.SetIdent(r.ID)
+		icmp.SetSequence(seq)
+		copy(icmp.Payload(), data)
+		icmp.SetChecksum(^checksum.Checksum(icmp, 0))
+	} else {
+		proto = ipv6.ProtocolNumber
+		pkt = make([]byte, header.IPv6MinimumSize+header.ICMPv6EchoMinimumSize+len(data))
+		src, dst := tcpip.AddrFrom16(r.Dst.As16()), tcpip.AddrFrom16(r.Src.As16())
+		ip := header.IPv6(pkt)
+		ip.Encode(&header.IPv6Fields{
+			PayloadLength:     uint16(len(pkt) - header.IPv6MinimumSize),
+			TransportProtocol: header.ICMPv6ProtocolNumber,
+			HopLimit:          64,
+			SrcAddr:           src,
+			DstAddr:           dst,
+		})
+		icmp := header.ICMPv6(pkt[header.IPv6MinimumSize:])
+		icmp.SetType(header.ICMPv6EchoReply)
+		icmp.SetIdent(r.ID)
+		icmp.SetSequence(seq)
+		copy(icmp.Payload(), data)
+		icmp.SetChecksum(header.ICMPv6Checksum(header.ICMPv6ChecksumParams{Header: icmp[:header.ICMPv6EchoMinimumSize], Src: src, Dst: dst, PayloadCsum: checksum.Checksum(data, 0), PayloadLen: len(data)}))
+	}
+	if terr := s.WritePacketToRemote(nicID, r.srcMAC, proto, buffer.MakeWithData(pkt)); terr != nil {
+		return Err(terr)
+	}
+	return nil
+}

@@ -1,0 +1,291 @@
+// Package link is the gVisor link endpoint over a tap.Device, shared by the
+// stack and by its test twin.
+package link
+
+import (
+	"encoding/binary"
+	"errors"
+	"net"
+	"os"
+	"sync"
+
+	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/gonetns/gonetns/tap"
+)
+
+// virtio_net_hdr fields (include/uapi/linux/virtio_net.h).
+const (
+	vnetFlagNeedsCsum = 1
+	vnetGSONone       = 0
+	vnetGSOTCPv4      = 1
+	vnetGSOTCPv6      = 4
+)
+
+// gsoMaxSize bounds the TCP segments the stack hands down with host GSO:
+// the kernel takes up to 64 KB per segment from a TAP.
+const gsoMaxSize = 1 << 16
+
+// rxBufSizes are the buffers one frame is read into: small first, so that a
+// short frame (an ACK) uses little memory, growing to hold a 64 KB GSO
+// segment. Only the buffers a frame fills are handed to the stack; the
+// others are reused for the next frame.
+var rxBufSizes = []int{256, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768}
+
+// Endpoint connects a tap.Device to the gVisor stack: Ethernet framing,
+// and, when the device carries a virtio_net_hdr, checksum offload in both
+// directions and host GSO (TCP segments up to 64 KB, cut into MSS-sized
+// packets by the kernel only if they ever leave the machine).
+type Endpoint struct {
+	dev  tap.Device
+	vnet bool
+	mac  tcpip.LinkAddress
+
+	mu         sync.RWMutex
+	mtu        uint32
+	dispatcher stack.NetworkDispatcher
+
+	wg sync.WaitGroup
+	// onError is called once if the device fails for a reason other than
+	// being closed.
+	onError func(error)
+}
+
+var (
+	_ stack.LinkEndpoint = (*Endpoint)(nil)
+	_ stack.GSOEndpoint  = (*Endpoint)(nil)
+)
+
+// New makes an endpoint for dev; onError is called once if reading the
+// device fails for another reason than its being closed. Nothing starts
+// until the stack attaches the endpoint.
+func New(dev tap.Device, mtu uint32, mac tcpip.LinkAddress, onError func(error)) *Endpoint {
+	return &Endpoint{dev: dev, vnet: dev.VNetHdr(), mac: mac, mtu: mtu, onError: onError}
+}
+
+func (e *Endpoint) MTU() uint32 {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	return e.mtu
+}
+
+func (e *Endpoint) SetMTU(mtu uint32) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.mtu = mtu
+}
+
+func (e *Endpoint) MaxHeaderLength() uint16 { return header.EthernetMinimumSize }
+
+func (e *Endpoint) LinkAddress() tcpip.LinkAddress { return e.mac }
+
+func (e *Endpoint) SetLinkAddress(tcpip.LinkAddress) {}
+
+func (e *Endpoint) Capabilities() stack.LinkEndpointCapabilities {
+	c := stack.CapabilityResolutionRequired
+	if e.vnet {
+		// The sandbox's kernel sends partial checksums (NEEDS_CSUM) for
+		// TCP and UDP; frames never cross a wire, so nothing to verify.
+		c |= stack.CapabilityRXChecksumOffload
+	}
+	return c
+}
+
+func (e *Endpoint) GSOMaxSize() uint32 {
+	if e.vnet {
+		return gsoMaxSize
+	}
+	return 0
+}
+
+func (e *Endpoint) SupportedGSO() stack.SupportedGSO {
+	if e.vnet {
+		return stack.HostGSOSupported
+	}
+	return stack.GSONotSupported
+}
+
+// Attach starts (or, with nil, stops delivering from) the reader
+// goroutine. The goroutine ends when the device is closed; Wait waits
+// for it.
+func (e *Endpoint) Attach(d stack.NetworkDispatcher) {
+	e.mu.Lock()
+	old := e.dispatcher
+	e.dispatcher = d
+	e.mu.Unlock()
+	if d != nil && old == nil {
+		e.wg.Add(1)
+		go e.readLoop()
+	}
+}
+
+func (e *Endpoint) IsAttached() bool {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	return e.dispatcher != nil
+}
+
+func (e *Endpoint) Wait() { e.wg.Wait() }
+
+func (e *Endpoint) ARPHardwareType() header.ARPHardwareType { return header.ARPHardwareEther }
+
+func (e *Endpoint) AddHeader(pkt *stack.PacketBuffer) {
+	eth := header.Ethernet(pkt.LinkHeader().Push(header.EthernetMinimumSize))
+	src := pkt.EgressRoute.LocalLinkAddress
+	if src == "" {
+		src = e.mac
+	}
+	eth.Encode(&header.EthernetFields{
+		SrcAddr: src,
+		DstAddr: pkt.EgressRoute.RemoteLinkAddress,
+		Type:    pkt.NetworkProtocolNumber,
+	})
+}
+
+func (e *Endpoint) ParseHeader(pkt *stack.PacketBuffer) bool {
+	hdr, ok := pkt.LinkHeader().Consume(header.EthernetMinimumSize)
+	if !ok {
+		return false
+	}
+	pkt.NetworkProtocolNumber = header.Ethernet(hdr).Type()
+	return true
+}
+
+func (e *Endpoint) Close() {}
+
+func (e *Endpoint) SetOnCloseAction(func()) {}
+
+// WritePackets writes each packet as one frame: virtio_net_hdr (when the
+// device has one), Ethernet header, network and transport headers and
+// payload, gathered in one writev.
+func (e *Endpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
+	var hdrBuf [tap.VNetHdrLen]byte
+	bufs := make([][]byte, 0, 8)
+	n := 0
+	for _, pkt := range pkts.AsSlice() {
+		bufs = bufs[:0]
+		if e.vnet {
+			encodeVNetHdr(hdrBuf[:], pkt)
+			bufs = append(bufs, hdrBuf[:])
+		}
+		bufs = append(bufs, pkt.AsSlices()...)
+		if _, err := e.dev.Write(bufs); err != nil {
+			if n == 0 {
+				return 0, writeError(err)
+			}
+			break
+		}
+		n++
+	}
+	return n, nil
+}
+
+func writeError(err error) tcpip.Error {
+	if errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrClosed) {
+		return &tcpip.ErrClosedForSend{}
+	}
+	return &tcpip.ErrAborted{}
+}
+
+// encodeVNetHdr describes pkt's offloads: a partial TCP checksum for the
+// kernel to finish, and for a segment longer than the MSS, the TSO type and
+// size so the kernel treats it as one large segment.
+func encodeVNetHdr(b []byte, pkt *stack.PacketBuffer) {
+	clear(b)
+	gso := pkt.GSOOptions
+	if gso.Type == stack.GSONone {
+		return
+	}
+	binary.LittleEndian.PutUint16(b[2:], uint16(pkt.HeaderSize()))
+	if gso.NeedsCsum {
+		b[0] = vnetFlagNeedsCsum
+		binary.LittleEndian.PutUint16(b[6:], header.EthernetMinimumSize+gso.L3HdrLen)
+		binary.LittleEndian.PutUint16(b[8:], gso.CsumOffset)
+	}
+	if pkt.Data().Size() > int(gso.MSS) {
+		switch gso.Type {
+		case stack.GSOTCPv4:
+			b[1] = vnetGSOTCPv4
+		case stack.GSOTCPv6:
+			b[1] = vnetGSOTCPv6
+		}
+		binary.LittleEndian.PutUint16(b[4:], gso.MSS)
+	}
+}
+
+// readLoop reads frames until the device is closed and hands each to the
+// stack on this goroutine.
+func (e *Endpoint) readLoop() {
+	defer e.wg.Done()
+	var hdr [tap.VNetHdrLen]byte
+	views := make([]*buffer.View, len(rxBufSizes))
+	iov := make([][]byte, 0, len(rxBufSizes)+1)
+	for {
+		iov = iov[:0]
+		if e.vnet {
+			iov = append(iov, hdr[:])
+		}
+		for i, v := range views {
+			if v == nil {
+				v = buffer.NewViewSize(rxBufSizes[i])
+				views[i] = v
+			}
+			iov = append(iov, v.AsSlice())
+		}
+		n, err := e.dev.Read(iov)
+		if err != nil {
+			if !errors.Is(err, net.ErrClosed) && !errors.Is(err, os.ErrClosed) && e.onError != nil {
+				e.onError(err)
+			}
+			for _, v := range views {
+				if v != nil {
+					v.Release()
+				}
+			}
+			return
+		}
+		if e.vnet {
+			n -= tap.VNetHdrLen
+		}
+		if n < header.EthernetMinimumSize {
+			continue
+		}
+		// Take the buffers the frame filled; the next read gets new ones.
+		var payload buffer.Buffer
+		for i := 0; n > 0; i++ {
+			v := views[i]
+			views[i] = nil
+			if n < v.Size() {
+				v.CapLength(n)
+			}
+			n -= v.Size()
+			payload.Append(v)
+		}
+		e.deliver(payload)
+	}
+}
+
+func (e *Endpoint) deliver(payload buffer.Buffer) {
+	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: payload})
+	defer pkt.DecRef()
+	hdrBytes, ok := pkt.LinkHeader().Consume(header.EthernetMinimumSize)
+	if !ok {
+		return
+	}
+	eth := header.Ethernet(hdrBytes)
+	dst := eth.DestinationAddress()
+	if dst != e.mac && !header.IsMulticastEthernetAddress(dst) && dst != header.EthernetBroadcastAddress {
+		return
+	}
+	proto := eth.Type()
+	pkt.NetworkProtocolNumber = proto
+	e.mu.RLock()
+	d := e.dispatcher
+	e.mu.RUnlock()
+	if d != nil {
+		d.DeliverNetworkPacket(proto, pkt)
+	}
+}

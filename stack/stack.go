@@ -1,0 +1,297 @@
+// Package stack is gonetns's userspace TCP/IP stack: the only importer of
+// gVisor. It runs a gVisor netstack on the sandbox's TAP device (a
+// tap.Device), answers ARP and ICMP echo for the addresses it owns (the
+// gateway and the DNS server), intercepts every other TCP connection, UDP
+// flow and ICMP echo the sandbox sends — whatever its destination — and
+// hands them to the handlers of Config as small Go types. It also offers
+// listeners on its own addresses for services such as DNS.
+package stack
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/network/arp"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+
+	"github.com/gonetns/gonetns/stack/internal/link"
+	"github.com/gonetns/gonetns/tap"
+)
+
+const nicID tcpip.NICID = 1
+
+// DefaultMAC is the Ethernet address of the stack's end of the link (the
+// one slirp uses for its gateway).
+var DefaultMAC = net.HardwareAddr{0x52, 0x55, 0x0a, 0x00, 0x02, 0x02}
+
+// Config describes the stack. Device, MTU and Addresses are required.
+type Config struct {
+	Device tap.Device
+	// MTU of the link; the sandbox's interface must use the same.
+	MTU uint32
+	// MAC is the stack's Ethernet address; DefaultMAC when nil.
+	MAC net.HardwareAddr
+	// Addresses the stack owns and answers ARP/NDP and ICMP echo for, with
+	// the prefix of their subnet: e.g. the gateway 10.0.2.2/24 and the DNS
+	// server 10.0.2.3/24. IPv6 is enabled when one of them is IPv6.
+	Addresses []netip.Prefix
+
+	// TCP is called, on a goroutine of its own, for every connection the
+	// sandbox opens to an address with no listener of this stack. It must
+	// call Accept or Refuse on the request.
+	TCP func(*TCPRequest)
+	// MaxInFlightTCP bounds the handshakes waiting for TCP to decide
+	// (SYNs beyond it are dropped and retransmitted by the sandbox).
+	// Default 4096.
+	MaxInFlightTCP int
+	// UDP is called for the first datagram of every flow (source and
+	// destination address and port) with no endpoint of this stack. It
+	// runs on the packet path: it must return quickly. Returning false
+	// answers the datagram with ICMP port unreachable.
+	UDP func(*UDPRequest) bool
+	// Echo is called for every ICMP echo request the sandbox sends, on the
+	// packet path. Returning true means the handler answers (or not);
+	// false lets the stack answer for its own addresses and stay silent
+	// for others.
+	Echo func(*EchoRequest) bool
+
+	// TCPBufferMax is the largest receive and send buffer of a TCP
+	// connection (auto-tuned up to it); default 8 MB.
+	TCPBufferMax int
+
+	Logger *slog.Logger
+}
+
+// Stack is a running netstack. Create it with New, start it with Start,
+// stop it with Close.
+type Stack struct {
+	cfg   Config
+	log   *slog.Logger
+	mac   tcpip.LinkAddress
+	ipv6  bool
+	s     *stack.Stack
+	link  *link.Endpoint
+	mu    sync.Mutex
+	state int // 0 new, 1 started, 2 closed
+}
+
+// New validates the configuration. It starts nothing.
+func New(cfg Config) (*Stack, error) {
+	if cfg.Device == nil {
+		return nil, errors.New("stack: no device")
+	}
+	if cfg.MTU < 576 || cfg.MTU > 65535 {
+		return nil, fmt.Errorf("stack: MTU %d out of range", cfg.MTU)
+	}
+	if len(cfg.Addresses) == 0 {
+		return nil, errors.New("stack: no addresses")
+	}
+	st := &Stack{cfg: cfg, log: cfg.Logger}
+	for _, p := range cfg.Addresses {
+		if !p.IsValid() || p.Addr().Zone() != "" {
+			return nil, fmt.Errorf("stack: bad address %v", p)
+		}
+		if p.Addr().Is6() {
+			st.ipv6 = true
+		}
+	}
+	if st.log == nil {
+		st.log = slog.New(slog.DiscardHandler)
+	}
+	if st.cfg.MaxInFlightTCP <= 0 {
+		st.cfg.MaxInFlightTCP = 4096
+	}
+	if st.cfg.TCPBufferMax <= 0 {
+		st.cfg.TCPBufferMax = 8 << 20
+	}
+	mac := cfg.MAC
+	if mac == nil {
+		mac = DefaultMAC
+	}
+	if len(mac) != 6 {
+		return nil, fmt.Errorf("stack: bad MAC %v", mac)
+	}
+	st.mac = tcpip.LinkAddress(mac)
+	return st, nil
+}
+
+// Start builds the gVisor stack and starts reading the device.
+func (st *Stack) Start() error {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.state != 0 {
+		return errors.New("stack: already started")
+	}
+	routeGVisorLog(st.log)
+	netProtos := []stack.NetworkProtocolFactory{ipv4.NewProtocol, arp.NewProtocol}
+	transProtos := []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4}
+	if st.ipv6 {
+		netProtos = append(netProtos, ipv6.NewProtocol)
+		transProtos = append(transProtos, icmp.NewProtocol6)
+	}
+	s := stack.New(stack.Options{
+		NetworkProtocols:   netProtos,
+		TransportProtocols: transProtos,
+		HandleLocal:        false,
+	})
+	if err := st.tune(s); err != nil {
+		s.Close()
+		s.Wait()
+		return err
+	}
+	st.link = link.New(st.cfg.Device, st.cfg.MTU, st.mac, func(err error) {
+		st.log.Error("the sandbox's network device failed; its network is down", "err", err)
+	})
+	if err := s.CreateNICWithOptions(nicID, st.link, stack.NICOptions{Name: "tap"}); err != nil {
+		s.Close()
+		s.Wait()
+		return fmt.Errorf("stack: create NIC: %w", Err(err))
+	}
+	// Intercept traffic to every address, and answer from every address.
+	s.SetPromiscuousMode(nicID, true)
+	s.SetSpoofing(nicID, true)
+	for _, p := range st.cfg.Addresses {
+		proto := ipv4.ProtocolNumber
+		if p.Addr().Is6() {
+			proto = ipv6.ProtocolNumber
+		}
+		pa := tcpip.ProtocolAddress{
+			Protocol:          proto,
+			AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpip.AddrFromSlice(p.Addr().AsSlice()), PrefixLen: p.Bits()},
+		}
+		if err := s.AddProtocolAddress(nicID, pa, stack.AddressProperties{}); err != nil {
+			st.cfg.Device.Close()
+			s.Close()
+			s.Wait()
+			return fmt.Errorf("stack: add address %v: %w", p, Err(err))
+		}
+	}
+	routes := []tcpip.Route{{Destination: header.IPv4EmptySubnet, NIC: nicID}}
+	if st.ipv6 {
+		routes = append(routes, tcpip.Route{Destination: header.IPv6EmptySubnet, NIC: nicID})
+	}
+	s.SetRouteTable(routes)
+
+	if st.cfg.TCP != nil {
+		fwd := tcp.NewForwarder(s, 0, st.cfg.MaxInFlightTCP, func(r *tcp.ForwarderRequest) {
+			st.cfg.TCP(newTCPRequest(st, r))
+		})
+		s.SetTransportProtocolHandler(tcp.ProtocolNumber, fwd.HandlePacket)
+	}
+	if st.cfg.UDP != nil {
+		fwd := udp.NewForwarder(s, func(r *udp.ForwarderRequest) bool {
+			return st.cfg.UDP(newUDPRequest(st, r))
+		})
+		s.SetTransportProtocolHandler(udp.ProtocolNumber, fwd.HandlePacket)
+	}
+	if st.cfg.Echo != nil {
+		s.SetTransportProtocolHandler(icmp.ProtocolNumber4, st.handleICMPv4)
+		if st.ipv6 {
+			s.SetTransportProtocolHandler(icmp.ProtocolNumber6, st.handleICMPv6)
+		}
+	}
+	st.s = s
+	st.state = 1
+	return nil
+}
+
+// tune sets the TCP options gonetns runs with (see DESIGN.md, data path).
+func (st *Stack) tune(s *stack.Stack) error {
+	sack := tcpip.TCPSACKEnabled(true)
+	moderate := tcpip.TCPModerateReceiveBufferOption(true)
+	rcv := tcpip.TCPReceiveBufferSizeRangeOption{Min: tcp.MinBufferSize, Default: 1 << 20, Max: st.cfg.TCPBufferMax}
+	snd := tcpip.TCPSendBufferSizeRangeOption{Min: tcp.MinBufferSize, Default: 1 << 20, Max: st.cfg.TCPBufferMax}
+	// Connections to the sandbox end in TIME_WAIT on this side; a short
+	// one keeps bursts of short connections from piling up.
+	tw := tcpip.TCPTimeWaitTimeoutOption(10e9)
+	for _, o := range []tcpip.SettableTransportProtocolOption{&sack, &moderate, &rcv, &snd, &tw} {
+		if err := s.SetTransportProtocolOption(tcp.ProtocolNumber, o); err != nil {
+			return fmt.Errorf("stack: TCP option %T: %w", o, Err(err))
+		}
+	}
+	return nil
+}
+
+// Close stops the stack: every connection is closed, the device is closed,
+// and Close waits for the stack's goroutines. Idempotent.
+func (st *Stack) Close() error {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.state == 2 {
+		return nil
+	}
+	started := st.state == 1
+	st.state = 2
+	if !started {
+		return st.cfg.Device.Close()
+	}
+	err := st.cfg.Device.Close()
+	st.s.Close()
+	st.link.Wait()
+	st.s.Wait()
+	return err
+}
+
+// ListenTCP listens on one of the stack's own addresses.
+func (st *Stack) ListenTCP(addr netip.AddrPort) (net.Listener, error) {
+	s, err := st.running()
+	if err != nil {
+		return nil, err
+	}
+	l, err := gonet.ListenTCP(s, fullAddr(addr), netProto(addr.Addr()))
+	if err != nil {
+		return nil, fmt.Errorf("stack: listen tcp %v: %w", addr, err)
+	}
+	return l, nil
+}
+
+// ListenUDP opens a UDP socket on one of the stack's own addresses.
+func (st *Stack) ListenUDP(addr netip.AddrPort) (net.PacketConn, error) {
+	s, err := st.running()
+	if err != nil {
+		return nil, err
+	}
+	fa := fullAddr(addr)
+	c, err := gonet.DialUDP(s, &fa, nil, netProto(addr.Addr()))
+	if err != nil {
+		return nil, fmt.Errorf("stack: listen udp %v: %w", addr, err)
+	}
+	return c, nil
+}
+
+func (st *Stack) running() (*stack.Stack, error) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.state != 1 {
+		return nil, errors.New("stack: not running")
+	}
+	return st.s, nil
+}
+
+func fullAddr(a netip.AddrPort) tcpip.FullAddress {
+	return tcpip.FullAddress{NIC: nicID, Addr: tcpip.AddrFromSlice(a.Addr().Unmap().AsSlice()), Port: a.Port()}
+}
+
+func netProto(a netip.Addr) tcpip.NetworkProtocolNumber {
+	if a.Unmap().Is4() {
+		return ipv4.ProtocolNumber
+	}
+	return ipv6.ProtocolNumber
+}
+
+func toAddrPort(a tcpip.Address, port uint16) netip.AddrPort {
+	ip, _ := netip.AddrFromSlice(a.AsSlice())
+	return netip.AddrPortFrom(ip, port)
+}

@@ -1,0 +1,250 @@
+package stack
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"sync"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/waiter"
+)
+
+// TCPRequest is a connection the sandbox is opening (its SYN). The
+// handshake with the sandbox is held until Accept or Refuse: dial the real
+// destination first, then Accept, so that a refused destination can be
+// refused to the sandbox too.
+type TCPRequest struct {
+	// Src is the sandbox's end; Dst is the address it connects to.
+	Src, Dst netip.AddrPort
+
+	st   *Stack
+	r    *tcp.ForwarderRequest
+	once sync.Once
+}
+
+func newTCPRequest(st *Stack, r *tcp.ForwarderRequest) *TCPRequest {
+	id := r.ID()
+	return &TCPRequest{
+		Src: toAddrPort(id.RemoteAddress, id.RemotePort),
+		Dst: toAddrPort(id.LocalAddress, id.LocalPort),
+		st:  st,
+		r:   r,
+	}
+}
+
+// Accept completes the handshake with the sandbox and returns the
+// connection. It blocks until the sandbox acknowledges (or gives up).
+func (r *TCPRequest) Accept() (*TCPConn, error) {
+	var (
+		c   *TCPConn
+		err error = errors.New("stack: request already answered")
+	)
+	r.once.Do(func() {
+		wq := new(waiter.Queue)
+		ep, terr := r.r.CreateEndpoint(wq)
+		r.r.Complete(false)
+		if terr != nil {
+			err = Err(terr)
+			return
+		}
+		c, err = newTCPConn(ep, wq, r.Dst, r.Src), nil
+	})
+	return c, err
+}
+
+// Refuse answers the SYN with a reset: the sandbox sees ECONNREFUSED.
+func (r *TCPRequest) Refuse() {
+	r.once.Do(func() { r.r.Complete(true) })
+}
+
+// relayBufSize is the chunk TCPConn's WriteTo and ReadFrom move per
+// system call on the host side.
+const relayBufSize = 256 << 10
+
+var relayBufs = sync.Pool{New: func() any { b := make([]byte, relayBufSize); return &b }}
+
+// TCPConn is a TCP connection of the netstack, with the operations a relay
+// to a host socket needs: blocking Read and Write, CloseWrite (FIN) and
+// Abort (RST), and WriteTo/ReadFrom that move data in large chunks.
+// Read returns io.EOF after the peer's FIN and an error matching
+// syscall.ECONNRESET after its RST. Safe for one reader and one writer at a
+// time; Close and Abort may be called from anywhere.
+type TCPConn struct {
+	ep            tcpip.Endpoint
+	wq            *waiter.Queue
+	local, remote netip.AddrPort
+
+	readEntry, writeEntry waiter.Entry
+	readCh, writeCh       chan struct{}
+	closeOnce             sync.Once
+	closed                chan struct{}
+}
+
+func newTCPConn(ep tcpip.Endpoint, wq *waiter.Queue, local, remote netip.AddrPort) *TCPConn {
+	c := &TCPConn{ep: ep, wq: wq, local: local, remote: remote, closed: make(chan struct{})}
+	c.readEntry, c.readCh = waiter.NewChannelEntry(waiter.ReadableEvents | waiter.EventHUp | waiter.EventErr)
+	c.writeEntry, c.writeCh = waiter.NewChannelEntry(waiter.WritableEvents | waiter.EventHUp | waiter.EventErr)
+	wq.EventRegister(&c.readEntry)
+	wq.EventRegister(&c.writeEntry)
+	return c
+}
+
+// LocalAddr is the stack's end: the address the sandbox connected to.
+func (c *TCPConn) LocalAddr() netip.AddrPort { return c.local }
+
+// RemoteAddr is the sandbox's end.
+func (c *TCPConn) RemoteAddr() netip.AddrPort { return c.remote }
+
+// Read reads what the sandbox sent, blocking until data, EOF or an error.
+func (c *TCPConn) Read(b []byte) (int, error) {
+	if len(b) == 0 {
+		return 0, nil
+	}
+	for {
+		w := tcpip.SliceWriter(b)
+		res, err := c.ep.Read(&w, tcpip.ReadOptions{})
+		if err == nil {
+			c.ep.ModerateRecvBuf(res.Count)
+			return res.Count, nil
+		}
+		if _, ok := err.(*tcpip.ErrWouldBlock); !ok {
+			return 0, Err(err)
+		}
+		select {
+		case <-c.readCh:
+		case <-c.closed:
+			return 0, net.ErrClosed
+		}
+	}
+}
+
+// Write sends b to the sandbox, blocking until the stack has taken all of
+// it (into its send buffer) or an error.
+func (c *TCPConn) Write(b []byte) (int, error) {
+	var r bytes.Reader
+	n := 0
+	for n < len(b) {
+		r.Reset(b[n:])
+		m, err := c.ep.Write(&r, tcpip.WriteOptions{})
+		n += int(m)
+		if err == nil {
+			continue
+		}
+		if _, ok := err.(*tcpip.ErrWouldBlock); !ok {
+			return n, Err(err)
+		}
+		select {
+		case <-c.writeCh:
+		case <-c.closed:
+			return n, net.ErrClosed
+		}
+	}
+	return n, nil
+}
+
+// WriteTo copies what the sandbox sends to w until EOF (returning nil) or
+// an error, in chunks as large as the stack has ready. A relay buffer is
+// held only while data flows: an idle connection holds none.
+func (c *TCPConn) WriteTo(w io.Writer) (int64, error) {
+	var bp *[]byte
+	defer func() {
+		if bp != nil {
+			relayBufs.Put(bp)
+		}
+	}()
+	var total int64
+	for {
+		if bp == nil {
+			if err := c.waitReadable(); err != nil {
+				return total, err
+			}
+			bp = relayBufs.Get().(*[]byte)
+		}
+		buf := *bp
+		n, err := c.Read(buf)
+		if n > 0 {
+			m, werr := w.Write(buf[:n])
+			total += int64(m)
+			if werr != nil {
+				return total, werr
+			}
+		}
+		if errors.Is(err, io.EOF) {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+		if n < len(buf) {
+			// Drained: give the buffer back while waiting for more.
+			relayBufs.Put(bp)
+			bp = nil
+		}
+	}
+}
+
+// waitReadable blocks until data, EOF or an error is pending.
+func (c *TCPConn) waitReadable() error {
+	for {
+		if c.ep.Readiness(waiter.ReadableEvents|waiter.EventHUp|waiter.EventErr) != 0 {
+			return nil
+		}
+		select {
+		case <-c.readCh:
+		case <-c.closed:
+			return net.ErrClosed
+		}
+	}
+}
+
+// ReadFrom copies r to the sandbox until r's EOF (returning nil) or an
+// error.
+func (c *TCPConn) ReadFrom(r io.Reader) (int64, error) {
+	bp := relayBufs.Get().(*[]byte)
+	defer relayBufs.Put(bp)
+	buf := *bp
+	var total int64
+	for {
+		n, err := r.Read(buf)
+		if n > 0 {
+			m, werr := c.Write(buf[:n])
+			total += int64(m)
+			if werr != nil {
+				return total, werr
+			}
+		}
+		if errors.Is(err, io.EOF) {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+	}
+}
+
+// CloseWrite sends FIN after the data already written; reading goes on.
+func (c *TCPConn) CloseWrite() error {
+	return Err(c.ep.Shutdown(tcpip.ShutdownWrite))
+}
+
+// Close closes the connection gracefully (data already written is still
+// delivered) and wakes blocked Read and Write calls.
+func (c *TCPConn) Close() error {
+	c.closeOnce.Do(func() {
+		close(c.closed)
+		c.wq.EventUnregister(&c.readEntry)
+		c.wq.EventUnregister(&c.writeEntry)
+		c.ep.Close()
+	})
+	return nil
+}
+
+// Abort resets the connection: the sandbox sees ECONNRESET.
+func (c *TCPConn) Abort() {
+	c.ep.Abort()
+	c.Close()
+}
