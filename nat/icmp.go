@@ -1,0 +1,181 @@
+package nat
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/gonetns/gonetns/stack"
+)
+
+type echoKey struct {
+	src, dst netip.Addr
+	id       uint16
+}
+
+// echoFlow is one ping session of the sandbox (source, destination, echo
+// id) and the host ping socket that carries it. The kernel picks the echo
+// id on the host (the socket's "port"); replies are mapped back to the
+// sandbox's id by Reply.
+type echoFlow struct {
+	req  *stack.EchoRequest // the first request: replies are sent through it
+	sock *os.File
+	rc   syscall.RawConn
+	host netip.Addr
+	now  func() time.Time
+	last atomic.Int64
+	once sync.Once
+}
+
+func (f *echoFlow) lastActive() time.Time { return time.Unix(0, f.last.Load()) }
+
+func (f *echoFlow) close() { f.once.Do(func() { f.sock.Close() }) }
+
+// HandleEcho forwards an ICMP echo request through an unprivileged ping
+// socket (net.ipv4.ping_group_range must include the user's group). It
+// never answers on the host's behalf: a destination that does not reply
+// gets no reply. Requests to the gateway go to the host's loopback; when
+// that is disabled or ping sockets are not allowed, the stack answers for
+// the gateway itself. Use it as stack.Config.Echo.
+func (n *NAT) HandleEcho(r *stack.EchoRequest) bool {
+	if n.pingBlocked.Load() {
+		return false
+	}
+	host, err := n.hostAddr(r.Dst)
+	if err != nil {
+		return false // the stack answers for its own addresses, nobody else does
+	}
+	key := echoKey{r.Src, r.Dst, r.ID}
+	f, ok := n.echo.get(key)
+	if !ok {
+		if f, err = n.newEchoFlow(r, host); err != nil {
+			if errors.Is(err, unix.EACCES) || errors.Is(err, unix.EPERM) {
+				n.pingOnce.Do(func() {
+					n.pingBlocked.Store(true)
+					n.log.Info(fmt.Sprintf("ping from the sandbox reaches only the gateway: "+
+						"ping sockets are not allowed for group %d (net.ipv4.ping_group_range=%s). "+
+						"To forward ICMP echo: sudo sysctl -w net.ipv4.ping_group_range=\"0 2147483647\"", os.Getgid(), pingRange()))
+				})
+				return false
+			}
+			n.log.Debug("icmp echo not forwarded", "src", r.Src, "dst", r.Dst, "err", err)
+			return false
+		}
+	}
+	f.last.Store(n.cfg.Now().UnixNano())
+	if err := f.send(r); err != nil {
+		n.log.Debug("icmp echo send failed", "dst", host, "err", err)
+	}
+	return true
+}
+
+func pingRange() string {
+	b, _ := os.ReadFile("/proc/sys/net/ipv4/ping_group_range")
+	return string(trimSpace(b))
+}
+
+func trimSpace(b []byte) []byte {
+	for len(b) > 0 && (b[len(b)-1] == '\n' || b[len(b)-1] == ' ') {
+		b = b[:len(b)-1]
+	}
+	for i := range b {
+		if b[i] == '\t' {
+			b[i] = ' '
+		}
+	}
+	return b
+}
+
+func (n *NAT) newEchoFlow(r *stack.EchoRequest, host netip.Addr) (*echoFlow, error) {
+	family, proto := unix.AF_INET, unix.IPPROTO_ICMP
+	if host.Is6() {
+		family, proto = unix.AF_INET6, unix.IPPROTO_ICMPV6
+	}
+	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, proto)
+	if err != nil {
+		return nil, fmt.Errorf("ping socket: %w", err)
+	}
+	sock := os.NewFile(uintptr(fd), "ping")
+	rc, err := sock.SyscallConn()
+	if err != nil {
+		sock.Close()
+		return nil, err
+	}
+	if !n.begin() {
+		sock.Close()
+		return nil, net.ErrClosed
+	}
+	f := &echoFlow{req: r, sock: sock, rc: rc, host: host, now: n.cfg.Now}
+	f.last.Store(n.cfg.Now().UnixNano())
+	key := echoKey{r.Src, r.Dst, r.ID}
+	n.echo.add(key, f)
+	n.log.Debug("icmp echo flow", "src", r.Src, "dst", r.Dst, "id", r.ID, "host", host)
+	go func() {
+		defer n.wg.Done()
+		f.readReplies()
+		f.close()
+		n.echo.remove(key, f)
+	}()
+	return f, nil
+}
+
+// send writes one echo request (the kernel sets the id).
+func (f *echoFlow) send(r *stack.EchoRequest) error {
+	msg := make([]byte, 8+len(r.Data))
+	if f.host.Is4() {
+		msg[0] = 8 // echo request
+	} else {
+		msg[0] = 128
+	}
+	msg[6], msg[7] = byte(r.Seq>>8), byte(r.Seq)
+	copy(msg[8:], r.Data)
+	var sa unix.Sockaddr
+	if f.host.Is4() {
+		sa = &unix.SockaddrInet4{Addr: f.host.As4()}
+	} else {
+		sa = &unix.SockaddrInet6{Addr: f.host.As16()}
+	}
+	var serr error
+	err := f.rc.Write(func(fd uintptr) bool {
+		serr = unix.Sendto(int(fd), msg, 0, sa)
+		return serr != unix.EAGAIN
+	})
+	if err != nil {
+		return err
+	}
+	return serr
+}
+
+// readReplies passes echo replies to the sandbox until the socket closes.
+func (f *echoFlow) readReplies() {
+	buf := make([]byte, 65536)
+	for {
+		var n int
+		var rerr error
+		err := f.rc.Read(func(fd uintptr) bool {
+			n, _, rerr = unix.Recvfrom(int(fd), buf, 0)
+			return rerr != unix.EAGAIN
+		})
+		if err != nil {
+			return
+		}
+		if rerr != nil || n < 8 {
+			continue
+		}
+		typ := buf[0]
+		if (f.host.Is4() && typ != 0) || (f.host.Is6() && typ != 129) {
+			continue
+		}
+		f.last.Store(f.now().UnixNano())
+		seq := uint16(buf[6])<<8 | uint16(buf[7])
+		f.req.Reply(seq, append([]byte(nil), buf[8:n]...))
+	}
+}

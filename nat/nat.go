@@ -1,0 +1,204 @@
+// Package nat forwards what the sandbox sends to the world through host
+// sockets: TCP connections (dialled on the host first, so refusals stay
+// refusals), UDP flows (one connected host socket per flow, expiring when
+// idle) and ICMP echo (through unprivileged ping sockets). It owns the
+// egress policy: the gateway address is the host's loopback unless that is
+// disabled, and addresses that make no sense from the sandbox are refused.
+package nat
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Defaults of Config, as slirp4netns has them where it has them.
+const (
+	DefaultDialTimeout    = 10 * time.Second
+	DefaultUDPIdleTimeout = 240 * time.Second
+	DefaultDNSIdleTimeout = 10 * time.Second
+	DefaultEchoIdle       = 30 * time.Second
+	DefaultMaxUDPFlows    = 4096
+	DefaultMaxEchoFlows   = 1024
+)
+
+// Config of a NAT.
+type Config struct {
+	// Subnet is the sandbox's subnet (10.0.2.0/24): its addresses other
+	// than Gateway are not forwarded. Subnet6 and Gateway6 likewise for
+	// IPv6 (optional).
+	Subnet, Subnet6 netip.Prefix
+	// Gateway is the address that stands for the host's loopback.
+	Gateway, Gateway6 netip.Addr
+	// HostLoopback lets the sandbox reach the host's 127.0.0.1 (and ::1)
+	// through the gateway address; false is --disable-host-loopback.
+	HostLoopback bool
+
+	DialTimeout    time.Duration // TCP connect on the host; then RST
+	UDPIdleTimeout time.Duration // a UDP flow with no traffic is closed
+	DNSIdleTimeout time.Duration // the same, for flows to port 53
+	MaxUDPFlows    int           // beyond it, the idlest flow is evicted
+	MaxEchoFlows   int
+
+	// Dialer dials host TCP; the zero value is a net.Dialer.
+	Dialer *net.Dialer
+	// Now is the clock flows expire by; time.Now when nil.
+	Now func() time.Time
+
+	Logger *slog.Logger
+}
+
+// ErrRefused marks a destination the egress policy does not allow.
+var ErrRefused = errors.New("nat: destination not allowed")
+
+// NAT holds the flows of one sandbox.
+type NAT struct {
+	cfg    Config
+	log    *slog.Logger
+	dialer *net.Dialer
+
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	mu     sync.Mutex
+	closed bool
+	tcp    map[*tcpRelay]struct{}
+	wg     sync.WaitGroup
+
+	udp  *table[udpKey, *udpFlow]
+	echo *table[echoKey, *echoFlow]
+
+	pingOnce    sync.Once
+	pingBlocked atomic.Bool // ping sockets are not allowed for this user
+}
+
+// New makes a NAT. It starts nothing; Start starts the expiry of idle
+// flows.
+func New(cfg Config) (*NAT, error) {
+	if !cfg.Subnet.IsValid() || !cfg.Gateway.IsValid() || !cfg.Subnet.Contains(cfg.Gateway) {
+		return nil, fmt.Errorf("nat: gateway %v must be inside subnet %v", cfg.Gateway, cfg.Subnet)
+	}
+	if cfg.DialTimeout <= 0 {
+		cfg.DialTimeout = DefaultDialTimeout
+	}
+	if cfg.UDPIdleTimeout <= 0 {
+		cfg.UDPIdleTimeout = DefaultUDPIdleTimeout
+	}
+	if cfg.DNSIdleTimeout <= 0 {
+		cfg.DNSIdleTimeout = DefaultDNSIdleTimeout
+	}
+	if cfg.MaxUDPFlows <= 0 {
+		cfg.MaxUDPFlows = DefaultMaxUDPFlows
+	}
+	if cfg.MaxEchoFlows <= 0 {
+		cfg.MaxEchoFlows = DefaultMaxEchoFlows
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	n := &NAT{cfg: cfg, log: cfg.Logger, dialer: cfg.Dialer, tcp: make(map[*tcpRelay]struct{})}
+	if n.log == nil {
+		n.log = slog.New(slog.DiscardHandler)
+	}
+	if n.dialer == nil {
+		n.dialer = &net.Dialer{}
+	}
+	n.ctx, n.cancel = context.WithCancel(context.Background())
+	n.udp = newTable[udpKey, *udpFlow](cfg.MaxUDPFlows, func(k udpKey) time.Duration {
+		if k.dst.Port() == 53 {
+			return cfg.DNSIdleTimeout
+		}
+		return cfg.UDPIdleTimeout
+	})
+	n.echo = newTable[echoKey, *echoFlow](cfg.MaxEchoFlows, func(echoKey) time.Duration { return DefaultEchoIdle })
+	return n, nil
+}
+
+// Start starts the goroutine that expires idle flows.
+func (n *NAT) Start() {
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-n.ctx.Done():
+				return
+			case <-t.C:
+				now := n.cfg.Now()
+				if c := n.udp.expire(now) + n.echo.expire(now); c > 0 {
+					n.log.Debug("expired idle flows", "count", c)
+				}
+			}
+		}
+	}()
+}
+
+// Close ends every flow and connection and waits for their goroutines.
+// Idempotent.
+func (n *NAT) Close() error {
+	n.mu.Lock()
+	if n.closed {
+		n.mu.Unlock()
+		return nil
+	}
+	n.closed = true
+	relays := make([]*tcpRelay, 0, len(n.tcp))
+	for r := range n.tcp {
+		relays = append(relays, r)
+	}
+	n.mu.Unlock()
+	n.cancel()
+	for _, r := range relays {
+		r.abort()
+	}
+	n.udp.closeAll()
+	n.echo.closeAll()
+	n.wg.Wait()
+	return nil
+}
+
+// begin registers a goroutine unless the NAT is closed.
+func (n *NAT) begin() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.closed {
+		return false
+	}
+	n.wg.Add(1)
+	return true
+}
+
+// hostAddr maps a destination the sandbox asked for to the address to use
+// on the host, or returns ErrRefused.
+func (n *NAT) hostAddr(dst netip.Addr) (netip.Addr, error) {
+	dst = dst.Unmap()
+	switch {
+	case dst == n.cfg.Gateway || (n.cfg.Gateway6.IsValid() && dst == n.cfg.Gateway6):
+		if !n.cfg.HostLoopback {
+			return netip.Addr{}, fmt.Errorf("%w: %v is the host's loopback, disabled by --disable-host-loopback", ErrRefused, dst)
+		}
+		if dst.Is4() {
+			return netip.AddrFrom4([4]byte{127, 0, 0, 1}), nil
+		}
+		return netip.IPv6Loopback(), nil
+	case dst.IsLoopback(), dst.IsUnspecified(), dst.IsMulticast(), dst == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
+		return netip.Addr{}, fmt.Errorf("%w: %v cannot be reached from the sandbox", ErrRefused, dst)
+	case n.cfg.Subnet.Contains(dst) || (n.cfg.Subnet6.IsValid() && n.cfg.Subnet6.Contains(dst)):
+		return netip.Addr{}, fmt.Errorf("%w: no host %v on the sandbox's subnet", ErrRefused, dst)
+	}
+	return dst, nil
+}
+
+// isClosed reports errors of a socket closed on our side.
+func isClosed(err error) bool {
+	return errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrClosed)
+}

@@ -1,0 +1,531 @@
+package nat
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/gonetns/gonetns/stack"
+	"github.com/gonetns/gonetns/stack/stacktest"
+	"github.com/gonetns/gonetns/tap/taptest"
+)
+
+var (
+	gateway = netip.MustParseAddr("10.0.2.2")
+	subnet  = netip.MustParsePrefix("10.0.2.0/24")
+	guestIP = netip.MustParsePrefix("10.0.2.100/24")
+)
+
+type fixture struct {
+	nat   *NAT
+	st    *stack.Stack
+	guest *stacktest.Guest
+}
+
+func newFixture(t *testing.T, cfg Config) *fixture {
+	t.Helper()
+	cfg.Subnet, cfg.Gateway = subnet, gateway
+	n, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := taptest.Pipe(true, 1024)
+	st, err := stack.New(stack.Config{
+		Device:    a,
+		MTU:       65520,
+		Addresses: []netip.Prefix{netip.PrefixFrom(gateway, 24)},
+		TCP:       n.HandleTCP,
+		UDP:       n.HandleUDP,
+		Echo:      n.HandleEcho,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Start(); err != nil {
+		t.Fatal(err)
+	}
+	n.Start()
+	g, err := stacktest.NewGuest(b, guestIP, gateway, 65520)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		n.Close()
+		st.Close()
+		g.Close()
+	})
+	return &fixture{nat: n, st: st, guest: g}
+}
+
+func testCtx(t *testing.T) context.Context {
+	c, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
+	return c
+}
+
+// listen starts a TCP server on 127.0.0.1 running handle per connection.
+func listen(t *testing.T, handle func(*net.TCPConn)) netip.AddrPort {
+	t.Helper()
+	l, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() { l.Close(); wg.Wait() })
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := l.AcceptTCP()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() { defer wg.Done(); defer c.Close(); handle(c) }()
+		}
+	}()
+	return l.Addr().(*net.TCPAddr).AddrPort()
+}
+
+func viaGateway(a netip.AddrPort) netip.AddrPort { return netip.AddrPortFrom(gateway, a.Port()) }
+
+func TestTCPThroughGateway(t *testing.T) {
+	f := newFixture(t, Config{HostLoopback: true})
+	addr := listen(t, func(c *net.TCPConn) { io.Copy(c, c); c.CloseWrite() })
+	c, err := f.guest.DialTCP(testCtx(t), viaGateway(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte("ping"))
+	c.CloseWrite()
+	got, err := io.ReadAll(c)
+	if err != nil || string(got) != "ping" {
+		t.Errorf("echo through the gateway = %q, %v", got, err)
+	}
+}
+
+func TestTCPHalfCloseBothWays(t *testing.T) {
+	f := newFixture(t, Config{HostLoopback: true})
+	// The host reads to EOF before answering: the sandbox's FIN must
+	// arrive as a half-close, not a close.
+	addr := listen(t, func(c *net.TCPConn) {
+		n, _ := io.Copy(io.Discard, c)
+		fmt.Fprintf(c, "%d", n)
+		c.CloseWrite()
+		io.Copy(io.Discard, c)
+	})
+	c, err := f.guest.DialTCP(testCtx(t), viaGateway(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write(make([]byte, 300000))
+	c.CloseWrite()
+	got, err := io.ReadAll(c)
+	if err != nil || string(got) != "300000" {
+		t.Errorf("after half-close got %q, %v", got, err)
+	}
+
+	// The other way: the host closes its write side first and keeps
+	// reading what the sandbox sends afterwards.
+	done := make(chan string, 1)
+	addr2 := listen(t, func(c *net.TCPConn) {
+		c.Write([]byte("bye"))
+		c.CloseWrite()
+		b, _ := io.ReadAll(c)
+		done <- string(b)
+	})
+	c2, err := f.guest.DialTCP(testCtx(t), viaGateway(addr2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	if b, _ := io.ReadAll(c2); string(b) != "bye" {
+		t.Errorf("read %q before the host's FIN", b)
+	}
+	c2.Write([]byte("still here"))
+	c2.CloseWrite()
+	if s := <-done; s != "still here" {
+		t.Errorf("host received %q after its own half-close", s)
+	}
+}
+
+func TestTCPRefusedIsReset(t *testing.T) {
+	f := newFixture(t, Config{HostLoopback: true})
+	l, _ := net.Listen("tcp", "127.0.0.1:0")
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close() // nothing listens there now
+	start := time.Now()
+	_, err := f.guest.DialTCP(testCtx(t), netip.AddrPortFrom(gateway, uint16(port)))
+	if err == nil || !strings.Contains(err.Error(), "refused") {
+		t.Fatalf("dial to a closed host port: %v, want connection refused", err)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("refusal took %v", d)
+	}
+}
+
+func TestDisableHostLoopback(t *testing.T) {
+	f := newFixture(t, Config{HostLoopback: false})
+	addr := listen(t, func(c *net.TCPConn) {})
+	if _, err := f.guest.DialTCP(testCtx(t), viaGateway(addr)); err == nil || !strings.Contains(err.Error(), "refused") {
+		t.Errorf("dial to the gateway with host loopback disabled: %v, want refused", err)
+	}
+	// A packet to 127.0.0.1 arriving on the link is a martian: dropped.
+	short, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	if _, err := f.guest.DialTCP(short, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), addr.Port())); err == nil {
+		t.Errorf("dial to 127.0.0.1 through the stack succeeded")
+	}
+}
+
+func TestPolicy(t *testing.T) {
+	n, err := New(Config{Subnet: subnet, Gateway: gateway, HostLoopback: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		dst  string
+		want string // "" = refused
+	}{
+		{"10.0.2.2", "127.0.0.1"},
+		{"192.0.2.1", "192.0.2.1"},
+		{"10.0.2.50", ""},
+		{"127.0.0.1", ""},
+		{"0.0.0.0", ""},
+		{"224.0.0.1", ""},
+		{"255.255.255.255", ""},
+	}
+	for _, c := range cases {
+		got, err := n.hostAddr(netip.MustParseAddr(c.dst))
+		switch {
+		case c.want == "" && !errors.Is(err, ErrRefused):
+			t.Errorf("%s: got %v, %v; want refused", c.dst, got, err)
+		case c.want != "" && (err != nil || got.String() != c.want):
+			t.Errorf("%s: got %v, %v; want %s", c.dst, got, err, c.want)
+		}
+	}
+	if _, err := New(Config{Subnet: subnet, Gateway: netip.MustParseAddr("10.0.3.2")}); err == nil {
+		t.Error("a gateway outside the subnet was accepted")
+	}
+}
+
+func TestTCPResetPropagates(t *testing.T) {
+	f := newFixture(t, Config{HostLoopback: true})
+	// Host resets -> the sandbox sees a reset.
+	addr := listen(t, func(c *net.TCPConn) {
+		c.Read(make([]byte, 1))
+		c.SetLinger(0)
+		c.Close()
+	})
+	c, err := f.guest.DialTCP(testCtx(t), viaGateway(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Write([]byte("x"))
+	if _, err := c.Read(make([]byte, 1)); err == nil || !strings.Contains(err.Error(), "reset") {
+		t.Errorf("sandbox read after the host's reset: %v", err)
+	}
+	c.Close()
+
+	// The sandbox resets -> the host sees ECONNRESET.
+	hostErr := make(chan error, 1)
+	addr2 := listen(t, func(c *net.TCPConn) {
+		c.Write([]byte("hello"))
+		_, err := c.Read(make([]byte, 10))
+		hostErr <- err
+	})
+	c2, err := f.guest.DialTCP(testCtx(t), viaGateway(addr2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c2.Read(make([]byte, 5))
+	c2.Abort()
+	select {
+	case err := <-hostErr:
+		if !errors.Is(err, syscall.ECONNRESET) {
+			t.Errorf("host read after the sandbox's reset: %v, want ECONNRESET", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Error("the host never saw the sandbox's reset")
+	}
+}
+
+// 32 MB each way, sha256 compared.
+func TestTCPLargeTransfer(t *testing.T) {
+	f := newFixture(t, Config{HostLoopback: true})
+	data := make([]byte, 32<<20)
+	rand.Read(data)
+	want := sha256.Sum256(data)
+	sums := make(chan [32]byte, 1)
+	addr := listen(t, func(c *net.TCPConn) {
+		var mode [1]byte
+		c.Read(mode[:])
+		if mode[0] == 'u' {
+			h := sha256.New()
+			io.Copy(h, c)
+			var s [32]byte
+			copy(s[:], h.Sum(nil))
+			sums <- s
+			return
+		}
+		c.Write(data)
+	})
+	up, err := f.guest.DialTCP(testCtx(t), viaGateway(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	up.Write([]byte("u"))
+	up.Write(data)
+	up.CloseWrite()
+	if got := <-sums; got != want {
+		t.Error("upload: sha256 mismatch")
+	}
+	up.Close()
+	down, err := f.guest.DialTCP(testCtx(t), viaGateway(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	down.Write([]byte("d"))
+	h := sha256.New()
+	n, err := io.Copy(h, down)
+	if err != nil || n != int64(len(data)) || !bytes.Equal(h.Sum(nil), want[:]) {
+		t.Errorf("download: %d bytes, %v, sha match %v", n, err, bytes.Equal(h.Sum(nil), want[:]))
+	}
+}
+
+// Hundreds of connections at once must not stall behind a small
+// in-flight limit.
+func TestTCPConnectBurst(t *testing.T) {
+	f := newFixture(t, Config{HostLoopback: true})
+	addr := listen(t, func(c *net.TCPConn) { c.Write([]byte("k")) })
+	const n = 300
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := f.guest.DialTCP(testCtx(t), viaGateway(addr))
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer c.Close()
+			b := make([]byte, 1)
+			if _, err := io.ReadFull(c, b); err != nil {
+				errs <- err
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}
+
+func udpServer(t *testing.T) netip.AddrPort {
+	t.Helper()
+	c, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	go func() {
+		buf := make([]byte, 65536)
+		for {
+			n, from, err := c.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			c.WriteToUDPAddrPort(append([]byte(from.String()+"|"), buf[:n]...), from)
+		}
+	}()
+	return c.LocalAddr().(*net.UDPAddr).AddrPort()
+}
+
+func TestUDPRoundTrip(t *testing.T) {
+	f := newFixture(t, Config{HostLoopback: true})
+	srv := udpServer(t)
+	var conns []net.Conn
+	for i := 0; i < 2; i++ {
+		c, err := f.guest.DialUDP(viaGateway(srv))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		conns = append(conns, c)
+	}
+	froms := map[string]bool{}
+	for round := 0; round < 3; round++ {
+		for i, c := range conns {
+			msg := fmt.Sprintf("client%d-round%d", i, round)
+			if round == 2 {
+				msg += strings.Repeat("x", 60000) // large datagrams too
+			}
+			c.Write([]byte(msg))
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			buf := make([]byte, 65536)
+			n, err := c.Read(buf)
+			if err != nil {
+				t.Fatalf("client %d round %d: %v", i, round, err)
+			}
+			from, payload, _ := strings.Cut(string(buf[:n]), "|")
+			if payload != msg {
+				t.Errorf("client %d got someone else's reply (%d bytes)", i, len(payload))
+			}
+			froms[from] = true
+		}
+	}
+	if len(froms) != 2 || f.nat.udp.len() != 2 {
+		t.Errorf("2 sandbox sockets used %d host sockets and %d flows", len(froms), f.nat.udp.len())
+	}
+}
+
+// Expiry runs on an injected clock: no sleeping for 240 s.
+func TestUDPFlowExpiry(t *testing.T) {
+	var mu sync.Mutex
+	now := time.Unix(1_000_000, 0)
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
+	f := newFixture(t, Config{HostLoopback: true, Now: clock})
+	srv := udpServer(t)
+	c, err := f.guest.DialUDP(viaGateway(srv))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	dns, err := f.guest.DialUDP(netip.AddrPortFrom(gateway, 53))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dns.Close()
+	c.Write([]byte("a"))
+	dns.Write([]byte("q"))
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	c.Read(make([]byte, 100))
+	if !stacktest.WaitFor(5*time.Second, func() bool { return f.nat.udp.len() == 2 }) {
+		t.Fatalf("%d flows, want 2", f.nat.udp.len())
+	}
+	advance(DefaultDNSIdleTimeout + time.Second)
+	if n := f.nat.udp.expire(clock()); n != 1 {
+		t.Errorf("after %v, %d flows expired, want only the DNS one", DefaultDNSIdleTimeout, n)
+	}
+	advance(DefaultUDPIdleTimeout)
+	if n := f.nat.udp.expire(clock()); n != 1 || f.nat.udp.len() != 0 {
+		t.Errorf("after %v, %d expired and %d left", DefaultUDPIdleTimeout, n, f.nat.udp.len())
+	}
+	// The sandbox's socket still works: the next datagram is a new flow.
+	c.Write([]byte("b"))
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Read(make([]byte, 100)); err != nil {
+		t.Errorf("after expiry: %v", err)
+	}
+}
+
+type fakeFlow struct {
+	last   time.Time
+	closed bool
+}
+
+func (f *fakeFlow) lastActive() time.Time { return f.last }
+func (f *fakeFlow) close()                { f.closed = true }
+
+func TestTableBound(t *testing.T) {
+	tb := newTable[int, *fakeFlow](3, func(int) time.Duration { return time.Minute })
+	base := time.Unix(0, 0)
+	flows := []*fakeFlow{{last: base.Add(3)}, {last: base.Add(1)}, {last: base.Add(2)}}
+	for i, f := range flows {
+		tb.add(i, f)
+	}
+	extra := &fakeFlow{last: base.Add(4)}
+	ev, did := tb.add(3, extra)
+	if !did || ev != flows[1] || !flows[1].closed || tb.len() != 3 {
+		t.Errorf("full table evicted %v (did %v), want the idlest flow 1", ev, did)
+	}
+	if n := tb.expire(base.Add(time.Minute + 2)); n != 1 || !flows[2].closed {
+		t.Errorf("expire: %d", n)
+	}
+	tb.closeAll()
+	if tb.len() != 0 || !extra.closed || !flows[0].closed {
+		t.Error("closeAll left flows")
+	}
+}
+
+func pingAllowed() bool {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ping_group_range")
+	if err != nil {
+		return false
+	}
+	f := strings.Fields(string(b))
+	lo, _ := strconv.Atoi(f[0])
+	hi, _ := strconv.Atoi(f[1])
+	gids, _ := os.Getgroups()
+	gids = append(gids, os.Getgid())
+	for _, g := range gids {
+		if lo <= g && g <= hi {
+			return true
+		}
+	}
+	return false
+}
+
+// Pings to the gateway go to the host's 127.0.0.1 through a ping socket
+// when the user may open one; otherwise the stack answers for the gateway
+// itself and the NAT says once why it does not forward.
+func TestEchoToGateway(t *testing.T) {
+	f := newFixture(t, Config{HostLoopback: true})
+	c, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	got, err := f.guest.Ping(c, gateway, 3, []byte("payload-123"))
+	if err != nil || string(got) != "payload-123" {
+		t.Fatalf("ping 10.0.2.2: %q, %v", got, err)
+	}
+	allowed := pingAllowed()
+	if allowed && f.nat.echo.len() != 1 {
+		t.Errorf("ping sockets are allowed but the echo was not forwarded (%d flows)", f.nat.echo.len())
+	}
+	if !allowed && !f.nat.pingBlocked.Load() {
+		t.Errorf("ping sockets are not allowed, yet no notice was recorded")
+	}
+	t.Logf("ping sockets allowed: %v; forwarded flows: %d", allowed, f.nat.echo.len())
+}
+
+func TestCloseLeavesNothing(t *testing.T) {
+	before := runtime.NumGoroutine()
+	f := newFixture(t, Config{HostLoopback: true})
+	block := listen(t, func(c *net.TCPConn) { io.Copy(io.Discard, c) })
+	c, err := f.guest.DialTCP(testCtx(t), viaGateway(block))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	srv := udpServer(t)
+	u, _ := f.guest.DialUDP(viaGateway(srv))
+	u.Write([]byte("x"))
+	stacktest.WaitFor(2*time.Second, func() bool { return f.nat.udp.len() == 1 })
+	f.nat.Close()
+	f.st.Close()
+	f.guest.Close()
+	u.Close()
+	if !stacktest.WaitFor(5*time.Second, func() bool { return runtime.NumGoroutine() <= before+2 }) {
+		buf := make([]byte, 1<<20)
+		t.Errorf("%d goroutines before, %d after:\n%s", before, runtime.NumGoroutine(), buf[:runtime.Stack(buf, true)])
+	}
+}
