@@ -427,4 +427,3 @@ func IsChild() bool {
 	}
 	return false
 }
-

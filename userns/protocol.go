@@ -8,8 +8,8 @@ import (
 // command never sees them.
 const (
 	envStage    = "_GONETNS_CHILD_STAGE"
-	stageFirst  = "1" // waits for the id maps, then re-executes itself
-	stageSecond = "2" // has capabilities in the namespace; sets everything up
+	stageFirst  = "1"    // waits for the id maps, then re-executes itself
+	stageSecond = "2"    // has capabilities in the namespace; sets everything up
 	stageInit   = "init" // PID 1 of a new PID namespace: mounts /proc, execs the command
 	envInitPath = "_GONETNS_INIT_PATH"
 )

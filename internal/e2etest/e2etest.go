@@ -266,3 +266,50 @@ func WaitGone(pid int, d time.Duration) bool {
 	}
 	return processGone(pid)
 }
+
+// HelperEnv selects a helper mode of the test binary (see Helper).
+const HelperEnv = "GONETNS_E2E_HELPER"
+
+var (
+	helperOnce sync.Once
+	helperPath string
+	helperErr  error
+)
+
+// Helper copies the running test binary next to the gonetns binary, where
+// every test user can run it, and returns its path. Run inside the sandbox
+// with HelperEnv set, the test binary's TestMain dispatches to a helper
+// client or server instead of running tests.
+func Helper(t testing.TB) string {
+	t.Helper()
+	bin := Binary(t)
+	helperOnce.Do(func() {
+		self, err := os.Executable()
+		if err != nil {
+			helperErr = err
+			return
+		}
+		helperPath = filepath.Join(filepath.Dir(bin), "e2e-helper")
+		data, err := os.ReadFile(self)
+		if err != nil {
+			helperErr = err
+			return
+		}
+		helperErr = os.WriteFile(helperPath, data, 0o755)
+	})
+	if helperErr != nil {
+		t.Fatalf("install the e2e helper: %v", helperErr)
+	}
+	return helperPath
+}
+
+// HelperCmd is a shell command line running helper mode with args inside
+// the sandbox.
+func HelperCmd(t testing.TB, mode string, args ...string) string {
+	t.Helper()
+	q := []string{HelperEnv + "=" + mode, Helper(t)}
+	for _, a := range args {
+		q = append(q, "'"+strings.ReplaceAll(a, "'", `'\''`)+"'")
+	}
+	return "env " + strings.Join(q, " ")
+}

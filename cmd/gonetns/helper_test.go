@@ -1,0 +1,101 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gonetns/gonetns/internal/e2etest"
+)
+
+// TestMain lets the test binary double as the helper programs the
+// end-to-end tests run inside the sandbox (e2etest.Helper).
+func TestMain(m *testing.M) {
+	if mode := os.Getenv(e2etest.HelperEnv); mode != "" {
+		os.Exit(runHelper(mode, os.Args[1:]))
+	}
+	os.Exit(m.Run())
+}
+
+func runHelper(mode string, args []string) int {
+	fail := func(format string, a ...any) int {
+		fmt.Printf("error: "+format+"\n", a...)
+		return 1
+	}
+	switch mode {
+	case "tcp-halfclose": // ADDR NBYTES: send, half-close, print the reply
+		c, err := net.DialTimeout("tcp", args[0], 5*time.Second)
+		if err != nil {
+			return fail("%v", err)
+		}
+		n, _ := strconv.Atoi(args[1])
+		c.Write(make([]byte, n))
+		c.(*net.TCPConn).CloseWrite()
+		b, err := io.ReadAll(c)
+		if err != nil {
+			return fail("%v", err)
+		}
+		fmt.Printf("%s\n", b)
+	case "tcp-dial": // ADDR: report the outcome and how long it took
+		start := time.Now()
+		c, err := net.DialTimeout("tcp", args[0], 10*time.Second)
+		ms := time.Since(start).Milliseconds()
+		if err != nil {
+			fmt.Printf("error after %dms: %v\n", ms, err)
+			return 1
+		}
+		c.Close()
+		fmt.Printf("connected after %dms\n", ms)
+	case "udp-echo": // ADDR MSG: one datagram, print the reply
+		c, err := net.Dial("udp", args[0])
+		if err != nil {
+			return fail("%v", err)
+		}
+		c.Write([]byte(args[1]))
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		b := make([]byte, 65536)
+		n, err := c.Read(b)
+		if err != nil {
+			return fail("%v", err)
+		}
+		fmt.Printf("%s\n", b[:n])
+	case "http-serve": // ADDR: answer every request with "hello from inside"
+		l, err := net.Listen("tcp", args[0])
+		if err != nil {
+			return fail("%v", err)
+		}
+		fmt.Println("listening")
+		http.Serve(l, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			fmt.Fprintln(w, "hello from inside")
+		}))
+	case "udp-serve": // ADDR: echo datagrams with a prefix
+		c, err := net.ListenPacket("udp", args[0])
+		if err != nil {
+			return fail("%v", err)
+		}
+		fmt.Println("listening")
+		b := make([]byte, 65536)
+		for {
+			n, from, err := c.ReadFrom(b)
+			if err != nil {
+				return 0
+			}
+			c.WriteTo(append([]byte("inside:"), b[:n]...), from)
+		}
+	default:
+		return fail("unknown helper mode %q (args %s)", mode, strings.Join(args, " "))
+	}
+	return 0
+}
+
+func TestHelperModeUnknown(t *testing.T) {
+	if runHelper("no-such-mode", nil) != 1 {
+		t.Error("unknown helper mode did not fail")
+	}
+}

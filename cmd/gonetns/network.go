@@ -1,0 +1,336 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/gonetns/gonetns/dns"
+	"github.com/gonetns/gonetns/internal/wire"
+	"github.com/gonetns/gonetns/nat"
+	"github.com/gonetns/gonetns/portfwd"
+	"github.com/gonetns/gonetns/stack"
+	"github.com/gonetns/gonetns/tap"
+	"github.com/gonetns/gonetns/userns"
+)
+
+// network is the parent's side of the sandbox network: the netstack with
+// NAT and DNS (--net=builtin), published ports (--port-driver=builtin) and
+// the REST API. Close undoes what start did, in reverse.
+type network struct {
+	o   *options
+	sd  *userns.StateDir
+	log *slog.Logger
+
+	addrs     addrPlan
+	upstreams []netip.AddrPort
+
+	portsChild *os.File // the child's end of the dial protocol's socket pair
+	dialer     *portfwd.Dialer
+	ports      *portfwd.Manager
+	api        *http.Server
+	apiDone    chan struct{}
+
+	st  *stack.Stack
+	nat *nat.NAT
+	dns *dns.Server
+
+	closeOnce sync.Once
+}
+
+// addrPlan are the addresses of --net=builtin, from --cidr.
+type addrPlan struct {
+	subnet  netip.Prefix
+	gateway netip.Addr // .2, the host's loopback
+	dns     netip.Addr // .3
+	child   netip.Addr // .100
+}
+
+func planAddrs(cidr netip.Prefix) addrPlan {
+	return addrPlan{subnet: cidr, gateway: nthAddr(cidr, 2), dns: nthAddr(cidr, 3), child: nthAddr(cidr, 100)}
+}
+
+// newNetwork checks and prepares what does not need the child yet: DNS
+// upstreams, the dial protocol's socket pair.
+func newNetwork(o *options, sd *userns.StateDir, log *slog.Logger) (*network, error) {
+	n := &network{o: o, sd: sd, log: log, addrs: planAddrs(o.cidr)}
+	if o.net == "builtin" {
+		n.upstreams = o.dnsUpstreams
+		if len(n.upstreams) == 0 {
+			rc, err := hostResolvConf()
+			if err != nil {
+				return nil, err
+			}
+			n.upstreams = rc.Upstreams()
+		}
+	}
+	if o.portDriver == "builtin" {
+		parentEnd, childEnd, err := wire.Socketpair()
+		if err != nil {
+			return nil, err
+		}
+		c, err := wire.FileConn(parentEnd)
+		parentEnd.Close()
+		if err != nil {
+			childEnd.Close()
+			return nil, err
+		}
+		n.dialer = portfwd.NewDialer(c)
+		n.portsChild = childEnd
+	}
+	return n, nil
+}
+
+func hostResolvConf() (dns.ResolvConf, error) {
+	f, err := os.Open("/etc/resolv.conf")
+	if errors.Is(err, os.ErrNotExist) {
+		return dns.ResolvConf{}, nil
+	}
+	if err != nil {
+		return dns.ResolvConf{}, fmt.Errorf("read the host's DNS configuration: %w (or give --dns-upstream)", err)
+	}
+	defer f.Close()
+	return dns.ParseResolvConf(f)
+}
+
+// prepareChild adds what the child needs for the network to its options.
+func (n *network) prepareChild(u *userns.Options) {
+	switch n.o.net {
+	case "none":
+		u.Network = netConfig{Mode: "none"}
+	case "builtin":
+		u.Network = netConfig{
+			Mode: "builtin",
+			Link: tap.LinkConfig{
+				Name:    n.o.ifname,
+				MTU:     n.o.mtu,
+				Address: netip.PrefixFrom(n.addrs.child, n.addrs.subnet.Bits()),
+				Gateway: n.addrs.gateway,
+			},
+			VNetHdr: true,
+		}
+		rc, _ := hostResolvConf()
+		u.ResolvConf = dns.NamespaceResolvConf(rc, n.addrs.dns)
+		u.Hosts = namespaceHosts()
+	}
+	if n.portsChild != nil {
+		u.ExtraFiles = append(u.ExtraFiles, n.portsChild)
+	}
+}
+
+// namespaceHosts is the host's /etc/hosts with the host name mapped to
+// loopback, as RootlessKit writes it.
+func namespaceHosts() []byte {
+	hosts, _ := os.ReadFile("/etc/hosts")
+	name, _ := os.Hostname()
+	out := append([]byte(nil), hosts...)
+	if len(out) > 0 && out[len(out)-1] != '\n' {
+		out = append(out, '\n')
+	}
+	if name != "" {
+		out = fmt.Appendf(out, "# added by gonetns\n127.0.0.1 %s\n::1 %s\n", name, name)
+	}
+	return out
+}
+
+// start brings up the parent's side once the child has set up its own: the
+// netstack on the TAP the child sent, then ports and the API.
+func (n *network) start(child *userns.Child, info json.RawMessage, files []*os.File) error {
+	if n.portsChild != nil {
+		n.portsChild.Close() // the child has its copy now
+		n.portsChild = nil
+	}
+	if n.o.net == "builtin" {
+		if len(files) != 1 {
+			closeFiles(files)
+			return fmt.Errorf("the child sent %d files for the TAP device, want 1", len(files))
+		}
+		var ti tapInfo
+		if err := json.Unmarshal(info, &ti); err != nil {
+			files[0].Close()
+			return fmt.Errorf("TAP info from the child: %w", err)
+		}
+		err := n.startStack(files[0], ti)
+		files[0].Close()
+		if err != nil {
+			return err
+		}
+	} else {
+		closeFiles(files)
+	}
+	if n.dialer != nil {
+		n.dialer.Start()
+		n.ports = portfwd.NewManager(portfwd.Config{Dialer: n.dialer, Logger: n.log})
+		for _, spec := range n.o.publish {
+			st, err := n.ports.AddPort(context.Background(), spec)
+			if err != nil {
+				return fmt.Errorf("publish %s: %w", spec, err)
+			}
+			n.log.Debug("published", "id", st.ID, "spec", spec.String())
+		}
+	}
+	return n.startAPI(child)
+}
+
+func (n *network) startStack(tapFile *os.File, ti tapInfo) error {
+	dev, err := tap.NewDevice(tapFile, ti.VNetHdr)
+	if err != nil {
+		return err
+	}
+	n.nat, err = nat.New(nat.Config{
+		Subnet:       n.addrs.subnet,
+		Gateway:      n.addrs.gateway,
+		HostLoopback: !n.o.disableHostLoopback,
+		Logger:       n.log,
+	})
+	if err != nil {
+		dev.Close()
+		return err
+	}
+	n.st, err = stack.New(stack.Config{
+		Device: dev,
+		MTU:    uint32(n.o.mtu),
+		Addresses: []netip.Prefix{
+			netip.PrefixFrom(n.addrs.gateway, n.addrs.subnet.Bits()),
+			netip.PrefixFrom(n.addrs.dns, n.addrs.subnet.Bits()),
+		},
+		TCP:    n.nat.HandleTCP,
+		UDP:    n.nat.HandleUDP,
+		Echo:   n.nat.HandleEcho,
+		Logger: n.log,
+	})
+	if err != nil {
+		dev.Close()
+		return err
+	}
+	if err := n.st.Start(); err != nil {
+		return err
+	}
+	n.nat.Start()
+	n.log.Debug("netstack up", "tap", ti.Name, "vnet_hdr", ti.VNetHdr, "offload", ti.Offload, "mtu", n.o.mtu)
+
+	n.dns, err = dns.New(dns.Config{Upstreams: n.upstreams, Logger: n.log})
+	if err != nil {
+		return err
+	}
+	dnsAddr := netip.AddrPortFrom(n.addrs.dns, 53)
+	pc, err := n.st.ListenUDP(dnsAddr)
+	if err != nil {
+		return err
+	}
+	ln, err := n.st.ListenTCP(dnsAddr)
+	if err != nil {
+		pc.Close()
+		return err
+	}
+	n.dns.Start(pc, ln)
+	n.log.Debug("DNS forwarder up", "addr", dnsAddr, "upstreams", fmt.Sprint(n.upstreams))
+	return nil
+}
+
+// startAPI serves RootlessKit's REST API on <state-dir>/api.sock.
+func (n *network) startAPI(child *userns.Child) error {
+	ln, err := portfwd.ListenAPI(n.sd.Join(userns.APISocket))
+	if err != nil {
+		return err
+	}
+	mgr := n.ports
+	if mgr == nil {
+		// --port-driver=none: the API still answers info; port calls fail.
+		mgr = portfwd.NewManager(portfwd.Config{Dialer: noDialer{}})
+		n.ports = mgr
+	}
+	info := func() portfwd.Info {
+		i := portfwd.Info{Version: versionString(), StateDir: n.sd.Path, ChildPID: child.PID()}
+		switch n.o.net {
+		case "builtin":
+			i.NetworkDriver = &portfwd.NetworkDriverInfo{Driver: "gonetns", DNS: []netip.Addr{n.addrs.dns}, ChildIP: n.addrs.child}
+		case "none":
+			i.NetworkDriver = &portfwd.NetworkDriverInfo{Driver: "none"}
+		}
+		if n.o.portDriver != "builtin" {
+			i.PortDriver = &portfwd.PortDriverInfo{Driver: "none", Protos: []string{}}
+		}
+		return i
+	}
+	n.api = &http.Server{Handler: portfwd.NewAPIHandler(mgr, info), ReadHeaderTimeout: 10 * time.Second}
+	n.apiDone = make(chan struct{})
+	go func() {
+		defer close(n.apiDone)
+		n.api.Serve(ln)
+	}()
+	return nil
+}
+
+// noDialer backs the API's Manager under --port-driver=none.
+type noDialer struct{}
+
+func (noDialer) Dial(context.Context, string, netip.AddrPort) (net.Conn, error) {
+	return nil, errors.New("ports cannot be published: gonetns runs with --port-driver=none")
+}
+
+// Close stops everything start started, API first, netstack last.
+func (n *network) Close() error {
+	n.closeOnce.Do(func() {
+		if n.api != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			n.api.Shutdown(ctx)
+			cancel()
+			n.api.Close()
+			<-n.apiDone
+		}
+		if n.ports != nil {
+			n.ports.Close()
+		}
+		if n.dialer != nil {
+			n.dialer.Close()
+		}
+		if n.portsChild != nil {
+			n.portsChild.Close()
+		}
+		if n.dns != nil {
+			n.dns.Close()
+		}
+		if n.nat != nil {
+			n.nat.Close()
+		}
+		if n.st != nil {
+			n.st.Close()
+		}
+	})
+	return nil
+}
+
+func closeFiles(files []*os.File) {
+	for _, f := range files {
+		f.Close()
+	}
+}
+
+// serveChild runs in the child while the command runs: it answers the
+// parent's requests for connections inside the namespace (published
+// ports).
+func serveChild(ctx context.Context, extra []*os.File, log *slog.Logger) {
+	if len(extra) == 0 {
+		<-ctx.Done()
+		return
+	}
+	c, err := wire.FileConn(extra[0])
+	extra[0].Close()
+	if err != nil {
+		log.Error("published ports unavailable", "err", err)
+		<-ctx.Done()
+		return
+	}
+	if err := portfwd.ServeChild(ctx, c, log); err != nil {
+		log.Debug("port dialer ended", "err", err)
+	}
+}

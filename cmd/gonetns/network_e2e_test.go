@@ -1,0 +1,503 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	mdns "github.com/miekg/dns"
+
+	"github.com/gonetns/gonetns/internal/e2etest"
+)
+
+const netTimeout = 60 * time.Second
+
+// hostServer is an HTTP server on the host's 127.0.0.1 serving /blob, 50 MB
+// of fixed pseudo-random bytes.
+type hostServer struct {
+	port int
+	sum  string
+}
+
+var (
+	blobOnce sync.Once
+	blob     []byte
+	blobSum  string
+)
+
+func startHostHTTP(t *testing.T) hostServer {
+	t.Helper()
+	blobOnce.Do(func() {
+		blob = make([]byte, 50<<20)
+		r := rand.NewChaCha8([32]byte{'g', 'o', 'n', 'e', 't', 'n', 's'})
+		r.Read(blob)
+		s := sha256.Sum256(blob)
+		blobSum = hex.EncodeToString(s[:])
+	})
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/blob" {
+			w.Header().Set("Content-Length", strconv.Itoa(len(blob)))
+			w.Write(blob)
+			return
+		}
+		fmt.Fprintln(w, "hello from the host")
+	})}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	return hostServer{port: l.Addr().(*net.TCPAddr).Port, sum: blobSum}
+}
+
+// startUpstreamDNS is the DNS server the sandbox's resolver forwards to in
+// tests (never a real one): gonetns-e2e.test. has an A record.
+func startUpstreamDNS(t *testing.T) string {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := mdns.NewServeMux()
+	mux.HandleFunc(".", func(w mdns.ResponseWriter, q *mdns.Msg) {
+		m := new(mdns.Msg)
+		m.SetReply(q)
+		name := strings.ToLower(q.Question[0].Name)
+		switch {
+		case name == "gonetns-e2e.test." && q.Question[0].Qtype == mdns.TypeA:
+			rr, _ := mdns.NewRR("gonetns-e2e.test. 300 IN A 192.0.2.55")
+			m.Answer = append(m.Answer, rr)
+		case name == "gonetns-e2e.test.":
+			// NODATA
+		default:
+			m.Rcode = mdns.RcodeNameError
+		}
+		w.WriteMsg(m)
+	})
+	srv := &mdns.Server{PacketConn: pc, Handler: mux}
+	go srv.ActivateAndServe()
+	t.Cleanup(func() { srv.Shutdown() })
+	return pc.LocalAddr().String()
+}
+
+func TestNetCurlLargeFileBothMTUs(t *testing.T) {
+	e2etest.RequireTun(t)
+	srv := startHostHTTP(t)
+	for _, r := range e2etest.Both(t) {
+		for _, mtu := range []int{1500, 65520} {
+			if r.Name == "root" && mtu == 1500 {
+				continue
+			}
+			t.Run(fmt.Sprintf("%s/mtu=%d", r.Name, mtu), func(t *testing.T) {
+				script := fmt.Sprintf("cat /sys/class/net/tap0/mtu; curl -sS --fail http://10.0.2.2:%d/blob | sha256sum", srv.port)
+				res := r.MustRun(t, netTimeout, fmt.Sprintf("--mtu=%d", mtu), "sh", "-c", script)
+				f := strings.Fields(res.Stdout)
+				if len(f) < 2 || f[0] != strconv.Itoa(mtu) || f[1] != srv.sum {
+					t.Errorf("mtu / sha256 inside = %v, want %d and %s\n%s", f, mtu, srv.sum, res)
+				}
+			})
+		}
+	}
+}
+
+func TestNetHalfClose(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				n, _ := io.Copy(io.Discard, c) // to the sandbox's FIN
+				fmt.Fprintf(c, "host read %d bytes", n)
+			}()
+		}
+	}()
+	port := l.Addr().(*net.TCPAddr).Port
+	res := r.MustRun(t, netTimeout, "sh", "-c", e2etest.HelperCmd(t, "tcp-halfclose", fmt.Sprintf("10.0.2.2:%d", port), "1000000"))
+	if strings.TrimSpace(res.Stdout) != "host read 1000000 bytes" {
+		t.Errorf("half-close through the sandbox: %s", res)
+	}
+}
+
+func TestNetUDPEcho(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	go func() {
+		b := make([]byte, 65536)
+		for {
+			n, from, err := pc.ReadFrom(b)
+			if err != nil {
+				return
+			}
+			pc.WriteTo(append([]byte("host:"), b[:n]...), from)
+		}
+	}()
+	port := pc.LocalAddr().(*net.UDPAddr).Port
+	res := r.MustRun(t, netTimeout, "sh", "-c", e2etest.HelperCmd(t, "udp-echo", fmt.Sprintf("10.0.2.2:%d", port), "datagram-1"))
+	if strings.TrimSpace(res.Stdout) != "host:datagram-1" {
+		t.Errorf("UDP echo: %s", res)
+	}
+}
+
+func closedPort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	return port
+}
+
+func TestNetRefusedIsFast(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	port := closedPort(t)
+	res := r.Run(t, netTimeout, "sh", "-c", e2etest.HelperCmd(t, "tcp-dial", fmt.Sprintf("10.0.2.2:%d", port))+
+		fmt.Sprintf("; curl -sS http://10.0.2.2:%d/ 2>&1; echo curl=$?", port))
+	var ms int
+	if _, err := fmt.Sscanf(res.Stdout, "error after %dms:", &ms); err != nil || !strings.Contains(res.Stdout, "connection refused") {
+		t.Fatalf("dial to a closed host port: %s", res)
+	}
+	if ms > 500 {
+		t.Errorf("refusal took %d ms; it must be an immediate RST", ms)
+	}
+	if !strings.Contains(res.Stdout, "curl=7") {
+		t.Errorf("curl to a closed port did not fail to connect: %s", res)
+	}
+}
+
+func TestNetPing(t *testing.T) {
+	e2etest.RequireTun(t)
+	for _, r := range e2etest.Both(t) {
+		t.Run(r.Name, func(t *testing.T) {
+			res := r.MustRun(t, netTimeout, "--debug", "ping", "-c", "2", "-W", "3", "10.0.2.2")
+			if !strings.Contains(res.Stdout, "2 received") {
+				t.Errorf("ping 10.0.2.2: %s", res)
+			}
+			if r.PingAllowed(t) {
+				if !strings.Contains(res.Stderr, "icmp echo flow") {
+					t.Errorf("ping sockets are allowed for %s, yet the echo was not forwarded to the host:\n%s", r.Name, res.Stderr)
+				}
+			} else if !strings.Contains(res.Stderr, "ping_group_range") {
+				t.Errorf("ping sockets are not allowed for %s, and no notice says so:\n%s", r.Name, res.Stderr)
+			}
+		})
+	}
+}
+
+func TestNetDNS(t *testing.T) {
+	e2etest.RequireTun(t)
+	upstream := startUpstreamDNS(t)
+	for _, r := range e2etest.Both(t) {
+		t.Run(r.Name, func(t *testing.T) {
+			res := r.Run(t, netTimeout, "--dns-upstream="+upstream, "sh", "-c",
+				"grep ^nameserver /etc/resolv.conf; getent hosts gonetns-e2e.test; getent hosts no-such-name.test; echo nx=$?")
+			lines := strings.Split(strings.TrimSpace(res.Stdout), "\n")
+			if len(lines) != 3 || lines[0] != "nameserver 10.0.2.3" || !strings.HasPrefix(lines[1], "192.0.2.55") || lines[2] != "nx=2" {
+				t.Errorf("resolv.conf and lookups inside: %q\n%s", lines, res)
+			}
+		})
+	}
+	// With /etc copied up, resolv.conf is a real file in the copy.
+	r := e2etest.Unprivileged(t)
+	res := r.MustRun(t, netTimeout, "--copy-up=/etc", "--dns-upstream="+upstream, "sh", "-c", "test -L /etc/resolv.conf && echo link; grep ^nameserver /etc/resolv.conf; getent hosts gonetns-e2e.test")
+	if strings.Contains(res.Stdout, "link") || !strings.Contains(res.Stdout, "nameserver 10.0.2.3") || !strings.Contains(res.Stdout, "192.0.2.55") {
+		t.Errorf("with --copy-up=/etc: %s", res)
+	}
+}
+
+func TestNetDisableHostLoopback(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	srv := startHostHTTP(t)
+	res := r.Run(t, netTimeout, "--disable-host-loopback", "sh", "-c", e2etest.HelperCmd(t, "tcp-dial", fmt.Sprintf("10.0.2.2:%d", srv.port)))
+	if res.Code == 0 || !strings.Contains(res.Stdout, "connection refused") {
+		t.Errorf("--disable-host-loopback let the sandbox reach the host's loopback: %s", res)
+	}
+	res = r.MustRun(t, netTimeout, "curl", "-sS", fmt.Sprintf("http://10.0.2.2:%d/", srv.port))
+	if !strings.Contains(res.Stdout, "hello from the host") {
+		t.Errorf("without the flag the host is not reachable: %s", res)
+	}
+}
+
+// When gonetns exits, the host sockets of its flows close, even when a
+// process left behind in the sandbox still holds its end.
+func TestNetHostSocketsCloseOnExit(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	ended := make(chan error, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			ended <- err
+			return
+		}
+		_, err = io.Copy(io.Discard, c)
+		ended <- err
+	}()
+	port := l.Addr().(*net.TCPAddr).Port
+	marker := strconv.Itoa(800000 + int(time.Now().UnixNano()%100000))
+	r.MustRun(t, netTimeout, "bash", "-c", fmt.Sprintf("exec 3<>/dev/tcp/10.0.2.2/%d; echo hi >&3; (exec sleep %s <&3 >&3 2>/dev/null &); exit 0", port, marker))
+	select {
+	case <-ended:
+	case <-time.After(10 * time.Second):
+		t.Error("the host side of the connection stayed open after gonetns exited")
+	}
+	killSleep(marker)
+}
+
+func killSleep(marker string) {
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		b, _ := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		if strings.ReplaceAll(strings.TrimRight(string(b), "\x00"), "\x00", " ") == "sleep "+marker {
+			if pid, err := strconv.Atoi(e.Name()); err == nil {
+				p, _ := os.FindProcess(pid)
+				p.Kill()
+			}
+		}
+	}
+}
+
+// Without access to /dev/net/tun, gonetns says what to do.
+func TestNetTunNotAccessible(t *testing.T) {
+	r := e2etest.Unprivileged(t)
+	st, err := os.Stat("/dev/net/tun")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod("/dev/net/tun", 0o600); err != nil {
+		t.Fatal(err)
+	}
+	defer os.Chmod("/dev/net/tun", st.Mode().Perm())
+	res := r.Run(t, netTimeout, "true")
+	if res.Code != exitSetup || !strings.Contains(res.Stderr, "sudo chmod 0666 /dev/net/tun") || !strings.Contains(res.Stderr, "--net=none") {
+		t.Errorf("without /dev/net/tun access: %s", res)
+	}
+}
+
+// Published ports: -p at start, then the API through rootlessctl and
+// gonetns ctl, from the host and from inside.
+func TestPortsPublishAndAPI(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	hostPort, hostPort2, udpPort := freePort(t, "tcp"), freePort(t, "tcp"), freePort(t, "udp")
+	state := r.TempDir(t) + "/state"
+	sock := state + "/api.sock"
+	script := fmt.Sprintf(`%s 127.0.0.1:8000 & a=$!; %s 127.0.0.1:5300 & b=$!
+for i in $(seq 100); do [ -S "$GONETNS_STATE_DIR/api.sock" ] && break; sleep 0.05; done
+echo ready
+read line
+%s ctl list-ports
+kill $a $b`, e2etest.HelperCmd(t, "http-serve"), e2etest.HelperCmd(t, "udp-serve"), r.Bin)
+	cmd := r.Command(context.Background(), "--state-dir="+state,
+		"-p", fmt.Sprintf("127.0.0.1:%d:8000/tcp", hostPort),
+		"-p", fmt.Sprintf("127.0.0.1:%d:5300/udp", udpPort),
+		"sh", "-c", script)
+	stdin, _ := cmd.StdinPipe()
+	stdout, _ := cmd.StdoutPipe()
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	br := bufio.NewReader(stdout)
+	waitLine(t, br, "ready")
+
+	// A new connection each time: a removed port keeps relaying the
+	// connections it has, so keep-alive would hide the removal.
+	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+	get := func(port int) string {
+		for i := 0; i < 100; i++ {
+			resp, err := client.Get(fmt.Sprintf("http://127.0.0.1:%d/", port))
+			if err == nil {
+				b, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				return string(b)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		return "unreachable"
+	}
+	if got := get(hostPort); got != "hello from inside\n" {
+		t.Fatalf("-p 127.0.0.1:%d:8000/tcp: %q\n%s", hostPort, got, stderr.String())
+	}
+	if got := udpRoundTrip(t, udpPort, "to-inside"); got != "inside:to-inside" {
+		t.Errorf("-p .../udp: %q", got)
+	}
+
+	ctl := func(prog string, args ...string) e2etest.Result {
+		t.Helper()
+		c := r.Command(context.Background())
+		c.Path, c.Args = prog, append([]string{prog}, args...)
+		out, err := c.Output()
+		res := e2etest.Result{Stdout: string(out)}
+		if ee, ok := err.(*execExitError); ok {
+			res.Code, res.Stderr = ee.ExitCode(), string(ee.Stderr)
+		}
+		return res
+	}
+	rootlessctl := "/usr/bin/rootlessctl"
+	if _, err := os.Stat(rootlessctl); err != nil {
+		t.Fatalf("rootlessctl is missing (apt-get install rootlesskit): %v", err)
+	}
+	res := ctl(rootlessctl, "--socket", sock, "add-ports", fmt.Sprintf("127.0.0.1:%d:8000/tcp", hostPort2))
+	if strings.TrimSpace(res.Stdout) != "3" {
+		t.Errorf("rootlessctl add-ports: %s", res)
+	}
+	if got := get(hostPort2); got != "hello from inside\n" {
+		t.Errorf("port added by rootlessctl: %q", got)
+	}
+	res = ctl(rootlessctl, "--socket", sock, "list-ports", "--json")
+	if !strings.Contains(res.Stdout, fmt.Sprintf(`"parentPort":%d`, hostPort2)) || strings.Count(res.Stdout, `"id"`) != 3 {
+		t.Errorf("rootlessctl list-ports --json: %s", res)
+	}
+	res = ctl(rootlessctl, "--socket", sock, "info", "--json")
+	res.Stdout = compactJSON(res.Stdout)
+	for _, want := range []string{`"apiVersion":"1.1.1"`, `"childIP":"10.0.2.100"`, `"dns":["10.0.2.3"]`, `"driver":"builtin"`, `"stateDir":"` + state + `"`} {
+		if !strings.Contains(res.Stdout, want) {
+			t.Errorf("rootlessctl info --json lacks %s: %s", want, res)
+		}
+	}
+	res = ctl(rootlessctl, "--socket", sock, "add-ports", fmt.Sprintf("127.0.0.1:%d:8000/tcp", hostPort2))
+	if res.Code == 0 {
+		t.Errorf("a duplicate publish was accepted: %s", res)
+	}
+	res = ctl(rootlessctl, "--socket", sock, "remove-ports", "3")
+	if res.Code != 0 {
+		t.Errorf("rootlessctl remove-ports: %s", res)
+	}
+	if got := get(hostPort2); got != "unreachable" {
+		t.Errorf("removed port still answers: %q", got)
+	}
+	// gonetns ctl from the host, then from inside the sandbox.
+	res = ctl(r.Bin, "ctl", "--socket", sock, "add-ports", fmt.Sprintf("127.0.0.1:%d:8000/tcp", hostPort2))
+	if strings.TrimSpace(res.Stdout) != "4" {
+		t.Errorf("gonetns ctl add-ports: %s", res)
+	}
+	res = ctl(r.Bin, "ctl", "--socket", sock, "info", "--json")
+	if !strings.Contains(compactJSON(res.Stdout), `"childIP":"10.0.2.100"`) {
+		t.Errorf("gonetns ctl info --json: %s", res)
+	}
+	fmt.Fprintln(stdin, "go")
+	var inside []string
+	for {
+		line, err := br.ReadString('\n')
+		if err != nil {
+			break
+		}
+		inside = append(inside, line)
+	}
+	all := strings.Join(inside, "")
+	if !strings.Contains(all, strconv.Itoa(hostPort)) || !strings.Contains(all, strconv.Itoa(hostPort2)) || strings.Contains(all, "error") {
+		t.Errorf("gonetns ctl list-ports inside the sandbox:\n%s\n%s", all, stderr.String())
+	}
+}
+
+type execExitError = exec.ExitError
+
+func waitLine(t *testing.T, br *bufio.Reader, want string) {
+	t.Helper()
+	done := make(chan string, 1)
+	go func() {
+		for {
+			line, err := br.ReadString('\n')
+			if err != nil || strings.TrimSpace(line) == want {
+				done <- line
+				return
+			}
+		}
+	}()
+	select {
+	case line := <-done:
+		if strings.TrimSpace(line) != want {
+			t.Fatalf("sandbox output ended before %q", want)
+		}
+	case <-time.After(netTimeout):
+		t.Fatalf("no %q from the sandbox", want)
+	}
+}
+
+func freePort(t *testing.T, network string) int {
+	t.Helper()
+	if network == "udp" {
+		pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer pc.Close()
+		return pc.LocalAddr().(*net.UDPAddr).Port
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func udpRoundTrip(t *testing.T, port int, msg string) string {
+	t.Helper()
+	c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	b := make([]byte, 65536)
+	for i := 0; i < 20; i++ { // the server inside may still be starting
+		c.Write([]byte(msg))
+		c.SetReadDeadline(time.Now().Add(250 * time.Millisecond))
+		n, err := c.Read(b)
+		if err == nil {
+			return string(b[:n])
+		}
+	}
+	return "no reply"
+}
+
+func compactJSON(s string) string {
+	var b bytes.Buffer
+	if err := json.Compact(&b, []byte(s)); err != nil {
+		return s
+	}
+	return b.String()
+}
