@@ -2,14 +2,9 @@ package nat
 
 import (
 	"context"
-	"errors"
-	"io"
 	"net"
 	"net/netip"
 	"sync"
-	"syscall"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/gonetns/gonetns/stack"
 )
@@ -77,7 +72,7 @@ func (r *tcpRelay) run() (up, down int64) {
 	go func() {
 		defer close(done)
 		var err error
-		up, err = r.guest.WriteTo(r.host)
+		up, err = r.guest.WriteTo(r.host) // writev from the stack's buffers
 		if err != nil {
 			r.abort()
 			return
@@ -85,7 +80,7 @@ func (r *tcpRelay) run() (up, down int64) {
 		r.host.CloseWrite()
 	}()
 	var err error
-	down, err = r.hostToGuest()
+	down, err = r.guest.ReadFrom(r.host) // read into the stack's buffers
 	if err != nil {
 		r.abort()
 	} else {
@@ -97,45 +92,6 @@ func (r *tcpRelay) run() (up, down int64) {
 	return up, down
 }
 
-// hostToGuest copies the host side to the sandbox. A relay buffer is taken
-// only once data is waiting, so idle connections hold no buffer.
-func (r *tcpRelay) hostToGuest() (int64, error) {
-	rc, err := r.host.SyscallConn()
-	if err != nil {
-		return 0, err
-	}
-	var total int64
-	var buf []byte
-	for {
-		if buf == nil {
-			if err := waitReadable(rc); err != nil {
-				return total, err
-			}
-			buf = getBuf()
-		}
-		n, err := r.host.Read(buf)
-		if n > 0 {
-			m, werr := r.guest.Write(buf[:n])
-			total += int64(m)
-			if werr != nil {
-				putBuf(buf)
-				return total, werr
-			}
-		}
-		if err != nil {
-			putBuf(buf)
-			if errors.Is(err, io.EOF) {
-				return total, nil
-			}
-			return total, err
-		}
-		if n < len(buf) {
-			putBuf(buf)
-			buf = nil
-		}
-	}
-}
-
 // abort resets both sides.
 func (r *tcpRelay) abort() {
 	r.abortOnce.Do(func() {
@@ -144,26 +100,3 @@ func (r *tcpRelay) abort() {
 		r.guest.Abort()
 	})
 }
-
-// waitReadable blocks until the socket has data, EOF or an error, without
-// consuming data. A pending error is returned: the kernel reports it once,
-// so the peek consumes it.
-func waitReadable(rc syscall.RawConn) error {
-	var one [1]byte
-	var perr error
-	err := rc.Read(func(fd uintptr) bool {
-		_, _, perr = unix.Recvfrom(int(fd), one[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		return perr != unix.EAGAIN
-	})
-	if err != nil {
-		return err
-	}
-	return perr
-}
-
-const bufSize = 256 << 10
-
-var bufs = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
-
-func getBuf() []byte  { return *(bufs.Get().(*[]byte)) }
-func putBuf(b []byte) { bufs.Put(&b) }

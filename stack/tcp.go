@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"syscall"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
@@ -60,6 +61,9 @@ func (r *TCPRequest) Accept() (*TCPConn, error) {
 func (r *TCPRequest) Refuse() {
 	r.once.Do(func() { r.r.Complete(true) })
 }
+
+// errClosed is returned by operations on a TCPConn closed on this side.
+var errClosed = net.ErrClosed
 
 // relayBufSize is the chunk TCPConn's WriteTo and ReadFrom move per
 // system call on the host side.
@@ -117,7 +121,7 @@ func (c *TCPConn) Read(b []byte) (int, error) {
 		select {
 		case <-c.readCh:
 		case <-c.closed:
-			return 0, net.ErrClosed
+			return 0, errClosed
 		}
 	}
 }
@@ -140,16 +144,23 @@ func (c *TCPConn) Write(b []byte) (int, error) {
 		select {
 		case <-c.writeCh:
 		case <-c.closed:
-			return n, net.ErrClosed
+			return n, errClosed
 		}
 	}
 	return n, nil
 }
 
 // WriteTo copies what the sandbox sends to w until EOF (returning nil) or
-// an error, in chunks as large as the stack has ready. A relay buffer is
-// held only while data flows: an idle connection holds none.
+// an error. When w is a kernel stream socket (a syscall.Conn such as
+// *net.TCPConn), the stack's buffers are written to it directly with
+// writev; otherwise in chunks through a relay buffer, held only while data
+// flows.
 func (c *TCPConn) WriteTo(w io.Writer) (int64, error) {
+	if sc, ok := w.(syscall.Conn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			return c.writeToSocket(rc)
+		}
+	}
 	var bp *[]byte
 	defer func() {
 		if bp != nil {
@@ -196,14 +207,21 @@ func (c *TCPConn) waitReadable() error {
 		select {
 		case <-c.readCh:
 		case <-c.closed:
-			return net.ErrClosed
+			return errClosed
 		}
 	}
 }
 
 // ReadFrom copies r to the sandbox until r's EOF (returning nil) or an
-// error.
+// error. When r is a kernel stream socket (a syscall.Conn such as
+// *net.TCPConn), the stack reads it straight into its own buffers;
+// otherwise through a relay buffer.
 func (c *TCPConn) ReadFrom(r io.Reader) (int64, error) {
+	if sc, ok := r.(syscall.Conn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			return c.readFromSocket(rc)
+		}
+	}
 	bp := relayBufs.Get().(*[]byte)
 	defer relayBufs.Put(bp)
 	buf := *bp

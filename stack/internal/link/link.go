@@ -29,11 +29,14 @@ const (
 // the kernel takes up to 64 KB per segment from a TAP.
 const gsoMaxSize = 1 << 16
 
-// rxBufSizes are the buffers one frame is read into: small first, so that a
-// short frame (an ACK) uses little memory, growing to hold a 64 KB GSO
-// segment. Only the buffers a frame fills are handed to the stack; the
-// others are reused for the next frame.
-var rxBufSizes = []int{256, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768}
+// rxBufSizes are the buffers one frame is read into: a small one that
+// holds a whole short frame (an ACK, a 1500-byte packet) and the headers of
+// a long one, and a large one for the rest of a frame of up to 64 KB (a GSO
+// segment, or a frame at MTU 65520). Only the buffers a frame fills are
+// handed to the stack; the others are reused for the next frame. Two views
+// per large frame keep pool traffic and the iovecs of the onward writev
+// low.
+var rxBufSizes = []int{2048, 65536 - 2048}
 
 // Endpoint connects a tap.Device to the gVisor stack: Ethernet framing,
 // and, when the device carries a virtio_net_hdr, checksum offload in both
