@@ -35,6 +35,7 @@ type options struct {
 	stateDir            string
 	subidSource         userns.SubIDSource
 	debug               bool
+	cpuProfile          string
 	version             bool
 	args                []string
 }
@@ -80,6 +81,7 @@ func parseFlags(args []string, out io.Writer) (*options, error) {
 	fs.StringVar(&o.stateDir, "state-dir", "", "state directory (lock, child_pid, api.sock); default: a new one under $XDG_RUNTIME_DIR or /tmp, removed on exit")
 	fs.StringVar(&subid, "subid-source", "auto", "where subordinate ids come from: auto, static (/etc/subuid, /etc/subgid) or dynamic (getsubids)")
 	fs.BoolVar(&o.debug, "debug", false, "print debug messages")
+	fs.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the gonetns parent (the network) to FILE, for go tool pprof")
 	fs.BoolVarP(&o.version, "version", "v", false, "print the version and exit")
 	help := fs.BoolP("help", "h", false, "show this help")
 	fs.Usage = func() {

@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"os"
 	"runtime/debug"
+	"runtime/pprof"
 	"strconv"
 
 	"github.com/gonetns/gonetns/tap"
@@ -56,6 +57,14 @@ func run(args []string) int {
 		return 0
 	}
 	log := newLogger(os.Stderr, o.debug, "gonetns: ")
+	if o.cpuProfile != "" {
+		stop, err := startCPUProfile(o.cpuProfile)
+		if err != nil {
+			log.Error(err.Error())
+			return exitSetup
+		}
+		defer stop()
+	}
 	code, err := runSandbox(o, log)
 	if err != nil {
 		log.Error(err.Error())
@@ -159,6 +168,22 @@ func childHooks() userns.ChildHooks {
 		},
 		Serve: serveChild,
 	}
+}
+
+// startCPUProfile profiles the parent until stop is called.
+func startCPUProfile(path string) (stop func(), err error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, fmt.Errorf("--cpuprofile: %w", err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("--cpuprofile: %w", err)
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		f.Close()
+	}, nil
 }
 
 func versionString() string {
