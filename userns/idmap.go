@@ -35,13 +35,66 @@ type idMapper struct {
 	log      *slog.Logger
 }
 
-// mapIDs writes /proc/PID/{uid,gid}_map. As root the whole id space is
-// mapped one to one. Otherwise the subordinate ranges are mapped with the
-// setuid helpers newuidmap/newgidmap; when there are no ranges or no
-// helpers, it falls back to mapping only the user's own ids (what
-// `unshare -r` does) and explains in a warning what to install or add.
-func (m *idMapper) mapIDs(pid int) (MapResult, error) {
+// mapPlan is what mapIDs will write, worked out before the child exists:
+// looking up subordinate ids (possibly running getsubids) needs no pid.
+type mapPlan struct {
+	root             bool // map the whole id space one to one
+	uidArgs, gidArgs []string
+	newuidmap        string // helpers; empty when falling back
+	newgidmap        string
+	fallbackReason   string // why only the single mapping, or ""
+	warnings         []string
+}
+
+// plan looks up the subordinate ids and the helpers.
+func (m *idMapper) plan() mapPlan {
 	if m.uid == 0 {
+		return mapPlan{root: true}
+	}
+	var p mapPlan
+	ids, lookupErr := LookupSubIDs(m.src, m.user, m.uid)
+	for _, b := range ids.Bad {
+		m.log.Debug("ignoring unusable subordinate id line", "line", b)
+	}
+	newuidmap, uidHelperErr := findIDHelper("newuidmap")
+	newgidmap, gidHelperErr := findIDHelper("newgidmap")
+	switch {
+	case lookupErr != nil:
+		p.fallbackReason = lookupErr.Error()
+	case len(ids.UIDs) == 0 || len(ids.GIDs) == 0:
+		p.fallbackReason = fmt.Sprintf("user %s has no subordinate ids in %s. "+
+			"To map 65536 ids, run as root: usermod --add-subuids 100000-165535 --add-subgids 100000-165535 %s "+
+			"(pick a range no other user has)", m.user, ids.From, m.user)
+	case uidHelperErr != nil:
+		p.fallbackReason = uidHelperErr.Error()
+	case gidHelperErr != nil:
+		p.fallbackReason = gidHelperErr.Error()
+	}
+	if p.fallbackReason != "" {
+		return p
+	}
+	for _, kind := range []struct {
+		name   string
+		ranges []Range
+	}{{"subuid", ids.UIDs}, {"subgid", ids.GIDs}} {
+		if n := total(kind.ranges); n < minSubIDs {
+			p.warnings = append(p.warnings, fmt.Sprintf("user %s has only %d %s ids in %s; "+
+				"images that use ids up to 65534 (nobody) need at least %d", m.user, n, kind.name, ids.From, minSubIDs))
+		}
+	}
+	p.uidArgs, p.gidArgs = MapArgs(m.uid, ids.UIDs), MapArgs(m.gid, ids.GIDs)
+	p.newuidmap, p.newgidmap = newuidmap, newgidmap
+	return p
+}
+
+// mapIDs writes /proc/PID/{uid,gid}_map as planned. As root the whole id
+// space is mapped one to one. Otherwise the subordinate ranges are mapped
+// with the setuid helpers newuidmap/newgidmap (run side by side); when there
+// are no ranges or no helpers, or a helper fails, it falls back to mapping
+// only the user's own ids (what `unshare -r` does) and explains in a
+// warning what to install or add.
+func (m *idMapper) mapIDs(pid int, p mapPlan) (MapResult, error) {
+	if p.root {
 		const all = "0 0 4294967295"
 		if err := writeMap(pid, "uid_map", all); err != nil {
 			return MapResult{}, err
@@ -51,55 +104,33 @@ func (m *idMapper) mapIDs(pid int) (MapResult, error) {
 		}
 		return MapResult{Full: true, UIDMap: all, GIDMap: all}, nil
 	}
-
-	var warnings []string
-	ids, lookupErr := LookupSubIDs(m.src, m.user, m.uid)
-	for _, b := range ids.Bad {
-		m.log.Debug("ignoring unusable subordinate id line", "line", b)
-	}
-	newuidmap, uidHelperErr := findIDHelper("newuidmap")
-	newgidmap, gidHelperErr := findIDHelper("newgidmap")
-
-	var reason string
-	switch {
-	case lookupErr != nil:
-		reason = lookupErr.Error()
-	case len(ids.UIDs) == 0 || len(ids.GIDs) == 0:
-		reason = fmt.Sprintf("user %s has no subordinate ids in %s. "+
-			"To map 65536 ids, run as root: usermod --add-subuids 100000-165535 --add-subgids 100000-165535 %s "+
-			"(pick a range no other user has)", m.user, ids.From, m.user)
-	case uidHelperErr != nil:
-		reason = uidHelperErr.Error()
-	case gidHelperErr != nil:
-		reason = gidHelperErr.Error()
-	}
+	warnings := p.warnings
+	reason := p.fallbackReason
 	if reason == "" {
-		for _, kind := range []struct {
-			name   string
-			ranges []Range
-		}{{"subuid", ids.UIDs}, {"subgid", ids.GIDs}} {
-			if n := total(kind.ranges); n < minSubIDs {
-				warnings = append(warnings, fmt.Sprintf("user %s has only %d %s ids in %s; "+
-					"images that use ids up to 65534 (nobody) need at least %d", m.user, n, kind.name, ids.From, minSubIDs))
+		gidErr := make(chan error, 1)
+		go func() { gidErr <- runIDHelper(p.newgidmap, pid, p.gidArgs) }()
+		uerr := runIDHelper(p.newuidmap, pid, p.uidArgs)
+		gerr := <-gidErr
+		switch {
+		case uerr == nil && gerr == nil:
+			return MapResult{Full: true, UIDMap: mapLines(p.uidArgs), GIDMap: mapLines(p.gidArgs), Warnings: warnings}, nil
+		case uerr == nil:
+			// The uid map is in place and cannot be rewritten; give the
+			// gids the single mapping.
+			warnings = append(warnings, fmt.Sprintf("%v; mapping only gid %d to 0", gerr, m.gid))
+			if err := writeSingleGID(pid, m.gid); err != nil {
+				return MapResult{}, err
 			}
-		}
-		uidArgs := MapArgs(m.uid, ids.UIDs)
-		gidArgs := MapArgs(m.gid, ids.GIDs)
-		err := runIDHelper(newuidmap, pid, uidArgs)
-		if err == nil {
-			err = runIDHelper(newgidmap, pid, gidArgs)
-			if err != nil {
-				// The uid map is in place and cannot be rewritten; give the
-				// gids the single mapping.
-				warnings = append(warnings, fmt.Sprintf("%v; mapping only gid %d to 0", err, m.gid))
-				if err := writeSingleGID(pid, m.gid); err != nil {
-					return MapResult{}, err
-				}
-				return MapResult{Full: false, UIDMap: mapLines(uidArgs), GIDMap: fmt.Sprintf("0 %d 1", m.gid), Warnings: warnings}, nil
+			return MapResult{Full: false, UIDMap: mapLines(p.uidArgs), GIDMap: fmt.Sprintf("0 %d 1", m.gid), Warnings: warnings}, nil
+		case gerr == nil:
+			warnings = append(warnings, fmt.Sprintf("%v; mapping only uid %d to 0", uerr, m.uid))
+			single := fmt.Sprintf("0 %d 1", m.uid)
+			if err := writeMap(pid, "uid_map", single); err != nil {
+				return MapResult{}, err
 			}
-			return MapResult{Full: true, UIDMap: mapLines(uidArgs), GIDMap: mapLines(gidArgs), Warnings: warnings}, nil
+			return MapResult{Full: false, UIDMap: single, GIDMap: mapLines(p.gidArgs), Warnings: warnings}, nil
 		}
-		reason = err.Error()
+		reason = uerr.Error()
 	}
 
 	warnings = append(warnings, "only uid "+fmt.Sprint(m.uid)+" and gid "+fmt.Sprint(m.gid)+

@@ -159,6 +159,14 @@ func Start(opts Options) (*Child, error) {
 		exited: make(chan struct{}),
 		sigs:   make(chan os.Signal, 16),
 	}
+	// The subordinate ids need no pid: look them up (maybe running
+	// getsubids) before the child exists.
+	m := idMapper{uid: os.Getuid(), gid: os.Getgid(), user: currentUser(), src: opts.SubIDSource, log: opts.Logger}
+	if m.src == "" {
+		m.src = SubIDAuto
+	}
+	plan := m.plan()
+
 	// Catch the signals now: a Ctrl-C during setup must still tear the
 	// child down and clean the state directory, not kill only the parent.
 	signal.Notify(c.sigs, forwardedSignals...)
@@ -176,12 +184,7 @@ func Start(opts Options) (*Child, error) {
 		return nil, err
 	}
 
-	u := currentUser()
-	m := idMapper{uid: os.Getuid(), gid: os.Getgid(), user: u, src: opts.SubIDSource, log: c.log}
-	if m.src == "" {
-		m.src = SubIDAuto
-	}
-	maps, err := m.mapIDs(cmd.Process.Pid)
+	maps, err := m.mapIDs(cmd.Process.Pid, plan)
 	if err != nil {
 		return fail(fmt.Errorf("set up the id maps: %w", err))
 	}

@@ -196,13 +196,18 @@ func getsubids(name string) (SubIDs, error) {
 	}
 	var ids SubIDs
 	ids.From = "getsubids"
-	if ids.UIDs, err = run(name); err != nil {
+	var gidErr error
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		ids.GIDs, gidErr = run("-g", name)
+	}()
+	ids.UIDs, err = run(name)
+	<-done
+	if err != nil {
 		return ids, err
 	}
-	if ids.GIDs, err = run("-g", name); err != nil {
-		return ids, err
-	}
-	return ids, nil
+	return ids, gidErr
 }
 
 // MapArgs builds the mapping arguments of newuidmap(1)/newgidmap(1) after
