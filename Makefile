@@ -27,3 +27,21 @@ install: build
 
 clean:
 	rm -rf bin
+
+# The benchmark harness (bench/README.md): builds gonetns and the harness,
+# then compares gonetns with slirp4netns, pasta and RootlessKit as the
+# invoking user (root or not). Knobs from the environment: BENCH_SECONDS,
+# BENCH_RUNS, BENCH_MTUS, BENCH_QUICK=1 (CI: 1 s, 1 run, MTU 65520),
+# BENCH_SYSTEMS, BENCH_OUT. BENCH_NO_BUILD=1 runs what bin/ already holds,
+# e.g. built by root and run by an unprivileged user. Only the table goes
+# to stdout; the build and the progress go to stderr.
+BENCH_BIN := bin/gonetns-bench
+
+.PHONY: bench
+bench:
+ifeq ($(BENCH_NO_BUILD),)
+	@$(MAKE) --no-print-directory build >&2
+	@echo "CGO_ENABLED=0 $(GO) build -trimpath -o $(BENCH_BIN) ./bench" >&2
+	@CGO_ENABLED=0 $(GO) build -trimpath -o $(BENCH_BIN) ./bench
+endif
+	@./$(BENCH_BIN)
