@@ -145,7 +145,7 @@ func secondStage(hooks ChildHooks) int {
 	if err := ctl.Send(message{Type: msgNetwork, Info: infoJSON}, files...); err != nil {
 		return 125
 	}
-	closeFiles(files)
+	wire.CloseFiles(files)
 
 	// Wait for the parent to finish its side (netstack, ports, API).
 	if _, err := ctl.Recv(&m); err != nil || m.Type != msgStart {
@@ -232,7 +232,7 @@ func (r *runner) run(hooks ChildHooks, extra []*os.File) int {
 		for {
 			var m message
 			files, err := r.ctl.Recv(&m)
-			closeFiles(files)
+			wire.CloseFiles(files)
 			if err != nil {
 				return
 			}

@@ -27,16 +27,25 @@ func setupMounts(cfg *childConfig, log *slog.Logger) error {
 		return fmt.Errorf("set mount propagation of / to %s: %w", cfg.Propagation, err)
 	}
 
-	// Scratch space for mount points that must not be visible anywhere:
-	// a tmpfs on a directory of the state dir, gone when setup is done.
-	scratch, err := os.MkdirTemp(cfg.StateDir, ".mnt-")
+	// Scratch space for mount points that must not be visible anywhere: a
+	// tmpfs on a directory of the state dir, gone when setup is done. It is
+	// used through a descriptor, because copying up a directory that holds
+	// the state dir (dockerd-rootless does --copy-up=/run with its state
+	// under /run/user) hides its path. The parent removes the directory.
+	dir, err := os.MkdirTemp(cfg.StateDir, scratchPrefix)
 	if err != nil {
 		return fmt.Errorf("scratch directory for mounts: %w", err)
 	}
-	defer os.Remove(scratch)
-	if err := unix.Mount("none", scratch, "tmpfs", 0, "mode=0700"); err != nil {
-		return fmt.Errorf("mount a scratch tmpfs on %s: %w", scratch, err)
+	if err := unix.Mount("none", dir, "tmpfs", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("mount a scratch tmpfs on %s: %w", dir, err)
 	}
+	fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		unix.Unmount(dir, unix.MNT_DETACH)
+		return fmt.Errorf("scratch directory for mounts: %w", err)
+	}
+	scratch := fmt.Sprintf("/proc/self/fd/%d", fd)
+	defer unix.Close(fd)
 	defer unix.Unmount(scratch, unix.MNT_DETACH)
 
 	if cfg.NewNet {
@@ -49,7 +58,7 @@ func setupMounts(cfg *childConfig, log *slog.Logger) error {
 		log.Debug("copied up", "dir", dir)
 	}
 	if cfg.DNSFiles {
-		etcCopied := slices.Contains(cfg.CopyUp, "/etc") || slices.Contains(cfg.CopyUp, "/etc/")
+		etcCopied := slices.ContainsFunc(cfg.CopyUp, func(d string) bool { return filepath.Clean(d) == "/etc" })
 		for _, name := range []string{ResolvConf, HostsFile} {
 			if err := installEtcFile(filepath.Join(cfg.StateDir, name), "/etc/"+name, etcCopied); err != nil {
 				return err
@@ -62,6 +71,10 @@ func setupMounts(cfg *childConfig, log *slog.Logger) error {
 	}
 	return nil
 }
+
+// scratchPrefix names the scratch directories setupMounts makes in the
+// state directory.
+const scratchPrefix = ".mnt-"
 
 // mountSysfs mounts a sysfs that belongs to the new network namespace, so
 // that /sys/class/net lists its interfaces, keeping the host's cgroup

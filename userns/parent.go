@@ -224,10 +224,10 @@ func Start(opts Options) (*Child, error) {
 		c.netInfo, c.netFile = reply.Info, files
 		return c, nil
 	case msgError:
-		closeFiles(files)
+		wire.CloseFiles(files)
 		return fail(fmt.Errorf("set up the namespaces: %s%s", reply.Error, Diagnose(errors.New(reply.Error))))
 	default:
-		closeFiles(files)
+		wire.CloseFiles(files)
 		return fail(fmt.Errorf("child sent %q during setup", reply.Type))
 	}
 }
@@ -272,6 +272,15 @@ func (c *Child) PID() int { return c.cmd.Process.Pid }
 // the files it sent (the caller owns them).
 func (c *Child) NetworkInfo() (json.RawMessage, []*os.File) { return c.netInfo, c.netFile }
 
+// Wait kills nothing: it waits for the child to exit (e.g. after Kill,
+// when setup failed before Run) and returns its exit status.
+func (c *Child) Wait() (int, error) {
+	<-c.exited
+	signal.Stop(c.sigs)
+	c.ctl.Close()
+	return exitStatus(c.state, c.waitErr)
+}
+
 // Kill ends the child (and, through Pdeathsig and the PID namespace, what
 // runs inside) at once.
 func (c *Child) Kill() {
@@ -287,9 +296,9 @@ func (c *Child) Kill() {
 // signal N ended it). Cancelling ctx kills the child.
 func (c *Child) Run(ctx context.Context) (int, error) {
 	defer signal.Stop(c.sigs)
-	defer c.ctl.Close()
 	if err := c.opts.StateDir.writeChildPID(c.PID()); err != nil {
 		c.Kill()
+		c.ctl.Close()
 		<-c.exited
 		return 0, err
 	}
@@ -298,7 +307,15 @@ func (c *Child) Run(ctx context.Context) (int, error) {
 	}
 	// The child reports "started", or an error and exits; it exits in any
 	// case when the command ends. Only its exit status matters here.
-	go c.drainControl()
+	drained := make(chan struct{})
+	go func() {
+		defer close(drained)
+		c.drainControl()
+	}()
+	defer func() {
+		c.ctl.Close()
+		<-drained
+	}()
 
 	for {
 		select {
@@ -329,7 +346,7 @@ func (c *Child) drainControl() {
 	for {
 		var m message
 		files, err := c.ctl.Recv(&m)
-		closeFiles(files)
+		wire.CloseFiles(files)
 		if err != nil {
 			return
 		}
@@ -413,12 +430,6 @@ func currentUser() string {
 		return s
 	}
 	return strconv.Itoa(os.Getuid())
-}
-
-func closeFiles(files []*os.File) {
-	for _, f := range files {
-		f.Close()
-	}
 }
 
 // IsChild reports whether this process is a re-executed gonetns child; main

@@ -57,6 +57,10 @@ func OpenStateDir(path string) (*StateDir, error) {
 			return nil, fmt.Errorf("create state directory: %w", err)
 		}
 	}
+	if err := checkOwnDir(d.Path); err != nil {
+		d.removeTemp()
+		return nil, err
+	}
 	if err := os.Chmod(d.Path, 0o700); err != nil {
 		d.removeTemp()
 		return nil, fmt.Errorf("state directory: %w", err)
@@ -84,6 +88,22 @@ func OpenStateDir(path string) (*StateDir, error) {
 		os.Remove(filepath.Join(d.Path, name))
 	}
 	return d, nil
+}
+
+// checkOwnDir refuses a state directory that is a symlink or belongs to
+// someone else: gonetns writes sockets and files there and chmods it.
+func checkOwnDir(path string) error {
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+		return fmt.Errorf("state directory %s is not a directory (a symlink?): give a real directory with --state-dir", path)
+	}
+	if int(st.Uid) != os.Getuid() {
+		return fmt.Errorf("state directory %s belongs to uid %d, not to you (uid %d): choose another --state-dir", path, st.Uid, os.Getuid())
+	}
+	return nil
 }
 
 // Join returns the path of a file in the state directory.
@@ -126,6 +146,14 @@ func (d *StateDir) Close() error {
 	}
 	for _, name := range []string{ChildPID, APISocket, ResolvConf, HostsFile} {
 		os.Remove(d.Join(name))
+	}
+	// The child's scratch directories: empty (their mounts lived in the
+	// child's namespace), but the child may not have been able to remove
+	// them once a copy-up hid their path.
+	if scratch, err := filepath.Glob(d.Join(scratchPrefix + "*")); err == nil {
+		for _, s := range scratch {
+			os.Remove(s)
+		}
 	}
 	d.removeTemp()
 	err := d.lock.Close()

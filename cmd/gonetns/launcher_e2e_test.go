@@ -405,3 +405,57 @@ func TestLauncherInteractiveBash(t *testing.T) {
 		t.Errorf("interactive bash: exit %d, output:\n%s", code, s)
 	}
 }
+
+// dockerd-rootless copies up /run with its state dir under /run/user: a
+// copy-up of a directory holding the state dir must work, and leave
+// nothing behind.
+func TestLauncherCopyUpOverStateDir(t *testing.T) {
+	r := e2etest.Unprivileged(t)
+	parent, err := os.MkdirTemp("/var/tmp", "gonetns-e2e-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(parent)
+	os.Chown(parent, mustAtoi(r.User.Uid), mustAtoi(r.User.Gid))
+	state := parent + "/state"
+	res := r.MustRun(t, quick, "--net=none", "--state-dir="+state, "--copy-up=/var", "sh", "-c",
+		`touch /var/gonetns-e2e-new && echo created; ls "$GONETNS_STATE_DIR"`)
+	if !strings.Contains(res.Stdout, "created") || !strings.Contains(res.Stdout, "child_pid") {
+		t.Errorf("copy-up of /var with the state dir under /var/tmp: %s", res)
+	}
+	if _, err := os.Stat("/var/gonetns-e2e-new"); err == nil {
+		os.Remove("/var/gonetns-e2e-new")
+		t.Error("a file created in the copied-up /var appeared on the host")
+	}
+	left, _ := os.ReadDir(state)
+	if len(left) != 1 || left[0].Name() != "lock" {
+		var names []string
+		for _, e := range left {
+			names = append(names, e.Name())
+		}
+		t.Errorf("state dir after exit holds %v, want only lock", names)
+	}
+}
+
+func TestLauncherSubIDSources(t *testing.T) {
+	r := e2etest.Unprivileged(t)
+	if _, err := exec.LookPath("getsubids"); err != nil {
+		t.Fatalf("getsubids is not installed (apt-get install uidmap, shadow 4.11+): %v", err)
+	}
+	var maps []string
+	for _, src := range []string{"static", "dynamic", "auto"} {
+		res := r.MustRun(t, quick, "--net=host", "--subid-source="+src, "cat", "/proc/self/uid_map")
+		maps = append(maps, strings.Join(strings.Fields(res.Stdout), " "))
+	}
+	us, uc := subStart(t, "/etc/subuid", r.User.Username)
+	want := fmt.Sprintf("0 %s 1 1 %s %s", r.User.Uid, us, uc)
+	for i, m := range maps {
+		if m != want {
+			t.Errorf("source %d: uid_map %q, want %q", i, m, want)
+		}
+	}
+	res := r.Run(t, quick, "--subid-source=ldap", "true")
+	if res.Code != exitUsage || !strings.Contains(res.Stderr, "auto, static or dynamic") {
+		t.Errorf("--subid-source=ldap: %s", res)
+	}
+}
