@@ -21,6 +21,8 @@ import (
 	"net/netip"
 	"sync"
 	"time"
+
+	"github.com/gonetns/gonetns/internal/backoff"
 )
 
 // Limits. A flood from inside the sandbox can cost at most maxInFlight
@@ -185,21 +187,6 @@ func (s *Server) Close() error {
 	return s.closeErr
 }
 
-// pause waits after a failed read or accept that was not caused
-// by Close, doubling up to a second. It reports false when the Server is
-// closing.
-func (s *Server) pause(d *time.Duration) bool {
-	*d = min(max(2**d, 5*time.Millisecond), time.Second)
-	t := time.NewTimer(*d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-s.ctx.Done():
-		return false
-	}
-}
-
 // stopping reports whether err from a socket means the server is done
 // with it.
 func (s *Server) stopping(err error) bool {
@@ -209,7 +196,7 @@ func (s *Server) stopping(err error) bool {
 func (s *Server) serveUDP(pc net.PacketConn) {
 	defer s.wg.Done()
 	buf := make([]byte, 65535)
-	var backoff time.Duration
+	var retry backoff.Backoff
 	for {
 		n, addr, err := pc.ReadFrom(buf)
 		if err != nil {
@@ -217,12 +204,12 @@ func (s *Server) serveUDP(pc net.PacketConn) {
 				return
 			}
 			s.log.Warn("dns: reading UDP query failed; retrying", slog.Any("error", err))
-			if !s.pause(&backoff) {
+			if !retry.Wait(s.ctx.Done()) {
 				return
 			}
 			continue
 		}
-		backoff = 0
+		retry.Reset()
 		if n < headerLen {
 			continue // not DNS; handle would drop it too
 		}
@@ -252,7 +239,7 @@ func (s *Server) serveUDP(pc net.PacketConn) {
 
 func (s *Server) serveTCP(ln net.Listener) {
 	defer s.wg.Done()
-	var backoff time.Duration
+	var retry backoff.Backoff
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -260,12 +247,12 @@ func (s *Server) serveTCP(ln net.Listener) {
 				return
 			}
 			s.log.Warn("dns: accepting TCP connection failed; retrying", slog.Any("error", err))
-			if !s.pause(&backoff) {
+			if !retry.Wait(s.ctx.Done()) {
 				return
 			}
 			continue
 		}
-		backoff = 0
+		retry.Reset()
 		select {
 		case s.tcpSem <- struct{}{}:
 		default:

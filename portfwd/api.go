@@ -65,14 +65,16 @@ const maxRequestBody = 64 << 10
 //
 // Errors are 4xx or 5xx with {"message": "..."}. The host part of the URL
 // is ignored. info supplies what the Manager does not know (version, state
-// dir, child PID, network); it may be nil.
+// dir, child PID, network); it may be nil. With a nil m there is no port
+// driver: info answers without one and the port calls fail with 400, as
+// RootlessKit's do.
 func NewAPIHandler(m *Manager, info func() Info) http.Handler {
 	h := &apiHandler{m: m, info: info}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/info", h.getInfo)
-	mux.HandleFunc("GET /v1/ports", h.getPorts)
-	mux.HandleFunc("POST /v1/ports", h.postPort)
-	mux.HandleFunc("DELETE /v1/ports/{id}", h.deletePort)
+	mux.HandleFunc("GET /v1/ports", h.needPorts(h.getPorts))
+	mux.HandleFunc("POST /v1/ports", h.needPorts(h.postPort))
+	mux.HandleFunc("DELETE /v1/ports/{id}", h.needPorts(h.deletePort))
 	// Known paths with the wrong method, and unknown paths: JSON errors
 	// too, rather than the mux's plain text.
 	mux.Handle("/v1/info", methodNotAllowed("GET"))
@@ -87,6 +89,19 @@ func NewAPIHandler(m *Manager, info func() Info) http.Handler {
 type apiHandler struct {
 	m    *Manager
 	info func() Info
+}
+
+// errNoPortDriver answers port calls when gonetns publishes no ports.
+var errNoPortDriver = errors.New("no port driver is available: gonetns runs with --port-driver=none (or --net=host); restart it with --port-driver=builtin to publish ports")
+
+func (h *apiHandler) needPorts(f http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if h.m == nil {
+			writeError(w, http.StatusBadRequest, errNoPortDriver)
+			return
+		}
+		f(w, r)
+	}
 }
 
 func methodNotAllowed(allow string) http.Handler {
@@ -104,7 +119,7 @@ func (h *apiHandler) getInfo(w http.ResponseWriter, r *http.Request) {
 	if info.APIVersion == "" {
 		info.APIVersion = APIVersion
 	}
-	if info.PortDriver == nil {
+	if info.PortDriver == nil && h.m != nil {
 		pd := h.m.PortDriverInfo()
 		info.PortDriver = &pd
 	}

@@ -193,3 +193,23 @@ func TestAPIErrorBody(t *testing.T) {
 		t.Fatalf("DELETE of an unknown port: %d %q %s", rec.Code, rec.Header().Get("Content-Type"), rec.Body)
 	}
 }
+
+// Without a port driver (--port-driver=none) info answers, without a
+// portDriver, and every port call fails with 400 before anything listens.
+func TestAPINoPortDriver(t *testing.T) {
+	h := NewAPIHandler(nil, func() Info { return Info{Version: "x"} })
+	if code, body := get(t, h, "/v1/info"); code != http.StatusOK || strings.Contains(body, "portDriver") {
+		t.Errorf("GET /v1/info: %d %s", code, body)
+	}
+	for _, req := range []*http.Request{
+		httptest.NewRequest("GET", "http://h/v1/ports", nil),
+		httptest.NewRequest("POST", "http://h/v1/ports", strings.NewReader(`{"proto":"tcp","parentIP":"127.0.0.1","parentPort":1,"childPort":1}`)),
+		httptest.NewRequest("DELETE", "http://h/v1/ports/1", nil),
+	} {
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		if rec.Code != http.StatusBadRequest || !strings.Contains(rec.Body.String(), "--port-driver=builtin") {
+			t.Errorf("%s %s: %d %s", req.Method, req.URL.Path, rec.Code, rec.Body.String())
+		}
+	}
+}

@@ -83,7 +83,7 @@ func ServeChild(ctx context.Context, c *wire.Conn, log *slog.Logger) error {
 	for {
 		var req dialRequest
 		files, err := c.Recv(&req)
-		closeFiles(files) // requests carry none
+		wire.CloseFiles(files) // requests carry none
 		switch {
 		case err == nil:
 		case ctx.Err() != nil || errors.Is(err, io.EOF):
@@ -174,10 +174,4 @@ func errnoOf(err error) syscall.Errno {
 		return syscall.ETIMEDOUT
 	}
 	return 0
-}
-
-func closeFiles(files []*os.File) {
-	for _, f := range files {
-		f.Close()
-	}
 }

@@ -146,16 +146,12 @@ func TestDialRefused(t *testing.T) {
 	ln := listenTCP(t)
 	addr := addrOf(ln.Addr())
 	ln.Close()
-	start := time.Now()
 	_, err := d.Dial(context.Background(), "tcp", addr)
 	if !errors.Is(err, syscall.ECONNREFUSED) {
 		t.Fatalf("dial a closed port: %v; want ECONNREFUSED", err)
 	}
 	if msg := err.Error(); !strings.Contains(msg, addr.String()) || !strings.Contains(msg, "in the namespace") || !strings.Contains(msg, "connection refused") {
 		t.Fatalf("error %q should name the address, the namespace and the refusal", msg)
-	}
-	if time.Since(start) > 2*time.Second {
-		t.Fatalf("a refusal took %v", time.Since(start))
 	}
 }
 
@@ -188,7 +184,7 @@ func TestServeChildSurvivesJunk(t *testing.T) {
 	if err != nil || rep.ID != 7 || rep.Error != "" || len(files) != 1 {
 		t.Fatalf("reply %+v with %d files, %v; want id 7, one file", rep, len(files), err)
 	}
-	closeFiles(files)
+	wire.CloseFiles(files)
 	p.Close()
 	if err := <-done; err != nil {
 		t.Fatalf("ServeChild after the parent closed: %v; want nil", err)
@@ -382,7 +378,7 @@ func TestWireSendKeepsNonblocking(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	closeFiles(files)
+	wire.CloseFiles(files)
 	rc, _ := conn.SyscallConn()
 	var flags int
 	rc.Control(func(fd uintptr) { flags, err = unix.FcntlInt(fd, unix.F_GETFL, 0) })

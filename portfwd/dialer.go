@@ -32,6 +32,13 @@ type Dialer struct {
 	nextID atomic.Uint64
 	done   chan struct{} // closed when the reply loop has ended
 
+	// slots bounds the requests the child is working on to its own limit
+	// (maxChildDials): beyond it the child stops reading, and a Send would
+	// block with no regard for the Dial's context. A slot is taken before
+	// sending and given back when the reply comes, whether or not its Dial
+	// still waits.
+	slots chan struct{}
+
 	mu      sync.Mutex
 	started bool
 	err     error // why the reply loop ended; Dials fail with it
@@ -52,6 +59,7 @@ func NewDialer(c *wire.Conn) *Dialer {
 	return &Dialer{
 		c:       c,
 		done:    make(chan struct{}),
+		slots:   make(chan struct{}, maxChildDials),
 		pending: make(map[uint64]chan dialResult),
 	}
 }
@@ -89,11 +97,27 @@ func (d *Dialer) Dial(ctx context.Context, proto string, addr netip.AddrPort) (n
 		d.mu.Unlock()
 		return nil, fmt.Errorf("dial %s %s in the namespace: portfwd.Dialer.Start was not called", proto, addr)
 	}
-	d.pending[id] = ch
 	d.mu.Unlock()
 
+	select {
+	case d.slots <- struct{}{}:
+	case <-ctx.Done():
+		return nil, fmt.Errorf("dial %s %s in the namespace: %d dials already in progress: %w", proto, addr, maxChildDials, ctx.Err())
+	case <-d.done:
+		return nil, fmt.Errorf("dial %s %s in the namespace: %w", proto, addr, d.failure())
+	}
+	d.mu.Lock()
+	if d.err != nil { // failed while this Dial waited for a slot
+		err := d.err
+		d.mu.Unlock()
+		<-d.slots
+		return nil, fmt.Errorf("dial %s %s in the namespace: %w", proto, addr, err)
+	}
+	d.pending[id] = ch
+	d.mu.Unlock()
 	if err := d.c.Send(dialRequest{ID: id, Proto: proto, Addr: addr}); err != nil {
 		d.forget(id)
+		<-d.slots
 		return nil, fmt.Errorf("dial %s %s in the namespace: ask the child: %w", proto, addr, err)
 	}
 	select {
@@ -103,7 +127,7 @@ func (d *Dialer) Dial(ctx context.Context, proto string, addr netip.AddrPort) (n
 		if !d.forget(id) {
 			// The reply is being delivered; drop it.
 			res := <-ch
-			closeFiles(res.files)
+			wire.CloseFiles(res.files)
 		}
 		return nil, fmt.Errorf("dial %s %s in the namespace: %w", proto, addr, ctx.Err())
 	}
@@ -134,12 +158,16 @@ func (d *Dialer) readReplies() {
 			d.fail(err)
 			return
 		}
+		select {
+		case <-d.slots: // the child is done with one request
+		default:
+		}
 		d.mu.Lock()
 		ch, ok := d.pending[rep.ID]
 		delete(d.pending, rep.ID)
 		d.mu.Unlock()
 		if !ok {
-			closeFiles(files) // its Dial gave up
+			wire.CloseFiles(files) // its Dial gave up
 			continue
 		}
 		ch <- dialResult{rep: rep, files: files}
@@ -147,6 +175,13 @@ func (d *Dialer) readReplies() {
 }
 
 // fail ends every pending Dial, and every later one, with err.
+// failure is why the Dialer stopped.
+func (d *Dialer) failure() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.err
+}
+
 func (d *Dialer) fail(err error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -182,7 +217,7 @@ func (d *Dialer) Close() error {
 // connFromReply turns a reply into a connection of the right kind.
 func connFromReply(proto string, addr netip.AddrPort, res dialResult) (net.Conn, error) {
 	fail := func(err error) (net.Conn, error) {
-		closeFiles(res.files)
+		wire.CloseFiles(res.files)
 		return nil, fmt.Errorf("dial %s %s in the namespace: %w", proto, addr, err)
 	}
 	switch {

@@ -10,6 +10,8 @@ import (
 	"net/netip"
 	"sync"
 	"time"
+
+	"github.com/gonetns/gonetns/internal/backoff"
 )
 
 // tcpPort is one published TCP port: a host listener and its accept loop.
@@ -65,25 +67,21 @@ func (p *tcpPort) stop() error {
 
 func (p *tcpPort) serve() {
 	defer close(p.done)
-	var backoff time.Duration
+	var retry backoff.Backoff
 	for {
 		c, err := p.ln.AcceptTCP()
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
 			}
-			// Out of descriptors and the like: wait, as net/http does,
-			// rather than spin.
-			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			p.log.Warn("portfwd: accept failed, retrying", "err", err, "retry_in", backoff)
-			select {
-			case <-time.After(backoff):
-				continue
-			case <-p.quit:
+			// Out of descriptors and the like: wait rather than spin.
+			p.log.Warn("portfwd: accept failed, retrying", "err", err)
+			if !retry.Wait(p.quit) {
 				return
 			}
+			continue
 		}
-		backoff = 0
+		retry.Reset()
 		select {
 		case p.slots <- struct{}{}:
 		default:

@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/gonetns/gonetns/internal/backoff"
 )
 
 const (
@@ -94,19 +96,20 @@ func (p *udpPort) stop() error {
 func (p *udpPort) serve() {
 	defer close(p.done)
 	buf := make([]byte, maxDatagram)
-	var backoff time.Duration
+	retry := backoff.Backoff{Min: time.Millisecond, Max: 100 * time.Millisecond}
 	for {
 		n, client, err := p.conn.ReadFromUDPAddrPort(buf)
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
 			}
-			backoff = min(max(2*backoff, time.Millisecond), 100*time.Millisecond)
 			p.log.Debug("portfwd: udp read failed", "err", err)
-			time.Sleep(backoff)
+			if !retry.Wait(p.ctx.Done()) {
+				return
+			}
 			continue
 		}
-		backoff = 0
+		retry.Reset()
 		if f := p.flow(client); f != nil {
 			f.toChild(buf[:n])
 		}

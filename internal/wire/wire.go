@@ -16,6 +16,7 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -35,6 +36,9 @@ var ErrTruncated = errors.New("wire: message truncated")
 // After Close, Send and Recv return an error wrapping net.ErrClosed.
 type Conn struct {
 	uc *net.UnixConn
+
+	rmu      sync.Mutex // one Recv at a time: they share the buffers
+	buf, oob []byte
 }
 
 // Socketpair returns the two ends of a new SOCK_SEQPACKET pair as files, both
@@ -113,8 +117,13 @@ func (c *Conn) Send(v any, files ...*os.File) error {
 // close-on-exec. At end of stream (the peer closed its end) Recv returns
 // io.EOF.
 func (c *Conn) Recv(v any) ([]*os.File, error) {
-	buf := make([]byte, MaxMessage+1)
-	oob := make([]byte, unix.CmsgSpace(MaxFiles*4))
+	c.rmu.Lock()
+	defer c.rmu.Unlock()
+	if c.buf == nil {
+		c.buf = make([]byte, MaxMessage+1)
+		c.oob = make([]byte, unix.CmsgSpace(MaxFiles*4))
+	}
+	buf, oob := c.buf, c.oob
 	rc, err := c.uc.SyscallConn()
 	if err != nil {
 		return nil, fmt.Errorf("wire: %w", err)
@@ -137,18 +146,18 @@ func (c *Conn) Recv(v any) ([]*os.File, error) {
 	}
 	files, ferr := parseRights(oob[:oobn])
 	if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 || n > MaxMessage {
-		closeAll(files)
+		CloseFiles(files)
 		return nil, ErrTruncated
 	}
 	if ferr != nil {
-		closeAll(files)
+		CloseFiles(files)
 		return nil, ferr
 	}
 	if n == 0 && len(files) == 0 {
 		return nil, io.EOF
 	}
 	if err := json.Unmarshal(buf[:n], v); err != nil {
-		closeAll(files)
+		CloseFiles(files)
 		return nil, fmt.Errorf("wire: decode %T: %w", v, err)
 	}
 	return files, nil
@@ -200,7 +209,9 @@ func parseRights(oob []byte) ([]*os.File, error) {
 	return files, nil
 }
 
-func closeAll(files []*os.File) {
+// CloseFiles closes files, such as those a Recv returned that are not
+// wanted.
+func CloseFiles(files []*os.File) {
 	for _, f := range files {
 		f.Close()
 	}
