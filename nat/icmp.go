@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -79,19 +80,7 @@ func (n *NAT) HandleEcho(r *stack.EchoRequest) bool {
 
 func pingRange() string {
 	b, _ := os.ReadFile("/proc/sys/net/ipv4/ping_group_range")
-	return string(trimSpace(b))
-}
-
-func trimSpace(b []byte) []byte {
-	for len(b) > 0 && (b[len(b)-1] == '\n' || b[len(b)-1] == ' ') {
-		b = b[:len(b)-1]
-	}
-	for i := range b {
-		if b[i] == '\t' {
-			b[i] = ' '
-		}
-	}
-	return b
+	return strings.Join(strings.Fields(string(b)), " ")
 }
 
 func (n *NAT) newEchoFlow(r *stack.EchoRequest, host netip.Addr) (*echoFlow, error) {

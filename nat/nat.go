@@ -13,7 +13,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -26,6 +25,7 @@ const (
 	DefaultDNSIdleTimeout = 10 * time.Second
 	DefaultEchoIdle       = 30 * time.Second
 	DefaultMaxUDPFlows    = 4096
+	DefaultMaxTCPConns    = 16384
 	DefaultMaxEchoFlows   = 1024
 )
 
@@ -45,6 +45,7 @@ type Config struct {
 	UDPIdleTimeout time.Duration // a UDP flow with no traffic is closed
 	DNSIdleTimeout time.Duration // the same, for flows to port 53
 	MaxUDPFlows    int           // beyond it, the idlest flow is evicted
+	MaxTCPConns    int           // dialling or relayed; beyond it, new ones are reset
 	MaxEchoFlows   int
 
 	// Dialer dials host TCP; the zero value is a net.Dialer.
@@ -72,6 +73,9 @@ type NAT struct {
 	tcp    map[*tcpRelay]struct{}
 	wg     sync.WaitGroup
 
+	tcpActive atomic.Int64 // connections being dialled or relayed
+	tcpFull   atomic.Int64 // unix time of the last "too many" warning
+
 	udp  *table[udpKey, *udpFlow]
 	echo *table[echoKey, *echoFlow]
 
@@ -93,6 +97,9 @@ func New(cfg Config) (*NAT, error) {
 	}
 	if cfg.DNSIdleTimeout <= 0 {
 		cfg.DNSIdleTimeout = DefaultDNSIdleTimeout
+	}
+	if cfg.MaxTCPConns <= 0 {
+		cfg.MaxTCPConns = DefaultMaxTCPConns
 	}
 	if cfg.MaxUDPFlows <= 0 {
 		cfg.MaxUDPFlows = DefaultMaxUDPFlows
@@ -143,11 +150,13 @@ func (n *NAT) Start() {
 }
 
 // Close ends every flow and connection and waits for their goroutines.
-// Idempotent.
+// Idempotent; every call waits. A handshake with the sandbox still in
+// progress holds Close until it completes or fails: close the stack first.
 func (n *NAT) Close() error {
 	n.mu.Lock()
 	if n.closed {
 		n.mu.Unlock()
+		n.wg.Wait()
 		return nil
 	}
 	n.closed = true
@@ -196,9 +205,4 @@ func (n *NAT) hostAddr(dst netip.Addr) (netip.Addr, error) {
 		return netip.Addr{}, fmt.Errorf("%w: no host %v on the sandbox's subnet", ErrRefused, dst)
 	}
 	return dst, nil
-}
-
-// isClosed reports errors of a socket closed on our side.
-func isClosed(err error) bool {
-	return errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrClosed)
 }

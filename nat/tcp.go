@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"time"
 
 	"github.com/gonetns/gonetns/stack"
 )
@@ -20,6 +21,15 @@ func (n *NAT) HandleTCP(r *stack.TCPRequest) {
 		return
 	}
 	defer n.wg.Done()
+	if n.tcpActive.Add(1) > int64(n.cfg.MaxTCPConns) {
+		n.tcpActive.Add(-1)
+		r.Refuse()
+		if now := time.Now().Unix(); n.tcpFull.Swap(now) < now-10 {
+			n.log.Warn("the sandbox has too many TCP connections open; resetting new ones", "limit", n.cfg.MaxTCPConns)
+		}
+		return
+	}
+	defer n.tcpActive.Add(-1)
 	log := n.log.With("src", r.Src, "dst", r.Dst)
 	host, err := n.hostAddr(r.Dst.Addr())
 	if err != nil {

@@ -60,29 +60,40 @@ func (c *TCPConn) writeToSocket(rc syscall.RawConn) (int64, error) {
 		if err := c.waitReadable(); err != nil {
 			return total, err
 		}
-		col.iovs, col.n = col.iovs[:0], 0
-		_, terr := c.ep.Read(&col, tcpip.ReadOptions{Peek: true})
-		if terr != nil {
-			if _, ok := terr.(*tcpip.ErrWouldBlock); ok {
-				continue
-			}
-			if err := Err(terr); !errors.Is(err, io.EOF) {
-				return total, err
-			}
-			return total, nil
-		}
-		n, werr := writevAll(rc, col.iovs)
-		clear(col.iovs) // drop references to the views before consuming them
-		if n > 0 {
-			d := discard{n: n}
-			c.ep.Read(&d, tcpip.ReadOptions{})
-			c.ep.ModerateRecvBuf(n)
-			total += int64(n)
-		}
-		if werr != nil {
-			return total, werr
+		n, done, err := c.writeBatch(rc, &col)
+		total += int64(n)
+		if err != nil || done {
+			return total, err
 		}
 	}
+}
+
+// writeBatch peeks what is queued, writes it to the socket and consumes
+// what was written. done reports EOF from the sandbox.
+func (c *TCPConn) writeBatch(rc syscall.RawConn, col *iovCollector) (n int, done bool, err error) {
+	if !c.beginBatch() {
+		return 0, false, errClosed
+	}
+	defer c.endBatch()
+	col.iovs, col.n = col.iovs[:0], 0
+	_, terr := c.ep.Read(col, tcpip.ReadOptions{Peek: true})
+	if terr != nil {
+		if _, ok := terr.(*tcpip.ErrWouldBlock); ok {
+			return 0, false, nil
+		}
+		if err := Err(terr); !errors.Is(err, io.EOF) {
+			return 0, false, err
+		}
+		return 0, true, nil
+	}
+	n, werr := writevAll(rc, col.iovs)
+	clear(col.iovs) // drop references to the views before consuming them
+	if n > 0 {
+		d := discard{n: n}
+		c.ep.Read(&d, tcpip.ReadOptions{})
+		c.ep.ModerateRecvBuf(n)
+	}
+	return n, false, werr
 }
 
 // writevAll writes all of iovs, waiting for the socket to drain as needed.

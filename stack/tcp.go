@@ -7,7 +7,6 @@ import (
 	"net"
 	"net/netip"
 	"sync"
-	"syscall"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
@@ -84,8 +83,17 @@ type TCPConn struct {
 
 	readEntry, writeEntry waiter.Entry
 	readCh, writeCh       chan struct{}
-	closeOnce             sync.Once
-	closed                chan struct{}
+	closed                chan struct{} // closed by the first Close or Abort
+
+	// mu orders closing against a batch of writeToSocket, which writes
+	// the endpoint's own receive buffers: the endpoint must not free them
+	// (Close, Abort) while a writev may still read them.
+	mu       sync.Mutex
+	batching bool // a writev batch holds views of the endpoint
+	closing  bool
+	abortReq bool
+	aborted  bool
+	epClosed bool
 }
 
 func newTCPConn(ep tcpip.Endpoint, wq *waiter.Queue, local, remote netip.AddrPort) *TCPConn {
@@ -151,13 +159,12 @@ func (c *TCPConn) Write(b []byte) (int, error) {
 }
 
 // WriteTo copies what the sandbox sends to w until EOF (returning nil) or
-// an error. When w is a kernel stream socket (a syscall.Conn such as
-// *net.TCPConn), the stack's buffers are written to it directly with
-// writev; otherwise in chunks through a relay buffer, held only while data
-// flows.
+// an error. When w is a *net.TCPConn, the stack's buffers are written to
+// it directly with writev; otherwise in chunks through a relay buffer,
+// held only while data flows.
 func (c *TCPConn) WriteTo(w io.Writer) (int64, error) {
-	if sc, ok := w.(syscall.Conn); ok {
-		if rc, err := sc.SyscallConn(); err == nil {
+	if tc, ok := w.(*net.TCPConn); ok {
+		if rc, err := tc.SyscallConn(); err == nil {
 			return c.writeToSocket(rc)
 		}
 	}
@@ -213,12 +220,11 @@ func (c *TCPConn) waitReadable() error {
 }
 
 // ReadFrom copies r to the sandbox until r's EOF (returning nil) or an
-// error. When r is a kernel stream socket (a syscall.Conn such as
-// *net.TCPConn), the stack reads it straight into its own buffers;
-// otherwise through a relay buffer.
+// error. When r is a *net.TCPConn, the stack reads it straight into its
+// own buffers; otherwise through a relay buffer.
 func (c *TCPConn) ReadFrom(r io.Reader) (int64, error) {
-	if sc, ok := r.(syscall.Conn); ok {
-		if rc, err := sc.SyscallConn(); err == nil {
+	if tc, ok := r.(*net.TCPConn); ok {
+		if rc, err := tc.SyscallConn(); err == nil {
 			return c.readFromSocket(rc)
 		}
 	}
@@ -250,19 +256,66 @@ func (c *TCPConn) CloseWrite() error {
 }
 
 // Close closes the connection gracefully (data already written is still
-// delivered) and wakes blocked Read and Write calls.
+// delivered) and wakes blocked Read and Write calls. If WriteTo is in the
+// middle of writing a batch to a socket, the endpoint is closed when that
+// write returns.
 func (c *TCPConn) Close() error {
-	c.closeOnce.Do(func() {
-		close(c.closed)
-		c.wq.EventUnregister(&c.readEntry)
-		c.wq.EventUnregister(&c.writeEntry)
-		c.ep.Close()
-	})
+	c.shutdown(false)
 	return nil
 }
 
-// Abort resets the connection: the sandbox sees ECONNRESET.
+// Abort resets the connection: the sandbox sees ECONNRESET. Like Close,
+// it waits for a batch in flight to a socket.
 func (c *TCPConn) Abort() {
-	c.ep.Abort()
-	c.Close()
+	c.shutdown(true)
+}
+
+func (c *TCPConn) shutdown(abort bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.abortReq = c.abortReq || abort
+	if !c.closing {
+		c.closing = true
+		close(c.closed)
+	}
+	if !c.batching {
+		c.finishLocked()
+	}
+}
+
+// finishLocked does what Close and Abort asked for, once no batch holds
+// the endpoint's buffers.
+func (c *TCPConn) finishLocked() {
+	if c.abortReq && !c.aborted {
+		c.aborted = true
+		c.ep.Abort()
+	}
+	if !c.epClosed {
+		c.epClosed = true
+		c.wq.EventUnregister(&c.readEntry)
+		c.wq.EventUnregister(&c.writeEntry)
+		c.ep.Close()
+	}
+}
+
+// beginBatch marks a batch that will read the endpoint's buffers; false
+// if the connection is closing.
+func (c *TCPConn) beginBatch() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closing {
+		return false
+	}
+	c.batching = true
+	return true
+}
+
+// endBatch ends a batch and completes a Close or Abort that waited for it.
+func (c *TCPConn) endBatch() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.batching = false
+	if c.closing {
+		c.finishLocked()
+	}
 }

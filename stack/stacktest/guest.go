@@ -17,12 +17,13 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/network/arp"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
-	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	gstack "gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 	"gvisor.dev/gvisor/pkg/waiter"
 
+	"github.com/gonetns/gonetns/stack"
 	"github.com/gonetns/gonetns/stack/internal/link"
 	"github.com/gonetns/gonetns/tap"
 )
@@ -33,16 +34,16 @@ var GuestMAC = tcpip.LinkAddress("\x02\x00\x00\x00\x00\x64")
 // Guest is the sandbox's side of the link: an IPv4 host with one address
 // and a default route.
 type Guest struct {
-	s   *stack.Stack
+	s   *gstack.Stack
 	dev tap.Device
 }
 
 // NewGuest starts a guest stack on dev with address addr (e.g.
 // 10.0.2.100/24) and default gateway gw.
 func NewGuest(dev tap.Device, addr netip.Prefix, gw netip.Addr, mtu uint32) (*Guest, error) {
-	s := stack.New(stack.Options{
-		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, arp.NewProtocol},
-		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4},
+	s := gstack.New(gstack.Options{
+		NetworkProtocols:   []gstack.NetworkProtocolFactory{ipv4.NewProtocol, arp.NewProtocol},
+		TransportProtocols: []gstack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4},
 	})
 	ep := link.New(dev, mtu, GuestMAC, nil)
 	if err := s.CreateNIC(1, ep); err != nil {
@@ -53,7 +54,7 @@ func NewGuest(dev tap.Device, addr netip.Prefix, gw netip.Addr, mtu uint32) (*Gu
 		Protocol:          ipv4.ProtocolNumber,
 		AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpip.AddrFrom4(addr.Addr().As4()), PrefixLen: addr.Bits()},
 	}
-	if err := s.AddProtocolAddress(1, pa, stack.AddressProperties{}); err != nil {
+	if err := s.AddProtocolAddress(1, pa, gstack.AddressProperties{}); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("guest address: %s", err)
 	}
@@ -100,7 +101,7 @@ func (g *Guest) DialTCP(ctx context.Context, addr netip.AddrPort) (*Conn, error)
 	}
 	if terr != nil {
 		ep.Close()
-		return nil, fmt.Errorf("dial %v: %s", addr, terr)
+		return nil, fmt.Errorf("dial %v: %w", addr, stack.Err(terr))
 	}
 	return &Conn{TCPConn: gonet.NewTCPConn(&wq, ep), ep: ep}, nil
 }
