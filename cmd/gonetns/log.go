@@ -2,9 +2,9 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"io"
 	"log/slog"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -18,6 +18,7 @@ type logHandler struct {
 	level  slog.Level
 	prefix string
 	attrs  string
+	group  string // key prefix from WithGroup, "a.b."
 }
 
 func newLogger(w io.Writer, debug bool, prefix string) *slog.Logger {
@@ -44,10 +45,10 @@ func (h *logHandler) Handle(_ context.Context, r slog.Record) error {
 	case r.Level < slog.LevelInfo:
 		b.WriteString("debug: ")
 	}
-	b.WriteString(r.Message)
+	b.WriteString(strings.ReplaceAll(r.Message, "\n", "\n  "))
 	b.WriteString(h.attrs)
 	r.Attrs(func(a slog.Attr) bool {
-		writeAttr(&b, "", a)
+		writeAttr(&b, strings.TrimSuffix(h.group, "."), a)
 		return true
 	})
 	b.WriteByte('\n')
@@ -76,8 +77,10 @@ func writeAttr(b *strings.Builder, group string, a slog.Attr) {
 	if a.Value.Kind() == slog.KindDuration {
 		v = a.Value.Duration().Round(time.Microsecond).String()
 	}
-	if strings.ContainsAny(v, " \t\"=") || v == "" {
-		v = fmt.Sprintf("%q", v)
+	if v == "" || strings.ContainsFunc(v, func(r rune) bool { return r <= ' ' || r == '"' || r == '=' || r == 0x7f }) {
+		// Quoted, so that text from the sandbox (a host name, an error)
+		// cannot forge a log line with a newline.
+		v = strconv.Quote(v)
 	}
 	b.WriteString(" " + key + "=" + v)
 }
@@ -85,17 +88,19 @@ func writeAttr(b *strings.Builder, group string, a slog.Attr) {
 func (h *logHandler) WithAttrs(as []slog.Attr) slog.Handler {
 	var b strings.Builder
 	for _, a := range as {
-		writeAttr(&b, "", a)
+		writeAttr(&b, strings.TrimSuffix(h.group, "."), a)
 	}
 	c := *h
 	c.attrs += b.String()
 	return &c
 }
 
+// WithGroup qualifies the keys of later attributes: group.key=value.
 func (h *logHandler) WithGroup(name string) slog.Handler {
-	// Groups are flattened into dotted keys by writeAttr; a handler-level
-	// group is rare enough here to be recorded as a prefix attribute.
+	if name == "" {
+		return h
+	}
 	c := *h
-	c.attrs += " group=" + name
+	c.group += name + "."
 	return &c
 }

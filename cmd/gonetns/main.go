@@ -119,7 +119,7 @@ func runSandbox(o *options, log *slog.Logger) (int, error) {
 	info, files := child.NetworkInfo()
 	if err := nw.start(child, info, files); err != nil {
 		child.Kill()
-		child.Run(context.Background())
+		child.Wait()
 		return 0, err
 	}
 	return child.Run(context.Background())

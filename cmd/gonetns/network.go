@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/netip"
 	"os"
@@ -150,7 +149,7 @@ func (n *network) start(child *userns.Child, info json.RawMessage, files []*os.F
 	}
 	if n.o.net == "builtin" {
 		if len(files) != 1 {
-			closeFiles(files)
+			wire.CloseFiles(files)
 			return fmt.Errorf("the child sent %d files for the TAP device, want 1", len(files))
 		}
 		var ti tapInfo
@@ -164,7 +163,7 @@ func (n *network) start(child *userns.Child, info json.RawMessage, files []*os.F
 			return err
 		}
 	} else {
-		closeFiles(files)
+		wire.CloseFiles(files)
 	}
 	if n.dialer != nil {
 		n.dialer.Start()
@@ -242,12 +241,6 @@ func (n *network) startAPI(child *userns.Child) error {
 	if err != nil {
 		return err
 	}
-	mgr := n.ports
-	if mgr == nil {
-		// --port-driver=none: the API still answers info; port calls fail.
-		mgr = portfwd.NewManager(portfwd.Config{Dialer: noDialer{}})
-		n.ports = mgr
-	}
 	info := func() portfwd.Info {
 		i := portfwd.Info{Version: versionString(), StateDir: n.sd.Path, ChildPID: child.PID()}
 		switch n.o.net {
@@ -256,25 +249,17 @@ func (n *network) startAPI(child *userns.Child) error {
 		case "none":
 			i.NetworkDriver = &portfwd.NetworkDriverInfo{Driver: "none"}
 		}
-		if n.o.portDriver != "builtin" {
-			i.PortDriver = &portfwd.PortDriverInfo{Driver: "none", Protos: []string{}}
-		}
 		return i
 	}
-	n.api = &http.Server{Handler: portfwd.NewAPIHandler(mgr, info), ReadHeaderTimeout: 10 * time.Second}
+	// With --port-driver=none, n.ports is nil: the API answers info and
+	// refuses port calls.
+	n.api = &http.Server{Handler: portfwd.NewAPIHandler(n.ports, info), ReadHeaderTimeout: 10 * time.Second}
 	n.apiDone = make(chan struct{})
 	go func() {
 		defer close(n.apiDone)
 		n.api.Serve(ln)
 	}()
 	return nil
-}
-
-// noDialer backs the API's Manager under --port-driver=none.
-type noDialer struct{}
-
-func (noDialer) Dial(context.Context, string, netip.AddrPort) (net.Conn, error) {
-	return nil, errors.New("ports cannot be published: gonetns runs with --port-driver=none")
 }
 
 // Close stops everything start started, API first, netstack last.
@@ -299,20 +284,17 @@ func (n *network) Close() error {
 		if n.dns != nil {
 			n.dns.Close()
 		}
-		if n.nat != nil {
-			n.nat.Close()
-		}
+		// The stack before the NAT: closing it aborts handshakes still
+		// in progress (which the NAT would otherwise wait for, up to the
+		// SYN-ACK retries' two minutes) and every connection's endpoint.
 		if n.st != nil {
 			n.st.Close()
 		}
+		if n.nat != nil {
+			n.nat.Close()
+		}
 	})
 	return nil
-}
-
-func closeFiles(files []*os.File) {
-	for _, f := range files {
-		f.Close()
-	}
 }
 
 // serveChild runs in the child while the command runs: it answers the
