@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"runtime"
 	"runtime/debug"
 	"runtime/pprof"
 	"strconv"
@@ -38,6 +39,7 @@ func main() {
 }
 
 func run(args []string) int {
+	setProcs()
 	if userns.IsChild() {
 		return userns.RunChild(childHooks())
 	}
@@ -168,6 +170,20 @@ func childHooks() userns.ChildHooks {
 		},
 		Serve: serveChild,
 	}
+}
+
+// setProcs sizes the Go scheduler for a process that is mostly a packet
+// pipeline: one P on machines of up to four CPUs, a quarter of them above.
+// Measured on 2 cores (bench/results): with one P, throughput is higher in
+// both directions and new connections per second double, because a second
+// P mostly adds cross-CPU wake-ups and competes with the sandbox's own
+// programs and the kernel, while blocking system calls still hand the P
+// to another thread. GOMAXPROCS in the environment overrides it.
+func setProcs() {
+	if os.Getenv("GOMAXPROCS") != "" {
+		return
+	}
+	runtime.GOMAXPROCS(max(1, runtime.NumCPU()/4))
 }
 
 // startCPUProfile profiles the parent until stop is called.
