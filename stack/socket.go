@@ -126,40 +126,98 @@ func writevAll(rc syscall.RawConn, iovs [][]byte) (int, error) {
 	return total, nil
 }
 
-// readFromSocket sends what a kernel socket receives to the sandbox,
-// reading straight into the stack's send buffers: wait for data, learn how
-// much is queued (FIONREAD), and let the endpoint read exactly that.
+// smallRead is the buffer readFromSocket reads into first: a message that
+// fits (a request, a reply, an ACK-sized chunk) costs one read(2) and a
+// small copy; a larger amount continues on the zero-copy path.
+const smallRead = 4096
+
+// readFromSocket sends what a kernel socket receives to the sandbox. Each
+// wake-up starts with one read(2) into a small buffer — for a short
+// message that is the only system call — and if that fills, the rest of
+// what is queued (FIONREAD) is read by the endpoint straight into its own
+// buffers.
 func (c *TCPConn) readFromSocket(rc syscall.RawConn) (int64, error) {
 	var total int64
+	buf := make([]byte, smallRead)
 	p := &socketPayload{rc: rc}
 	for {
-		avail, err := waitSocketData(rc)
+		n, err := readSocket(rc, buf)
 		if err != nil {
 			return total, err
 		}
-		if avail == 0 {
+		if n == 0 {
 			return total, nil // EOF
 		}
-		p.remaining = avail
-		for p.remaining > 0 {
-			n, terr := c.ep.Write(p, tcpip.WriteOptions{})
-			total += n
-			if p.err != nil {
-				return total, p.err
+		m, err := c.Write(buf[:n])
+		total += int64(m)
+		if err != nil {
+			return total, err
+		}
+		if n < len(buf) {
+			continue
+		}
+		for {
+			avail, err := unix.IoctlGetInt(socketFD(rc), unix.SIOCINQ)
+			if err != nil || avail == 0 {
+				break
 			}
-			if terr == nil {
-				continue
-			}
-			if _, ok := terr.(*tcpip.ErrWouldBlock); !ok {
-				return total, Err(terr)
-			}
-			select {
-			case <-c.writeCh:
-			case <-c.closed:
-				return total, errClosed
+			p.remaining = avail
+			m, err := c.writePayload(p)
+			total += m
+			if err != nil {
+				return total, err
 			}
 		}
 	}
+}
+
+// writePayload writes all of p to the endpoint, waiting for room.
+func (c *TCPConn) writePayload(p *socketPayload) (int64, error) {
+	var total int64
+	for p.remaining > 0 {
+		n, terr := c.ep.Write(p, tcpip.WriteOptions{})
+		total += n
+		if p.err != nil {
+			return total, p.err
+		}
+		if terr == nil {
+			continue
+		}
+		if _, ok := terr.(*tcpip.ErrWouldBlock); !ok {
+			return total, Err(terr)
+		}
+		select {
+		case <-c.writeCh:
+		case <-c.closed:
+			return total, errClosed
+		}
+	}
+	return total, nil
+}
+
+// readSocket reads what is queued, waiting for data; 0 means EOF.
+func readSocket(rc syscall.RawConn, b []byte) (int, error) {
+	var n int
+	var rerr error
+	err := rc.Read(func(fd uintptr) bool {
+		n, rerr = unix.Read(int(fd), b)
+		return rerr != unix.EAGAIN
+	})
+	if err != nil {
+		return 0, err
+	}
+	if rerr != nil {
+		return 0, rerr
+	}
+	return n, nil
+}
+
+// socketFD returns the descriptor behind rc (valid while the socket is
+// open, which the caller guarantees).
+func socketFD(rc syscall.RawConn) int {
+	var fd int
+	rc.Control(func(f uintptr) { fd = int(f) })
+	return fd
 }
 
 // socketPayload lets the endpoint read up to remaining bytes, which are
@@ -200,36 +258,4 @@ func (p *socketPayload) Read(b []byte) (int, error) {
 	}
 	p.remaining -= n
 	return n, nil
-}
-
-// waitSocketData blocks until the socket has data, EOF or an error, and
-// returns how many bytes can be read (0 at EOF). While data streams in,
-// FIONREAD alone answers; only an empty queue costs a peek (to tell EOF and
-// errors from "nothing yet") and a wait. A pending error (a reset) is
-// returned: the kernel reports it once, and the peek consumes it.
-func waitSocketData(rc syscall.RawConn) (int, error) {
-	var one [1]byte
-	var avail int
-	var perr error
-	err := rc.Read(func(fd uintptr) bool {
-		if avail, perr = unix.IoctlGetInt(int(fd), unix.SIOCINQ); perr != nil || avail > 0 {
-			return true
-		}
-		var n int
-		n, _, perr = unix.Recvfrom(int(fd), one[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		if perr == unix.EAGAIN {
-			return false
-		}
-		if perr == nil && n > 0 {
-			avail, perr = unix.IoctlGetInt(int(fd), unix.SIOCINQ)
-		}
-		return true
-	})
-	if err != nil {
-		return 0, err
-	}
-	if perr != nil {
-		return 0, perr
-	}
-	return avail, nil
 }
