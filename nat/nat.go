@@ -61,9 +61,10 @@ var ErrRefused = errors.New("nat: destination not allowed")
 
 // NAT holds the flows of one sandbox.
 type NAT struct {
-	cfg    Config
-	log    *slog.Logger
-	dialer *net.Dialer
+	cfg        Config
+	log        *slog.Logger
+	dialer     *net.Dialer
+	loopDialer *net.Dialer // dialer without TCP keepalive, for the host's loopback
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -117,6 +118,10 @@ func New(cfg Config) (*NAT, error) {
 	if n.dialer == nil {
 		n.dialer = &net.Dialer{}
 	}
+	ld := *n.dialer
+	ld.KeepAlive = -1
+	ld.KeepAliveConfig = net.KeepAliveConfig{Enable: false}
+	n.loopDialer = &ld
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	n.udp = newTable[udpKey, *udpFlow](cfg.MaxUDPFlows, func(k udpKey) time.Duration {
 		if k.dst.Port() == 53 {

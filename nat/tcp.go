@@ -2,6 +2,7 @@ package nat
 
 import (
 	"context"
+	"log/slog"
 	"net"
 	"net/netip"
 	"sync"
@@ -30,15 +31,25 @@ func (n *NAT) HandleTCP(r *stack.TCPRequest) {
 		return
 	}
 	defer n.tcpActive.Add(-1)
-	log := n.log.With("src", r.Src, "dst", r.Dst)
+	debug := n.log.Enabled(n.ctx, slog.LevelDebug)
+	log := n.log
+	if debug { // building the attributes costs even when nothing is written
+		log = n.log.With("src", r.Src, "dst", r.Dst)
+	}
 	host, err := n.hostAddr(r.Dst.Addr())
 	if err != nil {
 		log.Debug("tcp refused by policy", "err", err)
 		r.Refuse()
 		return
 	}
+	dialer := n.dialer
+	if host.IsLoopback() {
+		// The host's own kernel reports a peer's death at once: keepalive
+		// probes (four setsockopt calls per connection) buy nothing.
+		dialer = n.loopDialer
+	}
 	ctx, cancel := context.WithTimeout(n.ctx, n.cfg.DialTimeout)
-	hc, err := n.dialer.DialContext(ctx, "tcp", netip.AddrPortFrom(host, r.Dst.Port()).String())
+	hc, err := dialer.DialContext(ctx, "tcp", netip.AddrPortFrom(host, r.Dst.Port()).String())
 	cancel()
 	if err != nil {
 		log.Debug("tcp dial failed; resetting", "err", err)
@@ -60,12 +71,16 @@ func (n *NAT) HandleTCP(r *stack.TCPRequest) {
 	}
 	n.tcp[rl] = struct{}{}
 	n.mu.Unlock()
-	log.Debug("tcp connected", "host", hc.RemoteAddr())
+	if debug {
+		log.Debug("tcp connected", "host", hc.RemoteAddr())
+	}
 	up, down := rl.run()
 	n.mu.Lock()
 	delete(n.tcp, rl)
 	n.mu.Unlock()
-	log.Debug("tcp closed", "bytes_out", up, "bytes_in", down)
+	if debug {
+		log.Debug("tcp closed", "bytes_out", up, "bytes_in", down)
+	}
 }
 
 // tcpRelay copies between a netstack connection and a host socket, each

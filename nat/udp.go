@@ -2,6 +2,7 @@ package nat
 
 import (
 	"errors"
+	"log/slog"
 	"net"
 	"net/netip"
 	"sync"
@@ -42,7 +43,10 @@ func (f *udpFlow) close() {
 // stack.Config.UDP. A destination the policy refuses, or one the host
 // cannot send to, gets ICMP port unreachable.
 func (n *NAT) HandleUDP(r *stack.UDPRequest) bool {
-	log := n.log.With("src", r.Src, "dst", r.Dst)
+	log := n.log
+	if n.log.Enabled(n.ctx, slog.LevelDebug) {
+		log = n.log.With("src", r.Src, "dst", r.Dst)
+	}
 	host, err := n.hostAddr(r.Dst.Addr())
 	if err != nil {
 		log.Debug("udp refused by policy", "err", err)

@@ -17,8 +17,13 @@ type logHandler struct {
 	w      io.Writer
 	level  slog.Level
 	prefix string
-	attrs  string
-	group  string // key prefix from WithGroup, "a.b."
+	attrs  []groupedAttr // from WithAttrs, formatted only when a record is
+	group  string        // key prefix from WithGroup, "a.b."
+}
+
+type groupedAttr struct {
+	group string
+	attr  slog.Attr
 }
 
 func newLogger(w io.Writer, debug bool, prefix string) *slog.Logger {
@@ -46,7 +51,9 @@ func (h *logHandler) Handle(_ context.Context, r slog.Record) error {
 		b.WriteString("debug: ")
 	}
 	b.WriteString(strings.ReplaceAll(r.Message, "\n", "\n  "))
-	b.WriteString(h.attrs)
+	for _, ga := range h.attrs {
+		writeAttr(&b, ga.group, ga.attr)
+	}
 	r.Attrs(func(a slog.Attr) bool {
 		writeAttr(&b, strings.TrimSuffix(h.group, "."), a)
 		return true
@@ -85,13 +92,16 @@ func writeAttr(b *strings.Builder, group string, a slog.Attr) {
 	b.WriteString(" " + key + "=" + v)
 }
 
+// WithAttrs keeps the attributes; they are formatted only if a record is
+// actually written (a logger With'ed per connection costs little when
+// debug is off).
 func (h *logHandler) WithAttrs(as []slog.Attr) slog.Handler {
-	var b strings.Builder
-	for _, a := range as {
-		writeAttr(&b, strings.TrimSuffix(h.group, "."), a)
-	}
 	c := *h
-	c.attrs += b.String()
+	c.attrs = make([]groupedAttr, len(h.attrs), len(h.attrs)+len(as))
+	copy(c.attrs, h.attrs)
+	for _, a := range as {
+		c.attrs = append(c.attrs, groupedAttr{strings.TrimSuffix(h.group, "."), a})
+	}
 	return &c
 }
 
