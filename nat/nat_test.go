@@ -197,7 +197,8 @@ func TestDisableHostLoopback(t *testing.T) {
 }
 
 func TestPolicy(t *testing.T) {
-	n, err := New(Config{Subnet: subnet, Gateway: gateway, HostLoopback: true})
+	n, err := New(Config{Subnet: subnet, Gateway: gateway, HostLoopback: true,
+		Subnet6: netip.MustParsePrefix("fd00::/64"), Gateway6: netip.MustParseAddr("fd00::2")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -205,6 +206,12 @@ func TestPolicy(t *testing.T) {
 		dst  string
 		want string // "" = refused
 	}{
+		{"fd00::2", "::1"},
+		{"fd00::50", ""},
+		{"::1", ""},
+		{"ff02::1", ""},
+		{"2001:db8::1", "2001:db8::1"},
+		{"::ffff:10.0.2.2", "127.0.0.1"},
 		{"10.0.2.2", "127.0.0.1"},
 		{"192.0.2.1", "192.0.2.1"},
 		{"10.0.2.50", ""},

@@ -138,7 +138,10 @@ func (st *Stack) Start() error {
 	netProtos := []stack.NetworkProtocolFactory{ipv4.NewProtocol, arp.NewProtocol}
 	transProtos := []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4}
 	if st.ipv6 {
-		netProtos = append(netProtos, ipv6.NewProtocol)
+		// NDP answers for our addresses at once: no duplicate address
+		// detection (nothing else is on this link) and no router
+		// solicitations (we are the router).
+		netProtos = append(netProtos, ipv6.NewProtocolWithOptions(ipv6.Options{AutoGenLinkLocal: true}))
 		transProtos = append(transProtos, icmp.NewProtocol6)
 	}
 	s := stack.New(stack.Options{

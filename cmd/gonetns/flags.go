@@ -21,6 +21,7 @@ type options struct {
 	cidr                netip.Prefix
 	ifname              string
 	disableHostLoopback bool
+	ipv6                bool
 	dnsUpstreams        []netip.AddrPort
 	portDriver          string
 	publish             []portfwd.Spec
@@ -67,6 +68,7 @@ func parseFlags(args []string, out io.Writer) (*options, error) {
 	fs.StringVar(&cidr, "cidr", "10.0.2.0/24", "subnet of --net=builtin: the namespace is .100, the gateway (host loopback) .2, DNS .3")
 	fs.StringVar(&o.ifname, "ifname", "tap0", "name of the namespace's interface for --net=builtin")
 	fs.BoolVar(&o.disableHostLoopback, "disable-host-loopback", false, "refuse connections to the gateway address and to the host's 127.0.0.0/8 and ::1")
+	fs.BoolVar(&o.ipv6, "ipv6", false, "also IPv6 for --net=builtin: fd00::100/64 inside, gateway fd00::2 (the host's ::1), DNS fd00::3")
 	fs.StringArrayVar(&dnsUpstreams, "dns-upstream", nil, "DNS server the namespace's resolver forwards to, IP[:PORT] (repeatable; default: the host's /etc/resolv.conf)")
 	fs.StringVar(&o.portDriver, "port-driver", "", "how -p publishes ports: builtin (splice between host and namespace sockets) or none; default builtin unless --net=host")
 	fs.StringArrayVarP(&publish, "publish", "p", nil, "publish a port of the namespace on the host, "+portfwd.Grammar+", e.g. 8080:80/tcp (repeatable)")

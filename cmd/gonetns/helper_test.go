@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	mdns "github.com/miekg/dns"
+
 	"github.com/gonetns/gonetns/internal/e2etest"
 )
 
@@ -87,6 +89,19 @@ func runHelper(mode string, args []string) int {
 				return 0
 			}
 			c.WriteTo(append([]byte("inside:"), b[:n]...), from)
+		}
+	case "dns-query": // SERVER NAME: one A query over UDP, print the answers
+		q := new(mdns.Msg)
+		q.SetQuestion(args[1], mdns.TypeA)
+		c := &mdns.Client{Timeout: 5 * time.Second}
+		r, _, err := c.Exchange(q, args[0])
+		if err != nil {
+			return fail("%v", err)
+		}
+		for _, rr := range r.Answer {
+			if a, ok := rr.(*mdns.A); ok {
+				fmt.Println(a.A)
+			}
 		}
 	default:
 		return fail("unknown helper mode %q (args %s)", mode, strings.Join(args, " "))

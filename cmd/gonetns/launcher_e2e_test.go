@@ -129,7 +129,8 @@ func TestLauncherHelpListsFlags(t *testing.T) {
 	r := e2etest.Unprivileged(t)
 	res := r.MustRun(t, quick, "--help")
 	for _, f := range []string{"--net", "--mtu", "--cidr", "--ifname", "--disable-host-loopback", "--copy-up", "--copy-up-mode",
-		"--propagation", "--pidns", "--utsns", "--ipcns", "--cgroupns", "--reaper", "--state-dir", "--subid-source", "--debug", "--version"} {
+		"--propagation", "--pidns", "--utsns", "--ipcns", "--cgroupns", "--reaper", "--state-dir", "--subid-source", "--debug", "--version",
+		"--ipv6", "--dns-upstream", "--port-driver", "--publish", "--cpuprofile"} {
 		if !strings.Contains(res.Stdout, f) {
 			t.Errorf("--help does not list %s", f)
 		}

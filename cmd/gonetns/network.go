@@ -45,22 +45,48 @@ type network struct {
 	closeOnce sync.Once
 }
 
-// addrPlan are the addresses of --net=builtin, from --cidr.
+// addrPlan are the addresses of --net=builtin, from --cidr, and with
+// --ipv6 the IPv6 ones slirp4netns uses.
 type addrPlan struct {
 	subnet  netip.Prefix
 	gateway netip.Addr // .2, the host's loopback
 	dns     netip.Addr // .3
 	child   netip.Addr // .100
+
+	subnet6                netip.Prefix // fd00::/64; invalid without --ipv6
+	gateway6, dns6, child6 netip.Addr
 }
 
-func planAddrs(cidr netip.Prefix) addrPlan {
-	return addrPlan{subnet: cidr, gateway: nthAddr(cidr, 2), dns: nthAddr(cidr, 3), child: nthAddr(cidr, 100)}
+func planAddrs(cidr netip.Prefix, ipv6 bool) addrPlan {
+	p := addrPlan{subnet: cidr, gateway: nthAddr(cidr, 2), dns: nthAddr(cidr, 3), child: nthAddr(cidr, 100)}
+	if ipv6 {
+		p.subnet6 = netip.MustParsePrefix("fd00::/64")
+		p.gateway6, p.dns6, p.child6 = nthAddr(p.subnet6, 2), nthAddr(p.subnet6, 3), nthAddr(p.subnet6, 0x100)
+	}
+	return p
+}
+
+// prefixes are the stack's own addresses with their subnet's prefix.
+func (p addrPlan) stackAddrs() []netip.Prefix {
+	a := []netip.Prefix{netip.PrefixFrom(p.gateway, p.subnet.Bits()), netip.PrefixFrom(p.dns, p.subnet.Bits())}
+	if p.subnet6.IsValid() {
+		a = append(a, netip.PrefixFrom(p.gateway6, 64), netip.PrefixFrom(p.dns6, 64))
+	}
+	return a
+}
+
+// dnsAddrs are the sandbox's DNS server addresses.
+func (p addrPlan) dnsAddrs() []netip.Addr {
+	if p.subnet6.IsValid() {
+		return []netip.Addr{p.dns, p.dns6}
+	}
+	return []netip.Addr{p.dns}
 }
 
 // newNetwork checks and prepares what does not need the child yet: DNS
 // upstreams, the dial protocol's socket pair.
 func newNetwork(o *options, sd *userns.StateDir, log *slog.Logger) (*network, error) {
-	n := &network{o: o, sd: sd, log: log, addrs: planAddrs(o.cidr)}
+	n := &network{o: o, sd: sd, log: log, addrs: planAddrs(o.cidr, o.ipv6)}
 	if o.net == "builtin" {
 		n.upstreams = o.dnsUpstreams
 		if len(n.upstreams) == 0 {
@@ -116,8 +142,14 @@ func (n *network) prepareChild(u *userns.Options) {
 			},
 			VNetHdr: true,
 		}
+		if n.addrs.subnet6.IsValid() {
+			cfg := u.Network.(netConfig)
+			cfg.Link.Address6 = netip.PrefixFrom(n.addrs.child6, 64)
+			cfg.Link.Gateway6 = n.addrs.gateway6
+			u.Network = cfg
+		}
 		rc, _ := hostResolvConf()
-		u.ResolvConf = dns.NamespaceResolvConf(rc, n.addrs.dns)
+		u.ResolvConf = dns.NamespaceResolvConf(rc, n.addrs.dnsAddrs()...)
 		u.Hosts = namespaceHosts()
 	}
 	if n.portsChild != nil {
@@ -187,6 +219,8 @@ func (n *network) startStack(tapFile *os.File, ti tapInfo) error {
 	n.nat, err = nat.New(nat.Config{
 		Subnet:       n.addrs.subnet,
 		Gateway:      n.addrs.gateway,
+		Subnet6:      n.addrs.subnet6,
+		Gateway6:     n.addrs.gateway6,
 		HostLoopback: !n.o.disableHostLoopback,
 		Logger:       n.log,
 	})
@@ -195,16 +229,13 @@ func (n *network) startStack(tapFile *os.File, ti tapInfo) error {
 		return err
 	}
 	n.st, err = stack.New(stack.Config{
-		Device: dev,
-		MTU:    uint32(n.o.mtu),
-		Addresses: []netip.Prefix{
-			netip.PrefixFrom(n.addrs.gateway, n.addrs.subnet.Bits()),
-			netip.PrefixFrom(n.addrs.dns, n.addrs.subnet.Bits()),
-		},
-		TCP:    n.nat.HandleTCP,
-		UDP:    n.nat.HandleUDP,
-		Echo:   n.nat.HandleEcho,
-		Logger: n.log,
+		Device:    dev,
+		MTU:       uint32(n.o.mtu),
+		Addresses: n.addrs.stackAddrs(),
+		TCP:       n.nat.HandleTCP,
+		UDP:       n.nat.HandleUDP,
+		Echo:      n.nat.HandleEcho,
+		Logger:    n.log,
 	})
 	if err != nil {
 		dev.Close()
@@ -220,18 +251,20 @@ func (n *network) startStack(tapFile *os.File, ti tapInfo) error {
 	if err != nil {
 		return err
 	}
-	dnsAddr := netip.AddrPortFrom(n.addrs.dns, 53)
-	pc, err := n.st.ListenUDP(dnsAddr)
-	if err != nil {
-		return err
+	for _, a := range n.addrs.dnsAddrs() {
+		dnsAddr := netip.AddrPortFrom(a, 53)
+		pc, err := n.st.ListenUDP(dnsAddr)
+		if err != nil {
+			return err
+		}
+		ln, err := n.st.ListenTCP(dnsAddr)
+		if err != nil {
+			pc.Close()
+			return err
+		}
+		n.dns.Start(pc, ln)
+		n.log.Debug("DNS forwarder up", "addr", dnsAddr, "upstreams", fmt.Sprint(n.upstreams))
 	}
-	ln, err := n.st.ListenTCP(dnsAddr)
-	if err != nil {
-		pc.Close()
-		return err
-	}
-	n.dns.Start(pc, ln)
-	n.log.Debug("DNS forwarder up", "addr", dnsAddr, "upstreams", fmt.Sprint(n.upstreams))
 	return nil
 }
 
@@ -245,7 +278,7 @@ func (n *network) startAPI(child *userns.Child) error {
 		i := portfwd.Info{Version: versionString(), StateDir: n.sd.Path, ChildPID: child.PID()}
 		switch n.o.net {
 		case "builtin":
-			i.NetworkDriver = &portfwd.NetworkDriverInfo{Driver: "gonetns", DNS: []netip.Addr{n.addrs.dns}, ChildIP: n.addrs.child}
+			i.NetworkDriver = &portfwd.NetworkDriverInfo{Driver: "gonetns", DNS: n.addrs.dnsAddrs(), ChildIP: n.addrs.child}
 		case "none":
 			i.NetworkDriver = &portfwd.NetworkDriverInfo{Driver: "none"}
 		}

@@ -501,3 +501,57 @@ func compactJSON(s string) string {
 	}
 	return b.String()
 }
+
+// --ipv6: the sandbox reaches the host's ::1 through fd00::2 (TCP, UDP,
+// ping) and resolves through fd00::3.
+func TestNetIPv6(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	l, err := net.Listen("tcp", "[::1]:0")
+	if err != nil {
+		t.Fatalf("the host has no IPv6 loopback: %v", err)
+	}
+	defer l.Close()
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "hello over IPv6 from %s\n", r.RemoteAddr)
+	})}
+	go srv.Serve(l)
+	defer srv.Close()
+	pc, err := net.ListenPacket("udp", "[::1]:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	go func() {
+		b := make([]byte, 2048)
+		for {
+			n, from, err := pc.ReadFrom(b)
+			if err != nil {
+				return
+			}
+			pc.WriteTo(append([]byte("v6:"), b[:n]...), from)
+		}
+	}()
+	upstream := startUpstreamDNS(t)
+	tcpPort := l.Addr().(*net.TCPAddr).Port
+	udpPort := pc.LocalAddr().(*net.UDPAddr).Port
+	script := fmt.Sprintf(`set -e
+grep -c '^nameserver fd00::3$' /etc/resolv.conf
+curl -sS -g http://[fd00::2]:%d/
+%s
+ping -6 -c 1 -W 3 fd00::2 | grep -c '1 received'
+%s`, tcpPort, e2etest.HelperCmd(t, "udp-echo", fmt.Sprintf("[fd00::2]:%d", udpPort), "dgram"),
+		"getent hosts gonetns-e2e.test")
+	res := r.MustRun(t, netTimeout, "--ipv6", "--dns-upstream="+upstream, "sh", "-c", script)
+	lines := strings.Split(strings.TrimSpace(res.Stdout), "\n")
+	if len(lines) != 5 || lines[0] != "1" || !strings.HasPrefix(lines[1], "hello over IPv6 from [::1]:") ||
+		lines[2] != "v6:dgram" || lines[3] != "1" || !strings.HasPrefix(lines[4], "192.0.2.55") {
+		t.Errorf("IPv6 inside: %q\n%s", lines, res)
+	}
+	// The DNS server answers on its IPv6 address too.
+	res = r.MustRun(t, netTimeout, "--ipv6", "--dns-upstream="+upstream, "sh", "-c",
+		e2etest.HelperCmd(t, "dns-query", "[fd00::3]:53", "gonetns-e2e.test."))
+	if !strings.Contains(res.Stdout, "192.0.2.55") {
+		t.Errorf("query to [fd00::3]:53: %s", res)
+	}
+}
