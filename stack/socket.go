@@ -162,37 +162,16 @@ func (c *TCPConn) readFromSocket(rc syscall.RawConn) (int64, error) {
 				break
 			}
 			p.remaining = avail
-			m, err := c.writePayload(p)
+			m, err := c.writeAll(p)
 			total += m
+			if p.err != nil {
+				return total, p.err // the socket failed while the endpoint read it
+			}
 			if err != nil {
 				return total, err
 			}
 		}
 	}
-}
-
-// writePayload writes all of p to the endpoint, waiting for room.
-func (c *TCPConn) writePayload(p *socketPayload) (int64, error) {
-	var total int64
-	for p.remaining > 0 {
-		n, terr := c.ep.Write(p, tcpip.WriteOptions{})
-		total += n
-		if p.err != nil {
-			return total, p.err
-		}
-		if terr == nil {
-			continue
-		}
-		if _, ok := terr.(*tcpip.ErrWouldBlock); !ok {
-			return total, Err(terr)
-		}
-		select {
-		case <-c.writeCh:
-		case <-c.closed:
-			return total, errClosed
-		}
-	}
-	return total, nil
 }
 
 // readSocket reads what is queued, waiting for data; 0 means EOF.

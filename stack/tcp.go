@@ -137,25 +137,30 @@ func (c *TCPConn) Read(b []byte) (int, error) {
 // Write sends b to the sandbox, blocking until the stack has taken all of
 // it (into its send buffer) or an error.
 func (c *TCPConn) Write(b []byte) (int, error) {
-	var r bytes.Reader
-	n := 0
-	for n < len(b) {
-		r.Reset(b[n:])
-		m, err := c.ep.Write(&r, tcpip.WriteOptions{})
-		n += int(m)
-		if err == nil {
+	n, err := c.writeAll(bytes.NewReader(b))
+	return int(n), err
+}
+
+// writeAll gives all of p to the endpoint, waiting for room in its send
+// buffer as needed.
+func (c *TCPConn) writeAll(p tcpip.Payloader) (int64, error) {
+	var total int64
+	for p.Len() > 0 {
+		n, terr := c.ep.Write(p, tcpip.WriteOptions{})
+		total += n
+		if terr == nil {
 			continue
 		}
-		if _, ok := err.(*tcpip.ErrWouldBlock); !ok {
-			return n, Err(err)
+		if _, ok := terr.(*tcpip.ErrWouldBlock); !ok {
+			return total, Err(terr)
 		}
 		select {
 		case <-c.writeCh:
 		case <-c.closed:
-			return n, errClosed
+			return total, errClosed
 		}
 	}
-	return n, nil
+	return total, nil
 }
 
 // WriteTo copies what the sandbox sends to w until EOF (returning nil) or
@@ -230,25 +235,11 @@ func (c *TCPConn) ReadFrom(r io.Reader) (int64, error) {
 	}
 	bp := relayBufs.Get().(*[]byte)
 	defer relayBufs.Put(bp)
-	buf := *bp
-	var total int64
-	for {
-		n, err := r.Read(buf)
-		if n > 0 {
-			m, werr := c.Write(buf[:n])
-			total += int64(m)
-			if werr != nil {
-				return total, werr
-			}
-		}
-		if errors.Is(err, io.EOF) {
-			return total, nil
-		}
-		if err != nil {
-			return total, err
-		}
-	}
+	return io.CopyBuffer(writerOnly{c}, r, *bp)
 }
+
+// writerOnly hides TCPConn's ReadFrom from io.CopyBuffer.
+type writerOnly struct{ io.Writer }
 
 // CloseWrite sends FIN after the data already written; reading goes on.
 func (c *TCPConn) CloseWrite() error {
