@@ -3,6 +3,7 @@ package nat
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -48,6 +49,7 @@ func (f *echoFlow) close() { f.once.Do(func() { f.sock.Close() }) }
 // the gateway itself. Use it as stack.Config.Echo.
 func (n *NAT) HandleEcho(r *stack.EchoRequest) bool {
 	if n.pingBlocked.Load() {
+		n.debugBlockedOnce(echoKey{r.Src, r.Dst, r.ID})
 		return false
 	}
 	host, err := n.hostAddr(r.Dst)
@@ -59,6 +61,7 @@ func (n *NAT) HandleEcho(r *stack.EchoRequest) bool {
 	if !ok {
 		if f, err = n.newEchoFlow(r, host); err != nil {
 			if errors.Is(err, unix.EACCES) || errors.Is(err, unix.EPERM) {
+				n.debugBlockedOnce(key)
 				n.pingOnce.Do(func() {
 					n.pingBlocked.Store(true)
 					n.log.Info(fmt.Sprintf("ping from the sandbox reaches only the gateway: "+
@@ -166,5 +169,23 @@ func (f *echoFlow) readReplies() {
 		f.last.Store(f.now().UnixNano())
 		seq := uint16(buf[6])<<8 | uint16(buf[7])
 		f.req.Reply(seq, append([]byte(nil), buf[8:n]...))
+	}
+}
+
+// debugBlockedOnce says at debug level, once per ping session, that an echo
+// request was not forwarded because ping sockets are not allowed.
+func (n *NAT) debugBlockedOnce(k echoKey) {
+	if !n.log.Enabled(n.ctx, slog.LevelDebug) {
+		return
+	}
+	n.mu.Lock()
+	if n.blockedSeen == nil || len(n.blockedSeen) >= 4096 {
+		n.blockedSeen = make(map[echoKey]struct{})
+	}
+	_, seen := n.blockedSeen[k]
+	n.blockedSeen[k] = struct{}{}
+	n.mu.Unlock()
+	if !seen {
+		n.log.Debug("icmp echo not forwarded: ping sockets are not allowed (net.ipv4.ping_group_range)", "src", k.src, "dst", k.dst, "id", k.id)
 	}
 }

@@ -81,7 +81,8 @@ type NAT struct {
 	echo *table[echoKey, *echoFlow]
 
 	pingOnce    sync.Once
-	pingBlocked atomic.Bool // ping sockets are not allowed for this user
+	blockedSeen map[echoKey]struct{} // under mu: sessions already logged as not forwarded
+	pingBlocked atomic.Bool          // ping sockets are not allowed for this user
 }
 
 // New makes a NAT. It starts nothing; Start starts the expiry of idle

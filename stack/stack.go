@@ -149,18 +149,24 @@ func (st *Stack) Start() error {
 		TransportProtocols: transProtos,
 		HandleLocal:        false,
 	})
-	if err := st.tune(s); err != nil {
+	// On failure, undo what is done; the device stays open (Close closes
+	// it), except once attached, when closing it is what stops the reader.
+	fail := func(attached bool, err error) error {
+		if attached {
+			st.cfg.Device.Close()
+		}
 		s.Close()
 		s.Wait()
 		return err
+	}
+	if err := st.tune(s); err != nil {
+		return fail(false, err)
 	}
 	st.link = link.New(st.cfg.Device, st.cfg.MTU, st.mac, func(err error) {
 		st.log.Error("the sandbox's network device failed; its network is down", "err", err)
 	})
 	if err := s.CreateNICWithOptions(nicID, st.link, stack.NICOptions{Name: "tap"}); err != nil {
-		s.Close()
-		s.Wait()
-		return fmt.Errorf("stack: create NIC: %w", Err(err))
+		return fail(false, fmt.Errorf("stack: create NIC: %w", Err(err)))
 	}
 	// Intercept traffic to every address, and answer from every address.
 	s.SetPromiscuousMode(nicID, true)
@@ -175,10 +181,7 @@ func (st *Stack) Start() error {
 			AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpip.AddrFromSlice(p.Addr().AsSlice()), PrefixLen: p.Bits()},
 		}
 		if err := s.AddProtocolAddress(nicID, pa, stack.AddressProperties{}); err != nil {
-			st.cfg.Device.Close()
-			s.Close()
-			s.Wait()
-			return fmt.Errorf("stack: add address %v: %w", p, Err(err))
+			return fail(true, fmt.Errorf("stack: add address %v: %w", p, Err(err)))
 		}
 	}
 	routes := []tcpip.Route{{Destination: header.IPv4EmptySubnet, NIC: nicID}}
