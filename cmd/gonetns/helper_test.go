@@ -90,6 +90,37 @@ func runHelper(mode string, args []string) int {
 			}
 			c.WriteTo(append([]byte("inside:"), b[:n]...), from)
 		}
+	case "stdin-send": // ADDR: send stdin, half-close, wait for the peer's close
+		c, err := net.DialTimeout("tcp", args[0], 5*time.Second)
+		if err != nil {
+			return fail("%v", err)
+		}
+		n, err := io.Copy(c, os.Stdin)
+		if err != nil {
+			return fail("send: %v", err)
+		}
+		c.(*net.TCPConn).CloseWrite()
+		io.Copy(io.Discard, c)
+		fmt.Println("sent", n)
+	case "stdin-send-then-slow-read": // ADDR: send stdin, then read slowly to EOF
+		c, err := net.DialTimeout("tcp", args[0], 5*time.Second)
+		if err != nil {
+			return fail("%v", err)
+		}
+		io.Copy(c, os.Stdin)
+		b := make([]byte, 16<<10)
+		total := 0
+		for i := 0; ; i++ {
+			n, err := c.Read(b)
+			total += n
+			if err != nil {
+				break
+			}
+			if i%8 == 0 {
+				time.Sleep(time.Millisecond)
+			}
+		}
+		fmt.Println("read", total)
 	case "dns-query": // SERVER NAME: one A query over UDP, print the answers
 		q := new(mdns.Msg)
 		q.SetQuestion(args[1], mdns.TypeA)

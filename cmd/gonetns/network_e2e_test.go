@@ -555,3 +555,114 @@ ping -6 -c 1 -W 3 fd00::2 | grep -c '1 received'
 		t.Errorf("query to [fd00::3]:53: %s", res)
 	}
 }
+
+// A slow reader on either side must slow the transfer down, never stall
+// it (slirp4netns #284 stalled at MTU 65520): flow control has to reopen
+// windows as the reader drains.
+func TestNetSlowReadersDoNotStall(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	const size = 16 << 20
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	got := make(chan int64, 1)
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func(c net.Conn) {
+				defer c.Close()
+				var mode [1]byte
+				if _, err := io.ReadFull(c, mode[:]); err != nil {
+					return
+				}
+				if mode[0] == 'r' { // the host reads slowly
+					b := make([]byte, 16<<10)
+					var total int64
+					for i := 0; ; i++ {
+						n, err := c.Read(b)
+						total += int64(n)
+						if err != nil {
+							break
+						}
+						if i%8 == 0 {
+							time.Sleep(time.Millisecond)
+						}
+					}
+					got <- total
+					return
+				}
+				c.Write(make([]byte, size)) // the sandbox reads slowly
+			}(c)
+		}
+	}()
+	port := l.Addr().(*net.TCPAddr).Port
+	addr := fmt.Sprintf("10.0.2.2:%d", port)
+	for _, mtu := range []string{"65520", "1500"} {
+		// Upload to a slow host reader: the helper's first byte says which.
+		res := r.MustRun(t, 2*netTimeout, "--mtu="+mtu, "sh", "-c",
+			"printf r | cat - /dev/zero | head -c "+strconv.Itoa(size+1)+" | "+e2etest.HelperCmd(t, "stdin-send", addr))
+		select {
+		case n := <-got:
+			if n != size {
+				t.Errorf("mtu %s: the slow host reader got %d bytes, want %d\n%s", mtu, n, size, res)
+			}
+		case <-time.After(netTimeout):
+			t.Fatalf("mtu %s: upload to a slow reader stalled\n%s", mtu, res)
+		}
+		// Download into a slow reader in the sandbox.
+		res = r.MustRun(t, 2*netTimeout, "--mtu="+mtu, "sh", "-c", "printf w | "+e2etest.HelperCmd(t, "stdin-send-then-slow-read", addr))
+		if strings.TrimSpace(res.Stdout) != "read "+strconv.Itoa(size) {
+			t.Errorf("mtu %s: download into a slow reader: %s", mtu, res)
+		}
+	}
+}
+
+// gonetns ctl against a running sandbox from the host: list (table and
+// JSON), add, remove.
+func TestPortsCtlFromHost(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	state := r.TempDir(t) + "/state"
+	hostPort := freePort(t, "tcp")
+	cmd := r.Command(context.Background(), "--state-dir="+state, "sh", "-c", "echo ready; exec sleep 60")
+	out, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	waitLine(t, bufio.NewReader(out), "ready")
+	sock := state + "/api.sock"
+	run := func(args ...string) string {
+		t.Helper()
+		res := r.MustRun(t, quick, append([]string{"ctl", "--socket", sock}, args...)...)
+		return res.Stdout
+	}
+	if got := strings.TrimSpace(run("add-ports", fmt.Sprintf("127.0.0.1:%d:80/tcp", hostPort))); got != "1" {
+		t.Errorf("add-ports printed %q, want 1", got)
+	}
+	if got := run("list-ports"); !strings.Contains(got, "PARENTPORT") || !strings.Contains(got, strconv.Itoa(hostPort)) {
+		t.Errorf("list-ports:\n%s", got)
+	}
+	// One JSON object per line, as rootlessctl prints them.
+	var port map[string]any
+	js := strings.TrimSpace(run("list-ports", "--json"))
+	if err := json.Unmarshal([]byte(js), &port); err != nil || port["id"] != float64(1) || strings.Count(js, "\n") != 0 {
+		t.Errorf("list-ports --json: %q (%v)", js, err)
+	}
+	if got := strings.TrimSpace(run("remove-ports", "1")); got != "1" {
+		t.Errorf("remove-ports printed %q", got)
+	}
+	if got := strings.TrimSpace(run("list-ports", "--json")); got != "" {
+		t.Errorf("after remove-ports: %q", got)
+	}
+	res := r.Run(t, quick, "ctl", "--socket", sock, "remove-ports", "1")
+	if res.Code == 0 || !strings.Contains(res.Stderr, "1") {
+		t.Errorf("removing an unknown port: %s", res)
+	}
+}
