@@ -85,7 +85,7 @@ func FuzzFrames(f *testing.F) {
 	binary.BigEndian.PutUint16(syn[0:], 40000)
 	binary.BigEndian.PutUint16(syn[2:], 80)
 	syn[12], syn[13] = 0x50, 0x02
-	f.Add(false, ethFrame(ours, guest, 0x0800, ip4(6, syn)))                                     // TCP SYN
+	f.Add(false, ethFrame(ours, guest, 0x0800, ip4(6, syn)))                                       // TCP SYN
 	f.Add(false, ethFrame(ours, guest, 0x0800, ip4(17, []byte{0x9c, 0x40, 0, 53, 0, 9, 0, 0, 1}))) // UDP
 	f.Add(false, ethFrame(ours, guest, 0x0800, ip4(1, []byte{8, 0, 0, 0, 0, 1, 0, 1, 'x'})))       // echo
 	f.Add(false, ethFrame([]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, guest, 0x0806,
