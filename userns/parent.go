@@ -176,6 +176,10 @@ func Start(opts Options) (*Child, error) {
 		ctl.Close()
 		return nil, fmt.Errorf("create namespaces: %w%s", err, Diagnose(err))
 	}
+	// The child has its copy: ours must go now, or a child that dies
+	// before answering would leave our Recv below waiting forever
+	// instead of seeing end of stream.
+	childEnd.Close()
 	fail := func(err error) (*Child, error) {
 		c.Kill()
 		<-c.exited

@@ -460,3 +460,31 @@ func TestLauncherSubIDSources(t *testing.T) {
 		t.Errorf("--subid-source=ldap: %s", res)
 	}
 }
+
+// gonetns --debug ... 2>&1 | head: when whoever reads gonetns's stderr
+// goes away, the sandbox carries on and ends with the command's status.
+func TestLauncherClosedStderr(t *testing.T) {
+	r := e2etest.Unprivileged(t)
+	ctx, cancel := context.WithTimeout(context.Background(), quick)
+	defer cancel()
+	cmd := r.Command(ctx, "--debug", "sh", "-c", "sleep 0.5; echo done; exit 4")
+	stderr, _ := cmd.StderrPipe()
+	var stdout strings.Builder
+	cmd.Stdout = &stdout
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	bufio.NewReader(stderr).ReadString('\n') // the first debug line, then hang up
+	stderr.Close()
+	err := cmd.Wait()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	}
+	if ctx.Err() != nil {
+		t.Fatal("gonetns hung after its stderr was closed")
+	}
+	if code != 4 || stdout.String() != "done\n" {
+		t.Errorf("with stderr closed: exit %d, stdout %q; want 4 and \"done\"", code, stdout.String())
+	}
+}

@@ -13,10 +13,12 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/signal"
 	"runtime"
 	"runtime/debug"
 	"runtime/pprof"
 	"strconv"
+	"syscall"
 
 	"github.com/gonetns/gonetns/tap"
 	"github.com/gonetns/gonetns/userns"
@@ -40,6 +42,10 @@ func main() {
 
 func run(args []string) int {
 	setProcs()
+	// A closed stderr (gonetns --debug ... 2>&1 | head) must not kill the
+	// sandbox: with SIGPIPE caught, writes to it just fail. Caught, not
+	// ignored: the command, after exec, gets the default disposition.
+	signal.Notify(make(chan os.Signal, 1), syscall.SIGPIPE)
 	if userns.IsChild() {
 		return userns.RunChild(childHooks())
 	}
