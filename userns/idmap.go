@@ -38,18 +38,20 @@ type idMapper struct {
 // mapPlan is what mapIDs will write, worked out before the child exists:
 // looking up subordinate ids (possibly running getsubids) needs no pid.
 type mapPlan struct {
-	root             bool // map the whole id space one to one
-	uidArgs, gidArgs []string
-	newuidmap        string // helpers; empty when falling back
-	newgidmap        string
-	fallbackReason   string // why only the single mapping, or ""
-	warnings         []string
+	root               bool   // uid 0: map what this namespace has, one to one
+	rootUIDs, rootGIDs string // the lines for root (identity over our own extents)
+	denySetgroups      bool   // our namespace denies setgroups, so must the child's
+	uidArgs, gidArgs   []string
+	newuidmap          string // helpers; empty when falling back
+	newgidmap          string
+	fallbackReason     string // why only the single mapping, or ""
+	warnings           []string
 }
 
 // plan looks up the subordinate ids and the helpers.
 func (m *idMapper) plan() mapPlan {
 	if m.uid == 0 {
-		return mapPlan{root: true}
+		return rootPlan()
 	}
 	var p mapPlan
 	ids, lookupErr := LookupSubIDs(m.src, m.user, m.uid)
@@ -95,14 +97,18 @@ func (m *idMapper) plan() mapPlan {
 // warning what to install or add.
 func (m *idMapper) mapIDs(pid int, p mapPlan) (MapResult, error) {
 	if p.root {
-		const all = "0 0 4294967295"
-		if err := writeMap(pid, "uid_map", all); err != nil {
+		if err := writeMap(pid, "uid_map", p.rootUIDs); err != nil {
 			return MapResult{}, err
 		}
-		if err := writeMap(pid, "gid_map", all); err != nil {
+		if p.denySetgroups {
+			if err := os.WriteFile(fmt.Sprintf("/proc/%d/setgroups", pid), []byte("deny"), 0); err != nil {
+				return MapResult{}, fmt.Errorf("deny setgroups like our own namespace does: %w", err)
+			}
+		}
+		if err := writeMap(pid, "gid_map", p.rootGIDs); err != nil {
 			return MapResult{}, err
 		}
-		return MapResult{Full: true, UIDMap: all, GIDMap: all}, nil
+		return MapResult{Full: true, UIDMap: p.rootUIDs, GIDMap: p.rootGIDs}, nil
 	}
 	warnings := p.warnings
 	reason := p.fallbackReason
@@ -143,6 +149,46 @@ func (m *idMapper) mapIDs(pid int, p mapPlan) (MapResult, error) {
 		return MapResult{}, err
 	}
 	return MapResult{Full: false, UIDMap: single, GIDMap: fmt.Sprintf("0 %d 1", m.gid), Warnings: warnings}, nil
+}
+
+// selfMaps is where rootPlan reads the namespace's own maps; tests point
+// it elsewhere.
+var selfMaps = "/proc/self"
+
+// rootPlan maps, for uid 0, every id of gonetns's own user namespace to
+// itself: the whole id space on the host, and inside another sandbox
+// (gonetns in gonetns, or in a rootless container) just the ids that
+// sandbox has, which is all uid 0 there may map.
+func rootPlan() mapPlan {
+	p := mapPlan{root: true}
+	p.rootUIDs = identityMap(selfMaps + "/uid_map")
+	p.rootGIDs = identityMap(selfMaps + "/gid_map")
+	if b, err := os.ReadFile(selfMaps + "/setgroups"); err == nil && strings.TrimSpace(string(b)) == "deny" {
+		p.denySetgroups = true
+	}
+	return p
+}
+
+// identityMap turns the extents of a uid_map/gid_map file into lines that
+// map the same ids to themselves one level down.
+func identityMap(path string) string {
+	const all = "0 0 4294967295"
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return all
+	}
+	var lines []string
+	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		f := strings.Fields(l)
+		if len(f) != 3 {
+			continue
+		}
+		lines = append(lines, f[0]+" "+f[0]+" "+f[2])
+	}
+	if len(lines) == 0 {
+		return all
+	}
+	return strings.Join(lines, "\n")
 }
 
 // writeSingleGID maps the user's own gid; an unprivileged writer must deny

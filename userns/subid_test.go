@@ -160,3 +160,28 @@ func TestParseSubIDSource(t *testing.T) {
 		t.Errorf("ldap: err = %v", err)
 	}
 }
+
+func TestRootPlan(t *testing.T) {
+	dir := t.TempDir()
+	old := selfMaps
+	selfMaps = dir
+	t.Cleanup(func() { selfMaps = old })
+	write := func(name, s string) { os.WriteFile(filepath.Join(dir, name), []byte(s), 0o644) }
+
+	// On the host: the whole id space.
+	write("uid_map", "         0          0 4294967295\n")
+	write("gid_map", "         0          0 4294967295\n")
+	write("setgroups", "allow\n")
+	p := rootPlan()
+	if p.rootUIDs != "0 0 4294967295" || p.rootGIDs != "0 0 4294967295" || p.denySetgroups {
+		t.Errorf("host root plan = %+v", p)
+	}
+	// Inside a sandbox with subordinate ids: those ids, to themselves.
+	write("uid_map", "         0       1001          1\n         1     100000      65536\n")
+	write("gid_map", "         0       1001          1\n")
+	write("setgroups", "deny\n")
+	p = rootPlan()
+	if p.rootUIDs != "0 0 1\n1 1 65536" || p.rootGIDs != "0 0 1" || !p.denySetgroups {
+		t.Errorf("nested root plan = %+v", p)
+	}
+}

@@ -488,3 +488,16 @@ func TestLauncherClosedStderr(t *testing.T) {
 		t.Errorf("with stderr closed: exit %d, stdout %q; want 4 and \"done\"", code, stdout.String())
 	}
 }
+
+// gonetns inside gonetns (or inside any rootless container): uid 0 there
+// maps the ids its own namespace has.
+func TestLauncherNested(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	res := r.MustRun(t, quick, "sh", "-c", r.Bin+` sh -c 'id -u; cat /proc/self/uid_map; cat /sys/class/net/tap0/mtu'`)
+	got := strings.Join(strings.Fields(res.Stdout), " ")
+	_, count := subStart(t, "/etc/subuid", r.User.Username)
+	if want := "0 0 0 1 1 1 " + count + " 65520"; got != want {
+		t.Errorf("nested sandbox: %q, want %q\n%s", got, want, res)
+	}
+}
