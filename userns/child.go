@@ -34,6 +34,19 @@ type ChildHooks struct {
 	NewLogger func(debug bool) *slog.Logger
 }
 
+// In the child's stages the main goroutine calls prctl(PR_SET_PDEATHSIG)
+// and execve(2). Both act on the calling thread, and only the thread group
+// leader's parent-death signal counts when the parent dies and survives
+// the exec; a goroutine that wandered to another thread (the runtime starts
+// threads, e.g. for signal.Notify) would set it where it does nothing, and
+// an exec from there leaves the new program without one. So the main
+// goroutine stays on the main thread from the start.
+func init() {
+	if IsChild() {
+		runtime.LockOSThread()
+	}
+}
+
 // RunChild is the whole life of the child process; it returns the exit
 // status for os.Exit.
 func RunChild(hooks ChildHooks) int {
