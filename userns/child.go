@@ -118,6 +118,13 @@ func secondStage(hooks ChildHooks) int {
 		return 125
 	}
 	cfg := m.Config
+	if cfg.ArgvFrom > 0 && cfg.ArgvFrom < len(os.Args) {
+		cfg.Args = os.Args[cfg.ArgvFrom:]
+	}
+	if len(cfg.Args) == 0 {
+		fmt.Fprintln(os.Stderr, "gonetns child: no command in the configuration")
+		return 125
+	}
 	var log *slog.Logger
 	if hooks.NewLogger != nil {
 		log = hooks.NewLogger(cfg.Debug)

@@ -13,6 +13,7 @@ import (
 	"os/user"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"syscall"
 
@@ -199,7 +200,7 @@ func Start(opts Options) (*Child, error) {
 	c.log.Debug("id maps written", "pid", cmd.Process.Pid, "uid_map", maps.UIDMap, "gid_map", maps.GIDMap)
 
 	cfg := &childConfig{
-		Args:        opts.Args,
+		ArgvFrom:    argvFrom(opts.Args),
 		Env:         opts.Env,
 		StateDir:    opts.StateDir.Path,
 		NewNet:      opts.NewNet,
@@ -211,6 +212,9 @@ func Start(opts Options) (*Child, error) {
 		Network:     netJSON,
 		ExtraFiles:  len(opts.ExtraFiles),
 		Debug:       opts.Debug,
+	}
+	if cfg.ArgvFrom == 0 {
+		cfg.Args = opts.Args
 	}
 	if err := ctl.Send(message{Type: msgProceed}); err != nil {
 		return fail(c.childDied(err))
@@ -234,6 +238,16 @@ func Start(opts Options) (*Child, error) {
 		wire.CloseFiles(files)
 		return fail(fmt.Errorf("child sent %q during setup", reply.Type))
 	}
+}
+
+// argvFrom returns where args starts in os.Args (which the child gets as
+// its own argv), or 0 when args is not its tail.
+func argvFrom(args []string) int {
+	i := len(os.Args) - len(args)
+	if i < 1 || !slices.Equal(os.Args[i:], args) {
+		return 0
+	}
+	return i
 }
 
 // spawn starts the child from a goroutine locked to its OS thread that

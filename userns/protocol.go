@@ -42,7 +42,11 @@ type message struct {
 // childConfig is everything the second stage needs, sent over the control
 // channel rather than on the command line.
 type childConfig struct {
-	Args        []string        `json:"args"`
+	// The command is either ArgvFrom, an index into the child's own
+	// os.Args (it is re-executed with the parent's argv, of which the
+	// command is the tail: no size limit), or Args when it is not.
+	ArgvFrom    int             `json:"argvFrom,omitempty"`
+	Args        []string        `json:"args,omitempty"`
 	Env         []string        `json:"env"`
 	StateDir    string          `json:"stateDir"`
 	NewNet      bool            `json:"newNet"`

@@ -501,3 +501,17 @@ func TestLauncherNested(t *testing.T) {
 		t.Errorf("nested sandbox: %q, want %q\n%s", got, want, res)
 	}
 }
+
+// A command line far larger than one control message (xargs, long file
+// lists) reaches the command whole.
+func TestLauncherLongCommandLine(t *testing.T) {
+	r := e2etest.Unprivileged(t)
+	args := []string{"--net=none", "sh", "-c", `echo $# "${60000}"`, "_"}
+	for i := 1; i <= 60000; i++ {
+		args = append(args, strconv.Itoa(i)+"-argument")
+	}
+	res := r.MustRun(t, quick, args...)
+	if got := strings.TrimSpace(res.Stdout); got != "60000 60000-argument" {
+		t.Errorf("60000 arguments (%d bytes): got %q", 60000*15, got)
+	}
+}
