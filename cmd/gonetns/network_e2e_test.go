@@ -148,11 +148,22 @@ func TestNetHalfClose(t *testing.T) {
 func TestNetUDPEcho(t *testing.T) {
 	e2etest.RequireTun(t)
 	r := e2etest.Unprivileged(t)
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	port := startUDPEcho(t, "127.0.0.1:0", "host:")
+	res := r.MustRun(t, netTimeout, "sh", "-c", e2etest.HelperCmd(t, "udp-echo", fmt.Sprintf("10.0.2.2:%d", port), "datagram-1"))
+	if strings.TrimSpace(res.Stdout) != "host:datagram-1" {
+		t.Errorf("UDP echo: %s", res)
+	}
+}
+
+// startUDPEcho answers every datagram on addr with prefix+datagram, until
+// the test ends, and returns the port.
+func startUDPEcho(t *testing.T, addr, prefix string) int {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer pc.Close()
+	t.Cleanup(func() { pc.Close() })
 	go func() {
 		b := make([]byte, 65536)
 		for {
@@ -160,14 +171,10 @@ func TestNetUDPEcho(t *testing.T) {
 			if err != nil {
 				return
 			}
-			pc.WriteTo(append([]byte("host:"), b[:n]...), from)
+			pc.WriteTo(append([]byte(prefix), b[:n]...), from)
 		}
 	}()
-	port := pc.LocalAddr().(*net.UDPAddr).Port
-	res := r.MustRun(t, netTimeout, "sh", "-c", e2etest.HelperCmd(t, "udp-echo", fmt.Sprintf("10.0.2.2:%d", port), "datagram-1"))
-	if strings.TrimSpace(res.Stdout) != "host:datagram-1" {
-		t.Errorf("UDP echo: %s", res)
-	}
+	return pc.LocalAddr().(*net.UDPAddr).Port
 }
 
 func closedPort(t *testing.T) int {
@@ -517,24 +524,9 @@ func TestNetIPv6(t *testing.T) {
 	})}
 	go srv.Serve(l)
 	defer srv.Close()
-	pc, err := net.ListenPacket("udp", "[::1]:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	go func() {
-		b := make([]byte, 2048)
-		for {
-			n, from, err := pc.ReadFrom(b)
-			if err != nil {
-				return
-			}
-			pc.WriteTo(append([]byte("v6:"), b[:n]...), from)
-		}
-	}()
+	udpPort := startUDPEcho(t, "[::1]:0", "v6:")
 	upstream := startUpstreamDNS(t)
 	tcpPort := l.Addr().(*net.TCPAddr).Port
-	udpPort := pc.LocalAddr().(*net.UDPAddr).Port
 	script := fmt.Sprintf(`set -e
 grep -c '^nameserver fd00::3$' /etc/resolv.conf
 curl -sS -g http://[fd00::2]:%d/
