@@ -121,11 +121,6 @@ func NewManager(cfg Config) *Manager {
 	}
 }
 
-// PortDriverInfo describes this port driver for GET /v1/info.
-func (m *Manager) PortDriverInfo() PortDriverInfo {
-	return PortDriverInfo{Driver: "builtin", Protos: slices.Clone(Protos)}
-}
-
 // AddPort validates spec, listens on the host and starts relaying. The
 // errors wrap ErrInvalidSpec for a bad spec, ErrConflict when the spec
 // overlaps a port published already (tcp on all addresses and tcp4 on
@@ -166,7 +161,7 @@ func (m *Manager) AddPort(ctx context.Context, spec Spec) (Status, error) {
 	}
 	m.nextID++
 	m.ports[id] = p
-	m.log.Info("portfwd: published", "id", id, "spec", spec.String())
+	m.log.Debug("portfwd: published", "id", id, "spec", spec.String())
 	return p.status(), nil
 }
 
@@ -232,7 +227,7 @@ func (m *Manager) RemovePort(id int) error {
 		return fmt.Errorf("no published port has ID %d (list them with `gonetns ctl list-ports`): %w", id, ErrUnknownPort)
 	}
 	err := p.stop()
-	m.log.Info("portfwd: unpublished", "id", id, "spec", p.status().Spec.String())
+	m.log.Debug("portfwd: unpublished", "id", id, "spec", p.status().Spec.String())
 	if err != nil {
 		return fmt.Errorf("remove port %d: %w", id, err)
 	}

@@ -4,7 +4,7 @@
 // there, receives that socket's descriptor over SCM_RIGHTS and relays between
 // two kernel sockets (splice(2) for TCP). It owns the publish specs, the child
 // side of the dial protocol (ServeChild), its parent side (Dialer), the port
-// Manager, and the RootlessKit-compatible REST API with its client.
+// Manager that the REST API (package api) drives.
 package portfwd
 
 import (

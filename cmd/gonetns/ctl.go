@@ -16,6 +16,7 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"github.com/gonetns/gonetns/api"
 	"github.com/gonetns/gonetns/portfwd"
 )
 
@@ -82,13 +83,13 @@ func runCtl(args []string, stdout, stderr io.Writer) int {
 	rest := cmdFlags.Args()
 
 	// Check the arguments before looking for the server.
-	var action func(ctx context.Context, c *portfwd.Client) error
+	var action func(ctx context.Context, c *api.Client) error
 	switch cmd {
 	case "list-ports", "info":
 		if len(rest) > 0 {
 			return ctlUsageError(stderr, fmt.Errorf("%s takes no arguments, got %q", cmd, rest))
 		}
-		action = func(ctx context.Context, c *portfwd.Client) error {
+		action = func(ctx context.Context, c *api.Client) error {
 			if cmd == "info" {
 				return ctlInfo(ctx, c, *jsonOut, stdout)
 			}
@@ -108,7 +109,7 @@ func runCtl(args []string, stdout, stderr io.Writer) int {
 			}
 			specs = append(specs, s)
 		}
-		action = func(ctx context.Context, c *portfwd.Client) error {
+		action = func(ctx context.Context, c *api.Client) error {
 			return ctlAddPorts(ctx, c, specs, *jsonOut, stdout)
 		}
 	case "remove-ports":
@@ -124,7 +125,7 @@ func runCtl(args []string, stdout, stderr io.Writer) int {
 			}
 			ids = append(ids, id)
 		}
-		action = func(ctx context.Context, c *portfwd.Client) error {
+		action = func(ctx context.Context, c *api.Client) error {
 			return ctlRemovePorts(ctx, c, ids, stdout)
 		}
 	}
@@ -136,7 +137,7 @@ func runCtl(args []string, stdout, stderr io.Writer) int {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), ctlTimeout)
 	defer cancel()
-	if err := action(ctx, portfwd.NewClient(path)); err != nil {
+	if err := action(ctx, api.NewClient(path)); err != nil {
 		fmt.Fprintf(stderr, "gonetns ctl %s: %v\n", cmd, err)
 		return 1
 	}
@@ -172,7 +173,7 @@ func ctlSocketPath(flag string) (string, error) {
 	return "", errors.New("no API socket: pass --socket PATH, or set $GONETNS_STATE_DIR (gonetns sets it for the command it runs) or $ROOTLESSKIT_STATE_DIR")
 }
 
-func ctlListPorts(ctx context.Context, c *portfwd.Client, jsonOut bool, w io.Writer) error {
+func ctlListPorts(ctx context.Context, c *api.Client, jsonOut bool, w io.Writer) error {
 	ports, err := c.ListPorts(ctx)
 	if err != nil {
 		return err
@@ -203,7 +204,7 @@ func ctlIP(ip netip.Addr) string {
 	return ip.String()
 }
 
-func ctlAddPorts(ctx context.Context, c *portfwd.Client, specs []portfwd.Spec, jsonOut bool, w io.Writer) error {
+func ctlAddPorts(ctx context.Context, c *api.Client, specs []portfwd.Spec, jsonOut bool, w io.Writer) error {
 	for _, s := range specs {
 		st, err := c.AddPort(ctx, s)
 		if err != nil {
@@ -220,7 +221,7 @@ func ctlAddPorts(ctx context.Context, c *portfwd.Client, specs []portfwd.Spec, j
 	return nil
 }
 
-func ctlRemovePorts(ctx context.Context, c *portfwd.Client, ids []int, w io.Writer) error {
+func ctlRemovePorts(ctx context.Context, c *api.Client, ids []int, w io.Writer) error {
 	for _, id := range ids {
 		if err := c.RemovePort(ctx, id); err != nil {
 			return err
@@ -230,7 +231,7 @@ func ctlRemovePorts(ctx context.Context, c *portfwd.Client, ids []int, w io.Writ
 	return nil
 }
 
-func ctlInfo(ctx context.Context, c *portfwd.Client, jsonOut bool, w io.Writer) error {
+func ctlInfo(ctx context.Context, c *api.Client, jsonOut bool, w io.Writer) error {
 	info, err := c.Info(ctx)
 	if err != nil {
 		return err

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/gonetns/gonetns/api"
 	"github.com/gonetns/gonetns/portfwd"
 )
 
@@ -34,14 +35,15 @@ func ctlServer(t *testing.T) (dir string, m *portfwd.Manager) {
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	m = portfwd.NewManager(portfwd.Config{Dialer: ctlDialer{}})
 	t.Cleanup(func() { m.Close() })
-	ln, err := portfwd.ListenAPI(filepath.Join(dir, "api.sock"))
+	ln, err := api.Listen(filepath.Join(dir, "api.sock"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := httptest.NewUnstartedServer(portfwd.NewAPIHandler(m, func() portfwd.Info {
-		return portfwd.Info{
+	srv := httptest.NewUnstartedServer(api.NewHandler(m, func() api.Info {
+		return api.Info{
 			Version: "0.0.0-test", StateDir: dir, ChildPID: 99,
-			NetworkDriver: &portfwd.NetworkDriverInfo{Driver: "gonetns", DNS: []netip.Addr{netip.MustParseAddr("10.0.2.3")}, ChildIP: netip.MustParseAddr("10.0.2.100")},
+			NetworkDriver: &api.NetworkDriverInfo{Driver: "gonetns", DNS: []netip.Addr{netip.MustParseAddr("10.0.2.3")}, ChildIP: netip.MustParseAddr("10.0.2.100")},
+			PortDriver:    &api.PortDriverInfo{Driver: "builtin", Protos: portfwd.Protos},
 		}
 	}))
 	srv.Listener.Close()
@@ -136,7 +138,7 @@ func TestCtlInfo(t *testing.T) {
 		}
 	}
 	code, out, _ = ctlRunT("--socket", sock, "info", "--json")
-	var info portfwd.Info
+	var info api.Info
 	if code != 0 || json.Unmarshal([]byte(out), &info) != nil || info.ChildPID != 99 || info.PortDriver == nil || info.PortDriver.Driver != "builtin" {
 		t.Fatalf("info --json printed %q", out)
 	}

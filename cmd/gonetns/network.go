@@ -6,12 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/http"
 	"net/netip"
 	"os"
 	"sync"
-	"time"
 
+	"github.com/gonetns/gonetns/api"
 	"github.com/gonetns/gonetns/dns"
 	"github.com/gonetns/gonetns/internal/wire"
 	"github.com/gonetns/gonetns/nat"
@@ -35,8 +34,7 @@ type network struct {
 	portsChild *os.File // the child's end of the dial protocol's socket pair
 	dialer     *portfwd.Dialer
 	ports      *portfwd.Manager
-	api        *http.Server
-	apiDone    chan struct{}
+	api        *api.Server
 
 	st  *stack.Stack
 	nat *nat.NAT
@@ -270,28 +268,31 @@ func (n *network) startStack(tapFile *os.File, ti tapInfo) error {
 
 // startAPI serves RootlessKit's REST API on <state-dir>/api.sock.
 func (n *network) startAPI(child *userns.Child) error {
-	ln, err := portfwd.ListenAPI(n.sd.Join(userns.APISocket))
+	ln, err := api.Listen(n.sd.Join(userns.APISocket))
 	if err != nil {
 		return err
 	}
-	info := func() portfwd.Info {
-		i := portfwd.Info{Version: versionString(), StateDir: n.sd.Path, ChildPID: child.PID()}
+	info := func() api.Info {
+		i := api.Info{Version: versionString(), StateDir: n.sd.Path, ChildPID: child.PID()}
 		switch n.o.net {
 		case "builtin":
-			i.NetworkDriver = &portfwd.NetworkDriverInfo{Driver: "gonetns", DNS: n.addrs.dnsAddrs(), ChildIP: n.addrs.child}
+			i.NetworkDriver = &api.NetworkDriverInfo{Driver: "gonetns", DNS: n.addrs.dnsAddrs(), ChildIP: n.addrs.child}
 		case "none":
-			i.NetworkDriver = &portfwd.NetworkDriverInfo{Driver: "none"}
+			i.NetworkDriver = &api.NetworkDriverInfo{Driver: "none"}
+		}
+		if n.ports != nil {
+			i.PortDriver = &api.PortDriverInfo{Driver: "builtin", Protos: portfwd.Protos}
 		}
 		return i
 	}
-	// With --port-driver=none, n.ports is nil: the API answers info and
-	// refuses port calls.
-	n.api = &http.Server{Handler: portfwd.NewAPIHandler(n.ports, info), ReadHeaderTimeout: 10 * time.Second}
-	n.apiDone = make(chan struct{})
-	go func() {
-		defer close(n.apiDone)
-		n.api.Serve(ln)
-	}()
+	// With --port-driver=none there is no port driver: the API answers
+	// info and refuses port calls.
+	var pd api.PortDriver
+	if n.ports != nil {
+		pd = n.ports
+	}
+	n.api = api.NewServer(api.ServerConfig{Ports: pd, Info: info, Logger: n.log})
+	n.api.Serve(ln)
 	return nil
 }
 
@@ -299,11 +300,7 @@ func (n *network) startAPI(child *userns.Child) error {
 func (n *network) Close() error {
 	n.closeOnce.Do(func() {
 		if n.api != nil {
-			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-			n.api.Shutdown(ctx)
-			cancel()
 			n.api.Close()
-			<-n.apiDone
 		}
 		if n.ports != nil {
 			n.ports.Close()

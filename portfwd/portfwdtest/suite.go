@@ -29,6 +29,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gonetns/gonetns/api"
 	"github.com/gonetns/gonetns/portfwd"
 )
 
@@ -642,12 +643,12 @@ func serveAPI(t *testing.T, m *portfwd.Manager) string {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	path := filepath.Join(dir, "api.sock")
-	ln, err := portfwd.ListenAPI(path)
+	ln, err := api.Listen(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := httptest.NewUnstartedServer(portfwd.NewAPIHandler(m, func() portfwd.Info {
-		return portfwd.Info{Version: "test", StateDir: dir, ChildPID: 4242}
+	srv := httptest.NewUnstartedServer(api.NewHandler(m, func() api.Info {
+		return api.Info{Version: "test", StateDir: dir, ChildPID: 4242}
 	}))
 	srv.Listener.Close()
 	srv.Listener = ln
@@ -662,7 +663,7 @@ func serveAPI(t *testing.T, m *portfwd.Manager) string {
 func testAPIDuringTransfer(t *testing.T, newChild Factory) {
 	e := newEnv(t, newChild)
 	ctx := context.Background()
-	client := portfwd.NewClient(serveAPI(t, e.m))
+	client := api.NewClient(serveAPI(t, e.m))
 	srv := e.tcpServer(loop4, echo)
 
 	var st portfwd.Status
@@ -673,7 +674,7 @@ func testAPIDuringTransfer(t *testing.T, newChild Factory) {
 		if err == nil {
 			break
 		}
-		var apiErr *portfwd.APIError
+		var apiErr *api.APIError
 		if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusConflict || attempt == 10 {
 			t.Fatalf("POST /v1/ports: %v", err)
 		}
@@ -727,7 +728,7 @@ func testAPIDuringTransfer(t *testing.T, newChild Factory) {
 		t.Fatalf("GET /v1/ports after removal: %v, %v; want []", ports, err)
 	}
 	err = client.RemovePort(ctx, st.ID)
-	var apiErr *portfwd.APIError
+	var apiErr *api.APIError
 	if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusNotFound || !errors.Is(err, portfwd.ErrUnknownPort) ||
 		!strings.Contains(apiErr.Message, strconv.Itoa(st.ID)) {
 		t.Fatalf("DELETE of a removed port: %v; want 404 naming ID %d", err, st.ID)

@@ -1,4 +1,4 @@
-package portfwd
+package api
 
 import (
 	"bytes"
@@ -12,6 +12,8 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+
+	"github.com/gonetns/gonetns/portfwd"
 )
 
 // Client talks to the REST API over its unix socket; it works against
@@ -42,7 +44,7 @@ func NewClient(socketPath string) *Client {
 
 // APIError is an error response of the API. Error returns the server's
 // message. It matches ErrConflict (409) and ErrUnknownPort (404 on
-// DELETE) with errors.Is.
+// DELETE) of package portfwd with errors.Is.
 type APIError struct {
 	StatusCode int
 	Message    string
@@ -60,19 +62,19 @@ func (c *Client) Info(ctx context.Context) (Info, error) {
 }
 
 // ListPorts returns GET /v1/ports.
-func (c *Client) ListPorts(ctx context.Context) ([]Status, error) {
-	var ports []Status
+func (c *Client) ListPorts(ctx context.Context) ([]portfwd.Status, error) {
+	var ports []portfwd.Status
 	err := c.do(ctx, http.MethodGet, "/v1/ports", nil, &ports)
 	return ports, err
 }
 
 // AddPort publishes spec (POST /v1/ports) and returns its Status.
-func (c *Client) AddPort(ctx context.Context, spec Spec) (Status, error) {
+func (c *Client) AddPort(ctx context.Context, spec portfwd.Spec) (portfwd.Status, error) {
 	body, err := json.Marshal(spec)
 	if err != nil {
-		return Status{}, err
+		return portfwd.Status{}, err
 	}
-	var st Status
+	var st portfwd.Status
 	err = c.do(ctx, http.MethodPost, "/v1/ports", body, &st)
 	return st, err
 }
@@ -127,9 +129,9 @@ func newAPIError(method string, code int, body []byte) *APIError {
 	}
 	switch {
 	case code == http.StatusNotFound && method == http.MethodDelete:
-		e.kind = ErrUnknownPort
+		e.kind = portfwd.ErrUnknownPort
 	case code == http.StatusConflict:
-		e.kind = ErrConflict
+		e.kind = portfwd.ErrConflict
 	}
 	return e
 }

@@ -1,4 +1,4 @@
-package portfwd
+package api
 
 import (
 	"bytes"
@@ -26,14 +26,14 @@ func TestRootlessctl(t *testing.T) {
 	if _, err := os.Stat(rootlessctlPath); err != nil {
 		t.Fatalf("%s is needed to check compatibility with RootlessKit's client: install it with `apt-get install rootlesskit` (scripts/test-setup.sh does): %v", rootlessctlPath, err)
 	}
-	m := newTestManager(t, Config{})
+	m := newTestManager(t)
 	dir := shortDir(t)
 	socket := filepath.Join(dir, "api.sock")
-	ln, err := ListenAPI(socket)
+	ln, err := Listen(socket)
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := httptest.NewUnstartedServer(NewAPIHandler(m, func() Info {
+	srv := httptest.NewUnstartedServer(NewHandler(m, func() Info {
 		return Info{
 			Version:  "0.0.0-test",
 			StateDir: dir,
@@ -43,6 +43,7 @@ func TestRootlessctl(t *testing.T) {
 				DNS:     []netip.Addr{netip.MustParseAddr("10.0.2.3")},
 				ChildIP: netip.MustParseAddr("10.0.2.100"),
 			},
+			PortDriver: builtinInfo(),
 		}
 	}))
 	srv.Listener.Close()

@@ -1,4 +1,4 @@
-package portfwd
+package api
 
 import (
 	"context"
@@ -14,19 +14,9 @@ import (
 	"strings"
 	"syscall"
 	"testing"
-)
 
-// shortDir is a temporary directory with a path short enough for a unix
-// socket (sun_path has 108 bytes; t.TempDir can be longer).
-func shortDir(t testing.TB) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "pf")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	return dir
-}
+	"github.com/gonetns/gonetns/portfwd"
+)
 
 func TestListenAPIMode(t *testing.T) {
 	// With umask 0 a socket file is 0777 unless its mode was set before
@@ -34,7 +24,7 @@ func TestListenAPIMode(t *testing.T) {
 	old := syscall.Umask(0)
 	defer syscall.Umask(old)
 	path := filepath.Join(shortDir(t), "api.sock")
-	ln, err := ListenAPI(path)
+	ln, err := Listen(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,7 +50,7 @@ func TestListenAPIStaleSocket(t *testing.T) {
 	}
 	ln.SetUnlinkOnClose(false)
 	ln.Close() // the file stays, nobody answers: a crashed instance
-	ln2, err := ListenAPI(path)
+	ln2, err := Listen(path)
 	if err != nil {
 		t.Fatalf("ListenAPI over a stale socket: %v", err)
 	}
@@ -69,12 +59,12 @@ func TestListenAPIStaleSocket(t *testing.T) {
 
 func TestListenAPIInUse(t *testing.T) {
 	path := filepath.Join(shortDir(t), "api.sock")
-	ln, err := ListenAPI(path)
+	ln, err := Listen(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	if _, err := ListenAPI(path); err == nil || !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), "another instance") {
+	if _, err := Listen(path); err == nil || !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), "another instance") {
 		t.Fatalf("a second ListenAPI: %v; want an error naming %s and another instance", err, path)
 	}
 	// The first one still serves.
@@ -88,7 +78,7 @@ func TestListenAPIInUse(t *testing.T) {
 func TestListenAPINotASocket(t *testing.T) {
 	path := filepath.Join(shortDir(t), "api.sock")
 	os.WriteFile(path, []byte("keep me"), 0o600)
-	if _, err := ListenAPI(path); err == nil || !strings.Contains(err.Error(), "not a socket") {
+	if _, err := Listen(path); err == nil || !strings.Contains(err.Error(), "not a socket") {
 		t.Fatalf("ListenAPI over a regular file: %v", err)
 	}
 	if b, _ := os.ReadFile(path); string(b) != "keep me" {
@@ -104,8 +94,8 @@ func get(t *testing.T, h http.Handler, path string) (int, string) {
 }
 
 func TestAPIInfoJSON(t *testing.T) {
-	m := newTestManager(t, Config{})
-	h := NewAPIHandler(m, func() Info {
+	m := newTestManager(t)
+	h := NewHandler(m, func() Info {
 		return Info{
 			Version:  "0.1.0",
 			StateDir: "/run/user/1000/gonetns",
@@ -115,6 +105,7 @@ func TestAPIInfoJSON(t *testing.T) {
 				DNS:     []netip.Addr{netip.MustParseAddr("10.0.2.3")},
 				ChildIP: netip.MustParseAddr("10.0.2.100"),
 			},
+			PortDriver: builtinInfo(),
 		}
 	})
 	code, body := get(t, h, "/v1/info")
@@ -124,27 +115,27 @@ func TestAPIInfoJSON(t *testing.T) {
 	if code != http.StatusOK || body != want {
 		t.Fatalf("GET /v1/info: %d\n%s\nwant\n%s", code, body, want)
 	}
-	// With no info function: the API version and the port driver still.
-	if code, body := get(t, NewAPIHandler(m, nil), "/v1/info"); code != http.StatusOK || !strings.Contains(body, `"apiVersion":"1.1.1"`) || !strings.Contains(body, `"driver":"builtin"`) {
+	// With no info function: the API version still.
+	if code, body := get(t, NewHandler(m, nil), "/v1/info"); code != http.StatusOK || body != `{"apiVersion":"1.1.1","version":"","stateDir":"","childPID":0}` {
 		t.Fatalf("GET /v1/info with nil info: %d %s", code, body)
 	}
 }
 
 func TestAPIPortsEmpty(t *testing.T) {
-	m := newTestManager(t, Config{})
-	if code, body := get(t, NewAPIHandler(m, nil), "/v1/ports"); code != http.StatusOK || body != "[]" {
+	m := newTestManager(t)
+	if code, body := get(t, NewHandler(m, nil), "/v1/ports"); code != http.StatusOK || body != "[]" {
 		t.Fatalf("GET /v1/ports: %d %q; want 200 []", code, body)
 	}
 }
 
 func TestClient(t *testing.T) {
-	m := newTestManager(t, Config{})
+	m := newTestManager(t)
 	path := filepath.Join(shortDir(t), "api.sock")
-	ln, err := ListenAPI(path)
+	ln, err := Listen(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := httptest.NewUnstartedServer(NewAPIHandler(m, func() Info { return Info{Version: "x", ChildPID: 7} }))
+	srv := httptest.NewUnstartedServer(NewHandler(m, func() Info { return Info{Version: "x", ChildPID: 7, PortDriver: builtinInfo()} }))
 	srv.Listener.Close()
 	srv.Listener = ln
 	srv.Start()
@@ -153,7 +144,7 @@ func TestClient(t *testing.T) {
 	ctx := context.Background()
 	c := NewClient(path)
 	info, err := c.Info(ctx)
-	if err != nil || info.APIVersion != APIVersion || info.ChildPID != 7 || info.PortDriver == nil || info.PortDriver.Driver != "builtin" {
+	if err != nil || info.APIVersion != Version || info.ChildPID != 7 || info.PortDriver == nil || info.PortDriver.Driver != "builtin" {
 		t.Fatalf("Info: %+v, %v", info, err)
 	}
 	st := publishLoop(t, m, "tcp4", echoServer(t))
@@ -163,17 +154,17 @@ func TestClient(t *testing.T) {
 	}
 	_, err = c.AddPort(ctx, st.Spec)
 	var apiErr *APIError
-	if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusConflict || !errors.Is(err, ErrConflict) || !strings.Contains(err.Error(), "overlaps port ID 1") {
+	if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusConflict || !errors.Is(err, portfwd.ErrConflict) || !strings.Contains(err.Error(), "overlaps port ID 1") {
 		t.Fatalf("AddPort of a duplicate: %v; want a 409 APIError with the server's message", err)
 	}
-	_, err = c.AddPort(ctx, Spec{Proto: "tcp", ParentPort: 0, ChildPort: 1})
+	_, err = c.AddPort(ctx, portfwd.Spec{Proto: "tcp", ParentPort: 0, ChildPort: 1})
 	if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusBadRequest || !strings.Contains(err.Error(), "parent port 0") {
 		t.Fatalf("AddPort of a bad spec: %v", err)
 	}
 	if err := c.RemovePort(ctx, st.ID); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.RemovePort(ctx, st.ID); !errors.Is(err, ErrUnknownPort) {
+	if err := c.RemovePort(ctx, st.ID); !errors.Is(err, portfwd.ErrUnknownPort) {
 		t.Fatalf("RemovePort of an unknown ID: %v", err)
 	}
 
@@ -184,9 +175,9 @@ func TestClient(t *testing.T) {
 }
 
 func TestAPIErrorBody(t *testing.T) {
-	m := newTestManager(t, Config{})
+	m := newTestManager(t)
 	rec := httptest.NewRecorder()
-	NewAPIHandler(m, nil).ServeHTTP(rec, httptest.NewRequest("DELETE", "/v1/ports/5", nil))
+	NewHandler(m, nil).ServeHTTP(rec, httptest.NewRequest("DELETE", "/v1/ports/5", nil))
 	var body map[string]any
 	if rec.Code != http.StatusNotFound || rec.Header().Get("Content-Type") != "application/json" ||
 		json.Unmarshal(rec.Body.Bytes(), &body) != nil || len(body) != 1 || !strings.Contains(body["message"].(string), "no published port has ID 5") {
@@ -197,7 +188,7 @@ func TestAPIErrorBody(t *testing.T) {
 // Without a port driver (--port-driver=none) info answers, without a
 // portDriver, and every port call fails with 400 before anything listens.
 func TestAPINoPortDriver(t *testing.T) {
-	h := NewAPIHandler(nil, func() Info { return Info{Version: "x"} })
+	h := NewHandler(nil, func() Info { return Info{Version: "x"} })
 	if code, body := get(t, h, "/v1/info"); code != http.StatusOK || strings.Contains(body, "portDriver") {
 		t.Errorf("GET /v1/info: %d %s", code, body)
 	}

@@ -1,0 +1,57 @@
+// Package api serves RootlessKit's REST API (v1.1.1) on a unix socket and
+// is its client: GET /v1/info, GET/POST /v1/ports and DELETE
+// /v1/ports/{id}, with RootlessKit's JSON shapes, so that rootlessctl,
+// Docker's rootlesskit client, nerdctl and BuildKit drive gonetns
+// unchanged. It serves any port driver through the PortDriver interface
+// and knows nothing of how ports are published.
+package api
+
+import (
+	"context"
+	"net/netip"
+
+	"github.com/gonetns/gonetns/portfwd"
+)
+
+// Version is the RootlessKit REST API version served (not gonetns's
+// version).
+const Version = "1.1.1"
+
+// Info is the body of GET /v1/info, RootlessKit's api.Info.
+type Info struct {
+	APIVersion    string             `json:"apiVersion"` // REST API version; empty means Version
+	Version       string             `json:"version"`    // gonetns's version
+	StateDir      string             `json:"stateDir"`
+	ChildPID      int                `json:"childPID"`
+	NetworkDriver *NetworkDriverInfo `json:"networkDriver,omitempty"`
+	PortDriver    *PortDriverInfo    `json:"portDriver,omitempty"`
+}
+
+// NetworkDriverInfo is RootlessKit's api.NetworkDriverInfo.
+type NetworkDriverInfo struct {
+	Driver         string       `json:"driver"`
+	DNS            []netip.Addr `json:"dns,omitempty"`
+	ChildIP        netip.Addr   `json:"childIP,omitzero"`
+	DynamicChildIP bool         `json:"dynamicChildIP,omitempty"`
+}
+
+// PortDriverInfo is RootlessKit's api.PortDriverInfo. Fields after
+// DisallowLoopbackChildIP are gonetns's own; RootlessKit clients ignore
+// them.
+type PortDriverInfo struct {
+	Driver                  string   `json:"driver"`
+	Protos                  []string `json:"protos"`
+	DisallowLoopbackChildIP bool     `json:"disallowLoopbackChildIP"`
+	// SourceIPTransparent reports whether connections through published
+	// ports keep the client's address inside (--source-ip-transparent).
+	SourceIPTransparent *bool `json:"sourceIPTransparent,omitempty"`
+}
+
+// PortDriver publishes ports; portfwd.Manager is one. Its errors wrap
+// portfwd.ErrInvalidSpec, portfwd.ErrConflict and portfwd.ErrUnknownPort
+// where they apply, which the API turns into 400, 409 and 404.
+type PortDriver interface {
+	AddPort(ctx context.Context, spec portfwd.Spec) (portfwd.Status, error)
+	RemovePort(id int) error
+	ListPorts() []portfwd.Status
+}
