@@ -10,9 +10,12 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/gonetns/gonetns/internal/wire"
 )
@@ -57,6 +60,17 @@ const (
 
 var discardLogger = slog.New(slog.DiscardHandler)
 
+// ChildConfig configures ServeChild.
+type ChildConfig struct {
+	// InNetNS runs fn where sockets belong to the sandbox's network
+	// namespace; nil means here (the child is in that namespace). With
+	// --detach-netns it runs fn on a thread that lives in the detached
+	// namespace. fn only creates sockets; connecting happens outside.
+	InNetNS func(fn func() error) error
+	// Logger may be nil.
+	Logger *slog.Logger
+}
+
 // ServeChild answers the parent's dial requests; it runs in the child
 // process, inside the namespaces. For each request it connects inside the
 // namespace (TCP: connect with a timeout of 10 s; UDP: a connected UDP
@@ -65,10 +79,15 @@ var discardLogger = slog.New(slog.DiscardHandler)
 //
 // ServeChild owns c and closes it. It returns nil when ctx ends or the
 // parent closes its end, an error if reading from c fails otherwise; either
-// way only after every goroutine it started has finished. log may be nil.
-func ServeChild(ctx context.Context, c *wire.Conn, log *slog.Logger) error {
+// way only after every goroutine it started has finished.
+func ServeChild(ctx context.Context, c *wire.Conn, cfg ChildConfig) error {
+	log := cfg.Logger
 	if log == nil {
 		log = discardLogger
+	}
+	inNS := cfg.InNetNS
+	if inNS == nil {
+		inNS = func(fn func() error) error { return fn() }
 	}
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -101,7 +120,7 @@ func ServeChild(ctx context.Context, c *wire.Conn, log *slog.Logger) error {
 		}
 		wg.Go(func() {
 			defer func() { <-slots }()
-			serveDial(ctx, c, req, log)
+			serveDial(ctx, c, req, inNS, log)
 		})
 	}
 }
@@ -114,9 +133,9 @@ func isBadMessage(err error) bool {
 }
 
 // serveDial connects for one request and sends the reply.
-func serveDial(ctx context.Context, c *wire.Conn, req dialRequest, log *slog.Logger) {
+func serveDial(ctx context.Context, c *wire.Conn, req dialRequest, inNS func(func() error) error, log *slog.Logger) {
 	start := time.Now()
-	f, err := dialInside(ctx, req)
+	f, err := dialInside(ctx, req, inNS)
 	rep := dialReply{ID: req.ID}
 	var files []*os.File
 	if err != nil {
@@ -141,26 +160,104 @@ func serveDial(ctx context.Context, c *wire.Conn, req dialRequest, log *slog.Log
 	}
 }
 
-// dialInside connects and returns the connected socket as a file (a
-// duplicate; the net.Conn is closed).
-func dialInside(ctx context.Context, req dialRequest) (*os.File, error) {
+// dialInside connects and returns the connected socket as a file. The
+// socket is created by inNS, in the sandbox's network namespace; the
+// connect waits here.
+func dialInside(ctx context.Context, req dialRequest, inNS func(func() error) error) (*os.File, error) {
 	if !validProto(req.Proto) {
 		return nil, fmt.Errorf("unknown protocol %q", req.Proto)
 	}
 	if !req.Addr.IsValid() {
 		return nil, errors.New("no address to dial")
 	}
-	d := net.Dialer{Timeout: childDialTimeout}
-	conn, err := d.DialContext(ctx, req.Proto, req.Addr.String())
+	family, sa := unix.AF_INET, unix.Sockaddr(nil)
+	if a := req.Addr.Addr(); a.Is4() || a.Is4In6() {
+		sa = &unix.SockaddrInet4{Port: int(req.Addr.Port()), Addr: a.Unmap().As4()}
+	} else {
+		family = unix.AF_INET6
+		sa = &unix.SockaddrInet6{Port: int(req.Addr.Port()), Addr: a.As16()}
+	}
+	if (strings.HasSuffix(req.Proto, "4") && family != unix.AF_INET) || (strings.HasSuffix(req.Proto, "6") && family != unix.AF_INET6) {
+		return nil, fmt.Errorf("address %s is not of protocol %s", req.Addr, req.Proto)
+	}
+	sotype := unix.SOCK_STREAM
+	if req.Proto[:3] == "udp" {
+		sotype = unix.SOCK_DGRAM
+	}
+	var fd int
+	err := inNS(func() error {
+		var err error
+		fd, err = unix.Socket(family, sotype|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+		return err
+	})
 	if err != nil {
+		return nil, os.NewSyscallError("socket", err)
+	}
+	f := os.NewFile(uintptr(fd), "dial "+req.Proto+" "+req.Addr.String())
+	if err := connect(ctx, f, sa); err != nil {
+		f.Close()
 		return nil, err
 	}
-	defer conn.Close() // the duplicate in the file stays open
-	fc, ok := conn.(interface{ File() (*os.File, error) })
-	if !ok {
-		return nil, fmt.Errorf("dial %s %s: got a %T, which has no descriptor", req.Proto, req.Addr, conn)
+	return f, nil
+}
+
+// connect connects the non-blocking socket f to sa, waiting at most
+// childDialTimeout or until ctx ends.
+func connect(ctx context.Context, f *os.File, sa unix.Sockaddr) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
 	}
-	return fc.File()
+	var cerr error
+	if err := rc.Control(func(fd uintptr) { cerr = unix.Connect(int(fd), sa) }); err != nil {
+		return err
+	}
+	switch cerr {
+	case nil:
+		return nil
+	case unix.EINPROGRESS:
+	default:
+		return os.NewSyscallError("connect", cerr)
+	}
+	deadline := time.Now().Add(childDialTimeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	f.SetWriteDeadline(deadline)
+	stop := context.AfterFunc(ctx, func() { f.SetWriteDeadline(time.Unix(1, 0)) })
+	defer stop()
+	var soErr int
+	err = rc.Write(func(fd uintptr) bool {
+		v, gerr := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR)
+		if gerr != nil {
+			soErr = int(gerr.(unix.Errno))
+			return true
+		}
+		soErr = v
+		// Still connecting: wait for writability again.
+		return v != int(unix.EINPROGRESS) && v != 0 || isConnected(int(fd))
+	})
+	if err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return os.NewSyscallError("connect", unix.ETIMEDOUT)
+		}
+		return err
+	}
+	if soErr != 0 {
+		return os.NewSyscallError("connect", unix.Errno(soErr))
+	}
+	f.SetWriteDeadline(time.Time{})
+	return nil
+}
+
+// isConnected reports whether a socket whose SO_ERROR is 0 has finished
+// connecting (it has a peer).
+func isConnected(fd int) bool {
+	_, err := unix.Getpeername(fd)
+	return err == nil
 }
 
 // errnoOf finds the errno behind a dial error; timeouts count as

@@ -54,7 +54,7 @@ func servedDialer(t testing.TB) *Dialer {
 	t.Helper()
 	p, c := wirePair(t)
 	done := make(chan error, 1)
-	go func() { done <- ServeChild(context.Background(), c, testLogger(t)) }()
+	go func() { done <- ServeChild(context.Background(), c, ChildConfig{Logger: testLogger(t)}) }()
 	d := NewDialer(p)
 	d.Start()
 	t.Cleanup(func() {
@@ -171,7 +171,7 @@ func TestDialBadRequests(t *testing.T) {
 func TestServeChildSurvivesJunk(t *testing.T) {
 	p, c := wirePair(t)
 	done := make(chan error, 1)
-	go func() { done <- ServeChild(context.Background(), c, testLogger(t)) }()
+	go func() { done <- ServeChild(context.Background(), c, ChildConfig{Logger: testLogger(t)}) }()
 	if err := p.Send(map[string]any{"id": "not a number"}); err != nil {
 		t.Fatal(err)
 	}
@@ -230,7 +230,7 @@ func TestDialOutOfOrder(t *testing.T) {
 		reqs = append(reqs, req)
 	}
 	for i := len(reqs) - 1; i >= 0; i-- {
-		f, err := dialInside(context.Background(), reqs[i])
+		f, err := dialInside(context.Background(), reqs[i], here)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -266,7 +266,7 @@ func TestDialContextEnds(t *testing.T) {
 	if _, err := child.Recv(&req); err != nil {
 		t.Fatal(err)
 	}
-	f, err := dialInside(context.Background(), req)
+	f, err := dialInside(context.Background(), req, here)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -342,7 +342,7 @@ func TestServeChildContextEnds(t *testing.T) {
 	_, c := wirePair(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- ServeChild(ctx, c, nil) }()
+	go func() { done <- ServeChild(ctx, c, ChildConfig{}) }()
 	cancel()
 	select {
 	case err := <-done:
@@ -389,3 +389,6 @@ func TestWireSendKeepsNonblocking(t *testing.T) {
 		t.Fatal("wire.Send cleared O_NONBLOCK on the connection it sent a file of")
 	}
 }
+
+// here runs fn in this test's own network namespace.
+func here(fn func() error) error { return fn() }

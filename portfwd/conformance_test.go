@@ -33,7 +33,7 @@ func wireChild(t *testing.T) portfwdtest.Child {
 	ctx, cancel := context.WithCancel(context.Background())
 	served := make(chan error, 1)
 	log := portfwdtest.Logger(t).With("side", "child")
-	go func() { served <- portfwd.ServeChild(ctx, childEnd, log) }()
+	go func() { served <- portfwd.ServeChild(ctx, childEnd, portfwd.ChildConfig{Logger: log}) }()
 	d := portfwd.NewDialer(parentEnd)
 	d.Start()
 	t.Cleanup(func() {

@@ -1,6 +1,7 @@
 package userns
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -11,8 +12,10 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -50,6 +53,10 @@ func init() {
 // RunChild is the whole life of the child process; it returns the exit
 // status for os.Exit.
 func RunChild(hooks ChildHooks) int {
+	// A closed stderr (gonetns --debug ... 2>&1 | head) must not kill the
+	// child: with SIGPIPE caught, writes to it just fail. Caught, not
+	// ignored: the command, after exec, gets the default disposition.
+	signal.Notify(make(chan os.Signal, 1), syscall.SIGPIPE)
 	switch os.Getenv(envStage) {
 	case stageFirst:
 		return firstStage()
@@ -171,9 +178,11 @@ func secondStage(hooks ChildHooks) int {
 	if _, err := ctl.Recv(&m); err != nil || m.Type != msgStart {
 		return 125
 	}
-	if cfg.Reaper {
+	if cfg.Reaper || cfg.KillOrphans {
+		// Orphans of the command become this process's children: reaped
+		// (--reaper), and found again when the command exits.
 		if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
-			log.Warn("cannot become a subreaper; orphaned processes go to the host's init", "err", err)
+			log.Warn("cannot become a subreaper; orphaned processes go to the host's init and may outlive gonetns", "err", err)
 		}
 	}
 	r := &runner{cfg: cfg, log: log, ctl: ctl}
@@ -292,6 +301,11 @@ loop:
 			parentGone = nil
 		}
 	}
+	if r.cfg.KillOrphans {
+		if n := killOrphans(r.log); n > 0 {
+			r.log.Debug("ended processes the command left behind", "count", n)
+		}
+	}
 	cancel()
 	<-serveDone
 	if result.err != nil {
@@ -322,6 +336,78 @@ func reap(pid int, sigchld <-chan os.Signal) int {
 		}
 		<-sigchld
 	}
+}
+
+// orphanRounds bounds killOrphans: each round kills the children it finds
+// and reaps them, and their own children become ours for the next round.
+const orphanRounds = 50
+
+// killOrphans ends every process left of the command's tree: as a
+// subreaper, this process inherits the tree's orphans, so its children are
+// the whole rest. Returns how many it killed.
+func killOrphans(log *slog.Logger) int {
+	self := os.Getpid()
+	killed := 0
+	for round := 0; round < orphanRounds; round++ {
+		kids := childrenOf(self)
+		if len(kids) == 0 {
+			return killed
+		}
+		for _, pid := range kids {
+			if unix.Kill(pid, unix.SIGKILL) == nil {
+				killed++
+			}
+		}
+		// Reap what died; what is left (its parent was not dead yet when
+		// we listed) shows up in the next round.
+		deadline := time.Now().Add(100 * time.Millisecond)
+		for time.Now().Before(deadline) {
+			var ws unix.WaitStatus
+			got, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+			if err == unix.ECHILD {
+				break
+			}
+			if got <= 0 {
+				time.Sleep(time.Millisecond)
+			}
+		}
+	}
+	if kids := childrenOf(self); len(kids) > 0 {
+		log.Warn("processes the command left behind would not end", "pids", fmt.Sprint(kids))
+	}
+	return killed
+}
+
+// childrenOf lists the live children of pid, from /proc/PID/stat.
+func childrenOf(pid int) []int {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	var kids []int
+	for _, e := range ents {
+		p, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...; comm may hold spaces and parentheses.
+		i := bytes.LastIndexByte(b, ')')
+		if i < 0 {
+			continue
+		}
+		f := strings.Fields(string(b[i+1:]))
+		if len(f) < 2 || f[0] == "Z" {
+			continue
+		}
+		if ppid, err := strconv.Atoi(f[1]); err == nil && ppid == pid {
+			kids = append(kids, p)
+		}
+	}
+	return kids
 }
 
 // lookPath resolves the command with the PATH the command will see.

@@ -28,7 +28,10 @@ type Options struct {
 	Args []string
 	// Env is added to the command's environment (after os.Environ()).
 	Env []string
-	// NewNet creates a network namespace (every --net but host).
+	// NewNet creates a network namespace for the child and the command
+	// (every --net but host, unless the network namespace is detached:
+	// then the network hook creates one of its own and the command stays
+	// in the host's).
 	NewNet bool
 	// PIDNS runs the command as PID 1 of a new PID namespace, with the
 	// child as its parent outside it; UTSNS, IPCNS and CgroupNS create
@@ -38,6 +41,16 @@ type Options struct {
 	// "false", or "auto" (false: with PIDNS the command is PID 1 and
 	// inherits the orphans itself).
 	Reaper string
+	// LeaveOrphans lets processes the command started and left behind run
+	// on after it exits. By default the child ends them (SIGKILL) when the
+	// command exits, as a PID namespace does: the sandbox's network goes
+	// with gonetns, and nothing should outlive it unnoticed.
+	LeaveOrphans bool
+	// EvacuateCgroup2 names a cgroup v2 subgroup into which the processes
+	// of gonetns's own cgroup are moved before the command runs, with the
+	// group's controllers enabled for its subgroups (RootlessKit's
+	// --evacuate-cgroup2; needs PIDNS and CgroupNS).
+	EvacuateCgroup2 string
 	// Propagation of the mounts inside: "rprivate" or "rslave".
 	Propagation string
 	// CopyUp lists directories replaced inside by writable tmpfs copies
@@ -55,6 +68,13 @@ type Options struct {
 	Network any
 	// ExtraFiles are given to the child; ChildHooks.Serve receives them.
 	ExtraFiles []*os.File
+	// Stdin, Stdout and Stderr of the command; nil means the process's
+	// own.
+	Stdin          io.Reader
+	Stdout, Stderr io.Writer
+	// ForwardSignals relays the signals this process gets (HUP, INT, QUIT,
+	// TERM, USR1, USR2) to the command, as a command-line launcher does.
+	ForwardSignals bool
 	// Debug turns on the child's debug log.
 	Debug  bool
 	Logger *slog.Logger
@@ -74,6 +94,7 @@ type Child struct {
 	Maps    MapResult
 	netInfo json.RawMessage
 	netFile []*os.File
+	waited  chan struct{} // closed when supervise has returned; nil before Begin
 }
 
 // forwardedSignals are relayed to the command.
@@ -133,6 +154,15 @@ func Start(opts Options) (*Child, error) {
 	cmd.Args = append([]string{exe}, os.Args[1:]...)
 	cmd.Env = append(os.Environ(), envStage+"="+stageFirst)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	if opts.Stdin != nil {
+		cmd.Stdin = opts.Stdin
+	}
+	if opts.Stdout != nil {
+		cmd.Stdout = opts.Stdout
+	}
+	if opts.Stderr != nil {
+		cmd.Stderr = opts.Stderr
+	}
 	cmd.ExtraFiles = append([]*os.File{childEnd}, opts.ExtraFiles...)
 	flags := unix.CLONE_NEWUSER | unix.CLONE_NEWNS
 	if opts.NewNet {
@@ -170,7 +200,9 @@ func Start(opts Options) (*Child, error) {
 
 	// Catch the signals now: a Ctrl-C during setup must still tear the
 	// child down and clean the state directory, not kill only the parent.
-	signal.Notify(c.sigs, forwardedSignals...)
+	if opts.ForwardSignals {
+		signal.Notify(c.sigs, forwardedSignals...)
+	}
 
 	if err := c.spawn(); err != nil {
 		signal.Stop(c.sigs)
@@ -197,6 +229,13 @@ func Start(opts Options) (*Child, error) {
 	for _, w := range maps.Warnings {
 		c.log.Warn(w)
 	}
+	if opts.EvacuateCgroup2 != "" {
+		// Before the command runs, so it starts in a group whose parent
+		// it may manage (through its cgroup namespace, rooted there).
+		if err := evacuateCgroup2(opts.EvacuateCgroup2, c.log); err != nil {
+			return fail(err)
+		}
+	}
 	c.log.Debug("id maps written", "pid", cmd.Process.Pid, "uid_map", maps.UIDMap, "gid_map", maps.GIDMap)
 
 	cfg := &childConfig{
@@ -206,6 +245,7 @@ func Start(opts Options) (*Child, error) {
 		NewNet:      opts.NewNet,
 		PIDNS:       opts.PIDNS,
 		Reaper:      reaper,
+		KillOrphans: !opts.LeaveOrphans && !opts.PIDNS,
 		Propagation: opts.Propagation,
 		CopyUp:      opts.CopyUp,
 		DNSFiles:    opts.ResolvConf != nil,
@@ -290,12 +330,17 @@ func (c *Child) PID() int { return c.cmd.Process.Pid }
 // the files it sent (the caller owns them).
 func (c *Child) NetworkInfo() (json.RawMessage, []*os.File) { return c.netInfo, c.netFile }
 
-// Wait kills nothing: it waits for the child to exit (e.g. after Kill,
-// when setup failed before Run) and returns its exit status.
+// Wait kills nothing: it waits for the child to exit (after Begin, or
+// after Kill when setup failed) and returns its exit status, 128+N when a
+// signal N ended it.
 func (c *Child) Wait() (int, error) {
 	<-c.exited
-	signal.Stop(c.sigs)
-	c.ctl.Close()
+	if c.waited != nil {
+		<-c.waited
+	} else {
+		signal.Stop(c.sigs)
+		c.ctl.Close()
+	}
 	return exitStatus(c.state, c.waitErr)
 }
 
@@ -309,20 +354,38 @@ func (c *Child) Kill() {
 	}
 }
 
-// Run writes child_pid, tells the child to run the command, relays
-// signals, and waits. It returns the command's exit status (128+N when a
-// signal N ended it). Cancelling ctx kills the child.
-func (c *Child) Run(ctx context.Context) (int, error) {
-	defer signal.Stop(c.sigs)
+// Begin writes child_pid and tells the child to run the command; from now
+// on the command runs, and Wait waits for it. Signals are relayed (with
+// Options.ForwardSignals) until it exits. Cancelling ctx kills the child.
+func (c *Child) Begin(ctx context.Context) error {
 	if err := c.opts.StateDir.writeChildPID(c.PID()); err != nil {
 		c.Kill()
 		c.ctl.Close()
 		<-c.exited
-		return 0, err
+		signal.Stop(c.sigs)
+		return err
 	}
 	if err := c.ctl.Send(message{Type: msgStart}); err != nil {
 		c.log.Debug("start message not delivered", "err", err)
 	}
+	c.waited = make(chan struct{})
+	go c.supervise(ctx)
+	return nil
+}
+
+// Run is Begin and Wait: it returns the command's exit status (128+N when
+// a signal N ended it).
+func (c *Child) Run(ctx context.Context) (int, error) {
+	if err := c.Begin(ctx); err != nil {
+		return 0, err
+	}
+	return c.Wait()
+}
+
+// supervise relays signals and messages until the child exits.
+func (c *Child) supervise(ctx context.Context) {
+	defer close(c.waited)
+	defer signal.Stop(c.sigs)
 	// The child reports "started", or an error and exits; it exits in any
 	// case when the command ends. Only its exit status matters here.
 	drained := make(chan struct{})
@@ -334,15 +397,14 @@ func (c *Child) Run(ctx context.Context) (int, error) {
 		c.ctl.Close()
 		<-drained
 	}()
-
 	for {
 		select {
 		case <-c.exited:
-			return exitStatus(c.state, c.waitErr)
+			return
 		case <-ctx.Done():
 			c.Kill()
 			<-c.exited
-			return exitStatus(c.state, c.waitErr)
+			return
 		case s := <-c.sigs:
 			sig := s.(syscall.Signal)
 			if fromTerminal(sig) {
@@ -353,10 +415,16 @@ func (c *Child) Run(ctx context.Context) (int, error) {
 				continue
 			}
 			c.log.Debug("relaying signal", "signal", sig)
-			if err := c.ctl.Send(message{Type: msgSignal, Signal: int(sig)}); err != nil {
-				c.cmd.Process.Signal(sig)
-			}
+			c.Signal(sig)
 		}
+	}
+}
+
+// Signal delivers sig to the command (through the child, which knows its
+// pid in the namespace), or to the child itself if that fails.
+func (c *Child) Signal(sig syscall.Signal) {
+	if err := c.ctl.Send(message{Type: msgSignal, Signal: int(sig)}); err != nil {
+		c.cmd.Process.Signal(sig)
 	}
 }
 

@@ -52,6 +52,7 @@ type childConfig struct {
 	NewNet      bool            `json:"newNet"`
 	PIDNS       bool            `json:"pidns"`
 	Reaper      bool            `json:"reaper"`
+	KillOrphans bool            `json:"killOrphans"`
 	Propagation string          `json:"propagation"`
 	CopyUp      []string        `json:"copyUp"`
 	DNSFiles    bool            `json:"dnsFiles"`

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -18,7 +19,22 @@ const (
 	APISocket  = "api.sock"
 	ResolvConf = "resolv.conf"
 	HostsFile  = "hosts"
+	// NetNS is a bind mount of the sandbox's network namespace, with
+	// --detach-netns; only the child's mount namespace sees the mount.
+	NetNS = "netns"
 )
+
+// ownFiles are the files a run creates in the state directory, removed
+// when it ends (LockFile last).
+var ownFiles = []string{ChildPID, APISocket, ResolvConf, HostsFile, NetNS}
+
+// tempPrefix names the state directories gonetns makes when none is given.
+const tempPrefix = "gonetns-"
+
+// staleAge is how old the lock file of a default state directory must be
+// before a later run may sweep it: a directory just being set up has no
+// lock held for an instant, one of a live run has held it since then.
+const staleAge = 10 * time.Second
 
 // StateDir is the directory of one running gonetns: a lock held for the
 // whole run, child_pid once the namespaces are set up, api.sock, and the
@@ -27,6 +43,10 @@ type StateDir struct {
 	Path      string
 	temporary bool
 	lock      *os.File
+	dir       *os.File // held with a shared flock, as systemd-tmpfiles asks
+	// Swept lists default state directories of earlier runs that were
+	// removed because their lock was free (their gonetns was killed).
+	Swept []string
 }
 
 // ErrStateDirBusy reports a state directory locked by another gonetns.
@@ -42,7 +62,8 @@ func OpenStateDir(path string) (*StateDir, error) {
 		if base == "" || unix.Access(base, unix.W_OK|unix.X_OK) != nil {
 			base = os.TempDir()
 		}
-		p, err := os.MkdirTemp(base, "gonetns-")
+		d.Swept = sweepStale(base)
+		p, err := os.MkdirTemp(base, tempPrefix)
 		if err != nil {
 			return nil, fmt.Errorf("create a state directory under %s: %w (set --state-dir)", base, err)
 		}
@@ -84,10 +105,48 @@ func OpenStateDir(path string) (*StateDir, error) {
 	}
 	d.lock = lock
 	// Leftovers of an earlier run that died without cleaning up.
-	for _, name := range []string{ChildPID, APISocket} {
+	for _, name := range ownFiles {
 		os.Remove(filepath.Join(d.Path, name))
 	}
+	// systemd-tmpfiles leaves a directory alone while it is flocked: keep
+	// a default one under /tmp from being cleaned away under a long run.
+	if dir, err := os.Open(d.Path); err == nil {
+		if unix.Flock(int(dir.Fd()), unix.LOCK_SH|unix.LOCK_NB) == nil {
+			d.dir = dir
+		} else {
+			dir.Close()
+		}
+	}
 	return d, nil
+}
+
+// sweepStale removes the default state directories under base that
+// belong to this user and whose gonetns is gone: their lock file exists,
+// is older than staleAge and can be locked. It returns what it removed.
+func sweepStale(base string) []string {
+	dirs, _ := filepath.Glob(filepath.Join(base, tempPrefix+"*"))
+	var swept []string
+	for _, dir := range dirs {
+		if checkOwnDir(dir) != nil {
+			continue
+		}
+		lockPath := filepath.Join(dir, LockFile)
+		fi, err := os.Lstat(lockPath)
+		if err != nil || !fi.Mode().IsRegular() || time.Since(fi.ModTime()) < staleAge {
+			continue
+		}
+		f, err := os.OpenFile(lockPath, os.O_RDWR|unix.O_NOFOLLOW, 0)
+		if err != nil {
+			continue
+		}
+		if unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) == nil {
+			if os.RemoveAll(dir) == nil {
+				swept = append(swept, dir)
+			}
+		}
+		f.Close()
+	}
+	return swept
 }
 
 // checkOwnDir refuses a state directory that is a symlink or belongs to
@@ -138,13 +197,15 @@ func (d *StateDir) writeChildPID(pid int) error {
 	return d.WriteFile(ChildPID, []byte(strconv.Itoa(pid)), 0o644)
 }
 
-// Close removes what this run created and releases the lock; a temporary
-// directory is removed entirely. Idempotent.
+// Close removes what this run created, the lock included, and the
+// directory itself when that leaves it empty (a temporary one is removed
+// entirely; in a given one, files of others are kept, and so is the
+// directory then). Idempotent.
 func (d *StateDir) Close() error {
 	if d.lock == nil {
 		return nil
 	}
-	for _, name := range []string{ChildPID, APISocket, ResolvConf, HostsFile} {
+	for _, name := range ownFiles {
 		os.Remove(d.Join(name))
 	}
 	// The child's scratch directories: empty (their mounts lived in the
@@ -155,7 +216,19 @@ func (d *StateDir) Close() error {
 			os.Remove(s)
 		}
 	}
-	d.removeTemp()
+	if d.temporary {
+		d.removeTemp()
+	} else {
+		// The lock goes while it is held, then the directory if it is
+		// empty now: RootlessKit leaves no state directory behind, and
+		// containerd-rootless.sh refuses to start while one exists.
+		os.Remove(d.Join(LockFile))
+		os.Remove(d.Path)
+	}
+	if d.dir != nil {
+		d.dir.Close()
+		d.dir = nil
+	}
 	err := d.lock.Close()
 	d.lock = nil
 	return err

@@ -4,119 +4,180 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net/netip"
+	"log/slog"
+	"strconv"
 	"strings"
 
 	"github.com/spf13/pflag"
 
 	"github.com/gonetns/gonetns/dns"
 	"github.com/gonetns/gonetns/portfwd"
-	"github.com/gonetns/gonetns/userns"
+	"github.com/gonetns/gonetns/sandbox"
 )
 
-// options are the parsed command line.
+// options are the parsed command line: the sandbox's configuration and
+// what only the command line has.
 type options struct {
-	net                 string
-	mtu                 int
-	cidr                netip.Prefix
-	ifname              string
-	disableHostLoopback bool
-	ipv6                bool
-	dnsUpstreams        []netip.AddrPort
-	portDriver          string
-	publish             []portfwd.Spec
-	copyUp              []string
-	copyUpMode          string
-	propagation         string
-	pidns               bool
-	utsns               bool
-	ipcns               bool
-	cgroupns            bool
-	reaper              string
-	stateDir            string
-	subidSource         userns.SubIDSource
-	debug               bool
-	cpuProfile          string
-	version             bool
-	args                []string
+	cfg         sandbox.Config
+	args        []string
+	cpuProfile  string
+	version     bool
+	printSemver string
 }
 
 var errHelpShown = errors.New("help shown")
 
-const usageHead = `gonetns runs COMMAND as root in new user, mount and network namespaces,
+// rootlessKitNets are RootlessKit's network drivers that gonetns accepts
+// as names of its own builtin network (same address layout as
+// slirp4netns: 10.0.2.0/24, gateway .2, DNS .3, the sandbox .100).
+var rootlessKitNets = []string{"slirp4netns", "pasta", "vpnkit", "gvisor-tap-vsock", "lxc-user-nic"}
+
+// rootlessKitPortDrivers are RootlessKit's port drivers that select
+// gonetns's builtin (splice) port driver.
+var rootlessKitPortDrivers = []string{"slirp4netns", "gvisor-tap-vsock", "pesto"}
+
+// ignoredFlags are RootlessKit's flags for its helper programs, which
+// gonetns does not run: accepted with their values and ignored.
+var ignoredFlags = []struct{ name, def, usage string }{
+	{"slirp4netns-binary", "slirp4netns", "RootlessKit's slirp4netns binary; ignored (gonetns runs no helper)"},
+	{"slirp4netns-sandbox", "false", "RootlessKit's slirp4netns sandbox mode [auto, true, false]; ignored"},
+	{"slirp4netns-seccomp", "false", "RootlessKit's slirp4netns seccomp mode [auto, true, false]; ignored"},
+	{"pasta-binary", "pasta", "RootlessKit's pasta binary; ignored"},
+	{"pesto-binary", "pesto", "RootlessKit's pesto binary; ignored"},
+	{"vpnkit-binary", "vpnkit", "RootlessKit's VPNKit binary; ignored"},
+	{"lxc-user-nic-binary", "", "RootlessKit's lxc-user-nic binary; ignored"},
+	{"lxc-user-nic-bridge", "lxcbr0", "RootlessKit's lxc-user-nic bridge; ignored"},
+	{"source-ip-transparent-backend", "auto", "RootlessKit's firewall backend for --source-ip-transparent [auto, nft, iptables]; ignored (gonetns needs none)"},
+}
+
+const usageHead = `%[1]s runs COMMAND as root in new user, mount and network namespaces,
 as an unprivileged user, with its own userspace network (no helper binaries).
 
 Usage:
-  gonetns [flags] COMMAND [ARGS...]
+  %[1]s [flags] COMMAND [ARGS...]
   gonetns ctl [--socket PATH] list-ports|add-ports|remove-ports|info   (see gonetns ctl --help)
 
-Flags stop at the first argument that is not a flag: gonetns sh -c 'id'.
+Flags stop at the first argument that is not a flag: %[1]s sh -c 'id'.
+Installed as "rootlesskit" (a symlink is enough) it is a drop-in for
+RootlessKit: its defaults become --net=host --port-driver=none, as
+RootlessKit's are; as "rootlessctl" it is RootlessKit's API client, and as
+"rootlesskit-docker-proxy" Docker's userland proxy for RootlessKit.
 
 Flags:
 `
 
-func parseFlags(args []string, out io.Writer) (*options, error) {
+// personality is which program's command line gonetns speaks.
+type personality int
+
+const (
+	asGonetns personality = iota
+	asRootlessKit
+)
+
+// parseFlags parses the command line of gonetns, or of rootlesskit when
+// invoked under that name. Values are parsed here; whether they make
+// sense together is sandbox.Config.Validate's to say.
+func parseFlags(args []string, who personality, name string, out io.Writer, log *slog.Logger) (*options, error) {
 	o := &options{}
-	fs := pflag.NewFlagSet("gonetns", pflag.ContinueOnError)
+	fs := pflag.NewFlagSet(name, pflag.ContinueOnError)
 	fs.SetInterspersed(false)
 	fs.SetOutput(out)
 	fs.SortFlags = false
-	var cidr, subid string
-	var dnsUpstreams, publish []string
-	fs.StringVar(&o.net, "net", "builtin", "network: builtin (userspace NAT to the host), none (only lo) or host (no network namespace)")
-	fs.IntVar(&o.mtu, "mtu", 65520, "MTU of the namespace's interface (1280..65520) for --net=builtin")
-	fs.StringVar(&cidr, "cidr", "10.0.2.0/24", "subnet of --net=builtin: the namespace is .100, the gateway (host loopback) .2, DNS .3")
-	fs.StringVar(&o.ifname, "ifname", "tap0", "name of the namespace's interface for --net=builtin")
-	fs.BoolVar(&o.disableHostLoopback, "disable-host-loopback", false, "refuse connections to the gateway address and to the host's 127.0.0.0/8 and ::1")
-	fs.BoolVar(&o.ipv6, "ipv6", false, "also IPv6 for --net=builtin: fd00::100/64 inside, gateway fd00::2 (the host's ::1), DNS fd00::3")
+	defNet, defPorts := "builtin", ""
+	if who == asRootlessKit {
+		defNet, defPorts = "host", "none"
+	}
+	var (
+		net, portDriver, cidr, subid                        string
+		dnsUpstreams, publish                               []string
+		sourceIPTransparent, killOrphans, debug, helpWanted bool
+	)
+	c := &o.cfg
+	// Network.
+	fs.StringVar(&net, "net", defNet, "network: builtin (userspace NAT to the host), none (only lo) or host (no network namespace); RootlessKit's slirp4netns, pasta, vpnkit, gvisor-tap-vsock and lxc-user-nic are names of builtin")
+	fs.IntVar(&c.MTU, "mtu", sandbox.DefaultMTU, fmt.Sprintf("MTU of the namespace's interface (%d..%d; 0 means %d)", sandbox.MinMTU, sandbox.MaxMTU, sandbox.DefaultMTU))
+	fs.StringVar(&cidr, "cidr", sandbox.DefaultCIDR.String(), "subnet of the builtin network: the namespace is .100, the gateway (host loopback) .2, DNS .3")
+	fs.StringVar(&c.IfName, "ifname", sandbox.DefaultIfName, "name of the namespace's interface")
+	fs.BoolVar(&c.DisableHostLoopback, "disable-host-loopback", false, "refuse connections to the gateway address (the host's 127.0.0.1 and ::1)")
+	fs.BoolVar(&c.IPv6, "ipv6", false, "also IPv6: fd00::100/64 inside, gateway fd00::2 (the host's ::1), DNS fd00::3")
+	fs.BoolVar(&c.DetachNetNS, "detach-netns", false, "keep COMMAND in the host's network namespace; the sandbox's network namespace is at $ROOTLESSKIT_STATE_DIR/netns (nsenter -n$ROOTLESSKIT_STATE_DIR/netns ...)")
 	fs.StringArrayVar(&dnsUpstreams, "dns-upstream", nil, "DNS server the namespace's resolver forwards to, IP[:PORT] (repeatable; default: the host's /etc/resolv.conf)")
-	fs.StringVar(&o.portDriver, "port-driver", "", "how -p publishes ports: builtin (splice between host and namespace sockets) or none; default builtin unless --net=host")
+	// Ports.
+	fs.StringVar(&portDriver, "port-driver", defPorts, "how ports are published: builtin (splice between host and namespace sockets), implicit (also every port that listens inside, automatically) or none; RootlessKit's slirp4netns, gvisor-tap-vsock and pesto are names of builtin; default builtin unless --net=host")
 	fs.StringArrayVarP(&publish, "publish", "p", nil, "publish a port of the namespace on the host, "+portfwd.Grammar+", e.g. 8080:80/tcp (repeatable)")
-	fs.StringArrayVar(&o.copyUp, "copy-up", nil, "make DIR a writable copy inside, e.g. --copy-up=/etc (repeatable; /tmp is refused)")
-	fs.StringVar(&o.copyUpMode, "copy-up-mode", "tmpfs+symlink", "how --copy-up copies: tmpfs+symlink")
-	fs.StringVar(&o.propagation, "propagation", "rprivate", "mount propagation inside: rprivate or rslave")
-	fs.BoolVar(&o.pidns, "pidns", false, "new PID namespace: the command is PID 1 ($$ is 1), and everything inside is killed when gonetns exits")
-	fs.BoolVar(&o.utsns, "utsns", false, "new UTS namespace (hostname)")
-	fs.BoolVar(&o.ipcns, "ipcns", false, "new IPC namespace")
-	fs.BoolVar(&o.cgroupns, "cgroupns", false, "new cgroup namespace")
-	fs.StringVar(&o.reaper, "reaper", "auto", "make the gonetns child the reaper of processes orphaned inside: true, false or auto (false; with --pidns the command is PID 1 and inherits them)")
-	fs.StringVar(&o.stateDir, "state-dir", "", "state directory (lock, child_pid, api.sock); default: a new one under $XDG_RUNTIME_DIR or /tmp, removed on exit")
+	fs.BoolVar(&sourceIPTransparent, "source-ip-transparent", true, "connections through published ports keep the client's address and port inside (TCP and UDP); false: they come from the namespace's loopback")
+	// Mounts.
+	fs.StringArrayVar(&c.CopyUp, "copy-up", nil, "make DIR a writable copy inside, e.g. --copy-up=/etc (repeatable; /tmp is refused)")
+	copyUpMode := fs.String("copy-up-mode", "tmpfs+symlink", "how --copy-up copies: tmpfs+symlink")
+	fs.StringVar(&c.Propagation, "propagation", "rprivate", "mount propagation inside: rprivate or rslave")
+	// Processes.
+	fs.BoolVar(&c.PIDNS, "pidns", false, "new PID namespace: the command is PID 1 ($$ is 1), and everything inside is killed when gonetns exits")
+	fs.BoolVar(&c.CgroupNS, "cgroupns", false, "new cgroup namespace")
+	fs.BoolVar(&c.UTSNS, "utsns", false, "new UTS namespace (hostname)")
+	fs.BoolVar(&c.IPCNS, "ipcns", false, "new IPC namespace")
+	fs.StringVar(&c.Reaper, "reaper", "auto", "make the gonetns child the reaper of processes orphaned inside: true, false or auto (false; with --pidns the command is PID 1 and inherits them)")
+	fs.BoolVar(&killOrphans, "kill-orphans", true, "when COMMAND exits, kill the processes it left running (without --pidns; with it the kernel does); false lets them run on, as RootlessKit does")
+	fs.StringVar(&c.EvacuateCgroup2, "evacuate-cgroup2", "", "move the processes of gonetns's cgroup v2 group into the subgroup NAME and enable the group's controllers for subgroups (needs --pidns and --cgroupns)")
+	// State and ids.
+	fs.StringVar(&c.StateDir, "state-dir", "", "state directory (lock, child_pid, api.sock, netns); default: a new one under $XDG_RUNTIME_DIR or /tmp; removed on exit")
 	fs.StringVar(&subid, "subid-source", "auto", "where subordinate ids come from: auto, static (/etc/subuid, /etc/subgid) or dynamic (getsubids)")
-	fs.BoolVar(&o.debug, "debug", false, "print debug messages")
+	// RootlessKit's helper-program flags.
+	ignored := make([]*string, len(ignoredFlags))
+	for i, f := range ignoredFlags {
+		ignored[i] = fs.String(f.name, f.def, f.usage)
+	}
+	// Misc.
+	fs.BoolVar(&debug, "debug", false, "print debug messages")
 	fs.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the gonetns parent (the network) to FILE, for go tool pprof")
+	fs.StringVar(&o.printSemver, "print-semver", "", "print one component of the version as a number: major, minor or patch")
 	fs.BoolVarP(&o.version, "version", "v", false, "print the version and exit")
-	help := fs.BoolP("help", "h", false, "show this help")
+	fs.BoolVarP(&helpWanted, "help", "h", false, "show this help")
 	fs.Usage = func() {
-		fmt.Fprint(out, usageHead)
+		fmt.Fprintf(out, usageHead, name)
 		fs.PrintDefaults()
 	}
-	if err := fs.Parse(args); err != nil {
+	if err := fs.Parse(singleDashLongFlags(fs, args)); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
 			return nil, errHelpShown
 		}
 		return nil, err
 	}
-	if *help {
+	if helpWanted {
 		fs.Usage()
 		return nil, errHelpShown
 	}
-	if o.version {
+	if o.version || o.printSemver != "" {
 		return o, nil
 	}
 	o.args = fs.Args()
 	if len(o.args) == 0 {
-		return nil, errors.New("no command given: gonetns [flags] COMMAND [ARGS...], e.g. gonetns bash")
+		return nil, fmt.Errorf("no command given: %s [flags] COMMAND [ARGS...], e.g. %s bash", name, name)
+	}
+	for i, f := range ignoredFlags {
+		if fs.Changed(f.name) {
+			log.Debug("ignoring a RootlessKit flag for a helper program gonetns does not run", "flag", "--"+f.name, "value", *ignored[i])
+		}
+	}
+	c.Debug = debug
+	c.Net = sandbox.Net(net)
+	for _, alias := range rootlessKitNets {
+		if net == alias {
+			log.Debug("--net=" + net + " is RootlessKit's name for a network; gonetns uses its builtin network (slirp4netns's addresses)")
+			c.Net = sandbox.NetBuiltin
+		}
+	}
+	c.PortDriver = sandbox.PortDriver(portDriver)
+	for _, alias := range rootlessKitPortDrivers {
+		if portDriver == alias {
+			log.Debug("--port-driver=" + portDriver + " is RootlessKit's name for a port driver; gonetns uses its builtin one")
+			c.PortDriver = sandbox.PortsBuiltin
+		}
+	}
+	if c.MTU == 0 {
+		c.MTU = sandbox.DefaultMTU
 	}
 	var err error
-	switch o.net {
-	case "builtin", "none", "host":
-	default:
-		return nil, fmt.Errorf("invalid --net=%s: use builtin, none or host", o.net)
-	}
-	if o.mtu < 1280 || o.mtu > 65520 {
-		return nil, fmt.Errorf("invalid --mtu=%d: use a value from 1280 to 65520", o.mtu)
-	}
-	if o.cidr, err = parseCIDR(cidr); err != nil {
+	if c.CIDR, err = sandbox.ParseCIDR(cidr); err != nil {
 		return nil, err
 	}
 	for _, s := range dnsUpstreams {
@@ -124,79 +185,67 @@ func parseFlags(args []string, out io.Writer) (*options, error) {
 		if err != nil {
 			return nil, fmt.Errorf("invalid --dns-upstream=%s: %w", s, err)
 		}
-		o.dnsUpstreams = append(o.dnsUpstreams, a)
-	}
-	switch o.portDriver {
-	case "":
-		o.portDriver = "builtin"
-		if o.net == "host" {
-			o.portDriver = "none"
-		}
-	case "builtin", "none":
-	default:
-		return nil, fmt.Errorf("invalid --port-driver=%s: use builtin or none", o.portDriver)
-	}
-	if o.net == "host" && o.portDriver == "builtin" {
-		return nil, errors.New("--port-driver=builtin needs a network namespace: with --net=host the namespace's ports are the host's already")
+		c.DNSUpstreams = append(c.DNSUpstreams, a)
 	}
 	for _, s := range publish {
 		spec, err := portfwd.ParseSpec(s)
 		if err != nil {
 			return nil, fmt.Errorf("invalid --publish=%s: %w", s, err)
 		}
-		o.publish = append(o.publish, spec)
+		c.Publish = append(c.Publish, spec)
 	}
-	if len(o.publish) > 0 && o.portDriver != "builtin" {
-		return nil, fmt.Errorf("--publish needs --port-driver=builtin (now %s)", o.portDriver)
+	c.DisableSourceIPTransparent = !sourceIPTransparent
+	c.LeaveOrphans = !killOrphans
+	if *copyUpMode != "tmpfs+symlink" {
+		return nil, fmt.Errorf("invalid --copy-up-mode=%s: only tmpfs+symlink is supported", *copyUpMode)
 	}
-	if o.ifname == "" || len(o.ifname) > 15 || strings.ContainsAny(o.ifname, "/ \t\n:") {
-		return nil, fmt.Errorf("invalid --ifname=%q: use up to 15 characters without '/', ':' or spaces", o.ifname)
-	}
-	if o.copyUpMode != "tmpfs+symlink" {
-		return nil, fmt.Errorf("invalid --copy-up-mode=%s: only tmpfs+symlink is supported", o.copyUpMode)
-	}
-	switch o.propagation {
-	case "rprivate", "rslave":
-	default:
-		return nil, fmt.Errorf("invalid --propagation=%s: use rprivate or rslave", o.propagation)
-	}
-	switch o.reaper {
-	case "auto", "true", "false":
-	default:
-		return nil, fmt.Errorf("invalid --reaper=%s: use auto, true or false", o.reaper)
-	}
-	if o.subidSource, err = userns.ParseSubIDSource(subid); err != nil {
-		return nil, err
-	}
-	if err := userns.ValidateCopyUp(o.copyUp); err != nil {
-		return nil, err
-	}
-	return o, nil
+	c.SubIDSource = sandbox.SubIDSource(subid)
+	return o, c.Validate()
 }
 
-// parseCIDR accepts an IPv4 subnet big enough to hold .100.
-func parseCIDR(s string) (netip.Prefix, error) {
-	p, err := netip.ParsePrefix(s)
+// singleDashLongFlags rewrites -name and -name=value, for the long flags
+// of fs, into --name forms, up to the first argument that is not a flag:
+// RootlessKit's command line library accepts long flags with one dash.
+func singleDashLongFlags(fs *pflag.FlagSet, args []string) []string {
+	out := make([]string, 0, len(args))
+	for i, a := range args {
+		if a == "--" || !strings.HasPrefix(a, "-") || a == "-" {
+			return append(out, args[i:]...)
+		}
+		if !strings.HasPrefix(a, "--") && len(a) > 2 {
+			name, _, _ := strings.Cut(a[1:], "=")
+			if f := fs.Lookup(name); f != nil {
+				a = "-" + a
+			}
+		}
+		out = append(out, a)
+		// A flag whose value is the next argument: keep that argument.
+		if name, hasValue := strings.CutPrefix(a, "--"); hasValue && !strings.Contains(name, "=") {
+			if f := fs.Lookup(name); f != nil && f.NoOptDefVal == "" && i+1 < len(args) {
+				out = append(out, args[i+1])
+				return append(out, singleDashLongFlags(fs, args[i+2:])...)
+			}
+		}
+	}
+	return out
+}
+
+// semverPart returns one component of a version like "1.2.3-rc1".
+func semverPart(version, part string) (int, error) {
+	core, _, _ := strings.Cut(strings.TrimPrefix(version, "v"), "-")
+	core, _, _ = strings.Cut(core, "+")
+	f := strings.Split(core, ".")
+	idx := map[string]int{"major": 0, "minor": 1, "patch": 2}
+	i, ok := idx[part]
+	if !ok {
+		return 0, fmt.Errorf("invalid --print-semver=%s: use major, minor or patch", part)
+	}
+	if len(f) != 3 {
+		return 0, fmt.Errorf("version %q is not a semantic version", version)
+	}
+	n, err := strconv.Atoi(f[i])
 	if err != nil {
-		return netip.Prefix{}, fmt.Errorf("invalid --cidr=%s: %w (want e.g. 10.0.2.0/24)", s, err)
+		return 0, fmt.Errorf("version %q is not a semantic version", version)
 	}
-	if !p.Addr().Is4() {
-		return netip.Prefix{}, fmt.Errorf("invalid --cidr=%s: must be an IPv4 subnet", s)
-	}
-	if p.Bits() > 25 {
-		return netip.Prefix{}, fmt.Errorf("invalid --cidr=%s: the prefix must be /25 or shorter, so that .100 is inside it", s)
-	}
-	if p.Masked() != p {
-		return netip.Prefix{}, fmt.Errorf("invalid --cidr=%s: host bits are set; did you mean %s?", s, p.Masked())
-	}
-	return p, nil
-}
-
-// nthAddr returns the address at offset n in the subnet (.2, .3, .100).
-func nthAddr(p netip.Prefix, n int) netip.Addr {
-	a := p.Masked().Addr()
-	for range n {
-		a = a.Next()
-	}
-	return a
+	return n, nil
 }

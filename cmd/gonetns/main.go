@@ -4,11 +4,14 @@
 //
 //	gonetns [flags] COMMAND [ARGS...]
 //	gonetns ctl [--socket PATH] list-ports|add-ports|remove-ports|info
+//
+// Under the names rootlesskit, rootlessctl and rootlesskit-docker-proxy
+// (argv[0]; a symlink is enough) it speaks those programs' command lines
+// (dispatch.go).
 package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -17,15 +20,16 @@ import (
 	"runtime"
 	"runtime/debug"
 	"runtime/pprof"
-	"strconv"
 	"syscall"
 
-	"github.com/gonetns/gonetns/tap"
-	"github.com/gonetns/gonetns/userns"
+	"github.com/gonetns/gonetns/sandbox"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
 var version = ""
+
+// baseVersion is gonetns's semantic version when the build sets none.
+const baseVersion = "0.2.0"
 
 // Exit statuses of gonetns itself, as container runtimes use them; any
 // other status is the command's.
@@ -37,34 +41,53 @@ const (
 )
 
 func main() {
-	os.Exit(run(os.Args[1:]))
+	// In the re-executed child, this runs the child and exits.
+	sandbox.Init(sandbox.ChildLogger(func(debug bool) *slog.Logger {
+		return newLogger(os.Stderr, debug, "gonetns(child): ")
+	}))
+	os.Exit(dispatch(os.Args))
 }
 
-func run(args []string) int {
+// runLauncher is gonetns (or rootlesskit): parse the flags, run the
+// sandbox, return the command's exit status.
+func runLauncher(args []string, who personality, name string) int {
 	setProcs()
 	// A closed stderr (gonetns --debug ... 2>&1 | head) must not kill the
 	// sandbox: with SIGPIPE caught, writes to it just fail. Caught, not
 	// ignored: the command, after exec, gets the default disposition.
 	signal.Notify(make(chan os.Signal, 1), syscall.SIGPIPE)
-	if userns.IsChild() {
-		return userns.RunChild(childHooks())
-	}
-	if len(args) > 0 && args[0] == "ctl" {
-		return runCtl(args[1:], os.Stdout, os.Stderr)
-	}
-	o, err := parseFlags(args, os.Stdout)
+	ignoreStraySignals()
+	// What parsing logs (ignored flags, at debug) waits for the logger,
+	// whose level --debug sets.
+	var pending []slog.Record
+	collect := slog.New(&recordCollector{records: &pending})
+	o, err := parseFlags(args, who, name, os.Stdout, collect)
 	if errors.Is(err, errHelpShown) {
 		return 0
 	}
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "gonetns: %v\nRun 'gonetns --help' for the flags.\n", err)
+		fmt.Fprintf(os.Stderr, "%s: %v\nRun '%s --help' for the flags.\n", name, err, name)
 		return exitUsage
 	}
 	if o.version {
-		fmt.Println(versionString())
+		fmt.Println(versionString(who))
 		return 0
 	}
-	log := newLogger(os.Stderr, o.debug, "gonetns: ")
+	if o.printSemver != "" {
+		n, err := semverPart(semver(who), o.printSemver)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
+			return exitUsage
+		}
+		fmt.Println(n)
+		return 0
+	}
+	log := newLogger(os.Stderr, o.cfg.Debug, name+": ")
+	for _, r := range pending {
+		if log.Enabled(context.Background(), r.Level) {
+			log.Handler().Handle(context.Background(), r)
+		}
+	}
 	if o.cpuProfile != "" {
 		stop, err := startCPUProfile(o.cpuProfile)
 		if err != nil {
@@ -73,109 +96,48 @@ func run(args []string) int {
 		}
 		defer stop()
 	}
-	code, err := runSandbox(o, log)
+	cfg := o.cfg
+	cfg.Logger = log
+	cfg.ForwardSignals = true
+	cfg.Version = versionString(who)
+	code, err := sandbox.Run(context.Background(), cfg, o.args)
 	if err != nil {
 		log.Error(err.Error())
+		if errors.Is(err, sandbox.ErrInvalidConfig) {
+			return exitUsage
+		}
 		return exitSetup
 	}
 	return code
 }
 
-// runSandbox sets up the namespaces and the network, runs the command and
-// returns its exit status.
-func runSandbox(o *options, log *slog.Logger) (int, error) {
-	sd, err := userns.OpenStateDir(o.stateDir)
-	if err != nil {
-		return 0, err
-	}
-	defer sd.Close()
-	log.Debug("state directory", "path", sd.Path)
+// recordCollector keeps records for a logger made later.
+type recordCollector struct{ records *[]slog.Record }
 
-	nw, err := newNetwork(o, sd, log)
-	if err != nil {
-		return 0, err
-	}
-	defer nw.Close()
-
-	uopts := userns.Options{
-		Args: o.args,
-		Env: []string{
-			"GONETNS_STATE_DIR=" + sd.Path,
-			"ROOTLESSKIT_STATE_DIR=" + sd.Path,
-			"ROOTLESSKIT_PARENT_EUID=" + strconv.Itoa(os.Geteuid()),
-			"ROOTLESSKIT_PARENT_EGID=" + strconv.Itoa(os.Getegid()),
-		},
-		NewNet:      o.net != "host",
-		PIDNS:       o.pidns,
-		UTSNS:       o.utsns,
-		IPCNS:       o.ipcns,
-		CgroupNS:    o.cgroupns,
-		Reaper:      o.reaper,
-		Propagation: o.propagation,
-		CopyUp:      o.copyUp,
-		SubIDSource: o.subidSource,
-		StateDir:    sd,
-		Debug:       o.debug,
-		Logger:      log,
-	}
-	nw.prepareChild(&uopts)
-
-	child, err := userns.Start(uopts)
-	if err != nil {
-		return 0, err
-	}
-	info, files := child.NetworkInfo()
-	if err := nw.start(child, info, files); err != nil {
-		child.Kill()
-		child.Wait()
-		return 0, err
-	}
-	return child.Run(context.Background())
+func (c *recordCollector) Enabled(context.Context, slog.Level) bool { return true }
+func (c *recordCollector) Handle(_ context.Context, r slog.Record) error {
+	*c.records = append(*c.records, r.Clone())
+	return nil
 }
+func (c *recordCollector) WithAttrs([]slog.Attr) slog.Handler { return c }
+func (c *recordCollector) WithGroup(string) slog.Handler      { return c }
 
-// netConfig is what the child's network hook receives.
-type netConfig struct {
-	Mode    string         `json:"mode"` // "none" or "builtin"
-	Link    tap.LinkConfig `json:"link"`
-	VNetHdr bool           `json:"vnetHdr"`
-}
-
-// tapInfo is what the child's network hook returns for --net=builtin.
-type tapInfo struct {
-	Name    string `json:"name"`
-	VNetHdr bool   `json:"vnetHdr"`
-	Offload bool   `json:"offload"`
-}
-
-// childHooks wire the child's side: the TAP and the namespace's
-// addresses, and the published ports' dialer.
-func childHooks() userns.ChildHooks {
-	return userns.ChildHooks{
-		NewLogger: func(debug bool) *slog.Logger { return newLogger(os.Stderr, debug, "gonetns(child): ") },
-		Network: func(raw json.RawMessage, log *slog.Logger) (any, []*os.File, error) {
-			var c netConfig
-			if err := json.Unmarshal(raw, &c); err != nil {
-				return nil, nil, fmt.Errorf("network config: %w", err)
-			}
-			switch c.Mode {
-			case "none":
-				return nil, nil, tap.LoopbackUp()
-			case "builtin":
-				dev, err := tap.Open(tap.Options{Name: c.Link.Name, VNetHdr: c.VNetHdr})
-				if err != nil {
-					return nil, nil, err
-				}
-				if err := tap.Configure(c.Link); err != nil {
-					dev.File.Close()
-					return nil, nil, err
-				}
-				log.Debug("TAP ready", "name", dev.Name, "vnet_hdr", dev.VNetHdr, "offload", dev.Offload)
-				return tapInfo{Name: dev.Name, VNetHdr: dev.VNetHdr, Offload: dev.Offload}, []*os.File{dev.File}, nil
-			}
-			return nil, nil, fmt.Errorf("unknown network mode %q", c.Mode)
-		},
-		Serve: serveChild,
+// ignoreStraySignals keeps the parent, which is the sandbox's network,
+// alive through signals whose default action would end it and that only
+// a process of the sandbox would send (it runs as the same user and, without
+// --pidns, can see gonetns's pid). SIGKILL and SIGSTOP cannot be ignored:
+// --pidns hides gonetns from the sandbox for that. SIGPROF stays with the
+// profiler, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1 and SIGUSR2 are
+// relayed to the command, SIGPIPE is caught above.
+func ignoreStraySignals() {
+	stray := []os.Signal{syscall.SIGALRM, syscall.SIGVTALRM, syscall.SIGIO, syscall.SIGPWR,
+		syscall.SIGSTKFLT, syscall.SIGXCPU, syscall.SIGXFSZ, syscall.SIGTRAP, syscall.SIGSYS}
+	// Real-time signals end a process by default too; Go keeps 32 and 33
+	// for itself.
+	for s := 34; s <= 64; s++ {
+		stray = append(stray, syscall.Signal(s))
 	}
+	signal.Ignore(stray...)
 }
 
 // setProcs sizes the Go scheduler for a process that is mostly a packet
@@ -208,14 +170,33 @@ func startCPUProfile(path string) (stop func(), err error) {
 	}, nil
 }
 
-func versionString() string {
+// rootlessKitVersion is the RootlessKit release whose command line and
+// API gonetns implements; invoked as rootlesskit, gonetns reports it, so
+// that scripts testing RootlessKit's version find the features they look
+// for.
+const rootlessKitVersion = "3.0.1"
+
+// gonetnsVersion is gonetns's own version.
+func gonetnsVersion() string {
 	v := version
 	if v == "" {
-		v = "devel"
+		v = baseVersion + "-devel"
 		if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
 			v = bi.Main.Version
 		}
 	}
+	return v
+}
+
+// semver is the version --print-semver reads.
+func semver(who personality) string {
+	if who == asRootlessKit {
+		return rootlessKitVersion
+	}
+	return gonetnsVersion()
+}
+
+func versionString(who personality) string {
 	gv := "unknown"
 	goV := "unknown"
 	if bi, ok := debug.ReadBuildInfo(); ok {
@@ -226,5 +207,9 @@ func versionString() string {
 			}
 		}
 	}
-	return fmt.Sprintf("gonetns version %s (%s, gvisor %s)", v, goV, gv)
+	own := fmt.Sprintf("gonetns version %s (%s, gvisor %s)", gonetnsVersion(), goV, gv)
+	if who == asRootlessKit {
+		return fmt.Sprintf("rootlesskit version %s (%s)", rootlessKitVersion, own)
+	}
+	return own
 }

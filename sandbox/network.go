@@ -1,4 +1,4 @@
-package main
+package sandbox
 
 import (
 	"context"
@@ -24,7 +24,7 @@ import (
 // NAT and DNS (--net=builtin), published ports (--port-driver=builtin) and
 // the REST API. Close undoes what start did, in reverse.
 type network struct {
-	o   *options
+	cfg Config
 	sd  *userns.StateDir
 	log *slog.Logger
 
@@ -35,6 +35,7 @@ type network struct {
 	dialer     *portfwd.Dialer
 	ports      *portfwd.Manager
 	api        *api.Server
+	childPID   int
 
 	st  *stack.Stack
 	nat *nat.NAT
@@ -83,10 +84,10 @@ func (p addrPlan) dnsAddrs() []netip.Addr {
 
 // newNetwork checks and prepares what does not need the child yet: DNS
 // upstreams, the dial protocol's socket pair.
-func newNetwork(o *options, sd *userns.StateDir, log *slog.Logger) (*network, error) {
-	n := &network{o: o, sd: sd, log: log, addrs: planAddrs(o.cidr, o.ipv6)}
-	if o.net == "builtin" {
-		n.upstreams = o.dnsUpstreams
+func newNetwork(cfg Config, sd *userns.StateDir) (*network, error) {
+	n := &network{cfg: cfg, sd: sd, log: cfg.Logger, addrs: planAddrs(cfg.CIDR, cfg.IPv6)}
+	if cfg.Net == NetBuiltin {
+		n.upstreams = cfg.DNSUpstreams
 		if len(n.upstreams) == 0 {
 			rc, err := hostResolvConf()
 			if err != nil {
@@ -95,7 +96,7 @@ func newNetwork(o *options, sd *userns.StateDir, log *slog.Logger) (*network, er
 			n.upstreams = rc.Upstreams()
 		}
 	}
-	if o.portDriver == "builtin" {
+	if cfg.PortDriver != PortsNone {
 		parentEnd, childEnd, err := wire.Socketpair()
 		if err != nil {
 			return nil, err
@@ -126,26 +127,26 @@ func hostResolvConf() (dns.ResolvConf, error) {
 
 // prepareChild adds what the child needs for the network to its options.
 func (n *network) prepareChild(u *userns.Options) {
-	switch n.o.net {
-	case "none":
-		u.Network = netConfig{Mode: "none"}
-	case "builtin":
-		u.Network = netConfig{
-			Mode: "builtin",
-			Link: tap.LinkConfig{
-				Name:    n.o.ifname,
-				MTU:     n.o.mtu,
-				Address: netip.PrefixFrom(n.addrs.child, n.addrs.subnet.Bits()),
-				Gateway: n.addrs.gateway,
-			},
-			VNetHdr: true,
+	nc := netConfig{Mode: n.cfg.Net}
+	if n.cfg.DetachNetNS {
+		nc.DetachTo = n.sd.Join(userns.NetNS)
+	}
+	switch n.cfg.Net {
+	case NetNone:
+		u.Network = nc
+	case NetBuiltin:
+		nc.Link = tap.LinkConfig{
+			Name:    n.cfg.IfName,
+			MTU:     n.cfg.MTU,
+			Address: netip.PrefixFrom(n.addrs.child, n.addrs.subnet.Bits()),
+			Gateway: n.addrs.gateway,
 		}
+		nc.VNetHdr = true
 		if n.addrs.subnet6.IsValid() {
-			cfg := u.Network.(netConfig)
-			cfg.Link.Address6 = netip.PrefixFrom(n.addrs.child6, 64)
-			cfg.Link.Gateway6 = n.addrs.gateway6
-			u.Network = cfg
+			nc.Link.Address6 = netip.PrefixFrom(n.addrs.child6, 64)
+			nc.Link.Gateway6 = n.addrs.gateway6
 		}
+		u.Network = nc
 		rc, _ := hostResolvConf()
 		u.ResolvConf = dns.NamespaceResolvConf(rc, n.addrs.dnsAddrs()...)
 		u.Hosts = namespaceHosts()
@@ -173,11 +174,12 @@ func namespaceHosts() []byte {
 // start brings up the parent's side once the child has set up its own: the
 // netstack on the TAP the child sent, then ports and the API.
 func (n *network) start(child *userns.Child, info json.RawMessage, files []*os.File) error {
+	n.childPID = child.PID()
 	if n.portsChild != nil {
 		n.portsChild.Close() // the child has its copy now
 		n.portsChild = nil
 	}
-	if n.o.net == "builtin" {
+	if n.cfg.Net == NetBuiltin {
 		if len(files) != 1 {
 			wire.CloseFiles(files)
 			return fmt.Errorf("the child sent %d files for the TAP device, want 1", len(files))
@@ -198,15 +200,14 @@ func (n *network) start(child *userns.Child, info json.RawMessage, files []*os.F
 	if n.dialer != nil {
 		n.dialer.Start()
 		n.ports = portfwd.NewManager(portfwd.Config{Dialer: n.dialer, Logger: n.log})
-		for _, spec := range n.o.publish {
-			st, err := n.ports.AddPort(context.Background(), spec)
-			if err != nil {
-				return fmt.Errorf("publish %s: %w", spec, err)
+		for _, spec := range n.cfg.Publish {
+			// AddPort's errors name the spec already.
+			if _, err := n.ports.AddPort(context.Background(), spec); err != nil {
+				return err
 			}
-			n.log.Debug("published", "id", st.ID, "spec", spec.String())
 		}
 	}
-	return n.startAPI(child)
+	return n.startAPI()
 }
 
 func (n *network) startStack(tapFile *os.File, ti tapInfo) error {
@@ -219,7 +220,7 @@ func (n *network) startStack(tapFile *os.File, ti tapInfo) error {
 		Gateway:      n.addrs.gateway,
 		Subnet6:      n.addrs.subnet6,
 		Gateway6:     n.addrs.gateway6,
-		HostLoopback: !n.o.disableHostLoopback,
+		HostLoopback: !n.cfg.DisableHostLoopback,
 		Logger:       n.log,
 	})
 	if err != nil {
@@ -228,7 +229,7 @@ func (n *network) startStack(tapFile *os.File, ti tapInfo) error {
 	}
 	n.st, err = stack.New(stack.Config{
 		Device:    dev,
-		MTU:       uint32(n.o.mtu),
+		MTU:       uint32(n.cfg.MTU),
 		Addresses: n.addrs.stackAddrs(),
 		TCP:       n.nat.HandleTCP,
 		UDP:       n.nat.HandleUDP,
@@ -243,7 +244,7 @@ func (n *network) startStack(tapFile *os.File, ti tapInfo) error {
 		return err
 	}
 	n.nat.Start()
-	n.log.Debug("netstack up", "tap", ti.Name, "vnet_hdr", ti.VNetHdr, "offload", ti.Offload, "mtu", n.o.mtu)
+	n.log.Debug("netstack up", "tap", ti.Name, "vnet_hdr", ti.VNetHdr, "offload", ti.Offload, "mtu", n.cfg.MTU)
 
 	n.dns, err = dns.New(dns.Config{Upstreams: n.upstreams, Logger: n.log})
 	if err != nil {
@@ -267,23 +268,10 @@ func (n *network) startStack(tapFile *os.File, ti tapInfo) error {
 }
 
 // startAPI serves RootlessKit's REST API on <state-dir>/api.sock.
-func (n *network) startAPI(child *userns.Child) error {
+func (n *network) startAPI() error {
 	ln, err := api.Listen(n.sd.Join(userns.APISocket))
 	if err != nil {
 		return err
-	}
-	info := func() api.Info {
-		i := api.Info{Version: versionString(), StateDir: n.sd.Path, ChildPID: child.PID()}
-		switch n.o.net {
-		case "builtin":
-			i.NetworkDriver = &api.NetworkDriverInfo{Driver: "gonetns", DNS: n.addrs.dnsAddrs(), ChildIP: n.addrs.child}
-		case "none":
-			i.NetworkDriver = &api.NetworkDriverInfo{Driver: "none"}
-		}
-		if n.ports != nil {
-			i.PortDriver = &api.PortDriverInfo{Driver: "builtin", Protos: portfwd.Protos}
-		}
-		return i
 	}
 	// With --port-driver=none there is no port driver: the API answers
 	// info and refuses port calls.
@@ -291,9 +279,25 @@ func (n *network) startAPI(child *userns.Child) error {
 	if n.ports != nil {
 		pd = n.ports
 	}
-	n.api = api.NewServer(api.ServerConfig{Ports: pd, Info: info, Logger: n.log})
+	n.api = api.NewServer(api.ServerConfig{Ports: pd, Info: n.info, Logger: n.log})
 	n.api.Serve(ln)
 	return nil
+}
+
+// info is the body of GET /v1/info.
+func (n *network) info() api.Info {
+	i := api.Info{Version: n.cfg.Version, StateDir: n.sd.Path, ChildPID: n.childPID}
+	switch n.cfg.Net {
+	case NetBuiltin:
+		i.NetworkDriver = &api.NetworkDriverInfo{Driver: "gonetns", DNS: n.addrs.dnsAddrs(), ChildIP: n.addrs.child}
+	case NetNone:
+		i.NetworkDriver = &api.NetworkDriverInfo{Driver: "none"}
+	}
+	if n.ports != nil {
+		transparent := !n.cfg.DisableSourceIPTransparent
+		i.PortDriver = &api.PortDriverInfo{Driver: string(n.cfg.PortDriver), Protos: portfwd.Protos, SourceIPTransparent: &transparent}
+	}
+	return i
 }
 
 // Close stops everything start started, API first, netstack last.
@@ -325,24 +329,4 @@ func (n *network) Close() error {
 		}
 	})
 	return nil
-}
-
-// serveChild runs in the child while the command runs: it answers the
-// parent's requests for connections inside the namespace (published
-// ports).
-func serveChild(ctx context.Context, extra []*os.File, log *slog.Logger) {
-	if len(extra) == 0 {
-		<-ctx.Done()
-		return
-	}
-	c, err := wire.FileConn(extra[0])
-	extra[0].Close()
-	if err != nil {
-		log.Error("published ports unavailable", "err", err)
-		<-ctx.Done()
-		return
-	}
-	if err := portfwd.ServeChild(ctx, c, log); err != nil {
-		log.Debug("port dialer ended", "err", err)
-	}
 }

@@ -1,0 +1,155 @@
+package sandbox
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"os"
+
+	"github.com/gonetns/gonetns/internal/wire"
+	"github.com/gonetns/gonetns/portfwd"
+	"github.com/gonetns/gonetns/tap"
+	"github.com/gonetns/gonetns/userns"
+)
+
+// netConfig is what the child's network hook receives.
+type netConfig struct {
+	Mode    Net            `json:"mode"` // NetNone or NetBuiltin
+	Link    tap.LinkConfig `json:"link"`
+	VNetHdr bool           `json:"vnetHdr"`
+	// DetachTo, when set, is where the child bind-mounts the network
+	// namespace it creates for the sandbox (--detach-netns); the child
+	// itself and the command stay in the namespace they were started in.
+	DetachTo string `json:"detachTo,omitempty"`
+}
+
+// tapInfo is what the child's network hook returns for NetBuiltin.
+type tapInfo struct {
+	Name    string `json:"name"`
+	VNetHdr bool   `json:"vnetHdr"`
+	Offload bool   `json:"offload"`
+}
+
+// Init must be the first thing main does in every program that uses this
+// package: gonetns runs the sandbox's child by re-executing the program
+// (/proc/self/exe) with a marker in the environment, and in that process
+// Init runs the child and exits with its status. In any other process Init
+// returns at once. Nothing the program does before Init happens in the
+// child: keep it first.
+//
+//	func main() {
+//		sandbox.Init()
+//		...
+//	}
+func Init(opts ...InitOption) {
+	if !userns.IsChild() {
+		return
+	}
+	var ic initConfig
+	for _, o := range opts {
+		o(&ic)
+	}
+	os.Exit(userns.RunChild(childHooks(ic)))
+}
+
+// InitOption adjusts how Init runs the child.
+type InitOption func(*initConfig)
+
+type initConfig struct {
+	newLogger func(debug bool) *slog.Logger
+}
+
+// ChildLogger makes the child log through the logger f returns (debug is
+// Config.Debug); by default the child logs with slog's text handler on
+// stderr.
+func ChildLogger(f func(debug bool) *slog.Logger) InitOption {
+	return func(c *initConfig) { c.newLogger = f }
+}
+
+// childState is what the network hook leaves for the serve hook, in the
+// same child process: the thread in the detached network namespace.
+type childState struct {
+	netns *netnsThread // nil unless the network namespace is detached
+}
+
+// childHooks wire the child's side: the TAP and the namespace's addresses,
+// and the published ports' dialer.
+func childHooks(ic initConfig) userns.ChildHooks {
+	st := &childState{}
+	return userns.ChildHooks{
+		NewLogger: ic.newLogger,
+		Network: func(raw json.RawMessage, log *slog.Logger) (any, []*os.File, error) {
+			var c netConfig
+			if err := json.Unmarshal(raw, &c); err != nil {
+				return nil, nil, fmt.Errorf("network config: %w", err)
+			}
+			inNS := func(fn func() error) error { return fn() }
+			if c.DetachTo != "" {
+				t, err := newNetNSThread(c.DetachTo)
+				if err != nil {
+					return nil, nil, err
+				}
+				st.netns = t
+				inNS = t.Do
+				log.Debug("detached network namespace", "path", c.DetachTo)
+			}
+			var info any
+			var files []*os.File
+			err := inNS(func() error {
+				var err error
+				info, files, err = setUpNetwork(c, log)
+				return err
+			})
+			return info, files, err
+		},
+		Serve: func(ctx context.Context, extra []*os.File, log *slog.Logger) {
+			serveChild(ctx, extra, st, log)
+		},
+	}
+}
+
+// setUpNetwork runs in the sandbox's network namespace: lo up, and for
+// NetBuiltin the TAP device with its address, routes and MTU.
+func setUpNetwork(c netConfig, log *slog.Logger) (any, []*os.File, error) {
+	switch c.Mode {
+	case NetNone:
+		return nil, nil, tap.LoopbackUp()
+	case NetBuiltin:
+		dev, err := tap.Open(tap.Options{Name: c.Link.Name, VNetHdr: c.VNetHdr})
+		if err != nil {
+			return nil, nil, err
+		}
+		if err := tap.Configure(c.Link); err != nil {
+			dev.File.Close()
+			return nil, nil, err
+		}
+		log.Debug("TAP ready", "name", dev.Name, "vnet_hdr", dev.VNetHdr, "offload", dev.Offload)
+		return tapInfo{Name: dev.Name, VNetHdr: dev.VNetHdr, Offload: dev.Offload}, []*os.File{dev.File}, nil
+	}
+	return nil, nil, fmt.Errorf("unknown network mode %q", c.Mode)
+}
+
+// serveChild runs in the child while the command runs: it answers the
+// parent's requests for connections inside the namespace (published
+// ports).
+func serveChild(ctx context.Context, extra []*os.File, st *childState, log *slog.Logger) {
+	if len(extra) == 0 {
+		<-ctx.Done()
+		return
+	}
+	c, err := wire.FileConn(extra[0])
+	extra[0].Close()
+	if err != nil {
+		log.Error("published ports unavailable", "err", err)
+		<-ctx.Done()
+		return
+	}
+	cfg := portfwd.ChildConfig{Logger: log}
+	if st.netns != nil {
+		cfg.InNetNS = st.netns.Do
+	}
+	if err := portfwd.ServeChild(ctx, c, cfg); err != nil {
+		log.Debug("port dialer ended", "err", err)
+	}
+}

@@ -1,0 +1,310 @@
+package sandbox
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"strings"
+
+	"github.com/gonetns/gonetns/portfwd"
+	"github.com/gonetns/gonetns/userns"
+)
+
+// Net is how the sandbox is networked.
+type Net string
+
+const (
+	// NetBuiltin is gonetns's own network: a TAP device in a new network
+	// namespace, served by the userspace stack in this process (NAT of
+	// TCP, UDP and ICMP echo to host sockets, DNS, the host's loopback at
+	// the gateway address).
+	NetBuiltin Net = "builtin"
+	// NetNone is a new network namespace with only lo.
+	NetNone Net = "none"
+	// NetHost keeps the host's network namespace.
+	NetHost Net = "host"
+)
+
+// PortDriver is how ports of the sandbox are published on the host.
+type PortDriver string
+
+const (
+	// PortsBuiltin publishes the ports asked for (Config.Publish, the
+	// REST API) by splicing host sockets to sockets in the namespace.
+	PortsBuiltin PortDriver = "builtin"
+	// PortsImplicit also publishes, on the same port of the host, every
+	// port something starts listening on inside, and withdraws it when it
+	// stops (as pasta's -t auto and -u auto).
+	PortsImplicit PortDriver = "implicit"
+	// PortsNone publishes nothing.
+	PortsNone PortDriver = "none"
+)
+
+// SubIDSource is where subordinate ids come from.
+type SubIDSource = userns.SubIDSource
+
+// Sources of subordinate ids.
+const (
+	SubIDAuto    = userns.SubIDAuto
+	SubIDStatic  = userns.SubIDStatic
+	SubIDDynamic = userns.SubIDDynamic
+)
+
+// Defaults of the zero fields of Config.
+var (
+	DefaultCIDR = netip.MustParsePrefix("10.0.2.0/24")
+)
+
+const (
+	DefaultMTU    = 65520
+	DefaultIfName = "tap0"
+	MinMTU        = 1280
+	// MaxMTU is the largest MTU of a TAP device (64 KiB less the Ethernet
+	// header and what the kernel reserves), as RootlessKit allows.
+	MaxMTU = 65521
+)
+
+// Config describes a sandbox. Its fields mirror gonetns's command-line
+// flags (gonetns --help); the zero value of each is that flag's default,
+// except where noted.
+type Config struct {
+	// Net is the network: NetBuiltin (default), NetNone or NetHost.
+	Net Net
+	// DetachNetNS keeps the command in the host's network namespace; the
+	// sandbox's network namespace (with the builtin network, DNS and
+	// published ports) is bind-mounted at <state dir>/netns for the
+	// command to enter (nsenter -n...), as RootlessKit's --detach-netns.
+	DetachNetNS bool
+	// MTU of the sandbox's interface, MinMTU..MaxMTU; 0 means DefaultMTU.
+	MTU int
+	// CIDR is the sandbox's IPv4 subnet: the sandbox is .100, the gateway
+	// (the host's loopback) .2, DNS .3. Zero means DefaultCIDR.
+	CIDR netip.Prefix
+	// IfName is the sandbox's interface; "" means DefaultIfName.
+	IfName string
+	// DisableHostLoopback refuses connections to the gateway address (the
+	// host's 127.0.0.1 and ::1).
+	DisableHostLoopback bool
+	// IPv6 adds fd00::100/64 inside, gateway fd00::2 (the host's ::1) and
+	// DNS fd00::3.
+	IPv6 bool
+	// DNSUpstreams are the servers the sandbox's resolver forwards to;
+	// none means the host's /etc/resolv.conf.
+	DNSUpstreams []netip.AddrPort
+
+	// PortDriver is how ports are published; "" means PortsBuiltin, or
+	// PortsNone with NetHost.
+	PortDriver PortDriver
+	// Publish lists ports to publish at start.
+	Publish []portfwd.Spec
+	// DisableSourceIPTransparent makes connections through published
+	// ports come from the namespace's loopback inside instead of from the
+	// client's address (--source-ip-transparent=false).
+	DisableSourceIPTransparent bool
+
+	// CopyUp lists directories replaced inside by writable copies
+	// (tmpfs+symlink), e.g. /etc.
+	CopyUp []string
+	// Propagation of mounts inside: "rprivate" (default) or "rslave".
+	Propagation string
+	// PIDNS, UTSNS, IPCNS and CgroupNS create those namespaces; with PIDNS
+	// the command is PID 1.
+	PIDNS, UTSNS, IPCNS, CgroupNS bool
+	// Reaper is "auto" (default), "true" or "false": whether the gonetns
+	// child reaps orphans of the command.
+	Reaper string
+	// LeaveOrphans lets processes the command leaves behind run on after
+	// it exits; by default they are killed (--kill-orphans=false).
+	LeaveOrphans bool
+	// EvacuateCgroup2 names a cgroup v2 subgroup to move gonetns's own
+	// cgroup's processes into (needs PIDNS and CgroupNS).
+	EvacuateCgroup2 string
+	// SubIDSource is where subordinate ids come from (default SubIDAuto).
+	SubIDSource SubIDSource
+	// StateDir holds lock, child_pid, api.sock (and netns); "" means a new
+	// directory under $XDG_RUNTIME_DIR or /tmp. It is removed on exit.
+	StateDir string
+
+	// Env is added to the command's environment, after the process's own
+	// and the ROOTLESSKIT_* variables.
+	Env []string
+	// Stdin, Stdout and Stderr of the command; nil means the process's.
+	Stdin          io.Reader
+	Stdout, Stderr io.Writer
+	// ForwardSignals relays this process's HUP, INT, QUIT, TERM, USR1 and
+	// USR2 to the command, as the gonetns command does.
+	ForwardSignals bool
+
+	// Debug turns on the child's debug log; Logger is the parent's (nil
+	// discards).
+	Debug  bool
+	Logger *slog.Logger
+	// Version is reported by GET /v1/info.
+	Version string
+}
+
+// ErrInvalidConfig is wrapped by every error of Validate.
+var ErrInvalidConfig = errors.New("invalid sandbox configuration")
+
+// invalid wraps a reason in ErrInvalidConfig without repeating its text.
+type invalid struct{ reason string }
+
+func (e *invalid) Error() string        { return e.reason }
+func (e *invalid) Is(target error) bool { return target == ErrInvalidConfig }
+
+func invalidf(format string, a ...any) error { return &invalid{fmt.Sprintf(format, a...)} }
+
+// withDefaults returns c with the zero fields given their defaults.
+func (c Config) withDefaults() Config {
+	if c.Net == "" {
+		c.Net = NetBuiltin
+	}
+	if c.MTU == 0 {
+		c.MTU = DefaultMTU
+	}
+	if !c.CIDR.IsValid() {
+		c.CIDR = DefaultCIDR
+	}
+	if c.IfName == "" {
+		c.IfName = DefaultIfName
+	}
+	if c.PortDriver == "" {
+		c.PortDriver = PortsBuiltin
+		if c.Net == NetHost {
+			c.PortDriver = PortsNone
+		}
+	}
+	if c.Propagation == "" {
+		c.Propagation = "rprivate"
+	}
+	if c.Reaper == "" {
+		c.Reaper = "auto"
+	}
+	if c.SubIDSource == "" {
+		c.SubIDSource = SubIDAuto
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return c
+}
+
+// Validate checks the configuration, with the defaults applied, and says
+// what is wrong in the words of gonetns's flags. Its errors wrap
+// ErrInvalidConfig. This is the one place every option is checked.
+func (c Config) Validate() error {
+	c = c.withDefaults()
+	switch c.Net {
+	case NetBuiltin, NetNone, NetHost:
+	default:
+		return invalidf("invalid --net=%s: use builtin, none or host (or RootlessKit's slirp4netns, pasta, vpnkit, gvisor-tap-vsock, lxc-user-nic, which select builtin)", c.Net)
+	}
+	if c.MTU < MinMTU || c.MTU > MaxMTU {
+		return invalidf("invalid --mtu=%d: use a value from %d to %d (0 means %d)", c.MTU, MinMTU, MaxMTU, DefaultMTU)
+	}
+	if err := checkCIDR(c.CIDR); err != nil {
+		return err
+	}
+	if len(c.IfName) > 15 || strings.ContainsAny(c.IfName, "/ \t\n:") {
+		return invalidf("invalid --ifname=%q: use up to 15 characters without '/', ':' or spaces", c.IfName)
+	}
+	for _, u := range c.DNSUpstreams {
+		if !u.IsValid() || u.Port() == 0 || u.Addr().IsUnspecified() {
+			return invalidf("invalid --dns-upstream=%s: give the IP[:PORT] of a DNS server", u)
+		}
+	}
+	switch c.PortDriver {
+	case PortsBuiltin, PortsImplicit, PortsNone:
+	default:
+		return invalidf("invalid --port-driver=%s: use builtin, implicit or none (or RootlessKit's slirp4netns, gvisor-tap-vsock, pesto, which select builtin)", c.PortDriver)
+	}
+	if c.Net == NetHost && c.PortDriver != PortsNone {
+		return invalidf("--port-driver=%s needs a network namespace: with --net=host the namespace's ports are the host's already", c.PortDriver)
+	}
+	if c.Net == NetHost && c.DetachNetNS {
+		return invalidf("--detach-netns needs a network namespace to detach: use it with --net=builtin (or slirp4netns and the other aliases)")
+	}
+	for _, spec := range c.Publish {
+		if err := spec.Validate(); err != nil {
+			return invalidf("invalid --publish=%s: %v", spec, err)
+		}
+	}
+	if len(c.Publish) > 0 && c.PortDriver == PortsNone {
+		return invalidf("--publish needs a port driver (now --port-driver=none): use --port-driver=builtin")
+	}
+	switch c.Propagation {
+	case "rprivate", "rslave":
+	default:
+		return invalidf("invalid --propagation=%s: use rprivate or rslave", c.Propagation)
+	}
+	switch c.Reaper {
+	case "auto", "true", "false":
+	default:
+		return invalidf("invalid --reaper=%s: use auto, true or false", c.Reaper)
+	}
+	if c.EvacuateCgroup2 != "" {
+		if !c.PIDNS || !c.CgroupNS {
+			return invalidf("--evacuate-cgroup2 needs --pidns and --cgroupns (as in RootlessKit)")
+		}
+		if strings.ContainsAny(c.EvacuateCgroup2, "/\x00") || c.EvacuateCgroup2 == "." || c.EvacuateCgroup2 == ".." {
+			return invalidf("invalid --evacuate-cgroup2=%q: give the name of a subgroup, without '/'", c.EvacuateCgroup2)
+		}
+	}
+	if _, err := userns.ParseSubIDSource(string(c.SubIDSource)); err != nil {
+		return &invalid{err.Error()}
+	}
+	if err := userns.ValidateCopyUp(c.CopyUp); err != nil {
+		return &invalid{err.Error()}
+	}
+	return nil
+}
+
+// reservedV4 are the IPv4 ranges a sandbox subnet must not overlap: the
+// kernel treats packets of them specially (loopback, "this network",
+// multicast and the reserved class E with the broadcast address), so a
+// network there would be broken in ways that show only later.
+var reservedV4 = []netip.Prefix{
+	netip.MustParsePrefix("0.0.0.0/8"),
+	netip.MustParsePrefix("127.0.0.0/8"),
+	netip.MustParsePrefix("224.0.0.0/3"),
+}
+
+// checkCIDR accepts an IPv4 subnet big enough to hold .100 that overlaps
+// nothing the kernel reserves.
+func checkCIDR(p netip.Prefix) error {
+	if !p.Addr().Is4() {
+		return invalidf("invalid --cidr=%s: must be an IPv4 subnet, e.g. 10.0.2.0/24", p)
+	}
+	if p.Masked() != p {
+		return invalidf("invalid --cidr=%s: host bits are set; did you mean %s?", p, p.Masked())
+	}
+	if p.Bits() > 25 {
+		return invalidf("invalid --cidr=%s: the prefix must be /25 or shorter, so that .100 is inside it", p)
+	}
+	for _, r := range reservedV4 {
+		if r.Overlaps(p) {
+			return invalidf("invalid --cidr=%s: it overlaps %s, which the kernel reserves (loopback, \"this network\" or multicast and class E); use a private range such as 10.0.2.0/24", p, r)
+		}
+	}
+	return nil
+}
+
+// ParseCIDR parses a --cidr value; Validate checks it.
+func ParseCIDR(s string) (netip.Prefix, error) {
+	p, err := netip.ParsePrefix(s)
+	if err != nil {
+		return netip.Prefix{}, invalidf("invalid --cidr=%s: %v (want e.g. 10.0.2.0/24)", s, err)
+	}
+	return p, nil
+}
+
+// nthAddr returns the address at offset n in the subnet (.2, .3, .100).
+func nthAddr(p netip.Prefix, n int) netip.Addr {
+	a := p.Masked().Addr()
+	for range n {
+		a = a.Next()
+	}
+	return a
+}

@@ -1,0 +1,133 @@
+package userns
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// evacuateCgroup2 moves every process of this process's cgroup v2 group G
+// into G/name and enables G's controllers for its subgroups, as
+// RootlessKit's --evacuate-cgroup2 does: a group with processes in it
+// cannot delegate controllers (the "no internal processes" rule), so the
+// command, whose cgroup namespace is rooted at G, could not create groups
+// with controllers otherwise. Without cgroup v2 it warns and does nothing.
+func evacuateCgroup2(name string, log *slog.Logger) error {
+	if name == "" || strings.ContainsAny(name, "/\x00") || name == "." || name == ".." {
+		return fmt.Errorf("--evacuate-cgroup2=%q: give the name of a subgroup, without '/'", name)
+	}
+	mount, err := cgroup2Mount("/proc/self/mountinfo")
+	if err != nil {
+		return fmt.Errorf("--evacuate-cgroup2: %w", err)
+	}
+	if mount == "" {
+		log.Warn("--evacuate-cgroup2: no cgroup v2 filesystem is mounted; nothing is evacuated")
+		return nil
+	}
+	group, err := cgroup2Group("/proc/self/cgroup")
+	if err != nil {
+		return fmt.Errorf("--evacuate-cgroup2: %w", err)
+	}
+	if group == "" {
+		log.Warn("--evacuate-cgroup2: this process is in no cgroup v2 group; nothing is evacuated")
+		return nil
+	}
+	oldPath := filepath.Join(mount, group)
+	newPath := filepath.Join(oldPath, name)
+	if err := os.MkdirAll(newPath, 0o755); err != nil {
+		return fmt.Errorf("--evacuate-cgroup2: create %s: %w (the group must be delegated to you, e.g. by systemd's Delegate=yes)", newPath, err)
+	}
+	procs, err := os.ReadFile(filepath.Join(oldPath, "cgroup.procs"))
+	if err != nil {
+		return fmt.Errorf("--evacuate-cgroup2: %w", err)
+	}
+	var moveErrs []error
+	for _, pid := range strings.Fields(string(procs)) {
+		if err := os.WriteFile(filepath.Join(newPath, "cgroup.procs"), []byte(pid), 0o644); err != nil {
+			moveErrs = append(moveErrs, fmt.Errorf("move process %s: %w", pid, err))
+		}
+	}
+	if err := errors.Join(moveErrs...); err != nil {
+		log.Warn("--evacuate-cgroup2: some processes could not be moved", "group", newPath, "err", err)
+	}
+	ctrls, err := os.ReadFile(filepath.Join(oldPath, "cgroup.controllers"))
+	if err != nil {
+		return fmt.Errorf("--evacuate-cgroup2: %w", err)
+	}
+	for _, c := range strings.Fields(string(ctrls)) {
+		if err := os.WriteFile(filepath.Join(oldPath, "cgroup.subtree_control"), []byte("+"+c), 0o644); err != nil {
+			log.Warn("--evacuate-cgroup2: cannot enable a controller for subgroups", "controller", c, "group", oldPath, "err", err)
+		}
+	}
+	log.Debug("evacuated cgroup", "from", oldPath, "to", newPath)
+	return nil
+}
+
+// cgroup2Mount returns the mount point of the cgroup2 filesystem from a
+// mountinfo file, "" if there is none (with hybrid cgroups it is e.g.
+// /sys/fs/cgroup/unified).
+func cgroup2Mount(mountinfo string) (string, error) {
+	f, err := os.Open(mountinfo)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		// id parent major:minor root mountpoint options [optional...] - fstype source superoptions
+		fields := strings.Fields(sc.Text())
+		for i, fld := range fields {
+			if fld == "-" && i+1 < len(fields) && fields[i+1] == "cgroup2" && len(fields) > 4 {
+				return unescapeMountinfo(fields[4]), nil
+			}
+		}
+	}
+	return "", sc.Err()
+}
+
+// unescapeMountinfo undoes mountinfo's octal escapes (\040 for a space).
+func unescapeMountinfo(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			var v byte
+			ok := true
+			for _, c := range []byte(s[i+1 : i+4]) {
+				if c < '0' || c > '7' {
+					ok = false
+					break
+				}
+				v = v*8 + c - '0'
+			}
+			if ok {
+				b.WriteByte(v)
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// cgroup2Group returns this process's cgroup v2 group ("0::/path" in
+// /proc/self/cgroup), "" if it has none.
+func cgroup2Group(file string) (string, error) {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return "", err
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if g, ok := strings.CutPrefix(l, "0::"); ok {
+			return g, nil
+		}
+	}
+	return "", nil
+}
