@@ -208,23 +208,29 @@ func parseFlags(args []string, who personality, name string, out io.Writer, log 
 // RootlessKit's command line library accepts long flags with one dash.
 func singleDashLongFlags(fs *pflag.FlagSet, args []string) []string {
 	out := make([]string, 0, len(args))
-	for i, a := range args {
-		if a == "--" || !strings.HasPrefix(a, "-") || a == "-" {
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if a == "--" || a == "-" || !strings.HasPrefix(a, "-") {
 			return append(out, args[i:]...)
 		}
-		if !strings.HasPrefix(a, "--") && len(a) > 2 {
+		var f *pflag.Flag
+		switch {
+		case strings.HasPrefix(a, "--"):
+			name, _, _ := strings.Cut(a[2:], "=")
+			f = fs.Lookup(name)
+		case len(a) == 2:
+			f = fs.ShorthandLookup(a[1:])
+		default:
 			name, _, _ := strings.Cut(a[1:], "=")
-			if f := fs.Lookup(name); f != nil {
+			if f = fs.Lookup(name); f != nil {
 				a = "-" + a
 			}
 		}
 		out = append(out, a)
 		// A flag whose value is the next argument: keep that argument.
-		if name, hasValue := strings.CutPrefix(a, "--"); hasValue && !strings.Contains(name, "=") {
-			if f := fs.Lookup(name); f != nil && f.NoOptDefVal == "" && i+1 < len(args) {
-				out = append(out, args[i+1])
-				return append(out, singleDashLongFlags(fs, args[i+2:])...)
-			}
+		if f != nil && f.NoOptDefVal == "" && !strings.Contains(a, "=") && i+1 < len(args) {
+			i++
+			out = append(out, args[i])
 		}
 	}
 	return out

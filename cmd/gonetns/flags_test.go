@@ -1,0 +1,187 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"log/slog"
+	"net/netip"
+	"reflect"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/gonetns/gonetns/sandbox"
+)
+
+// logLines collects what parsing logs.
+type logLines struct{ lines *[]string }
+
+func (l logLines) Enabled(context.Context, slog.Level) bool { return true }
+func (l logLines) Handle(_ context.Context, r slog.Record) error {
+	s := r.Message
+	r.Attrs(func(a slog.Attr) bool { s += " " + a.String(); return true })
+	*l.lines = append(*l.lines, s)
+	return nil
+}
+func (l logLines) WithAttrs([]slog.Attr) slog.Handler { return l }
+func (l logLines) WithGroup(string) slog.Handler      { return l }
+
+func TestParseFlags(t *testing.T) {
+	cases := []struct {
+		name  string
+		who   personality
+		args  []string
+		check func(t *testing.T, o *options, logged []string)
+		err   string
+	}{
+		{name: "gonetns defaults", args: []string{"true"}, check: func(t *testing.T, o *options, _ []string) {
+			c := o.cfg
+			if c.Net != sandbox.NetBuiltin || c.PortDriver != "" || c.MTU != 65520 || c.DisableSourceIPTransparent || c.LeaveOrphans || !slices.Equal(o.args, []string{"true"}) {
+				t.Errorf("%+v %v", c, o.args)
+			}
+		}},
+		{name: "rootlesskit defaults", who: asRootlessKit, args: []string{"bash"}, check: func(t *testing.T, o *options, _ []string) {
+			if o.cfg.Net != sandbox.NetHost || o.cfg.PortDriver != sandbox.PortsNone {
+				t.Errorf("as rootlesskit: net %q port driver %q, want host and none", o.cfg.Net, o.cfg.PortDriver)
+			}
+		}},
+		{name: "dockerd-rootless.sh", who: asRootlessKit, args: strings.Fields(
+			"--state-dir=/run/user/1000/dockerd-rootless --net=slirp4netns --mtu=65520 --slirp4netns-sandbox=auto --slirp4netns-seccomp=auto " +
+				"--disable-host-loopback --port-driver=builtin --copy-up=/etc --copy-up=/run --propagation=rslave --detach-netns dockerd-rootless.sh --experimental"),
+			check: func(t *testing.T, o *options, logged []string) {
+				c := o.cfg
+				if c.Net != sandbox.NetBuiltin || c.PortDriver != sandbox.PortsBuiltin || !c.DisableHostLoopback || !c.DetachNetNS ||
+					c.Propagation != "rslave" || !slices.Equal(c.CopyUp, []string{"/etc", "/run"}) || c.StateDir != "/run/user/1000/dockerd-rootless" ||
+					!slices.Equal(o.args, []string{"dockerd-rootless.sh", "--experimental"}) {
+					t.Errorf("%+v %v", c, o.args)
+				}
+				for _, want := range []string{"--slirp4netns-sandbox value=auto", "--slirp4netns-seccomp value=auto", "--net=slirp4netns is RootlessKit's name"} {
+					if !slices.ContainsFunc(logged, func(l string) bool { return strings.Contains(l, want) }) {
+						t.Errorf("no debug line with %q in %q", want, logged)
+					}
+				}
+			}},
+		{name: "later flag wins", who: asRootlessKit, args: []string{"--net=pasta", "--disable-host-loopback", "--disable-host-loopback=false", "x"},
+			check: func(t *testing.T, o *options, _ []string) {
+				if o.cfg.DisableHostLoopback || o.cfg.Net != sandbox.NetBuiltin {
+					t.Errorf("%+v", o.cfg)
+				}
+			}},
+		{name: "every net alias", args: []string{"--net=gvisor-tap-vsock", "--net=vpnkit", "--net=lxc-user-nic", "x"}, check: func(t *testing.T, o *options, _ []string) {
+			if o.cfg.Net != sandbox.NetBuiltin {
+				t.Errorf("net %q", o.cfg.Net)
+			}
+		}},
+		{name: "port driver aliases", args: []string{"--port-driver=pesto", "x"}, check: func(t *testing.T, o *options, _ []string) {
+			if o.cfg.PortDriver != sandbox.PortsBuiltin {
+				t.Errorf("port driver %q", o.cfg.PortDriver)
+			}
+		}},
+		{name: "implicit", args: []string{"--port-driver=implicit", "x"}, check: func(t *testing.T, o *options, _ []string) {
+			if o.cfg.PortDriver != sandbox.PortsImplicit {
+				t.Errorf("port driver %q", o.cfg.PortDriver)
+			}
+		}},
+		{name: "mtu 0 is the default", args: []string{"--mtu=0", "x"}, check: func(t *testing.T, o *options, _ []string) {
+			if o.cfg.MTU != 65520 {
+				t.Errorf("mtu %d", o.cfg.MTU)
+			}
+		}},
+		{name: "single-dash long flags", who: asRootlessKit, args: []string{"-net", "slirp4netns", "-port-driver=builtin", "-p", "8080:80/tcp", "-debug", "sh", "-c", "-net"},
+			check: func(t *testing.T, o *options, _ []string) {
+				if o.cfg.Net != sandbox.NetBuiltin || o.cfg.PortDriver != sandbox.PortsBuiltin || len(o.cfg.Publish) != 1 || !o.cfg.Debug ||
+					!slices.Equal(o.args, []string{"sh", "-c", "-net"}) {
+					t.Errorf("%+v %v", o.cfg, o.args)
+				}
+			}},
+		{name: "source ip transparent off", args: []string{"--source-ip-transparent=false", "--source-ip-transparent-backend=nft", "x"}, check: func(t *testing.T, o *options, _ []string) {
+			if !o.cfg.DisableSourceIPTransparent {
+				t.Error("--source-ip-transparent=false did not turn it off")
+			}
+		}},
+		{name: "kill orphans off", args: []string{"--kill-orphans=false", "x"}, check: func(t *testing.T, o *options, _ []string) {
+			if !o.cfg.LeaveOrphans {
+				t.Error("--kill-orphans=false did not keep orphans")
+			}
+		}},
+		{name: "publish and dns", args: []string{"-p", "127.0.0.1:8080:80/tcp", "--publish=[::1]:8080:80/tcp6", "--dns-upstream=127.0.0.1:5353", "x"},
+			check: func(t *testing.T, o *options, _ []string) {
+				if len(o.cfg.Publish) != 2 || o.cfg.Publish[1].ParentIP != netip.IPv6Loopback() || !reflect.DeepEqual(o.cfg.DNSUpstreams, []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:5353")}) {
+					t.Errorf("%+v", o.cfg)
+				}
+			}},
+		{name: "print-semver", who: asRootlessKit, args: []string{"--print-semver=major"}, check: func(t *testing.T, o *options, _ []string) {
+			if o.printSemver != "major" {
+				t.Errorf("%+v", o)
+			}
+		}},
+		{name: "evacuate needs pidns", args: []string{"--evacuate-cgroup2=evac", "x"}, err: "needs --pidns and --cgroupns"},
+		{name: "bad net", args: []string{"--net=slirp", "x"}, err: "builtin, none or host"},
+		{name: "bad cidr", args: []string{"--cidr=10.0.2/24", "x"}, err: "invalid --cidr"},
+		{name: "bad publish", args: []string{"-p", "8080/tcp", "x"}, err: "invalid --publish"},
+		{name: "copy-up-mode", args: []string{"--copy-up-mode=overlayfs", "x"}, err: "only tmpfs+symlink"},
+		{name: "unknown flag", args: []string{"--no-such", "x"}, err: "unknown flag"},
+		{name: "no command", args: []string{"--net=none"}, err: "no command given"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			var logged []string
+			o, err := parseFlags(c.args, c.who, "test", io.Discard, slog.New(logLines{&logged}))
+			if c.err != "" {
+				if err == nil || !strings.Contains(err.Error(), c.err) {
+					t.Fatalf("err %v, want %q", err, c.err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.check(t, o, logged)
+		})
+	}
+}
+
+// The help lists every RootlessKit v3 flag (nerdctl's script greps it for
+// --detach-netns) and gonetns's own.
+func TestHelpListsRootlessKitFlags(t *testing.T) {
+	var out bytes.Buffer
+	_, err := parseFlags([]string{"--help"}, asRootlessKit, "rootlesskit", &out, slog.New(slog.DiscardHandler))
+	if err != errHelpShown {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"--debug", "--print-semver", "--help", "--version", "--copy-up", "--copy-up-mode", "--propagation",
+		"--net", "--mtu", "--cidr", "--ifname", "--disable-host-loopback", "--ipv6", "--detach-netns",
+		"--lxc-user-nic-binary", "--lxc-user-nic-bridge", "--pasta-binary", "--pesto-binary", "--slirp4netns-binary",
+		"--slirp4netns-sandbox", "--slirp4netns-seccomp", "--vpnkit-binary", "--port-driver", "--publish", "--source-ip-transparent",
+		"--source-ip-transparent-backend", "--pidns", "--cgroupns", "--utsns", "--ipcns", "--reaper", "--evacuate-cgroup2",
+		"--state-dir", "--subid-source", "--dns-upstream", "--kill-orphans", "--cpuprofile"} {
+		if !strings.Contains(out.String(), f+" ") {
+			t.Errorf("--help does not list %s", f)
+		}
+	}
+	if !strings.Contains(out.String(), `(default "host")`) {
+		t.Errorf("as rootlesskit the help does not show --net's default host:\n%s", out.String())
+	}
+}
+
+func TestSemverPart(t *testing.T) {
+	for _, c := range []struct {
+		v, part string
+		want    int
+		err     bool
+	}{
+		{"3.0.1", "major", 3, false},
+		{"3.0.1", "minor", 0, false},
+		{"3.0.1", "patch", 1, false},
+		{"v0.2.0-devel", "minor", 2, false},
+		{"0.2.0+abc", "patch", 0, false},
+		{"0.2", "major", 0, true},
+		{"3.0.1", "build", 0, true},
+	} {
+		got, err := semverPart(c.v, c.part)
+		if (err != nil) != c.err || got != c.want {
+			t.Errorf("semverPart(%q, %q) = %d, %v", c.v, c.part, got, err)
+		}
+	}
+}

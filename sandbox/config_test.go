@@ -1,0 +1,82 @@
+package sandbox
+
+import (
+	"errors"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/gonetns/gonetns/portfwd"
+)
+
+func TestConfigValidate(t *testing.T) {
+	spec := portfwd.Spec{Proto: "tcp", ParentPort: 8080, ChildPort: 80}
+	cases := []struct {
+		name string
+		cfg  Config
+		want string // "" means valid
+	}{
+		{"zero value", Config{}, ""},
+		{"rootlesskit's net host", Config{Net: NetHost}, ""},
+		{"none", Config{Net: NetNone, PortDriver: PortsNone}, ""},
+		{"unknown net", Config{Net: "slirp"}, "builtin, none or host"},
+		{"mtu low", Config{MTU: 1279}, "1280 to 65521"},
+		{"mtu high", Config{MTU: 65522}, "1280 to 65521"},
+		{"mtu max", Config{MTU: 65521}, ""},
+		{"cidr v6", Config{CIDR: netip.MustParsePrefix("fd00::/64")}, "IPv4 subnet"},
+		{"cidr host bits", Config{CIDR: netip.MustParsePrefix("10.0.2.1/24")}, "did you mean 10.0.2.0/24"},
+		{"cidr too small", Config{CIDR: netip.MustParsePrefix("10.0.2.0/28")}, "/25 or shorter"},
+		{"cidr loopback", Config{CIDR: netip.MustParsePrefix("127.0.0.0/8")}, "overlaps 127.0.0.0/8"},
+		{"cidr this network", Config{CIDR: netip.MustParsePrefix("0.0.0.0/8")}, "overlaps 0.0.0.0/8"},
+		{"cidr multicast", Config{CIDR: netip.MustParsePrefix("224.0.0.0/24")}, "overlaps 224.0.0.0/3"},
+		{"cidr class e", Config{CIDR: netip.MustParsePrefix("240.0.0.0/24")}, "overlaps 224.0.0.0/3"},
+		{"cidr covering loopback", Config{CIDR: netip.MustParsePrefix("64.0.0.0/2")}, "overlaps 127.0.0.0/8"},
+		{"cidr private", Config{CIDR: netip.MustParsePrefix("192.168.100.0/24")}, ""},
+		{"ifname long", Config{IfName: "0123456789abcdef"}, "up to 15"},
+		{"ifname slash", Config{IfName: "a/b"}, "without '/'"},
+		{"dns upstream zero port", Config{DNSUpstreams: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:0")}}, "--dns-upstream"},
+		{"port driver unknown", Config{PortDriver: "pasta"}, "builtin, implicit or none"},
+		{"ports with net host", Config{Net: NetHost, PortDriver: PortsBuiltin}, "needs a network namespace"},
+		{"detach with net host", Config{Net: NetHost, DetachNetNS: true}, "--detach-netns needs"},
+		{"detach", Config{DetachNetNS: true}, ""},
+		{"publish without driver", Config{PortDriver: PortsNone, Publish: []portfwd.Spec{spec}}, "--port-driver=none"},
+		{"publish bad spec", Config{Publish: []portfwd.Spec{{Proto: "tcp", ParentPort: 0, ChildPort: 80}}}, "parent port 0"},
+		{"publish", Config{Publish: []portfwd.Spec{spec}}, ""},
+		{"propagation", Config{Propagation: "shared"}, "rprivate or rslave"},
+		{"reaper", Config{Reaper: "yes"}, "auto, true or false"},
+		{"evacuate without pidns", Config{EvacuateCgroup2: "evac", CgroupNS: true}, "needs --pidns and --cgroupns"},
+		{"evacuate slash", Config{EvacuateCgroup2: "a/b", CgroupNS: true, PIDNS: true}, "without '/'"},
+		{"evacuate", Config{EvacuateCgroup2: "evac", CgroupNS: true, PIDNS: true}, ""},
+		{"subid source", Config{SubIDSource: "ldap"}, "subid"},
+		{"copy-up tmp", Config{CopyUp: []string{"/tmp"}}, "/tmp is refused"},
+		{"copy-up relative", Config{CopyUp: []string{"etc"}}, "must be absolute"},
+	}
+	for _, c := range cases {
+		err := c.cfg.Validate()
+		switch {
+		case c.want == "" && err != nil:
+			t.Errorf("%s: %v; want valid", c.name, err)
+		case c.want != "" && (err == nil || !strings.Contains(err.Error(), c.want) || !errors.Is(err, ErrInvalidConfig)):
+			t.Errorf("%s: %v; want an ErrInvalidConfig containing %q", c.name, err, c.want)
+		}
+	}
+}
+
+func TestConfigDefaults(t *testing.T) {
+	c := Config{}.withDefaults()
+	if c.Net != NetBuiltin || c.MTU != 65520 || c.CIDR != netip.MustParsePrefix("10.0.2.0/24") || c.IfName != "tap0" ||
+		c.PortDriver != PortsBuiltin || c.Propagation != "rprivate" || c.Reaper != "auto" || c.SubIDSource != SubIDAuto || c.Logger == nil {
+		t.Errorf("defaults: %+v", c)
+	}
+	if h := (Config{Net: NetHost}).withDefaults(); h.PortDriver != PortsNone {
+		t.Errorf("with net host the port driver defaults to %q, want none", h.PortDriver)
+	}
+}
+
+func TestAddrPlan(t *testing.T) {
+	p := planAddrs(netip.MustParsePrefix("192.168.7.0/24"), true)
+	if p.gateway.String() != "192.168.7.2" || p.dns.String() != "192.168.7.3" || p.child.String() != "192.168.7.100" ||
+		p.gateway6.String() != "fd00::2" || p.dns6.String() != "fd00::3" || p.child6.String() != "fd00::100" {
+		t.Errorf("address plan: %+v", p)
+	}
+}
