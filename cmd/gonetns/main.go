@@ -122,24 +122,6 @@ func (c *recordCollector) Handle(_ context.Context, r slog.Record) error {
 func (c *recordCollector) WithAttrs([]slog.Attr) slog.Handler { return c }
 func (c *recordCollector) WithGroup(string) slog.Handler      { return c }
 
-// ignoreStraySignals keeps the parent, which is the sandbox's network,
-// alive through signals whose default action would end it and that only
-// a process of the sandbox would send (it runs as the same user and, without
-// --pidns, can see gonetns's pid). SIGKILL and SIGSTOP cannot be ignored:
-// --pidns hides gonetns from the sandbox for that. SIGPROF stays with the
-// profiler, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1 and SIGUSR2 are
-// relayed to the command, SIGPIPE is caught above.
-func ignoreStraySignals() {
-	stray := []os.Signal{syscall.SIGALRM, syscall.SIGVTALRM, syscall.SIGIO, syscall.SIGPWR,
-		syscall.SIGSTKFLT, syscall.SIGXCPU, syscall.SIGXFSZ, syscall.SIGTRAP, syscall.SIGSYS}
-	// Real-time signals end a process by default too; Go keeps 32 and 33
-	// for itself.
-	for s := 34; s <= 64; s++ {
-		stray = append(stray, syscall.Signal(s))
-	}
-	signal.Ignore(stray...)
-}
-
 // setProcs sizes the Go scheduler for a process that is mostly a packet
 // pipeline: one P on machines of up to four CPUs, a quarter of them above.
 // Measured on 2 cores (bench/results): with one P, throughput is higher in

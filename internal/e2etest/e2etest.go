@@ -313,3 +313,26 @@ func HelperCmd(t testing.TB, mode string, args ...string) string {
 	}
 	return "env " + strings.Join(q, " ")
 }
+
+var linkMu sync.Mutex
+
+// As returns a Runner whose binary is gonetns under another name (a
+// symlink next to it, e.g. "rootlesskit" or "rootlessctl"): gonetns
+// speaks the command line of the program argv[0] names.
+func (r Runner) As(t testing.TB, name string) Runner {
+	t.Helper()
+	linkMu.Lock()
+	defer linkMu.Unlock()
+	dir := filepath.Join(filepath.Dir(Binary(t)), "as")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(dir, name)
+	if _, err := os.Lstat(link); err != nil {
+		if err := os.Symlink(Binary(t), link); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r.Bin = link
+	return r
+}
