@@ -1,15 +1,16 @@
 # gonetns: see README.md.
 GO      ?= go
 PREFIX  ?= /usr/local
-VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo devel)
 BIN     := bin/gonetns
-LDFLAGS := -s -w -X main.version=$(VERSION)
+# The version is gonetns's base version and the commit (from the build's
+# VCS information); VERSION=x.y.z overrides it.
+LDFLAGS := -s -w $(if $(VERSION),-X main.version=$(VERSION))
 
 .PHONY: build test test-setup unit e2e install clean
 
 # A static binary: CGO_ENABLED=0, no helper binaries needed at run time.
 build:
-	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/gonetns
+	CGO_ENABLED=0 $(GO) build -trimpath -buildvcs=auto -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/gonetns
 
 # Everything CI runs: machine setup (as root; idempotent), vet, unit tests
 # with the race detector, end-to-end tests of the real binary as an

@@ -20,6 +20,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"runtime/pprof"
+	"strings"
 	"syscall"
 
 	"github.com/gonetns/gonetns/sandbox"
@@ -158,16 +159,31 @@ func startCPUProfile(path string) (stop func(), err error) {
 // for.
 const rootlessKitVersion = "3.0.1"
 
-// gonetnsVersion is gonetns's own version.
+// gonetnsVersion is gonetns's own version: -X main.version when the build
+// sets it, else baseVersion with the commit the binary was built from.
 func gonetnsVersion() string {
-	v := version
-	if v == "" {
-		v = baseVersion + "-devel"
-		if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
-			v = bi.Main.Version
+	if version != "" {
+		return version
+	}
+	v := baseVersion
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		if bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+			return strings.TrimPrefix(bi.Main.Version, "v")
+		}
+		var rev, dirty string
+		for _, s := range bi.Settings {
+			switch {
+			case s.Key == "vcs.revision" && len(s.Value) >= 12:
+				rev = s.Value[:12]
+			case s.Key == "vcs.modified" && s.Value == "true":
+				dirty = ".dirty"
+			}
+		}
+		if rev != "" {
+			return v + "+" + rev + dirty
 		}
 	}
-	return v
+	return v + "+devel"
 }
 
 // semver is the version --print-semver reads.
