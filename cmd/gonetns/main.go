@@ -167,8 +167,10 @@ func gonetnsVersion() string {
 	}
 	v := baseVersion
 	if bi, ok := debug.ReadBuildInfo(); ok {
-		if bi.Main.Version != "" && bi.Main.Version != "(devel)" {
-			return strings.TrimPrefix(bi.Main.Version, "v")
+		// A tagged release (go install ...@v1.2.3); not the pseudo-version
+		// "v0.0.0-DATE-COMMIT" Go gives a build in a git checkout.
+		if mv := bi.Main.Version; mv != "" && mv != "(devel)" && !strings.HasPrefix(mv, "v0.0.0-") {
+			return strings.TrimPrefix(mv, "v")
 		}
 		var rev, dirty string
 		for _, s := range bi.Settings {
