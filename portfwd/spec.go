@@ -317,13 +317,15 @@ func (s Spec) String() string {
 // transport is "tcp" or "udp".
 func (s Spec) transport() string { return s.Proto[:3] }
 
-// listenNetwork and listenAddr are what the host listener binds: with no
-// parent IP, "tcp"/"udp" on the unspecified address (Go makes that one
-// dual-stack socket); with one, the family the address names, so that an
-// explicit 0.0.0.0 stays IPv4-only.
+// listenNetwork and listenAddr are what the host listener binds. With no
+// parent IP, or an unspecified one (0.0.0.0 or ::), "tcp" and "udp" bind
+// both families on one dual-stack socket, as RootlessKit's builtin driver
+// does (Go's behaviour, documented in its docs/port.md): tcp4 and tcp6
+// (udp4, udp6) are the way to bind one family. A specific parent IP binds
+// its own family.
 func (s Spec) listenNetwork() string {
 	switch {
-	case !s.ParentIP.IsValid():
+	case !s.ParentIP.IsValid() || s.ParentIP.IsUnspecified():
 		return s.Proto
 	case s.ParentIP.Is4():
 		return s.transport() + "4"
@@ -334,15 +336,16 @@ func (s Spec) listenNetwork() string {
 
 func (s Spec) listenAddr() netip.AddrPort {
 	ip := s.ParentIP
-	if !ip.IsValid() {
-		switch {
-		case strings.HasSuffix(s.Proto, "6"):
-			ip = netip.IPv6Unspecified()
-		case strings.HasSuffix(s.Proto, "4"):
-			ip = netip.IPv4Unspecified()
+	switch {
+	case strings.HasSuffix(s.Proto, "6") && !ip.IsValid():
+		ip = netip.IPv6Unspecified()
+	case strings.HasSuffix(s.Proto, "4") && !ip.IsValid():
+		ip = netip.IPv4Unspecified()
+	case s.Proto == "tcp" || s.Proto == "udp":
+		if ip.IsUnspecified() {
+			// ":PORT", which Go binds dual-stack.
+			ip = netip.Addr{}
 		}
-		// tcp and udp: leave it invalid, formatted as ":PORT", which Go
-		// binds dual-stack.
 	}
 	return netip.AddrPortFrom(ip, uint16(s.ParentPort))
 }
