@@ -166,6 +166,7 @@ func TestEgressDenyLoopback(t *testing.T) {
 		"ping -c 1 -W 5 10.0.2.2",
 		"echo ping6=$(ping -6 -c 1 -W 5 fd00::2 | grep -c '1 received')",
 		`curl -sS --unix-socket "$ROOTLESSKIT_STATE_DIR/api.sock" http://api/v1/info`,
+		r.Bin + " ctl info",
 	}, "; ")
 	res := r.Run(t, netTimeout, "--debug", "--ipv6", "--deny=127.0.0.1/32", "sh", "-c", script)
 	out := res.Stdout
@@ -178,6 +179,7 @@ func TestEgressDenyLoopback(t *testing.T) {
 		"Packet filtered",    // ping's words for code 13
 		"ping6=1",            // ping -6 fd00::2 answered
 		`"egress":{"default":"allow","rules":[{"prefix":"127.0.0.1/32","action":"deny","origin":"--deny=127.0.0.1/32"}]}`,
+		"  - Egress: deny 127.0.0.1/32; otherwise allow\n", // gonetns ctl info
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("inside, with --deny=127.0.0.1/32: no %q in\n%s", want, res)
