@@ -265,7 +265,7 @@ func TestSlowFileDropsNotBlocks(t *testing.T) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		for range 300 { // 18 MB, more than both buffers hold
+		for range 600 { // 36 MB, more than both buffers hold
 			dev.Write([][]byte{frame})
 		}
 	}()
@@ -278,7 +278,7 @@ func TestSlowFileDropsNotBlocks(t *testing.T) {
 	w.Close()
 	st := w.Stats()
 	recs := parse(t, out.Bytes())
-	if st.Dropped == 0 || st.Frames+st.Dropped != 300 || int64(len(recs)) != st.Frames {
+	if st.Dropped == 0 || st.Frames+st.Dropped != 600 || int64(len(recs)) != st.Frames {
 		t.Errorf("stats %+v, %d records in the file", st, len(recs))
 	}
 }
