@@ -27,12 +27,33 @@ type Info struct {
 	PortDriver    *PortDriverInfo    `json:"portDriver,omitempty"`
 }
 
-// NetworkDriverInfo is RootlessKit's api.NetworkDriverInfo.
+// NetworkDriverInfo is RootlessKit's api.NetworkDriverInfo. Fields after
+// DynamicChildIP are gonetns's own; RootlessKit clients ignore them.
 type NetworkDriverInfo struct {
 	Driver         string       `json:"driver"`
 	DNS            []netip.Addr `json:"dns,omitempty"`
 	ChildIP        netip.Addr   `json:"childIP,omitzero"`
 	DynamicChildIP bool         `json:"dynamicChildIP,omitempty"`
+	// Egress is the egress policy of gonetns's builtin network.
+	Egress *EgressInfo `json:"egress,omitempty"`
+}
+
+// EgressInfo is the egress policy (--allow, --deny, --deny-metadata,
+// --deny-private) over the host addresses the sandbox's traffic goes to.
+type EgressInfo struct {
+	// Default is "allow" or "deny": the verdict for addresses no rule
+	// covers ("deny" as soon as one rule allows).
+	Default string `json:"default"`
+	// Rules, most specific first; the first whose prefix contains an
+	// address decides.
+	Rules []EgressRule `json:"rules"`
+}
+
+// EgressRule is one rule of the egress policy.
+type EgressRule struct {
+	Prefix netip.Prefix `json:"prefix"`
+	Action string       `json:"action"`           // "allow" or "deny"
+	Origin string       `json:"origin,omitempty"` // the flag it came from
 }
 
 // PortDriverInfo is RootlessKit's api.PortDriverInfo. Fields after

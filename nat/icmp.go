@@ -46,15 +46,20 @@ func (f *echoFlow) close() { f.once.Do(func() { f.sock.Close() }) }
 // never answers on the host's behalf: a destination that does not reply
 // gets no reply. Requests to the gateway go to the host's loopback; when
 // that is disabled or ping sockets are not allowed, the stack answers for
-// the gateway itself. Use it as stack.Config.Echo.
+// the gateway itself. A destination the egress policy refuses gets ICMP
+// "administratively prohibited". Use it as stack.Config.Echo.
 func (n *NAT) HandleEcho(r *stack.EchoRequest) bool {
-	if n.pingBlocked.Load() {
-		n.debugBlockedOnce(echoKey{r.Src, r.Dst, r.ID})
-		return false
-	}
 	host, err := n.hostAddr(r.Dst)
 	if err != nil {
 		return false // the stack answers for its own addresses, nobody else does
+	}
+	if !n.allowed("icmp", r.Dst, host) {
+		r.Prohibit()
+		return true
+	}
+	if n.pingBlocked.Load() {
+		n.debugBlockedOnce(echoKey{r.Src, r.Dst, r.ID})
+		return false
 	}
 	key := echoKey{r.Src, r.Dst, r.ID}
 	f, ok := n.echo.get(key)
@@ -94,6 +99,10 @@ func (n *NAT) newEchoFlow(r *stack.EchoRequest, host netip.Addr) (*echoFlow, err
 	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, proto)
 	if err != nil {
 		return nil, fmt.Errorf("ping socket: %w", err)
+	}
+	if err := n.out.bind(fd, host); err != nil {
+		unix.Close(fd)
+		return nil, err
 	}
 	sock := os.NewFile(uintptr(fd), "ping")
 	rc, err := sock.SyscallConn()

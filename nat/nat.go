@@ -2,8 +2,10 @@
 // sockets: TCP connections (dialled on the host first, so refusals stay
 // refusals), UDP flows (one connected host socket per flow, expiring when
 // idle) and ICMP echo (through unprivileged ping sockets). It owns the
-// egress policy: the gateway address is the host's loopback unless that is
-// disabled, and addresses that make no sense from the sandbox are refused.
+// mapping of destinations to host addresses (the gateway address is the
+// host's loopback unless that is disabled; addresses that make no sense
+// from the sandbox are refused), the egress policy (Policy: --allow,
+// --deny) and the source address of host sockets (--outbound-addr).
 package nat
 
 import (
@@ -40,6 +42,16 @@ type Config struct {
 	// HostLoopback lets the sandbox reach the host's 127.0.0.1 (and ::1)
 	// through the gateway address; false is --disable-host-loopback.
 	HostLoopback bool
+	// Policy is the egress policy every TCP connection, UDP flow and ICMP
+	// echo is checked against before a host socket is made; nil allows
+	// everything.
+	Policy *Policy
+	// OutboundAddr and OutboundAddr6 are the source addresses of host
+	// sockets (--outbound-addr, --outbound-addr6); the zero Addr leaves
+	// the choice to the kernel. A loopback address applies only to the
+	// host's loopback, any other only to other destinations (see
+	// outbound).
+	OutboundAddr, OutboundAddr6 netip.Addr
 
 	DialTimeout    time.Duration // TCP connect on the host; then RST
 	UDPIdleTimeout time.Duration // a UDP flow with no traffic is closed
@@ -80,6 +92,9 @@ type NAT struct {
 	udp  *table[udpKey, *udpFlow]
 	echo *table[echoKey, *echoFlow]
 
+	out      *outbound
+	refusals refusalLog
+
 	pingOnce    sync.Once
 	blockedSeen map[echoKey]struct{} // under mu: sessions already logged as not forwarded
 	pingBlocked atomic.Bool          // ping sockets are not allowed for this user
@@ -119,10 +134,13 @@ func New(cfg Config) (*NAT, error) {
 	if n.dialer == nil {
 		n.dialer = &net.Dialer{}
 	}
+	// The host's own kernel reports a loopback peer's death at once:
+	// keepalive probes (four setsockopt calls per connection) buy nothing.
 	ld := *n.dialer
 	ld.KeepAlive = -1
 	ld.KeepAliveConfig = net.KeepAliveConfig{Enable: false}
 	n.loopDialer = &ld
+	n.out = newOutbound(cfg.OutboundAddr, cfg.OutboundAddr6, n.dialer, n.loopDialer)
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	n.udp = newTable[udpKey, *udpFlow](cfg.MaxUDPFlows, func(k udpKey) time.Duration {
 		if k.dst.Port() == 53 {

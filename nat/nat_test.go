@@ -196,7 +196,7 @@ func TestDisableHostLoopback(t *testing.T) {
 	}
 }
 
-func TestPolicy(t *testing.T) {
+func TestHostAddr(t *testing.T) {
 	n, err := New(Config{Subnet: subnet, Gateway: gateway, HostLoopback: true,
 		Subnet6: netip.MustParsePrefix("fd00::/64"), Gateway6: netip.MustParseAddr("fd00::2")})
 	if err != nil {

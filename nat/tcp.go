@@ -42,14 +42,12 @@ func (n *NAT) HandleTCP(r *stack.TCPRequest) {
 		r.Refuse()
 		return
 	}
-	dialer := n.dialer
-	if host.IsLoopback() {
-		// The host's own kernel reports a peer's death at once: keepalive
-		// probes (four setsockopt calls per connection) buy nothing.
-		dialer = n.loopDialer
+	if !n.allowed("tcp", r.Dst.Addr(), host) {
+		r.Refuse()
+		return
 	}
 	ctx, cancel := context.WithTimeout(n.ctx, n.cfg.DialTimeout)
-	hc, err := dialer.DialContext(ctx, "tcp", netip.AddrPortFrom(host, r.Dst.Port()).String())
+	hc, err := n.out.tcpDialer(host).DialContext(ctx, "tcp", netip.AddrPortFrom(host, r.Dst.Port()).String())
 	cancel()
 	if err != nil {
 		log.Debug("tcp dial failed; resetting", "err", err)

@@ -40,8 +40,9 @@ func (f *udpFlow) close() {
 }
 
 // HandleUDP starts forwarding a new flow of the sandbox. Use it as
-// stack.Config.UDP. A destination the policy refuses, or one the host
-// cannot send to, gets ICMP port unreachable.
+// stack.Config.UDP. A destination that cannot be reached from the sandbox,
+// or one the host cannot send to, gets ICMP port unreachable; one the
+// egress policy refuses gets "administratively prohibited".
 func (n *NAT) HandleUDP(r *stack.UDPRequest) bool {
 	log := n.log
 	if n.log.Enabled(n.ctx, slog.LevelDebug) {
@@ -52,7 +53,11 @@ func (n *NAT) HandleUDP(r *stack.UDPRequest) bool {
 		log.Debug("udp refused by policy", "err", err)
 		return false
 	}
-	hc, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(netip.AddrPortFrom(host, r.Dst.Port())))
+	if !n.allowed("udp", r.Dst.Addr(), host) {
+		r.Prohibit()
+		return true
+	}
+	hc, err := net.DialUDP("udp", n.out.udpAddr(host), net.UDPAddrFromAddrPort(netip.AddrPortFrom(host, r.Dst.Port())))
 	if err != nil {
 		log.Debug("udp socket on the host failed", "err", err)
 		return false

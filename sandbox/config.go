@@ -94,6 +94,40 @@ type Config struct {
 	// none means the host's /etc/resolv.conf.
 	DNSUpstreams []netip.AddrPort
 
+	// Allow and Deny are the egress policy's rules (--allow, --deny): the
+	// host addresses the sandbox's TCP connections, UDP flows and ICMP
+	// echo may go to, or not. The policy judges the address a host socket
+	// would connect to: the destination itself, or for the gateway the
+	// host's loopback address it stands for (so Deny 127.0.0.1/32 closes
+	// the gateway). The most specific prefix decides; with any Allow rule,
+	// what no rule covers is denied (an allow-list), otherwise allowed.
+	// Refused TCP is reset, UDP and echo get ICMP "administratively
+	// prohibited". DNS at the sandbox's DNS address is the sandbox's own
+	// service: its queries go to the upstreams whatever the policy.
+	Allow, Deny []netip.Prefix
+	// DenyMetadata denies the cloud metadata services, 169.254.169.254
+	// and fd00:ec2::254 (--deny-metadata); DenyPrivate denies the RFC 1918,
+	// link-local and unique local ranges (--deny-private). An Allow of the
+	// very same prefix overrides them.
+	DenyMetadata, DenyPrivate bool
+	// OutboundAddr and OutboundAddr6 are the source addresses of the host
+	// sockets that carry the sandbox's TCP, UDP and ICMP echo
+	// (--outbound-addr, --outbound-addr6): an IP address of the family, or
+	// the name of an interface whose first address of the family (IPv6:
+	// not link-local) is used, looked up at start. A loopback address
+	// applies only to connections to the host's loopback (the gateway), any
+	// other only to other destinations: a socket bound the other way round
+	// could not work. "" leaves the choice to the kernel.
+	OutboundAddr, OutboundAddr6 string
+
+	// PCAP is a file to record the sandbox's virtual link into (--pcap):
+	// every frame both ways, in pcap format for tcpdump -r and Wireshark.
+	// "" records nothing.
+	PCAP string
+	// PCAPMaxSize bounds the PCAP file, in bytes; recording stops there.
+	// 0 means pcap.DefaultMaxSize (256 MiB).
+	PCAPMaxSize int64
+
 	// PortDriver is how ports are published; "" means PortsBuiltin, or
 	// PortsNone with NetHost.
 	PortDriver PortDriver
@@ -214,6 +248,9 @@ func (c Config) Validate() error {
 		if !u.IsValid() || u.Port() == 0 || u.Addr().IsUnspecified() {
 			return invalidf("invalid --dns-upstream=%s: give the IP[:PORT] of a DNS server", u)
 		}
+	}
+	if err := c.checkEgress(); err != nil {
+		return err
 	}
 	switch c.PortDriver {
 	case PortsBuiltin, PortsImplicit, PortsNone:

@@ -14,6 +14,7 @@ import (
 	"github.com/gonetns/gonetns/dns"
 	"github.com/gonetns/gonetns/internal/wire"
 	"github.com/gonetns/gonetns/nat"
+	"github.com/gonetns/gonetns/pcap"
 	"github.com/gonetns/gonetns/portfwd"
 	"github.com/gonetns/gonetns/stack"
 	"github.com/gonetns/gonetns/tap"
@@ -37,9 +38,12 @@ type network struct {
 	api        *api.Server
 	childPID   int
 
-	st  *stack.Stack
-	nat *nat.NAT
-	dns *dns.Server
+	policy     *nat.Policy
+	out4, out6 netip.Addr   // --outbound-addr, --outbound-addr6, resolved
+	pcap       *pcap.Writer // --pcap
+	st         *stack.Stack
+	nat        *nat.NAT
+	dns        *dns.Server
 
 	closeOnce sync.Once
 }
@@ -95,16 +99,35 @@ func newNetwork(cfg Config, sd *userns.StateDir) (*network, error) {
 			}
 			n.upstreams = rc.Upstreams()
 		}
+		var err error
+		if n.policy, err = cfg.egressPolicy(); err != nil {
+			return nil, err
+		}
+		if n.out4, err = resolveOutbound("--outbound-addr", cfg.OutboundAddr, false); err != nil {
+			return nil, err
+		}
+		if n.out6, err = resolveOutbound("--outbound-addr6", cfg.OutboundAddr6, true); err != nil {
+			return nil, err
+		}
+		if cfg.PCAP != "" {
+			// Created now, so that a path that cannot be written fails
+			// before the sandbox starts.
+			if n.pcap, err = pcap.Create(cfg.PCAP, pcap.Config{MaxSize: cfg.PCAPMaxSize, Logger: n.log}); err != nil {
+				return nil, fmt.Errorf("--pcap=%s: %w", cfg.PCAP, err)
+			}
+		}
 	}
 	if cfg.PortDriver != PortsNone {
 		parentEnd, childEnd, err := wire.Socketpair()
 		if err != nil {
+			n.Close()
 			return nil, err
 		}
 		c, err := wire.FileConn(parentEnd)
 		parentEnd.Close()
 		if err != nil {
 			childEnd.Close()
+			n.Close()
 			return nil, err
 		}
 		n.dialer = portfwd.NewDialer(c)
@@ -215,13 +238,21 @@ func (n *network) startStack(tapFile *os.File, ti tapInfo) error {
 	if err != nil {
 		return err
 	}
+	if n.pcap != nil {
+		// Only with --pcap: without it the link has no extra layer.
+		dev = n.pcap.Wrap(dev)
+		n.pcap.Start()
+	}
 	n.nat, err = nat.New(nat.Config{
-		Subnet:       n.addrs.subnet,
-		Gateway:      n.addrs.gateway,
-		Subnet6:      n.addrs.subnet6,
-		Gateway6:     n.addrs.gateway6,
-		HostLoopback: !n.cfg.DisableHostLoopback,
-		Logger:       n.log,
+		Subnet:        n.addrs.subnet,
+		Gateway:       n.addrs.gateway,
+		Subnet6:       n.addrs.subnet6,
+		Gateway6:      n.addrs.gateway6,
+		HostLoopback:  !n.cfg.DisableHostLoopback,
+		Policy:        n.policy,
+		OutboundAddr:  n.out4,
+		OutboundAddr6: n.out6,
+		Logger:        n.log,
 	})
 	if err != nil {
 		dev.Close()
@@ -245,6 +276,9 @@ func (n *network) startStack(tapFile *os.File, ti tapInfo) error {
 	}
 	n.nat.Start()
 	n.log.Debug("netstack up", "tap", ti.Name, "vnet_hdr", ti.VNetHdr, "offload", ti.Offload, "mtu", n.cfg.MTU)
+	if n.policy != nil {
+		n.log.Debug("egress policy", "rules", fmt.Sprint(n.policy.Rules()), "default_allow", n.policy.DefaultAllow())
+	}
 
 	n.dns, err = dns.New(dns.Config{Upstreams: n.upstreams, Logger: n.log})
 	if err != nil {
@@ -289,7 +323,7 @@ func (n *network) info() api.Info {
 	i := api.Info{Version: n.cfg.Version, StateDir: n.sd.Path, ChildPID: n.childPID}
 	switch n.cfg.Net {
 	case NetBuiltin:
-		i.NetworkDriver = &api.NetworkDriverInfo{Driver: "gonetns", DNS: n.addrs.dnsAddrs(), ChildIP: n.addrs.child}
+		i.NetworkDriver = &api.NetworkDriverInfo{Driver: "gonetns", DNS: n.addrs.dnsAddrs(), ChildIP: n.addrs.child, Egress: n.egressInfo()}
 	case NetNone:
 		i.NetworkDriver = &api.NetworkDriverInfo{Driver: "none"}
 	}
@@ -298,6 +332,22 @@ func (n *network) info() api.Info {
 		i.PortDriver = &api.PortDriverInfo{Driver: string(n.cfg.PortDriver), Protos: portfwd.Protos, SourceIPTransparent: &transparent}
 	}
 	return i
+}
+
+// egressInfo describes the egress policy for GET /v1/info.
+func (n *network) egressInfo() *api.EgressInfo {
+	e := &api.EgressInfo{Default: "allow", Rules: []api.EgressRule{}}
+	if !n.policy.DefaultAllow() {
+		e.Default = "deny"
+	}
+	for _, r := range n.policy.Rules() {
+		action := "deny"
+		if r.Allow {
+			action = "allow"
+		}
+		e.Rules = append(e.Rules, api.EgressRule{Prefix: r.Prefix, Action: action, Origin: r.Origin})
+	}
+	return e
 }
 
 // Close stops everything start started, API first, netstack last.
@@ -326,6 +376,12 @@ func (n *network) Close() error {
 		}
 		if n.nat != nil {
 			n.nat.Close()
+		}
+		// After the stack, so its last frames are in the file.
+		if n.pcap != nil {
+			if err := n.pcap.Close(); err != nil {
+				n.log.Warn(err.Error())
+			}
 		}
 	})
 	return nil

@@ -2,7 +2,8 @@
 # Prepares this machine for gonetns's tests. Idempotent; needs root.
 #
 #  - Debian packages the tests and benchmarks use (uidmap, iperf3, curl, ping,
-#    getent's resolver, rootlesskit/rootlessctl, slirp4netns, pasta)
+#    getent's resolver, rootlesskit/rootlessctl, slirp4netns, pasta, tcpdump
+#    to read --pcap captures)
 #  - an unprivileged user with subordinate ids (gonetns-test) and one without
 #    (gonetns-nosub), for the fallback single mapping
 #  - /dev/net/tun readable and writable by everyone (the common distro default)
@@ -19,7 +20,7 @@ if [ "$(id -u)" -ne 0 ]; then
 	exit 1
 fi
 
-packages=(uidmap iperf3 curl iputils-ping iproute2 rootlesskit slirp4netns passt procps util-linux strace python3)
+packages=(uidmap iperf3 curl iputils-ping iproute2 rootlesskit slirp4netns passt procps util-linux strace python3 tcpdump)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"math/rand/v2"
 	"net/netip"
+	"sync/atomic"
 
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -25,34 +26,54 @@ type EchoRequest struct {
 
 	st     *Stack
 	srcMAC tcpip.LinkAddress
+	gs     *stack.Stack
+	pkt    atomic.Pointer[stack.PacketBuffer] // the request, during the Echo handler only
 }
 
-func (st *Stack) handleICMPv4(_ stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
+func (st *Stack) handleICMPv4(s *stack.Stack, pkt *stack.PacketBuffer) bool {
 	h := header.ICMPv4(pkt.TransportHeader().Slice())
 	if len(h) < header.ICMPv4MinimumSize || h.Type() != header.ICMPv4Echo || h.Code() != 0 {
 		return false
 	}
 	ip := header.IPv4(pkt.NetworkHeader().Slice())
-	return st.cfg.Echo(st.echoRequest(ip.SourceAddress(), ip.DestinationAddress(), h.Ident(), h.Sequence(), pkt))
+	return st.handleEcho(st.echoRequest(s, ip.SourceAddress(), ip.DestinationAddress(), h.Ident(), h.Sequence(), pkt))
 }
 
-func (st *Stack) handleICMPv6(_ stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
+func (st *Stack) handleICMPv6(s *stack.Stack, pkt *stack.PacketBuffer) bool {
 	h := header.ICMPv6(pkt.TransportHeader().Slice())
 	if len(h) < header.ICMPv6EchoMinimumSize || h.Type() != header.ICMPv6EchoRequest || h.Code() != 0 {
 		return false
 	}
 	ip := header.IPv6(pkt.NetworkHeader().Slice())
-	return st.cfg.Echo(st.echoRequest(ip.SourceAddress(), ip.DestinationAddress(), h.Ident(), h.Sequence(), pkt))
+	return st.handleEcho(st.echoRequest(s, ip.SourceAddress(), ip.DestinationAddress(), h.Ident(), h.Sequence(), pkt))
 }
 
-func (st *Stack) echoRequest(src, dst tcpip.Address, id, seq uint16, pkt *stack.PacketBuffer) *EchoRequest {
+// handleEcho runs the Echo handler; the packet is the request's only while
+// it runs.
+func (st *Stack) handleEcho(r *EchoRequest) bool {
+	handled := st.cfg.Echo(r)
+	r.pkt.Store(nil)
+	return handled
+}
+
+func (st *Stack) echoRequest(gs *stack.Stack, src, dst tcpip.Address, id, seq uint16, pkt *stack.PacketBuffer) *EchoRequest {
 	s, _ := netip.AddrFromSlice(src.AsSlice())
 	d, _ := netip.AddrFromSlice(dst.AsSlice())
 	var mac tcpip.LinkAddress
 	if lh := pkt.LinkHeader().Slice(); len(lh) >= header.EthernetMinimumSize {
 		mac = header.Ethernet(lh).SourceAddress()
 	}
-	return &EchoRequest{Src: s, Dst: d, ID: id, Seq: seq, Data: pkt.Data().AsRange().ToSlice(), st: st, srcMAC: mac}
+	r := &EchoRequest{Src: s, Dst: d, ID: id, Seq: seq, Data: pkt.Data().AsRange().ToSlice(), st: st, gs: gs, srcMAC: mac}
+	r.pkt.Store(pkt)
+	return r
+}
+
+// Prohibit answers the request with ICMP destination unreachable,
+// "administratively prohibited" (ping prints "Packet filtered"; over IPv6,
+// "Administratively prohibited"), as a firewall does. Call it from the
+// Echo handler, which then returns true.
+func (r *EchoRequest) Prohibit() error {
+	return prohibit(r.gs, r.pkt.Load())
 }
 
 // Reply sends an echo reply with sequence number seq and data to the

@@ -59,7 +59,8 @@ type Config struct {
 	// UDP is called for the first datagram of every flow (source and
 	// destination address and port) with no endpoint of this stack. It
 	// runs on the packet path: it must return quickly. Returning false
-	// answers the datagram with ICMP port unreachable.
+	// answers the datagram with ICMP port unreachable; UDPRequest.Prohibit
+	// (then return true) with "administratively prohibited".
 	UDP func(*UDPRequest) bool
 	// Echo is called for every ICMP echo request the sandbox sends, on the
 	// packet path. Returning true means the handler answers (or not);
@@ -197,15 +198,22 @@ func (st *Stack) Start() error {
 		s.SetTransportProtocolHandler(tcp.ProtocolNumber, fwd.HandlePacket)
 	}
 	if st.cfg.UDP != nil {
-		fwd := udp.NewForwarder(s, func(r *udp.ForwarderRequest) bool {
-			return st.cfg.UDP(newUDPRequest(st, r))
+		// udp.Forwarder's HandlePacket, keeping the packet for Prohibit.
+		s.SetTransportProtocolHandler(udp.ProtocolNumber, func(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
+			r := newUDPRequest(s, udp.NewForwarderRequest(s, id, pkt.Clone()), pkt)
+			handled := st.cfg.UDP(r)
+			r.pkt.Store(nil)
+			return handled
 		})
-		s.SetTransportProtocolHandler(udp.ProtocolNumber, fwd.HandlePacket)
 	}
 	if st.cfg.Echo != nil {
-		s.SetTransportProtocolHandler(icmp.ProtocolNumber4, st.handleICMPv4)
+		s.SetTransportProtocolHandler(icmp.ProtocolNumber4, func(_ stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
+			return st.handleICMPv4(s, pkt)
+		})
 		if st.ipv6 {
-			s.SetTransportProtocolHandler(icmp.ProtocolNumber6, st.handleICMPv6)
+			s.SetTransportProtocolHandler(icmp.ProtocolNumber6, func(_ stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
+				return st.handleICMPv6(s, pkt)
+			})
 		}
 	}
 	st.s = s

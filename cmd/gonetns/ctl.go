@@ -254,6 +254,13 @@ func ctlInfo(ctx context.Context, c *api.Client, jsonOut bool, w io.Writer) erro
 		if nd.ChildIP.IsValid() {
 			fmt.Fprintf(w, "  - IP: %v\n", nd.ChildIP)
 		}
+		if e := nd.Egress; e != nil && len(e.Rules) > 0 {
+			rules := make([]string, len(e.Rules))
+			for i, r := range e.Rules {
+				rules[i] = r.Action + " " + r.Prefix.String()
+			}
+			fmt.Fprintf(w, "  - Egress: %s; otherwise %s\n", strings.Join(rules, ", "), e.Default)
+		}
 	}
 	if pd := info.PortDriver; pd != nil {
 		fmt.Fprintf(w, "- Port Driver: %s\n", pd.Driver)

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"strconv"
 	"strings"
 
@@ -88,8 +89,8 @@ func parseFlags(args []string, who personality, name string, out io.Writer, log 
 		defNet, defPorts = "host", "none"
 	}
 	var (
-		net, portDriver, cidr, subid                        string
-		dnsUpstreams, publish                               []string
+		net, portDriver, cidr, subid, pcapMaxSize           string
+		dnsUpstreams, publish, allow, deny                  []string
 		sourceIPTransparent, killOrphans, debug, helpWanted bool
 	)
 	c := &o.cfg
@@ -102,6 +103,15 @@ func parseFlags(args []string, who personality, name string, out io.Writer, log 
 	fs.BoolVar(&c.IPv6, "ipv6", false, "also IPv6: fd00::100/64 inside, gateway fd00::2 (the host's ::1), DNS fd00::3")
 	fs.BoolVar(&c.DetachNetNS, "detach-netns", false, "keep COMMAND in the host's network namespace; the sandbox's network namespace is at $ROOTLESSKIT_STATE_DIR/netns (nsenter -n$ROOTLESSKIT_STATE_DIR/netns ...)")
 	fs.StringArrayVar(&dnsUpstreams, "dns-upstream", nil, "DNS server the namespace's resolver forwards to, IP[:PORT] (repeatable; default: the host's /etc/resolv.conf)")
+	// Egress policy, source address, capture.
+	fs.StringArrayVar(&deny, "deny", nil, "refuse the sandbox's TCP, UDP and ping to host addresses in CIDR (or one IP), IPv4 or IPv6 (repeatable; the most specific of --allow/--deny wins; the gateway counts as the host's 127.0.0.1 and ::1)")
+	fs.StringArrayVar(&allow, "allow", nil, "allow host addresses in CIDR (or one IP) (repeatable); with any --allow, addresses no rule covers are refused")
+	fs.BoolVar(&c.DenyMetadata, "deny-metadata", false, "refuse the cloud metadata services 169.254.169.254 and fd00:ec2::254")
+	fs.BoolVar(&c.DenyPrivate, "deny-private", false, "refuse private and link-local ranges: 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 169.254.0.0/16, fc00::/7, fe80::/10 (the gateway and DNS stay reachable)")
+	fs.StringVar(&c.OutboundAddr, "outbound-addr", "", "source address of the host sockets for the sandbox's IPv4 traffic: an IP, or an interface whose first IPv4 address is used (a loopback address applies only to the gateway, any other only to other destinations)")
+	fs.StringVar(&c.OutboundAddr6, "outbound-addr6", "", "the same for IPv6")
+	fs.StringVar(&c.PCAP, "pcap", "", "record every frame of the sandbox's link, both ways, in pcap FILE (tcpdump -r FILE, Wireshark)")
+	fs.StringVar(&pcapMaxSize, "pcap-max-size", "256MiB", "stop recording when the --pcap file reaches SIZE bytes (suffixes KiB, MiB, GiB)")
 	// Ports.
 	fs.StringVar(&portDriver, "port-driver", defPorts, "how ports are published: builtin (splice between host and namespace sockets), implicit (also every port that listens inside, automatically) or none; RootlessKit's slirp4netns, gvisor-tap-vsock and pesto are names of builtin; default builtin unless --net=host")
 	fs.StringArrayVarP(&publish, "publish", "p", nil, "publish a port of the namespace on the host, "+portfwd.Grammar+", e.g. 8080:80/tcp (repeatable)")
@@ -187,6 +197,25 @@ func parseFlags(args []string, who personality, name string, out io.Writer, log 
 		}
 		c.DNSUpstreams = append(c.DNSUpstreams, a)
 	}
+	for _, s := range allow {
+		p, err := sandbox.ParsePrefix("--allow", s)
+		if err != nil {
+			return nil, err
+		}
+		c.Allow = append(c.Allow, p)
+	}
+	for _, s := range deny {
+		p, err := sandbox.ParsePrefix("--deny", s)
+		if err != nil {
+			return nil, err
+		}
+		c.Deny = append(c.Deny, p)
+	}
+	if fs.Changed("pcap-max-size") {
+		if c.PCAPMaxSize, err = parseSize(pcapMaxSize); err != nil {
+			return nil, fmt.Errorf("invalid --pcap-max-size=%s: %w", pcapMaxSize, err)
+		}
+	}
 	for _, s := range publish {
 		spec, err := portfwd.ParseSpec(s)
 		if err != nil {
@@ -234,6 +263,27 @@ func singleDashLongFlags(fs *pflag.FlagSet, args []string) []string {
 		}
 	}
 	return out
+}
+
+// parseSize parses a size in bytes: a whole number, optionally followed by
+// KiB, MiB or GiB (or K, M, G: the same powers of 1024).
+func parseSize(s string) (int64, error) {
+	units := []struct {
+		suffix string
+		shift  uint
+	}{{"KiB", 10}, {"MiB", 20}, {"GiB", 30}, {"K", 10}, {"M", 20}, {"G", 30}}
+	num, shift := s, uint(0)
+	for _, u := range units {
+		if n, ok := strings.CutSuffix(s, u.suffix); ok {
+			num, shift = n, u.shift
+			break
+		}
+	}
+	n, err := strconv.ParseInt(num, 10, 64)
+	if err != nil || n < 0 || n > math.MaxInt64>>shift {
+		return 0, fmt.Errorf("want a number of bytes, e.g. 268435456, 256MiB or 1GiB")
+	}
+	return n << shift, nil
 }
 
 // semverPart returns one component of a version like "1.2.3-rc1".

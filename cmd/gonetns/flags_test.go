@@ -185,3 +185,58 @@ func TestSemverPart(t *testing.T) {
 		}
 	}
 }
+
+func TestParseSize(t *testing.T) {
+	cases := []struct {
+		in   string
+		want int64
+		err  bool
+	}{
+		{"0", 0, false},
+		{"1048576", 1 << 20, false},
+		{"256MiB", 256 << 20, false},
+		{"256M", 256 << 20, false},
+		{"64KiB", 64 << 10, false},
+		{"2GiB", 2 << 30, false},
+		{"1G", 1 << 30, false},
+		{"", 0, true},
+		{"MiB", 0, true},
+		{"-1", 0, true},
+		{"1.5GiB", 0, true},
+		{"256MB", 0, true},
+		{"99999999999GiB", 0, true},
+	}
+	for _, c := range cases {
+		got, err := parseSize(c.in)
+		if (err != nil) != c.err || got != c.want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d (error %v)", c.in, got, err, c.want, c.err)
+		}
+	}
+}
+
+func TestEgressFlags(t *testing.T) {
+	log := slog.New(slog.DiscardHandler)
+	o, err := parseFlags([]string{"--deny=127.0.0.1", "--deny", "2001:db8::/32", "--allow=192.0.2.0/24", "--deny-metadata", "--deny-private",
+		"--outbound-addr=127.0.0.2", "--outbound-addr6=lo", "--pcap=/tmp/x.pcap", "--pcap-max-size=16MiB", "true"}, asGonetns, "gonetns", io.Discard, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := o.cfg
+	if len(c.Deny) != 2 || c.Deny[0] != netip.MustParsePrefix("127.0.0.1/32") || c.Deny[1] != netip.MustParsePrefix("2001:db8::/32") ||
+		len(c.Allow) != 1 || !c.DenyMetadata || !c.DenyPrivate || c.OutboundAddr != "127.0.0.2" || c.OutboundAddr6 != "lo" ||
+		c.PCAP != "/tmp/x.pcap" || c.PCAPMaxSize != 16<<20 {
+		t.Errorf("parsed %+v", c)
+	}
+	for _, bad := range []struct{ args, err string }{
+		{"--deny=example.org", "invalid --deny=example.org"},
+		{"--allow=10.0.2.2", "would never match"},
+		{"--pcap-max-size=12XB", "invalid --pcap-max-size=12XB"},
+		{"--pcap-max-size=1GiB", "needs --pcap"},
+		{"--net=host --deny-private", "needs --net=builtin"},
+	} {
+		_, err := parseFlags(append(strings.Fields(bad.args), "true"), asGonetns, "gonetns", io.Discard, log)
+		if err == nil || !strings.Contains(err.Error(), bad.err) {
+			t.Errorf("%s: %v, want an error with %q", bad.args, err, bad.err)
+		}
+	}
+}

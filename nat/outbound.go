@@ -1,0 +1,102 @@
+package nat
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+
+	"golang.org/x/sys/unix"
+)
+
+// outbound chooses the source address of host sockets (--outbound-addr,
+// --outbound-addr6) and the dialer for TCP.
+//
+// A source address is used only for destinations of its own scope: a
+// loopback source (127.0.0.2) for the host's loopback (the gateway), any
+// other for destinations off the host's loopback. The other way round the
+// socket could never work (a loopback source cannot leave the host; a
+// host-loopback connection from an outside address is not what anyone
+// configuring an uplink address means), so those keep the kernel's choice.
+type outbound struct {
+	src4, src6 netip.Addr
+	// dialers are indexed by [destination is IPv6][destination is loopback].
+	dialers [2][2]*net.Dialer
+}
+
+// newOutbound prepares the dialers: dialer for the world, loopDialer for
+// the host's loopback, each bound to the source address that applies.
+func newOutbound(src4, src6 netip.Addr, dialer, loopDialer *net.Dialer) *outbound {
+	o := &outbound{src4: src4.Unmap(), src6: src6}
+	for v6 := range 2 {
+		for loop := range 2 {
+			d := dialer
+			if loop == 1 {
+				d = loopDialer
+			}
+			if src := o.sourceFor(v6 == 1, loop == 1); src.IsValid() {
+				bound := *d
+				bound.LocalAddr = &net.TCPAddr{IP: src.AsSlice(), Zone: src.Zone()}
+				d = &bound
+			}
+			o.dialers[v6][loop] = d
+		}
+	}
+	return o
+}
+
+func (o *outbound) sourceFor(v6, loopback bool) netip.Addr {
+	src := o.src4
+	if v6 {
+		src = o.src6
+	}
+	if !src.IsValid() || src.Is4() == v6 || src.IsLoopback() != loopback {
+		return netip.Addr{}
+	}
+	return src
+}
+
+// source returns the address a socket to host is bound to, or the zero
+// Addr for the kernel's choice.
+func (o *outbound) source(host netip.Addr) netip.Addr {
+	return o.sourceFor(host.Is6(), host.IsLoopback())
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// tcpDialer returns the dialer for a connection to host.
+func (o *outbound) tcpDialer(host netip.Addr) *net.Dialer {
+	return o.dialers[b2i(host.Is6())][b2i(host.IsLoopback())]
+}
+
+// udpAddr returns the local address of a UDP socket to host (nil: any).
+func (o *outbound) udpAddr(host netip.Addr) *net.UDPAddr {
+	src := o.source(host)
+	if !src.IsValid() {
+		return nil
+	}
+	return &net.UDPAddr{IP: src.AsSlice(), Zone: src.Zone()}
+}
+
+// bind binds fd, a socket that will send to host, to the source address
+// (a ping socket; TCP and UDP are bound by their dialers).
+func (o *outbound) bind(fd int, host netip.Addr) error {
+	src := o.source(host)
+	if !src.IsValid() {
+		return nil
+	}
+	var sa unix.Sockaddr
+	if src.Is4() {
+		sa = &unix.SockaddrInet4{Addr: src.As4()}
+	} else {
+		sa = &unix.SockaddrInet6{Addr: src.As16()}
+	}
+	if err := unix.Bind(fd, sa); err != nil {
+		return fmt.Errorf("bind to the outbound address %v: %w", src, err)
+	}
+	return nil
+}
