@@ -44,9 +44,15 @@ func runHelper(mode string, args []string) int {
 			return fail("%v", err)
 		}
 		fmt.Printf("%s\n", b)
-	case "tcp-dial": // ADDR: report the outcome and how long it took
+	case "tcp-dial": // ADDR [TIMEOUT]: report the outcome and how long it took
+		timeout := 10 * time.Second
+		if len(args) > 1 {
+			if d, err := time.ParseDuration(args[1]); err == nil {
+				timeout = d
+			}
+		}
 		start := time.Now()
-		c, err := net.DialTimeout("tcp", args[0], 10*time.Second)
+		c, err := net.DialTimeout("tcp", args[0], timeout)
 		ms := time.Since(start).Milliseconds()
 		if err != nil {
 			fmt.Printf("error after %dms: %v\n", ms, err)
