@@ -38,18 +38,24 @@ func SelectedKit(t testing.TB) Kit {
 	v := os.Getenv(KitEnv)
 	switch v {
 	case "", "gonetns":
-		bin := Binary(t)
-		k := Kit{Name: "gonetns", Gonetns: true, Prog: map[string]string{}}
-		for _, n := range kitNames {
-			k.Prog[n] = bin
-		}
-		return k
+		return GonetnsKit(t)
 	case "1.1":
 		v = "/usr/bin"
 	case "v3":
 		v = RootlessKitV3Dir
 	}
 	return ReferenceKit(t, v)
+}
+
+// GonetnsKit is gonetns under all of RootlessKit's names.
+func GonetnsKit(t testing.TB) Kit {
+	t.Helper()
+	bin := Binary(t)
+	k := Kit{Name: "gonetns", Gonetns: true, Prog: map[string]string{}}
+	for _, n := range kitNames {
+		k.Prog[n] = bin
+	}
+	return k
 }
 
 // ReferenceKit returns RootlessKit's own programs from dir (falling back to
