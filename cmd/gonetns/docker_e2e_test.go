@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"strconv"
 	"strings"
@@ -162,6 +163,13 @@ func stopDocker(t *testing.T, d *e2etest.Docker) {
 	if log := d.Tail(5); strings.Contains(log, "left running") {
 		t.Errorf("processes outlived the daemon:\n%s", log)
 	}
+	if d.Kit.Gonetns {
+		// Issue 9: publishing and unpublishing are debug lines; in normal
+		// operation gonetns says nothing in dockerd's log.
+		if lines := d.LogLines("rootlesskit: ", "rootlesskit-docker-proxy: ", "rootlessctl: ", "gonetns: "); len(lines) > 0 {
+			t.Errorf("gonetns wrote to dockerd's log (without --debug):\n%s", strings.Join(lines, "\n"))
+		}
+	}
 	if _, err := os.Lstat(d.StateDir); !errors.Is(err, os.ErrNotExist) {
 		ents, _ := os.ReadDir(d.StateDir)
 		var names []string
@@ -196,17 +204,28 @@ func dockerSourceAddress(t *testing.T, d *e2etest.Docker) {
 			}
 			time.Sleep(300 * time.Millisecond)
 		}
-		if !strings.HasPrefix(out, "peer=") {
-			t.Errorf("TCP from the client namespace to %s:%d: %v\n%s", host, tcp, err, out)
-		} else {
-			t.Logf("TCP client -> %s:%d: the container's server sees %s", host, tcp, strings.TrimSpace(out))
+		seen := func(proto, out string, err error) {
+			t.Helper()
+			if !strings.HasPrefix(out, "peer=") {
+				t.Errorf("%s from the client namespace to %s: %v\n%s", proto, host, err, out)
+				return
+			}
+			peer, _, _ := strings.Cut(strings.TrimPrefix(strings.TrimSpace(out), "peer="), " ")
+			ap, perr := netip.ParseAddrPort(peer)
+			switch {
+			case perr != nil:
+				t.Errorf("%s: the container's server printed %q", proto, out)
+			case ap.Addr() == cn.ClientIP4 || ap.Addr() == cn.ClientIP6:
+				t.Logf("%s client -> %s: the container's server sees the client, %s", proto, host, ap)
+			case ap.Addr().String() == gw:
+				t.Logf("%s client -> %s: the container's server sees the bridge gateway %s: a userland proxy inside the namespace dialed the container", proto, host, ap)
+			default:
+				t.Errorf("%s client -> %s: the container's server sees %s, neither the client nor the bridge gateway", proto, host, ap)
+			}
 		}
+		seen("TCP", out, err)
 		out, err = cn.Output(20*time.Second, tool, "udp-send", fmt.Sprintf("%s:%d", host, udp), "hi")
-		if !strings.HasPrefix(out, "peer=") {
-			t.Errorf("UDP from the client namespace to %s:%d: %v\n%s", host, udp, err, out)
-		} else {
-			t.Logf("UDP client -> %s:%d: the container's server sees %s", host, udp, strings.TrimSpace(out))
-		}
+		seen("UDP", out, err)
 	}
 }
 

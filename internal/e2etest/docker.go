@@ -190,6 +190,24 @@ func (d *Docker) Stop(t testing.TB) int {
 	return d.tree.Stop(t)
 }
 
+// LogLines returns the lines of every log of this daemon (all its starts)
+// that begin with one of prefixes.
+func (d *Docker) LogLines(prefixes ...string) []string {
+	var out []string
+	for i := 1; i <= d.starts; i++ {
+		b, _ := os.ReadFile(filepath.Join(d.Dir, fmt.Sprintf("dockerd-%d.log", i)))
+		for _, line := range strings.Split(string(b), "\n") {
+			for _, p := range prefixes {
+				if strings.HasPrefix(line, p) {
+					out = append(out, line)
+					break
+				}
+			}
+		}
+	}
+	return out
+}
+
 // Tail is the end of the current daemon's log.
 func (d *Docker) Tail(n int) string { return d.tree.Tail(n) }
 
