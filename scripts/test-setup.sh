@@ -10,6 +10,14 @@
 #  - ping sockets allowed for gonetns-test's group only, so that both the
 #    forwarding path (unprivileged run) and the "no ping sockets" notice (root
 #    run) are exercised
+#  - for the drop-in tests (cmd/gonetns/{docker,scripts,rootlessctl}_e2e_test.go):
+#    Debian's docker.io 20.10 (dockerd-rootless.sh, dockerd, docker-proxy),
+#    containerd, runc, iptables, busybox-static (the offline test image),
+#    nsenter; the system's rootful Docker and containerd stopped and
+#    disabled (the tests start rootless ones of their own); RootlessKit
+#    v3.0.1 built with go install into /usr/local/libexec/gonetns-test, the
+#    reference the tests compare gonetns with
+#  - the kernel settings unprivileged user namespaces need
 set -euo pipefail
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -20,15 +28,59 @@ if [ "$(id -u)" -ne 0 ]; then
 	exit 1
 fi
 
-packages=(uidmap iperf3 curl iputils-ping iproute2 rootlesskit slirp4netns passt procps util-linux strace python3 tcpdump)
+packages=(uidmap iperf3 curl iputils-ping iproute2 rootlesskit slirp4netns passt procps util-linux strace python3 tcpdump
+	docker.io containerd runc iptables busybox-static)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
 	echo "test-setup: installing ${missing[*]}"
+	# Packages must not start their daemons (docker.io and containerd
+	# would): policy-rc.d answers "not allowed" for the install.
+	policy_rc=""
+	if [ ! -e /usr/sbin/policy-rc.d ]; then
+		printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+		chmod 0755 /usr/sbin/policy-rc.d
+		policy_rc=/usr/sbin/policy-rc.d
+	fi
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+	[ -z "$policy_rc" ] || rm -f "$policy_rc"
+fi
+
+# The tests run Docker rootless, as the test user, started by themselves; a
+# rootful daemon (its docker0 bridge, its iptables rules, its sockets) must
+# not run beside them.
+if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+	for unit in docker.socket docker.service containerd.service; do
+		if systemctl list-unit-files "$unit" >/dev/null 2>&1; then
+			systemctl disable --now "$unit" >/dev/null 2>&1 || true
+		fi
+	done
+elif command -v service >/dev/null 2>&1; then
+	service docker stop >/dev/null 2>&1 || true
+	service containerd stop >/dev/null 2>&1 || true
+fi
+if pgrep -u 0 -x dockerd >/dev/null || pgrep -u 0 -x containerd >/dev/null; then
+	# Not fatal: the tests talk to their own daemons' sockets only.
+	echo "test-setup: warning: a rootful dockerd or containerd is still running (not started by systemd?); the tests start rootless ones of their own" >&2
+fi
+
+# RootlessKit v3.0.1, the reference of the drop-in tests (Debian has 1.1).
+rk3=/usr/local/libexec/gonetns-test/rootlesskit-v3.0.1
+if ! "$rk3/rootlesskit" --version 2>/dev/null | grep -q '3\.0\.1' || [ ! -x "$rk3/rootlessctl" ]; then
+	gobin=$(command -v go || echo /usr/local/go/bin/go)
+	if [ ! -x "$gobin" ]; then
+		echo "test-setup: Go is needed to build RootlessKit v3.0.1 (go install); put go on PATH" >&2
+		exit 1
+	fi
+	echo "test-setup: installing RootlessKit v3.0.1 into $rk3"
+	mkdir -p "$rk3"
+	GOBIN=$rk3 CGO_ENABLED=0 GOFLAGS=-mod=mod "$gobin" install \
+		github.com/rootless-containers/rootlesskit/v3/cmd/rootlesskit@v3.0.1 \
+		github.com/rootless-containers/rootlesskit/v3/cmd/rootlessctl@v3.0.1
+	chmod -R a+rX /usr/local/libexec/gonetns-test
 fi
 
 add_user() {
@@ -47,9 +99,24 @@ set_subid /etc/subgid gonetns-test 300000 65536
 # gonetns-nosub must have no entry at all
 sed -i '/^gonetns-nosub:/d' /etc/subuid /etc/subgid
 
+# Kernel prerequisites. Unprivileged user namespaces: allowed by default on
+# Debian 11+, but older Debian kernels and Ubuntu 23.10+ (AppArmor) have a
+# switch. Inside them, rootless Docker needs tun, veth, bridge and nf_tables
+# with NAT (iptables-nft): a process in a user namespace cannot load modules,
+# so load them here (built-in kernels have nothing to load).
+for kv in kernel.unprivileged_userns_clone=1 kernel.apparmor_restrict_unprivileged_userns=0; do
+	[ -e "/proc/sys/$(echo "${kv%%=*}" | tr . /)" ] && sysctl -q -w "$kv"
+done
+if [ "$(sysctl -n user.max_user_namespaces)" = 0 ]; then
+	sysctl -q -w user.max_user_namespaces=15000
+fi
+if [ -d "/lib/modules/$(uname -r)" ]; then
+	modprobe -a tun veth bridge br_netfilter nf_tables nft_chain_nat nft_compat nf_nat xt_MASQUERADE xt_addrtype xt_conntrack 2>/dev/null || true
+fi
+[ -e /dev/net/tun ] || { mkdir -p /dev/net && mknod /dev/net/tun c 10 200; }
 chmod 0666 /dev/net/tun
 
 gid=$(id -g gonetns-test)
 sysctl -q -w "net.ipv4.ping_group_range=$gid $gid"
 
-echo "test-setup: ok (users gonetns-test, gonetns-nosub; /dev/net/tun 0666; ping_group_range $gid $gid)"
+echo "test-setup: ok (users gonetns-test, gonetns-nosub; /dev/net/tun 0666; ping_group_range $gid $gid; RootlessKit v3.0.1 in $rk3; rootful docker and containerd units stopped)"
