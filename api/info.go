@@ -62,10 +62,26 @@ type EgressRule struct {
 type PortDriverInfo struct {
 	Driver                  string   `json:"driver"`
 	Protos                  []string `json:"protos"`
-	DisallowLoopbackChildIP bool     `json:"disallowLoopbackChildIP"`
+	DisallowLoopbackChildIP bool     `json:"disallowLoopbackChildIP,omitempty"`
 	// SourceIPTransparent reports whether connections through published
 	// ports keep the client's address inside (--source-ip-transparent).
 	SourceIPTransparent *bool `json:"sourceIPTransparent,omitempty"`
+}
+
+// RootlessKitFields returns i with only the fields RootlessKit's API has:
+// what a RootlessKit client sees of it.
+func (i Info) RootlessKitFields() Info {
+	if nd := i.NetworkDriver; nd != nil {
+		c := *nd
+		c.Egress = nil
+		i.NetworkDriver = &c
+	}
+	if pd := i.PortDriver; pd != nil {
+		c := *pd
+		c.SourceIPTransparent = nil
+		i.PortDriver = &c
+	}
+	return i
 }
 
 // PortDriver publishes ports; portfwd.Manager is one. Its errors wrap

@@ -111,7 +111,7 @@ func TestAPIInfoJSON(t *testing.T) {
 	code, body := get(t, h, "/v1/info")
 	want := `{"apiVersion":"1.1.1","version":"0.1.0","stateDir":"/run/user/1000/gonetns","childPID":4242,` +
 		`"networkDriver":{"driver":"gonetns","dns":["10.0.2.3"],"childIP":"10.0.2.100"},` +
-		`"portDriver":{"driver":"builtin","protos":["tcp","tcp4","tcp6","udp","udp4","udp6"],"disallowLoopbackChildIP":false}}`
+		`"portDriver":{"driver":"builtin","protos":["tcp","tcp4","tcp6","udp","udp4","udp6"]}}`
 	if code != http.StatusOK || body != want {
 		t.Fatalf("GET /v1/info: %d\n%s\nwant\n%s", code, body, want)
 	}

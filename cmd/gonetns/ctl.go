@@ -91,7 +91,7 @@ func runCtl(args []string, stdout, stderr io.Writer) int {
 		}
 		action = func(ctx context.Context, c *api.Client) error {
 			if cmd == "info" {
-				return ctlInfo(ctx, c, *jsonOut, stdout)
+				return ctlInfo(ctx, c, *jsonOut, false, stdout)
 			}
 			return ctlListPorts(ctx, c, *jsonOut, stdout)
 		}
@@ -231,10 +231,16 @@ func ctlRemovePorts(ctx context.Context, c *api.Client, ids []int, w io.Writer) 
 	return nil
 }
 
-func ctlInfo(ctx context.Context, c *api.Client, jsonOut bool, w io.Writer) error {
+// ctlInfo prints GET /v1/info. With rootlessKitOnly (rootlessctl), only
+// RootlessKit's own fields are shown, exactly as RootlessKit's rootlessctl
+// shows them (it drops what it does not know): scripts compare them.
+func ctlInfo(ctx context.Context, c *api.Client, jsonOut, rootlessKitOnly bool, w io.Writer) error {
 	info, err := c.Info(ctx)
 	if err != nil {
 		return err
+	}
+	if rootlessKitOnly {
+		info = info.RootlessKitFields()
 	}
 	if jsonOut {
 		b, err := json.MarshalIndent(info, "", "    ")

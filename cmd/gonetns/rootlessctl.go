@@ -93,7 +93,7 @@ func runRootlessctl(args []string, stdout, stderr io.Writer) int {
 	case "list-ports":
 		action = func(ctx context.Context, c *api.Client) error { return ctlListPorts(ctx, c, *jsonOut, stdout) }
 	case "info":
-		action = func(ctx context.Context, c *api.Client) error { return ctlInfo(ctx, c, *jsonOut, stdout) }
+		action = func(ctx context.Context, c *api.Client) error { return ctlInfo(ctx, c, *jsonOut, true, stdout) }
 	case "add-ports":
 		if len(rest) == 0 {
 			return fail(errors.New("no port specified"))
