@@ -41,10 +41,14 @@ type Spec struct {
 	ChildPort  int        `json:"childPort,omitempty"`
 }
 
-// Status is one published port. Its JSON is RootlessKit's port.Status.
+// Status is one published port. Its JSON is RootlessKit's port.Status,
+// plus gonetns's implicit flag (which RootlessKit's clients ignore).
 type Status struct {
 	ID   int  `json:"id"`
 	Spec Spec `json:"spec"`
+	// Implicit marks a port published by the implicit port driver because
+	// something listens on it inside (see Implicit).
+	Implicit bool `json:"implicit,omitempty"`
 }
 
 // ParseSpec parses [PARENTIP:]PARENTPORT[:CHILDIP]:CHILDPORT/PROTO, the

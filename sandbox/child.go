@@ -22,6 +22,10 @@ type netConfig struct {
 	// namespace it creates for the sandbox (--detach-netns); the child
 	// itself and the command stay in the namespace they were started in.
 	DetachTo string `json:"detachTo,omitempty"`
+	// WatchListeners makes the child report the namespace's listening
+	// sockets to the parent (--port-driver=implicit), over the second of
+	// Options.ExtraFiles.
+	WatchListeners bool `json:"watchListeners,omitempty"`
 }
 
 // tapInfo is what the child's network hook returns for NetBuiltin.
@@ -68,9 +72,11 @@ func ChildLogger(f func(debug bool) *slog.Logger) InitOption {
 }
 
 // childState is what the network hook leaves for the serve hook, in the
-// same child process: the thread in the detached network namespace.
+// same child process: the thread in the detached network namespace, and
+// the implicit port driver's watcher.
 type childState struct {
-	netns *netnsThread // nil unless the network namespace is detached
+	netns   *netnsThread             // nil unless the network namespace is detached
+	watcher *portfwd.ListenerWatcher // nil unless --port-driver=implicit
 }
 
 // childHooks wire the child's side: the TAP and the namespace's addresses,
@@ -101,6 +107,14 @@ func childHooks(ic initConfig) userns.ChildHooks {
 				info, files, err = setUpNetwork(c, log)
 				return err
 			})
+			if err == nil && c.WatchListeners {
+				// Here, before the command starts: its /proc (with
+				// --pidns) would hide this process's.
+				st.watcher, err = portfwd.NewListenerWatcher(portfwd.WatchConfig{InNetNS: inNS, Logger: log})
+				if err != nil {
+					wire.CloseFiles(files)
+				}
+			}
 			return info, files, err
 		},
 		Serve: func(ctx context.Context, extra []*os.File, log *slog.Logger) {
@@ -132,8 +146,29 @@ func setUpNetwork(c netConfig, log *slog.Logger) (any, []*os.File, error) {
 
 // serveChild runs in the child while the command runs: it answers the
 // parent's requests for connections inside the namespace (published
-// ports).
+// ports) and, with --port-driver=implicit, reports the namespace's
+// listeners.
 func serveChild(ctx context.Context, extra []*os.File, st *childState, log *slog.Logger) {
+	if st.watcher != nil && len(extra) == 2 {
+		w := st.watcher
+		st.watcher = nil
+		c, err := wire.FileConn(extra[1])
+		extra[1].Close()
+		extra = extra[:1]
+		if err != nil {
+			log.Error("implicit ports unavailable", "err", err)
+			w.Close()
+		} else {
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				if err := w.Run(ctx, c); err != nil {
+					log.Error("implicit ports: the listener watcher stopped; ports stay as they are", "err", err)
+				}
+			}()
+			defer func() { <-done }()
+		}
+	}
 	if len(extra) == 0 {
 		<-ctx.Done()
 		return

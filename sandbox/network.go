@@ -35,6 +35,11 @@ type network struct {
 	portsChild *os.File // the child's end of the dial protocol's socket pair
 	dialer     *portfwd.Dialer
 	ports      *portfwd.Manager
+	// With --port-driver=implicit: the listener reports' socket pair and
+	// the driver that publishes them (and serves the API).
+	watchChild *os.File
+	watch      *wire.Conn
+	implicit   *portfwd.Implicit
 	api        *api.Server
 	childPID   int
 
@@ -133,6 +138,21 @@ func newNetwork(cfg Config, sd *userns.StateDir) (*network, error) {
 		n.dialer = portfwd.NewDialer(c)
 		n.portsChild = childEnd
 	}
+	if cfg.PortDriver == PortsImplicit {
+		parentEnd, childEnd, err := wire.Socketpair()
+		if err != nil {
+			n.Close()
+			return nil, err
+		}
+		n.watch, err = wire.FileConn(parentEnd)
+		parentEnd.Close()
+		if err != nil {
+			childEnd.Close()
+			n.Close()
+			return nil, err
+		}
+		n.watchChild = childEnd
+	}
 	return n, nil
 }
 
@@ -150,7 +170,7 @@ func hostResolvConf() (dns.ResolvConf, error) {
 
 // prepareChild adds what the child needs for the network to its options.
 func (n *network) prepareChild(u *userns.Options) {
-	nc := netConfig{Mode: n.cfg.Net}
+	nc := netConfig{Mode: n.cfg.Net, WatchListeners: n.watchChild != nil}
 	if n.cfg.DetachNetNS {
 		nc.DetachTo = n.sd.Join(userns.NetNS)
 	}
@@ -177,6 +197,9 @@ func (n *network) prepareChild(u *userns.Options) {
 	if n.portsChild != nil {
 		u.ExtraFiles = append(u.ExtraFiles, n.portsChild)
 	}
+	if n.watchChild != nil {
+		u.ExtraFiles = append(u.ExtraFiles, n.watchChild)
+	}
 }
 
 // namespaceHosts is the host's /etc/hosts with the host name mapped to
@@ -201,6 +224,10 @@ func (n *network) start(child *userns.Child, info json.RawMessage, files []*os.F
 	if n.portsChild != nil {
 		n.portsChild.Close() // the child has its copy now
 		n.portsChild = nil
+	}
+	if n.watchChild != nil {
+		n.watchChild.Close()
+		n.watchChild = nil
 	}
 	if n.cfg.Net == NetBuiltin {
 		if len(files) != 1 {
@@ -229,8 +256,26 @@ func (n *network) start(child *userns.Child, info json.RawMessage, files []*os.F
 				return err
 			}
 		}
+		if n.watch != nil {
+			n.implicit = portfwd.NewImplicit(n.watch, portfwd.ImplicitConfig{Manager: n.ports, Logger: n.log})
+			n.watch = nil // the driver owns it
+			n.implicit.Start()
+		}
 	}
 	return n.startAPI()
+}
+
+// portDriver is what publishes ports for the API and Sandbox's methods:
+// the implicit driver (which shares the Manager with explicit ports), the
+// Manager, or nil with --port-driver=none.
+func (n *network) portDriver() api.PortDriver {
+	switch {
+	case n.implicit != nil:
+		return n.implicit
+	case n.ports != nil:
+		return n.ports
+	}
+	return nil
 }
 
 func (n *network) startStack(tapFile *os.File, ti tapInfo) error {
@@ -309,11 +354,7 @@ func (n *network) startAPI() error {
 	}
 	// With --port-driver=none there is no port driver: the API answers
 	// info and refuses port calls.
-	var pd api.PortDriver
-	if n.ports != nil {
-		pd = n.ports
-	}
-	n.api = api.NewServer(api.ServerConfig{Ports: pd, Info: n.info, Logger: n.log})
+	n.api = api.NewServer(api.ServerConfig{Ports: n.portDriver(), Info: n.info, Logger: n.log})
 	n.api.Serve(ln)
 	return nil
 }
@@ -355,6 +396,15 @@ func (n *network) Close() error {
 	n.closeOnce.Do(func() {
 		if n.api != nil {
 			n.api.Close()
+		}
+		if n.implicit != nil {
+			n.implicit.Close()
+		}
+		if n.watch != nil {
+			n.watch.Close()
+		}
+		if n.watchChild != nil {
+			n.watchChild.Close()
 		}
 		if n.ports != nil {
 			n.ports.Close()

@@ -153,26 +153,30 @@ func (s *Sandbox) ChildPID() int { return s.child.PID() }
 
 // AddPort publishes a port at run time, as POST /v1/ports does.
 func (s *Sandbox) AddPort(ctx context.Context, spec portfwd.Spec) (portfwd.Status, error) {
-	if s.nw.ports == nil {
+	pd := s.nw.portDriver()
+	if pd == nil {
 		return portfwd.Status{}, ErrNoPortDriver
 	}
-	return s.nw.ports.AddPort(ctx, spec)
+	return pd.AddPort(ctx, spec)
 }
 
 // RemovePort stops publishing port id.
 func (s *Sandbox) RemovePort(id int) error {
-	if s.nw.ports == nil {
+	pd := s.nw.portDriver()
+	if pd == nil {
 		return ErrNoPortDriver
 	}
-	return s.nw.ports.RemovePort(id)
+	return pd.RemovePort(id)
 }
 
-// Ports lists the published ports.
+// Ports lists the published ports (with PortsImplicit, the implicit ones
+// too, marked so).
 func (s *Sandbox) Ports() []portfwd.Status {
-	if s.nw.ports == nil {
+	pd := s.nw.portDriver()
+	if pd == nil {
 		return nil
 	}
-	return s.nw.ports.ListPorts()
+	return pd.ListPorts()
 }
 
 // Signal sends sig to the command.

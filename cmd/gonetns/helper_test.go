@@ -73,8 +73,8 @@ func runHelper(mode string, args []string) int {
 			return fail("%v", err)
 		}
 		fmt.Printf("%s\n", b[:n])
-	case "http-serve": // ADDR: answer every request with "hello from inside"
-		l, err := net.Listen("tcp", args[0])
+	case "http-serve": // ADDR [NETWORK]: answer every request with "hello from inside"
+		l, err := net.Listen(networkArg(args, "tcp"), args[0])
 		if err != nil {
 			return fail("%v", err)
 		}
@@ -82,8 +82,8 @@ func runHelper(mode string, args []string) int {
 		http.Serve(l, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			fmt.Fprintln(w, "hello from inside")
 		}))
-	case "udp-serve": // ADDR: echo datagrams with a prefix
-		c, err := net.ListenPacket("udp", args[0])
+	case "udp-serve": // ADDR [NETWORK]: echo datagrams with a prefix
+		c, err := net.ListenPacket(networkArg(args, "udp"), args[0])
 		if err != nil {
 			return fail("%v", err)
 		}
@@ -144,6 +144,15 @@ func runHelper(mode string, args []string) int {
 		return fail("unknown helper mode %q (args %s)", mode, strings.Join(args, " "))
 	}
 	return 0
+}
+
+// networkArg is the optional NETWORK after ADDR (tcp4, udp6, ...), def if
+// absent or empty.
+func networkArg(args []string, def string) string {
+	if len(args) > 1 && args[1] != "" {
+		return args[1]
+	}
+	return def
 }
 
 func TestHelperModeUnknown(t *testing.T) {
