@@ -91,8 +91,8 @@ kill $srv`, e2etest.HelperCmd(t, "http-serve"), checks,
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	defer func() { cmd.Process.Kill(); cmd.Wait() }()
-	pid := cmd.Process.Pid // prlimit execs gonetns in place
+	defer cmd.Process.Kill() // on a failure before the end; the end waits for the exit
+	pid := cmd.Process.Pid   // prlimit execs gonetns in place
 	br := bufio.NewReader(stdout)
 	waitLine(t, br, "ready")
 
@@ -244,7 +244,24 @@ kill $srv`, e2etest.HelperCmd(t, "http-serve"), checks,
 	}
 	verify("after the clients left", insideChecks())
 	apiInfo("after the clients left")
+	// The script kills its server and exits; wait for that, so that the
+	// deferred Kill does not leave the server behind.
 	stdin.Close()
+	exited := make(chan error, 1)
+	go func() {
+		io.Copy(io.Discard, br)
+		exited <- cmd.Wait()
+	}()
+	select {
+	case err := <-exited:
+		if err != nil {
+			t.Errorf("gonetns: %v", err)
+		}
+	case <-time.After(netTimeout):
+		t.Errorf("gonetns did not exit after its command's input closed")
+		cmd.Process.Kill()
+		<-exited
+	}
 	if t.Failed() {
 		t.Logf("gonetns stderr:\n%s", stderr.String())
 	}
