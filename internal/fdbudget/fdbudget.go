@@ -72,28 +72,28 @@ const (
 // Shares of what is left after the reserve and the pipes, in percent;
 // they add up to 98 (2 % slack). Published ports get the most: with two
 // sockets per connection it is their connections that ran the process
-// out of descriptors (issue 12).
+// out of descriptors (issue 12). The API needs few (its cap is small).
 const (
 	sharePortTCP = 40
-	shareNATTCP  = 30
-	shareNATUDP  = 12
+	shareNATTCP  = 32
+	shareNATUDP  = 14
 	sharePortUDP = 8
 	shareEcho    = 3
-	shareAPI     = 5
+	shareAPI     = 1
 )
 
 // Upper caps: beyond them memory (goroutines, buffers, netstack state),
 // not descriptors, is what runs out. The NAT's are the defaults it had
 // before there was a budget (nat.Default*); published-port connections
-// were 4096 per port and are now one cap for all ports; an API connection
-// costs a goroutine and HTTP buffers.
+// were 4096 per port and are now one cap for all ports; the API's is
+// api.DefaultMaxConns (a few clients: dockerd, rootlessctl).
 const (
 	capPortTCP = 16384
 	capNATTCP  = 16384
 	capNATUDP  = 4096
 	capPortUDP = 4096
 	capEcho    = 1024
-	capAPI     = 1024
+	capAPI     = 64
 )
 
 // For divides a limit of open files.
