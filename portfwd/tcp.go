@@ -87,14 +87,14 @@ func (p *tcpPort) serve() {
 		default:
 			// Over MaxTCPConns: refuse this one visibly (RST) instead of
 			// leaving it in the backlog with no idea when it will be served.
-			reset(c)
+			relay.Reset(c)
 			p.full.warn(p.log, "portfwd: too many connections on the published ports, resetting new ones; raise the open-files limit (ulimit -Hn) if this is expected",
 				"limit", cap(p.m.tcpSlots))
 			continue
 		}
 		r := &tcpRelay{p: p, outer: c}
 		if !p.m.track(r) { // Close has begun
-			reset(c)
+			relay.Reset(c)
 			<-p.m.tcpSlots
 			continue
 		}
@@ -130,14 +130,8 @@ func (r *tcpRelay) abort() {
 	if r.rl != nil {
 		r.rl.Abort()
 	} else {
-		reset(r.outer)
+		relay.Reset(r.outer)
 	}
-}
-
-// reset closes c with an RST instead of a FIN.
-func reset(c *net.TCPConn) {
-	c.SetLinger(0)
-	c.Close()
 }
 
 func (r *tcpRelay) run() {
@@ -167,7 +161,7 @@ func (r *tcpRelay) run() {
 	r.mu.Lock()
 	if r.aborted {
 		r.mu.Unlock()
-		reset(inner)
+		relay.Reset(inner)
 		return
 	}
 	r.rl = rl

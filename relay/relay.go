@@ -66,7 +66,7 @@ type end struct {
 func socketEnd(c *net.TCPConn) end {
 	return end{
 		closeWrite: c.CloseWrite,
-		reset:      func() { reset(c) },
+		reset:      func() { Reset(c) },
 		close:      c.Close,
 	}
 }
@@ -75,9 +75,10 @@ func streamEnd(s Stream) end {
 	return end{closeWrite: s.CloseWrite, reset: s.Abort, close: s.Close}
 }
 
-// reset closes c with an RST instead of a FIN: SO_LINGER with a zero
-// timeout makes close(2) discard what is unsent and reset the peer.
-func reset(c *net.TCPConn) {
+// Reset closes c with an RST instead of a FIN: SO_LINGER with a zero
+// timeout makes close(2) discard what is unsent and reset the peer. For
+// connections refused before a relay starts.
+func Reset(c *net.TCPConn) {
 	c.SetLinger(0)
 	c.Close()
 }

@@ -140,7 +140,7 @@ func TestSocketsResetPropagates(t *testing.T) {
 	if _, err := io.ReadFull(p.peerB, buf); err != nil {
 		t.Fatal(err)
 	}
-	reset(p.peerB)
+	Reset(p.peerB)
 	if _, err := readAll(t, p.peerA); !isReset(err) {
 		t.Fatalf("A's peer read %v after B's peer reset; want ECONNRESET", err)
 	}
