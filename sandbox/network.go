@@ -274,7 +274,7 @@ func (n *network) start(child *userns.Child, info json.RawMessage, files []*os.F
 			}
 		}
 		if n.watch != nil {
-			n.implicit = portfwd.NewImplicit(n.watch, portfwd.ImplicitConfig{Manager: n.ports, Logger: n.log})
+			n.implicit = portfwd.NewImplicit(n.watch, portfwd.ImplicitConfig{Manager: n.ports, Logger: n.log, MaxPorts: n.budget.ImplicitPorts})
 			n.watch = nil // the driver owns it
 			n.implicit.Start()
 		}

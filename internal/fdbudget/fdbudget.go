@@ -40,6 +40,11 @@ type Budget struct {
 	NATTCPConns, NATUDPFlows, EchoFlows int
 	// APIConns bounds the REST API's open connections.
 	APIConns int
+	// ImplicitPorts bounds the ports the implicit port driver publishes
+	// by itself, following the sandbox's listeners (up to two host
+	// listeners each: both address families). Ports published through
+	// the API or -p are in the reserve.
+	ImplicitPorts int
 }
 
 // Fixed parts of the reserve.
@@ -74,12 +79,13 @@ const (
 // sockets per connection it is their connections that ran the process
 // out of descriptors (issue 12). The API needs few (its cap is small).
 const (
-	sharePortTCP = 40
-	shareNATTCP  = 32
-	shareNATUDP  = 14
-	sharePortUDP = 8
-	shareEcho    = 3
-	shareAPI     = 1
+	sharePortTCP  = 40
+	shareNATTCP   = 30
+	shareNATUDP   = 14
+	sharePortUDP  = 8
+	shareEcho     = 3
+	shareAPI      = 1
+	shareImplicit = 2
 )
 
 // Upper caps: beyond them memory (goroutines, buffers, netstack state),
@@ -88,12 +94,13 @@ const (
 // were 4096 per port and are now one cap for all ports; the API's is
 // api.DefaultMaxConns (a few clients: dockerd, rootlessctl).
 const (
-	capPortTCP = 16384
-	capNATTCP  = 16384
-	capNATUDP  = 4096
-	capPortUDP = 4096
-	capEcho    = 1024
-	capAPI     = 64
+	capPortTCP  = 16384
+	capNATTCP   = 16384
+	capNATUDP   = 4096
+	capPortUDP  = 4096
+	capEcho     = 1024
+	capAPI      = 64
+	capImplicit = 4096 // portfwd.DefaultMaxImplicitPorts
 )
 
 // For divides a limit of open files.
@@ -113,6 +120,7 @@ func For(limit int) Budget {
 	b.PortUDPFlows = share(sharePortUDP, 1, capPortUDP)
 	b.EchoFlows = share(shareEcho, 1, capEcho)
 	b.APIConns = share(shareAPI, 1, capAPI)
+	b.ImplicitPorts = share(shareImplicit, 2, capImplicit)
 	return b
 }
 
@@ -120,12 +128,12 @@ func For(limit int) Budget {
 // (the budget's worst case, without the reserve).
 func (b Budget) Used() int {
 	return 2*b.PortTCPConns + 2*b.SplicePipes + b.PortUDPFlows +
-		b.NATTCPConns + b.NATUDPFlows + b.EchoFlows + b.APIConns
+		b.NATTCPConns + b.NATUDPFlows + b.EchoFlows + b.APIConns + 2*b.ImplicitPorts
 }
 
 func (b Budget) String() string {
-	return fmt.Sprintf("open-files limit %d: %d reserved; published ports %d TCP connections, %d UDP flows, %d splice pipes; NAT %d TCP connections, %d UDP flows, %d ping sessions; API %d connections",
-		b.Limit, b.Reserve, b.PortTCPConns, b.PortUDPFlows, b.SplicePipes, b.NATTCPConns, b.NATUDPFlows, b.EchoFlows, b.APIConns)
+	return fmt.Sprintf("open-files limit %d: %d reserved; published ports %d TCP connections, %d UDP flows, %d splice pipes; NAT %d TCP connections, %d UDP flows, %d ping sessions; API %d connections; %d implicit ports",
+		b.Limit, b.Reserve, b.PortTCPConns, b.PortUDPFlows, b.SplicePipes, b.NATTCPConns, b.NATUDPFlows, b.EchoFlows, b.APIConns, b.ImplicitPorts)
 }
 
 func clamp(v, lo, hi int) int { return min(max(v, lo), hi) }
