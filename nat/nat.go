@@ -18,6 +18,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/gonetns/gonetns/relay"
 )
 
 // Defaults of Config, as slirp4netns has them where it has them.
@@ -83,7 +85,7 @@ type NAT struct {
 
 	mu     sync.Mutex
 	closed bool
-	tcp    map[*tcpRelay]struct{}
+	tcp    map[*relay.Relay]struct{}
 	wg     sync.WaitGroup
 
 	tcpActive atomic.Int64 // connections being dialled or relayed
@@ -127,7 +129,7 @@ func New(cfg Config) (*NAT, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	n := &NAT{cfg: cfg, log: cfg.Logger, dialer: cfg.Dialer, tcp: make(map[*tcpRelay]struct{})}
+	n := &NAT{cfg: cfg, log: cfg.Logger, dialer: cfg.Dialer, tcp: make(map[*relay.Relay]struct{})}
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)
 	}
@@ -184,14 +186,14 @@ func (n *NAT) Close() error {
 		return nil
 	}
 	n.closed = true
-	relays := make([]*tcpRelay, 0, len(n.tcp))
+	relays := make([]*relay.Relay, 0, len(n.tcp))
 	for r := range n.tcp {
 		relays = append(relays, r)
 	}
 	n.mu.Unlock()
 	n.cancel()
 	for _, r := range relays {
-		r.abort()
+		r.Abort()
 	}
 	n.udp.closeAll()
 	n.echo.closeAll()

@@ -5,9 +5,9 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"sync"
 	"time"
 
+	"github.com/gonetns/gonetns/relay"
 	"github.com/gonetns/gonetns/stack"
 )
 
@@ -60,11 +60,12 @@ func (n *NAT) HandleTCP(r *stack.TCPRequest) {
 		hc.Close()
 		return
 	}
-	rl := &tcpRelay{guest: gc, host: hc.(*net.TCPConn)}
+	rl := relay.StreamSocket(gc, hc.(*net.TCPConn))
 	n.mu.Lock()
 	if n.closed {
 		n.mu.Unlock()
-		rl.abort()
+		rl.Abort()
+		rl.Run()
 		return
 	}
 	n.tcp[rl] = struct{}{}
@@ -72,54 +73,11 @@ func (n *NAT) HandleTCP(r *stack.TCPRequest) {
 	if debug {
 		log.Debug("tcp connected", "host", hc.RemoteAddr())
 	}
-	up, down := rl.run()
+	res := rl.Run() // the guest's writev from its buffers one way, reads into them the other
 	n.mu.Lock()
 	delete(n.tcp, rl)
 	n.mu.Unlock()
 	if debug {
-		log.Debug("tcp closed", "bytes_out", up, "bytes_in", down)
+		log.Debug("tcp closed", "bytes_out", res.AToB, "bytes_in", res.BToA, "err", res.Err)
 	}
-}
-
-// tcpRelay copies between a netstack connection and a host socket, each
-// direction on its own: EOF on one side becomes a half-close (FIN) on the
-// other, and an error (a reset) on either side resets both.
-type tcpRelay struct {
-	guest     *stack.TCPConn
-	host      *net.TCPConn
-	abortOnce sync.Once
-}
-
-func (r *tcpRelay) run() (up, down int64) {
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		var err error
-		up, err = r.guest.WriteTo(r.host) // writev from the stack's buffers
-		if err != nil {
-			r.abort()
-			return
-		}
-		r.host.CloseWrite()
-	}()
-	var err error
-	down, err = r.guest.ReadFrom(r.host) // read into the stack's buffers
-	if err != nil {
-		r.abort()
-	} else {
-		r.guest.CloseWrite()
-	}
-	<-done
-	r.guest.Close()
-	r.host.Close()
-	return up, down
-}
-
-// abort resets both sides.
-func (r *tcpRelay) abort() {
-	r.abortOnce.Do(func() {
-		r.host.SetLinger(0)
-		r.host.Close()
-		r.guest.Abort()
-	})
 }

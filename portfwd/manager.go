@@ -16,14 +16,19 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/gonetns/gonetns/relay"
 )
 
-// Defaults for the zero fields of Config.
+// Defaults for the zero fields of Config. gonetns sets the limits from
+// its descriptor budget (internal/fdbudget) instead.
 const (
-	DefaultUDPIdleTimeout = 60 * time.Second
-	DefaultDialTimeout    = 10 * time.Second
-	DefaultMaxTCPConns    = 4096
-	DefaultMaxUDPFlows    = 1024
+	DefaultUDPIdleTimeout  = 60 * time.Second
+	DefaultDialTimeout     = 10 * time.Second
+	DefaultMaxTCPConns     = 4096
+	DefaultMaxUDPFlows     = 1024
+	DefaultSplicePipes     = 32
+	DefaultSpliceIdlePipes = 8
 )
 
 // Errors a caller may branch on (errors.Is); the API maps them to HTTP
@@ -50,15 +55,21 @@ type Config struct {
 	// DialTimeout bounds getting a connected socket from the child for one
 	// TCP connection or UDP flow. Zero means 10 s.
 	DialTimeout time.Duration
-	// MaxTCPConns bounds the relayed TCP connections of one published port
-	// (dialing or established). A connection accepted beyond it is reset
-	// at once, and a warning logged. Zero means 4096.
+	// MaxTCPConns bounds the relayed TCP connections of all published
+	// ports together (dialing or established; two descriptors each). A
+	// connection accepted beyond it is reset at once, and a warning
+	// logged. Zero means 4096.
 	MaxTCPConns int
-	// MaxUDPFlows bounds the UDP flows (client addresses) of one published
-	// port; each holds a socket in the namespace, a goroutine and a 64 KiB
-	// buffer. Datagrams from new clients beyond it are dropped, and a
-	// warning logged. Zero means 1024.
+	// MaxUDPFlows bounds the UDP flows (client addresses) of all published
+	// ports together; each holds a socket in the namespace, a goroutine and
+	// a 64 KiB buffer. Datagrams from new clients beyond it are dropped,
+	// and a warning logged. Zero means 1024.
 	MaxUDPFlows int
+	// SplicePipes bounds the pipes TCP relays splice through, in use or
+	// idle (two descriptors each); SpliceIdlePipes the idle ones kept for
+	// reuse. A relay holds one only while data moves, and copies through
+	// a buffer when none is left. Zero means 32 and 8.
+	SplicePipes, SpliceIdlePipes int
 }
 
 // Manager publishes ports: it listens on the host and relays each
@@ -70,6 +81,10 @@ type Manager struct {
 	ctx    context.Context // ends at Close: aborts dials in flight
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // every goroutine of every port and relay
+
+	tcpSlots chan struct{}   // one per TCP relay of any port: MaxTCPConns
+	udpSlots chan struct{}   // one per UDP flow of any port: MaxUDPFlows
+	pipes    *relay.PipePool // for the TCP relays' splices
 
 	mu     sync.Mutex
 	closed bool
@@ -109,15 +124,24 @@ func NewManager(cfg Config) *Manager {
 	if cfg.MaxUDPFlows <= 0 {
 		cfg.MaxUDPFlows = DefaultMaxUDPFlows
 	}
+	if cfg.SplicePipes <= 0 {
+		cfg.SplicePipes = DefaultSplicePipes
+	}
+	if cfg.SpliceIdlePipes <= 0 {
+		cfg.SpliceIdlePipes = DefaultSpliceIdlePipes
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Manager{
-		cfg:    cfg,
-		log:    cfg.Logger,
-		ctx:    ctx,
-		cancel: cancel,
-		nextID: 1,
-		ports:  make(map[int]publishedPort),
-		relays: make(map[*tcpRelay]struct{}),
+		cfg:      cfg,
+		log:      cfg.Logger,
+		ctx:      ctx,
+		cancel:   cancel,
+		tcpSlots: make(chan struct{}, cfg.MaxTCPConns),
+		udpSlots: make(chan struct{}, cfg.MaxUDPFlows),
+		pipes:    relay.NewPipePool(cfg.SplicePipes, cfg.SpliceIdlePipes),
+		nextID:   1,
+		ports:    make(map[int]publishedPort),
+		relays:   make(map[*tcpRelay]struct{}),
 	}
 }
 
@@ -261,6 +285,7 @@ func (m *Manager) Close() error {
 		m.closeErr = errors.Join(errs...)
 	})
 	m.wg.Wait()
+	m.pipes.Close() // idempotent; the relays have given theirs back
 	return m.closeErr
 }
 

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -12,18 +11,19 @@ import (
 	"time"
 
 	"github.com/gonetns/gonetns/internal/backoff"
+	"github.com/gonetns/gonetns/relay"
 )
 
 // tcpPort is one published TCP port: a host listener and its accept loop.
 type tcpPort struct {
-	m     *Manager
-	id    int
-	spec  Spec
-	child netip.AddrPort
-	log   *slog.Logger
-	ln    *net.TCPListener
-	slots chan struct{} // one per relay, MaxTCPConns in all
-	full  limitWarner
+	m          *Manager
+	id         int
+	spec       Spec
+	child      netip.AddrPort
+	log        *slog.Logger
+	ln         *net.TCPListener
+	full       limitWarner // connections reset at MaxTCPConns
+	acceptFail limitWarner
 
 	quit     chan struct{} // closed by stop
 	done     chan struct{} // closed when the accept loop has returned
@@ -44,7 +44,6 @@ func (m *Manager) listenTCP(ctx context.Context, id int, spec Spec) (*tcpPort, e
 		child: spec.childAddr(),
 		log:   m.log.With("port_id", id, "proto", spec.Proto),
 		ln:    ln.(*net.TCPListener),
-		slots: make(chan struct{}, m.cfg.MaxTCPConns),
 		quit:  make(chan struct{}),
 		done:  make(chan struct{}),
 	}
@@ -74,8 +73,9 @@ func (p *tcpPort) serve() {
 			if errors.Is(err, net.ErrClosed) {
 				return
 			}
-			// Out of descriptors and the like: wait rather than spin.
-			p.log.Warn("portfwd: accept failed, retrying", "err", err)
+			// Out of descriptors and the like: wait rather than spin. The
+			// budget (MaxTCPConns) is meant to keep this from happening.
+			p.acceptFail.warn(p.log, "portfwd: accept failed, retrying", "err", err)
 			if !retry.Wait(p.quit) {
 				return
 			}
@@ -83,24 +83,24 @@ func (p *tcpPort) serve() {
 		}
 		retry.Reset()
 		select {
-		case p.slots <- struct{}{}:
+		case p.m.tcpSlots <- struct{}{}:
 		default:
 			// Over MaxTCPConns: refuse this one visibly (RST) instead of
 			// leaving it in the backlog with no idea when it will be served.
-			reset(c)
-			p.full.warn(p.log, "portfwd: too many connections on a published port, resetting new ones; raise MaxTCPConns if this is expected",
-				"limit", cap(p.slots))
+			relay.Reset(c)
+			p.full.warn(p.log, "portfwd: too many connections on the published ports, resetting new ones; raise the open-files limit (ulimit -Hn) if this is expected",
+				"limit", cap(p.m.tcpSlots))
 			continue
 		}
 		r := &tcpRelay{p: p, outer: c}
 		if !p.m.track(r) { // Close has begun
-			reset(c)
-			<-p.slots
+			relay.Reset(c)
+			<-p.m.tcpSlots
 			continue
 		}
 		// Safe against Close's Wait: this loop is itself counted in m.wg.
 		p.m.wg.Go(func() {
-			defer func() { <-p.slots }()
+			defer func() { <-p.m.tcpSlots }()
 			defer p.m.untrack(r)
 			r.run()
 		})
@@ -108,18 +108,18 @@ func (p *tcpPort) serve() {
 }
 
 // tcpRelay is one accepted connection and its counterpart in the
-// namespace.
+// namespace: dialing, then relaying (package relay owns the rules).
 type tcpRelay struct {
 	p     *tcpPort
 	outer *net.TCPConn // accepted on the host
 
 	mu      sync.Mutex
-	inner   *net.TCPConn // from the ChildDialer; nil while dialing
+	rl      *relay.Relay // nil while dialing
 	aborted bool
 }
 
-// abort resets both connections (RST to both peers); the copies in
-// progress then fail and run returns.
+// abort resets both connections (RST to both peers); run then returns
+// soon.
 func (r *tcpRelay) abort() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -127,16 +127,11 @@ func (r *tcpRelay) abort() {
 		return
 	}
 	r.aborted = true
-	reset(r.outer)
-	if r.inner != nil {
-		reset(r.inner)
+	if r.rl != nil {
+		r.rl.Abort()
+	} else {
+		relay.Reset(r.outer)
 	}
-}
-
-// reset closes c with an RST instead of a FIN.
-func reset(c *net.TCPConn) {
-	c.SetLinger(0)
-	c.Close()
 }
 
 func (r *tcpRelay) run() {
@@ -154,6 +149,7 @@ func (r *tcpRelay) run() {
 		log.Debug("portfwd: tcp connection failed inside the namespace, reset", "err", err, "duration", time.Since(start))
 		return
 	}
+	// Both ends must be *net.TCPConn, unwrapped, for splice(2).
 	inner, ok := c.(*net.TCPConn)
 	if !ok {
 		c.Close()
@@ -161,52 +157,17 @@ func (r *tcpRelay) run() {
 		log.Warn("portfwd: the ChildDialer returned no *net.TCPConn for tcp; resetting", "type", fmt.Sprintf("%T", c))
 		return
 	}
+	rl := relay.Sockets(r.outer, inner, p.m.pipes)
 	r.mu.Lock()
 	if r.aborted {
 		r.mu.Unlock()
-		reset(inner)
+		relay.Reset(inner)
 		return
 	}
-	r.inner = inner
+	r.rl = rl
 	r.mu.Unlock()
 	log.Debug("portfwd: tcp connection", "duration", time.Since(start))
-
-	var (
-		wg      sync.WaitGroup
-		up      int64
-		upErr   error
-		outer   = r.outer
-		down    int64
-		downErr error
-	)
-	wg.Go(func() { up, upErr = r.pipe(inner, outer) }) // waited for below; run itself is in m.wg
-	down, downErr = r.pipe(outer, inner)
-	wg.Wait()
-	outer.Close()
-	inner.Close()
-	log.Debug("portfwd: tcp connection ended", "bytes_to_child", up, "bytes_from_child", down,
-		"duration", time.Since(start), "err", errors.Join(upErr, downErr))
-}
-
-// pipe copies src to dst until src's EOF and passes the EOF on with
-// CloseWrite, so the other direction keeps flowing (half-close). On an
-// error in either socket (a reset, a broken pipe) it resets both, so the
-// peers see the reset and the other direction ends too.
-//
-// io.Copy with two *net.TCPConn is splice(2) on Linux: io.Copy calls
-// src.WriteTo(dst), which (dst not being a *net.UnixConn) falls back to
-// io.Copy(dst, tcpConnWithoutWriteTo{src}); that calls dst.ReadFrom, whose
-// spliceFrom accepts that wrapper and moves the data through a pipe in the
-// kernel (net/splice_linux.go, internal/poll/splice_linux.go). That is why
-// both ends are kept as *net.TCPConn, with nothing wrapped around them; the
-// tests check the splice calls with strace.
-func (r *tcpRelay) pipe(dst, src *net.TCPConn) (int64, error) {
-	n, err := io.Copy(dst, src)
-	if err == nil {
-		err = dst.CloseWrite()
-	}
-	if err != nil {
-		r.abort()
-	}
-	return n, err
+	res := rl.Run()
+	log.Debug("portfwd: tcp connection ended", "bytes_to_child", res.AToB, "bytes_from_child", res.BToA,
+		"duration", time.Since(start), "err", res.Err)
 }

@@ -104,14 +104,16 @@ func echoServer(t testing.TB) netip.AddrPort {
 	return addrOf(ln.Addr())
 }
 
-// TestTCPConnLimit: beyond MaxTCPConns a new connection is reset at once;
-// when a relay ends, its slot is free again.
+// TestTCPConnLimit: beyond MaxTCPConns, counted over all published ports,
+// a new connection is reset at once; when a relay ends, its slot is free
+// again.
 func TestTCPConnLimit(t *testing.T) {
 	m := newTestManager(t, Config{MaxTCPConns: 2})
-	st := publishLoop(t, m, "tcp4", echoServer(t))
+	srv := echoServer(t)
+	st, st2 := publishLoop(t, m, "tcp4", srv), publishLoop(t, m, "tcp4", srv)
 	var held []net.Conn
-	for range 2 {
-		c, err := net.Dial("tcp", hostAddr(st))
+	for _, port := range []Status{st, st2} {
+		c, err := net.Dial("tcp", hostAddr(port))
 		if err != nil {
 			t.Fatal(err)
 		}

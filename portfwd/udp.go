@@ -127,8 +127,10 @@ func (p *udpPort) flow(client netip.AddrPort) *udpFlow {
 	if f := p.flows[client]; f != nil {
 		return f
 	}
-	if len(p.flows) >= p.m.cfg.MaxUDPFlows {
-		p.full.warn(p.log, "portfwd: too many UDP flows on a published port, dropping datagrams from new clients; raise MaxUDPFlows if this is expected",
+	select {
+	case p.m.udpSlots <- struct{}{}: // given back when run returns
+	default:
+		p.full.warn(p.log, "portfwd: too many UDP flows on the published ports, dropping datagrams from new clients; raise MaxUDPFlows (the open-files limit) if this is expected",
 			"limit", p.m.cfg.MaxUDPFlows)
 		return nil
 	}
@@ -207,6 +209,7 @@ func (f *udpFlow) run() {
 		}
 		p.mu.Unlock()
 		f.close()
+		<-p.m.udpSlots
 	}()
 
 	ctx, cancel := context.WithTimeout(p.ctx, p.m.cfg.DialTimeout)

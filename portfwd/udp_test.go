@@ -114,12 +114,13 @@ func TestUDPIdleFlowEnds(t *testing.T) {
 	}
 }
 
-// TestUDPFlowLimit: beyond MaxUDPFlows, datagrams from new clients are
-// dropped and the existing flows go on.
+// TestUDPFlowLimit: beyond MaxUDPFlows, counted over all published ports,
+// datagrams from new clients are dropped and the existing flows go on.
 func TestUDPFlowLimit(t *testing.T) {
 	m := newTestManager(t, Config{MaxUDPFlows: 1})
-	st := publishLoop(t, m, "udp4", udpWhoami(t, listenUDP(t, "127.0.0.1:0")))
-	a, b := udpClient(t, st), udpClient(t, st)
+	srv := udpWhoami(t, listenUDP(t, "127.0.0.1:0"))
+	st, st2 := publishLoop(t, m, "udp4", srv), publishLoop(t, m, "udp4", srv)
+	a, b := udpClient(t, st), udpClient(t, st2)
 	if ask(t, a, "a", 5*time.Second) != "a" {
 		t.Fatal("the first client got no answer")
 	}

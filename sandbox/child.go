@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 
+	"github.com/gonetns/gonetns/internal/fdbudget"
 	"github.com/gonetns/gonetns/internal/wire"
 	"github.com/gonetns/gonetns/portfwd"
 	"github.com/gonetns/gonetns/tap"
@@ -50,6 +51,7 @@ func Init(opts ...InitOption) {
 	if !userns.IsChild() {
 		return
 	}
+	fdbudget.Raise() // as the parent does (newNetwork); the command gets the original limit
 	var ic initConfig
 	for _, o := range opts {
 		o(&ic)

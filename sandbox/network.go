@@ -12,6 +12,7 @@ import (
 
 	"github.com/gonetns/gonetns/api"
 	"github.com/gonetns/gonetns/dns"
+	"github.com/gonetns/gonetns/internal/fdbudget"
 	"github.com/gonetns/gonetns/internal/wire"
 	"github.com/gonetns/gonetns/nat"
 	"github.com/gonetns/gonetns/pcap"
@@ -31,6 +32,7 @@ type network struct {
 
 	addrs     addrPlan
 	upstreams []netip.AddrPort
+	budget    fdbudget.Budget // caps on what holds descriptors
 
 	portsChild *os.File // the child's end of the dial protocol's socket pair
 	dialer     *portfwd.Dialer
@@ -94,7 +96,7 @@ func (p addrPlan) dnsAddrs() []netip.Addr {
 // newNetwork checks and prepares what does not need the child yet: DNS
 // upstreams, the dial protocol's socket pair.
 func newNetwork(cfg Config, sd *userns.StateDir) (*network, error) {
-	n := &network{cfg: cfg, sd: sd, log: cfg.Logger, addrs: planAddrs(cfg.CIDR, cfg.IPv6)}
+	n := &network{cfg: cfg, sd: sd, log: cfg.Logger, addrs: planAddrs(cfg.CIDR, cfg.IPv6), budget: descriptorBudget(cfg.Logger)}
 	if cfg.Net == NetBuiltin {
 		n.upstreams = cfg.DNSUpstreams
 		if len(n.upstreams) == 0 {
@@ -154,6 +156,19 @@ func newNetwork(cfg Config, sd *userns.StateDir) (*network, error) {
 		n.watchChild = childEnd
 	}
 	return n, nil
+}
+
+// descriptorBudget raises the open-files limit and divides it among what
+// holds descriptors (internal/fdbudget), so that published ports cannot
+// take those that DNS, the API and the NAT need.
+func descriptorBudget(log *slog.Logger) fdbudget.Budget {
+	limit, err := fdbudget.Raise()
+	if err != nil {
+		log.Warn(err.Error())
+	}
+	b := fdbudget.For(limit)
+	log.Debug("descriptor budget", "budget", b.String())
+	return b
 }
 
 func hostResolvConf() (dns.ResolvConf, error) {
@@ -249,7 +264,9 @@ func (n *network) start(child *userns.Child, info json.RawMessage, files []*os.F
 	}
 	if n.dialer != nil {
 		n.dialer.Start()
-		n.ports = portfwd.NewManager(portfwd.Config{Dialer: n.dialer, Logger: n.log})
+		n.ports = portfwd.NewManager(portfwd.Config{Dialer: n.dialer, Logger: n.log,
+			MaxTCPConns: n.budget.PortTCPConns, MaxUDPFlows: n.budget.PortUDPFlows,
+			SplicePipes: n.budget.SplicePipes, SpliceIdlePipes: n.budget.SpliceIdlePipes})
 		for _, spec := range n.cfg.Publish {
 			// AddPort's errors name the spec already.
 			if _, err := n.ports.AddPort(context.Background(), spec); err != nil {
@@ -257,7 +274,7 @@ func (n *network) start(child *userns.Child, info json.RawMessage, files []*os.F
 			}
 		}
 		if n.watch != nil {
-			n.implicit = portfwd.NewImplicit(n.watch, portfwd.ImplicitConfig{Manager: n.ports, Logger: n.log})
+			n.implicit = portfwd.NewImplicit(n.watch, portfwd.ImplicitConfig{Manager: n.ports, Logger: n.log, MaxPorts: n.budget.ImplicitPorts})
 			n.watch = nil // the driver owns it
 			n.implicit.Start()
 		}
@@ -297,6 +314,9 @@ func (n *network) startStack(tapFile *os.File, ti tapInfo) error {
 		Policy:        n.policy,
 		OutboundAddr:  n.out4,
 		OutboundAddr6: n.out6,
+		MaxTCPConns:   n.budget.NATTCPConns,
+		MaxUDPFlows:   n.budget.NATUDPFlows,
+		MaxEchoFlows:  n.budget.EchoFlows,
 		Logger:        n.log,
 	})
 	if err != nil {
@@ -354,7 +374,7 @@ func (n *network) startAPI() error {
 	}
 	// With --port-driver=none there is no port driver: the API answers
 	// info and refuses port calls.
-	n.api = api.NewServer(api.ServerConfig{Ports: n.portDriver(), Info: n.info, Logger: n.log})
+	n.api = api.NewServer(api.ServerConfig{Ports: n.portDriver(), Info: n.info, Logger: n.log, MaxConns: n.budget.APIConns})
 	n.api.Serve(ln)
 	return nil
 }

@@ -1,0 +1,192 @@
+// Package relay joins two TCP connections into one, and owns the rules
+// every relay of gonetns follows:
+//
+//   - EOF on one side becomes a half-close (FIN, CloseWrite) on the other,
+//     while the other direction keeps flowing;
+//   - an error on either side (a reset, a broken pipe) resets both (RST to
+//     both peers);
+//   - Abort or Close from outside (a manager shutting down) resets both,
+//     and Close waits for the relay to end;
+//   - the bytes moved in each direction and the first error are counted
+//     for the caller's debug line.
+//
+// It also picks, explicitly, the fastest copy for each pair of connection
+// kinds, instead of leaving it to io.Copy's method lookup (which, between
+// a *net.TCPConn and a user-space connection, silently takes a slow path
+// in one of the two directions): splice(2) through a pipe from a bounded
+// PipePool between two kernel sockets (Sockets), and a Stream's own
+// zero-copy WriteTo/ReadFrom between a user-space connection and a kernel
+// socket (StreamSocket).
+package relay
+
+import (
+	"errors"
+	"io"
+	"net"
+	"sync"
+)
+
+// ErrAborted is the Result's error when Abort or Close ended the relay.
+var ErrAborted = errors.New("relay: aborted")
+
+// Stream is a TCP connection in user space, such as *stack.TCPConn. Its
+// copy methods are given the *net.TCPConn itself, so an implementation can
+// move the data between the socket and its own buffers.
+type Stream interface {
+	// WriteTo copies what the stream receives to w until the stream's EOF
+	// (returning nil) or an error.
+	WriteTo(w io.Writer) (int64, error)
+	// ReadFrom copies r into the stream until r's EOF (returning nil) or
+	// an error.
+	ReadFrom(r io.Reader) (int64, error)
+	// CloseWrite sends FIN after what was written; reading goes on.
+	CloseWrite() error
+	// Close closes gracefully; Abort resets (RST). Both may be called
+	// while WriteTo and ReadFrom run, and make them return.
+	Close() error
+	Abort()
+}
+
+// Result is what a relay did: bytes copied each way and why it ended.
+type Result struct {
+	// AToB is the bytes read from A and written to B; BToA the reverse.
+	AToB, BToA int64
+	// Err is nil when both directions ended with EOF; else the first
+	// error (which reset both sides), or ErrAborted.
+	Err error
+}
+
+// end is one side: what the rules need to do to it.
+type end struct {
+	closeWrite func() error
+	reset      func() // RST, and make its copies return
+	close      func() error
+}
+
+func socketEnd(c *net.TCPConn) end {
+	return end{
+		closeWrite: c.CloseWrite,
+		reset:      func() { Reset(c) },
+		close:      c.Close,
+	}
+}
+
+func streamEnd(s Stream) end {
+	return end{closeWrite: s.CloseWrite, reset: s.Abort, close: s.Close}
+}
+
+// Reset closes c with an RST instead of a FIN: SO_LINGER with a zero
+// timeout makes close(2) discard what is unsent and reset the peer. For
+// connections refused before a relay starts.
+func Reset(c *net.TCPConn) {
+	c.SetLinger(0)
+	c.Close()
+}
+
+// Relay is one relayed connection: two sides and a copy for each
+// direction. Run it once; Abort and Close may be called from any
+// goroutine, before, during or after Run.
+type Relay struct {
+	a, b       end
+	aToB, bToA func() (int64, error)
+
+	mu      sync.Mutex
+	started bool
+	reset   bool  // both sides have been reset
+	err     error // the first error
+	done    chan struct{}
+}
+
+func newRelay(a, b end, aToB, bToA func() (int64, error)) *Relay {
+	return &Relay{a: a, b: b, aToB: aToB, bToA: bToA, done: make(chan struct{})}
+}
+
+// Sockets relays between two kernel TCP sockets with splice(2): each
+// direction waits for data without a pipe, and takes one from pool only
+// while data moves (or copies through a buffer when pool has none to
+// give). The Relay owns a and b from now on.
+func Sockets(a, b *net.TCPConn, pool *PipePool) *Relay {
+	return newRelay(socketEnd(a), socketEnd(b),
+		func() (int64, error) { return pool.splice(b, a) },
+		func() (int64, error) { return pool.splice(a, b) })
+}
+
+// StreamSocket relays between a user-space stream (A) and a kernel TCP
+// socket (B): s.WriteTo(c) and s.ReadFrom(c), called with c itself so that
+// s can use its zero-copy paths. The Relay owns s and c from now on.
+func StreamSocket(s Stream, c *net.TCPConn) *Relay {
+	return newRelay(streamEnd(s), socketEnd(c),
+		func() (int64, error) { return s.WriteTo(c) },
+		func() (int64, error) { return s.ReadFrom(c) })
+}
+
+// Run relays until both directions have ended, closes both sides and
+// returns what happened. Call it once.
+func (r *Relay) Run() Result {
+	r.mu.Lock()
+	if r.started {
+		r.mu.Unlock()
+		panic("relay: Run called twice")
+	}
+	r.started = true
+	aborted := r.reset
+	r.mu.Unlock()
+	defer close(r.done)
+
+	var res Result
+	if !aborted { // else Abort has reset both already
+		var wg sync.WaitGroup
+		wg.Go(func() { res.AToB = r.direction(r.b, r.aToB) })
+		res.BToA = r.direction(r.a, r.bToA)
+		wg.Wait()
+	}
+	r.a.close()
+	r.b.close()
+	r.mu.Lock()
+	res.Err = r.err
+	r.mu.Unlock()
+	return res
+}
+
+// direction runs one copy and applies the rules to its outcome: EOF
+// half-closes dst, an error resets both sides.
+func (r *Relay) direction(dst end, copy func() (int64, error)) int64 {
+	n, err := copy()
+	if err == nil {
+		err = dst.closeWrite()
+	}
+	if err != nil {
+		r.fail(err)
+	}
+	return n
+}
+
+// fail records err if it is the first and resets both sides once.
+func (r *Relay) fail(err error) {
+	r.mu.Lock()
+	if r.err == nil {
+		r.err = err
+	}
+	first := !r.reset
+	r.reset = true
+	r.mu.Unlock()
+	if first {
+		r.a.reset()
+		r.b.reset()
+	}
+}
+
+// Abort resets both sides (RST to both peers); Run then returns soon with
+// ErrAborted, unless it had failed or finished already. It does not wait.
+func (r *Relay) Abort() { r.fail(ErrAborted) }
+
+// Close aborts the relay and, if Run has started, waits for it to return.
+func (r *Relay) Close() {
+	r.Abort()
+	r.mu.Lock()
+	started := r.started
+	r.mu.Unlock()
+	if started {
+		<-r.done
+	}
+}
