@@ -109,7 +109,12 @@ func initStage() int {
 
 func secondStage(hooks ChildHooks) int {
 	// The credential change of the exec cleared the parent-death signal.
-	unix.Prctl(unix.PR_SET_PDEATHSIG, uintptr(unix.SIGKILL), 0, 0, 0)
+	// SIGTERM, not SIGKILL: while setting up it ends this process all the
+	// same, and once the command runs it is relayed to the command while
+	// the end of the control channel tells this process that the parent is
+	// gone: it then kills the command and what the command left running
+	// (see run), which a SIGKILL here would leave behind.
+	unix.Prctl(unix.PR_SET_PDEATHSIG, uintptr(unix.SIGTERM), 0, 0, 0)
 	os.Unsetenv(envStage)
 
 	ctlFile := os.NewFile(ctlFD, "control")
