@@ -22,12 +22,16 @@ import (
 const loopbackIndex = 1
 
 // Rule is one policy-routing rule ("ip rule"): a packet whose flow matches
-// every selector that is set looks up Table; when Table has no route for
-// it, the kernel goes on with the next rule.
+// every selector that is set looks up Table (when Table has no route for
+// it, the kernel goes on with the next rule), or with Goto jumps to the
+// rule of that priority, or with Nop does nothing.
 type Rule struct {
 	IPv6     bool
 	Priority uint32
 	Table    uint32
+	Goto     uint32 // instead of a lookup: go on at this (later) priority
+	Nop      bool   // instead of a lookup: nothing (a target for Goto)
+	IIf      string // input interface; "lo" matches what this host sends itself
 	Mark     uint32 // firewall mark (SO_MARK) to match exactly; 0 matches any
 	IPProto  uint8  // unix.IPPROTO_TCP, unix.IPPROTO_UDP; 0 matches any
 	SPort    uint16 // source port; 0 matches any
@@ -38,6 +42,9 @@ func (r Rule) String() string {
 	if r.IPv6 {
 		s = "-6 " + s
 	}
+	if r.IIf != "" {
+		s += " iif " + r.IIf
+	}
 	if r.Mark != 0 {
 		s += fmt.Sprintf(" fwmark %#x", r.Mark)
 	}
@@ -46,6 +53,12 @@ func (r Rule) String() string {
 	}
 	if r.SPort != 0 {
 		s += fmt.Sprintf(" sport %d", r.SPort)
+	}
+	switch {
+	case r.Goto != 0:
+		return s + fmt.Sprintf(" goto %d", r.Goto)
+	case r.Nop:
+		return s + " nop"
 	}
 	return s + fmt.Sprintf(" lookup %d", r.Table)
 }
@@ -71,9 +84,13 @@ func (r LocalRoute) String() string {
 	return s + fmt.Sprintf(" table %d", r.Table)
 }
 
-// Flow is what a route lookup is asked about (see Routing.IsLocal).
+// Flow is what a route lookup is asked about (see Routing.IsLocal): a
+// packet this host sends, or with IIf (an interface index) one that
+// arrives on that interface from Src, to be forwarded or delivered.
 type Flow struct {
 	Dst     netip.Addr
+	Src     netip.Addr
+	IIf     int
 	Mark    uint32
 	IPProto uint8
 	SPort   uint16
@@ -168,8 +185,17 @@ func (r *Routing) IsLocal(f Flow) (bool, error) {
 		family = unix.AF_INET6
 	}
 	rtm := unix.RtMsg{Family: family, Dst_len: uint8(dst.BitLen())}
+	if f.Src.IsValid() {
+		rtm.Src_len = uint8(f.Src.BitLen())
+	}
 	body := structBytes(&rtm)
 	body = appendAttr(body, unix.RTA_DST, dst.AsSlice())
+	if f.Src.IsValid() {
+		body = appendAttr(body, unix.RTA_SRC, f.Src.Unmap().AsSlice())
+	}
+	if f.IIf != 0 {
+		body = appendAttr(body, unix.RTA_IIF, binary.NativeEndian.AppendUint32(nil, uint32(f.IIf)))
+	}
 	if f.Mark != 0 {
 		body = appendAttr(body, unix.RTA_MARK, binary.NativeEndian.AppendUint32(nil, f.Mark))
 	}
@@ -205,11 +231,22 @@ func (ru Rule) message() []byte {
 	}
 	// family, dst_len, src_len, tos, table, res1, res2, action; flags.
 	hdr := []byte{family, 0, 0, 0, 0, 0, 0, unix.FR_ACT_TO_TBL, 0, 0, 0, 0}
-	if ru.Table < 256 {
-		hdr[4] = byte(ru.Table)
-	}
 	b := appendAttr(hdr, unix.FRA_PRIORITY, binary.NativeEndian.AppendUint32(nil, ru.Priority))
-	b = appendAttr(b, unix.FRA_TABLE, binary.NativeEndian.AppendUint32(nil, ru.Table))
+	switch {
+	case ru.Goto != 0:
+		b[7] = unix.FR_ACT_GOTO
+		b = appendAttr(b, unix.FRA_GOTO, binary.NativeEndian.AppendUint32(nil, ru.Goto))
+	case ru.Nop:
+		b[7] = unix.FR_ACT_NOP
+	default:
+		if ru.Table < 256 {
+			b[4] = byte(ru.Table)
+		}
+		b = appendAttr(b, unix.FRA_TABLE, binary.NativeEndian.AppendUint32(nil, ru.Table))
+	}
+	if ru.IIf != "" {
+		b = appendAttr(b, unix.FRA_IIFNAME, append([]byte(ru.IIf), 0))
+	}
 	if ru.Mark != 0 {
 		b = appendAttr(b, unix.FRA_FWMARK, binary.NativeEndian.AppendUint32(nil, ru.Mark))
 		b = appendAttr(b, unix.FRA_FWMASK, binary.NativeEndian.AppendUint32(nil, 0xffffffff))

@@ -120,6 +120,42 @@ func TestRoutingRulesAndLocalRoutes(t *testing.T) {
 		}
 		isLocal(Flow{Dst: netip.MustParseAddr("198.18.0.3"), IPProto: unix.IPPROTO_UDP, SPort: 5353}, false)
 
+		// Forwarded UDP (arriving on gtest2, say from a container behind
+		// it) to the client, from any port: local; what this host sends
+		// itself skips the rule (iif lo goto, nop).
+		const fwdTable = 0x676e00ff
+		tapIndex := 0
+		if ifi, err := net.InterfaceByName("gtest2"); err == nil {
+			tapIndex = ifi.Index
+		} else {
+			t.Error(err)
+		}
+		for _, v6 := range []bool{false, true} {
+			client, from := client4, netip.MustParseAddr("10.0.9.7")
+			if v6 {
+				client, from = client6, netip.MustParseAddr("fd00:9::7")
+			}
+			rules := []Rule{
+				{IPv6: v6, Priority: 102, IIf: "lo", Goto: 104},
+				{IPv6: v6, Priority: 103, IPProto: unix.IPPROTO_UDP, Table: fwdTable},
+				{IPv6: v6, Priority: 104, Nop: true},
+			}
+			for _, ru := range rules {
+				if err := r.AddRule(ru); err != nil {
+					t.Error(err)
+				}
+				added = append(added, func() error { return r.DelRule(ru) })
+			}
+			rt := LocalRoute{Table: fwdTable, Dst: netip.PrefixFrom(client, client.BitLen())}
+			if err := r.AddLocalRoute(rt); err != nil {
+				t.Error(err)
+			}
+			added = append(added, func() error { return r.DelLocalRoute(rt) })
+			isLocal(Flow{Dst: client, Src: from, IIf: tapIndex, IPProto: unix.IPPROTO_UDP, SPort: 9999}, true)
+			isLocal(Flow{Dst: client, Src: from, IIf: tapIndex, IPProto: unix.IPPROTO_TCP, SPort: 9999}, false)
+			isLocal(Flow{Dst: client, IPProto: unix.IPPROTO_UDP, SPort: 9999}, false)
+		}
+
 		// A socket on the wildcard address that "connects" to the client
 		// from port 5353 gets the route's source, as a server's reply
 		// would; from another port it goes out by the TAP.
