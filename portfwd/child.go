@@ -238,7 +238,7 @@ func (s *childServer) dial(ctx context.Context, req dialRequest) (f *os.File, ke
 	if err != nil {
 		return nil, false, err
 	}
-	f, err = connectSocket(ctx, fd, sa, childDialTimeout)
+	f, err = connectSocket(ctx, fd, sa, childDialTimeout, nil)
 	return f, false, err
 }
 
@@ -265,7 +265,11 @@ func (s *childServer) dialTransparent(ctx context.Context, req dialRequest, tran
 			return nil, err
 		}
 	}
-	f, err := connectSocket(ctx, fd, sa, childDialTimeout)
+	var sent func() error
+	if typ == unix.SOCK_STREAM {
+		sent = func() error { return s.tp.checkRedirect(req.Source, req.Addr) }
+	}
+	f, err := connectSocket(ctx, fd, sa, childDialTimeout, sent)
 	if err != nil && typ == unix.SOCK_DGRAM {
 		s.tp.releaseUDP(req.ID)
 	}

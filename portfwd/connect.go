@@ -112,8 +112,10 @@ func sockaddrOf(ap netip.AddrPort) (unix.Sockaddr, error) {
 
 // connectSocket connects fd (which it owns from now on, also on error) to
 // sa, waiting until ctx ends or timeout passes, and returns it as a file
-// registered with the runtime poller.
-func connectSocket(ctx context.Context, fd int, sa unix.Sockaddr, timeout time.Duration) (*os.File, error) {
+// registered with the runtime poller. sent, if not nil, runs once the
+// connection request has left and before the wait; its error abandons the
+// connection.
+func connectSocket(ctx context.Context, fd int, sa unix.Sockaddr, timeout time.Duration, sent func() error) (*os.File, error) {
 	err := unix.Connect(fd, sa)
 	f := os.NewFile(uintptr(fd), "portfwd-socket") // non-blocking: pollable
 	switch err {
@@ -123,6 +125,12 @@ func connectSocket(ctx context.Context, fd int, sa unix.Sockaddr, timeout time.D
 	default:
 		f.Close()
 		return nil, os.NewSyscallError("connect", err)
+	}
+	if sent != nil {
+		if err := sent(); err != nil {
+			f.Close()
+			return nil, err
+		}
 	}
 	rc, err := f.SyscallConn()
 	if err != nil {

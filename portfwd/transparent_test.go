@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"runtime"
 	"strings"
 	"sync"
@@ -23,6 +24,7 @@ import (
 // netns is an OS thread in a network namespace of the test's own, and a
 // way to run functions on it: the shape of the child's InNetNS hook.
 type netns struct {
+	tid  int // the thread, for "ip link set DEV netns TID"
 	fns  chan func()
 	done chan struct{}
 }
@@ -41,6 +43,7 @@ func newNetns(t *testing.T) *netns {
 			errc <- fmt.Errorf("unshare(CLONE_NEWNET): %w", err)
 			return
 		}
+		n.tid = unix.Gettid()
 		errc <- tap.LoopbackUp()
 		for fn := range n.fns {
 			fn()
@@ -202,9 +205,14 @@ func (w *srcipWorld) publish(t testing.TB, proto string, hostIP netip.Addr, targ
 // when bound to the wildcard address).
 func (w *srcipWorld) peerServer(t testing.TB, network string, addr netip.AddrPort) netip.AddrPort {
 	t.Helper()
+	return peerServer(t, w.sandbox, network, addr)
+}
+
+func peerServer(t testing.TB, ns *netns, network string, addr netip.AddrPort) netip.AddrPort {
+	t.Helper()
 	var bound netip.AddrPort
 	var wg sync.WaitGroup
-	w.sandbox.must(t, func() error {
+	ns.must(t, func() error {
 		if strings.HasPrefix(network, "tcp") {
 			l, err := net.Listen(network, addr.String())
 			if err != nil {
@@ -548,4 +556,67 @@ func TestSourceKeptFallsBack(t *testing.T) {
 		t.Errorf("a transparent connection is bound to %s", got)
 	}
 	c.Close()
+}
+
+// run runs a command (ip, iptables) on the namespace's thread, so in the
+// namespace.
+func (n *netns) run(t testing.TB, args ...string) {
+	t.Helper()
+	if err := n.Do(func() error {
+		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+			return fmt.Errorf("%s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestSourceKeptThroughRedirect: a firewall in the sandbox redirects the
+// published ports' targets to a "container" (a namespace behind a veth), as
+// Docker's DNAT does with userland-proxy=false. UDP keeps the client's
+// address through it; TCP cannot (no connection marks without iptables), and
+// connects at once without it instead of timing out.
+func TestSourceKeptThroughRedirect(t *testing.T) {
+	for _, bin := range []string{"ip", "iptables"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			t.Fatalf("this test sets up a redirect with %s: install it (apt-get install iproute2 iptables)", bin)
+		}
+	}
+	w := newSrcipWorld(t, Config{SourceIPTransparent: true})
+	ctr := newNetns(t)
+	w.sandbox.run(t, "ip", "link", "add", "gnctr0", "type", "veth", "peer", "name", "eth0", "netns", fmt.Sprint(ctr.tid))
+	w.sandbox.run(t, "ip", "addr", "add", "172.30.0.1/24", "dev", "gnctr0")
+	w.sandbox.run(t, "ip", "link", "set", "gnctr0", "up")
+	ctr.run(t, "ip", "addr", "add", "172.30.0.2/24", "dev", "eth0")
+	ctr.run(t, "ip", "link", "set", "eth0", "up")
+	ctr.run(t, "ip", "route", "add", "default", "via", "172.30.0.1")
+	// What Docker sets up for a published port without its userland proxy.
+	w.sandbox.must(t, func() error {
+		for _, f := range []string{"/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv4/conf/gnctr0/route_localnet"} {
+			if err := os.WriteFile(f, []byte("1"), 0); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	tcpSrv := peerServer(t, ctr, "tcp4", netip.MustParseAddrPort("0.0.0.0:9998"))
+	udpSrv := peerServer(t, ctr, "udp4", netip.MustParseAddrPort("0.0.0.0:9999"))
+	w.sandbox.run(t, "iptables", "-t", "nat", "-A", "OUTPUT", "-d", "127.0.0.1", "-p", "tcp", "--dport", "7998", "-j", "DNAT", "--to-destination", "172.30.0.2:"+fmt.Sprint(tcpSrv.Port()))
+	w.sandbox.run(t, "iptables", "-t", "nat", "-A", "OUTPUT", "-d", "127.0.0.1", "-p", "udp", "--dport", "7999", "-j", "DNAT", "--to-destination", "172.30.0.2:"+fmt.Sprint(udpSrv.Port()))
+	w.sandbox.run(t, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "gnctr0", "-m", "addrtype", "--src-type", "LOCAL", "-j", "MASQUERADE")
+
+	uhp := w.publish(t, "udp", hostIP4, netip.MustParseAddrPort("127.0.0.1:7999"))
+	conn := w.clientConn(t, "udp", clientIP4, uhp)
+	for i := range 3 {
+		if seen := askUDP(t, conn, fmt.Sprint("datagram ", i)); seen != conn.LocalAddr().String() {
+			t.Errorf("UDP through the redirect: the container saw %s, the client is %s", seen, conn.LocalAddr())
+		}
+	}
+	hp := w.publish(t, "tcp", hostIP4, netip.MustParseAddrPort("127.0.0.1:7998"))
+	seen, client := w.askTCP(t, clientIP4, hp)
+	t.Logf("TCP through the redirect: client %s, the container saw %s", client, seen)
+	if !strings.HasPrefix(seen, "172.30.0.1:") {
+		t.Errorf("TCP through the redirect: the container saw %s, want the sandbox's 172.30.0.1 (masqueraded)", seen)
+	}
 }
