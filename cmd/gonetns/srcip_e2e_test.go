@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -133,15 +134,20 @@ func askUDPPeer(t testing.TB, conn net.Conn) string {
 }
 
 // srcipSandbox runs gonetns with args and a command that serves the peer
-// servers; it returns when they listen, and ends at cleanup.
+// servers; it returns when they listen, and ends at cleanup. With
+// --detach-netns in args the servers run in the detached namespace.
 func srcipSandbox(t *testing.T, r e2etest.Runner, args []string, servers []string) string {
 	t.Helper()
 	state := r.TempDir(t) + "/state"
+	serve := e2etest.HelperCmd(t, "peer-serve", servers...)
+	if slices.Contains(args, "--detach-netns") {
+		serve = `nsenter -n"$ROOTLESSKIT_STATE_DIR/netns" ` + serve
+	}
 	script := fmt.Sprintf(`%s & s=$!
 for i in $(seq 200); do [ -S "$GONETNS_STATE_DIR/api.sock" ] && break; sleep 0.05; done
 echo ready
 read line
-kill $s`, e2etest.HelperCmd(t, "peer-serve", servers...))
+kill $s`, serve)
 	cmd := r.Command(context.Background(), append(append([]string{"--state-dir=" + state, "--ipv6"}, args...), "sh", "-c", script)...)
 	stdin, _ := cmd.StdinPipe()
 	stdout, _ := cmd.StdoutPipe()
@@ -358,5 +364,42 @@ func TestPortsSourceIPTransparentOff(t *testing.T) {
 	res := r.MustRun(t, quick, "ctl", "--socket", sock, "info", "--json")
 	if !strings.Contains(compactJSON(res.Stdout), `"sourceIPTransparent":false`) {
 		t.Errorf("gonetns ctl info --json: %s", res.Stdout)
+	}
+}
+
+// TestPortsKeepSourceIPDetachNetNS: the same with --detach-netns, where the
+// child lives in the host's network namespace and makes its sockets, rules
+// and routes in the detached one through its InNetNS hook.
+func TestPortsKeepSourceIPDetachNetNS(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	cn := newClientNetns(t)
+	tcp4, tcp6, udp4, udp6 := freePort(t, "tcp"), freePort(t, "tcp"), freePort(t, "udp"), freePort(t, "udp")
+	srcipSandbox(t, r, []string{"--detach-netns",
+		"-p", fmt.Sprintf("0.0.0.0:%d:8090/tcp", tcp4),
+		"-p", fmt.Sprintf("[::]:%d:[fd00::100]:8091/tcp6", tcp6),
+		"-p", fmt.Sprintf("0.0.0.0:%d:8095/udp", udp4),
+		"-p", fmt.Sprintf("[::]:%d:[::1]:8096/udp6", udp6)},
+		[]string{"tcp,[::]:8090", "tcp6,[fd00::100]:8091", "udp4,0.0.0.0:8095", "udp6,[::]:8096"})
+	for _, c := range []struct {
+		proto string
+		to    netip.AddrPort
+	}{
+		{"tcp", netip.AddrPortFrom(cn.HostIP4, uint16(tcp4))},
+		{"tcp", netip.AddrPortFrom(cn.HostIP6, uint16(tcp6))},
+		{"udp", netip.AddrPortFrom(cn.HostIP4, uint16(udp4))},
+		{"udp", netip.AddrPortFrom(cn.HostIP6, uint16(udp6))},
+	} {
+		conn := cn.dial(t, c.proto, c.to)
+		var seen, self string
+		if c.proto == "tcp" {
+			seen, self = askTCPPeer(t, conn)
+		} else {
+			seen, self = askUDPPeer(t, conn), conn.LocalAddr().String()
+		}
+		t.Logf("%s client %s -> %s: the server in the detached namespace saw %s", c.proto, self, c.to, seen)
+		if seen != self {
+			t.Errorf("%s client %s -> %s: the server saw %s", c.proto, self, c.to, seen)
+		}
 	}
 }
