@@ -92,11 +92,11 @@ import (
 // namespace does not own (a container's address behind a bridge, whose
 // replies would be routed, not delivered locally) get a plain connection
 // from the namespace's own address, as without transparency. So does a
-// connection whose transparent attempt is refused or cannot bind the
-// client's address (a redirecting firewall inside, e.g. Docker's DNAT
-// with userland-proxy=false, sends the marked SYN somewhere that answers
-// with an RST; two host sockets of the same client reaching the same
-// target): the connection goes through, without the client's address.
+// connection whose transparent attempt fails any other way (redirected as
+// above; refused, when a plain connection may still be accepted; unable to
+// bind the client's address because another socket of the same client
+// reaches the same target): it goes through, without the client's address
+// (a port where nothing listens is refused twice).
 const (
 	transparentMark     = 0x676e0001 // "gn" 0001: SO_MARK of transparent TCP sockets
 	transparentTable    = 0x676e0001 // TCP: local 0.0.0.0/0 and ::/0 dev lo
