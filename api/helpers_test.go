@@ -19,7 +19,7 @@ import (
 // test's own: the child side dials with a plain net.Dialer.
 type netDialer struct{}
 
-func (netDialer) Dial(ctx context.Context, proto string, addr netip.AddrPort) (net.Conn, error) {
+func (netDialer) Dial(ctx context.Context, proto string, addr, _ netip.AddrPort) (net.Conn, error) {
 	var d net.Dialer
 	return d.DialContext(ctx, proto, addr.String())
 }

@@ -22,29 +22,40 @@ import (
 
 // The dial protocol, one wire message each way:
 //
-//	parent -> child: dialRequest{id, proto, addr}
-//	child -> parent: dialReply{id, error, errno} with, on success, the
-//	                 connected socket attached (SCM_RIGHTS)
+//	parent -> child: dialRequest{id, proto, addr[, source]}
+//	child -> parent: dialReply{id, error, errno[, held]} with, on success,
+//	                 the connected socket attached (SCM_RIGHTS)
+//	parent -> child: dialRequest{op: "release", id}, when a flow whose
+//	                 reply said held has ended (no reply)
 //
 // Requests are served concurrently; replies may come back in any order and
 // are matched by id.
 
 // dialRequest asks the child to connect to Addr over Proto inside the
-// namespace.
+// namespace, from Source (the client's address on the host) when it is
+// valid and the namespace can (see transparent.go). With Op "release" it
+// says instead that the flow of dial ID has ended.
 type dialRequest struct {
-	ID    uint64         `json:"id"`
-	Proto string         `json:"proto"`
-	Addr  netip.AddrPort `json:"addr"`
+	ID     uint64         `json:"id"`
+	Op     string         `json:"op,omitempty"` // "" (dial) or opRelease
+	Proto  string         `json:"proto,omitempty"`
+	Addr   netip.AddrPort `json:"addr,omitzero"`
+	Source netip.AddrPort `json:"source,omitzero"`
 }
+
+const opRelease = "release"
 
 // dialReply answers one dialRequest. Error is empty on success, and then
 // exactly one descriptor comes with the message. Errno is the syscall.Errno
 // behind Error, if any, so that the parent can tell a refusal
-// (ECONNREFUSED) from other failures with errors.Is.
+// (ECONNREFUSED) from other failures with errors.Is. Held says that the
+// child keeps routing state for this connection (a UDP flow that kept the
+// client's address) until the parent sends a release for its ID.
 type dialReply struct {
 	ID    uint64 `json:"id"`
 	Error string `json:"error,omitempty"`
 	Errno int    `json:"errno,omitempty"`
+	Held  bool   `json:"held,omitempty"`
 }
 
 const (
@@ -62,33 +73,41 @@ var discardLogger = slog.New(slog.DiscardHandler)
 
 // ChildConfig configures ServeChild.
 type ChildConfig struct {
-	// InNetNS runs fn where sockets belong to the sandbox's network
-	// namespace; nil means here (the child is in that namespace). With
-	// --detach-netns it runs fn on a thread that lives in the detached
-	// namespace. fn only creates sockets; connecting happens outside.
-	InNetNS func(fn func() error) error
-	// Logger may be nil.
+	// Logger gets per-dial events at Debug and trouble at Warn. Nil
+	// discards.
 	Logger *slog.Logger
+	// InNetNS runs fn on an OS thread that is in the sandbox's network
+	// namespace and returns fn's error. Every socket the child creates
+	// (the dials' sockets, the rtnetlink socket of the routing set-up) and
+	// every /proc/sys write goes through it. Nil runs fn right away, for a
+	// child that lives in that namespace itself; with --detach-netns the
+	// child passes a hook onto a thread that has entered it. fn never
+	// blocks for long (a connect's wait happens outside).
+	InNetNS func(fn func() error) error
 }
 
 // ServeChild answers the parent's dial requests; it runs in the child
-// process, inside the namespaces. For each request it connects inside the
-// namespace (TCP: connect with a timeout of 10 s; UDP: a connected UDP
-// socket) and replies with the connected socket's descriptor, or with the
-// error. At most 256 dials run at once, each on its own goroutine.
+// process, which owns the sandbox's network namespace. For each request it
+// connects inside the namespace (TCP: connect with a timeout of 10 s; UDP:
+// a connected UDP socket), from the client's own address when the request
+// carries one and the namespace allows it (transparent.go), and replies
+// with the connected socket's descriptor, or with the error. At most 256
+// dials run at once, each on its own goroutine.
 //
 // ServeChild owns c and closes it. It returns nil when ctx ends or the
 // parent closes its end, an error if reading from c fails otherwise; either
-// way only after every goroutine it started has finished.
+// way only after every goroutine it started has finished, and after it has
+// removed the routing rules and routes it added.
 func ServeChild(ctx context.Context, c *wire.Conn, cfg ChildConfig) error {
-	log := cfg.Logger
-	if log == nil {
-		log = discardLogger
+	s := &childServer{c: c, log: cfg.Logger, inNS: cfg.InNetNS}
+	if s.log == nil {
+		s.log = discardLogger
 	}
-	inNS := cfg.InNetNS
-	if inNS == nil {
-		inNS = func(fn func() error) error { return fn() }
+	if s.inNS == nil {
+		s.inNS = func(fn func() error) error { return fn() }
 	}
+	s.tp = newTransparency(s.inNS, s.log)
+	defer s.tp.close() // last: after every dial has finished
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	defer c.Close() // before the wait: a goroutine may block in Send
@@ -108,10 +127,14 @@ func ServeChild(ctx context.Context, c *wire.Conn, cfg ChildConfig) error {
 		case ctx.Err() != nil || errors.Is(err, io.EOF):
 			return nil
 		case isBadMessage(err):
-			log.Warn("portfwd: dropping malformed dial request", "err", err)
+			s.log.Warn("portfwd: dropping malformed dial request", "err", err)
 			continue
 		default:
 			return fmt.Errorf("portfwd child: read dial requests from the parent: %w", err)
+		}
+		if req.Op == opRelease {
+			s.tp.releaseUDP(req.ID)
+			continue
 		}
 		select {
 		case slots <- struct{}{}:
@@ -120,9 +143,17 @@ func ServeChild(ctx context.Context, c *wire.Conn, cfg ChildConfig) error {
 		}
 		wg.Go(func() {
 			defer func() { <-slots }()
-			serveDial(ctx, c, req, inNS, log)
+			s.serveDial(ctx, req)
 		})
 	}
+}
+
+// childServer is one ServeChild.
+type childServer struct {
+	c    *wire.Conn
+	log  *slog.Logger
+	inNS func(func() error) error
+	tp   *transparency
 }
 
 // isBadMessage reports errors that spoil one message but not the stream.
@@ -133,10 +164,13 @@ func isBadMessage(err error) bool {
 }
 
 // serveDial connects for one request and sends the reply.
-func serveDial(ctx context.Context, c *wire.Conn, req dialRequest, inNS func(func() error) error, log *slog.Logger) {
+func (s *childServer) serveDial(ctx context.Context, req dialRequest) {
 	start := time.Now()
-	f, err := dialInside(ctx, req, inNS)
-	rep := dialReply{ID: req.ID}
+	f, kept, err := s.dial(ctx, req)
+	// A UDP flow that kept the client's address holds a route until the
+	// parent releases it; TCP needs nothing per connection.
+	held := kept && req.Proto[:3] == "udp"
+	rep := dialReply{ID: req.ID, Held: held}
 	var files []*os.File
 	if err != nil {
 		// The parent names the protocol and address itself: send what
@@ -153,111 +187,93 @@ func serveDial(ctx context.Context, c *wire.Conn, req dialRequest, inNS func(fun
 		defer f.Close()
 		files = []*os.File{f}
 	}
-	log.Debug("portfwd: child dial", "id", req.ID, "proto", req.Proto, "addr", req.Addr,
+	s.log.Debug("portfwd: child dial", "id", req.ID, "proto", req.Proto, "addr", req.Addr, "source", req.Source,
+		"kept_source", kept,
 		"duration", time.Since(start), "err", err)
-	if err := c.Send(rep, files...); err != nil && ctx.Err() == nil {
-		log.Warn("portfwd: cannot send a dial reply to the parent", "id", req.ID, "err", err)
+	if err := s.c.Send(rep, files...); err != nil {
+		if held {
+			s.tp.releaseUDP(req.ID) // the parent will never release it
+		}
+		if ctx.Err() == nil {
+			s.log.Warn("portfwd: cannot send a dial reply to the parent", "id", req.ID, "err", err)
+		}
 	}
 }
 
-// dialInside connects and returns the connected socket as a file. The
-// socket is created by inNS, in the sandbox's network namespace; the
-// connect waits here.
-func dialInside(ctx context.Context, req dialRequest, inNS func(func() error) error) (*os.File, error) {
+// dial connects for req and returns the connected socket as a file; kept
+// reports that it is bound to the client's address. A request with a
+// source tries a transparent connection first and falls back to a plain
+// one when the namespace cannot keep the address.
+func (s *childServer) dial(ctx context.Context, req dialRequest) (f *os.File, kept bool, err error) {
 	if !validProto(req.Proto) {
-		return nil, fmt.Errorf("unknown protocol %q", req.Proto)
+		return nil, false, fmt.Errorf("unknown protocol %q", req.Proto)
 	}
 	if !req.Addr.IsValid() {
-		return nil, errors.New("no address to dial")
+		return nil, false, errors.New("no address to dial")
 	}
-	family, sa := unix.AF_INET, unix.Sockaddr(nil)
-	if a := req.Addr.Addr(); a.Is4() || a.Is4In6() {
-		sa = &unix.SockaddrInet4{Port: int(req.Addr.Port()), Addr: a.Unmap().As4()}
-	} else {
-		family = unix.AF_INET6
-		sa = &unix.SockaddrInet6{Port: int(req.Addr.Port()), Addr: a.As16()}
+	req.Addr = netip.AddrPortFrom(req.Addr.Addr().Unmap(), req.Addr.Port())
+	if (strings.HasSuffix(req.Proto, "4") && !req.Addr.Addr().Is4()) || (strings.HasSuffix(req.Proto, "6") && !req.Addr.Addr().Is6()) {
+		return nil, false, fmt.Errorf("address %s is not of protocol %s", req.Addr, req.Proto)
 	}
-	if (strings.HasSuffix(req.Proto, "4") && family != unix.AF_INET) || (strings.HasSuffix(req.Proto, "6") && family != unix.AF_INET6) {
-		return nil, fmt.Errorf("address %s is not of protocol %s", req.Addr, req.Proto)
+	transport := req.Proto[:3]
+	if req.Source.IsValid() {
+		f, err := s.dialTransparent(ctx, req, transport)
+		if err == nil {
+			return f, true, nil
+		}
+		var not *errNotTransparent
+		if !errors.As(err, &not) && ctx.Err() == nil {
+			s.log.Debug("portfwd: transparent dial failed; dialing from the namespace's own address", "id", req.ID,
+				"addr", req.Addr, "source", req.Source, "err", err)
+		}
+		if ctx.Err() != nil {
+			return nil, false, err
+		}
 	}
-	sotype := unix.SOCK_STREAM
-	if req.Proto[:3] == "udp" {
-		sotype = unix.SOCK_DGRAM
+	typ := unix.SOCK_STREAM
+	if transport == "udp" {
+		typ = unix.SOCK_DGRAM
 	}
-	var fd int
-	err := inNS(func() error {
-		var err error
-		fd, err = unix.Socket(family, sotype|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
-		return err
-	})
+	fd, sa, err := openSocket(s.inNS, req.Addr, socketOpts{typ: typ})
 	if err != nil {
-		return nil, os.NewSyscallError("socket", err)
+		return nil, false, err
 	}
-	f := os.NewFile(uintptr(fd), "dial "+req.Proto+" "+req.Addr.String())
-	if err := connect(ctx, f, sa); err != nil {
-		f.Close()
+	f, err = connectSocket(ctx, fd, sa, childDialTimeout, nil)
+	return f, false, err
+}
+
+// dialTransparent connects from req.Source. Its errors make the caller
+// fall back to a plain dial; *errNotTransparent ones are not even worth a
+// log line (a loopback client, say).
+func (s *childServer) dialTransparent(ctx context.Context, req dialRequest, transport string) (*os.File, error) {
+	if err := s.tp.eligible(transport, req.Addr, req.Source); err != nil {
 		return nil, err
 	}
-	return f, nil
-}
-
-// connect connects the non-blocking socket f to sa, waiting at most
-// childDialTimeout or until ctx ends.
-func connect(ctx context.Context, f *os.File, sa unix.Sockaddr) error {
-	rc, err := f.SyscallConn()
+	typ := unix.SOCK_STREAM
+	if transport == "udp" {
+		typ = unix.SOCK_DGRAM
+	}
+	fd, sa, err := openSocket(s.inNS, req.Addr, socketOpts{typ: typ, from: req.Source})
 	if err != nil {
-		return err
+		return nil, err
 	}
-	var cerr error
-	if err := rc.Control(func(fd uintptr) { cerr = unix.Connect(int(fd), sa) }); err != nil {
-		return err
-	}
-	switch cerr {
-	case nil:
-		return nil
-	case unix.EINPROGRESS:
-	default:
-		return os.NewSyscallError("connect", cerr)
-	}
-	deadline := time.Now().Add(childDialTimeout)
-	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
-		deadline = d
-	}
-	f.SetWriteDeadline(deadline)
-	stop := context.AfterFunc(ctx, func() { f.SetWriteDeadline(time.Unix(1, 0)) })
-	defer stop()
-	var soErr int
-	err = rc.Write(func(fd uintptr) bool {
-		v, gerr := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR)
-		if gerr != nil {
-			soErr = int(gerr.(unix.Errno))
-			return true
+	if typ == unix.SOCK_DGRAM {
+		// The way back first: a server may answer the first datagram as
+		// soon as the parent sends it.
+		if err := s.tp.acquireUDP(req.ID, req.Addr, req.Source); err != nil {
+			unix.Close(fd)
+			return nil, err
 		}
-		soErr = v
-		// Still connecting: wait for writability again.
-		return v != int(unix.EINPROGRESS) && v != 0 || isConnected(int(fd))
-	})
-	if err != nil {
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			return os.NewSyscallError("connect", unix.ETIMEDOUT)
-		}
-		return err
 	}
-	if soErr != 0 {
-		return os.NewSyscallError("connect", unix.Errno(soErr))
+	var sent func() error
+	if typ == unix.SOCK_STREAM {
+		sent = func() error { return s.tp.checkRedirect(req.Source, req.Addr) }
 	}
-	f.SetWriteDeadline(time.Time{})
-	return nil
-}
-
-// isConnected reports whether a socket whose SO_ERROR is 0 has finished
-// connecting (it has a peer).
-func isConnected(fd int) bool {
-	_, err := unix.Getpeername(fd)
-	return err == nil
+	f, err := connectSocket(ctx, fd, sa, childDialTimeout, sent)
+	if err != nil && typ == unix.SOCK_DGRAM {
+		s.tp.releaseUDP(req.ID)
+	}
+	return f, err
 }
 
 // errnoOf finds the errno behind a dial error; timeouts count as

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -76,6 +77,22 @@ func listenTCP(t testing.TB) *net.TCPListener {
 	return ln
 }
 
+// dialFile does what the child does for a TCP request, in the test's own
+// namespace, for tests that play the child themselves.
+func dialFile(t testing.TB, req dialRequest) *os.File {
+	t.Helper()
+	c, err := net.Dial(req.Proto, req.Addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	f, err := c.(*net.TCPConn).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
 func addrOf(a net.Addr) netip.AddrPort { return netip.MustParseAddrPort(a.String()) }
 
 func TestDialTCP(t *testing.T) {
@@ -83,7 +100,7 @@ func TestDialTCP(t *testing.T) {
 	ln := listenTCP(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := d.Dial(ctx, "tcp", addrOf(ln.Addr()))
+	c, err := d.Dial(ctx, "tcp", addrOf(ln.Addr()), netip.AddrPort{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -119,7 +136,7 @@ func TestDialUDP(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer pc.Close()
-	c, err := d.Dial(context.Background(), "udp", addrOf(pc.LocalAddr()))
+	c, err := d.Dial(context.Background(), "udp", addrOf(pc.LocalAddr()), netip.AddrPort{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -146,7 +163,7 @@ func TestDialRefused(t *testing.T) {
 	ln := listenTCP(t)
 	addr := addrOf(ln.Addr())
 	ln.Close()
-	_, err := d.Dial(context.Background(), "tcp", addr)
+	_, err := d.Dial(context.Background(), "tcp", addr, netip.AddrPort{})
 	if !errors.Is(err, syscall.ECONNREFUSED) {
 		t.Fatalf("dial a closed port: %v; want ECONNREFUSED", err)
 	}
@@ -157,11 +174,11 @@ func TestDialRefused(t *testing.T) {
 
 func TestDialBadRequests(t *testing.T) {
 	d := servedDialer(t)
-	if _, err := d.Dial(context.Background(), "sctp", netip.MustParseAddrPort("127.0.0.1:1")); err == nil || !strings.Contains(err.Error(), "unknown protocol") {
+	if _, err := d.Dial(context.Background(), "sctp", netip.MustParseAddrPort("127.0.0.1:1"), netip.AddrPort{}); err == nil || !strings.Contains(err.Error(), "unknown protocol") {
 		t.Fatalf("Dial sctp: %v", err)
 	}
 	// Past the parent's checks, the child answers with an error too.
-	if _, err := d.Dial(context.Background(), "tcp", netip.AddrPort{}); err == nil || !strings.Contains(err.Error(), "no address") {
+	if _, err := d.Dial(context.Background(), "tcp", netip.AddrPort{}, netip.AddrPort{}); err == nil || !strings.Contains(err.Error(), "no address") {
 		t.Fatalf("Dial with no address: %v", err)
 	}
 }
@@ -217,7 +234,7 @@ func TestDialOutOfOrder(t *testing.T) {
 	results := make(chan result, n)
 	for i := range n {
 		go func() {
-			c, err := d.Dial(context.Background(), "tcp", targets[i])
+			c, err := d.Dial(context.Background(), "tcp", targets[i], netip.AddrPort{})
 			results <- result{i, c, err}
 		}()
 	}
@@ -230,10 +247,7 @@ func TestDialOutOfOrder(t *testing.T) {
 		reqs = append(reqs, req)
 	}
 	for i := len(reqs) - 1; i >= 0; i-- {
-		f, err := dialInside(context.Background(), reqs[i], here)
-		if err != nil {
-			t.Fatal(err)
-		}
+		f := dialFile(t, reqs[i])
 		if err := child.Send(dialReply{ID: reqs[i].ID}, f); err != nil {
 			t.Fatal(err)
 		}
@@ -256,7 +270,7 @@ func TestDialContextEnds(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	ln := listenTCP(t)
-	_, err := d.Dial(ctx, "tcp", addrOf(ln.Addr()))
+	_, err := d.Dial(ctx, "tcp", addrOf(ln.Addr()), netip.AddrPort{})
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Dial with no answer: %v; want the context's deadline", err)
 	}
@@ -266,10 +280,7 @@ func TestDialContextEnds(t *testing.T) {
 	if _, err := child.Recv(&req); err != nil {
 		t.Fatal(err)
 	}
-	f, err := dialInside(context.Background(), req, here)
-	if err != nil {
-		t.Fatal(err)
-	}
+	f := dialFile(t, req)
 	child.Send(dialReply{ID: req.ID}, f)
 	f.Close()
 	go func() {
@@ -278,7 +289,7 @@ func TestDialContextEnds(t *testing.T) {
 			child.Send(dialReply{ID: req.ID, Error: "connect: connection refused", Errno: int(syscall.ECONNREFUSED)})
 		}
 	}()
-	if _, err := d.Dial(context.Background(), "tcp", addrOf(ln.Addr())); !errors.Is(err, syscall.ECONNREFUSED) {
+	if _, err := d.Dial(context.Background(), "tcp", addrOf(ln.Addr()), netip.AddrPort{}); !errors.Is(err, syscall.ECONNREFUSED) {
 		t.Fatalf("the next Dial: %v; want the child's ECONNREFUSED", err)
 	}
 }
@@ -287,7 +298,7 @@ func TestDialerCloseFailsPending(t *testing.T) {
 	d, _ := fakeChild(t)
 	errc := make(chan error, 1)
 	go func() {
-		_, err := d.Dial(context.Background(), "tcp", netip.MustParseAddrPort("127.0.0.1:1"))
+		_, err := d.Dial(context.Background(), "tcp", netip.MustParseAddrPort("127.0.0.1:1"), netip.AddrPort{})
 		errc <- err
 	}()
 	time.Sleep(20 * time.Millisecond) // let it send; not needed for correctness
@@ -302,7 +313,7 @@ func TestDialerCloseFailsPending(t *testing.T) {
 	case <-time.After(2 * time.Second):
 		t.Fatal("a pending Dial did not end with Close")
 	}
-	if _, err := d.Dial(context.Background(), "tcp", netip.MustParseAddrPort("127.0.0.1:1")); !errors.Is(err, net.ErrClosed) {
+	if _, err := d.Dial(context.Background(), "tcp", netip.MustParseAddrPort("127.0.0.1:1"), netip.AddrPort{}); !errors.Is(err, net.ErrClosed) {
 		t.Fatalf("Dial after Close: %v", err)
 	}
 	d.Close() // idempotent
@@ -312,7 +323,7 @@ func TestDialerChildGone(t *testing.T) {
 	d, child := fakeChild(t)
 	errc := make(chan error, 1)
 	go func() {
-		_, err := d.Dial(context.Background(), "tcp", netip.MustParseAddrPort("127.0.0.1:1"))
+		_, err := d.Dial(context.Background(), "tcp", netip.MustParseAddrPort("127.0.0.1:1"), netip.AddrPort{})
 		errc <- err
 	}()
 	var req dialRequest
@@ -321,7 +332,7 @@ func TestDialerChildGone(t *testing.T) {
 	if err := <-errc; !errors.Is(err, io.EOF) || !strings.Contains(err.Error(), "child") {
 		t.Fatalf("Dial when the child goes away: %v; want io.EOF and a word about the child", err)
 	}
-	if _, err := d.Dial(context.Background(), "tcp", netip.MustParseAddrPort("127.0.0.1:1")); !errors.Is(err, io.EOF) {
+	if _, err := d.Dial(context.Background(), "tcp", netip.MustParseAddrPort("127.0.0.1:1"), netip.AddrPort{}); !errors.Is(err, io.EOF) {
 		t.Fatalf("Dial after the child went away: %v", err)
 	}
 }
@@ -329,7 +340,7 @@ func TestDialerChildGone(t *testing.T) {
 func TestDialerNotStarted(t *testing.T) {
 	p, _ := wirePair(t)
 	d := NewDialer(p)
-	if _, err := d.Dial(context.Background(), "tcp", netip.MustParseAddrPort("127.0.0.1:1")); err == nil || !strings.Contains(err.Error(), "Start") {
+	if _, err := d.Dial(context.Background(), "tcp", netip.MustParseAddrPort("127.0.0.1:1"), netip.AddrPort{}); err == nil || !strings.Contains(err.Error(), "Start") {
 		t.Fatalf("Dial before Start: %v", err)
 	}
 	if err := d.Close(); err != nil {
@@ -388,6 +399,55 @@ func TestWireSendKeepsNonblocking(t *testing.T) {
 	if flags&unix.O_NONBLOCK == 0 {
 		t.Fatal("wire.Send cleared O_NONBLOCK on the connection it sent a file of")
 	}
+}
+
+// TestDialerMalformedRepliesFreeSlots: a reply the Dialer cannot decode
+// still answers a request, so its slot is free again. (It used to leak one
+// of the 256 for good; after 256 malformed replies every Dial waited for
+// its context, as the last one here would.)
+func TestDialerMalformedRepliesFreeSlots(t *testing.T) {
+	d, child := fakeChild(t)
+	target := addrOf(listenTCP(t).Addr())
+	answered := make(chan struct{})
+	go func() {
+		for i := 0; ; i++ {
+			var req dialRequest
+			if _, err := child.Recv(&req); err != nil {
+				return
+			}
+			if i < maxChildDials {
+				child.Send(map[string]any{"id": "not a number"}) // a type error for the Dialer
+				if i == maxChildDials-1 {
+					close(answered)
+				}
+				continue
+			}
+			f := dialFile(t, req)
+			child.Send(dialReply{ID: req.ID}, f)
+			f.Close()
+		}
+	}()
+	// Every slot taken by a Dial whose reply is garbage; they end with
+	// their contexts once all the garbage has been sent.
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	for range maxChildDials {
+		wg.Go(func() {
+			if _, err := d.Dial(ctx, "tcp", target, netip.AddrPort{}); !errors.Is(err, context.Canceled) {
+				t.Errorf("a Dial answered with garbage: %v, want context.Canceled", err)
+			}
+		})
+	}
+	<-answered
+	cancel()
+	wg.Wait()
+	ctx, cancel = context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := d.Dial(ctx, "tcp", target, netip.AddrPort{})
+	if err != nil {
+		t.Fatalf("a Dial after %d malformed replies: %v", maxChildDials, err)
+	}
+	c.Close()
 }
 
 // here runs fn in this test's own network namespace.

@@ -63,7 +63,7 @@ func TestConformanceWireProtocol(t *testing.T) {
 // netDialer is the plain in-process ChildDialer: a net.Dialer.
 type netDialer struct{}
 
-func (netDialer) Dial(ctx context.Context, proto string, addr netip.AddrPort) (net.Conn, error) {
+func (netDialer) Dial(ctx context.Context, proto string, addr, _ netip.AddrPort) (net.Conn, error) {
 	var d net.Dialer
 	return d.DialContext(ctx, proto, addr.String())
 }

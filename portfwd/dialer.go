@@ -16,12 +16,27 @@ import (
 )
 
 // ChildDialer connects to addr inside the sandbox's network namespace. proto
-// is tcp, tcp4, tcp6, udp, udp4 or udp6; the connection is a *net.TCPConn
-// or a *net.UDPConn (the Manager relays TCP with splice(2) only between two
-// *net.TCPConn). A refused connection is an error that matches
-// syscall.ECONNREFUSED with errors.Is. Dial must be safe for concurrent use.
+// is tcp, tcp4, tcp6, udp, udp4 or udp6. source, when valid, is the
+// client's address on the host, which the connection should come from
+// inside when the namespace can arrange it (it is a wish, not a
+// requirement: a dialer may ignore it, and the Manager sends it only with
+// Config.SourceIPTransparent). For TCP the connection is a *net.TCPConn
+// (the Manager relays TCP with splice(2) only between two *net.TCPConn);
+// for UDP a *net.UDPConn, or a net.Conn that also implements syscall.Conn
+// and whose Close releases what the namespace keeps for the flow. A
+// refused connection is an error that matches syscall.ECONNREFUSED with
+// errors.Is. Dial must be safe for concurrent use.
 type ChildDialer interface {
-	Dial(ctx context.Context, proto string, addr netip.AddrPort) (net.Conn, error)
+	Dial(ctx context.Context, proto string, addr, source netip.AddrPort) (net.Conn, error)
+}
+
+// source is what the Manager passes to Dial as the source for a client:
+// its address (IPv4 unmapped) with SourceIPTransparent, nothing without.
+func (m *Manager) source(client netip.AddrPort) netip.AddrPort {
+	if !m.cfg.SourceIPTransparent {
+		return netip.AddrPort{}
+	}
+	return netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
 }
 
 // Dialer is the parent's side of the dial protocol: it sends each Dial to
@@ -78,10 +93,11 @@ func (d *Dialer) Start() {
 	go d.readReplies()
 }
 
-// Dial asks the child to connect to addr over proto inside the namespace
-// and waits for the answer or for ctx to end. A refusal in the namespace
-// comes back as an error matching syscall.ECONNREFUSED.
-func (d *Dialer) Dial(ctx context.Context, proto string, addr netip.AddrPort) (net.Conn, error) {
+// Dial asks the child to connect to addr over proto inside the namespace,
+// from source if valid and possible, and waits for the answer or for ctx
+// to end. A refusal in the namespace comes back as an error matching
+// syscall.ECONNREFUSED. A UDP connection that kept source is a *HeldConn.
+func (d *Dialer) Dial(ctx context.Context, proto string, addr, source netip.AddrPort) (net.Conn, error) {
 	if !validProto(proto) {
 		return nil, fmt.Errorf("dial %s %s in the namespace: unknown protocol", proto, addr)
 	}
@@ -115,19 +131,18 @@ func (d *Dialer) Dial(ctx context.Context, proto string, addr netip.AddrPort) (n
 	}
 	d.pending[id] = ch
 	d.mu.Unlock()
-	if err := d.c.Send(dialRequest{ID: id, Proto: proto, Addr: addr}); err != nil {
+	if err := d.c.Send(dialRequest{ID: id, Proto: proto, Addr: addr, Source: source}); err != nil {
 		d.forget(id)
 		<-d.slots
 		return nil, fmt.Errorf("dial %s %s in the namespace: ask the child: %w", proto, addr, err)
 	}
 	select {
 	case res := <-ch:
-		return connFromReply(proto, addr, res)
+		return d.connFromReply(proto, addr, res)
 	case <-ctx.Done():
 		if !d.forget(id) {
 			// The reply is being delivered; drop it.
-			res := <-ch
-			wire.CloseFiles(res.files)
+			d.drop(<-ch)
 		}
 		return nil, fmt.Errorf("dial %s %s in the namespace: %w", proto, addr, ctx.Err())
 	}
@@ -147,31 +162,48 @@ func (d *Dialer) readReplies() {
 	for {
 		var rep dialReply
 		files, err := d.c.Recv(&rep)
-		if err != nil {
-			if isBadMessage(err) {
-				// One lost reply: its Dial ends with its context.
-				continue
-			}
+		if err != nil && !isBadMessage(err) {
 			if errors.Is(err, io.EOF) {
 				err = fmt.Errorf("the child closed the port-forwarding channel (has it exited?): %w", err)
 			}
 			d.fail(err)
 			return
 		}
+		// Every message from the child answers one request, readable or
+		// not: the child is done with it, so its slot is free again.
 		select {
-		case <-d.slots: // the child is done with one request
+		case <-d.slots:
 		default:
+		}
+		if err != nil {
+			// One lost reply: its Dial ends with its context.
+			continue
 		}
 		d.mu.Lock()
 		ch, ok := d.pending[rep.ID]
 		delete(d.pending, rep.ID)
 		d.mu.Unlock()
 		if !ok {
-			wire.CloseFiles(files) // its Dial gave up
+			d.drop(dialResult{rep: rep, files: files}) // its Dial gave up
 			continue
 		}
 		ch <- dialResult{rep: rep, files: files}
 	}
+}
+
+// drop discards a reply nobody waits for, releasing what the child holds
+// for it.
+func (d *Dialer) drop(res dialResult) {
+	wire.CloseFiles(res.files)
+	if res.rep.Held {
+		d.release(res.rep.ID)
+	}
+}
+
+// release tells the child that the flow of dial id has ended. A failure
+// means the child is gone, and its namespace with what it held.
+func (d *Dialer) release(id uint64) {
+	d.c.Send(dialRequest{ID: id, Op: opRelease})
 }
 
 // fail ends every pending Dial, and every later one, with err.
@@ -215,9 +247,9 @@ func (d *Dialer) Close() error {
 }
 
 // connFromReply turns a reply into a connection of the right kind.
-func connFromReply(proto string, addr netip.AddrPort, res dialResult) (net.Conn, error) {
+func (d *Dialer) connFromReply(proto string, addr netip.AddrPort, res dialResult) (net.Conn, error) {
 	fail := func(err error) (net.Conn, error) {
-		wire.CloseFiles(res.files)
+		d.drop(res)
 		return nil, fmt.Errorf("dial %s %s in the namespace: %w", proto, addr, err)
 	}
 	switch {
@@ -228,24 +260,42 @@ func connFromReply(proto string, addr netip.AddrPort, res dialResult) (net.Conn,
 	case len(res.files) != 1:
 		return fail(fmt.Errorf("protocol error: the child sent %d descriptors, want 1", len(res.files)))
 	}
-	f := res.files[0]
-	conn, err := net.FileConn(f) // duplicates the descriptor
-	f.Close()
+	conn, err := net.FileConn(res.files[0]) // duplicates the descriptor
 	if err != nil {
-		return nil, fmt.Errorf("dial %s %s in the namespace: use the child's socket: %w", proto, addr, err)
+		return fail(fmt.Errorf("use the child's socket: %w", err))
 	}
+	wire.CloseFiles(res.files)
+	res.files = nil
 	ok := false
 	switch proto[:3] {
 	case "tcp":
 		_, ok = conn.(*net.TCPConn)
 	case "udp":
-		_, ok = conn.(*net.UDPConn)
+		var uc *net.UDPConn
+		if uc, ok = conn.(*net.UDPConn); ok && res.rep.Held {
+			return &HeldConn{UDPConn: uc, release: func() { d.release(res.rep.ID) }}, nil
+		}
 	}
 	if !ok {
 		conn.Close()
-		return nil, fmt.Errorf("dial %s %s in the namespace: protocol error: the child sent a %T", proto, addr, conn)
+		return fail(fmt.Errorf("protocol error: the child sent a %T", conn))
 	}
 	return conn, nil
+}
+
+// HeldConn is a UDP connection for which the child keeps routing state (a
+// flow that kept the client's address); Close releases it.
+type HeldConn struct {
+	*net.UDPConn
+	release func()
+	once    sync.Once
+}
+
+// Close closes the connection and tells the child the flow has ended.
+func (c *HeldConn) Close() error {
+	err := c.UDPConn.Close()
+	c.once.Do(c.release)
+	return err
 }
 
 // childError is a dial failure reported by the child. It matches its errno

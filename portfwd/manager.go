@@ -61,15 +61,22 @@ type Config struct {
 	// logged. Zero means 4096.
 	MaxTCPConns int
 	// MaxUDPFlows bounds the UDP flows (client addresses) of all published
-	// ports together; each holds a socket in the namespace, a goroutine and
-	// a 64 KiB buffer. Datagrams from new clients beyond it are dropped,
-	// and a warning logged. Zero means 1024.
+	// ports together; each holds a socket in the namespace and a goroutine
+	// (receive buffers are pooled, held only while a datagram passes).
+	// Datagrams from new clients beyond it are dropped, and a warning
+	// logged. Zero means 1024.
 	MaxUDPFlows int
 	// SplicePipes bounds the pipes TCP relays splice through, in use or
 	// idle (two descriptors each); SpliceIdlePipes the idle ones kept for
 	// reuse. A relay holds one only while data moves, and copies through
 	// a buffer when none is left. Zero means 32 and 8.
 	SplicePipes, SpliceIdlePipes int
+	// SourceIPTransparent passes each client's address to the Dialer, so
+	// that connections and UDP flows arrive inside from the client's own
+	// address and port (RootlessKit's --source-ip-transparent; see the
+	// child's side in transparent.go). False: they come from an address of
+	// the namespace, as with RootlessKit before v3.
+	SourceIPTransparent bool
 }
 
 // Manager publishes ports: it listens on the host and relays each

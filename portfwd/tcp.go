@@ -140,7 +140,7 @@ func (r *tcpRelay) run() {
 	log := p.log.With("client", r.outer.RemoteAddr().String(), "child", p.child.String())
 
 	ctx, cancel := context.WithTimeout(p.m.ctx, p.m.cfg.DialTimeout)
-	c, err := p.m.cfg.Dialer.Dial(ctx, "tcp", p.child)
+	c, err := p.m.cfg.Dialer.Dial(ctx, "tcp", p.child, p.m.source(r.outer.RemoteAddr().(*net.TCPAddr).AddrPort()))
 	cancel()
 	if err != nil {
 		// Refused (or unreachable) inside: refuse the client at once with

@@ -24,7 +24,7 @@ import (
 // dialFunc is an in-process ChildDialer.
 type dialFunc func(ctx context.Context, proto string, addr netip.AddrPort) (net.Conn, error)
 
-func (f dialFunc) Dial(ctx context.Context, proto string, addr netip.AddrPort) (net.Conn, error) {
+func (f dialFunc) Dial(ctx context.Context, proto string, addr, _ netip.AddrPort) (net.Conn, error) {
 	return f(ctx, proto, addr)
 }
 

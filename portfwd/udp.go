@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -13,21 +14,37 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/gonetns/gonetns/internal/backoff"
 )
 
 const (
-	// maxDatagram is the receive buffer: the largest UDP payload over IPv6
-	// (65,527 bytes) fits, and over IPv4 it is 65,507.
+	// maxDatagram is the size of the receive buffers: the largest UDP
+	// payload over IPv6 (65,527 bytes) fits, and over IPv4 it is 65,507.
 	maxDatagram = 64 << 10
 	// maxQueued bounds the datagrams a new flow holds while its socket in
 	// the namespace is being dialed; more are dropped.
 	maxQueued = 16
+	// maxQueuedBytes bounds the bytes all of a port's new flows hold while
+	// dialing, so that a burst of new clients with large datagrams cannot
+	// grow the parent without limit (16 x 64 KiB per flow would be 64 MiB
+	// per 1,000 flows); beyond it, datagrams of dialing flows are dropped.
+	maxQueuedBytes = 1 << 20
 )
+
+// datagramPool holds the flows' receive buffers. A flow borrows one only
+// while a datagram is being read and passed on, never while it waits, so
+// memory follows the traffic, not the number of flows: each flow used to
+// hold a 64 KiB buffer for its whole life, and cycling source ports up to
+// the flow cap took the parent past 1 GB (issue 12). Unused buffers go
+// back to the runtime at the next collections.
+var datagramPool = sync.Pool{New: func() any { b := make([]byte, maxDatagram); return &b }}
 
 // udpPort is one published UDP port: a host socket and a flow per client
 // address, each with its own connected socket in the namespace, so that
-// replies go back to the client that caused them.
+// replies go back to the client that caused them, from the host address
+// the client sent to.
 type udpPort struct {
 	m     *Manager
 	id    int
@@ -37,9 +54,14 @@ type udpPort struct {
 	conn  *net.UDPConn    // host side
 	ctx   context.Context // ends at stop: aborts flow dials
 	full  limitWarner
+	// pktinfo is the host socket's family (AF_INET or AF_INET6) when it
+	// listens on the unspecified address and so learns each datagram's
+	// destination (IP_PKTINFO); 0 otherwise.
+	pktinfo int
+	queued  atomic.Int64 // bytes in all flows' queues
 
 	mu     sync.Mutex
-	flows  map[netip.AddrPort]*udpFlow
+	flows  map[flowKey]*udpFlow
 	closed bool
 
 	cancel   context.CancelFunc
@@ -48,24 +70,40 @@ type udpPort struct {
 	stopErr  error
 }
 
+// flowKey names a flow: the client, and the host address it sent to
+// (zero unless the port listens on the unspecified address).
+type flowKey struct {
+	client netip.AddrPort
+	local  netip.Addr
+}
+
 func (m *Manager) listenUDP(ctx context.Context, id int, spec Spec) (*udpPort, error) {
 	var lc net.ListenConfig
 	pc, err := lc.ListenPacket(ctx, spec.listenNetwork(), hostPort(spec.listenAddr()))
 	if err != nil {
 		return nil, err
 	}
+	conn := pc.(*net.UDPConn)
+	var family int
+	if a := spec.listenAddr().Addr(); !a.IsValid() || a.IsUnspecified() {
+		if family, err = enablePktinfo(conn); err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("ask for the destination of datagrams (so that replies leave from the address clients sent to): %w", err)
+		}
+	}
 	pctx, cancel := context.WithCancel(m.ctx)
 	p := &udpPort{
-		m:      m,
-		id:     id,
-		spec:   spec,
-		child:  spec.childAddr(),
-		log:    m.log.With("port_id", id, "proto", spec.Proto),
-		conn:   pc.(*net.UDPConn),
-		ctx:    pctx,
-		cancel: cancel,
-		flows:  make(map[netip.AddrPort]*udpFlow),
-		done:   make(chan struct{}),
+		m:       m,
+		id:      id,
+		spec:    spec,
+		child:   spec.childAddr(),
+		log:     m.log.With("port_id", id, "proto", spec.Proto),
+		conn:    conn,
+		ctx:     pctx,
+		pktinfo: family,
+		cancel:  cancel,
+		flows:   make(map[flowKey]*udpFlow),
+		done:    make(chan struct{}),
 	}
 	m.wg.Go(p.serve)
 	return p, nil
@@ -96,9 +134,10 @@ func (p *udpPort) stop() error {
 func (p *udpPort) serve() {
 	defer close(p.done)
 	buf := make([]byte, maxDatagram)
+	oob := make([]byte, pktinfoSpace)
 	retry := backoff.Backoff{Min: time.Millisecond, Max: 100 * time.Millisecond}
 	for {
-		n, client, err := p.conn.ReadFromUDPAddrPort(buf)
+		n, oobn, _, client, err := p.conn.ReadMsgUDPAddrPort(buf, oob)
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
@@ -110,21 +149,25 @@ func (p *udpPort) serve() {
 			continue
 		}
 		retry.Reset()
-		if f := p.flow(client); f != nil {
+		key := flowKey{client: client}
+		if p.pktinfo != 0 {
+			key.local = pktinfoDst(oob[:oobn])
+		}
+		if f := p.flow(key); f != nil {
 			f.toChild(buf[:n])
 		}
 	}
 }
 
-// flow returns client's flow, creating it (and starting its goroutine) if
-// needed; nil when the port is stopping or at MaxUDPFlows.
-func (p *udpPort) flow(client netip.AddrPort) *udpFlow {
+// flow returns the flow for key, creating it (and starting its goroutine)
+// if needed; nil when the port is stopping or at MaxUDPFlows.
+func (p *udpPort) flow(key flowKey) *udpFlow {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
 		return nil
 	}
-	if f := p.flows[client]; f != nil {
+	if f := p.flows[key]; f != nil {
 		return f
 	}
 	select {
@@ -134,9 +177,12 @@ func (p *udpPort) flow(client netip.AddrPort) *udpFlow {
 			"limit", p.m.cfg.MaxUDPFlows)
 		return nil
 	}
-	f := &udpFlow{p: p, client: client, log: p.log.With("client", client.String(), "child", p.child.String())}
+	f := &udpFlow{p: p, key: key, log: p.log.With("client", key.client.String(), "child", p.child.String())}
+	if key.local.IsValid() {
+		f.oob = pktinfoSource(p.pktinfo, key.local)
+	}
 	f.touch()
-	p.flows[client] = f
+	p.flows[key] = f
 	// Safe against Close's Wait: the read loop calling us is in m.wg.
 	p.m.wg.Go(f.run)
 	return f
@@ -145,7 +191,8 @@ func (p *udpPort) flow(client netip.AddrPort) *udpFlow {
 // udpFlow is one client address and its connected socket in the namespace.
 type udpFlow struct {
 	p          *udpPort
-	client     netip.AddrPort
+	key        flowKey
+	oob        []byte // IP_PKTINFO for replies: from key.local; nil for the default
 	log        *slog.Logger
 	lastActive atomic.Int64 // UnixNano of the last datagram either way
 
@@ -169,7 +216,11 @@ func (f *udpFlow) toChild(b []byte) {
 	c := f.conn
 	if c == nil {
 		if len(f.queue) < maxQueued {
-			f.queue = append(f.queue, bytes.Clone(b))
+			if f.p.queued.Add(int64(len(b))) <= maxQueuedBytes {
+				f.queue = append(f.queue, bytes.Clone(b))
+			} else {
+				f.p.queued.Add(-int64(len(b)))
+			}
 		}
 		f.mu.Unlock()
 		return
@@ -186,26 +237,35 @@ func (f *udpFlow) write(c net.Conn, b []byte) {
 	}
 }
 
+// dropQueue forgets the queued datagrams; f.mu is held.
+func (f *udpFlow) dropQueue() {
+	for _, b := range f.queue {
+		f.p.queued.Add(-int64(len(b)))
+	}
+	f.queue = nil
+}
+
 // close ends the flow: its socket is closed, which ends run.
 func (f *udpFlow) close() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.closed = true
-	f.queue = nil
+	f.dropQueue()
 	if f.conn != nil {
 		f.conn.Close()
 	}
 }
 
-// run dials the flow's socket in the namespace, then forwards replies to
-// the client until the flow has been idle for UDPIdleTimeout.
+// run dials the flow's socket in the namespace (from the client's address,
+// with SourceIPTransparent), then forwards replies to the client until the
+// flow has been idle for UDPIdleTimeout.
 func (f *udpFlow) run() {
 	p := f.p
 	start := time.Now()
 	defer func() {
 		p.mu.Lock()
-		if p.flows[f.client] == f {
-			delete(p.flows, f.client)
+		if p.flows[f.key] == f {
+			delete(p.flows, f.key)
 		}
 		p.mu.Unlock()
 		f.close()
@@ -213,12 +273,24 @@ func (f *udpFlow) run() {
 	}()
 
 	ctx, cancel := context.WithTimeout(p.ctx, p.m.cfg.DialTimeout)
-	c, err := p.m.cfg.Dialer.Dial(ctx, "udp", p.child)
+	c, err := p.m.cfg.Dialer.Dial(ctx, "udp", p.child, p.m.source(f.key.client))
 	cancel()
 	if err != nil {
 		// The queued datagrams are dropped; the client's next one tries
 		// again with a new flow.
 		f.log.Debug("portfwd: udp flow cannot reach the namespace", "err", err)
+		return
+	}
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		c.Close()
+		f.log.Warn("portfwd: the ChildDialer returned a UDP connection without a descriptor; dropping the flow", "type", fmt.Sprintf("%T", c))
+		return
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		c.Close()
+		f.log.Debug("portfwd: udp flow", "err", err)
 		return
 	}
 	f.mu.Lock()
@@ -230,13 +302,12 @@ func (f *udpFlow) run() {
 	for _, b := range f.queue { // in order, before any newer datagram
 		f.write(c, b)
 	}
-	f.queue = nil
+	f.dropQueue()
 	f.conn = c
 	f.mu.Unlock()
-	f.log.Debug("portfwd: udp flow", "duration", time.Since(start))
+	f.log.Debug("portfwd: udp flow", "duration", time.Since(start), "local", c.LocalAddr().String())
 
 	var sent, bytesSent int64
-	buf := make([]byte, maxDatagram)
 	idle := p.m.cfg.UDPIdleTimeout
 	for {
 		deadline := time.Unix(0, f.lastActive.Load()).Add(idle)
@@ -246,28 +317,79 @@ func (f *udpFlow) run() {
 			return
 		}
 		c.SetReadDeadline(deadline)
-		n, err := c.Read(buf)
+		n, err := f.relayReply(rc)
 		switch {
 		case err == nil:
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			continue // the loop checks for idleness
 		case errors.Is(err, syscall.ECONNREFUSED):
 			continue // an ICMP port unreachable: nothing listens (yet)
+		case errors.Is(err, net.ErrClosed):
+			return
 		default:
-			if !errors.Is(err, net.ErrClosed) {
-				f.log.Debug("portfwd: udp flow read failed", "err", err)
+			f.log.Debug("portfwd: udp flow failed", "err", err)
+			if errors.Is(err, errToClient) {
+				continue
 			}
 			return
 		}
 		f.touch()
-		if _, err := p.conn.WriteToUDPAddrPort(buf[:n], f.client); err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			f.log.Debug("portfwd: udp send to the client failed", "err", err)
-			continue
-		}
 		sent++
 		bytesSent += int64(n)
 	}
+}
+
+// errToClient marks a failed send to the client (the flow goes on).
+var errToClient = errors.New("send to the client")
+
+// relayReply waits for one datagram on the flow's socket and sends it to
+// the client, with a buffer from datagramPool held only from the moment
+// the datagram is there until it has been sent.
+func (f *udpFlow) relayReply(rc syscall.RawConn) (int, error) {
+	var bp *[]byte
+	var n int
+	var rerr error
+	err := rc.Read(func(fd uintptr) bool {
+		if bp == nil {
+			bp = datagramPool.Get().(*[]byte)
+		}
+		for {
+			n, rerr = unix.Read(int(fd), *bp)
+			if rerr != unix.EINTR {
+				break
+			}
+		}
+		if rerr == unix.EAGAIN {
+			datagramPool.Put(bp)
+			bp = nil
+			return false // nothing yet: wait without a buffer
+		}
+		return true
+	})
+	if bp != nil {
+		defer datagramPool.Put(bp)
+	}
+	if err == nil {
+		err = rerr
+	}
+	if err != nil {
+		return 0, err
+	}
+	if err := f.p.sendToClient((*bp)[:n], f); err != nil {
+		if errors.Is(err, net.ErrClosed) {
+			return 0, err
+		}
+		return 0, fmt.Errorf("%w: %w", errToClient, err)
+	}
+	return n, nil
+}
+
+// sendToClient sends b to f's client from the host address it sent to.
+func (p *udpPort) sendToClient(b []byte, f *udpFlow) error {
+	if f.oob == nil {
+		_, err := p.conn.WriteToUDPAddrPort(b, f.key.client)
+		return err
+	}
+	_, _, err := p.conn.WriteMsgUDPAddrPort(b, f.oob, f.key.client)
+	return err
 }

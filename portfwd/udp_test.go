@@ -6,6 +6,8 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -149,7 +151,7 @@ func TestUDPQueuedWhileDialing(t *testing.T) {
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
 		p.mu.Lock()
 		var queued int
-		if f := p.flows[addrOf(c.LocalAddr())]; f != nil {
+		if f := p.flows[flowKey{client: addrOf(c.LocalAddr())}]; f != nil {
 			f.mu.Lock()
 			queued = len(f.queue)
 			f.mu.Unlock()
@@ -212,4 +214,44 @@ func TestUDPServerStartsLater(t *testing.T) {
 			t.Fatal("no answer after the server started")
 		}
 	}
+}
+
+// TestUDPFlowMemory: flows hold no receive buffer while they wait (each
+// used to keep a 64 KiB one for its whole life: 1,000 flows were 64 MiB),
+// and the memory goes back once they have ended.
+func TestUDPFlowMemory(t *testing.T) {
+	const flows = 1000
+	m := newTestManager(t, Config{MaxUDPFlows: flows, UDPIdleTimeout: time.Hour, Logger: discardLogger})
+	st := publishLoop(t, m, "udp4", udpWhoami(t, listenUDP(t, "127.0.0.1:0")))
+	heap := func() uint64 {
+		runtime.GC()
+		runtime.GC() // a second cycle empties sync.Pools
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		return ms.HeapInuse + ms.StackInuse // a 64 KiB buffer may live on a goroutine's stack
+	}
+	big := strings.Repeat("x", 60000) // every flow reads a large datagram once
+	before := heap()
+	for range flows {
+		c := udpClient(t, st)
+		if got := ask(t, c, big, 5*time.Second); got != big {
+			t.Fatalf("no echo of a large datagram (%d bytes back)", len(got))
+		}
+	}
+	p := udpPortOf(t, m, st.ID)
+	if n := p.flowCount(); n != flows {
+		t.Fatalf("%d flows, want %d", n, flows)
+	}
+	during := heap()
+	if grown := int64(during) - int64(before); grown > 16<<20 {
+		t.Errorf("%d idle flows take %d MiB of heap and stacks, want well under 16 MiB", flows, grown>>20)
+	}
+	if err := m.RemovePort(st.ID); err != nil { // ends the flows
+		t.Fatal(err)
+	}
+	after := heap()
+	if grown := int64(after) - int64(before); grown > 4<<20 {
+		t.Errorf("after the flows ended, heap and stacks are still %d MiB above where they were", grown>>20)
+	}
+	t.Logf("heap and stacks in use: %d MiB before, %d MiB with %d flows, %d MiB after", before>>20, during>>20, flows, after>>20)
 }

@@ -266,7 +266,8 @@ func (n *network) start(child *userns.Child, info json.RawMessage, files []*os.F
 		n.dialer.Start()
 		n.ports = portfwd.NewManager(portfwd.Config{Dialer: n.dialer, Logger: n.log,
 			MaxTCPConns: n.budget.PortTCPConns, MaxUDPFlows: n.budget.PortUDPFlows,
-			SplicePipes: n.budget.SplicePipes, SpliceIdlePipes: n.budget.SpliceIdlePipes})
+			SplicePipes: n.budget.SplicePipes, SpliceIdlePipes: n.budget.SpliceIdlePipes,
+			SourceIPTransparent: !n.cfg.DisableSourceIPTransparent})
 		for _, spec := range n.cfg.Publish {
 			// AddPort's errors name the spec already.
 			if _, err := n.ports.AddPort(context.Background(), spec); err != nil {

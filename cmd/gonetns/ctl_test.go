@@ -20,7 +20,7 @@ import (
 // ctlDialer stands in for the child: this test's namespace is "inside".
 type ctlDialer struct{}
 
-func (ctlDialer) Dial(ctx context.Context, proto string, addr netip.AddrPort) (net.Conn, error) {
+func (ctlDialer) Dial(ctx context.Context, proto string, addr, _ netip.AddrPort) (net.Conn, error) {
 	var d net.Dialer
 	return d.DialContext(ctx, proto, addr.String())
 }

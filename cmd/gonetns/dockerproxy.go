@@ -170,7 +170,7 @@ func startDockerProxy(args []string, log *slog.Logger) (stop func() error, err e
 // directDialer dials in this process's own network namespace.
 type directDialer struct{}
 
-func (directDialer) Dial(ctx context.Context, proto string, addr netip.AddrPort) (net.Conn, error) {
+func (directDialer) Dial(ctx context.Context, proto string, addr, _ netip.AddrPort) (net.Conn, error) {
 	var d net.Dialer
 	return d.DialContext(ctx, proto, addr.String())
 }

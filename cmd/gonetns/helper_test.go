@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"strconv"
 	"strings"
@@ -96,6 +97,10 @@ func runHelper(mode string, args []string) int {
 			}
 			c.WriteTo(append([]byte("inside:"), b[:n]...), from)
 		}
+	case "peer-serve": // NETWORK,ADDR...: tell each TCP connection and UDP datagram who sent it
+		if err := peerServe(args); err != nil {
+			return fail("%v", err)
+		}
 	case "stdin-send": // ADDR: send stdin, half-close, wait for the peer's close
 		c, err := net.DialTimeout("tcp", args[0], 5*time.Second)
 		if err != nil {
@@ -153,6 +158,53 @@ func networkArg(args []string, def string) string {
 		return args[1]
 	}
 	return def
+}
+
+// peerServe listens on every NETWORK,ADDR given (tcp4, tcp6, udp4, ...),
+// prints "listening", and answers "peer=ADDR" with the address it sees the
+// peer at (IPv4 unmapped): on TCP, once per connection, then it closes; on
+// UDP, to every datagram, from the unconnected listening socket.
+func peerServe(args []string) error {
+	for _, a := range args {
+		network, addr, _ := strings.Cut(a, ",")
+		if strings.HasPrefix(network, "tcp") {
+			l, err := net.Listen(network, addr)
+			if err != nil {
+				return err
+			}
+			go func() {
+				for {
+					c, err := l.Accept()
+					if err != nil {
+						return
+					}
+					fmt.Fprintf(c, "peer=%s\n", unmap(c.RemoteAddr().(*net.TCPAddr).AddrPort()))
+					c.Close()
+				}
+			}()
+			continue
+		}
+		pc, err := net.ListenPacket(network, addr)
+		if err != nil {
+			return err
+		}
+		go func() {
+			b := make([]byte, 2048)
+			for {
+				_, from, err := pc.(*net.UDPConn).ReadFromUDPAddrPort(b)
+				if err != nil {
+					return
+				}
+				pc.(*net.UDPConn).WriteToUDPAddrPort(fmt.Appendf(nil, "peer=%s", unmap(from)), from)
+			}
+		}()
+	}
+	fmt.Println("listening")
+	select {}
+}
+
+func unmap(ap netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }
 
 func TestHelperModeUnknown(t *testing.T) {

@@ -1,0 +1,179 @@
+package portfwd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// The child's sockets. Each is created through the child's InNetNS hook, so
+// that it belongs to the sandbox's network namespace even when the child
+// itself lives in another one (--detach-netns); a socket stays in the
+// namespace it was created in, so connecting and waiting happen on any
+// thread, and a slow connect never holds the namespace's thread.
+
+// socketOpts are what a dial's socket needs before it connects.
+type socketOpts struct {
+	typ int // unix.SOCK_STREAM or unix.SOCK_DGRAM
+	// from, when valid, is the client address to connect from
+	// (IP_TRANSPARENT, and for TCP the firewall mark; see transparent.go).
+	from netip.AddrPort
+}
+
+// openSocket creates a non-blocking, close-on-exec socket of to's family in
+// the namespace, prepared as o says, and the address to connect to.
+func openSocket(inNS func(func() error) error, to netip.AddrPort, o socketOpts) (int, unix.Sockaddr, error) {
+	fd := -1
+	var sa unix.Sockaddr
+	err := inNS(func() error {
+		var err error
+		if sa, err = sockaddrOf(to); err != nil { // a zone names an interface of the namespace
+			return err
+		}
+		family := unix.AF_INET
+		if to.Addr().Is6() {
+			family = unix.AF_INET6
+		}
+		if fd, err = unix.Socket(family, o.typ|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0); err != nil {
+			return os.NewSyscallError("socket", err)
+		}
+		if o.from.IsValid() {
+			err = prepareTransparent(fd, family, o)
+		}
+		return err
+	})
+	if err != nil {
+		if fd >= 0 {
+			unix.Close(fd)
+		}
+		return -1, nil, err
+	}
+	return fd, sa, nil
+}
+
+// prepareTransparent lets fd send from o.from, an address the namespace
+// does not own, and binds it there.
+func prepareTransparent(fd, family int, o socketOpts) error {
+	level, opt := unix.SOL_IP, unix.IP_TRANSPARENT
+	if family == unix.AF_INET6 {
+		level, opt = unix.SOL_IPV6, unix.IPV6_TRANSPARENT
+	}
+	if err := unix.SetsockoptInt(fd, level, opt, 1); err != nil {
+		return os.NewSyscallError("setsockopt IP_TRANSPARENT", err)
+	}
+	if o.typ == unix.SOCK_STREAM {
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, transparentMark); err != nil {
+			return os.NewSyscallError("setsockopt SO_MARK", err)
+		}
+		// The client's address and port may be bound by an earlier
+		// connection still in TIME_WAIT, or by one to another target;
+		// connect then fails only if the whole 4-tuple is taken. (Not for
+		// UDP: two sockets on one address would share its datagrams.)
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+			return os.NewSyscallError("setsockopt SO_REUSEADDR", err)
+		}
+	}
+	sa, err := sockaddrOf(netip.AddrPortFrom(o.from.Addr().Unmap(), o.from.Port()))
+	if err != nil {
+		return err
+	}
+	if err := unix.Bind(fd, sa); err != nil {
+		return os.NewSyscallError("bind", err)
+	}
+	return nil
+}
+
+func sockaddrOf(ap netip.AddrPort) (unix.Sockaddr, error) {
+	a := ap.Addr()
+	if a.Is4() {
+		return &unix.SockaddrInet4{Port: int(ap.Port()), Addr: a.As4()}, nil
+	}
+	sa := &unix.SockaddrInet6{Port: int(ap.Port()), Addr: a.As16()}
+	if z := a.Zone(); z != "" {
+		if n, err := strconv.ParseUint(z, 10, 32); err == nil {
+			sa.ZoneId = uint32(n)
+		} else {
+			ifi, err := net.InterfaceByName(z)
+			if err != nil {
+				return nil, fmt.Errorf("zone of %s: %w", a, err)
+			}
+			sa.ZoneId = uint32(ifi.Index)
+		}
+	}
+	return sa, nil
+}
+
+// connectSocket connects fd (which it owns from now on, also on error) to
+// sa, waiting until ctx ends or timeout passes, and returns it as a file
+// registered with the runtime poller. sent, if not nil, runs once the
+// connection request has left and before the wait; its error abandons the
+// connection.
+func connectSocket(ctx context.Context, fd int, sa unix.Sockaddr, timeout time.Duration, sent func() error) (*os.File, error) {
+	err := unix.Connect(fd, sa)
+	f := os.NewFile(uintptr(fd), "portfwd-socket") // non-blocking: pollable
+	switch err {
+	case nil:
+		return f, nil
+	case unix.EINPROGRESS, unix.EINTR: // EINTR: the connect goes on
+	default:
+		f.Close()
+		return nil, os.NewSyscallError("connect", err)
+	}
+	if sent != nil {
+		if err := sent(); err != nil {
+			f.Close()
+			return nil, err
+		}
+	}
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	deadline := time.Now().Add(timeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	f.SetWriteDeadline(deadline)
+	stop := context.AfterFunc(ctx, func() { f.SetWriteDeadline(time.Unix(1, 0)) })
+	var cerr error
+	err = rc.Write(func(fd uintptr) bool {
+		// Writable means done, one way or the other; SO_ERROR says which.
+		// Not writable yet (the first call comes before any wait): still
+		// connecting, as getpeername's ENOTCONN says.
+		v, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR)
+		switch {
+		case err != nil:
+			cerr = err
+		case v != 0:
+			cerr = unix.Errno(v)
+		default:
+			if _, err := unix.Getpeername(int(fd)); err == unix.ENOTCONN {
+				return false
+			} else if err != nil {
+				cerr = err
+			}
+		}
+		return true
+	})
+	stop()
+	if err == nil {
+		err = cerr
+	}
+	if err != nil {
+		f.Close()
+		if errors.Is(err, os.ErrDeadlineExceeded) && ctx.Err() != nil {
+			return nil, fmt.Errorf("connect: %w", ctx.Err())
+		}
+		return nil, os.NewSyscallError("connect", err)
+	}
+	f.SetWriteDeadline(time.Time{})
+	return f, nil
+}
