@@ -6,7 +6,7 @@ BIN     := bin/gonetns
 # VCS information); VERSION=x.y.z overrides it.
 LDFLAGS := -s -w $(if $(VERSION),-X main.version=$(VERSION))
 
-.PHONY: build test test-setup unit e2e install clean
+.PHONY: build test test-setup unit e2e install install-rootlesskit clean
 
 # A static binary: CGO_ENABLED=0, no helper binaries needed at run time.
 build:
@@ -25,6 +25,12 @@ test-setup:
 
 install: build
 	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/gonetns
+
+# gonetns under RootlessKit's names (it speaks the command line argv[0]
+# names), for dockerd-rootless.sh, containerd-rootless.sh and BuildKit.
+install-rootlesskit: install
+	for n in rootlesskit rootlessctl rootlesskit-docker-proxy; do \
+		ln -sf gonetns $(DESTDIR)$(PREFIX)/bin/$$n; done
 
 clean:
 	rm -rf bin
