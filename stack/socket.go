@@ -102,7 +102,7 @@ func (c *TCPConn) writeBatch(rc syscall.RawConn, col *iovCollector) (n int, done
 func writevAll(rc syscall.RawConn, iovs [][]byte) (int, error) {
 	total := 0
 	for len(iovs) > 0 {
-		n, err := rawconn.Write(rc, func(fd int) (int, error) { return unix.Writev(fd, iovs) })
+		n, err := rawconn.Write(rc, func(fd int) (int, error) { return rawconn.Writev(fd, iovs) })
 		if err != nil {
 			return total, err
 		}
@@ -174,7 +174,7 @@ func (c *TCPConn) readFromSocket(rc syscall.RawConn) (int64, error) {
 
 // readSocket reads what is queued, waiting for data; 0 means EOF.
 func readSocket(rc syscall.RawConn, b []byte) (int, error) {
-	return rawconn.Read(rc, func(fd int) (int, error) { return unix.Read(fd, b) })
+	return rawconn.Read(rc, func(fd int) (int, error) { return rawconn.ReadFD(fd, b) })
 }
 
 // socketPayload lets the endpoint read up to remaining bytes, which are

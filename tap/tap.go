@@ -173,7 +173,7 @@ func NewDevice(f *os.File, vnetHdr bool) (Device, error) {
 func (d *fileDevice) VNetHdr() bool { return d.vnetHdr }
 
 func (d *fileDevice) Read(bufs [][]byte) (int, error) {
-	n, err := rawconn.Read(d.rc, func(fd int) (int, error) { return unix.Readv(fd, bufs) })
+	n, err := rawconn.Read(d.rc, func(fd int) (int, error) { return rawconn.Readv(fd, bufs) })
 	if err != nil {
 		return 0, d.ioErr("read", err)
 	}
@@ -181,7 +181,7 @@ func (d *fileDevice) Read(bufs [][]byte) (int, error) {
 }
 
 func (d *fileDevice) Write(bufs [][]byte) (int, error) {
-	n, err := rawconn.Write(d.rc, func(fd int) (int, error) { return unix.Writev(fd, bufs) })
+	n, err := rawconn.Write(d.rc, func(fd int) (int, error) { return rawconn.Writev(fd, bufs) })
 	if err != nil {
 		return n, d.ioErr("write", err)
 	}
