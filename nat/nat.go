@@ -28,9 +28,12 @@ const (
 	DefaultUDPIdleTimeout = 240 * time.Second
 	DefaultDNSIdleTimeout = 10 * time.Second
 	DefaultEchoIdle       = 30 * time.Second
-	DefaultMaxUDPFlows    = 4096
-	DefaultMaxTCPConns    = 16384
-	DefaultMaxEchoFlows   = 1024
+	// A UDP flow costs a descriptor and about 300 bytes (nat/udp.go):
+	// enough for a burst of new source ports, such as a resolver's or a
+	// scanner's, to get its answers.
+	DefaultMaxUDPFlows  = 16384
+	DefaultMaxTCPConns  = 16384
+	DefaultMaxEchoFlows = 1024
 )
 
 // Config of a NAT.
@@ -96,6 +99,10 @@ type NAT struct {
 
 	out      *outbound
 	refusals refusalLog
+
+	udpPollOnce sync.Once
+	udpPoll     *udpPoller // reads every UDP flow's answers; started by the first flow
+	udpPollErr  error
 
 	pingOnce    sync.Once
 	blockedSeen map[echoKey]struct{} // under mu: sessions already logged as not forwarded
@@ -197,6 +204,11 @@ func (n *NAT) Close() error {
 	}
 	n.udp.closeAll()
 	n.echo.closeAll()
+	// No poller starts after this; one that started is stopped.
+	n.udpPollOnce.Do(func() { n.udpPollErr = net.ErrClosed })
+	if n.udpPoll != nil {
+		n.udpPoll.close()
+	}
 	n.wg.Wait()
 	return nil
 }

@@ -29,7 +29,7 @@ func fuzzTarget(t testing.TB, vnet bool) tap.Device {
 				MTU:       65520,
 				Addresses: []netip.Prefix{netip.PrefixFrom(gateway, 24), netip.MustParsePrefix("fd00::2/64")},
 				TCP:       func(r *stack.TCPRequest) { r.Refuse() },
-				UDP:       func(r *stack.UDPRequest) bool { return false },
+				UDP:       func(p *stack.UDPPacket) bool { return len(p.Payload())%2 == 0 },
 				Echo:      func(r *stack.EchoRequest) bool { return len(r.Data)%2 == 0 },
 			})
 			if err != nil {

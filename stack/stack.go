@@ -56,12 +56,13 @@ type Config struct {
 	// (SYNs beyond it are dropped and retransmitted by the sandbox).
 	// Default 4096.
 	MaxInFlightTCP int
-	// UDP is called for the first datagram of every flow (source and
-	// destination address and port) with no endpoint of this stack. It
-	// runs on the packet path: it must return quickly. Returning false
-	// answers the datagram with ICMP port unreachable; UDPRequest.Prohibit
-	// (then return true) with "administratively prohibited".
-	UDP func(*UDPRequest) bool
+	// UDP is called for every datagram the sandbox sends to an address
+	// and port with no endpoint of this stack, on the packet path (the
+	// reader goroutine, one datagram at a time): it must not block.
+	// Returning false answers the datagram with ICMP port unreachable;
+	// UDPPacket.Prohibit (then return true) with "administratively
+	// prohibited". Answers go back through the packet's ReturnPath.
+	UDP func(*UDPPacket) bool
 	// Echo is called for every ICMP echo request the sandbox sends, on the
 	// packet path. Returning true means the handler answers (or not);
 	// false lets the stack answer for its own addresses and stay silent
@@ -198,12 +199,8 @@ func (st *Stack) Start() error {
 		s.SetTransportProtocolHandler(tcp.ProtocolNumber, fwd.HandlePacket)
 	}
 	if st.cfg.UDP != nil {
-		// udp.Forwarder's HandlePacket, keeping the packet for Prohibit.
 		s.SetTransportProtocolHandler(udp.ProtocolNumber, func(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
-			r := newUDPRequest(s, udp.NewForwarderRequest(s, id, pkt.Clone()), pkt)
-			handled := st.cfg.UDP(r)
-			r.pkt.Store(nil)
-			return handled
+			return st.handleUDP(s, id, pkt)
 		})
 	}
 	if st.cfg.Echo != nil {
