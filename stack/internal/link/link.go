@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net"
 	"os"
+	"runtime"
 	"sync"
 
 	"gvisor.dev/gvisor/pkg/buffer"
@@ -242,6 +243,12 @@ func encodeVNetHdr(b []byte, pkt *stack.PacketBuffer) {
 	}
 }
 
+// yieldEvery is how many frames the reader handles before it lets other
+// goroutines run. Under a flood the TAP never runs dry, so the reader
+// would otherwise keep the P until the scheduler preempts it, 10 ms later,
+// while the goroutines sending the answers and the host's data wait.
+const yieldEvery = 64
+
 // readLoop reads frames until the device is closed and hands each to the
 // stack on this goroutine. Its end stops the writer goroutine.
 func (e *Endpoint) readLoop() {
@@ -250,7 +257,10 @@ func (e *Endpoint) readLoop() {
 	var hdr [tap.VNetHdrLen]byte
 	views := make([]*buffer.View, len(rxBufSizes))
 	iov := make([][]byte, 0, len(rxBufSizes)+1)
-	for {
+	for frames := 1; ; frames++ {
+		if frames%yieldEvery == 0 {
+			runtime.Gosched()
+		}
 		iov = iov[:0]
 		if e.vnet {
 			iov = append(iov, hdr[:])
