@@ -101,7 +101,17 @@ func runLauncher(args []string, who personality, name string) int {
 	cfg.Logger = log
 	cfg.ForwardSignals = true
 	cfg.Version = versionString(who)
+	// The parent's own policy, not the sandbox package's: a program that
+	// embeds a sandbox keeps its memory management to itself.
+	memCtx, stopMem := context.WithCancel(context.Background())
+	memDone := make(chan struct{})
+	go func() {
+		defer close(memDone)
+		returnMemory(memCtx)
+	}()
 	code, err := sandbox.Run(context.Background(), cfg, o.args)
+	stopMem()
+	<-memDone
 	if err != nil {
 		log.Error(err.Error())
 		if errors.Is(err, sandbox.ErrInvalidConfig) {
