@@ -74,6 +74,32 @@ func runHelper(mode string, args []string) int {
 			return fail("%v", err)
 		}
 		fmt.Printf("%s\n", b[:n])
+	case "udp-burst": // N ADDR...: one datagram from each of N new source ports, spread over the ADDRs; count the answers
+		n, _ := strconv.Atoi(args[0])
+		addrs := args[1:]
+		conns := make([]net.Conn, 0, n)
+		for i := range n {
+			c, err := net.Dial("udp", addrs[i%len(addrs)])
+			if err != nil {
+				return fail("socket %d: %v", i, err)
+			}
+			defer c.Close()
+			conns = append(conns, c)
+		}
+		for i, c := range conns {
+			fmt.Fprintf(c, "burst-%d", i)
+		}
+		answered := 0
+		deadline := time.Now().Add(20 * time.Second)
+		b := make([]byte, 256)
+		for i, c := range conns {
+			c.SetReadDeadline(deadline)
+			k, err := c.Read(b)
+			if err == nil && strings.HasSuffix(string(b[:k]), fmt.Sprintf("burst-%d", i)) {
+				answered++
+			}
+		}
+		fmt.Printf("answered %d of %d\n", answered, n)
 	case "http-serve": // ADDR [NETWORK]: answer every request with "hello from inside"
 		l, err := net.Listen(networkArg(args, "tcp"), args[0])
 		if err != nil {
