@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/gonetns/gonetns/relay"
+	"github.com/gonetns/gonetns/stack"
 )
 
 // Defaults of Config, as slirp4netns has them where it has them.
@@ -92,6 +93,8 @@ type NAT struct {
 	wg     sync.WaitGroup
 
 	tcpActive atomic.Int64 // connections being dialled or relayed
+	tcpWork   chan *stack.TCPRequest
+	idleTCP   atomic.Int32 // goroutines waiting on tcpWork
 	tcpFull   atomic.Int64 // unix time of the last "too many" warning
 
 	udp  *table[udpKey, *udpFlow]
@@ -136,7 +139,7 @@ func New(cfg Config) (*NAT, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	n := &NAT{cfg: cfg, log: cfg.Logger, dialer: cfg.Dialer, tcp: make(map[*relay.Relay]struct{})}
+	n := &NAT{cfg: cfg, log: cfg.Logger, dialer: cfg.Dialer, tcp: make(map[*relay.Relay]struct{}), tcpWork: make(chan *stack.TCPRequest)}
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)
 	}
