@@ -262,7 +262,7 @@ func (p *udpPoller) run() {
 	buf := make([]byte, 1<<16) // one buffer for every flow
 	for {
 		n, err := rawconn.Read(p.rc, func(fd int) (int, error) {
-			n, err := unix.EpollWait(fd, events, 0)
+			n, err := rawconn.EpollPoll(fd, events)
 			if err == nil && n == 0 {
 				return 0, unix.EAGAIN // nothing ready: wait for the poller
 			}

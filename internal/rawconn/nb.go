@@ -58,6 +58,16 @@ func ReadFD(fd int, b []byte) (int, error) {
 	return result(n, e)
 }
 
+// EpollPoll returns the events of the epoll set epfd that are ready now,
+// without waiting (epoll_wait with a timeout of 0).
+func EpollPoll(epfd int, events []unix.EpollEvent) (int, error) {
+	if len(events) == 0 {
+		return 0, nil
+	}
+	n, _, e := syscall.RawSyscall6(unix.SYS_EPOLL_WAIT, uintptr(epfd), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), 0, 0, 0)
+	return result(n, e)
+}
+
 var zero byte
 
 func iovecs(iov []unix.Iovec, bufs [][]byte) []unix.Iovec {

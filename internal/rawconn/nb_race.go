@@ -10,3 +10,6 @@ import "golang.org/x/sys/unix"
 func Readv(fd int, bufs [][]byte) (int, error)  { return unix.Readv(fd, bufs) }
 func Writev(fd int, bufs [][]byte) (int, error) { return unix.Writev(fd, bufs) }
 func ReadFD(fd int, b []byte) (int, error)      { return unix.Read(fd, b) }
+func EpollPoll(epfd int, events []unix.EpollEvent) (int, error) {
+	return unix.EpollWait(epfd, events, 0)
+}
