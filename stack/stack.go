@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
@@ -87,6 +88,9 @@ type Stack struct {
 	link  *link.Endpoint
 	mu    sync.Mutex
 	state int // 0 new, 1 started, 2 closed
+
+	udpListenMu sync.Mutex
+	udpListen   atomic.Pointer[map[netip.AddrPort]struct{}] // ListenUDP's addresses (fastUDP)
 }
 
 // New validates the configuration. It starts nothing.
@@ -202,6 +206,7 @@ func (st *Stack) Start() error {
 		s.SetTransportProtocolHandler(udp.ProtocolNumber, func(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
 			return st.handleUDP(s, id, pkt)
 		})
+		st.link.SetFastPath(func(vnetHdr, frame []byte) bool { return st.fastUDP(s, vnetHdr, frame) })
 	}
 	if st.cfg.Echo != nil {
 		s.SetTransportProtocolHandler(icmp.ProtocolNumber4, func(_ stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
@@ -274,6 +279,7 @@ func (st *Stack) ListenUDP(addr netip.AddrPort) (net.PacketConn, error) {
 	if err != nil {
 		return nil, err
 	}
+	st.addUDPListener(addr)
 	fa := fullAddr(addr)
 	c, err := gonet.DialUDP(s, &fa, nil, netProto(addr.Addr()))
 	if err != nil {

@@ -316,6 +316,48 @@ func TestEcho(t *testing.T) {
 	}
 }
 
+// A UDP socket of the stack gets its datagrams even though Config.UDP
+// takes every other one, with or without the virtio-net header.
+func TestUDPListenerBeforeHandler(t *testing.T) {
+	for _, vnet := range []bool{false, true} {
+		handled := make(chan netip.AddrPort, 4)
+		p := newPair(t, vnet, 1500, stack.Config{UDP: func(pk *stack.UDPPacket) bool {
+			handled <- pk.Dst
+			return true
+		}})
+		dns := netip.AddrPortFrom(dnsAddr, 53)
+		l, err := p.st.ListenUDP(dns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := p.guest.DialUDP(dns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Write([]byte("query"))
+		l.SetReadDeadline(time.Now().Add(5 * time.Second))
+		buf := make([]byte, 100)
+		n, _, err := l.ReadFrom(buf)
+		if err != nil || string(buf[:n]) != "query" {
+			t.Errorf("vnet=%v: the stack's socket read %q, %v", vnet, buf[:n], err)
+		}
+		other := netip.AddrPortFrom(dnsAddr, 54)
+		c2, _ := p.guest.DialUDP(other)
+		c2.Write([]byte("x"))
+		select {
+		case d := <-handled:
+			if d != other {
+				t.Errorf("vnet=%v: Config.UDP got a datagram for %v", vnet, d)
+			}
+		case <-time.After(5 * time.Second):
+			t.Errorf("vnet=%v: Config.UDP did not get the datagram for %v", vnet, other)
+		}
+		c.Close()
+		c2.Close()
+		l.Close()
+	}
+}
+
 func TestListenOnOwnAddress(t *testing.T) {
 	p := newPair(t, false, 1500, stack.Config{})
 	l, err := p.st.ListenTCP(netip.AddrPortFrom(dnsAddr, 53))
