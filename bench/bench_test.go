@@ -243,7 +243,7 @@ func TestScheduleInterleaves(t *testing.T) {
 	}
 	for key, want := range map[string]int{
 		"gonetns/tcp_c2h": 4, "gonetns/startup": 4, "host/tcp_c2h": 2, "host/startup": 0, "gonetns-port/port_h2c": 2,
-		"gonetns/udp_c2h": 4, "host/udp_c2h": 2,
+		"gonetns/udp_c2h": 2, "host/udp_c2h": 2,
 	} {
 		if count[key] != want {
 			t.Errorf("%s runs %d times, want %d", key, count[key], want)

@@ -284,7 +284,17 @@ func (b *bench) preflight(ctx context.Context) {
 			}
 			port = p
 		}
-		if err := b.once(ctx, s, mtu, port, nil); err != nil {
+		// Up to three tries: RootlessKit 1.1's builtin port driver loses a
+		// race with a command that exits at once ("read unix
+		// .bp.sock: connection reset by peer") now and then.
+		var err error
+		for try := 0; try < 3; try++ {
+			if err = b.once(ctx, s, mtu, port, nil); err == nil || ctx.Err() != nil {
+				break
+			}
+			sweepOrphans()
+		}
+		if err != nil {
 			if ctx.Err() != nil {
 				return
 			}
