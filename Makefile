@@ -48,10 +48,15 @@ BENCH_BIN := bin/gonetns-bench
 BENCH_TOOLS := bin/tools
 RK3_MODULE  := github.com/rootless-containers/rootlesskit/v3/cmd/rootlesskit@v3.0.1
 
-.PHONY: bench bench-quick bench-tools
+.PHONY: bench bench-quick bench-tools bench-baseline
 # CI's quick run, as the unprivileged test user (needs root and test-setup).
 bench-quick:
 	./scripts/bench-quick.sh
+
+# The committed baseline (bench/results/README.md) and README.md's table,
+# as the unprivileged test user (needs root and test-setup).
+bench-baseline:
+	./scripts/bench-baseline.sh
 
 # A peer that cannot be installed (no module proxy) is reported missing by
 # the harness; it does not stop the benchmark.
