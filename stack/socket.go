@@ -197,7 +197,14 @@ func (p *socketPayload) Read(b []byte) (int, error) {
 	if len(b) > p.remaining {
 		b = b[:p.remaining]
 	}
-	n, err := readSocket(p.rc, b)
+	var n int
+	var err error
+	if len(b) >= rawconn.BigIO {
+		// Announced: see rawconn.BigIO.
+		n, err = rawconn.Read(p.rc, func(fd int) (int, error) { return unix.Read(fd, b) })
+	} else {
+		n, err = readSocket(p.rc, b)
+	}
 	if err == nil && n == 0 {
 		err = io.ErrUnexpectedEOF
 	}

@@ -24,6 +24,15 @@ import (
 // allocating.
 const maxStackIovecs = 8
 
+// BigIO is the size from which Writev announces its call after all: a
+// call that copies this much takes long enough for the runtime to hand
+// the P to another thread meanwhile, which is what keeps a bulk transfer
+// reading the TAP while the kernel copies a batch into a host socket.
+// Unannounced, sandbox -> host at MTU 65520 fell from 7.9 to 6.3 Gbit/s
+// (medians of 4 interleaved iperf3 runs); small messages, where the
+// monitor thread's wake-up costs more than the call, stay unannounced.
+const BigIO = 32 << 10
+
 // Readv reads into bufs from the non-blocking descriptor fd.
 func Readv(fd int, bufs [][]byte) (int, error) {
 	var arr [maxStackIovecs]unix.Iovec
@@ -38,6 +47,13 @@ func Readv(fd int, bufs [][]byte) (int, error) {
 
 // Writev writes bufs to the non-blocking descriptor fd.
 func Writev(fd int, bufs [][]byte) (int, error) {
+	total := 0
+	for _, b := range bufs {
+		total += len(b)
+	}
+	if total >= BigIO {
+		return unix.Writev(fd, bufs)
+	}
 	var arr [maxStackIovecs]unix.Iovec
 	iov := iovecs(arr[:0], bufs)
 	var p unsafe.Pointer

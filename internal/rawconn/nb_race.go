@@ -4,6 +4,9 @@ package rawconn
 
 import "golang.org/x/sys/unix"
 
+// BigIO: see nb.go.
+const BigIO = 32 << 10
+
 // With the race detector, the announced calls, which tell it what the
 // kernel read and wrote (nb.go has the unannounced ones).
 
