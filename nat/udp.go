@@ -279,15 +279,19 @@ func (p *udpPoller) run() {
 	}
 }
 
-// receive passes what the host sent to the sandbox.
+// receive passes what the host sent to the sandbox. The flow's lock is
+// held only for the read: the write into the sandbox may wait (for a full
+// device in tests), and must not hold up close, nor through it the
+// reader's sends.
 func (f *udpFlow) receive(buf []byte) {
-	f.mu.RLock()
-	defer f.mu.RUnlock()
 	for range maxBurst {
+		f.mu.RLock()
 		if f.fd < 0 {
+			f.mu.RUnlock()
 			return
 		}
 		n, err := rawconn.ReadFD(f.fd, buf)
+		f.mu.RUnlock()
 		if err != nil {
 			if errors.Is(err, unix.EAGAIN) {
 				return
