@@ -35,6 +35,7 @@ type UDPPacket struct {
 
 	s     *stack.Stack
 	valid bool                // during the call to Config.UDP
+	slow  bool                // Prohibit on the fast path: let gVisor answer
 	pkt   *stack.PacketBuffer // from gVisor's UDP layer, or
 	raw   []byte              // from the fast path: the payload in the frame
 	col   sliceCollector
@@ -79,8 +80,15 @@ func (p *UDPPacket) ReturnPath() (*UDPPath, error) {
 // sandbox's socket gets EHOSTUNREACH; over IPv6, EACCES). Call it from the
 // UDP handler, which then returns true (the datagram is dealt with).
 func (p *UDPPacket) Prohibit() error {
-	if p.pkt == nil {
+	if !p.valid {
 		return errAnswered
+	}
+	if p.pkt == nil {
+		// From the fast path, which has no gVisor packet to answer:
+		// the datagram goes the usual way, and its handler call
+		// prohibits it again (fastUDP).
+		p.slow = true
+		return nil
 	}
 	return prohibit(p.s, p.pkt)
 }
@@ -126,7 +134,8 @@ func (st *Stack) handleUDP(s *stack.Stack, id stack.TransportEndpointID, pkt *st
 // parent's CPU (--cpuprofile). Only the plain case is taken (unicast,
 // unfragmented, no IP options, valid, not for a socket of the stack such
 // as the DNS server); everything else, and a datagram Config.UDP refuses
-// (which gets ICMP port unreachable), goes the usual way.
+// or prohibits (whose ICMP answer gVisor writes), goes the usual way, where
+// Config.UDP sees it again.
 func (st *Stack) fastUDP(s *stack.Stack, vnetHdr, frame []byte) bool {
 	const l2, l3 = header.EthernetMinimumSize, header.IPv4MinimumSize
 	if len(frame) < l2+l3+header.UDPMinimumSize {
@@ -173,7 +182,7 @@ func (st *Stack) fastUDP(s *stack.Stack, vnetHdr, frame []byte) bool {
 		valid: true,
 		raw:   payload,
 	}
-	ok := st.cfg.UDP(p)
+	ok := st.cfg.UDP(p) && !p.slow
 	p.valid, p.raw = false, nil
 	return ok
 }
