@@ -648,3 +648,20 @@ func TestUDPBurstOfNewPorts(t *testing.T) {
 		t.Errorf("expired %d of %d flows; %d left, %d in the poller", n, flows, f.nat.udp.len(), f.nat.udpPoll.len())
 	}
 }
+
+// Host sockets for both families (the sandbox's IPv6 flows go to ::1).
+func TestUDPSocketFamilies(t *testing.T) {
+	n, err := New(Config{Subnet: subnet, Gateway: gateway})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close()
+	for _, dst := range []string{"127.0.0.1:9", "[::1]:9", "[::ffff:127.0.0.1]:9"} {
+		fd, err := n.udpSocket(netip.MustParseAddrPort(dst))
+		if err != nil {
+			t.Errorf("%s: %v", dst, err)
+			continue
+		}
+		syscall.Close(fd)
+	}
+}

@@ -144,10 +144,12 @@ func (n *NAT) newUDPFlow(p *stack.UDPPacket, key udpKey) (*udpFlow, error) {
 // outbound address when one applies (--outbound-addr).
 func (n *NAT) udpSocket(dst netip.AddrPort) (int, error) {
 	family := unix.AF_INET
-	var sa unix.Sockaddr = &unix.SockaddrInet4{Addr: dst.Addr().As4(), Port: int(dst.Port())}
-	if dst.Addr().Is6() {
+	var sa unix.Sockaddr
+	if a := dst.Addr().Unmap(); a.Is4() {
+		sa = &unix.SockaddrInet4{Addr: a.As4(), Port: int(dst.Port())}
+	} else {
 		family = unix.AF_INET6
-		sa = &unix.SockaddrInet6{Addr: dst.Addr().As16(), Port: int(dst.Port())}
+		sa = &unix.SockaddrInet6{Addr: a.As16(), Port: int(dst.Port())}
 	}
 	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
