@@ -163,8 +163,11 @@ func (st *Stack) fastUDP(s *stack.Stack, vnetHdr, frame []byte) bool {
 		return false
 	}
 	udpHdr := header.UDP(ip[l3:ip.TotalLength()])
+	if len(udpHdr) < header.UDPMinimumSize {
+		return false
+	}
 	length := int(udpHdr.Length())
-	if len(udpHdr) < header.UDPMinimumSize || length < header.UDPMinimumSize || length > len(udpHdr) {
+	if length < header.UDPMinimumSize || length > len(udpHdr) {
 		return false
 	}
 	payload := udpHdr[header.UDPMinimumSize:length]
