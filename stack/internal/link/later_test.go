@@ -105,6 +105,12 @@ func TestResponseCarriesTheACK(t *testing.T) {
 	if len(got) != 2 || got[0] != "PA+data" || got[1] != "PA+data" {
 		t.Errorf("frames %q, want the two responses only", got)
 	}
+	e.later.mu.Lock()
+	armed := !e.later.armed.IsZero()
+	e.later.mu.Unlock()
+	if armed {
+		t.Error("the timer is still armed with nothing held")
+	}
 }
 
 // A held ACK with no response to carry it goes out by itself.
