@@ -43,15 +43,31 @@ clean:
 # e.g. built by root and run by an unprivileged user. Only the table goes
 # to stdout; the build and the progress go to stderr.
 BENCH_BIN := bin/gonetns-bench
+# RootlessKit v3 (for its gvisor-tap-vsock network) goes into a tools
+# directory of the benchmark's own, never over the system's rootlesskit.
+BENCH_TOOLS := bin/tools
+RK3_MODULE  := github.com/rootless-containers/rootlesskit/v3/cmd/rootlesskit@v3.0.1
 
-.PHONY: bench bench-quick
+.PHONY: bench bench-quick bench-tools bench-baseline
 # CI's quick run, as the unprivileged test user (needs root and test-setup).
 bench-quick:
 	./scripts/bench-quick.sh
 
+# The committed baseline (bench/results/README.md) and README.md's table,
+# as the unprivileged test user (needs root and test-setup).
+bench-baseline:
+	./scripts/bench-baseline.sh
+
+# A peer that cannot be installed (no module proxy) is reported missing by
+# the harness; it does not stop the benchmark.
+bench-tools:
+	@test -x $(BENCH_TOOLS)/rootlesskit || { echo "GOBIN=$(CURDIR)/$(BENCH_TOOLS) $(GO) install $(RK3_MODULE)" >&2; \
+		GOBIN=$(CURDIR)/$(BENCH_TOOLS) $(GO) install $(RK3_MODULE) >&2 || \
+		echo "bench-tools: RootlessKit v3 could not be installed; the benchmark reports it missing" >&2; }
+
 bench:
 ifeq ($(BENCH_NO_BUILD),)
-	@$(MAKE) --no-print-directory build >&2
+	@$(MAKE) --no-print-directory build bench-tools >&2
 	@echo "CGO_ENABLED=0 $(GO) build -trimpath -o $(BENCH_BIN) ./bench" >&2
 	@CGO_ENABLED=0 $(GO) build -trimpath -o $(BENCH_BIN) ./bench
 endif

@@ -112,6 +112,22 @@ func TestParseIperf(t *testing.T) {
 	}
 }
 
+// iperfUDPJSON is the shape of iperf3 3.12's -u --json end section.
+const iperfUDPJSON = `{"intervals":[{"sum":{"bits_per_second":9e8}}],"end":{
+ "sum_sent":{"bytes":1.4e8,"retransmits":0},
+ "sum_received":{"seconds":1,"bytes":1.05e8,"bits_per_second":8.4e8,"lost_packets":25000,"packets":100000,"lost_percent":25}}}`
+
+func TestParseIperfUDP(t *testing.T) {
+	r, err := parseIperf([]byte(iperfUDPJSON))
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := udpValues(r, nil)
+	if v["mbps"] != 840 || v["sent_mbps"] != 1120 || v["lost_percent"] != 25 || r.Packets != 100000 {
+		t.Errorf("values %v, run %+v", v, r)
+	}
+}
+
 func TestDefaultGateway(t *testing.T) {
 	route := "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n" +
 		"eth0\t0002000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n" +
@@ -182,13 +198,15 @@ func TestLoadConfig(t *testing.T) {
 	if err != nil || c.seconds != 1 || c.runs != 1 || !slices.Equal(c.mtus, []int{65520}) || !c.quick {
 		t.Errorf("quick: %+v %v", c, err)
 	}
-	c, err = loadConfig(env("BENCH_QUICK", "1", "BENCH_SECONDS", "3", "BENCH_MTUS", "1500,65520", "BENCH_SYSTEMS", "gonetns,host"))
-	if err != nil || c.seconds != 3 || !slices.Equal(c.mtus, []int{1500, 65520}) || !c.wants("host") || c.wants("pasta") {
+	c, err = loadConfig(env("BENCH_QUICK", "1", "BENCH_SECONDS", "3", "BENCH_MTUS", "1500,65520", "BENCH_SYSTEMS", "gonetns,host",
+		"BENCH_MEASUREMENTS", "probe udp_c2h", "BENCH_ROOTLESSKIT3", "/opt/rk3/rootlesskit"))
+	if err != nil || c.seconds != 3 || !slices.Equal(c.mtus, []int{1500, 65520}) || !c.wants("host") || c.wants("pasta") ||
+		!c.measures(kindProbe) || !c.measures(kindUDP) || c.measures(kindC2H) || c.rootlesskit3 != "/opt/rk3/rootlesskit" {
 		t.Errorf("overrides: %+v %v", c, err)
 	}
 	for _, bad := range [][]string{
 		{"BENCH_SECONDS", "0"}, {"BENCH_RUNS", "x"}, {"BENCH_MTUS", "100"}, {"BENCH_MTUS", " "},
-		{"BENCH_SYSTEMS", "vpnkit"}, {"BENCH_QUICK", "yes"}, {"BENCH_GONETNS", "/nonexistent"},
+		{"BENCH_SYSTEMS", "vpnkit"}, {"BENCH_QUICK", "yes"}, {"BENCH_GONETNS", "/nonexistent"}, {"BENCH_MEASUREMENTS", "tcp_rr"},
 	} {
 		if _, err := loadConfig(env(bad...)); err == nil {
 			t.Errorf("%v accepted", bad)
@@ -225,9 +243,17 @@ func TestScheduleInterleaves(t *testing.T) {
 	}
 	for key, want := range map[string]int{
 		"gonetns/tcp_c2h": 4, "gonetns/startup": 4, "host/tcp_c2h": 2, "host/startup": 0, "gonetns-port/port_h2c": 2,
+		"gonetns/udp_c2h": 2, "host/udp_c2h": 2,
 	} {
 		if count[key] != want {
 			t.Errorf("%s runs %d times, want %d", key, count[key], want)
+		}
+	}
+	// Only the measurements asked for.
+	cfg.kinds = map[string]bool{kindProbe: true}
+	for _, j := range schedule(cfg, sys) {
+		if j.kind != kindProbe {
+			t.Errorf("%s %s scheduled with BENCH_MEASUREMENTS=probe", j.sys.name, j.kind)
 		}
 	}
 }
@@ -399,7 +425,7 @@ func TestClientOnHost(t *testing.T) {
 		workDir: t.TempDir(),
 		log:     io.Discard,
 	}
-	b.tools = findTools("")
+	b.tools = findTools("", "")
 	var host *system
 	for _, s := range allSystems(b.tools, os.Geteuid()) {
 		if s.ref {
@@ -454,6 +480,33 @@ func TestSessionFaults(t *testing.T) {
 		var he *harnessError
 		if err == nil || errors.As(err, &he) != tc.harness {
 			t.Errorf("%s: error %v, harness fault %v, want %v", tc.script, err, errors.As(err, &he), tc.harness)
+		}
+	}
+}
+
+func TestRootlessKit3FromItsOwnTools(t *testing.T) {
+	// The system's rootlesskit (1.1 here) never stands in for v3.
+	tl := tools{rootlesskit: "/usr/bin/rootlesskit", slirp4netns: "/usr/bin/slirp4netns"}
+	sys := allSystems(tl, 1000)
+	probeSystems(sys, tl, versions{rootlesskit: "1.1.0"})
+	for _, s := range sys {
+		if s.name != "gvisor-tap-vsock" {
+			continue
+		}
+		if s.available || !strings.Contains(s.install, "go install "+rootlessKit3Module) {
+			t.Errorf("without v3: available %v, install %q", s.available, s.install)
+		}
+		if a := s.argv(1500, 0, []string{"true"}); a[0] != "" {
+			t.Errorf("argv %q runs the system's rootlesskit", a)
+		}
+	}
+	tl.rootlesskit3 = "/tools/rootlesskit"
+	sys = allSystems(tl, 1000)
+	for _, s := range sys {
+		if s.name == "gvisor-tap-vsock" {
+			if a := s.argv(1500, 0, []string{"true"}); !slices.Equal(a, []string{"/tools/rootlesskit", "--net=gvisor-tap-vsock", "--mtu=1500", "true"}) {
+				t.Errorf("argv %q", a)
+			}
 		}
 	}
 }

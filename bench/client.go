@@ -60,6 +60,7 @@ type clientSpec struct {
 	Iperf3    string `json:"iperf3,omitempty"`
 	Seconds   int    `json:"seconds,omitempty"`
 	Reverse   bool   `json:"reverse,omitempty"`
+	UDPFlood  bool   `json:"udp_flood,omitempty"` // iperf3 -u -b 0 -l udpFloodLen
 	RRWarmup  int    `json:"rr_warmup,omitempty"`
 	RRRounds  int    `json:"rr_rounds,omitempty"`
 	ConnForMS int    `json:"conn_for_ms,omitempty"`
@@ -406,12 +407,21 @@ func udpRoundTrips(addr string, s clientSpec, res *probeResult) error {
 	return nil
 }
 
+// udpFloodLen is the datagram size of the UDP flood: it fits a 1500-byte
+// MTU, so every system carries the same datagrams whatever its MTU.
+const udpFloodLen = 1400
+
 // runIperfClient runs iperf3 against the host and returns its JSON.
 func runIperfClient(target netip.Addr, s clientSpec) clientEvent {
 	args := []string{"-c", target.String(), "-p", strconv.Itoa(s.IperfPort), "-t", strconv.Itoa(s.Seconds),
 		"--json", "--connect-timeout", "10000"}
 	if s.Reverse {
 		args = append(args, "-R")
+	}
+	if s.UDPFlood {
+		// No rate limit: the sender offers what it can, and what the
+		// network delivers of it is the figure.
+		args = append(args, "-u", "-b", "0", "-l", strconv.Itoa(udpFloodLen))
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(s.Seconds+30)*time.Second)
 	defer cancel()

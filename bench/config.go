@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -30,9 +31,16 @@ type config struct {
 	// only, when set, restricts the systems run (BENCH_SYSTEMS, names
 	// as in systems.go); for development.
 	only map[string]bool
+	// kinds, when set, restricts the measurements (BENCH_MEASUREMENTS,
+	// e.g. "probe,udp_c2h": the rows being worked on, side by side).
+	kinds map[string]bool
 
 	gonetns string // the gonetns binary (BENCH_GONETNS, default bin/gonetns)
-	outDir  string // where results go (BENCH_OUT, default bench/results)
+	// rootlesskit3 is RootlessKit v3 (BENCH_ROOTLESSKIT3, default
+	// bin/tools/rootlesskit, where make bench-tools installs it); missing
+	// means its system is reported as not installed.
+	rootlesskit3 string
+	outDir       string // where results go (BENCH_OUT, default bench/results)
 
 	// Sizes of the per-connection measurements.
 	rrWarmup     int           // request/response round trips not counted
@@ -89,6 +97,15 @@ func loadConfig(getenv func(string) string) (config, error) {
 			c.only[s] = true
 		}
 	}
+	if v := strings.TrimSpace(getenv("BENCH_MEASUREMENTS")); v != "" {
+		c.kinds = map[string]bool{}
+		for _, k := range strings.FieldsFunc(v, func(r rune) bool { return r == ',' || r == ' ' }) {
+			if !slices.Contains(allKinds, k) {
+				return c, fmt.Errorf("BENCH_MEASUREMENTS: unknown measurement %q (known: %s)", k, strings.Join(allKinds, ", "))
+			}
+			c.kinds[k] = true
+		}
+	}
 	c.gonetns = getenv("BENCH_GONETNS")
 	if c.gonetns == "" {
 		c.gonetns = filepath.Join("bin", "gonetns")
@@ -98,6 +115,13 @@ func loadConfig(getenv func(string) string) (config, error) {
 	}
 	if st, err := os.Stat(c.gonetns); err != nil || st.IsDir() || st.Mode()&0o111 == 0 {
 		return c, fmt.Errorf("gonetns binary %s is missing or not executable: run make build first, or set BENCH_GONETNS", c.gonetns)
+	}
+	c.rootlesskit3 = getenv("BENCH_ROOTLESSKIT3")
+	if c.rootlesskit3 == "" {
+		c.rootlesskit3 = filepath.Join("bin", "tools", "rootlesskit")
+	}
+	if c.rootlesskit3, err = filepath.Abs(c.rootlesskit3); err != nil {
+		return c, err
 	}
 	c.outDir = getenv("BENCH_OUT")
 	if c.outDir == "" {
@@ -140,3 +164,6 @@ func parseMTUs(s string) ([]int, error) {
 
 // wants reports whether system name takes part in this run.
 func (c *config) wants(name string) bool { return c.only == nil || c.only[name] }
+
+// measures reports whether measurement kind takes part in this run.
+func (c *config) measures(kind string) bool { return c.kinds == nil || c.kinds[kind] }

@@ -14,6 +14,10 @@ type iperfRun struct {
 	SentBytes   float64   `json:"sent_bytes"`
 	Retransmits float64   `json:"retransmits"`
 	IntervalsG  []float64 `json:"intervals_gbps"` // per-second throughput, for drift and stalls
+	// UDP only: datagrams the receiver counted as lost, of those sent.
+	LostPackets float64 `json:"lost_packets,omitempty"`
+	Packets     float64 `json:"packets,omitempty"`
+	LostPercent float64 `json:"lost_percent,omitempty"`
 }
 
 // parseIperf reads the parts of iperf3 --json output the harness uses:
@@ -36,6 +40,9 @@ func parseIperf(b []byte) (iperfRun, error) {
 				Seconds       float64 `json:"seconds"`
 				Bytes         float64 `json:"bytes"`
 				BitsPerSecond float64 `json:"bits_per_second"`
+				LostPackets   float64 `json:"lost_packets"`
+				Packets       float64 `json:"packets"`
+				LostPercent   float64 `json:"lost_percent"`
 			} `json:"sum_received"`
 		} `json:"end"`
 	}
@@ -55,6 +62,9 @@ func parseIperf(b []byte) (iperfRun, error) {
 		BitsPerSec:  r.BitsPerSecond,
 		SentBytes:   doc.End.SumSent.Bytes,
 		Retransmits: doc.End.SumSent.Retransmits,
+		LostPackets: r.LostPackets,
+		Packets:     r.Packets,
+		LostPercent: r.LostPercent,
 	}
 	for _, iv := range doc.Intervals {
 		run.IntervalsG = append(run.IntervalsG, round3(iv.Sum.BitsPerSecond/1e9))

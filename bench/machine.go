@@ -13,12 +13,13 @@ import (
 
 // versions of the tools, as they report them.
 type versions struct {
-	gonetns     string
-	rootlesskit string
-	slirp4netns string
-	passt       string
-	iperf3      string
-	kernel      string
+	gonetns      string
+	rootlesskit  string
+	rootlesskit3 string
+	slirp4netns  string
+	passt        string
+	iperf3       string
+	kernel       string
 }
 
 // machine are the facts about this machine a reader of the results needs.
@@ -39,12 +40,13 @@ type machine struct {
 
 func gatherMachine(t tools) (machine, versions) {
 	v := versions{
-		gonetns:     firstLine(output(t.gonetns, "--version")),
-		rootlesskit: strings.TrimPrefix(firstLine(output(t.rootlesskit, "--version")), "rootlesskit version "),
-		slirp4netns: strings.TrimPrefix(firstLine(output(t.slirp4netns, "--version")), "slirp4netns version "),
-		passt:       debVersion("passt"),
-		iperf3:      firstLine(output(t.iperf3, "--version")),
-		kernel:      readTrim("/proc/sys/kernel/osrelease"),
+		gonetns:      firstLine(output(t.gonetns, "--version")),
+		rootlesskit:  strings.TrimPrefix(firstLine(output(t.rootlesskit, "--version")), "rootlesskit version "),
+		rootlesskit3: strings.TrimPrefix(firstLine(output(t.rootlesskit3, "--version")), "rootlesskit version "),
+		slirp4netns:  strings.TrimPrefix(firstLine(output(t.slirp4netns, "--version")), "slirp4netns version "),
+		passt:        debVersion("passt"),
+		iperf3:       firstLine(output(t.iperf3, "--version")),
+		kernel:       readTrim("/proc/sys/kernel/osrelease"),
 	}
 	if v.passt == "" && t.pasta != "" {
 		v.passt = firstLine(output(t.pasta, "--version"))
@@ -60,11 +62,12 @@ func gatherMachine(t tools) (machine, versions) {
 		LoadStart:  readTrim("/proc/loadavg"),
 		GoVersion:  runtime.Version(),
 		Tools: map[string]string{
-			"gonetns":     v.gonetns,
-			"rootlesskit": v.rootlesskit,
-			"slirp4netns": v.slirp4netns,
-			"passt":       v.passt,
-			"iperf3":      v.iperf3,
+			"gonetns":      v.gonetns,
+			"rootlesskit":  v.rootlesskit,
+			"rootlesskit3": v.rootlesskit3,
+			"slirp4netns":  v.slirp4netns,
+			"passt":        v.passt,
+			"iperf3":       v.iperf3,
 		},
 	}
 	if u, err := user.Current(); err == nil {

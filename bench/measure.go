@@ -15,11 +15,15 @@ import (
 const (
 	kindC2H     = "tcp_c2h"  // iperf3 in the sandbox sends to the host
 	kindH2C     = "tcp_h2c"  // iperf3 -R: the host sends to the sandbox
+	kindUDP     = "udp_c2h"  // iperf3 -u -b 0: the sandbox floods the host with UDP
 	kindProbe   = "probe"    // request/response, new connections, UDP
 	kindStartup = "startup"  // wall time of `SYSTEM true`
 	kindPortIn  = "port_h2c" // published port: the host's iperf3 sends in
 	kindPortOut = "port_c2h" // published port, -R: the sandbox sends out
 )
+
+// allKinds are the measurements in the order a run makes them.
+var allKinds = []string{kindC2H, kindH2C, kindUDP, kindProbe, kindStartup, kindPortIn, kindPortOut}
 
 // sample is the outcome of one measurement run: the figures, the raw data
 // they come from, or the error that stopped it.
@@ -93,9 +97,24 @@ func throughputValues(r iperfRun, u *netUsage) map[string]float64 {
 	return v
 }
 
+// udpValues are the figures of a UDP flood: what arrived (goodput), what
+// was offered, and the share lost on the way.
+func udpValues(r iperfRun, u *netUsage) map[string]float64 {
+	v := throughputValues(r, u)
+	delete(v, "retransmits")
+	v["mbps"] = r.BitsPerSec / 1e6
+	if r.Seconds > 0 {
+		v["sent_mbps"] = r.SentBytes * 8 / r.Seconds / 1e6
+	}
+	v["lost_percent"] = r.LostPercent
+	return v
+}
+
 // throughput runs iperf3 in the sandbox against a one-off iperf3 server
-// on the host's 127.0.0.1 (reverse: the host sends).
-func (b *bench) throughput(ctx context.Context, sys *system, mtu int, reverse bool, s *sample) error {
+// on the host's 127.0.0.1: TCP (reverse: the host sends) or, with udp, a
+// UDP flood from the sandbox (as fast as the client can send, 1400-byte
+// datagrams).
+func (b *bench) throughput(ctx context.Context, sys *system, mtu int, reverse, udp bool, s *sample) error {
 	if b.tools.iperf3 == "" {
 		return errors.New("iperf3 is not installed: " + aptIperf3)
 	}
@@ -111,7 +130,7 @@ func (b *bench) throughput(ctx context.Context, sys *system, mtu int, reverse bo
 	defer srv.stop()
 	spec := clientSpec{
 		Task: taskIperf, Target: sys.target, Token: newToken(), EchoPort: echo.tcpPort(),
-		IperfPort: srv.port, Iperf3: b.tools.iperf3, Seconds: b.cfg.seconds, Reverse: reverse,
+		IperfPort: srv.port, Iperf3: b.tools.iperf3, Seconds: b.cfg.seconds, Reverse: reverse, UDPFlood: udp,
 	}
 	sess, err := b.startSession(ctx, sys, mtu, 0, spec)
 	if err != nil {
@@ -143,7 +162,11 @@ func (b *bench) throughput(ctx context.Context, sys *system, mtu int, reverse bo
 		}
 		return err
 	}
-	s.Values = throughputValues(run, usage)
+	if udp {
+		s.Values = udpValues(run, usage)
+	} else {
+		s.Values = throughputValues(run, usage)
+	}
 	s.Raw = run
 	return nil
 }
@@ -282,8 +305,8 @@ func (b *bench) measure(ctx context.Context, j job) sample {
 	s := sample{Run: j.run, System: j.sys.name, MTU: j.mtu, Kind: j.kind, Started: time.Now().UTC()}
 	var err error
 	switch j.kind {
-	case kindC2H, kindH2C:
-		err = b.throughput(ctx, j.sys, j.mtu, j.kind == kindH2C, &s)
+	case kindC2H, kindH2C, kindUDP:
+		err = b.throughput(ctx, j.sys, j.mtu, j.kind == kindH2C, j.kind == kindUDP, &s)
 	case kindPortIn, kindPortOut:
 		err = b.portThroughput(ctx, j.sys, j.mtu, j.kind == kindPortOut, &s)
 	case kindProbe:
@@ -316,9 +339,9 @@ func kindsFor(sys *system) []string {
 	case sys.port:
 		return []string{kindPortIn, kindPortOut}
 	case sys.ref:
-		return []string{kindC2H, kindH2C, kindProbe}
+		return []string{kindC2H, kindH2C, kindUDP, kindProbe}
 	}
-	return []string{kindC2H, kindH2C, kindProbe, kindStartup}
+	return []string{kindC2H, kindH2C, kindUDP, kindProbe, kindStartup}
 }
 
 // job is one measurement run of one system.
@@ -332,11 +355,12 @@ type job struct {
 // schedule interleaves the systems: for each run, each MTU and each
 // measurement, every system in turn (A B C A B C ...), so that drift of
 // the machine hits all of them alike. The reference (host loopback, no
-// MTU) runs once per run, with the first MTU; the published-port systems
-// run once per run, at the largest MTU.
+// MTU) runs once per run, with the first MTU; so does the UDP flood, whose
+// datagrams fit any MTU; the published-port systems run once per run, at
+// the largest MTU.
 func schedule(cfg config, systems []*system) []job {
 	var jobs []job
-	kinds := []string{kindC2H, kindH2C, kindProbe, kindStartup, kindPortIn, kindPortOut}
+	kinds := slices.DeleteFunc(slices.Clone(allKinds), func(k string) bool { return !cfg.measures(k) })
 	portMTU := slices.Max(cfg.mtus)
 	for run := 1; run <= cfg.runs; run++ {
 		for i, mtu := range cfg.mtus {
@@ -350,6 +374,8 @@ func schedule(cfg config, systems []*system) []job {
 						continue
 					case sys.ref && i != 0:
 						continue
+					case k == kindUDP && i != 0:
+						continue // 1400-byte datagrams: the MTU changes nothing
 					}
 					m := mtu
 					if sys.ref {
@@ -359,7 +385,10 @@ func schedule(cfg config, systems []*system) []job {
 				}
 			}
 		}
-		for _, k := range []string{kindPortIn, kindPortOut} {
+		for _, k := range kinds {
+			if k != kindPortIn && k != kindPortOut {
+				continue
+			}
 			for _, sys := range systems {
 				if sys.available && sys.port {
 					jobs = append(jobs, job{run: run, mtu: portMTU, kind: k, sys: sys})

@@ -24,6 +24,8 @@ var mtuMetrics = []metric{
 	{kindProbe, "rr_p99_us", "TCP request/response p99", "µs", false},
 	{kindProbe, "conn_per_s", "new TCP connections (connect, 1 B echo, close)", "conn/s", true},
 	{kindProbe, "udp_p50_us", "UDP round trip p50", "µs", false},
+	{kindUDP, "mbps", "UDP goodput sandbox → host under a flood (iperf3 -u -b 0 -l 1400)", "Mbit/s", true},
+	{kindUDP, "lost_percent", "UDP datagrams lost under that flood", "%", false},
 	{kindStartup, "startup_ms", "start-up of `true` (wall time)", "ms", false},
 	{kindC2H, "rss_peak_mb", "peak RSS of the network process, sandbox → host run", "MiB", false},
 	{kindH2C, "rss_peak_mb", "peak RSS of the network process, host → sandbox run", "MiB", false},

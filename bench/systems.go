@@ -44,12 +44,15 @@ type system struct {
 	version   string
 }
 
-// paths of the tools; empty when not installed.
+// paths of the tools; empty when not installed. rootlesskit is the
+// system's (Debian 12: 1.1, with slirp4netns); rootlesskit3 is RootlessKit
+// v3, installed by the benchmark's setup into a tools directory of its own
+// (never over the system's), for its gvisor-tap-vsock network driver.
 type tools struct {
-	gonetns, rootlesskit, slirp4netns, pasta, iperf3 string
+	gonetns, rootlesskit, rootlesskit3, slirp4netns, pasta, iperf3 string
 }
 
-func findTools(gonetns string) tools {
+func findTools(gonetns, rootlesskit3 string) tools {
 	look := func(name string) string {
 		p, err := exec.LookPath(name)
 		if err != nil {
@@ -57,12 +60,16 @@ func findTools(gonetns string) tools {
 		}
 		return p
 	}
+	if st, err := os.Stat(rootlesskit3); err != nil || st.IsDir() || st.Mode()&0o111 == 0 {
+		rootlesskit3 = ""
+	}
 	return tools{
-		gonetns:     gonetns,
-		rootlesskit: look("rootlesskit"),
-		slirp4netns: look("slirp4netns"),
-		pasta:       look("pasta"),
-		iperf3:      look("iperf3"),
+		gonetns:      gonetns,
+		rootlesskit3: rootlesskit3,
+		rootlesskit:  look("rootlesskit"),
+		slirp4netns:  look("slirp4netns"),
+		pasta:        look("pasta"),
+		iperf3:       look("iperf3"),
 	}
 }
 
@@ -71,6 +78,10 @@ const (
 	aptRootlessKit = "sudo apt-get install -y rootlesskit slirp4netns"
 	aptPasta       = "sudo apt-get install -y passt"
 	aptIperf3      = "sudo apt-get install -y iperf3"
+	// RootlessKit v3 comes from the Go module proxy, into the tools
+	// directory the harness looks in (BENCH_ROOTLESSKIT3).
+	installRootlessKit3 = "make bench-tools (GOBIN=$PWD/bin/tools go install " + rootlessKit3Module + ")"
+	rootlessKit3Module  = "github.com/rootless-containers/rootlesskit/v3/cmd/rootlesskit@v3.0.1"
 )
 
 // self is the process we started.
@@ -94,9 +105,9 @@ func allSystems(t tools, euid int) []*system {
 		}
 		return append(a, cmd...)
 	}
-	rootlesskit := func(net, portDriver string) func(mtu, hostPort int, cmd []string) []string {
+	rootlesskit := func(bin, net, portDriver string) func(mtu, hostPort int, cmd []string) []string {
 		return func(mtu, hostPort int, cmd []string) []string {
-			a := []string{t.rootlesskit, "--net=" + net, "--mtu=" + strconv.Itoa(mtu)}
+			a := []string{bin, "--net=" + net, "--mtu=" + strconv.Itoa(mtu)}
 			if portDriver != "" {
 				a = append(a, "--port-driver="+portDriver, "-p", publishSpec(hostPort))
 			}
@@ -125,14 +136,16 @@ func allSystems(t tools, euid int) []*system {
 
 	return []*system{
 		{name: "gonetns", label: "gonetns", argv: gonetns, netProc: self, netName: "gonetns (parent)", target: targetSlirp},
-		{name: "slirp4netns", label: "rootlesskit + slirp4netns", argv: rootlesskit("slirp4netns", ""), netProc: slirpChild, netName: "slirp4netns", target: targetSlirp},
+		{name: "slirp4netns", label: "rootlesskit + slirp4netns", argv: rootlesskit(t.rootlesskit, "slirp4netns", ""), netProc: slirpChild, netName: "slirp4netns", target: targetSlirp},
 		{name: "pasta", label: "pasta", argv: pasta, netProc: self, netName: "pasta", target: targetGateway},
-		{name: "gvisor-tap-vsock", label: "rootlesskit + gvisor-tap-vsock", argv: rootlesskit("gvisor-tap-vsock", ""), netProc: self, netName: "rootlesskit (parent)", target: targetGateway},
+		// RootlessKit v3's gVisor network runs in its parent process; its
+		// gateway (10.0.2.1) is the host's loopback.
+		{name: "gvisor-tap-vsock", label: "rootlesskit v3 gvisor-tap-vsock", argv: rootlesskit(t.rootlesskit3, "gvisor-tap-vsock", ""), netProc: self, netName: "rootlesskit (parent)", target: targetGateway},
 		{name: "host", label: "host loopback (no namespace)", ref: true, argv: host, target: targetHost},
 
 		{name: "gonetns-port", label: "gonetns -p", port: true, argv: gonetns, netProc: self, netName: "gonetns (parent)"},
-		{name: "rootlesskit-builtin", label: "rootlesskit builtin", port: true, argv: rootlesskit("slirp4netns", "builtin"), netProc: self, netName: "rootlesskit (parent)"},
-		{name: "rootlesskit-slirp4netns", label: "rootlesskit slirp4netns driver", port: true, argv: rootlesskit("slirp4netns", "slirp4netns"), netProc: slirpChild, netName: "slirp4netns"},
+		{name: "rootlesskit-builtin", label: "rootlesskit builtin", port: true, argv: rootlesskit(t.rootlesskit, "slirp4netns", "builtin"), netProc: self, netName: "rootlesskit (parent)"},
+		{name: "rootlesskit-slirp4netns", label: "rootlesskit slirp4netns driver", port: true, argv: rootlesskit(t.rootlesskit, "slirp4netns", "slirp4netns"), netProc: slirpChild, netName: "slirp4netns"},
 		{name: "pasta-port", label: "pasta -t", port: true, argv: pasta, netProc: self, netName: "pasta"},
 	}
 }
@@ -155,7 +168,7 @@ func knownSystem(name string) bool { return slices.Contains(systemNames(), name)
 // installed tools, RootlessKit's network drivers. Versions come from
 // machine facts.
 func probeSystems(systems []*system, t tools, v versions) {
-	rkNets := rootlessKitNets(t.rootlesskit)
+	rk3Nets := rootlessKitNets(t.rootlesskit3)
 	for _, s := range systems {
 		s.available = true
 		switch s.name {
@@ -170,12 +183,12 @@ func probeSystems(systems []*system, t tools, v versions) {
 				s.available, s.reason, s.install = false, "slirp4netns is not installed", aptRootlessKit
 			}
 		case "gvisor-tap-vsock":
-			s.version = "rootlesskit " + v.rootlesskit
+			s.version = "rootlesskit " + v.rootlesskit3
 			switch {
-			case t.rootlesskit == "":
-				s.available, s.reason, s.install = false, "rootlesskit is not installed", aptRootlessKit
-			case !slices.Contains(rkNets, "gvisor-tap-vsock"):
-				s.available, s.reason = false, "not available in rootlesskit "+v.rootlesskit+" (its --net drivers: "+strings.Join(rkNets, ", ")+"); RootlessKit v3 has it"
+			case t.rootlesskit3 == "":
+				s.available, s.reason, s.install = false, "RootlessKit v3 is not installed in the tools directory", installRootlessKit3
+			case !slices.Contains(rk3Nets, "gvisor-tap-vsock"):
+				s.available, s.reason = false, "not available in rootlesskit "+v.rootlesskit3+" (its --net drivers: "+strings.Join(rk3Nets, ", ")+"); RootlessKit v3 has it"
 			}
 		case "pasta", "pasta-port":
 			s.version = "passt " + v.passt

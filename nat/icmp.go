@@ -15,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/gonetns/gonetns/internal/rawconn"
 	"github.com/gonetns/gonetns/stack"
 )
 
@@ -144,31 +145,26 @@ func (f *echoFlow) send(r *stack.EchoRequest) error {
 	} else {
 		sa = &unix.SockaddrInet6{Addr: f.host.As16()}
 	}
-	var serr error
-	err := f.rc.Write(func(fd uintptr) bool {
-		serr = unix.Sendto(int(fd), msg, 0, sa)
-		return serr != unix.EAGAIN
-	})
-	if err != nil {
-		return err
-	}
-	return serr
+	_, err := rawconn.Write(f.rc, func(fd int) (int, error) { return 0, unix.Sendto(fd, msg, 0, sa) })
+	return err
 }
 
 // readReplies passes echo replies to the sandbox until the socket closes.
 func (f *echoFlow) readReplies() {
 	buf := make([]byte, 65536)
 	for {
-		var n int
-		var rerr error
-		err := f.rc.Read(func(fd uintptr) bool {
-			n, _, rerr = unix.Recvfrom(int(fd), buf, 0)
-			return rerr != unix.EAGAIN
+		n, err := rawconn.Read(f.rc, func(fd int) (int, error) {
+			n, _, err := unix.Recvfrom(fd, buf, 0)
+			return n, err
 		})
 		if err != nil {
-			return
+			var errno syscall.Errno
+			if !errors.As(err, &errno) {
+				return // the poller's error: the socket was closed
+			}
+			continue // an ICMP error about an earlier request
 		}
-		if rerr != nil || n < 8 {
+		if n < 8 {
 			continue
 		}
 		typ := buf[0]

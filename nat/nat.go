@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/gonetns/gonetns/relay"
+	"github.com/gonetns/gonetns/stack"
 )
 
 // Defaults of Config, as slirp4netns has them where it has them.
@@ -28,9 +29,12 @@ const (
 	DefaultUDPIdleTimeout = 240 * time.Second
 	DefaultDNSIdleTimeout = 10 * time.Second
 	DefaultEchoIdle       = 30 * time.Second
-	DefaultMaxUDPFlows    = 4096
-	DefaultMaxTCPConns    = 16384
-	DefaultMaxEchoFlows   = 1024
+	// A UDP flow costs a descriptor and about 300 bytes (nat/udp.go):
+	// enough for a burst of new source ports, such as a resolver's or a
+	// scanner's, to get its answers.
+	DefaultMaxUDPFlows  = 16384
+	DefaultMaxTCPConns  = 16384
+	DefaultMaxEchoFlows = 1024
 )
 
 // Config of a NAT.
@@ -89,6 +93,8 @@ type NAT struct {
 	wg     sync.WaitGroup
 
 	tcpActive atomic.Int64 // connections being dialled or relayed
+	tcpWork   chan *stack.TCPRequest
+	idleTCP   atomic.Int32 // goroutines waiting on tcpWork
 	tcpFull   atomic.Int64 // unix time of the last "too many" warning
 
 	udp  *table[udpKey, *udpFlow]
@@ -96,6 +102,10 @@ type NAT struct {
 
 	out      *outbound
 	refusals refusalLog
+
+	udpPollOnce sync.Once
+	udpPoll     *udpPoller // reads every UDP flow's answers; started by the first flow
+	udpPollErr  error
 
 	pingOnce    sync.Once
 	blockedSeen map[echoKey]struct{} // under mu: sessions already logged as not forwarded
@@ -129,7 +139,7 @@ func New(cfg Config) (*NAT, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	n := &NAT{cfg: cfg, log: cfg.Logger, dialer: cfg.Dialer, tcp: make(map[*relay.Relay]struct{})}
+	n := &NAT{cfg: cfg, log: cfg.Logger, dialer: cfg.Dialer, tcp: make(map[*relay.Relay]struct{}), tcpWork: make(chan *stack.TCPRequest)}
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)
 	}
@@ -197,6 +207,11 @@ func (n *NAT) Close() error {
 	}
 	n.udp.closeAll()
 	n.echo.closeAll()
+	// No poller starts after this; one that started is stopped.
+	n.udpPollOnce.Do(func() { n.udpPollErr = net.ErrClosed })
+	if n.udpPoll != nil {
+		n.udpPoll.close()
+	}
 	n.wg.Wait()
 	return nil
 }

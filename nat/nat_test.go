@@ -566,3 +566,102 @@ func TestTCPConnLimit(t *testing.T) {
 		c.Close()
 	}
 }
+
+// A burst of new source ports, each one datagram, all get their answers;
+// the flows cost no goroutine and no buffer of their own (they used to
+// cost two goroutines and 2 x 64 KiB each), and expiring them frees them.
+func TestUDPBurstOfNewPorts(t *testing.T) {
+	const flows = 5000
+	var mu sync.Mutex
+	now := time.Unix(1_000_000, 0)
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	f := newFixture(t, Config{HostLoopback: true, Now: clock})
+	// Several servers: one socket's receive buffer (rmem_default) holds
+	// only a few hundred datagrams, and the NAT sends the burst faster
+	// than one server goroutine reads it.
+	var srvs []netip.AddrPort
+	for range 25 {
+		srvs = append(srvs, udpServer(t))
+	}
+	conns := make([]net.Conn, flows)
+	for i := range conns {
+		c, err := f.guest.DialUDP(viaGateway(srvs[i%len(srvs)]))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		conns[i] = c
+	}
+	// One round trip first, so that both stacks have resolved each
+	// other's link address: a burst that finds the neighbor entry
+	// unresolved is queued behind it, up to gVisor's 256 packets.
+	warm, err := f.guest.DialUDP(viaGateway(srvs[0]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	warm.Write([]byte("warm"))
+	warm.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := warm.Read(make([]byte, 64)); err != nil {
+		t.Fatal(err)
+	}
+	warm.Close()
+	var ms runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&ms)
+	heap0, goroutines0 := ms.HeapInuse, runtime.NumGoroutine()
+	for i, c := range conns {
+		if _, err := fmt.Fprintf(c, "burst-%d", i); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := 0
+	buf := make([]byte, 256)
+	deadline := time.Now().Add(30 * time.Second)
+	for i, c := range conns {
+		c.SetReadDeadline(deadline)
+		n, err := c.Read(buf)
+		if err != nil {
+			t.Errorf("port %d: no answer: %v", i, err)
+			break
+		}
+		if _, payload, _ := strings.Cut(string(buf[:n]), "|"); payload == fmt.Sprintf("burst-%d", i) {
+			got++
+		}
+	}
+	if got != flows || f.nat.udp.len() != flows+1 {
+		t.Fatalf("%d of %d answers, %d flows", got, flows, f.nat.udp.len())
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&ms)
+	grew := int64(ms.HeapInuse) - int64(heap0)
+	t.Logf("%d flows: heap +%d KiB, goroutines +%d", flows, grew>>10, runtime.NumGoroutine()-goroutines0)
+	if g := runtime.NumGoroutine() - goroutines0; g > 10 {
+		t.Errorf("%d flows started %d goroutines", flows, g)
+	}
+	if grew > 64<<20 {
+		t.Errorf("%d flows grew the heap by %d MiB", flows, grew>>20)
+	}
+	mu.Lock()
+	now = now.Add(DefaultUDPIdleTimeout)
+	mu.Unlock()
+	if n := f.nat.udp.expire(clock()); n != flows+1 || f.nat.udp.len() != 0 || f.nat.udpPoll.len() != 0 {
+		t.Errorf("expired %d of %d flows; %d left, %d in the poller", n, flows, f.nat.udp.len(), f.nat.udpPoll.len())
+	}
+}
+
+// Host sockets for both families (the sandbox's IPv6 flows go to ::1).
+func TestUDPSocketFamilies(t *testing.T) {
+	n, err := New(Config{Subnet: subnet, Gateway: gateway})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close()
+	for _, dst := range []string{"127.0.0.1:9", "[::1]:9", "[::ffff:127.0.0.1]:9"} {
+		fd, err := n.udpSocket(netip.MustParseAddrPort(dst))
+		if err != nil {
+			t.Errorf("%s: %v", dst, err)
+			continue
+		}
+		syscall.Close(fd)
+	}
+}

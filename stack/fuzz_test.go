@@ -1,10 +1,13 @@
 package stack_test
 
 import (
+	"bytes"
 	"encoding/binary"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/gonetns/gonetns/stack"
 	"github.com/gonetns/gonetns/tap"
@@ -17,7 +20,9 @@ import (
 // through the in-memory device, with and without a virtio-net header.
 var fuzzStacks = struct {
 	sync.Once
-	in [2]tap.Device // the sandbox's ends: [plain, vnet]
+	in     [2]tap.Device  // the sandbox's ends: [plain, vnet]
+	arpFor [2]chan []byte // target MACs of the ARP replies each stack sends
+	marker atomic.Uint32
 }{}
 
 func fuzzTarget(t testing.TB, vnet bool) tap.Device {
@@ -29,7 +34,7 @@ func fuzzTarget(t testing.TB, vnet bool) tap.Device {
 				MTU:       65520,
 				Addresses: []netip.Prefix{netip.PrefixFrom(gateway, 24), netip.MustParsePrefix("fd00::2/64")},
 				TCP:       func(r *stack.TCPRequest) { r.Refuse() },
-				UDP:       func(r *stack.UDPRequest) bool { return false },
+				UDP:       func(p *stack.UDPPacket) bool { return len(p.Payload())%2 == 0 },
 				Echo:      func(r *stack.EchoRequest) bool { return len(r.Data)%2 == 0 },
 			})
 			if err != nil {
@@ -39,12 +44,26 @@ func fuzzTarget(t testing.TB, vnet bool) tap.Device {
 				t.Fatal(err)
 			}
 			fuzzStacks.in[i] = b
-			// Drain what the stack sends back so the pipe never fills.
+			replies := make(chan []byte, 64)
+			fuzzStacks.arpFor[i] = replies
+			// Drain what the stack sends back so the pipe never fills;
+			// pass on the ARP replies (done below).
 			go func() {
 				buf := make([]byte, 70000)
 				for {
-					if _, err := b.Read([][]byte{buf}); err != nil {
+					n, err := b.Read([][]byte{buf})
+					if err != nil {
 						return
+					}
+					f := buf[:n]
+					if v {
+						f = f[min(len(f), tap.VNetHdrLen):]
+					}
+					if len(f) >= 42 && f[12] == 0x08 && f[13] == 0x06 && f[21] == 2 {
+						select {
+						case replies <- append([]byte(nil), f[32:38]...):
+						default:
+						}
 					}
 				}
 			}()
@@ -85,9 +104,10 @@ func FuzzFrames(f *testing.F) {
 	binary.BigEndian.PutUint16(syn[0:], 40000)
 	binary.BigEndian.PutUint16(syn[2:], 80)
 	syn[12], syn[13] = 0x50, 0x02
-	f.Add(false, ethFrame(ours, guest, 0x0800, ip4(6, syn)))                                       // TCP SYN
-	f.Add(false, ethFrame(ours, guest, 0x0800, ip4(17, []byte{0x9c, 0x40, 0, 53, 0, 9, 0, 0, 1}))) // UDP
-	f.Add(false, ethFrame(ours, guest, 0x0800, ip4(1, []byte{8, 0, 0, 0, 0, 1, 0, 1, 'x'})))       // echo
+	f.Add(false, ethFrame(ours, guest, 0x0800, ip4(6, syn)))                                                     // TCP SYN
+	f.Add(false, ethFrame(ours, guest, 0x0800, ip4(17, []byte{0x9c, 0x40, 0, 53, 0, 9, 0, 0, 1})))               // UDP
+	f.Add(false, append(ethFrame(ours, guest, 0x0800, ip4(17, []byte{0x9c, 0x40, 0, 53})), make([]byte, 22)...)) // UDP header cut short, Ethernet padding
+	f.Add(false, ethFrame(ours, guest, 0x0800, ip4(1, []byte{8, 0, 0, 0, 0, 1, 0, 1, 'x'})))                     // echo
 	f.Add(false, ethFrame([]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, guest, 0x0806,
 		[]byte{0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 0x64, 10, 0, 2, 100, 0, 0, 0, 0, 0, 0, 10, 0, 2, 2})) // ARP
 	f.Add(true, append(make([]byte, tap.VNetHdrLen), ethFrame(ours, guest, 0x0800, ip4(6, syn))...))
@@ -102,5 +122,39 @@ func FuzzFrames(f *testing.F) {
 		if _, err := dev.Write([][]byte{frame}); err != nil {
 			t.Fatal(err)
 		}
+		done(t, vnet)
 	})
+}
+
+// done waits until the stack has handled every frame written so far: the
+// reader handles frames in order, so once it answers an ARP request sent
+// after them, they are behind it (a panic on the reader goroutine shows
+// in the iteration that caused it).
+func done(t *testing.T, vnet bool) {
+	i := 0
+	if vnet {
+		i = 1
+	}
+	mac := binary.BigEndian.AppendUint32([]byte{0x02, 0xfe}, fuzzStacks.marker.Add(1))
+	arp := []byte{0, 1, 8, 0, 6, 4, 0, 1}
+	arp = append(arp, mac...)
+	arp = append(arp, 10, 0, 2, 100, 0, 0, 0, 0, 0, 0, 10, 0, 2, 2)
+	f := ethFrame([]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, mac, 0x0806, arp)
+	if vnet {
+		f = append(make([]byte, tap.VNetHdrLen), f...)
+	}
+	if _, err := fuzzStacks.in[i].Write([][]byte{f}); err != nil {
+		t.Fatal(err)
+	}
+	timeout := time.After(10 * time.Second)
+	for {
+		select {
+		case got := <-fuzzStacks.arpFor[i]:
+			if bytes.Equal(got, mac) {
+				return
+			}
+		case <-timeout:
+			t.Fatal("the stack stopped answering ARP after this frame")
+		}
+	}
 }

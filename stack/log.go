@@ -11,9 +11,16 @@ import (
 	glog "gvisor.dev/gvisor/pkg/log"
 )
 
-// gVisor logs through its own global logger, to stderr by default. Its
-// messages (e.g. "martian packet dropped") are about single packets, so
-// they go to the most recently started stack's logger at debug level.
+// gVisor logs through its own global logger, to stderr in glog format by
+// default. Its messages (e.g. "martian packet dropped") are about single
+// packets, so they go to the most recently started stack's logger at
+// debug level, whatever gVisor's level.
+//
+// The global logger is changed in place, not replaced with
+// glog.SetTarget: gVisor's rate-limited loggers (ipv4's martian packet
+// logger, the stack's raw-socket one) are package variables that took the
+// logger gVisor's init made, and kept printing to stderr, at Info, after
+// SetTarget had installed another one.
 var (
 	gvisorLogOnce sync.Once
 	gvisorLogTo   atomic.Pointer[slog.Logger]
@@ -31,11 +38,14 @@ func (gvisorEmitter) Emit(_ int, level glog.Level, _ time.Time, format string, v
 
 func routeGVisorLog(l *slog.Logger) {
 	gvisorLogTo.Store(l)
-	gvisorLogOnce.Do(func() { glog.SetTarget(gvisorEmitter{}) })
+	gvisorLogOnce.Do(func() {
+		// Before any stack of ours handles a packet: nothing logs yet.
+		glog.Log().Emitter = gvisorEmitter{}
+	})
 	// Below debug, gVisor need not even format its messages.
 	if l.Enabled(context.Background(), slog.LevelDebug) {
-		glog.SetLevel(glog.Debug)
+		glog.Log().SetLevel(glog.Debug)
 	} else {
-		glog.SetLevel(glog.Warning)
+		glog.Log().SetLevel(glog.Warning)
 	}
 }

@@ -7,6 +7,8 @@ import (
 
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
+
+	"github.com/gonetns/gonetns/internal/rawconn"
 )
 
 // The fast paths between a TCPConn and a kernel stream socket: data moves
@@ -100,17 +102,9 @@ func (c *TCPConn) writeBatch(rc syscall.RawConn, col *iovCollector) (n int, done
 func writevAll(rc syscall.RawConn, iovs [][]byte) (int, error) {
 	total := 0
 	for len(iovs) > 0 {
-		var n int
-		var werr error
-		err := rc.Write(func(fd uintptr) bool {
-			n, werr = unix.Writev(int(fd), iovs)
-			return werr != unix.EAGAIN
-		})
+		n, err := rawconn.Write(rc, func(fd int) (int, error) { return rawconn.Writev(fd, iovs) })
 		if err != nil {
 			return total, err
-		}
-		if werr != nil {
-			return total, werr
 		}
 		total += n
 		for n > 0 && len(iovs) > 0 {
@@ -156,8 +150,12 @@ func (c *TCPConn) readFromSocket(rc syscall.RawConn) (int64, error) {
 		if n < len(buf) {
 			continue
 		}
+		fd, err := rawconn.FD(rc)
+		if err != nil {
+			return total, err
+		}
 		for {
-			avail, err := unix.IoctlGetInt(socketFD(rc), unix.SIOCINQ)
+			avail, err := unix.IoctlGetInt(fd, unix.SIOCINQ)
 			if err != nil || avail == 0 {
 				break
 			}
@@ -176,27 +174,7 @@ func (c *TCPConn) readFromSocket(rc syscall.RawConn) (int64, error) {
 
 // readSocket reads what is queued, waiting for data; 0 means EOF.
 func readSocket(rc syscall.RawConn, b []byte) (int, error) {
-	var n int
-	var rerr error
-	err := rc.Read(func(fd uintptr) bool {
-		n, rerr = unix.Read(int(fd), b)
-		return rerr != unix.EAGAIN
-	})
-	if err != nil {
-		return 0, err
-	}
-	if rerr != nil {
-		return 0, rerr
-	}
-	return n, nil
-}
-
-// socketFD returns the descriptor behind rc (valid while the socket is
-// open, which the caller guarantees).
-func socketFD(rc syscall.RawConn) int {
-	var fd int
-	rc.Control(func(f uintptr) { fd = int(f) })
-	return fd
+	return rawconn.Read(rc, func(fd int) (int, error) { return rawconn.ReadFD(fd, b) })
 }
 
 // socketPayload lets the endpoint read up to remaining bytes, which are
@@ -220,13 +198,12 @@ func (p *socketPayload) Read(b []byte) (int, error) {
 		b = b[:p.remaining]
 	}
 	var n int
-	var rerr error
-	err := p.rc.Read(func(fd uintptr) bool {
-		n, rerr = unix.Read(int(fd), b)
-		return rerr != unix.EAGAIN
-	})
-	if err == nil {
-		err = rerr
+	var err error
+	if len(b) >= rawconn.BigIO {
+		// Announced: see rawconn.BigIO.
+		n, err = rawconn.Read(p.rc, func(fd int) (int, error) { return unix.Read(fd, b) })
+	} else {
+		n, err = readSocket(p.rc, b)
 	}
 	if err == nil && n == 0 {
 		err = io.ErrUnexpectedEOF

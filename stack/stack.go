@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
@@ -56,12 +57,13 @@ type Config struct {
 	// (SYNs beyond it are dropped and retransmitted by the sandbox).
 	// Default 4096.
 	MaxInFlightTCP int
-	// UDP is called for the first datagram of every flow (source and
-	// destination address and port) with no endpoint of this stack. It
-	// runs on the packet path: it must return quickly. Returning false
-	// answers the datagram with ICMP port unreachable; UDPRequest.Prohibit
-	// (then return true) with "administratively prohibited".
-	UDP func(*UDPRequest) bool
+	// UDP is called for every datagram the sandbox sends to an address
+	// and port with no endpoint of this stack, on the packet path (the
+	// reader goroutine, one datagram at a time): it must not block.
+	// Returning false answers the datagram with ICMP port unreachable;
+	// UDPPacket.Prohibit (then return true) with "administratively
+	// prohibited". Answers go back through the packet's ReturnPath.
+	UDP func(*UDPPacket) bool
 	// Echo is called for every ICMP echo request the sandbox sends, on the
 	// packet path. Returning true means the handler answers (or not);
 	// false lets the stack answer for its own addresses and stay silent
@@ -86,6 +88,9 @@ type Stack struct {
 	link  *link.Endpoint
 	mu    sync.Mutex
 	state int // 0 new, 1 started, 2 closed
+
+	udpListenMu sync.Mutex
+	udpListen   atomic.Pointer[map[netip.AddrPort]struct{}] // ListenUDP's addresses (fastUDP)
 }
 
 // New validates the configuration. It starts nothing.
@@ -198,13 +203,10 @@ func (st *Stack) Start() error {
 		s.SetTransportProtocolHandler(tcp.ProtocolNumber, fwd.HandlePacket)
 	}
 	if st.cfg.UDP != nil {
-		// udp.Forwarder's HandlePacket, keeping the packet for Prohibit.
 		s.SetTransportProtocolHandler(udp.ProtocolNumber, func(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
-			r := newUDPRequest(s, udp.NewForwarderRequest(s, id, pkt.Clone()), pkt)
-			handled := st.cfg.UDP(r)
-			r.pkt.Store(nil)
-			return handled
+			return st.handleUDP(s, id, pkt)
 		})
+		st.link.SetFastPath(func(vnetHdr, frame []byte) bool { return st.fastUDP(s, vnetHdr, frame) })
 	}
 	if st.cfg.Echo != nil {
 		s.SetTransportProtocolHandler(icmp.ProtocolNumber4, func(_ stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
@@ -277,6 +279,7 @@ func (st *Stack) ListenUDP(addr netip.AddrPort) (net.PacketConn, error) {
 	if err != nil {
 		return nil, err
 	}
+	st.addUDPListener(addr)
 	fa := fullAddr(addr)
 	c, err := gonet.DialUDP(s, &fa, nil, netProto(addr.Addr()))
 	if err != nil {

@@ -234,50 +234,59 @@ func TestTCPBulkTransfer(t *testing.T) {
 }
 
 func TestUDPFlow(t *testing.T) {
-	reqs := make(chan *stack.UDPRequest, 4)
-	p := newPair(t, false, 1500, stack.Config{UDP: func(r *stack.UDPRequest) bool {
-		if r.Dst.Port() == 9 {
+	type seen struct {
+		src, dst netip.AddrPort
+		n        int
+	}
+	seenc := make(chan seen, 16)
+	paths := map[netip.AddrPort]*stack.UDPPath{} // the handler runs on one goroutine
+	p := newPair(t, false, 1500, stack.Config{UDP: func(pk *stack.UDPPacket) bool {
+		if pk.Dst.Port() == 9 {
 			return false // port unreachable
 		}
-		reqs <- r
-		c, err := r.Accept()
-		if err != nil {
-			return false
+		var msg []byte
+		for _, b := range pk.Payload() {
+			msg = append(msg, b...)
 		}
-		go func() {
-			defer c.Close()
-			buf := make([]byte, 65535)
-			for {
-				n, err := c.Read(buf)
-				if err != nil {
-					return
-				}
-				c.Write(append([]byte("echo:"), buf[:n]...))
+		seenc <- seen{pk.Src, pk.Dst, len(msg)}
+		path := paths[pk.Src]
+		if path == nil {
+			var err error
+			if path, err = pk.ReturnPath(); err != nil {
+				t.Error(err)
+				return false
 			}
-		}()
+			paths[pk.Src] = path
+			t.Cleanup(func() { path.Close() })
+		}
+		// Answer from another goroutine, as the NAT does.
+		go path.Write(append([]byte("echo:"), msg...))
 		return true
 	}})
-	c, err := p.guest.DialUDP(netip.AddrPortFrom(remote.Addr(), 53))
+	dst := netip.AddrPortFrom(remote.Addr(), 53)
+	c, err := p.guest.DialUDP(dst)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	for i, size := range []int{1, 1400, 1472} {
+	// 1472 fills an MTU-1500 packet; 3000 arrives in fragments, and its
+	// answer leaves in fragments.
+	for i, size := range []int{1, 1400, 1472, 3000} {
 		msg := bytes.Repeat([]byte{byte('a' + i)}, size)
 		c.Write(msg)
 		c.SetReadDeadline(time.Now().Add(5 * time.Second))
-		buf := make([]byte, 2000)
+		buf := make([]byte, 4000)
 		n, err := c.Read(buf)
 		if err != nil || !bytes.Equal(buf[:n], append([]byte("echo:"), msg...)) {
 			t.Fatalf("datagram %d (%d bytes): got %d bytes, %v", i, size, n, err)
 		}
+		s := <-seenc
+		if s.dst != dst || s.src.Addr() != guestIP.Addr() || s.src.Port() == 0 || s.n != size {
+			t.Errorf("datagram %d: handler saw %v -> %v, %d bytes", i, s.src, s.dst, s.n)
+		}
 	}
-	r := <-reqs
-	if r.Dst != netip.AddrPortFrom(remote.Addr(), 53) || r.Src.Addr() != guestIP.Addr() || r.Src.Port() == 0 {
-		t.Errorf("UDP request Src=%v Dst=%v", r.Src, r.Dst)
-	}
-	if len(reqs) != 0 {
-		t.Errorf("one flow made %d extra requests", len(reqs))
+	if len(paths) != 1 {
+		t.Errorf("one flow, %d return paths", len(paths))
 	}
 }
 
@@ -304,6 +313,48 @@ func TestEcho(t *testing.T) {
 	defer cancel2()
 	if got, err := p.guest.Ping(short, netip.MustParseAddr("198.51.100.1"), 9, []byte("x")); err == nil {
 		t.Errorf("got a reply %q for an address nobody answered for", got)
+	}
+}
+
+// A UDP socket of the stack gets its datagrams even though Config.UDP
+// takes every other one, with or without the virtio-net header.
+func TestUDPListenerBeforeHandler(t *testing.T) {
+	for _, vnet := range []bool{false, true} {
+		handled := make(chan netip.AddrPort, 4)
+		p := newPair(t, vnet, 1500, stack.Config{UDP: func(pk *stack.UDPPacket) bool {
+			handled <- pk.Dst
+			return true
+		}})
+		dns := netip.AddrPortFrom(dnsAddr, 53)
+		l, err := p.st.ListenUDP(dns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := p.guest.DialUDP(dns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Write([]byte("query"))
+		l.SetReadDeadline(time.Now().Add(5 * time.Second))
+		buf := make([]byte, 100)
+		n, _, err := l.ReadFrom(buf)
+		if err != nil || string(buf[:n]) != "query" {
+			t.Errorf("vnet=%v: the stack's socket read %q, %v", vnet, buf[:n], err)
+		}
+		other := netip.AddrPortFrom(dnsAddr, 54)
+		c2, _ := p.guest.DialUDP(other)
+		c2.Write([]byte("x"))
+		select {
+		case d := <-handled:
+			if d != other {
+				t.Errorf("vnet=%v: Config.UDP got a datagram for %v", vnet, d)
+			}
+		case <-time.After(5 * time.Second):
+			t.Errorf("vnet=%v: Config.UDP did not get the datagram for %v", vnet, other)
+		}
+		c.Close()
+		c2.Close()
+		l.Close()
 	}
 }
 

@@ -14,6 +14,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gonetns/gonetns/internal/rawconn"
 )
 
 // VNetHdrLen is the size of struct virtio_net_hdr, which prefixes every
@@ -171,41 +173,25 @@ func NewDevice(f *os.File, vnetHdr bool) (Device, error) {
 func (d *fileDevice) VNetHdr() bool { return d.vnetHdr }
 
 func (d *fileDevice) Read(bufs [][]byte) (int, error) {
-	var n int
-	var rerr error
-	err := d.rc.Read(func(fd uintptr) bool {
-		n, rerr = unix.Readv(int(fd), bufs)
-		return rerr != unix.EAGAIN
-	})
+	n, err := rawconn.Read(d.rc, func(fd int) (int, error) { return rawconn.Readv(fd, bufs) })
 	if err != nil {
-		return 0, d.closedErr("read", err)
-	}
-	if rerr != nil {
-		return 0, fmt.Errorf("read TAP: %w", rerr)
+		return 0, d.ioErr("read", err)
 	}
 	return n, nil
 }
 
 func (d *fileDevice) Write(bufs [][]byte) (int, error) {
-	var n int
-	var werr error
-	err := d.rc.Write(func(fd uintptr) bool {
-		n, werr = unix.Writev(int(fd), bufs)
-		return werr != unix.EAGAIN
-	})
+	n, err := rawconn.Write(d.rc, func(fd int) (int, error) { return rawconn.Writev(fd, bufs) })
 	if err != nil {
-		return 0, d.closedErr("write", err)
-	}
-	if werr != nil {
-		return n, fmt.Errorf("write TAP: %w", werr)
+		return n, d.ioErr("write", err)
 	}
 	return n, nil
 }
 
-// closedErr reports an error of the poller: after Close it is
-// os.ErrClosed, as Device promises (the poller's own "use of closed file"
-// is not an exported error).
-func (d *fileDevice) closedErr(op string, err error) error {
+// ioErr reports a failed read or write: after Close it is os.ErrClosed,
+// as Device promises (the poller's own "use of closed file" is not an
+// exported error).
+func (d *fileDevice) ioErr(op string, err error) error {
 	if d.closed.Load() {
 		return fmt.Errorf("%s TAP: %w", op, os.ErrClosed)
 	}

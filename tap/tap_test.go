@@ -66,6 +66,9 @@ func TestOpenConfigureAndExchangeFrames(t *testing.T) {
 			if ifi.MTU != 9000 || ifi.Flags&net.FlagUp == 0 {
 				t.Errorf("interface = %+v, want MTU 9000 and up", ifi)
 			}
+			if q, err := txQueueLen("gtest0"); err != nil || q != TxQueueLen {
+				t.Errorf("transmit queue length %d, %v; want %d", q, err, TxQueueLen)
+			}
 			addrs, _ := ifi.Addrs()
 			if len(addrs) == 0 || addrs[0].String() != "10.0.9.100/24" {
 				t.Errorf("addresses = %v", addrs)
@@ -219,4 +222,22 @@ func TestBroadcast(t *testing.T) {
 			t.Errorf("broadcast(%s) = %s, want %s", in, got, want)
 		}
 	}
+}
+
+// txQueueLen reads an interface's transmit queue length in this thread's
+// network namespace (SIOCGIFTXQLEN).
+func txQueueLen(name string) (int, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return 0, err
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq(name)
+	if err != nil {
+		return 0, err
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFTXQLEN, ifr); err != nil {
+		return 0, err
+	}
+	return int(ifr.Uint32()), nil
 }

@@ -74,6 +74,46 @@ func runHelper(mode string, args []string) int {
 			return fail("%v", err)
 		}
 		fmt.Printf("%s\n", b[:n])
+	case "udp-burst": // N ADDR...: one datagram from each of N new source ports, spread over the ADDRs; count the answers
+		n, _ := strconv.Atoi(args[0])
+		addrs := args[1:]
+		// One round trip first: until the kernel has resolved the
+		// gateway's link address it queues what is sent (a few hundred
+		// datagrams) and drops the oldest beyond that.
+		warm, err := net.Dial("udp", addrs[0])
+		if err != nil {
+			return fail("%v", err)
+		}
+		warm.Write([]byte("warm"))
+		warm.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := warm.Read(make([]byte, 64)); err != nil {
+			return fail("warm-up: %v", err)
+		}
+		warm.Close()
+		conns := make([]net.Conn, 0, n)
+		for i := range n {
+			c, err := net.Dial("udp", addrs[i%len(addrs)])
+			if err != nil {
+				return fail("socket %d: %v", i, err)
+			}
+			defer c.Close()
+			conns = append(conns, c)
+		}
+		for i, c := range conns {
+			fmt.Fprintf(c, "burst-%d", i)
+		}
+		answered := 0
+		deadline := time.Now().Add(20 * time.Second)
+		b := make([]byte, 256)
+		for i, c := range conns {
+			// Past the deadline, what has arrived is still read.
+			c.SetReadDeadline(later(deadline, time.Now().Add(50*time.Millisecond)))
+			k, err := c.Read(b)
+			if err == nil && strings.HasSuffix(string(b[:k]), fmt.Sprintf("burst-%d", i)) {
+				answered++
+			}
+		}
+		fmt.Printf("answered %d of %d\n", answered, n)
 	case "http-serve": // ADDR [NETWORK]: answer every request with "hello from inside"
 		l, err := net.Listen(networkArg(args, "tcp"), args[0])
 		if err != nil {
@@ -211,4 +251,11 @@ func TestHelperModeUnknown(t *testing.T) {
 	if runHelper("no-such-mode", nil) != 1 {
 		t.Error("unknown helper mode did not fail")
 	}
+}
+
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }

@@ -96,7 +96,7 @@ const (
 const (
 	capPortTCP  = 16384
 	capNATTCP   = 16384
-	capNATUDP   = 4096
+	capNATUDP   = 16384 // a flow is a socket and ~300 bytes since nat's UDP poller
 	capPortUDP  = 4096
 	capEcho     = 1024
 	capAPI      = 64

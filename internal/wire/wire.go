@@ -19,6 +19,8 @@ import (
 	"sync"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gonetns/gonetns/internal/rawconn"
 )
 
 // MaxMessage is the largest JSON document a message may carry.
@@ -128,19 +130,13 @@ func (c *Conn) Recv(v any) ([]*os.File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("wire: %w", err)
 	}
-	var n, oobn, flags int
-	var rerr error
-	err = rc.Read(func(fd uintptr) bool {
-		for {
-			n, oobn, flags, _, rerr = unix.Recvmsg(int(fd), buf, oob, unix.MSG_CMSG_CLOEXEC)
-			if rerr != unix.EINTR {
-				return rerr != unix.EAGAIN
-			}
-		}
+	var oobn, flags int
+	n, err := rawconn.Read(rc, func(fd int) (int, error) {
+		var n int
+		var err error
+		n, oobn, flags, _, err = unix.Recvmsg(fd, buf, oob, unix.MSG_CMSG_CLOEXEC)
+		return n, err
 	})
-	if err == nil {
-		err = rerr
-	}
 	if err != nil {
 		return nil, fmt.Errorf("wire: receive: %w", err)
 	}

@@ -1,0 +1,112 @@
+package rawconn
+
+import (
+	"errors"
+	"os"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+func pair(t *testing.T) (a, b syscall.RawConn, closeA func()) {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fa, fb := os.NewFile(uintptr(fds[0]), "a"), os.NewFile(uintptr(fds[1]), "b")
+	t.Cleanup(func() { fa.Close(); fb.Close() })
+	ra, err := fa.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rb, err := fb.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ra, rb, func() { fa.Close() }
+}
+
+func TestReadWaitsForData(t *testing.T) {
+	a, b, _ := pair(t)
+	got := make(chan string, 1)
+	tries := 0
+	go func() {
+		buf := make([]byte, 16)
+		n, err := Read(b, func(fd int) (int, error) {
+			tries++
+			return unix.Read(fd, buf)
+		})
+		if err != nil {
+			got <- err.Error()
+			return
+		}
+		got <- string(buf[:n])
+	}()
+	time.Sleep(20 * time.Millisecond) // let Read find nothing and wait
+	if _, err := Write(a, func(fd int) (int, error) { return unix.Write(fd, []byte("hello")) }); err != nil {
+		t.Fatal(err)
+	}
+	if s := <-got; s != "hello" {
+		t.Fatalf("Read = %q", s)
+	}
+	if tries < 2 {
+		t.Errorf("op ran %d times: the first try should have found no data", tries)
+	}
+}
+
+func TestRetriesEINTRAndPassesOtherErrors(t *testing.T) {
+	_, b, _ := pair(t)
+	calls := 0
+	n, err := Write(b, func(int) (int, error) {
+		calls++
+		if calls < 3 {
+			return 0, syscall.EINTR
+		}
+		return 7, nil
+	})
+	if n != 7 || err != nil || calls != 3 {
+		t.Errorf("n=%d err=%v calls=%d, want 7 <nil> 3", n, err, calls)
+	}
+	_, err = Read(b, func(int) (int, error) { return 0, syscall.ECONNRESET })
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("err = %v, want ECONNRESET", err)
+	}
+}
+
+func TestClosedWhileWaiting(t *testing.T) {
+	_, b, _ := pair(t)
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fds[1])
+	fc := os.NewFile(uintptr(fds[0]), "c")
+	rc, err := fc.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		buf := make([]byte, 1)
+		_, err := Read(rc, func(fd int) (int, error) { return unix.Read(fd, buf) })
+		done <- err
+	}()
+	time.Sleep(20 * time.Millisecond)
+	fc.Close()
+	select {
+	case err := <-done:
+		// os.File's poller says "use of closed file", a net.Conn's
+		// net.ErrClosed: either way an error, not a retry forever.
+		if err == nil || errors.Is(err, syscall.EAGAIN) {
+			t.Errorf("err = %v, want the poller's closed error", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Read did not return after Close")
+	}
+	if fd, err := FD(b); err != nil || fd < 0 {
+		t.Errorf("FD = %d, %v", fd, err)
+	}
+}
