@@ -9,6 +9,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gonetns/gonetns/internal/rawconn"
 )
 
 // PipeSize is the capacity asked for each pipe, and so the most one
@@ -208,21 +210,10 @@ func (pp *PipePool) splice(dst, src *net.TCPConn) (int64, error) {
 func drain(dst syscall.RawConn, p *pipe, inPipe *int) (int, error) {
 	total := 0
 	for *inPipe > 0 {
-		var n int
-		var serr error
-		err := dst.Write(func(fd uintptr) bool {
-			for {
-				var n64 int64
-				n64, serr = unix.Splice(p.r, nil, int(fd), nil, *inPipe, unix.SPLICE_F_NONBLOCK)
-				n = int(n64)
-				if serr != unix.EINTR {
-					return serr != unix.EAGAIN
-				}
-			}
+		n, err := rawconn.Write(dst, func(fd int) (int, error) {
+			n, err := unix.Splice(p.r, nil, fd, nil, *inPipe, unix.SPLICE_F_NONBLOCK)
+			return int(n), err
 		})
-		if err == nil {
-			err = serr
-		}
 		if err == nil && n == 0 {
 			err = errNoProgress
 		}
@@ -239,19 +230,7 @@ func drain(dst syscall.RawConn, p *pipe, inPipe *int) (int, error) {
 func writeAll(dst syscall.RawConn, b []byte) (int, error) {
 	total := 0
 	for len(b) > 0 {
-		var n int
-		var werr error
-		err := dst.Write(func(fd uintptr) bool {
-			for {
-				n, werr = unix.Write(int(fd), b)
-				if werr != unix.EINTR {
-					return werr != unix.EAGAIN
-				}
-			}
-		})
-		if err == nil {
-			err = werr
-		}
+		n, err := rawconn.Write(dst, func(fd int) (int, error) { return unix.Write(fd, b) })
 		if err == nil && n == 0 {
 			err = io.ErrShortWrite
 		}
