@@ -54,22 +54,9 @@ func (s *peerServer) clients() []string {
 // address>", until the test ends, and returns the port.
 func startUDPPeerEcho(t *testing.T, addr string) int {
 	t.Helper()
-	pc, err := net.ListenPacket("udp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { pc.Close() })
-	go func() {
-		b := make([]byte, 65536)
-		for {
-			_, from, err := pc.ReadFrom(b)
-			if err != nil {
-				return
-			}
-			pc.WriteTo([]byte("from="+from.(*net.UDPAddr).IP.String()), from)
-		}
-	}()
-	return pc.LocalAddr().(*net.UDPAddr).Port
+	return startUDPServer(t, addr, func(from *net.UDPAddr, _ []byte) []byte {
+		return []byte("from=" + from.IP.String())
+	})
 }
 
 func requirePing(t *testing.T, r e2etest.Runner) {

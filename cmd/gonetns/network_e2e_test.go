@@ -178,6 +178,15 @@ func TestNetUDPBurst(t *testing.T) {
 // the test ends, and returns the port.
 func startUDPEcho(t *testing.T, addr, prefix string) int {
 	t.Helper()
+	return startUDPServer(t, addr, func(_ *net.UDPAddr, b []byte) []byte {
+		return append([]byte(prefix), b...)
+	})
+}
+
+// startUDPServer answers every datagram on addr with what reply makes of
+// it, until the test ends, and returns the port.
+func startUDPServer(t *testing.T, addr string, reply func(from *net.UDPAddr, b []byte) []byte) int {
+	t.Helper()
 	pc, err := net.ListenPacket("udp", addr)
 	if err != nil {
 		t.Fatal(err)
@@ -190,7 +199,7 @@ func startUDPEcho(t *testing.T, addr, prefix string) int {
 			if err != nil {
 				return
 			}
-			pc.WriteTo(append([]byte(prefix), b[:n]...), from)
+			pc.WriteTo(reply(from.(*net.UDPAddr), b[:n]), from)
 		}
 	}()
 	return pc.LocalAddr().(*net.UDPAddr).Port
