@@ -208,6 +208,10 @@ func (n *network) prepareChild(u *userns.Options) {
 		rc, _ := hostResolvConf()
 		u.ResolvConf = dns.NamespaceResolvConf(rc, n.addrs.dnsAddrs()...)
 		u.Hosts = namespaceHosts()
+		// Detached, the command is not in the sandbox's network: it keeps
+		// the host's resolv.conf; the sandbox's is in the state dir for
+		// what runs in the detached namespace (nsenter, containers).
+		u.StateOnlyEtcFiles = n.cfg.DetachNetNS
 	}
 	if n.portsChild != nil {
 		u.ExtraFiles = append(u.ExtraFiles, n.portsChild)

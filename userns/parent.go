@@ -64,6 +64,11 @@ type Options struct {
 	// /etc/hosts inside: written into the copied-up /etc when /etc is in
 	// CopyUp, bind-mounted from the state directory otherwise.
 	ResolvConf, Hosts []byte
+	// StateOnlyEtcFiles writes ResolvConf and Hosts to the state directory
+	// without installing them inside: with a detached network namespace
+	// the command stays on the host's network, whose resolvers are the
+	// ones it can reach (RootlessKit does the same).
+	StateOnlyEtcFiles bool
 	// Network is handed, JSON-encoded, to the child's network hook.
 	Network any
 	// ExtraFiles are given to the child; ChildHooks.Serve receives them.
@@ -248,7 +253,7 @@ func Start(opts Options) (*Child, error) {
 		KillOrphans: !opts.LeaveOrphans && !opts.PIDNS,
 		Propagation: opts.Propagation,
 		CopyUp:      opts.CopyUp,
-		DNSFiles:    opts.ResolvConf != nil,
+		DNSFiles:    opts.ResolvConf != nil && !opts.StateOnlyEtcFiles,
 		Network:     netJSON,
 		ExtraFiles:  len(opts.ExtraFiles),
 		Debug:       opts.Debug,

@@ -73,6 +73,8 @@ readlink /proc/self/ns/net
 nsenter -n"$ROOTLESSKIT_STATE_DIR/netns" ip -o link show tap0 | grep -o 'mtu [0-9]*'
 nsenter -n"$ROOTLESSKIT_STATE_DIR/netns" sysctl -w net.ipv4.ip_forward=1
 curl -sS http://127.0.0.1:%d/
+echo "etc-resolv-sandbox=$(grep -c 'nameserver 10.0.2.3' /etc/resolv.conf || true)"
+echo "state-resolv-sandbox=$(grep -c 'nameserver 10.0.2.3' "$ROOTLESSKIT_STATE_DIR/resolv.conf")"
 nsenter -n"$ROOTLESSKIT_STATE_DIR/netns" %s &
 exec sleep 30`, host.port, e2etest.HelperCmd(t, "http-serve", "127.0.0.1:8000"))
 			ctx, cancel := context.WithTimeout(context.Background(), netTimeout)
@@ -91,7 +93,10 @@ exec sleep 30`, host.port, e2etest.HelperCmd(t, "http-serve", "127.0.0.1:8000"))
 			cmd.Process.Signal(os.Interrupt)
 			cmd.Wait()
 			got := out.String()
-			for _, want := range []string{hostNetNS(t) + "\n", "mtu 65520\n", "net.ipv4.ip_forward = 1\n", "hello from the host\n"} {
+			// The command, on the host's network, keeps the host's
+			// resolvers; the sandbox's resolv.conf is in the state dir.
+			for _, want := range []string{hostNetNS(t) + "\n", "mtu 65520\n", "net.ipv4.ip_forward = 1\n", "hello from the host\n",
+				"etc-resolv-sandbox=0\n", "state-resolv-sandbox=1\n"} {
 				if !strings.Contains(got, want) {
 					t.Errorf("missing %q in:\n%s\nstderr:\n%s", want, got, errOut.String())
 				}
