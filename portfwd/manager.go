@@ -69,7 +69,8 @@ type Config struct {
 	// SplicePipes bounds the pipes TCP relays splice through, in use or
 	// idle (two descriptors each); SpliceIdlePipes the idle ones kept for
 	// reuse. A relay holds one only while data moves, and copies through
-	// a buffer when none is left. Zero means 32 and 8.
+	// a buffer when none is left. Zero means 32 and 8; a negative
+	// SpliceIdlePipes keeps none idle.
 	SplicePipes, SpliceIdlePipes int
 	// SourceIPTransparent passes each client's address to the Dialer, so
 	// that connections and UDP flows arrive inside from the client's own
@@ -134,8 +135,11 @@ func NewManager(cfg Config) *Manager {
 	if cfg.SplicePipes <= 0 {
 		cfg.SplicePipes = DefaultSplicePipes
 	}
-	if cfg.SpliceIdlePipes <= 0 {
+	switch {
+	case cfg.SpliceIdlePipes == 0:
 		cfg.SpliceIdlePipes = DefaultSpliceIdlePipes
+	case cfg.SpliceIdlePipes < 0:
+		cfg.SpliceIdlePipes = 0
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Manager{

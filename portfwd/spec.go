@@ -233,8 +233,10 @@ func (e *validationError) Is(target error) bool {
 }
 
 // Validate checks a spec that did not come from ParseSpec (a REST request,
-// a literal): known protocol, ports in 1..65535, addresses of the family the
-// protocol names, no IPv4-mapped IPv6 addresses. Its errors wrap
+// a literal): known protocol, ports in 1..65535, a parent IP of the family
+// the protocol names (tcp4, tcp6: the family of the host's side; the child
+// IP may be of either, as with RootlessKit: Docker publishes [::]:P for an
+// IPv4 container), no IPv4-mapped IPv6 addresses. Its errors wrap
 // ErrInvalidSpec.
 func (s Spec) Validate() error {
 	if err := s.validate(); err != nil {
@@ -256,13 +258,25 @@ func (s Spec) validate() error {
 	if s.ChildPort < 1 || s.ChildPort > 65535 {
 		return fmt.Errorf("child port %d is out of range 1..65535", s.ChildPort)
 	}
-	if err := checkFamily("parent IP", s.Proto, s.ParentIP); err != nil {
+	if err := checkAddr("parent IP", s.ParentIP); err != nil {
 		return err
 	}
-	return checkFamily("child IP", s.Proto, s.ChildIP)
+	if err := checkAddr("child IP", s.ChildIP); err != nil {
+		return err
+	}
+	ip := s.ParentIP
+	switch {
+	case !ip.IsValid():
+	case strings.HasSuffix(s.Proto, "4") && !ip.Is4():
+		return fmt.Errorf("parent IP %s is IPv6 but the protocol is %s: use %s6 or an IPv4 address", ip, s.Proto, s.Proto[:3])
+	case strings.HasSuffix(s.Proto, "6") && !ip.Is6():
+		return fmt.Errorf("parent IP %s is IPv4 but the protocol is %s: use %s4 or an IPv6 address", ip, s.Proto, s.Proto[:3])
+	}
+	return nil
 }
 
-func checkFamily(what, proto string, ip netip.Addr) error {
+// checkAddr refuses addresses a socket cannot be given as they are.
+func checkAddr(what string, ip netip.Addr) error {
 	if !ip.IsValid() {
 		return nil
 	}
@@ -271,12 +285,6 @@ func checkFamily(what, proto string, ip netip.Addr) error {
 	}
 	if ip.Is4In6() {
 		return fmt.Errorf("%s %s is IPv4-mapped IPv6: write it as %s", what, ip, ip.Unmap())
-	}
-	switch {
-	case strings.HasSuffix(proto, "4") && !ip.Is4():
-		return fmt.Errorf("%s %s is IPv6 but the protocol is %s: use %s6 or an IPv4 address", what, ip, proto, proto[:3])
-	case strings.HasSuffix(proto, "6") && !ip.Is6():
-		return fmt.Errorf("%s %s is IPv4 but the protocol is %s: use %s4 or an IPv6 address", what, ip, proto, proto[:3])
 	}
 	return nil
 }

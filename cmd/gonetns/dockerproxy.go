@@ -13,7 +13,6 @@ import (
 	"os/signal"
 	"path/filepath"
 	"slices"
-	"strings"
 	"syscall"
 	"time"
 
@@ -38,6 +37,10 @@ import (
 func runDockerProxy(args []string) int {
 	signalParent := os.NewFile(3, "signal-parent")
 	log := newLogger(os.Stderr, os.Getenv("GONETNS_DEBUG") != "", "rootlesskit-docker-proxy: ")
+	// Caught before the port is published, so that Docker's SIGINT, even
+	// right after "0", unpublishes it.
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
 	stop, err := startDockerProxy(args, log)
 	if err != nil {
 		if signalParent != nil {
@@ -51,8 +54,6 @@ func runDockerProxy(args []string) int {
 		fmt.Fprint(signalParent, "0\n")
 		signalParent.Close()
 	}
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
 	<-sigs
 	if err := stop(); err != nil {
 		log.Warn(err.Error())
@@ -120,7 +121,11 @@ func startDockerProxy(args []string, log *slog.Logger) (stop func() error, err e
 	// The relay inside: from where the published port leads to the
 	// container. This process runs in the namespace, so it dials
 	// directly.
-	local := portfwd.NewManager(portfwd.Config{Dialer: directDialer{}, Logger: log})
+	// Docker runs one proxy process per port and address family, each
+	// with a pool of its own: a few pipes and none kept idle, since the
+	// kernel counts every pipe of the user against one budget
+	// (fs.pipe-user-pages-soft) and shrinks them all beyond it.
+	local := portfwd.NewManager(portfwd.Config{Dialer: directDialer{}, Logger: log, SplicePipes: dockerProxyPipes, SpliceIdlePipes: -1})
 	innerIP := a.hostIP
 	viaAPI := info.PortDriver != nil && info.PortDriver.Driver != "none" && info.PortDriver.Driver != "implicit"
 	apiProto := a.proto + "4"
@@ -140,7 +145,14 @@ func startDockerProxy(args []string, log *slog.Logger) (stop func() error, err e
 			innerIP = info.NetworkDriver.ChildIP
 		}
 	}
-	inner := portfwd.Spec{Proto: a.proto, ParentIP: innerIP, ParentPort: a.hostPort, ChildIP: a.containerIP, ChildPort: a.containerPort}
+	// One family, the inner IP's: Docker starts a proxy for 0.0.0.0 and
+	// another for :: (with an IPv4 container too); a bare tcp on an
+	// unspecified address would take both and the second would fail.
+	innerProto := a.proto + "4"
+	if innerIP.Is6() {
+		innerProto = a.proto + "6"
+	}
+	inner := portfwd.Spec{Proto: innerProto, ParentIP: innerIP, ParentPort: a.hostPort, ChildIP: a.containerIP, ChildPort: a.containerPort}
 	if _, err := local.AddPort(ctx, inner); err != nil {
 		local.Close()
 		return nil, err
@@ -158,14 +170,20 @@ func startDockerProxy(args []string, log *slog.Logger) (stop func() error, err e
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		err := client.RemovePort(ctx, st.ID)
-		if err != nil && !strings.Contains(err.Error(), "cannot reach the API") {
+		var apiErr *api.APIError
+		if err != nil && errors.As(err, &apiErr) {
 			err = fmt.Errorf("unpublish port %d: %w", st.ID, err)
 		} else {
-			err = nil // gonetns is gone: so is the port
+			err = nil // gonetns is gone (the API does not answer): so is the port
 		}
 		return errors.Join(err, local.Close())
 	}, nil
 }
+
+// dockerProxyPipes bounds the splice pipes of one proxy process: two
+// serve one connection moving data both ways at once; more connections
+// copy through a buffer meanwhile.
+const dockerProxyPipes = 2
 
 // directDialer dials in this process's own network namespace.
 type directDialer struct{}

@@ -779,7 +779,7 @@ func testAPIBadSpecs(t *testing.T, newChild Factory) {
 		{`{"proto":"sctp","parentIP":"127.0.0.1","parentPort":8080,"childPort":80}`, `unknown protocol "sctp"`},
 		{`{"parentIP":"127.0.0.1","parentPort":8080,"childPort":80}`, "missing protocol"},
 		{`{"proto":"tcp4","parentIP":"::1","parentPort":8080,"childPort":80}`, "IPv6"},
-		{`{"proto":"udp6","childIP":"127.0.0.1","parentPort":8080,"childPort":80}`, "IPv4"},
+		{`{"proto":"udp6","parentIP":"127.0.0.1","parentPort":8080,"childPort":80}`, "IPv4"},
 		{`{"proto":"tcp","parentIP":"localhost","parentPort":8080,"childPort":80}`, "bad request body"},
 		{`not json`, "bad request body"},
 	} {
