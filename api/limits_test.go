@@ -133,3 +133,58 @@ func TestServerStaysAnswerable(t *testing.T) {
 		t.Errorf("%d of 200 held connections are still open, want at most %d", open, maxConns)
 	}
 }
+
+// blockingPorts is a port driver whose AddPort waits for release: a
+// request being handled for a while.
+type blockingPorts struct {
+	started chan struct{}
+	release chan struct{}
+}
+
+func (p *blockingPorts) AddPort(_ context.Context, s portfwd.Spec) (portfwd.Status, error) {
+	close(p.started)
+	<-p.release
+	return portfwd.Status{ID: 1, Spec: s}, nil
+}
+func (p *blockingPorts) RemovePort(int) error        { return nil }
+func (p *blockingPorts) ListPorts() []portfwd.Status { return nil }
+
+// A request being handled is never the one evicted: new connections
+// beyond the limit close the ones waiting, or themselves; and Close waits
+// for the request to be answered.
+func TestServerKeepsRequestsBeingHandled(t *testing.T) {
+	path := filepath.Join(shortDir(t), "api.sock")
+	ln, err := Listen(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pd := &blockingPorts{started: make(chan struct{}), release: make(chan struct{})}
+	s := NewServer(ServerConfig{Ports: pd, MaxConns: 2})
+	s.Serve(ln)
+	done := make(chan error, 1)
+	go func() {
+		_, err := NewClient(path).AddPort(context.Background(), portfwd.Spec{Proto: "tcp", ParentPort: 8080, ChildPort: 80})
+		done <- err
+	}()
+	<-pd.started
+	for i := range 20 {
+		c, err := net.Dial("unix", path)
+		if err != nil {
+			t.Fatalf("connection %d: %v", i, err)
+		}
+		defer c.Close()
+		fmt.Fprint(c, "GET /v1/info HTTP/1.1\r\nHost: x\r\n") // never finished
+	}
+	closed := make(chan struct{})
+	go func() { s.Close(); close(closed) }()
+	select {
+	case <-closed:
+		t.Fatal("Close returned while a request was being handled")
+	case <-time.After(100 * time.Millisecond):
+	}
+	close(pd.release)
+	if err := <-done; err != nil {
+		t.Errorf("the request being handled while 20 others arrived: %v", err)
+	}
+	<-closed
+}

@@ -1,6 +1,7 @@
 package api
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -262,8 +263,9 @@ type ServerConfig struct {
 	Info func() Info
 	// MaxConns bounds the open connections; a new connection beyond it
 	// closes the one that has waited longest without completing a request
-	// (idle or still sending), so that the API stays answerable while
-	// something holds connections open. Zero means DefaultMaxConns.
+	// (idle, or its request still arriving; never one whose request is
+	// being handled), so that the API stays answerable while something
+	// holds connections open. Zero means DefaultMaxConns.
 	MaxConns int
 	// Logger gets the server's own errors (accept failures) at Debug.
 	Logger *slog.Logger
@@ -275,13 +277,23 @@ type Server struct {
 	http *http.Server
 	log  *slog.Logger
 
-	mu     sync.Mutex
-	conns  map[net.Conn]uint64 // connection -> when it arrived or last went idle
-	seq    uint64
-	closed bool
-	done   chan struct{}
-	served bool
+	mu       sync.Mutex
+	conns    map[net.Conn]*conn
+	seq      uint64
+	closed   bool
+	done     chan struct{}
+	served   bool
+	handlers sync.WaitGroup // requests being handled, for Close
 }
+
+// conn is what the limit knows of a connection.
+type conn struct {
+	since uint64 // when it arrived or last finished a request
+	busy  bool   // its request has arrived whole and is being handled
+}
+
+// connKey finds a request's connection in its context.
+type connKey struct{}
 
 // NewServer returns a Server for cfg. It starts nothing.
 func NewServer(cfg ServerConfig) *Server {
@@ -291,9 +303,10 @@ func NewServer(cfg ServerConfig) *Server {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, conns: make(map[net.Conn]uint64), done: make(chan struct{})}
+	s := &Server{cfg: cfg, log: cfg.Logger, conns: make(map[net.Conn]*conn), done: make(chan struct{})}
 	s.http = &http.Server{
-		Handler:           NewHandler(cfg.Ports, cfg.Info),
+		Handler:           s.handle(NewHandler(cfg.Ports, cfg.Info)),
+		ConnContext:       func(ctx context.Context, c net.Conn) context.Context { return context.WithValue(ctx, connKey{}, c) },
 		ReadHeaderTimeout: readHeaderTimeout,
 		ReadTimeout:       readTimeout,
 		WriteTimeout:      writeTimeout,
@@ -323,6 +336,51 @@ func (s *Server) Serve(ln net.Listener) {
 	}()
 }
 
+// handle reads a request whole (a body too, bounded in size by
+// maxRequestBody and in time by readTimeout) before it counts as being
+// handled: from then on its connection is not evicted, and Close waits
+// for it.
+func (s *Server) handle(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxRequestBody))
+		if err != nil {
+			writeError(w, http.StatusBadRequest, fmt.Errorf("read the request body: %w", err))
+			return
+		}
+		r.Body = io.NopCloser(bytes.NewReader(body))
+		c, _ := r.Context().Value(connKey{}).(net.Conn)
+		if !s.begin(c) {
+			writeError(w, http.StatusServiceUnavailable, errors.New("the API is shutting down"))
+			return
+		}
+		defer s.end(c)
+		h.ServeHTTP(w, r)
+	})
+}
+
+// begin marks c's request as being handled; false once Close has begun.
+func (s *Server) begin(c net.Conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	if cs := s.conns[c]; cs != nil {
+		cs.busy = true
+	}
+	s.handlers.Add(1)
+	return true
+}
+
+func (s *Server) end(c net.Conn) {
+	s.mu.Lock()
+	if cs := s.conns[c]; cs != nil {
+		cs.busy = false
+	}
+	s.mu.Unlock()
+	s.handlers.Done()
+}
+
 // connState tracks connections for the limit; it runs on the
 // connection's own goroutine, before a request is read and after it is
 // answered.
@@ -332,41 +390,43 @@ func (s *Server) connState(c net.Conn, st http.ConnState) {
 	switch st {
 	case http.StateNew:
 		s.seq++
-		s.conns[c] = s.seq
+		s.conns[c] = &conn{since: s.seq}
 		if len(s.conns) > s.cfg.MaxConns {
 			s.evictLocked(c)
 		}
 	case http.StateIdle:
 		// Done with a request: as young as a new connection. A request
 		// that is still arriving keeps its age.
-		if _, ok := s.conns[c]; ok {
+		if cs := s.conns[c]; cs != nil {
 			s.seq++
-			s.conns[c] = s.seq
+			cs.since = s.seq
 		}
 	case http.StateHijacked, http.StateClosed:
 		delete(s.conns, c)
 	}
 }
 
-// evictLocked closes the connection, other than keep, that arrived or
-// last finished a request the longest ago. A real client's request takes
+// evictLocked closes the connection that arrived or last finished a
+// request the longest ago, among those not being handled; if all others
+// are being handled, the new one goes. A real client's request arrives in
 // a millisecond, so what is evicted is what has been holding a slot: an
 // idle keep-alive, or a request that is not arriving.
-func (s *Server) evictLocked(keep net.Conn) {
+func (s *Server) evictLocked(newest net.Conn) {
 	var victim net.Conn
 	var oldest uint64
-	for c, since := range s.conns {
-		if c == keep {
+	for c, cs := range s.conns {
+		if c == newest || cs.busy {
 			continue
 		}
-		if victim == nil || since < oldest {
-			victim, oldest = c, since
+		if victim == nil || cs.since < oldest {
+			victim, oldest = c, cs.since
 		}
 	}
-	if victim != nil {
-		delete(s.conns, victim)
-		victim.Close()
+	if victim == nil {
+		victim = newest
 	}
+	delete(s.conns, victim)
+	victim.Close()
 }
 
 // Close stops serving, closes the listener and every connection, and waits
@@ -381,9 +441,9 @@ func (s *Server) Close() error {
 	s.closed = true
 	served := s.served
 	s.mu.Unlock()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	s.http.Shutdown(ctx)
+	// Requests being handled finish (a port being added is added or not,
+	// and its client gets the answer); nothing else waits.
+	s.handlers.Wait()
 	err := s.http.Close()
 	if served {
 		<-s.done
