@@ -21,13 +21,16 @@ func ignoreStraySignals() {
 		stray = append(stray, syscall.Signal(s))
 	}
 	signal.Ignore(stray...)
-	// Go keeps 32, 33 and 34 for C libraries (glibc's thread signals,
-	// musl's SIGSYNCCALL) and will neither ignore nor relay them, but a
-	// static gonetns has no C library that uses them, and one sent from
-	// outside kills it: ignore them with the system call itself.
-	for s := 32; s <= 34; s++ {
+	// Go will neither ignore nor relay 32 and 34 (kept for C libraries:
+	// glibc's thread cancellation, musl's SIGSYNCCALL), and one sent from
+	// outside kills it; a static gonetns has no C library that uses them,
+	// so they are ignored with the system call itself. 33 stays Go's: it
+	// is the runtime's own signal for system calls on every thread
+	// (syscall.AllThreadsSyscall, Setuid and the like), and Go's handler
+	// already survives one sent from outside.
+	for _, s := range []uintptr{32, 34} {
 		act := kernelSigaction{handler: 1} // SIG_IGN
-		syscall.RawSyscall6(syscall.SYS_RT_SIGACTION, uintptr(s), uintptr(unsafe.Pointer(&act)), 0, 8, 0, 0)
+		syscall.RawSyscall6(syscall.SYS_RT_SIGACTION, s, uintptr(unsafe.Pointer(&act)), 0, 8, 0, 0)
 	}
 }
 
