@@ -2,7 +2,6 @@ package portfwd
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -157,11 +156,7 @@ type childServer struct {
 }
 
 // isBadMessage reports errors that spoil one message but not the stream.
-func isBadMessage(err error) bool {
-	var syntax *json.SyntaxError
-	var typ *json.UnmarshalTypeError
-	return errors.Is(err, wire.ErrTruncated) || errors.As(err, &syntax) || errors.As(err, &typ)
-}
+func isBadMessage(err error) bool { return errors.Is(err, wire.ErrBadMessage) }
 
 // serveDial connects for one request and sends the reply.
 func (s *childServer) serveDial(ctx context.Context, req dialRequest) {

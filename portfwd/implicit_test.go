@@ -434,6 +434,11 @@ func TestImplicitReportParts(t *testing.T) {
 	if err := r.child.Send(map[string]any{"listeners": "not a list"}); err != nil {
 		t.Fatal(err)
 	}
+	// A field that fails its own decoding (netip's UnmarshalText) is a bad
+	// message too, not the end of the reports.
+	if err := r.child.Send(map[string]any{"listeners": []map[string]string{{"proto": "tcp", "addr": "bogus"}}}); err != nil {
+		t.Fatal(err)
+	}
 	r.report(lst("tcp", "127.0.0.1", marker))
 	r.waitFor("marker port", func() bool { return r.hasPublished(marker) })
 	if r.hasPublished(a) {

@@ -29,9 +29,15 @@ const MaxMessage = 64 << 10
 // MaxFiles is the largest number of descriptors one message may carry.
 const MaxFiles = 16
 
+// ErrBadMessage is wrapped by every Recv error that spoils one message but
+// not the stream: one that does not decode into the value asked for, or is
+// truncated. The next Recv reads the next message.
+var ErrBadMessage = errors.New("wire: bad message")
+
 // ErrTruncated reports a message or its descriptors cut short by the
-// receiver's buffers: the peer sent more than MaxMessage or MaxFiles.
-var ErrTruncated = errors.New("wire: message truncated")
+// receiver's buffers: the peer sent more than MaxMessage or MaxFiles. It
+// matches ErrBadMessage too.
+var ErrTruncated = fmt.Errorf("%w: truncated", ErrBadMessage)
 
 // Conn is one end of a SOCK_SEQPACKET unix socket pair. Send and Recv may be
 // called from different goroutines; several goroutines may Send at once.
@@ -153,8 +159,10 @@ func (c *Conn) Recv(v any) ([]*os.File, error) {
 		return nil, io.EOF
 	}
 	if err := json.Unmarshal(buf[:n], v); err != nil {
+		// Any decoding error: a syntax error, a wrong type, and also
+		// what a field's own UnmarshalText returns (a bad netip.Addr).
 		CloseFiles(files)
-		return nil, fmt.Errorf("wire: decode %T: %w", v, err)
+		return nil, fmt.Errorf("%w: decode %T: %w", ErrBadMessage, v, err)
 	}
 	return files, nil
 }

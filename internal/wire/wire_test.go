@@ -3,6 +3,7 @@ package wire
 import (
 	"errors"
 	"io"
+	"net/netip"
 	"os"
 	"strings"
 	"testing"
@@ -100,5 +101,45 @@ func TestRecvBadJSON(t *testing.T) {
 	var m msg
 	if _, err := b.Recv(&m); err == nil || !strings.Contains(err.Error(), "decode") {
 		t.Errorf("Recv of a string into a struct: %v", err)
+	}
+}
+
+// Every decoding failure, a field's own included (a bad netip.Addr), is a
+// bad message that spoils only itself.
+func TestRecvBadMessage(t *testing.T) {
+	a, b, err := Socketpair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	defer b.Close()
+	ca, err := FileConn(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ca.Close()
+	cb, err := FileConn(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cb.Close()
+	type msg struct {
+		Addr netip.Addr `json:"addr"`
+	}
+	for _, bad := range []any{map[string]string{"addr": "bogus"}, map[string]int{"addr": 7}, "not an object"} {
+		if err := ca.Send(bad); err != nil {
+			t.Fatal(err)
+		}
+		var m msg
+		if _, err := cb.Recv(&m); !errors.Is(err, ErrBadMessage) {
+			t.Errorf("Recv of %v: %v; want ErrBadMessage", bad, err)
+		}
+	}
+	if err := ca.Send(msg{Addr: netip.MustParseAddr("10.0.2.100")}); err != nil {
+		t.Fatal(err)
+	}
+	var m msg
+	if _, err := cb.Recv(&m); err != nil || m.Addr.String() != "10.0.2.100" {
+		t.Errorf("the message after bad ones: %+v, %v", m, err)
 	}
 }
