@@ -49,7 +49,12 @@ func setupMounts(cfg *childConfig, log *slog.Logger) error {
 	defer unix.Unmount(scratch, unix.MNT_DETACH)
 
 	if cfg.NewNet {
-		mountSysfs(scratch, log)
+		mountSysfs(scratch, cfg.Cgroup2, log)
+	}
+	if cfg.Cgroup2 {
+		if err := mountCgroup2(!cfg.NewNet); err != nil {
+			return err
+		}
 	}
 	for _, dir := range cfg.CopyUp {
 		if err := copyUp(filepath.Clean(dir), scratch); err != nil {
@@ -76,14 +81,16 @@ func setupMounts(cfg *childConfig, log *slog.Logger) error {
 // state directory.
 const scratchPrefix = ".mnt-"
 
+const cgroupDir = "/sys/fs/cgroup"
+
 // mountSysfs mounts a sysfs that belongs to the new network namespace, so
 // that /sys/class/net lists its interfaces, keeping the host's cgroup
-// mount visible underneath.
-func mountSysfs(scratch string, log *slog.Logger) {
-	const cgroupDir = "/sys/fs/cgroup"
+// mount visible underneath (unless a cgroup2 of the namespace's own is to
+// be mounted there: skipCgroup).
+func mountSysfs(scratch string, skipCgroup bool, log *slog.Logger) {
 	cg := filepath.Join(scratch, "cgroup")
 	haveCgroup := false
-	if st, err := os.Stat(cgroupDir); err == nil && st.IsDir() {
+	if st, err := os.Stat(cgroupDir); err == nil && st.IsDir() && !skipCgroup {
 		if err := os.Mkdir(cg, 0o700); err == nil {
 			haveCgroup = unix.Mount(cgroupDir, cg, "", unix.MS_BIND|unix.MS_REC, "") == nil
 		}
@@ -106,6 +113,24 @@ func mountSysfs(scratch string, log *slog.Logger) {
 			unix.Unmount(cg, unix.MNT_DETACH)
 		}
 	}
+}
+
+// mountCgroup2 mounts a cgroup2 filesystem of the command's cgroup
+// namespace on /sys/fs/cgroup, so that what the command sees in
+// /proc/self/cgroup (after --evacuate-cgroup2, "/NAME") is where it
+// finds it, as RootlessKit does. Over the host's sysfs (no new network
+// namespace) a tmpfs goes first: cgroup2 cannot be mounted on the host's
+// cgroup mount point directly (EBUSY).
+func mountCgroup2(overHostSysfs bool) error {
+	if overHostSysfs {
+		if err := unix.Mount("none", cgroupDir, "tmpfs", 0, "mode=0755"); err != nil {
+			return fmt.Errorf("--evacuate-cgroup2: mount a tmpfs on %s: %w", cgroupDir, err)
+		}
+	}
+	if err := unix.Mount("none", cgroupDir, "cgroup2", 0, ""); err != nil {
+		return fmt.Errorf("--evacuate-cgroup2: mount cgroup2 on %s: %w (is cgroup v2 available to this user?)", cgroupDir, err)
+	}
+	return nil
 }
 
 // copyUp replaces dir with a writable tmpfs whose entries are symlinks into

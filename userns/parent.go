@@ -251,6 +251,7 @@ func Start(opts Options) (*Child, error) {
 		PIDNS:       opts.PIDNS,
 		Reaper:      reaper,
 		KillOrphans: !opts.LeaveOrphans && !opts.PIDNS,
+		Cgroup2:     opts.EvacuateCgroup2 != "" && opts.CgroupNS,
 		Propagation: opts.Propagation,
 		CopyUp:      opts.CopyUp,
 		DNSFiles:    opts.ResolvConf != nil && !opts.StateOnlyEtcFiles,

@@ -45,14 +45,17 @@ type childConfig struct {
 	// The command is either ArgvFrom, an index into the child's own
 	// os.Args (it is re-executed with the parent's argv, of which the
 	// command is the tail: no size limit), or Args when it is not.
-	ArgvFrom    int             `json:"argvFrom,omitempty"`
-	Args        []string        `json:"args,omitempty"`
-	Env         []string        `json:"env"`
-	StateDir    string          `json:"stateDir"`
-	NewNet      bool            `json:"newNet"`
-	PIDNS       bool            `json:"pidns"`
-	Reaper      bool            `json:"reaper"`
-	KillOrphans bool            `json:"killOrphans"`
+	ArgvFrom    int      `json:"argvFrom,omitempty"`
+	Args        []string `json:"args,omitempty"`
+	Env         []string `json:"env"`
+	StateDir    string   `json:"stateDir"`
+	NewNet      bool     `json:"newNet"`
+	PIDNS       bool     `json:"pidns"`
+	Reaper      bool     `json:"reaper"`
+	KillOrphans bool     `json:"killOrphans"`
+	// Cgroup2 mounts a cgroup2 of the command's cgroup namespace on
+	// /sys/fs/cgroup (--evacuate-cgroup2 with --cgroupns).
+	Cgroup2     bool            `json:"cgroup2,omitempty"`
 	Propagation string          `json:"propagation"`
 	CopyUp      []string        `json:"copyUp"`
 	DNSFiles    bool            `json:"dnsFiles"`

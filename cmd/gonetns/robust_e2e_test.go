@@ -175,35 +175,43 @@ func vmRSS(t *testing.T, pid int) int64 {
 // subgroup; the command, in its own cgroup namespace rooted at the group,
 // sees itself in /NAME.
 func TestEvacuateCgroup2(t *testing.T) {
+	e2etest.RequireTun(t)
 	r := e2etest.Unprivileged(t)
 	mount := cgroup2Mount(t)
-	group, err := os.MkdirTemp(mount, "gonetns-e2e-")
-	if err != nil {
-		t.Fatalf("create a cgroup v2 group for the test under %s: %v", mount, err)
-	}
-	defer func() {
-		os.Remove(filepath.Join(group, "evac"))
-		os.Remove(group)
-	}()
-	uid, gid := mustAtoi(r.User.Uid), mustAtoi(r.User.Gid)
-	for _, f := range []string{"", "cgroup.procs", "cgroup.subtree_control", "cgroup.threads"} {
-		os.Chown(filepath.Join(group, f), uid, gid) // delegation, as systemd's Delegate=yes does
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), quick)
-	defer cancel()
-	// Root moves the shell into the group, then it becomes the test user
-	// and runs gonetns there.
-	cmd := exec.CommandContext(ctx, "sh", "-c", `echo $$ > "$1/cgroup.procs" && exec setpriv --reuid="$2" --regid="$3" --clear-groups env HOME=/ "$4" --pidns --cgroupns --evacuate-cgroup2=evac cat /proc/self/cgroup`,
-		"sh", group, r.User.Uid, r.User.Gid, r.Bin)
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("gonetns --evacuate-cgroup2: %v\n%s", err, out)
-	}
-	if !strings.Contains(string(out), "0::/evac\n") {
-		t.Errorf("inside, /proc/self/cgroup is\n%s\nwant 0::/evac", out)
-	}
-	if _, err := os.Stat(filepath.Join(group, "evac")); err != nil {
-		t.Errorf("no subgroup evac: %v", err)
+	// With a network namespace (a sysfs of its own) and without one.
+	for _, net := range []string{"builtin", "host"} {
+		t.Run(net, func(t *testing.T) {
+			group, err := os.MkdirTemp(mount, "gonetns-e2e-")
+			if err != nil {
+				t.Fatalf("create a cgroup v2 group for the test under %s: %v", mount, err)
+			}
+			defer func() {
+				os.Remove(filepath.Join(group, "evac"))
+				os.Remove(group)
+			}()
+			uid, gid := mustAtoi(r.User.Uid), mustAtoi(r.User.Gid)
+			for _, f := range []string{"", "cgroup.procs", "cgroup.subtree_control", "cgroup.threads"} {
+				os.Chown(filepath.Join(group, f), uid, gid) // delegation, as systemd's Delegate=yes does
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), quick)
+			defer cancel()
+			// Root moves the shell into the group, then it becomes the test
+			// user and runs gonetns there.
+			cmd := exec.CommandContext(ctx, "sh", "-c", `echo $$ > "$1/cgroup.procs" && exec setpriv --reuid="$2" --regid="$3" --clear-groups env HOME=/ "$4" --net="$5" --pidns --cgroupns --evacuate-cgroup2=evac sh -c 'cat /proc/self/cgroup; test -d /sys/fs/cgroup/evac && echo evac-visible; stat -f -c %T /sys/fs/cgroup'`,
+				"sh", group, r.User.Uid, r.User.Gid, r.Bin, net)
+			out, err := cmd.CombinedOutput()
+			if err != nil {
+				t.Fatalf("gonetns --evacuate-cgroup2: %v\n%s", err, out)
+			}
+			// The group it is in is where it finds it: a cgroup2 of its
+			// own namespace on /sys/fs/cgroup, as RootlessKit mounts it.
+			if !strings.Contains(string(out), "0::/evac\n") || !strings.Contains(string(out), "evac-visible\n") || !strings.Contains(string(out), "cgroup2fs\n") {
+				t.Errorf("inside, /proc/self/cgroup, /sys/fs/cgroup/evac and its filesystem:\n%s\nwant 0::/evac, the directory, cgroup2fs", out)
+			}
+			if _, err := os.Stat(filepath.Join(group, "evac")); err != nil {
+				t.Errorf("no subgroup evac: %v", err)
+			}
+		})
 	}
 }
 
