@@ -84,9 +84,11 @@ func parseFlags(args []string, who personality, name string, out io.Writer, log 
 	fs.SetInterspersed(false)
 	fs.SetOutput(out)
 	fs.SortFlags = false
-	defNet, defPorts := "builtin", ""
+	defNet, defPorts, defKillOrphans := "builtin", "", true
 	if who == asRootlessKit {
-		defNet, defPorts = "host", "none"
+		// RootlessKit's defaults; and what the command leaves running lives
+		// on, as with RootlessKit (its network is often the host's).
+		defNet, defPorts, defKillOrphans = "host", "none", false
 	}
 	var (
 		net, portDriver, cidr, subid, pcapMaxSize           string
@@ -126,7 +128,7 @@ func parseFlags(args []string, who personality, name string, out io.Writer, log 
 	fs.BoolVar(&c.UTSNS, "utsns", false, "new UTS namespace (hostname)")
 	fs.BoolVar(&c.IPCNS, "ipcns", false, "new IPC namespace")
 	fs.StringVar(&c.Reaper, "reaper", "auto", "make the gonetns child the reaper of processes orphaned inside: true, false or auto (false; with --pidns the command is PID 1 and inherits them)")
-	fs.BoolVar(&killOrphans, "kill-orphans", true, "when COMMAND exits, kill the processes it left running (without --pidns; with it the kernel does); false lets them run on, as RootlessKit does")
+	fs.BoolVar(&killOrphans, "kill-orphans", defKillOrphans, "when COMMAND exits, kill the processes it left running (without --pidns; with it the kernel does); false lets them run on, as RootlessKit does (the default when invoked as rootlesskit)")
 	fs.StringVar(&c.EvacuateCgroup2, "evacuate-cgroup2", "", "move the processes of gonetns's cgroup v2 group into the subgroup NAME and enable the group's controllers for subgroups (needs --pidns and --cgroupns)")
 	// State and ids.
 	fs.StringVar(&c.StateDir, "state-dir", "", "state directory (lock, child_pid, api.sock, netns); default: a new one under $XDG_RUNTIME_DIR or /tmp; removed on exit")

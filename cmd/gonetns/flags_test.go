@@ -42,8 +42,8 @@ func TestParseFlags(t *testing.T) {
 			}
 		}},
 		{name: "rootlesskit defaults", who: asRootlessKit, args: []string{"bash"}, check: func(t *testing.T, o *options, _ []string) {
-			if o.cfg.Net != sandbox.NetHost || o.cfg.PortDriver != sandbox.PortsNone {
-				t.Errorf("as rootlesskit: net %q port driver %q, want host and none", o.cfg.Net, o.cfg.PortDriver)
+			if o.cfg.Net != sandbox.NetHost || o.cfg.PortDriver != sandbox.PortsNone || !o.cfg.LeaveOrphans {
+				t.Errorf("as rootlesskit: net %q port driver %q, leave orphans %v; want host, none and RootlessKit's true", o.cfg.Net, o.cfg.PortDriver, o.cfg.LeaveOrphans)
 			}
 		}},
 		{name: "dockerd-rootless.sh", who: asRootlessKit, args: strings.Fields(
