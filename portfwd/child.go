@@ -83,6 +83,12 @@ type ChildConfig struct {
 	// child passes a hook onto a thread that has entered it. fn never
 	// blocks for long (a connect's wait happens outside).
 	InNetNS func(fn func() error) error
+	// SandboxPrefixes are the subnets of the sandbox's own network
+	// (10.0.2.0/24, fd00::/64). A client whose address is inside them is
+	// never given as the source inside: there that address is the
+	// gateway's, DNS's or the sandbox's own (a client can look like one,
+	// e.g. behind VirtualBox's NAT, which shows every client as 10.0.2.2).
+	SandboxPrefixes []netip.Prefix
 }
 
 // ServeChild answers the parent's dial requests; it runs in the child
@@ -106,6 +112,7 @@ func ServeChild(ctx context.Context, c *wire.Conn, cfg ChildConfig) error {
 		s.inNS = func(fn func() error) error { return fn() }
 	}
 	s.tp = newTransparency(s.inNS, s.log)
+	s.tp.sandbox = cfg.SandboxPrefixes
 	defer s.tp.close() // last: after every dial has finished
 	var wg sync.WaitGroup
 	defer wg.Wait()

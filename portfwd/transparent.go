@@ -120,8 +120,9 @@ var transparentSysctls = []string{
 // a parent that never sends one (--source-ip-transparent=false) leaves the
 // namespace exactly as it was.
 type transparency struct {
-	inNS func(func() error) error
-	log  *slog.Logger
+	inNS    func(func() error) error
+	log     *slog.Logger
+	sandbox []netip.Prefix // the sandbox network's own subnets
 
 	mu          sync.Mutex
 	tried       bool
@@ -175,6 +176,8 @@ func (t *transparency) eligible(transport string, target, source netip.AddrPort)
 		return &errNotTransparent{"the client's address family differs from the target's"}
 	case dst.Zone() != "" || src.Zone() != "":
 		return &errNotTransparent{"scoped (link-local) addresses are not supported"}
+	case slices.ContainsFunc(t.sandbox, func(p netip.Prefix) bool { return p.Contains(src) }):
+		return &errNotTransparent{"the client's address is in the sandbox's own subnet"}
 	}
 	rt, err := t.ready()
 	if err != nil {

@@ -620,3 +620,21 @@ func TestSourceKeptThroughRedirect(t *testing.T) {
 		t.Errorf("TCP through the redirect: the container saw %s, want the sandbox's 172.30.0.1 (masqueraded)", seen)
 	}
 }
+
+// A client whose address lies in the sandbox's own subnets (10.0.2.2 is
+// the gateway's inside) is never its own source there.
+func TestSourceInSandboxSubnetNotKept(t *testing.T) {
+	tp := newTransparency(func(fn func() error) error { return fn() }, discardLogger)
+	tp.sandbox = []netip.Prefix{netip.MustParsePrefix("10.0.2.0/24"), netip.MustParsePrefix("fd00::/64")}
+	for _, src := range []string{"10.0.2.2:40000", "[fd00::2]:40000"} {
+		source := netip.MustParseAddrPort(src)
+		target := netip.MustParseAddrPort("127.0.0.1:80")
+		if source.Addr().Is6() {
+			target = netip.MustParseAddrPort("[::1]:80")
+		}
+		var nt *errNotTransparent
+		if err := tp.eligible("udp", target, source); !errors.As(err, &nt) || !strings.Contains(err.Error(), "sandbox's own subnet") {
+			t.Errorf("client %s: %v; want it refused as inside the sandbox's subnet", src, err)
+		}
+	}
+}

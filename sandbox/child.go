@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 
 	"github.com/gonetns/gonetns/internal/fdbudget"
@@ -79,6 +80,7 @@ func ChildLogger(f func(debug bool) *slog.Logger) InitOption {
 type childState struct {
 	netns   *netnsThread             // nil unless the network namespace is detached
 	watcher *portfwd.ListenerWatcher // nil unless --port-driver=implicit
+	subnets []netip.Prefix           // the sandbox network's own (tap0's)
 }
 
 // childHooks wire the child's side: the TAP and the namespace's addresses,
@@ -93,6 +95,11 @@ func childHooks(ic initConfig) userns.ChildHooks {
 				return nil, nil, fmt.Errorf("network config: %w", err)
 			}
 			inNS := func(fn func() error) error { return fn() }
+			for _, p := range []netip.Prefix{c.Link.Address, c.Link.Address6} {
+				if p.IsValid() {
+					st.subnets = append(st.subnets, p.Masked())
+				}
+			}
 			if c.DetachTo != "" {
 				t, err := newNetNSThread(c.DetachTo)
 				if err != nil {
@@ -182,7 +189,7 @@ func serveChild(ctx context.Context, extra []*os.File, st *childState, log *slog
 		<-ctx.Done()
 		return
 	}
-	cfg := portfwd.ChildConfig{Logger: log}
+	cfg := portfwd.ChildConfig{Logger: log, SandboxPrefixes: st.subnets}
 	if st.netns != nil {
 		cfg.InNetNS = st.netns.Do
 	}
