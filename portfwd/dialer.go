@@ -54,12 +54,16 @@ type Dialer struct {
 	// still waits.
 	slots chan struct{}
 
-	mu      sync.Mutex
-	started bool
-	err     error // why the reply loop ended; Dials fail with it
-	pending map[uint64]chan dialResult
+	mu       sync.Mutex
+	started  bool
+	err      error // why the reply loop ended; Dials fail with it
+	pending  map[uint64]chan dialResult
+	releases []uint64 // flows ended, to tell the child (releaseLoop)
 
-	closeOnce sync.Once
+	releaseReady chan struct{} // a release is queued (capacity 1)
+	releaseDone  chan struct{} // closed when releaseLoop has returned
+	closed       chan struct{} // closed by Close
+	closeOnce    sync.Once
 }
 
 type dialResult struct {
@@ -72,10 +76,13 @@ type dialResult struct {
 // nothing: call Start.
 func NewDialer(c *wire.Conn) *Dialer {
 	return &Dialer{
-		c:       c,
-		done:    make(chan struct{}),
-		slots:   make(chan struct{}, maxChildDials),
-		pending: make(map[uint64]chan dialResult),
+		c:            c,
+		done:         make(chan struct{}),
+		slots:        make(chan struct{}, maxChildDials),
+		pending:      make(map[uint64]chan dialResult),
+		releaseReady: make(chan struct{}, 1),
+		releaseDone:  make(chan struct{}),
+		closed:       make(chan struct{}),
 	}
 }
 
@@ -91,6 +98,7 @@ func (d *Dialer) Start() {
 	}
 	d.started = true
 	go d.readReplies()
+	go d.releaseLoop()
 }
 
 // Dial asks the child to connect to addr over proto inside the namespace,
@@ -200,10 +208,40 @@ func (d *Dialer) drop(res dialResult) {
 	}
 }
 
-// release tells the child that the flow of dial id has ended. A failure
-// means the child is gone, and its namespace with what it held.
+// release tells the child that the flow of dial id has ended. It never
+// blocks: it runs on the reply loop and under a flow's lock, while the
+// child may have stopped reading (all its dial slots busy) until its
+// replies are read; releaseLoop sends, on its own.
 func (d *Dialer) release(id uint64) {
-	d.c.Send(dialRequest{ID: id, Op: opRelease})
+	d.mu.Lock()
+	d.releases = append(d.releases, id)
+	d.mu.Unlock()
+	select {
+	case d.releaseReady <- struct{}{}:
+	default:
+	}
+}
+
+// releaseLoop sends the queued releases until Close. A failed Send means
+// the child is gone, and its namespace with what it held.
+func (d *Dialer) releaseLoop() {
+	defer close(d.releaseDone)
+	for {
+		select {
+		case <-d.releaseReady:
+		case <-d.closed:
+			return
+		}
+		d.mu.Lock()
+		ids := d.releases
+		d.releases = nil
+		d.mu.Unlock()
+		for _, id := range ids {
+			if err := d.c.Send(dialRequest{ID: id, Op: opRelease}); err != nil {
+				return
+			}
+		}
+	}
 }
 
 // fail ends every pending Dial, and every later one, with err.
@@ -227,22 +265,25 @@ func (d *Dialer) fail(err error) {
 }
 
 // Close closes the connection to the child, fails the pending Dials with an
-// error wrapping net.ErrClosed, and waits for the reply loop. It may be
+// error wrapping net.ErrClosed, and waits for the reply and release loops. It may be
 // called more than once.
 func (d *Dialer) Close() error {
 	var err error
 	d.closeOnce.Do(func() {
 		d.fail(fmt.Errorf("port-forwarding dialer: %w", net.ErrClosed))
+		close(d.closed)
 		err = d.c.Close()
 		d.mu.Lock()
 		started := d.started
-		d.started = true // a later Start must not run the loop
+		d.started = true // a later Start must not run the loops
 		d.mu.Unlock()
 		if !started {
 			close(d.done)
+			close(d.releaseDone)
 		}
 	})
 	<-d.done
+	<-d.releaseDone
 	return err
 }
 
