@@ -271,22 +271,18 @@ func (c Config) Validate() error {
 	if len(c.Publish) > 0 && c.PortDriver == PortsNone {
 		return invalidf("--publish needs a port driver (now --port-driver=none): use --port-driver=builtin")
 	}
-	switch c.Propagation {
-	case "rprivate", "rslave":
-	default:
-		return invalidf("invalid --propagation=%s: use rprivate or rslave", c.Propagation)
+	if _, err := userns.ParsePropagation(c.Propagation); err != nil {
+		return &invalid{err.Error()}
 	}
-	switch c.Reaper {
-	case "auto", "true", "false":
-	default:
-		return invalidf("invalid --reaper=%s: use auto, true or false", c.Reaper)
+	if _, err := userns.ParseReaper(c.Reaper); err != nil {
+		return &invalid{err.Error()}
 	}
 	if c.EvacuateCgroup2 != "" {
 		if !c.PIDNS || !c.CgroupNS {
 			return invalidf("--evacuate-cgroup2 needs --pidns and --cgroupns (as in RootlessKit)")
 		}
-		if strings.ContainsAny(c.EvacuateCgroup2, "/\x00") || c.EvacuateCgroup2 == "." || c.EvacuateCgroup2 == ".." {
-			return invalidf("invalid --evacuate-cgroup2=%q: give the name of a subgroup, without '/'", c.EvacuateCgroup2)
+		if err := userns.ValidateCgroupName(c.EvacuateCgroup2); err != nil {
+			return &invalid{err.Error()}
 		}
 	}
 	if _, err := userns.ParseSubIDSource(string(c.SubIDSource)); err != nil {

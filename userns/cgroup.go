@@ -17,8 +17,8 @@ import (
 // command, whose cgroup namespace is rooted at G, could not create groups
 // with controllers otherwise. Without cgroup v2 it warns and does nothing.
 func evacuateCgroup2(name string, log *slog.Logger) error {
-	if name == "" || strings.ContainsAny(name, "/\x00") || name == "." || name == ".." {
-		return fmt.Errorf("--evacuate-cgroup2=%q: give the name of a subgroup, without '/'", name)
+	if err := ValidateCgroupName(name); err != nil {
+		return err
 	}
 	mount, err := cgroup2Mount("/proc/self/mountinfo")
 	if err != nil {
@@ -64,6 +64,14 @@ func evacuateCgroup2(name string, log *slog.Logger) error {
 		}
 	}
 	log.Debug("evacuated cgroup", "from", oldPath, "to", newPath)
+	return nil
+}
+
+// ValidateCgroupName checks the subgroup name of --evacuate-cgroup2.
+func ValidateCgroupName(name string) error {
+	if name == "" || strings.ContainsAny(name, "/\x00") || name == "." || name == ".." {
+		return fmt.Errorf("invalid --evacuate-cgroup2=%q: give the name of a subgroup, without '/'", name)
+	}
 	return nil
 }
 

@@ -15,13 +15,9 @@ import (
 // and procfs that show the new namespaces, the copied-up directories, and
 // resolv.conf/hosts for the sandbox's DNS.
 func setupMounts(cfg *childConfig, log *slog.Logger) error {
-	prop := uintptr(unix.MS_PRIVATE)
-	switch cfg.Propagation {
-	case "rprivate", "":
-	case "rslave":
-		prop = unix.MS_SLAVE
-	default:
-		return fmt.Errorf("invalid --propagation %q: use rprivate or rslave", cfg.Propagation)
+	prop, err := ParsePropagation(cfg.Propagation)
+	if err != nil {
+		return err
 	}
 	if err := unix.Mount("none", "/", "", prop|unix.MS_REC, ""); err != nil {
 		return fmt.Errorf("set mount propagation of / to %s: %w", cfg.Propagation, err)

@@ -118,7 +118,7 @@ func Start(opts Options) (*Child, error) {
 	if opts.Propagation == "" {
 		opts.Propagation = "rprivate"
 	}
-	reaper, err := parseReaper(opts.Reaper)
+	reaper, err := ParseReaper(opts.Reaper)
 	if err != nil {
 		return nil, err
 	}
@@ -473,7 +473,8 @@ func exitStatus(st *os.ProcessState, waitErr error) (int, error) {
 	return st.ExitCode(), nil
 }
 
-func parseReaper(s string) (bool, error) {
+// ParseReaper parses --reaper: auto (or "") and false are false.
+func ParseReaper(s string) (bool, error) {
 	switch s {
 	case "", "auto":
 		return false, nil
@@ -482,7 +483,24 @@ func parseReaper(s string) (bool, error) {
 	case "false":
 		return false, nil
 	}
-	return false, fmt.Errorf("invalid --reaper %q: use auto, true or false", s)
+	return false, fmt.Errorf("invalid --reaper=%s: use auto, true or false", s)
+}
+
+// propagations are the mount propagations --propagation accepts, with
+// their mount flag.
+var propagations = map[string]uintptr{"rprivate": unix.MS_PRIVATE, "rslave": unix.MS_SLAVE}
+
+// ParsePropagation parses --propagation ("" is rprivate) into the mount
+// flag that sets it (recursively, with MS_REC).
+func ParsePropagation(s string) (uintptr, error) {
+	if s == "" {
+		s = "rprivate"
+	}
+	flag, ok := propagations[s]
+	if !ok {
+		return 0, fmt.Errorf("invalid --propagation=%s: use rprivate or rslave", s)
+	}
+	return flag, nil
 }
 
 // ValidateCopyUp checks --copy-up directories before anything is created.

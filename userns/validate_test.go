@@ -42,13 +42,13 @@ func TestValidateCopyUp(t *testing.T) {
 
 func TestParseReaper(t *testing.T) {
 	for in, want := range map[string]bool{"": false, "auto": false, "true": true, "false": false} {
-		got, err := parseReaper(in)
+		got, err := ParseReaper(in)
 		if err != nil || got != want {
-			t.Errorf("parseReaper(%q) = %v, %v; want %v", in, got, err, want)
+			t.Errorf("ParseReaper(%q) = %v, %v; want %v", in, got, err, want)
 		}
 	}
-	if _, err := parseReaper("yes"); err == nil {
-		t.Error("parseReaper(yes) accepted")
+	if _, err := ParseReaper("yes"); err == nil {
+		t.Error("ParseReaper(yes) accepted")
 	}
 }
 
