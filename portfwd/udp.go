@@ -16,6 +16,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/gonetns/gonetns/internal/rawconn"
+
 	"github.com/gonetns/gonetns/internal/backoff"
 )
 
@@ -347,30 +349,19 @@ var errToClient = errors.New("send to the client")
 // the datagram is there until it has been sent.
 func (f *udpFlow) relayReply(rc syscall.RawConn) (int, error) {
 	var bp *[]byte
-	var n int
-	var rerr error
-	err := rc.Read(func(fd uintptr) bool {
+	n, err := rawconn.Read(rc, func(fd int) (int, error) {
 		if bp == nil {
 			bp = datagramPool.Get().(*[]byte)
 		}
-		for {
-			n, rerr = unix.Read(int(fd), *bp)
-			if rerr != unix.EINTR {
-				break
-			}
-		}
-		if rerr == unix.EAGAIN {
-			datagramPool.Put(bp)
+		n, err := unix.Read(fd, *bp)
+		if err == unix.EAGAIN {
+			datagramPool.Put(bp) // nothing yet: wait without a buffer
 			bp = nil
-			return false // nothing yet: wait without a buffer
 		}
-		return true
+		return n, err
 	})
 	if bp != nil {
 		defer datagramPool.Put(bp)
-	}
-	if err == nil {
-		err = rerr
 	}
 	if err != nil {
 		return 0, err
