@@ -132,11 +132,14 @@ type transparency struct {
 	v6          bool           // IPv6 rules and routes are in place
 	setupRules  []tap.Rule     // the set-up's rules and routes, to undo at close
 	setupRoutes []tap.LocalRoute
-	udpOff      error                  // why UDP is off (the kernel ignores rule selectors)
-	tables      map[netip.Addr]uint32  // CHILDIP -> UDP table
-	rules       map[tap.Rule]int       // UDP rules -> flows using them
-	routes      map[tap.LocalRoute]int // UDP client routes -> flows using them
-	held        map[uint64]udpHold     // dial ID -> what its flow holds
+	udpOff      error // why UDP is off (the kernel ignores rule selectors)
+	// selectorsChecked: the kernel's honouring of rule selectors was
+	// checked, with the first UDP flow's rule (one route lookup, once).
+	selectorsChecked bool
+	tables           map[netip.Addr]uint32  // CHILDIP -> UDP table
+	rules            map[tap.Rule]int       // UDP rules -> flows using them
+	routes           map[tap.LocalRoute]int // UDP client routes -> flows using them
+	held             map[uint64]udpHold     // dial ID -> what its flow holds
 }
 
 type udpHold struct {
@@ -377,6 +380,10 @@ func (t *transparency) acquireUDP(id uint64, target, source netip.AddrPort) erro
 		t.routes[rt]++
 	}
 	t.held[id] = h
+	if t.selectorsChecked {
+		return nil
+	}
+	t.selectorsChecked = true
 	if err := t.checkSelectorsLocked(h, src); err != nil {
 		delete(t.held, id)
 		t.dropLocked(h, 2)

@@ -1,7 +1,6 @@
 package sandbox
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"runtime"
@@ -26,7 +25,9 @@ type netnsThread struct {
 
 // newNetNSThread starts the thread, creates a new network namespace on it
 // and bind-mounts that namespace at path (created as an empty file), so
-// that other processes can enter it with nsenter -n<path>.
+// that other processes can enter it with nsenter -n<path>. The thread and
+// its goroutine last as long as the child process: there is no Close,
+// since nothing in the child outlives its need for the namespace.
 func newNetNSThread(path string) (*netnsThread, error) {
 	t := &netnsThread{reqs: make(chan func())}
 	ready := make(chan error, 1)
@@ -56,12 +57,10 @@ func newNetNSThread(path string) (*netnsThread, error) {
 // bindNetNS bind-mounts the calling thread's network namespace at path.
 func bindNetNS(path string) error {
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDONLY, 0o444)
-	if err != nil && !errors.Is(err, os.ErrExist) {
+	if err != nil {
 		return fmt.Errorf("create %s for the detached network namespace: %w", path, err)
 	}
-	if f != nil {
-		f.Close()
-	}
+	f.Close()
 	src := fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid())
 	if err := unix.Mount(src, path, "", unix.MS_BIND, ""); err != nil {
 		return fmt.Errorf("bind-mount the detached network namespace on %s: %w", path, err)

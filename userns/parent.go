@@ -16,6 +16,7 @@ import (
 	"slices"
 	"strconv"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -168,6 +169,11 @@ func Start(opts Options) (*Child, error) {
 	if opts.Stderr != nil {
 		cmd.Stderr = opts.Stderr
 	}
+	// With a writer that is not a file, a goroutine copies from a pipe
+	// until every holder of its write end is gone: a process the command
+	// left running (LeaveOrphans) would hold Wait forever. What it writes
+	// after the child is gone is cut off after this delay.
+	cmd.WaitDelay = 2 * time.Second
 	cmd.ExtraFiles = append([]*os.File{childEnd}, opts.ExtraFiles...)
 	flags := unix.CLONE_NEWUSER | unix.CLONE_NEWNS
 	if opts.NewNet {

@@ -116,10 +116,12 @@ func parseFlags(args []string, who personality, name string, out io.Writer, log 
 	fs.StringVar(&pcapMaxSize, "pcap-max-size", "256MiB", "stop recording when the --pcap file reaches SIZE bytes (suffixes KiB, MiB, GiB)")
 	// Ports.
 	fs.StringVar(&portDriver, "port-driver", defPorts, "how ports are published: builtin (splice between host and namespace sockets), implicit (also every port that listens inside, automatically) or none; RootlessKit's slirp4netns, gvisor-tap-vsock and pesto are names of builtin; default builtin unless --net=host")
-	fs.StringArrayVarP(&publish, "publish", "p", nil, "publish a port of the namespace on the host, "+portfwd.Grammar+", e.g. 8080:80/tcp (repeatable)")
+	// StringSlice, not StringArray: RootlessKit's command line splits these
+	// two at commas too (-p 8080:80/tcp,8443:443/tcp).
+	fs.StringSliceVarP(&publish, "publish", "p", nil, "publish a port of the namespace on the host, "+portfwd.Grammar+", e.g. 8080:80/tcp (repeatable, or comma-separated)")
 	fs.BoolVar(&sourceIPTransparent, "source-ip-transparent", true, "connections through published ports keep the client's address and port inside (TCP and UDP); false: they come from the namespace's loopback")
 	// Mounts.
-	fs.StringArrayVar(&c.CopyUp, "copy-up", nil, "make DIR a writable copy inside, e.g. --copy-up=/etc (repeatable; /tmp is refused)")
+	fs.StringSliceVar(&c.CopyUp, "copy-up", nil, "make DIR a writable copy inside, e.g. --copy-up=/etc (repeatable, or comma-separated; /tmp is refused)")
 	copyUpMode := fs.String("copy-up-mode", "tmpfs+symlink", "how --copy-up copies: tmpfs+symlink")
 	fs.StringVar(&c.Propagation, "propagation", "rprivate", "mount propagation inside: rprivate or rslave")
 	// Processes.

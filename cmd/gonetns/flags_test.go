@@ -105,6 +105,12 @@ func TestParseFlags(t *testing.T) {
 				t.Error("--kill-orphans=false did not keep orphans")
 			}
 		}},
+		{name: "comma-separated, as RootlessKit splits them", who: asRootlessKit, args: []string{"--net=slirp4netns", "--port-driver=builtin", "-p", "127.0.0.1:8080:80/tcp,127.0.0.1:8443:443/tcp", "--copy-up=/etc,/run", "x"},
+			check: func(t *testing.T, o *options, _ []string) {
+				if len(o.cfg.Publish) != 2 || !slices.Equal(o.cfg.CopyUp, []string{"/etc", "/run"}) {
+					t.Errorf("%+v", o.cfg)
+				}
+			}},
 		{name: "publish and dns", args: []string{"-p", "127.0.0.1:8080:80/tcp", "--publish=[::1]:8080:80/tcp6", "--dns-upstream=127.0.0.1:5353", "x"},
 			check: func(t *testing.T, o *options, _ []string) {
 				if len(o.cfg.Publish) != 2 || o.cfg.Publish[1].ParentIP != netip.IPv6Loopback() || !reflect.DeepEqual(o.cfg.DNSUpstreams, []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:5353")}) {

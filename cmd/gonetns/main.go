@@ -35,8 +35,11 @@ const baseVersion = "0.2.0"
 // Exit statuses of gonetns itself, as container runtimes use them; any
 // other status is the command's.
 const (
-	exitSetup       = 125 // gonetns could not set up the sandbox
-	exitUsage       = 2   // bad flags
+	exitSetup = 125 // gonetns could not set up the sandbox
+	exitUsage = 2   // bad flags
+	// exitRootlessKit is both of them invoked as rootlesskit, whose every
+	// failure of its own is 1.
+	exitRootlessKit = 1
 	exitNotExec     = 126
 	exitNotFoundCmd = 127
 )
@@ -53,6 +56,10 @@ func main() {
 // sandbox, return the command's exit status.
 func runLauncher(args []string, who personality, name string) int {
 	setProcs()
+	usageCode, setupCode := exitUsage, exitSetup
+	if who == asRootlessKit {
+		usageCode, setupCode = exitRootlessKit, exitRootlessKit
+	}
 	// A closed stderr (gonetns --debug ... 2>&1 | head) must not kill the
 	// sandbox: with SIGPIPE caught, writes to it just fail. Caught, not
 	// ignored: the command, after exec, gets the default disposition.
@@ -68,7 +75,7 @@ func runLauncher(args []string, who personality, name string) int {
 	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "%s: %v\nRun '%s --help' for the flags.\n", name, err, name)
-		return exitUsage
+		return usageCode
 	}
 	if o.version {
 		fmt.Println(versionString(who))
@@ -78,7 +85,7 @@ func runLauncher(args []string, who personality, name string) int {
 		n, err := semverPart(semver(who), o.printSemver)
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
-			return exitUsage
+			return usageCode
 		}
 		fmt.Println(n)
 		return 0
@@ -93,14 +100,14 @@ func runLauncher(args []string, who personality, name string) int {
 		stop, err := startCPUProfile(o.cpuProfile)
 		if err != nil {
 			log.Error(err.Error())
-			return exitSetup
+			return setupCode
 		}
 		defer stop()
 	}
 	cfg := o.cfg
 	cfg.Logger = log
 	cfg.ForwardSignals = true
-	cfg.Version = versionString(who)
+	cfg.Version = semver(who)
 	// The parent's own policy, not the sandbox package's: a program that
 	// embeds a sandbox keeps its memory management to itself.
 	memCtx, stopMem := context.WithCancel(context.Background())
@@ -115,9 +122,9 @@ func runLauncher(args []string, who personality, name string) int {
 	if err != nil {
 		log.Error(err.Error())
 		if errors.Is(err, sandbox.ErrInvalidConfig) {
-			return exitUsage
+			return usageCode
 		}
-		return exitSetup
+		return setupCode
 	}
 	return code
 }
@@ -203,10 +210,13 @@ func gonetnsVersion() string {
 	return v + "+devel"
 }
 
-// semver is the version --print-semver reads.
+// semver is the version --print-semver reads and /v1/info reports: as
+// rootlesskit, RootlessKit's with gonetns's in the build metadata (clients
+// compare the version RootlessKit reports).
 func semver(who personality) string {
 	if who == asRootlessKit {
-		return rootlessKitVersion
+		v, _, _ := strings.Cut(gonetnsVersion(), "+")
+		return rootlessKitVersion + "+gonetns." + v
 	}
 	return gonetnsVersion()
 }
