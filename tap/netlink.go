@@ -73,7 +73,11 @@ func LoopbackUp() error {
 // kernel's default of 1000 dropped most of a burst of 5,000 datagrams
 // from new source ports (1,225 answered) and 111,958 frames in a burst of
 // 20,000 connections, while gonetns, one reader, set up the flows one by
-// one. Only what waits costs memory (a few MB at most, in the kernel).
+// one. Only what waits costs memory, in the kernel: each queued frame is
+// charged to the sending socket's buffer (wmem), so what a queue of 10,000
+// can hold is bounded by the sandbox's sockets' send buffers, not by
+// 10,000 frames of up to 64 KiB (TSO): small frames fill the queue, large
+// ones stop their sockets first.
 const TxQueueLen = 10000
 
 type netlinkConn struct {
