@@ -157,9 +157,12 @@ func (st *Stack) Start() error {
 	})
 	// On failure, undo what is done; the device stays open (Close closes
 	// it), except once attached, when closing it is what stops the reader.
+	// The reader must be gone before s.Wait, which holds the stack's lock
+	// while it waits for the link (see Close).
 	fail := func(attached bool, err error) error {
 		if attached {
 			st.cfg.Device.Close()
+			st.link.Wait()
 		}
 		s.Close()
 		s.Wait()
@@ -253,9 +256,12 @@ func (st *Stack) Close() error {
 	if !started {
 		return st.cfg.Device.Close()
 	}
+	// Closing the device stops the link's reader; it must be gone before
+	// s.Wait, which holds the stack's lock while it waits for the link, and
+	// a reader delivering a late frame needs that lock.
 	err := st.cfg.Device.Close()
-	st.s.Close()
 	st.link.Wait()
+	st.s.Close()
 	st.s.Wait()
 	return err
 }

@@ -35,6 +35,7 @@ var GuestMAC = tcpip.LinkAddress("\x02\x00\x00\x00\x00\x64")
 // and a default route.
 type Guest struct {
 	s   *gstack.Stack
+	ep  *link.Endpoint
 	dev tap.Device
 }
 
@@ -63,7 +64,7 @@ func NewGuest(dev tap.Device, addr netip.Prefix, gw netip.Addr, mtu uint32) (*Gu
 		{Destination: subnet, NIC: 1},
 		{Destination: header.IPv4EmptySubnet, Gateway: tcpip.AddrFrom4(gw.As4()), NIC: 1},
 	})
-	return &Guest{s: s, dev: dev}, nil
+	return &Guest{s: s, ep: ep, dev: dev}, nil
 }
 
 func full(a netip.AddrPort) tcpip.FullAddress {
@@ -175,8 +176,14 @@ func (r *bytesReader) Len() int { return len(r.b) }
 // Stats returns counters of the guest stack (e.g. ICMP replies seen).
 func (g *Guest) Stats() tcpip.Stats { return g.s.Stats() }
 
-// Close stops the guest stack (not the device).
+// Close stops the guest stack and closes its device (for a taptest pipe,
+// both ends). The link's reader goes first: gVisor's Stack.Wait holds the
+// stack's lock while it waits for the link, and a reader still delivering a
+// frame needs that lock (a reset to a late segment), so stopping them in the
+// other order can deadlock.
 func (g *Guest) Close() {
+	g.dev.Close()
+	g.ep.Wait()
 	g.s.Close()
 	g.s.Wait()
 }
