@@ -353,32 +353,33 @@ func (s *Server) handle(h http.Handler) http.Handler {
 			writeError(w, http.StatusServiceUnavailable, errors.New("the API is shutting down"))
 			return
 		}
-		defer s.end(c)
 		h.ServeHTTP(w, r)
 	})
 }
 
 // begin marks c's request as being handled; false once Close has begun.
+// It stays so until net/http has written the answer out and the connection
+// turns idle or closes (connState): the handler returning is not enough, as
+// the answer may still sit in the connection's buffer.
 func (s *Server) begin(c net.Conn) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
 		return false
 	}
-	if cs := s.conns[c]; cs != nil {
+	if cs := s.conns[c]; cs != nil && !cs.busy {
 		cs.busy = true
+		s.handlers.Add(1)
 	}
-	s.handlers.Add(1)
 	return true
 }
 
-func (s *Server) end(c net.Conn) {
-	s.mu.Lock()
-	if cs := s.conns[c]; cs != nil {
+// endLocked ends what begin began for cs, if anything.
+func (s *Server) endLocked(cs *conn) {
+	if cs != nil && cs.busy {
 		cs.busy = false
+		s.handlers.Done()
 	}
-	s.mu.Unlock()
-	s.handlers.Done()
 }
 
 // connState tracks connections for the limit; it runs on the
@@ -395,13 +396,15 @@ func (s *Server) connState(c net.Conn, st http.ConnState) {
 			s.evictLocked(c)
 		}
 	case http.StateIdle:
-		// Done with a request: as young as a new connection. A request
-		// that is still arriving keeps its age.
+		// Done with a request, its answer written: as young as a new
+		// connection. A request that is still arriving keeps its age.
 		if cs := s.conns[c]; cs != nil {
+			s.endLocked(cs)
 			s.seq++
 			cs.since = s.seq
 		}
 	case http.StateHijacked, http.StateClosed:
+		s.endLocked(s.conns[c])
 		delete(s.conns, c)
 	}
 }
