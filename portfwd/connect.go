@@ -72,13 +72,16 @@ func prepareTransparent(fd, family int, o socketOpts) error {
 		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, transparentMark); err != nil {
 			return os.NewSyscallError("setsockopt SO_MARK", err)
 		}
-		// The client's address and port may be bound by an earlier
-		// connection still in TIME_WAIT, or by one to another target;
-		// connect then fails only if the whole 4-tuple is taken. (Not for
-		// UDP: two sockets on one address would share its datagrams.)
-		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
-			return os.NewSyscallError("setsockopt SO_REUSEADDR", err)
-		}
+	}
+	// The client's address and port may be bound already: for TCP by an
+	// earlier connection still in TIME_WAIT, for both by one from the same
+	// client port to another published port. connect then fails only if
+	// the whole 4-tuple is taken. For UDP this is safe too: the socket is
+	// connected before any reply can come, and the kernel delivers a
+	// datagram to the socket connected to its sender, never to one
+	// connected elsewhere.
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+		return os.NewSyscallError("setsockopt SO_REUSEADDR", err)
 	}
 	sa, err := sockaddrOf(netip.AddrPortFrom(o.from.Addr().Unmap(), o.from.Port()))
 	if err != nil {

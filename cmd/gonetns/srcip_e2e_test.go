@@ -148,7 +148,9 @@ for i in $(seq 200); do [ -S "$GONETNS_STATE_DIR/api.sock" ] && break; sleep 0.0
 echo ready
 read line
 kill $s`, serve)
-	cmd := r.Command(context.Background(), append(append([]string{"--state-dir=" + state, "--ipv6"}, args...), "sh", "-c", script)...)
+	// --debug: a failure's log says why a dial went without the client's
+	// address.
+	cmd := r.Command(context.Background(), append(append([]string{"--state-dir=" + state, "--ipv6", "--debug"}, args...), "sh", "-c", script)...)
 	stdin, _ := cmd.StdinPipe()
 	stdout, _ := cmd.StdoutPipe()
 	var stderr strings.Builder
@@ -164,6 +166,8 @@ kill $s`, serve)
 		case err := <-waited:
 			if err != nil {
 				t.Errorf("gonetns: %v\n%s", err, stderr.String())
+			} else if t.Failed() {
+				t.Logf("gonetns's log:\n%s", stderr.String())
 			}
 		case <-time.After(netTimeout):
 			cmd.Process.Kill()
@@ -308,6 +312,47 @@ func TestPortsKeepSourceIP(t *testing.T) {
 			}
 			wg.Wait()
 			t.Logf("%s: 20 clients, 5 datagrams each, %d distinct clients seen by the server", tg.name, len(seenBy))
+		}
+	})
+
+	t.Run("one UDP socket to two ports", func(t *testing.T) {
+		// A client talking to two published ports from one socket (one
+		// address and port): both flows keep it, side by side.
+		var pc *net.UDPConn
+		if err := cn.do(func() error {
+			var err error
+			pc, err = net.ListenUDP("udp4", nil)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		defer pc.Close()
+		b := make([]byte, 2048)
+		var two []target
+		for _, tg := range targets {
+			if tg.name == "udp4 to a wildcard server" || tg.name == "udp4 to a loopback server" {
+				two = append(two, tg)
+			}
+		}
+		for round := range 2 {
+			for _, tg := range two {
+				to := net.UDPAddrFromAddrPort(netip.AddrPortFrom(cn.HostIP4, uint16(tg.port)))
+				var seen string
+				for range 50 {
+					pc.WriteToUDP([]byte("who am I?"), to)
+					pc.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+					n, from, err := pc.ReadFromUDP(b)
+					if err == nil && from.Port == tg.port {
+						seen = strings.TrimPrefix(string(b[:n]), "peer=")
+						break
+					}
+				}
+				self := netip.AddrPortFrom(cn.ClientIP4, uint16(pc.LocalAddr().(*net.UDPAddr).Port)).String()
+				t.Logf("round %d: client %s -> %s (%s): the server saw %s", round, self, to, tg.name, seen)
+				if seen != self {
+					t.Errorf("client %s -> %s: the server saw %q", self, to, seen)
+				}
+			}
 		}
 	})
 
