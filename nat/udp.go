@@ -255,7 +255,10 @@ func (p *udpPoller) lookup(id uint32) *udpFlow {
 
 // maxBurst is how many datagrams one flow gets to send in a row before
 // the others get their turn (its socket stays ready: epoll is level
-// triggered).
+// triggered). A bound for fairness between flows; for one flow it costs
+// nothing measurable: a host -> sandbox flood (iperf3 -u -b 0 -l 1400 -R,
+// MTU 1500, 3 interleaved rounds) got 0.63, 0.65 and 0.64 Gbit/s with 1, 64
+// and 1,024.
 const maxBurst = 64
 
 // run reads answers until the epoll descriptor is closed.
