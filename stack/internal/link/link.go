@@ -269,8 +269,8 @@ func encodeVNetHdr(b []byte, pkt *stack.PacketBuffer) {
 // Measured after the UDP packet path landed (MTU 1500, medians of 3
 // interleaved rounds): a sandbox -> host UDP flood got 0.63, 0.69, 0.61
 // and 0.62 Gbit/s yielding every 16, 64, 256 frames and never, bulk TCP
-// 9.0, 8.3, 8.2 and 8.5 Gbit/s: within this machine's noise. Before that
-// path, without yielding, the flood delivered 72-88 Mbit/s (issue 12).
+// 9.0, 8.3, 8.2 and 8.5 Gbit/s: within this machine's noise, so the
+// value rests on the reason above.
 const yieldEvery = 64
 
 // readLoop reads frames until the device is closed and hands each to the
