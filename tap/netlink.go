@@ -101,15 +101,35 @@ func (c *netlinkConn) close() { unix.Close(c.fd) }
 
 // request sends one message and waits for its acknowledgement.
 func (c *netlinkConn) request(typ uint16, flags uint16, body []byte) error {
+	_, err := c.exchange(typ, flags|unix.NLM_F_ACK, body, true)
+	return err
+}
+
+// get sends one request that the kernel answers with one message (no
+// acknowledgement asked for) and returns that message's body.
+func (c *netlinkConn) get(typ uint16, body []byte) ([]byte, error) {
+	data, err := c.exchange(typ, 0, body, false)
+	if err == nil && data == nil {
+		return nil, errors.New("netlink acknowledged a request that wants an answer")
+	}
+	return data, err
+}
+
+// exchange sends one message and returns the kernel's answer to it: the
+// body of the answer, or nil for an acknowledgement (NLMSG_ERROR with code
+// 0); an error code comes back as the error. Late answers to earlier
+// requests are skipped, and with ack so is anything but the
+// acknowledgement.
+func (c *netlinkConn) exchange(typ, flags uint16, body []byte, ack bool) ([]byte, error) {
 	seq := c.seq.Add(1)
 	msg := make([]byte, unix.NLMSG_HDRLEN+len(body))
 	binary.NativeEndian.PutUint32(msg[0:], uint32(len(msg)))
 	binary.NativeEndian.PutUint16(msg[4:], typ)
-	binary.NativeEndian.PutUint16(msg[6:], flags|unix.NLM_F_REQUEST|unix.NLM_F_ACK)
+	binary.NativeEndian.PutUint16(msg[6:], flags|unix.NLM_F_REQUEST)
 	binary.NativeEndian.PutUint32(msg[8:], seq)
 	copy(msg[unix.NLMSG_HDRLEN:], body)
 	if err := unix.Sendto(c.fd, msg, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		return err
+		return nil, err
 	}
 	buf := make([]byte, 8192)
 	for {
@@ -118,23 +138,29 @@ func (c *netlinkConn) request(typ uint16, flags uint16, body []byte) error {
 			continue
 		}
 		if err != nil {
-			return err
+			return nil, err
 		}
 		msgs, err := syscall.ParseNetlinkMessage(buf[:n])
 		if err != nil {
-			return err
+			return nil, err
 		}
 		for _, m := range msgs {
-			if m.Header.Seq != seq || m.Header.Type != unix.NLMSG_ERROR {
+			if m.Header.Seq != seq {
 				continue
 			}
+			if m.Header.Type != unix.NLMSG_ERROR {
+				if ack {
+					continue
+				}
+				return m.Data, nil
+			}
 			if len(m.Data) < 4 {
-				return errors.New("short netlink error message")
+				return nil, errors.New("short netlink error message")
 			}
 			if code := int32(binary.NativeEndian.Uint32(m.Data)); code != 0 {
-				return unix.Errno(-code)
+				return nil, unix.Errno(-code)
 			}
-			return nil
+			return nil, nil
 		}
 	}
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/netip"
 	"sync"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -289,48 +288,4 @@ func (rt LocalRoute) message() []byte {
 	b = appendAttr(b, unix.RTA_OIF, binary.NativeEndian.AppendUint32(nil, loopbackIndex))
 	b = appendAttr(b, unix.RTA_TABLE, binary.NativeEndian.AppendUint32(nil, rt.Table))
 	return b
-}
-
-// get sends one request that the kernel answers with one message (no
-// acknowledgement asked for) and returns that message's body.
-func (c *netlinkConn) get(typ uint16, body []byte) ([]byte, error) {
-	seq := c.seq.Add(1)
-	msg := make([]byte, unix.NLMSG_HDRLEN+len(body))
-	binary.NativeEndian.PutUint32(msg[0:], uint32(len(msg)))
-	binary.NativeEndian.PutUint16(msg[4:], typ)
-	binary.NativeEndian.PutUint16(msg[6:], unix.NLM_F_REQUEST)
-	binary.NativeEndian.PutUint32(msg[8:], seq)
-	copy(msg[unix.NLMSG_HDRLEN:], body)
-	if err := unix.Sendto(c.fd, msg, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		return nil, err
-	}
-	buf := make([]byte, 8192)
-	for {
-		n, _, err := unix.Recvfrom(c.fd, buf, 0)
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			return nil, err
-		}
-		msgs, err := syscall.ParseNetlinkMessage(buf[:n])
-		if err != nil {
-			return nil, err
-		}
-		for _, m := range msgs {
-			if m.Header.Seq != seq {
-				continue // a late answer to an earlier request
-			}
-			if m.Header.Type == unix.NLMSG_ERROR {
-				if len(m.Data) < 4 {
-					return nil, errors.New("short netlink error message")
-				}
-				if code := int32(binary.NativeEndian.Uint32(m.Data)); code != 0 {
-					return nil, unix.Errno(-code)
-				}
-				return nil, errors.New("netlink acknowledged a request that wants an answer")
-			}
-			return m.Data, nil
-		}
-	}
 }

@@ -84,16 +84,10 @@ kill $srv`, e2etest.HelperCmd(t, "http-serve"), checks,
 		"-p", fmt.Sprintf("127.0.0.1:%d:8000/tcp", pubPort), "sh", "-c", script)
 	cmd.Args = append([]string{prlimit, fmt.Sprintf("--nofile=1024:%d", hardLimit), "--", r.Bin}, cmd.Args[1:]...)
 	cmd.Path = prlimit
-	stdin, _ := cmd.StdinPipe()
-	stdout, _ := cmd.StdoutPipe()
-	var stderr lockedBuffer
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	sess := e2etest.Interact(t, cmd)
+	stdin, stderr, br := sess.Stdin, sess.Stderr, sess.Stdout
 	defer cmd.Process.Kill() // on a failure before the end; the end waits for the exit
 	pid := cmd.Process.Pid   // prlimit execs gonetns in place
-	br := bufio.NewReader(stdout)
 	waitLine(t, br, "ready")
 
 	// insideChecks runs the sandbox's checks and returns what it printed.
@@ -270,25 +264,4 @@ kill $srv`, e2etest.HelperCmd(t, "http-serve"), checks,
 func isTimeout(err error) bool {
 	ne, ok := err.(net.Error)
 	return ok && ne.Timeout()
-}
-
-// lockedBuffer is an io.Writer safe to read while a process writes to it.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.b.Len() > 1<<20 { // the tail of a flood of warnings is enough
-		return len(p), nil
-	}
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }

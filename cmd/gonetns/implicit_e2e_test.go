@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -44,8 +43,8 @@ func TestPortsImplicit(t *testing.T) {
 type implicitSandbox struct {
 	t      *testing.T
 	stdin  io.Writer
-	lines  chan string
-	stderr *strings.Builder
+	lines  <-chan string
+	stderr *e2etest.Log
 }
 
 func startImplicitSandbox(t *testing.T, r e2etest.Runner, state string, detach bool) *implicitSandbox {
@@ -65,32 +64,16 @@ while read cmd arg net; do
   esac
 done`, ns, e2etest.HelperEnv, e2etest.Helper(t))
 	cmd := r.Command(context.Background(), append(args, "sh", "-c", script)...)
-	stdin, _ := cmd.StdinPipe()
-	stdout, _ := cmd.StdoutPipe()
-	sb := &implicitSandbox{t: t, stdin: stdin, lines: make(chan string, 100), stderr: &strings.Builder{}}
-	cmd.Stderr = sb.stderr // read only after Wait
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	sess := e2etest.Interact(t, cmd)
+	sb := &implicitSandbox{t: t, stdin: sess.Stdin, lines: sess.Lines(), stderr: sess.Stderr}
 	t.Cleanup(func() {
-		stdin.Close()
+		sess.Stdin.Close()
 		cmd.Process.Kill()
 		cmd.Wait()
 		if t.Failed() {
 			t.Logf("gonetns's log:\n%s", sb.stderr)
 		}
 	})
-	go func() {
-		br := bufio.NewReader(stdout)
-		for {
-			line, err := br.ReadString('\n')
-			if err != nil {
-				close(sb.lines)
-				return
-			}
-			sb.lines <- strings.TrimSpace(line)
-		}
-	}()
 	sb.expect("ready")
 	return sb
 }

@@ -174,17 +174,11 @@ func TestNetUDPBurst(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), netTimeout)
 	defer cancel()
 	cmd := r.Command(ctx, "sh", "-c", e2etest.HelperCmd(t, "udp-burst", args...)+"; read line")
-	stdin, _ := cmd.StdinPipe()
-	stdout, _ := cmd.StdoutPipe()
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { stdin.Close(); cmd.Wait() }()
-	line, err := bufio.NewReader(stdout).ReadString('\n')
+	sess := e2etest.Interact(t, cmd)
+	defer func() { sess.Stdin.Close(); cmd.Wait() }()
+	line, err := sess.Stdout.ReadString('\n')
 	if want := fmt.Sprintf("answered %d of %d", ports, ports); strings.TrimSpace(line) != want {
-		t.Errorf("burst of %d source ports: %q %v\n%s", ports, line, err, stderr.String())
+		t.Errorf("burst of %d source ports: %q %v\n%s", ports, line, err, sess.Stderr)
 	}
 	peak := procStatusKB(t, cmd.Process.Pid, "VmHWM") << 10
 	t.Logf("%s; the parent's peak RSS: %d MB, now %d MB", strings.TrimSpace(line), peak>>20, vmRSS(t, cmd.Process.Pid)>>20)
@@ -407,15 +401,9 @@ kill $a $b`, e2etest.HelperCmd(t, "http-serve"), e2etest.HelperCmd(t, "udp-serve
 		"-p", fmt.Sprintf("127.0.0.1:%d:8000/tcp", hostPort),
 		"-p", fmt.Sprintf("127.0.0.1:%d:5300/udp", udpPort),
 		"sh", "-c", script)
-	stdin, _ := cmd.StdinPipe()
-	stdout, _ := cmd.StdoutPipe()
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	sess := e2etest.Interact(t, cmd)
+	stdin, stderr, br := sess.Stdin, sess.Stderr, sess.Stdout
 	defer func() { cmd.Process.Kill(); cmd.Wait() }()
-	br := bufio.NewReader(stdout)
 	waitLine(t, br, "ready")
 
 	// A new connection each time: a removed port keeps relaying the

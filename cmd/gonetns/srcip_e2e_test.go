@@ -151,13 +151,8 @@ kill $s`, serve)
 	// --debug: a failure's log says why a dial went without the client's
 	// address.
 	cmd := r.Command(context.Background(), append(append([]string{"--state-dir=" + state, "--ipv6", "--debug"}, args...), "sh", "-c", script)...)
-	stdin, _ := cmd.StdinPipe()
-	stdout, _ := cmd.StdoutPipe()
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	sess := e2etest.Interact(t, cmd)
+	stdin, stderr := sess.Stdin, sess.Stderr
 	t.Cleanup(func() {
 		fmt.Fprintln(stdin, "done")
 		waited := make(chan error, 1)
@@ -175,18 +170,7 @@ kill $s`, serve)
 			t.Errorf("gonetns did not end\n%s", stderr.String())
 		}
 	})
-	lines := make(chan string)
-	go func() {
-		br := bufio.NewReader(stdout)
-		for {
-			l, err := br.ReadString('\n')
-			if err != nil {
-				close(lines)
-				return
-			}
-			lines <- strings.TrimSpace(l)
-		}
-	}()
+	lines := sess.Lines()
 	want := map[string]bool{"listening": true, "ready": true}
 	for len(want) > 0 {
 		select {
