@@ -88,6 +88,11 @@ func firstStage() int {
 	ctl.Close() // a duplicate; descriptor 3 itself survives the exec
 	os.Setenv(envStage, stageSecond)
 	err = unix.Exec("/proc/self/exe", os.Args, os.Environ())
+	// f must stay reachable up to the exec: its finalizer would close
+	// descriptor 3, and the next stage would find its control socket gone
+	// or another descriptor in its place (seen 1 run in 40 with a long
+	// command line, whose copies made a collection likely).
+	runtime.KeepAlive(f)
 	fmt.Fprintf(os.Stderr, "gonetns child: re-execute: %v\n", err)
 	return 125
 }
