@@ -35,7 +35,17 @@ func newClientNetns(t *testing.T) *clientNetns {
 	errc := make(chan error, 1)
 	go func() {
 		defer close(c.done)
-		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+		// The thread goes back to the test's namespace before it is
+		// unlocked. Left locked, it would end with the goroutine, unless
+		// it is the main thread, which Go keeps: /proc/self/ns/net would
+		// then name the client's namespace for the tests that follow.
+		runtime.LockOSThread()
+		home, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer unix.Close(home)
 		fd, err := unix.Open("/run/netns/"+c.Name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 		if err == nil {
 			err = unix.Setns(fd, unix.CLONE_NEWNET)
@@ -47,6 +57,9 @@ func newClientNetns(t *testing.T) *clientNetns {
 		}
 		for fn := range c.fns {
 			fn()
+		}
+		if unix.Setns(home, unix.CLONE_NEWNET) == nil {
+			runtime.UnlockOSThread()
 		}
 	}()
 	if err := <-errc; err != nil {
