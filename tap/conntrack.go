@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -38,31 +37,21 @@ var ErrNotTracked = errors.New("connection not tracked")
 // Conntrack is a netfilter netlink socket of the network namespace of the
 // thread that opened it. Safe for concurrent use.
 type Conntrack struct {
-	mu sync.Mutex
 	nl *netlinkConn
 }
 
 // OpenConntrack opens the socket in the calling thread's namespace.
 func OpenConntrack() (*Conntrack, error) {
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER)
+	nl, err := dialNetlinkProto(unix.NETLINK_NETFILTER, "netfilter netlink")
 	if err != nil {
-		return nil, fmt.Errorf("open netfilter netlink socket: %w", err)
+		return nil, err
 	}
-	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("bind netfilter netlink socket: %w", err)
-	}
-	return &Conntrack{nl: &netlinkConn{fd: fd}}, nil
+	return &Conntrack{nl: nl}, nil
 }
 
 // Close closes the socket.
 func (c *Conntrack) Close() error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.nl != nil {
-		c.nl.close()
-		c.nl = nil
-	}
+	c.nl.close()
 	return nil
 }
 
@@ -86,11 +75,6 @@ func (c *Conntrack) ReplySource(proto uint8, src, dst netip.AddrPort) (netip.Add
 	body := []byte{family, unix.NFNETLINK_V0, 0, 0} // struct nfgenmsg
 	body = appendAttr(body, ctaTupleOrig|unix.NLA_F_NESTED, tuple)
 
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.nl == nil {
-		return netip.AddrPort{}, errors.New("conntrack socket is closed")
-	}
 	reply, err := c.nl.get(unix.NFNL_SUBSYS_CTNETLINK<<8|ipctnlMsgCtGet, body)
 	switch {
 	case errors.Is(err, unix.ENOENT), errors.Is(err, unix.EOPNOTSUPP), errors.Is(err, unix.EPROTONOSUPPORT):

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"unsafe"
@@ -80,24 +81,39 @@ func LoopbackUp() error {
 // ones stop their sockets first.
 const TxQueueLen = 10000
 
+// netlinkConn is a netlink socket of the calling thread's network
+// namespace. Its exchanges are serialized, so it is safe for concurrent
+// use; after close they fail.
 type netlinkConn struct {
-	fd  int
-	seq atomic.Uint32
+	what string // for errors: "rtnetlink", "netfilter netlink"
+	mu   sync.Mutex
+	fd   int // -1 once closed
+	seq  atomic.Uint32
 }
 
-func dialNetlink() (*netlinkConn, error) {
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
+func dialNetlink() (*netlinkConn, error) { return dialNetlinkProto(unix.NETLINK_ROUTE, "rtnetlink") }
+
+func dialNetlinkProto(proto int, what string) (*netlinkConn, error) {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, proto)
 	if err != nil {
-		return nil, fmt.Errorf("open rtnetlink socket: %w", err)
+		return nil, fmt.Errorf("open %s socket: %w", what, err)
 	}
 	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		unix.Close(fd)
-		return nil, fmt.Errorf("bind rtnetlink socket: %w", err)
+		return nil, fmt.Errorf("bind %s socket: %w", what, err)
 	}
-	return &netlinkConn{fd: fd}, nil
+	return &netlinkConn{what: what, fd: fd}, nil
 }
 
-func (c *netlinkConn) close() { unix.Close(c.fd) }
+// close closes the socket; idempotent.
+func (c *netlinkConn) close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.fd >= 0 {
+		unix.Close(c.fd)
+		c.fd = -1
+	}
+}
 
 // request sends one message and waits for its acknowledgement.
 func (c *netlinkConn) request(typ uint16, flags uint16, body []byte) error {
@@ -121,6 +137,11 @@ func (c *netlinkConn) get(typ uint16, body []byte) ([]byte, error) {
 // requests are skipped, and with ack so is anything but the
 // acknowledgement.
 func (c *netlinkConn) exchange(typ, flags uint16, body []byte, ack bool) ([]byte, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.fd < 0 {
+		return nil, fmt.Errorf("the %s socket is closed", c.what)
+	}
 	seq := c.seq.Add(1)
 	msg := make([]byte, unix.NLMSG_HDRLEN+len(body))
 	binary.NativeEndian.PutUint32(msg[0:], uint32(len(msg)))

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -103,7 +102,6 @@ type Flow struct {
 // or route that exists already; deleting one that does not exist is
 // unix.ENOENT (rule) or unix.ESRCH (route).
 type Routing struct {
-	mu sync.Mutex
 	nl *netlinkConn
 }
 
@@ -118,21 +116,11 @@ func OpenRouting() (*Routing, error) {
 
 // Close closes the socket; rules and routes stay.
 func (r *Routing) Close() error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.nl != nil {
-		r.nl.close()
-		r.nl = nil
-	}
+	r.nl.close()
 	return nil
 }
 
 func (r *Routing) do(typ, flags uint16, body []byte) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.nl == nil {
-		return errors.New("routing socket is closed")
-	}
 	return r.nl.request(typ, flags, body)
 }
 
@@ -203,11 +191,6 @@ func (r *Routing) IsLocal(f Flow) (bool, error) {
 	}
 	if f.SPort != 0 {
 		body = appendAttr(body, unix.RTA_SPORT, binary.BigEndian.AppendUint16(nil, f.SPort))
-	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.nl == nil {
-		return false, errors.New("routing socket is closed")
 	}
 	reply, err := r.nl.get(unix.RTM_GETROUTE, body)
 	switch {
