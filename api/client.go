@@ -13,7 +13,7 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/gonetns/gonetns/portfwd"
+	"github.com/gonetns/gonetns/port"
 )
 
 // Client talks to the REST API over its unix socket; it works against
@@ -62,19 +62,19 @@ func (c *Client) Info(ctx context.Context) (Info, error) {
 }
 
 // ListPorts returns GET /v1/ports.
-func (c *Client) ListPorts(ctx context.Context) ([]portfwd.Status, error) {
-	var ports []portfwd.Status
+func (c *Client) ListPorts(ctx context.Context) ([]port.Status, error) {
+	var ports []port.Status
 	err := c.do(ctx, http.MethodGet, "/v1/ports", nil, &ports)
 	return ports, err
 }
 
 // AddPort publishes spec (POST /v1/ports) and returns its Status.
-func (c *Client) AddPort(ctx context.Context, spec portfwd.Spec) (portfwd.Status, error) {
+func (c *Client) AddPort(ctx context.Context, spec port.Spec) (port.Status, error) {
 	body, err := json.Marshal(spec)
 	if err != nil {
-		return portfwd.Status{}, err
+		return port.Status{}, err
 	}
-	var st portfwd.Status
+	var st port.Status
 	err = c.do(ctx, http.MethodPost, "/v1/ports", body, &st)
 	return st, err
 }
@@ -129,9 +129,9 @@ func newAPIError(method string, code int, body []byte) *APIError {
 	}
 	switch {
 	case code == http.StatusNotFound && method == http.MethodDelete:
-		e.kind = portfwd.ErrUnknownPort
+		e.kind = port.ErrUnknownPort
 	case code == http.StatusConflict:
-		e.kind = portfwd.ErrConflict
+		e.kind = port.ErrConflict
 	}
 	return e
 }

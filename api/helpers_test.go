@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/gonetns/gonetns/port"
 	"github.com/gonetns/gonetns/portfwd"
 )
 
@@ -48,10 +49,10 @@ func shortDir(t testing.TB) string {
 
 // publishLoop publishes proto from 127.0.0.1:free to child, retrying if
 // the free port gets taken.
-func publishLoop(t testing.TB, m *portfwd.Manager, proto string, child netip.AddrPort) portfwd.Status {
+func publishLoop(t testing.TB, m *portfwd.Manager, proto string, child netip.AddrPort) port.Status {
 	t.Helper()
 	for attempt := 0; ; attempt++ {
-		st, err := m.AddPort(context.Background(), portfwd.Spec{Proto: proto, ParentIP: ip4, ParentPort: freePort(t), ChildIP: child.Addr(), ChildPort: int(child.Port())})
+		st, err := m.AddPort(context.Background(), port.Spec{Proto: proto, ParentIP: ip4, ParentPort: freePort(t), ChildIP: child.Addr(), ChildPort: int(child.Port())})
 		if err == nil {
 			return st
 		}

@@ -2,16 +2,11 @@
 // is its client: GET /v1/info, GET/POST /v1/ports and DELETE
 // /v1/ports/{id}, with RootlessKit's JSON shapes, so that rootlessctl,
 // Docker's rootlesskit client, nerdctl and BuildKit drive gonetns
-// unchanged. It serves any port driver through the PortDriver interface
+// unchanged. It serves any port driver through the port.Manager interface
 // and knows nothing of how ports are published.
 package api
 
-import (
-	"context"
-	"net/netip"
-
-	"github.com/gonetns/gonetns/portfwd"
-)
+import "net/netip"
 
 // Version is the RootlessKit REST API version served (not gonetns's
 // version).
@@ -82,13 +77,4 @@ func (i Info) RootlessKitFields() Info {
 		i.PortDriver = &c
 	}
 	return i
-}
-
-// PortDriver publishes ports; portfwd.Manager is one. Its errors wrap
-// portfwd.ErrInvalidSpec, portfwd.ErrConflict and portfwd.ErrUnknownPort
-// where they apply, which the API turns into 400, 409 and 404.
-type PortDriver interface {
-	AddPort(ctx context.Context, spec portfwd.Spec) (portfwd.Status, error)
-	RemovePort(id int) error
-	ListPorts() []portfwd.Status
 }

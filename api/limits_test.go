@@ -13,29 +13,29 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gonetns/gonetns/portfwd"
+	"github.com/gonetns/gonetns/port"
 )
 
 func TestDecodeSpec(t *testing.T) {
 	cases := []struct {
 		body string
-		want portfwd.Spec
+		want port.Spec
 		err  string
 	}{
-		{`{"proto":"tcp","parentIP":"127.0.0.1","parentPort":8080,"childPort":80}`, portfwd.Spec{Proto: "tcp", ParentIP: ip4, ParentPort: 8080, ChildPort: 80}, ""},
-		{` {"proto":"udp6","parentPort":53,"childIP":"::1","childPort":5353}` + "\n", portfwd.Spec{Proto: "udp6", ParentPort: 53, ChildIP: netip.MustParseAddr("::1"), ChildPort: 5353}, ""},
-		{`{"proto":"tcp","parentPort":8080,"childPort":80,"childPrt":81}`, portfwd.Spec{}, `unknown field "childPrt"`},
-		{`{"proto":"tcp","parentPort":8080,"childPort":80} garbage`, portfwd.Spec{}, "data after the JSON object"},
-		{`{"proto":"tcp","parentPort":8080,"childPort":80}{"proto":"tcp"}`, portfwd.Spec{}, "data after the JSON object"},
-		{`{"proto":"tcp","parentPort":"8080","childPort":80}`, portfwd.Spec{}, "cannot unmarshal"},
-		{`{"proto":"tcp","parentIP":"localhost","parentPort":8080,"childPort":80}`, portfwd.Spec{}, "ParseAddr"},
-		{``, portfwd.Spec{}, "EOF"},
-		{`[]`, portfwd.Spec{}, "cannot unmarshal"},
+		{`{"proto":"tcp","parentIP":"127.0.0.1","parentPort":8080,"childPort":80}`, port.Spec{Proto: "tcp", ParentIP: ip4, ParentPort: 8080, ChildPort: 80}, ""},
+		{` {"proto":"udp6","parentPort":53,"childIP":"::1","childPort":5353}` + "\n", port.Spec{Proto: "udp6", ParentPort: 53, ChildIP: netip.MustParseAddr("::1"), ChildPort: 5353}, ""},
+		{`{"proto":"tcp","parentPort":8080,"childPort":80,"childPrt":81}`, port.Spec{}, `unknown field "childPrt"`},
+		{`{"proto":"tcp","parentPort":8080,"childPort":80} garbage`, port.Spec{}, "data after the JSON object"},
+		{`{"proto":"tcp","parentPort":8080,"childPort":80}{"proto":"tcp"}`, port.Spec{}, "data after the JSON object"},
+		{`{"proto":"tcp","parentPort":"8080","childPort":80}`, port.Spec{}, "cannot unmarshal"},
+		{`{"proto":"tcp","parentIP":"localhost","parentPort":8080,"childPort":80}`, port.Spec{}, "ParseAddr"},
+		{``, port.Spec{}, "EOF"},
+		{`[]`, port.Spec{}, "cannot unmarshal"},
 	}
 	for _, c := range cases {
 		got, err := DecodeSpec(strings.NewReader(c.body))
 		if c.err != "" {
-			if err == nil || !strings.Contains(err.Error(), c.err) || !errors.Is(err, portfwd.ErrInvalidSpec) {
+			if err == nil || !strings.Contains(err.Error(), c.err) || !errors.Is(err, port.ErrInvalidSpec) {
 				t.Errorf("DecodeSpec(%q): %v; want an ErrInvalidSpec containing %q", c.body, err, c.err)
 			}
 			continue
@@ -63,7 +63,7 @@ func FuzzDecodeSpec(f *testing.F) {
 	f.Fuzz(func(t *testing.T, body []byte) {
 		spec, err := DecodeSpec(strings.NewReader(string(body)))
 		if err != nil {
-			if !errors.Is(err, portfwd.ErrInvalidSpec) {
+			if !errors.Is(err, port.ErrInvalidSpec) {
 				t.Fatalf("error %v does not wrap ErrInvalidSpec", err)
 			}
 			return
@@ -141,13 +141,13 @@ type blockingPorts struct {
 	release chan struct{}
 }
 
-func (p *blockingPorts) AddPort(_ context.Context, s portfwd.Spec) (portfwd.Status, error) {
+func (p *blockingPorts) AddPort(_ context.Context, s port.Spec) (port.Status, error) {
 	close(p.started)
 	<-p.release
-	return portfwd.Status{ID: 1, Spec: s}, nil
+	return port.Status{ID: 1, Spec: s}, nil
 }
-func (p *blockingPorts) RemovePort(int) error        { return nil }
-func (p *blockingPorts) ListPorts() []portfwd.Status { return nil }
+func (p *blockingPorts) RemovePort(int) error     { return nil }
+func (p *blockingPorts) ListPorts() []port.Status { return nil }
 
 // A request being handled is never the one evicted: new connections
 // beyond the limit close the ones waiting, or themselves; and Close waits
@@ -163,7 +163,7 @@ func TestServerKeepsRequestsBeingHandled(t *testing.T) {
 	s.Serve(ln)
 	done := make(chan error, 1)
 	go func() {
-		_, err := NewClient(path).AddPort(context.Background(), portfwd.Spec{Proto: "tcp", ParentPort: 8080, ChildPort: 80})
+		_, err := NewClient(path).AddPort(context.Background(), port.Spec{Proto: "tcp", ParentPort: 8080, ChildPort: 80})
 		done <- err
 	}()
 	<-pd.started

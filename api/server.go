@@ -19,7 +19,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/gonetns/gonetns/portfwd"
+	"github.com/gonetns/gonetns/port"
 )
 
 // errorBody is the body of every error response, RootlessKit's
@@ -42,7 +42,7 @@ const maxRequestBody = 64 << 10
 // is ignored. info supplies the body of /v1/info; it may be nil. With a
 // nil pd there is no port driver: the port calls fail with 400, as
 // RootlessKit's do.
-func NewHandler(pd PortDriver, info func() Info) http.Handler {
+func NewHandler(pd port.Manager, info func() Info) http.Handler {
 	h := &handler{pd: pd, info: info}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/info", h.getInfo)
@@ -61,7 +61,7 @@ func NewHandler(pd PortDriver, info func() Info) http.Handler {
 }
 
 type handler struct {
-	pd   PortDriver
+	pd   port.Manager
 	info func() Info
 }
 
@@ -118,8 +118,8 @@ func (h *handler) postPort(w http.ResponseWriter, r *http.Request) {
 // with the fields of a port spec and nothing after it. Unknown fields are
 // refused rather than ignored, so a misspelt "childPort" is an error, not
 // a port published somewhere else.
-func DecodeSpec(r io.Reader) (portfwd.Spec, error) {
-	var spec portfwd.Spec
+func DecodeSpec(r io.Reader) (port.Spec, error) {
+	var spec port.Spec
 	dec := json.NewDecoder(r)
 	dec.DisallowUnknownFields()
 	err := dec.Decode(&spec)
@@ -129,7 +129,7 @@ func DecodeSpec(r io.Reader) (portfwd.Spec, error) {
 		}
 	}
 	if err != nil {
-		return portfwd.Spec{}, fmt.Errorf("bad request body: %v; want one port spec like {\"proto\":\"tcp\",\"parentIP\":\"127.0.0.1\",\"parentPort\":8080,\"childPort\":80}: %w", err, portfwd.ErrInvalidSpec)
+		return port.Spec{}, fmt.Errorf("bad request body: %v; want one port spec like {\"proto\":\"tcp\",\"parentIP\":\"127.0.0.1\",\"parentPort\":8080,\"childPort\":80}: %w", err, port.ErrInvalidSpec)
 	}
 	return spec, nil
 }
@@ -138,9 +138,9 @@ func DecodeSpec(r io.Reader) (portfwd.Spec, error) {
 // answers 400 to all of them; the finer codes keep that class.
 func addPortStatus(err error) int {
 	switch {
-	case errors.Is(err, portfwd.ErrInvalidSpec):
+	case errors.Is(err, port.ErrInvalidSpec):
 		return http.StatusBadRequest
-	case errors.Is(err, portfwd.ErrConflict), errors.Is(err, syscall.EADDRINUSE):
+	case errors.Is(err, port.ErrConflict), errors.Is(err, syscall.EADDRINUSE):
 		return http.StatusConflict
 	case errors.Is(err, syscall.EACCES), errors.Is(err, syscall.EPERM):
 		return http.StatusForbidden
@@ -159,7 +159,7 @@ func (h *handler) deletePort(w http.ResponseWriter, r *http.Request) {
 	}
 	if err := h.pd.RemovePort(id); err != nil {
 		code := http.StatusInternalServerError
-		if errors.Is(err, portfwd.ErrUnknownPort) {
+		if errors.Is(err, port.ErrUnknownPort) {
 			code = http.StatusNotFound
 		}
 		writeError(w, code, err)
@@ -258,7 +258,7 @@ const (
 // ServerConfig configures a Server.
 type ServerConfig struct {
 	// Ports is the port driver; nil means none (port calls get 400).
-	Ports PortDriver
+	Ports port.Manager
 	// Info supplies GET /v1/info.
 	Info func() Info
 	// MaxConns bounds the open connections; a new connection beyond it

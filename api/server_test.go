@@ -15,7 +15,7 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/gonetns/gonetns/portfwd"
+	"github.com/gonetns/gonetns/port"
 )
 
 func TestListenAPIMode(t *testing.T) {
@@ -154,17 +154,17 @@ func TestClient(t *testing.T) {
 	}
 	_, err = c.AddPort(ctx, st.Spec)
 	var apiErr *APIError
-	if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusConflict || !errors.Is(err, portfwd.ErrConflict) || !strings.Contains(err.Error(), "overlaps port ID 1") {
+	if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusConflict || !errors.Is(err, port.ErrConflict) || !strings.Contains(err.Error(), "overlaps port ID 1") {
 		t.Fatalf("AddPort of a duplicate: %v; want a 409 APIError with the server's message", err)
 	}
-	_, err = c.AddPort(ctx, portfwd.Spec{Proto: "tcp", ParentPort: 0, ChildPort: 1})
+	_, err = c.AddPort(ctx, port.Spec{Proto: "tcp", ParentPort: 0, ChildPort: 1})
 	if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusBadRequest || !strings.Contains(err.Error(), "parent port 0") {
 		t.Fatalf("AddPort of a bad spec: %v", err)
 	}
 	if err := c.RemovePort(ctx, st.ID); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.RemovePort(ctx, st.ID); !errors.Is(err, portfwd.ErrUnknownPort) {
+	if err := c.RemovePort(ctx, st.ID); !errors.Is(err, port.ErrUnknownPort) {
 		t.Fatalf("RemovePort of an unknown ID: %v", err)
 	}
 

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -17,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/gonetns/gonetns/internal/wire"
+	"github.com/gonetns/gonetns/port"
 )
 
 // The dial protocol, one wire message each way:
@@ -207,7 +209,7 @@ func (s *childServer) serveDial(ctx context.Context, req dialRequest) {
 // source tries a transparent connection first and falls back to a plain
 // one when the namespace cannot keep the address.
 func (s *childServer) dial(ctx context.Context, req dialRequest) (f *os.File, kept bool, err error) {
-	if !validProto(req.Proto) {
+	if !slices.Contains(port.Protos, req.Proto) {
 		return nil, false, fmt.Errorf("unknown protocol %q", req.Proto)
 	}
 	if !req.Addr.IsValid() {

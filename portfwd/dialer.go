@@ -8,11 +8,13 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
 
 	"github.com/gonetns/gonetns/internal/wire"
+	"github.com/gonetns/gonetns/port"
 )
 
 // ChildDialer connects to addr inside the sandbox's network namespace. proto
@@ -106,7 +108,7 @@ func (d *Dialer) Start() {
 // to end. A refusal in the namespace comes back as an error matching
 // syscall.ECONNREFUSED. A UDP connection that kept source is a *HeldConn.
 func (d *Dialer) Dial(ctx context.Context, proto string, addr, source netip.AddrPort) (net.Conn, error) {
-	if !validProto(proto) {
+	if !slices.Contains(port.Protos, proto) {
 		return nil, fmt.Errorf("dial %s %s in the namespace: unknown protocol", proto, addr)
 	}
 	ch := make(chan dialResult, 1)

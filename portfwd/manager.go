@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/gonetns/gonetns/port"
 	"github.com/gonetns/gonetns/relay"
 )
 
@@ -29,16 +30,6 @@ const (
 	DefaultMaxUDPFlows     = 1024
 	DefaultSplicePipes     = 32
 	DefaultSpliceIdlePipes = 8
-)
-
-// Errors a caller may branch on (errors.Is); the API maps them to HTTP
-// status codes. Listen errors also keep their errno (syscall.EADDRINUSE,
-// syscall.EACCES, ...).
-var (
-	// ErrConflict: the spec overlaps a port this Manager publishes already.
-	ErrConflict = errors.New("port already published")
-	// ErrUnknownPort: no published port has that ID.
-	ErrUnknownPort = errors.New("unknown port ID")
 )
 
 // Config configures a Manager.
@@ -108,7 +99,7 @@ type Manager struct {
 
 // publishedPort is a listener with its loop: tcpPort or udpPort.
 type publishedPort interface {
-	status() Status
+	status() port.Status
 	// stop closes the listener and waits for its loop. TCP relays go on;
 	// UDP flows end (their replies need the listener).
 	stop() error
@@ -162,37 +153,37 @@ func NewManager(cfg Config) *Manager {
 // 127.0.0.1 with the same port overlap), or the listen error with its errno
 // (syscall.EADDRINUSE when another program uses the host port). Other
 // published ports are unaffected by a failure. ctx bounds the listen only.
-func (m *Manager) AddPort(ctx context.Context, spec Spec) (Status, error) {
+func (m *Manager) AddPort(ctx context.Context, spec port.Spec) (port.Status, error) {
 	if err := spec.Validate(); err != nil {
-		return Status{}, fmt.Errorf("publish %s: %w", spec, err)
+		return port.Status{}, fmt.Errorf("publish %s: %w", spec, err)
 	}
 	if m.cfg.Dialer == nil {
-		return Status{}, fmt.Errorf("publish %s: portfwd.Config.Dialer is nil", spec)
+		return port.Status{}, fmt.Errorf("publish %s: portfwd.Config.Dialer is nil", spec)
 	}
 	// Held across the listen so that two AddPorts of overlapping specs
 	// cannot both pass the conflict check; a listen is quick.
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
-		return Status{}, fmt.Errorf("publish %s: port manager is closed: %w", spec, net.ErrClosed)
+		return port.Status{}, fmt.Errorf("publish %s: port manager is closed: %w", spec, net.ErrClosed)
 	}
 	for _, id := range slices.Sorted(maps.Keys(m.ports)) {
-		if other := m.ports[id].status().Spec; other.overlaps(spec) {
-			return Status{}, fmt.Errorf("publish %s: it overlaps port ID %d (%s), published already; remove that one first or choose another parent port: %w",
-				spec, id, other, ErrConflict)
+		if other := m.ports[id].status().Spec; other.Overlaps(spec) {
+			return port.Status{}, fmt.Errorf("publish %s: it overlaps port ID %d (%s), published already; remove that one first or choose another parent port: %w",
+				spec, id, other, port.ErrConflict)
 		}
 	}
 	id := m.nextID
 	var p publishedPort
 	var err error
-	switch spec.transport() {
+	switch spec.Transport() {
 	case "tcp":
 		p, err = m.listenTCP(ctx, id, spec)
 	default:
 		p, err = m.listenUDP(ctx, id, spec)
 	}
 	if err != nil {
-		return Status{}, listenError(spec, err)
+		return port.Status{}, listenError(spec, err)
 	}
 	m.nextID++
 	m.ports[id] = p
@@ -201,8 +192,8 @@ func (m *Manager) AddPort(ctx context.Context, spec Spec) (Status, error) {
 }
 
 // listenError explains a failed listen and what to do about it.
-func listenError(spec Spec, err error) error {
-	addr := hostPort(spec.listenAddr())
+func listenError(spec port.Spec, err error) error {
+	addr := hostPort(spec.ListenAddr())
 	switch {
 	case errors.Is(err, syscall.EADDRINUSE):
 		return fmt.Errorf("publish %s: host address %s is already in use: another program listens there; stop it or choose another parent port: %w", spec, addr, err)
@@ -238,14 +229,14 @@ func hostPort(ap netip.AddrPort) string {
 }
 
 // ListPorts returns the published ports, sorted by ID (never nil).
-func (m *Manager) ListPorts() []Status {
+func (m *Manager) ListPorts() []port.Status {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	out := make([]Status, 0, len(m.ports))
+	out := make([]port.Status, 0, len(m.ports))
 	for _, p := range m.ports {
 		out = append(out, p.status())
 	}
-	slices.SortFunc(out, func(a, b Status) int { return cmp.Compare(a.ID, b.ID) })
+	slices.SortFunc(out, func(a, b port.Status) int { return cmp.Compare(a.ID, b.ID) })
 	return out
 }
 
@@ -259,7 +250,7 @@ func (m *Manager) RemovePort(id int) error {
 	delete(m.ports, id)
 	m.mu.Unlock()
 	if !ok {
-		return fmt.Errorf("no published port has ID %d (list them with `gonetns ctl list-ports`): %w", id, ErrUnknownPort)
+		return fmt.Errorf("no published port has ID %d (list them with `gonetns ctl list-ports`): %w", id, port.ErrUnknownPort)
 	}
 	err := p.stop()
 	m.log.Debug("portfwd: unpublished", "id", id, "spec", p.status().Spec.String())
@@ -315,21 +306,4 @@ func (m *Manager) untrack(r *tcpRelay) {
 	m.relayMu.Lock()
 	delete(m.relays, r)
 	m.relayMu.Unlock()
-}
-
-// limitWarner logs a "limit reached" warning at most once every 10 s.
-type limitWarner struct {
-	mu   sync.Mutex
-	last time.Time
-	n    int // events since the last warning
-}
-
-func (w *limitWarner) warn(log *slog.Logger, msg string, args ...any) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.n++
-	if now := time.Now(); now.Sub(w.last) >= 10*time.Second {
-		log.Warn(msg, append(args, "events", w.n)...)
-		w.last, w.n = now, 0
-	}
 }

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/gonetns/gonetns/internal/backoff"
+	"github.com/gonetns/gonetns/internal/limitlog"
+	"github.com/gonetns/gonetns/port"
 	"github.com/gonetns/gonetns/relay"
 )
 
@@ -18,12 +20,12 @@ import (
 type tcpPort struct {
 	m          *Manager
 	id         int
-	spec       Spec
+	spec       port.Spec
 	child      netip.AddrPort
 	log        *slog.Logger
 	ln         *net.TCPListener
-	full       limitWarner // connections reset at MaxTCPConns
-	acceptFail limitWarner
+	full       limitlog.Warner // connections reset at MaxTCPConns
+	acceptFail limitlog.Warner
 
 	quit     chan struct{} // closed by stop
 	done     chan struct{} // closed when the accept loop has returned
@@ -31,9 +33,9 @@ type tcpPort struct {
 	stopErr  error
 }
 
-func (m *Manager) listenTCP(ctx context.Context, id int, spec Spec) (*tcpPort, error) {
+func (m *Manager) listenTCP(ctx context.Context, id int, spec port.Spec) (*tcpPort, error) {
 	var lc net.ListenConfig
-	ln, err := lc.Listen(ctx, spec.listenNetwork(), hostPort(spec.listenAddr()))
+	ln, err := lc.Listen(ctx, spec.ListenNetwork(), hostPort(spec.ListenAddr()))
 	if err != nil {
 		return nil, err
 	}
@@ -41,7 +43,7 @@ func (m *Manager) listenTCP(ctx context.Context, id int, spec Spec) (*tcpPort, e
 		m:     m,
 		id:    id,
 		spec:  spec,
-		child: spec.childAddr(),
+		child: spec.ChildAddr(),
 		log:   m.log.With("port_id", id, "proto", spec.Proto),
 		ln:    ln.(*net.TCPListener),
 		quit:  make(chan struct{}),
@@ -51,7 +53,7 @@ func (m *Manager) listenTCP(ctx context.Context, id int, spec Spec) (*tcpPort, e
 	return p, nil
 }
 
-func (p *tcpPort) status() Status { return Status{ID: p.id, Spec: p.spec} }
+func (p *tcpPort) status() port.Status { return port.Status{ID: p.id, Spec: p.spec} }
 
 func (p *tcpPort) stop() error {
 	p.stopOnce.Do(func() {
@@ -75,7 +77,7 @@ func (p *tcpPort) serve() {
 			}
 			// Out of descriptors and the like: wait rather than spin. The
 			// budget (MaxTCPConns) is meant to keep this from happening.
-			p.acceptFail.warn(p.log, "portfwd: accept failed, retrying", "err", err)
+			p.acceptFail.Warn(p.log, "portfwd: accept failed, retrying", "err", err)
 			if !retry.Wait(p.quit) {
 				return
 			}
@@ -88,7 +90,7 @@ func (p *tcpPort) serve() {
 			// Over MaxTCPConns: refuse this one visibly (RST) instead of
 			// leaving it in the backlog with no idea when it will be served.
 			relay.Reset(c)
-			p.full.warn(p.log, "portfwd: too many connections on the published ports, resetting new ones; raise the open-files limit (ulimit -Hn) if this is expected",
+			p.full.Warn(p.log, "portfwd: too many connections on the published ports, resetting new ones; raise the open-files limit (ulimit -Hn) if this is expected",
 				"limit", cap(p.m.tcpSlots))
 			continue
 		}

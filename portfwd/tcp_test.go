@@ -19,9 +19,13 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/gonetns/gonetns/port"
 )
 
 // dialFunc is an in-process ChildDialer.
+var ip4 = netip.MustParseAddr("127.0.0.1")
+
 type dialFunc func(ctx context.Context, proto string, addr netip.AddrPort) (net.Conn, error)
 
 func (f dialFunc) Dial(ctx context.Context, proto string, addr, _ netip.AddrPort) (net.Conn, error) {
@@ -49,26 +53,26 @@ func newTestManager(t testing.TB, cfg Config) *Manager {
 
 // publishLoop publishes proto from 127.0.0.1:free to child, retrying if
 // the free port gets taken.
-func publishLoop(t testing.TB, m *Manager, proto string, child netip.AddrPort) Status {
+func publishLoop(t testing.TB, m *Manager, proto string, child netip.AddrPort) port.Status {
 	t.Helper()
 	for attempt := 0; ; attempt++ {
-		var port int
+		var pn int
 		if strings.HasPrefix(proto, "tcp") {
 			ln, err := net.Listen("tcp4", "127.0.0.1:0")
 			if err != nil {
 				t.Fatal(err)
 			}
-			port = ln.Addr().(*net.TCPAddr).Port
+			pn = ln.Addr().(*net.TCPAddr).Port
 			ln.Close()
 		} else {
 			pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
 			if err != nil {
 				t.Fatal(err)
 			}
-			port = pc.LocalAddr().(*net.UDPAddr).Port
+			pn = pc.LocalAddr().(*net.UDPAddr).Port
 			pc.Close()
 		}
-		st, err := m.AddPort(context.Background(), Spec{Proto: proto, ParentIP: ip4, ParentPort: port, ChildIP: child.Addr(), ChildPort: int(child.Port())})
+		st, err := m.AddPort(context.Background(), port.Spec{Proto: proto, ParentIP: ip4, ParentPort: pn, ChildIP: child.Addr(), ChildPort: int(child.Port())})
 		if err == nil {
 			return st
 		}
@@ -78,7 +82,7 @@ func publishLoop(t testing.TB, m *Manager, proto string, child netip.AddrPort) S
 	}
 }
 
-func hostAddr(st Status) string {
+func hostAddr(st port.Status) string {
 	return netip.AddrPortFrom(st.Spec.ParentIP, uint16(st.Spec.ParentPort)).String()
 }
 
@@ -112,8 +116,8 @@ func TestTCPConnLimit(t *testing.T) {
 	srv := echoServer(t)
 	st, st2 := publishLoop(t, m, "tcp4", srv), publishLoop(t, m, "tcp4", srv)
 	var held []net.Conn
-	for _, port := range []Status{st, st2} {
-		c, err := net.Dial("tcp", hostAddr(port))
+	for _, pn := range []port.Status{st, st2} {
+		c, err := net.Dial("tcp", hostAddr(pn))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -176,7 +180,7 @@ func TestRemovePortKeepsRelays(t *testing.T) {
 	if b := make([]byte, 1); func() error { _, err := io.ReadFull(c, b); return err }() != nil || b[0] != 'b' {
 		t.Fatal("the relay stopped with its port")
 	}
-	if err := m.RemovePort(st.ID); !errors.Is(err, ErrUnknownPort) {
+	if err := m.RemovePort(st.ID); !errors.Is(err, port.ErrUnknownPort) {
 		t.Fatalf("second RemovePort: %v; want ErrUnknownPort", err)
 	}
 }

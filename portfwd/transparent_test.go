@@ -18,6 +18,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/gonetns/gonetns/port"
 	"github.com/gonetns/gonetns/tap"
 )
 
@@ -173,27 +174,27 @@ func (w *srcipWorld) publish(t testing.TB, proto string, hostIP netip.Addr, targ
 		if hostIP.IsValid() {
 			free = netip.AddrPortFrom(hostIP, 0).String()
 		}
-		var port int
+		var pn int
 		if network == "tcp" {
 			l, err := net.Listen("tcp", free)
 			if err != nil {
 				return err
 			}
-			port = l.Addr().(*net.TCPAddr).Port
+			pn = l.Addr().(*net.TCPAddr).Port
 			l.Close()
 		} else {
 			l, err := net.ListenPacket("udp", free)
 			if err != nil {
 				return err
 			}
-			port = l.LocalAddr().(*net.UDPAddr).Port
+			pn = l.LocalAddr().(*net.UDPAddr).Port
 			l.Close()
 		}
-		spec := Spec{Proto: proto, ParentIP: hostIP, ParentPort: port, ChildIP: target.Addr(), ChildPort: int(target.Port())}
+		spec := port.Spec{Proto: proto, ParentIP: hostIP, ParentPort: pn, ChildIP: target.Addr(), ChildPort: int(target.Port())}
 		if _, err := w.m.AddPort(context.Background(), spec); err != nil {
 			return err
 		}
-		hp = netip.AddrPortFrom(hostIP, uint16(port))
+		hp = netip.AddrPortFrom(hostIP, uint16(pn))
 		return nil
 	})
 	return hp
@@ -448,13 +449,13 @@ func TestSourceKept(t *testing.T) {
 		// The server's socket closes at cleanup; use a port nothing
 		// listens on: the server's port plus one is not guaranteed free,
 		// so ask the child directly with a port of a listener just closed.
-		var port uint16
+		var pn uint16
 		w.sandbox.must(t, func() error {
 			l, err := net.Listen("tcp4", "127.0.0.1:0")
 			if err != nil {
 				return err
 			}
-			port = l.Addr().(*net.TCPAddr).AddrPort().Port()
+			pn = l.Addr().(*net.TCPAddr).AddrPort().Port()
 			return l.Close()
 		})
 		_ = closed
@@ -462,7 +463,7 @@ func TestSourceKept(t *testing.T) {
 		// an ECONNREFUSED and not a timeout.
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		_, err := w.child.Dial(ctx, "tcp", netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port), netip.MustParseAddrPort("198.18.0.2:41000"))
+		_, err := w.child.Dial(ctx, "tcp", netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), pn), netip.MustParseAddrPort("198.18.0.2:41000"))
 		if !errors.Is(err, syscall.ECONNREFUSED) {
 			t.Errorf("a transparent dial to a closed port: %v, want ECONNREFUSED", err)
 		}

@@ -16,7 +16,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/gonetns/gonetns/internal/limitlog"
 	"github.com/gonetns/gonetns/internal/rawconn"
+	"github.com/gonetns/gonetns/port"
 
 	"github.com/gonetns/gonetns/internal/backoff"
 )
@@ -50,12 +52,12 @@ var datagramPool = sync.Pool{New: func() any { b := make([]byte, maxDatagram); r
 type udpPort struct {
 	m     *Manager
 	id    int
-	spec  Spec
+	spec  port.Spec
 	child netip.AddrPort
 	log   *slog.Logger
 	conn  *net.UDPConn    // host side
 	ctx   context.Context // ends at stop: aborts flow dials
-	full  limitWarner
+	full  limitlog.Warner
 	// pktinfo is the host socket's family (AF_INET or AF_INET6) when it
 	// listens on the unspecified address and so learns each datagram's
 	// destination (IP_PKTINFO); 0 otherwise.
@@ -79,15 +81,15 @@ type flowKey struct {
 	local  netip.Addr
 }
 
-func (m *Manager) listenUDP(ctx context.Context, id int, spec Spec) (*udpPort, error) {
+func (m *Manager) listenUDP(ctx context.Context, id int, spec port.Spec) (*udpPort, error) {
 	var lc net.ListenConfig
-	pc, err := lc.ListenPacket(ctx, spec.listenNetwork(), hostPort(spec.listenAddr()))
+	pc, err := lc.ListenPacket(ctx, spec.ListenNetwork(), hostPort(spec.ListenAddr()))
 	if err != nil {
 		return nil, err
 	}
 	conn := pc.(*net.UDPConn)
 	var family int
-	if a := spec.listenAddr().Addr(); !a.IsValid() || a.IsUnspecified() {
+	if a := spec.ListenAddr().Addr(); !a.IsValid() || a.IsUnspecified() {
 		if family, err = enablePktinfo(conn); err != nil {
 			conn.Close()
 			return nil, fmt.Errorf("ask for the destination of datagrams (so that replies leave from the address clients sent to): %w", err)
@@ -98,7 +100,7 @@ func (m *Manager) listenUDP(ctx context.Context, id int, spec Spec) (*udpPort, e
 		m:       m,
 		id:      id,
 		spec:    spec,
-		child:   spec.childAddr(),
+		child:   spec.ChildAddr(),
 		log:     m.log.With("port_id", id, "proto", spec.Proto),
 		conn:    conn,
 		ctx:     pctx,
@@ -111,7 +113,7 @@ func (m *Manager) listenUDP(ctx context.Context, id int, spec Spec) (*udpPort, e
 	return p, nil
 }
 
-func (p *udpPort) status() Status { return Status{ID: p.id, Spec: p.spec} }
+func (p *udpPort) status() port.Status { return port.Status{ID: p.id, Spec: p.spec} }
 
 // stop closes the host socket and ends every flow.
 func (p *udpPort) stop() error {
@@ -175,7 +177,7 @@ func (p *udpPort) flow(key flowKey) *udpFlow {
 	select {
 	case p.m.udpSlots <- struct{}{}: // given back when run returns
 	default:
-		p.full.warn(p.log, "portfwd: too many UDP flows on the published ports, dropping datagrams from new clients; raise MaxUDPFlows (the open-files limit) if this is expected",
+		p.full.Warn(p.log, "portfwd: too many UDP flows on the published ports, dropping datagrams from new clients; raise MaxUDPFlows (the open-files limit) if this is expected",
 			"limit", p.m.cfg.MaxUDPFlows)
 		return nil
 	}

@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/gonetns/gonetns/port"
 )
 
 // udpWhoami answers "whoami" with the sender's address and echoes the rest.
@@ -48,7 +50,7 @@ func listenUDP(t testing.TB, addr string) *net.UDPConn {
 	return pc
 }
 
-func udpClient(t testing.TB, st Status) *net.UDPConn {
+func udpClient(t testing.TB, st port.Status) *net.UDPConn {
 	t.Helper()
 	c, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(netip.MustParseAddrPort(hostAddr(st))))
 	if err != nil {

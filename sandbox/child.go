@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 
+	"github.com/gonetns/gonetns/implicit"
 	"github.com/gonetns/gonetns/internal/fdbudget"
 	"github.com/gonetns/gonetns/internal/wire"
 	"github.com/gonetns/gonetns/portfwd"
@@ -78,9 +79,9 @@ func ChildLogger(f func(debug bool) *slog.Logger) InitOption {
 // same child process: the thread in the detached network namespace, and
 // the implicit port driver's watcher.
 type childState struct {
-	netns   *netnsThread             // nil unless the network namespace is detached
-	watcher *portfwd.ListenerWatcher // nil unless --port-driver=implicit
-	subnets []netip.Prefix           // the sandbox network's own (tap0's)
+	netns   *netnsThread      // nil unless the network namespace is detached
+	watcher *implicit.Watcher // nil unless --port-driver=implicit
+	subnets []netip.Prefix    // the sandbox network's own (tap0's)
 }
 
 // childHooks wire the child's side: the TAP and the namespace's addresses,
@@ -119,7 +120,7 @@ func childHooks(ic initConfig) userns.ChildHooks {
 			if err == nil && c.WatchListeners {
 				// Here, before the command starts: its /proc (with
 				// --pidns) would hide this process's.
-				st.watcher, err = portfwd.NewListenerWatcher(portfwd.WatchConfig{InNetNS: inNS, Logger: log})
+				st.watcher, err = implicit.NewWatcher(implicit.WatchConfig{InNetNS: inNS, Logger: log})
 				if err != nil {
 					wire.CloseFiles(files)
 				}

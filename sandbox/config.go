@@ -8,7 +8,7 @@ import (
 	"net/netip"
 	"strings"
 
-	"github.com/gonetns/gonetns/portfwd"
+	"github.com/gonetns/gonetns/port"
 	"github.com/gonetns/gonetns/userns"
 )
 
@@ -132,7 +132,7 @@ type Config struct {
 	// PortsNone with NetHost.
 	PortDriver PortDriver
 	// Publish lists ports to publish at start.
-	Publish []portfwd.Spec
+	Publish []port.Spec
 	// DisableSourceIPTransparent makes connections through published
 	// ports come from the namespace's loopback inside instead of from the
 	// client's address (--source-ip-transparent=false).

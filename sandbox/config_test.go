@@ -6,11 +6,11 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/gonetns/gonetns/portfwd"
+	"github.com/gonetns/gonetns/port"
 )
 
 func TestConfigValidate(t *testing.T) {
-	spec := portfwd.Spec{Proto: "tcp", ParentPort: 8080, ChildPort: 80}
+	spec := port.Spec{Proto: "tcp", ParentPort: 8080, ChildPort: 80}
 	cases := []struct {
 		name string
 		cfg  Config
@@ -39,9 +39,9 @@ func TestConfigValidate(t *testing.T) {
 		{"ports with net host", Config{Net: NetHost, PortDriver: PortsBuiltin}, "needs a network namespace"},
 		{"detach with net host", Config{Net: NetHost, DetachNetNS: true}, "--detach-netns needs"},
 		{"detach", Config{DetachNetNS: true}, ""},
-		{"publish without driver", Config{PortDriver: PortsNone, Publish: []portfwd.Spec{spec}}, "--port-driver=none"},
-		{"publish bad spec", Config{Publish: []portfwd.Spec{{Proto: "tcp", ParentPort: 0, ChildPort: 80}}}, "parent port 0"},
-		{"publish", Config{Publish: []portfwd.Spec{spec}}, ""},
+		{"publish without driver", Config{PortDriver: PortsNone, Publish: []port.Spec{spec}}, "--port-driver=none"},
+		{"publish bad spec", Config{Publish: []port.Spec{{Proto: "tcp", ParentPort: 0, ChildPort: 80}}}, "parent port 0"},
+		{"publish", Config{Publish: []port.Spec{spec}}, ""},
 		{"propagation", Config{Propagation: "shared"}, "rprivate or rslave"},
 		{"reaper", Config{Reaper: "yes"}, "auto, true or false"},
 		{"evacuate without pidns", Config{EvacuateCgroup2: "evac", CgroupNS: true}, "needs --pidns and --cgroupns"},

@@ -12,10 +12,12 @@ import (
 
 	"github.com/gonetns/gonetns/api"
 	"github.com/gonetns/gonetns/dns"
+	"github.com/gonetns/gonetns/implicit"
 	"github.com/gonetns/gonetns/internal/fdbudget"
 	"github.com/gonetns/gonetns/internal/wire"
 	"github.com/gonetns/gonetns/nat"
 	"github.com/gonetns/gonetns/pcap"
+	"github.com/gonetns/gonetns/port"
 	"github.com/gonetns/gonetns/portfwd"
 	"github.com/gonetns/gonetns/stack"
 	"github.com/gonetns/gonetns/tap"
@@ -41,7 +43,7 @@ type network struct {
 	// the driver that publishes them (and serves the API).
 	watchChild *os.File
 	watch      *wire.Conn
-	implicit   *portfwd.Implicit
+	implicit   *implicit.Driver
 	api        *api.Server
 	childPID   int
 
@@ -279,7 +281,7 @@ func (n *network) start(child *userns.Child, info json.RawMessage, files []*os.F
 			}
 		}
 		if n.watch != nil {
-			n.implicit = portfwd.NewImplicit(n.watch, portfwd.ImplicitConfig{Manager: n.ports, Logger: n.log, MaxPorts: n.budget.ImplicitPorts})
+			n.implicit = implicit.New(n.watch, implicit.Config{Manager: n.ports, Logger: n.log, MaxPorts: n.budget.ImplicitPorts})
 			n.watch = nil // the driver owns it
 			n.implicit.Start()
 		}
@@ -290,7 +292,7 @@ func (n *network) start(child *userns.Child, info json.RawMessage, files []*os.F
 // portDriver is what publishes ports for the API and Sandbox's methods:
 // the implicit driver (which shares the Manager with explicit ports), the
 // Manager, or nil with --port-driver=none.
-func (n *network) portDriver() api.PortDriver {
+func (n *network) portDriver() port.Manager {
 	switch {
 	case n.implicit != nil:
 		return n.implicit
@@ -395,7 +397,7 @@ func (n *network) info() api.Info {
 	}
 	if n.ports != nil {
 		transparent := !n.cfg.DisableSourceIPTransparent
-		i.PortDriver = &api.PortDriverInfo{Driver: string(n.cfg.PortDriver), Protos: portfwd.Protos, SourceIPTransparent: &transparent}
+		i.PortDriver = &api.PortDriverInfo{Driver: string(n.cfg.PortDriver), Protos: port.Protos, SourceIPTransparent: &transparent}
 	}
 	return i
 }

@@ -36,7 +36,7 @@ import (
 	"sync"
 	"syscall"
 
-	"github.com/gonetns/gonetns/portfwd"
+	"github.com/gonetns/gonetns/port"
 	"github.com/gonetns/gonetns/userns"
 )
 
@@ -152,10 +152,10 @@ func (s *Sandbox) StateDir() string { return s.sd.Path }
 func (s *Sandbox) ChildPID() int { return s.child.PID() }
 
 // AddPort publishes a port at run time, as POST /v1/ports does.
-func (s *Sandbox) AddPort(ctx context.Context, spec portfwd.Spec) (portfwd.Status, error) {
+func (s *Sandbox) AddPort(ctx context.Context, spec port.Spec) (port.Status, error) {
 	pd := s.nw.portDriver()
 	if pd == nil {
-		return portfwd.Status{}, ErrNoPortDriver
+		return port.Status{}, ErrNoPortDriver
 	}
 	return pd.AddPort(ctx, spec)
 }
@@ -171,7 +171,7 @@ func (s *Sandbox) RemovePort(id int) error {
 
 // Ports lists the published ports (with PortsImplicit, the implicit ones
 // too, marked so).
-func (s *Sandbox) Ports() []portfwd.Status {
+func (s *Sandbox) Ports() []port.Status {
 	pd := s.nw.portDriver()
 	if pd == nil {
 		return nil

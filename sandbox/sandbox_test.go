@@ -14,7 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gonetns/gonetns/portfwd"
+	"github.com/gonetns/gonetns/port"
 )
 
 // The test binary is the sandbox's child too (Init), and, with serveEnv
@@ -95,12 +95,12 @@ func TestStartPortsAndClose(t *testing.T) {
 	if s.ChildPID() <= 0 {
 		t.Errorf("child pid %d", s.ChildPID())
 	}
-	var st portfwd.Status
+	var st port.Status
 	for attempt := 0; ; attempt++ {
 		l, _ := net.Listen("tcp4", "127.0.0.1:0")
-		port := l.Addr().(*net.TCPAddr).Port
+		pn := l.Addr().(*net.TCPAddr).Port
 		l.Close()
-		st, err = s.AddPort(ctx, portfwd.Spec{Proto: "tcp4", ParentIP: netip.MustParseAddr("127.0.0.1"), ParentPort: port, ChildPort: 8000})
+		st, err = s.AddPort(ctx, port.Spec{Proto: "tcp4", ParentIP: netip.MustParseAddr("127.0.0.1"), ParentPort: pn, ChildPort: 8000})
 		if err == nil || !errors.Is(err, syscall.EADDRINUSE) || attempt == 5 {
 			break
 		}

@@ -17,7 +17,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/gonetns/gonetns/api"
-	"github.com/gonetns/gonetns/portfwd"
+	"github.com/gonetns/gonetns/port"
 )
 
 const ctlUsage = `Usage: gonetns ctl [--socket PATH] COMMAND [ARGS]
@@ -26,7 +26,7 @@ Talks to a running gonetns (or RootlessKit) over its REST API socket.
 
 Commands:
   list-ports [--json]        list the published ports
-  add-ports [--json] SPEC... publish ports; SPEC is ` + portfwd.Grammar + `
+  add-ports [--json] SPEC... publish ports; SPEC is ` + port.Grammar + `
                              e.g. 8080:80/tcp, 127.0.0.1:8080:80/tcp, [::1]:8080:[::1]:80/tcp6
   remove-ports ID...         unpublish ports by the ID list-ports shows
   info [--json]              show the API, state directory, child PID and drivers
@@ -100,9 +100,9 @@ func runCtl(args []string, stdout, stderr io.Writer) int {
 			return ctlUsageError(stderr, errors.New("add-ports: no SPEC given, e.g. 127.0.0.1:8080:80/tcp"))
 		}
 		// All specs are checked before any is published.
-		specs := make([]portfwd.Spec, 0, len(rest))
+		specs := make([]port.Spec, 0, len(rest))
 		for _, a := range rest {
-			s, err := portfwd.ParseSpec(a)
+			s, err := port.ParseSpec(a)
 			if err != nil {
 				fmt.Fprintf(stderr, "gonetns ctl add-ports: %v\n", err)
 				return 1
@@ -148,7 +148,7 @@ func runCtl(args []string, stdout, stderr io.Writer) int {
 var ctlCommandUsage = map[string]string{
 	"list-ports": "Usage: gonetns ctl list-ports [--json]\n\nLists the published ports: a table, or one JSON object per line with --json.\n",
 	"add-ports": "Usage: gonetns ctl add-ports [--json] SPEC...\n\nPublishes ports and prints each new ID (the status as JSON with --json).\nSPEC is " +
-		portfwd.Grammar + ", PROTO one of " + strings.Join(portfwd.Protos, ", ") +
+		port.Grammar + ", PROTO one of " + strings.Join(port.Protos, ", ") +
 		",\nIPv6 addresses in brackets: 8080:80/tcp, 127.0.0.1:8080:80/tcp, [::1]:8080:[::1]:80/tcp6.\n",
 	"remove-ports": "Usage: gonetns ctl remove-ports ID...\n\nUnpublishes ports by the ID list-ports shows and prints each removed ID.\n",
 	"info":         "Usage: gonetns ctl info [--json]\n\nShows the API version, state directory, child PID and drivers.\n",
@@ -204,7 +204,7 @@ func ctlIP(ip netip.Addr) string {
 	return ip.String()
 }
 
-func ctlAddPorts(ctx context.Context, c *api.Client, specs []portfwd.Spec, jsonOut bool, w io.Writer) error {
+func ctlAddPorts(ctx context.Context, c *api.Client, specs []port.Spec, jsonOut bool, w io.Writer) error {
 	for _, s := range specs {
 		st, err := c.AddPort(ctx, s)
 		if err != nil {

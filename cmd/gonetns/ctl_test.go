@@ -14,6 +14,7 @@ import (
 	"testing"
 
 	"github.com/gonetns/gonetns/api"
+	"github.com/gonetns/gonetns/port"
 	"github.com/gonetns/gonetns/portfwd"
 )
 
@@ -43,7 +44,7 @@ func ctlServer(t *testing.T) (dir string, m *portfwd.Manager) {
 		return api.Info{
 			Version: "0.0.0-test", StateDir: dir, ChildPID: 99,
 			NetworkDriver: &api.NetworkDriverInfo{Driver: "gonetns", DNS: []netip.Addr{netip.MustParseAddr("10.0.2.3")}, ChildIP: netip.MustParseAddr("10.0.2.100")},
-			PortDriver:    &api.PortDriverInfo{Driver: "builtin", Protos: portfwd.Protos},
+			PortDriver:    &api.PortDriverInfo{Driver: "builtin", Protos: port.Protos},
 		}
 	}))
 	srv.Listener.Close()
@@ -89,7 +90,7 @@ func TestCtlPorts(t *testing.T) {
 	}
 	code, out, _ = ctlRunT("list-ports", "--json")
 	lines := strings.Split(strings.TrimSpace(out), "\n")
-	var st portfwd.Status
+	var st port.Status
 	if code != 0 || len(lines) != 2 || json.Unmarshal([]byte(lines[1]), &st) != nil || st.ID != 2 || st.Spec.ChildIP != netip.IPv6Loopback() {
 		t.Fatalf("list-ports --json printed %q", out)
 	}
@@ -106,7 +107,7 @@ func TestCtlPorts(t *testing.T) {
 		t.Fatalf("add-ports of an overlapping spec: %d %q", code, errOut)
 	}
 	code, _, errOut = ctlRunT("add-ports", "127.0.0.1:8080:80/tcp", "8080:80/sctp")
-	if code != 1 || !strings.Contains(errOut, `unknown protocol "sctp"`) || !strings.Contains(errOut, portfwd.Grammar) {
+	if code != 1 || !strings.Contains(errOut, `unknown protocol "sctp"`) || !strings.Contains(errOut, port.Grammar) {
 		t.Fatalf("add-ports with a bad spec: %d %q", code, errOut)
 	}
 	if code, out, _ = ctlRunT("list-ports", "--json"); code != 0 || strings.Count(out, "\n") != 1 {
@@ -171,7 +172,7 @@ func TestCtlUsage(t *testing.T) {
 	}{
 		{[]string{"--help"}, 0, "list-ports", ""},
 		{[]string{"list-ports", "--help"}, 0, "--json", ""},
-		{[]string{"add-ports", "-h"}, 0, portfwd.Grammar, ""},
+		{[]string{"add-ports", "-h"}, 0, port.Grammar, ""},
 		{[]string{"remove-ports", "--help"}, 0, "ID...", ""},
 		{[]string{"info", "--help"}, 0, "--json", ""},
 		{nil, 2, "", "missing COMMAND"},

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/gonetns/gonetns/api"
+	"github.com/gonetns/gonetns/port"
 	"github.com/gonetns/gonetns/portfwd"
 )
 
@@ -152,7 +153,7 @@ func startDockerProxy(args []string, log *slog.Logger) (stop func() error, err e
 	if innerIP.Is6() {
 		innerProto = a.proto + "6"
 	}
-	inner := portfwd.Spec{Proto: innerProto, ParentIP: innerIP, ParentPort: a.hostPort, ChildIP: a.containerIP, ChildPort: a.containerPort}
+	inner := port.Spec{Proto: innerProto, ParentIP: innerIP, ParentPort: a.hostPort, ChildIP: a.containerIP, ChildPort: a.containerPort}
 	if _, err := local.AddPort(ctx, inner); err != nil {
 		local.Close()
 		return nil, err
@@ -160,7 +161,7 @@ func startDockerProxy(args []string, log *slog.Logger) (stop func() error, err e
 	if !viaAPI {
 		return local.Close, nil
 	}
-	st, err := client.AddPort(ctx, portfwd.Spec{Proto: apiProto, ParentIP: a.hostIP, ParentPort: a.hostPort, ChildIP: innerIP, ChildPort: a.hostPort})
+	st, err := client.AddPort(ctx, port.Spec{Proto: apiProto, ParentIP: a.hostIP, ParentPort: a.hostPort, ChildIP: innerIP, ChildPort: a.hostPort})
 	if err != nil {
 		local.Close()
 		return nil, fmt.Errorf("publish %s %s:%d: %w", a.proto, a.hostIP, a.hostPort, err)

@@ -12,7 +12,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/gonetns/gonetns/dns"
-	"github.com/gonetns/gonetns/portfwd"
+	"github.com/gonetns/gonetns/port"
 	"github.com/gonetns/gonetns/sandbox"
 )
 
@@ -118,7 +118,7 @@ func parseFlags(args []string, who personality, name string, out io.Writer, log 
 	fs.StringVar(&portDriver, "port-driver", defPorts, "how ports are published: builtin (splice between host and namespace sockets), implicit (also every port that listens inside, automatically) or none; RootlessKit's slirp4netns, gvisor-tap-vsock and pesto are names of builtin; default builtin unless --net=host")
 	// StringSlice, not StringArray: RootlessKit's command line splits these
 	// two at commas too (-p 8080:80/tcp,8443:443/tcp).
-	fs.StringSliceVarP(&publish, "publish", "p", nil, "publish a port of the namespace on the host, "+portfwd.Grammar+", e.g. 8080:80/tcp (repeatable, or comma-separated)")
+	fs.StringSliceVarP(&publish, "publish", "p", nil, "publish a port of the namespace on the host, "+port.Grammar+", e.g. 8080:80/tcp (repeatable, or comma-separated)")
 	fs.BoolVar(&sourceIPTransparent, "source-ip-transparent", true, "connections through published ports keep the client's address and port inside (TCP and UDP); false: they come from the namespace's loopback")
 	// Mounts.
 	fs.StringSliceVar(&c.CopyUp, "copy-up", nil, "make DIR a writable copy inside, e.g. --copy-up=/etc (repeatable, or comma-separated; /tmp is refused)")
@@ -221,7 +221,7 @@ func parseFlags(args []string, who personality, name string, out io.Writer, log 
 		}
 	}
 	for _, s := range publish {
-		spec, err := portfwd.ParseSpec(s)
+		spec, err := port.ParseSpec(s)
 		if err != nil {
 			return nil, fmt.Errorf("invalid --publish=%s: %w", s, err)
 		}

@@ -12,7 +12,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/gonetns/gonetns/api"
-	"github.com/gonetns/gonetns/portfwd"
+	"github.com/gonetns/gonetns/port"
 )
 
 const rootlessctlUsage = `NAME:
@@ -98,9 +98,9 @@ func runRootlessctl(args []string, stdout, stderr io.Writer) int {
 		if len(rest) == 0 {
 			return fail(errors.New("no port specified"))
 		}
-		var specs []portfwd.Spec
+		var specs []port.Spec
 		for _, a := range rest {
-			s, err := portfwd.ParseSpec(a)
+			s, err := port.ParseSpec(a)
 			if err != nil {
 				return fail(err)
 			}

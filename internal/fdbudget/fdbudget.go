@@ -100,7 +100,7 @@ const (
 	capPortUDP  = 4096
 	capEcho     = 1024
 	capAPI      = 64
-	capImplicit = 4096 // portfwd.DefaultMaxImplicitPorts
+	capImplicit = 4096 // implicit.DefaultMaxPorts
 )
 
 // For divides a limit of open files.

@@ -1,4 +1,4 @@
-package portfwd
+package implicit
 
 import (
 	"bytes"

@@ -1,9 +1,10 @@
-package portfwd
+package port
 
 import (
 	"encoding/json"
 	"errors"
 	"net/netip"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -155,7 +156,7 @@ func TestSpecDefaults(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if n, a, c := s.listenNetwork(), hostPort(s.listenAddr()), s.childAddr().String(); n != tc.network || a != tc.laddr || c != tc.child {
+		if n, a, c := s.ListenNetwork(), hostPort(s.ListenAddr()), s.ChildAddr().String(); n != tc.network || a != tc.laddr || c != tc.child {
 			t.Errorf("%s: listen %s %s, child %s; want %s %s, %s", tc.spec, n, a, c, tc.network, tc.laddr, tc.child)
 		}
 	}
@@ -187,8 +188,8 @@ func TestSpecOverlaps(t *testing.T) {
 		if errA != nil || errB != nil {
 			t.Fatal(errA, errB)
 		}
-		if got := a.overlaps(b); got != tc.want || b.overlaps(a) != got {
-			t.Errorf("%s overlaps %s: %v (and back %v), want %v", tc.a, tc.b, got, b.overlaps(a), tc.want)
+		if got := a.Overlaps(b); got != tc.want || b.Overlaps(a) != got {
+			t.Errorf("%s overlaps %s: %v (and back %v), want %v", tc.a, tc.b, got, b.Overlaps(a), tc.want)
 		}
 	}
 }
@@ -225,7 +226,16 @@ func FuzzParseSpec(f *testing.F) {
 		if err := json.Unmarshal(b, &back); err != nil || back != spec {
 			t.Fatalf("JSON %s of %+v comes back as %+v, %v", b, spec, back, err)
 		}
-		_ = spec.listenAddr()
-		_ = spec.childAddr()
+		_ = spec.ListenAddr()
+		_ = spec.ChildAddr()
 	})
+}
+
+// hostPort formats a listen address as net.Listen takes it: the zero
+// address is ":PORT" (all addresses, both families).
+func hostPort(ap netip.AddrPort) string {
+	if !ap.Addr().IsValid() {
+		return ":" + strconv.Itoa(int(ap.Port()))
+	}
+	return ap.String()
 }

@@ -1,4 +1,4 @@
-package portfwd
+package implicit
 
 import (
 	"bytes"
@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"github.com/gonetns/gonetns/internal/wire"
+	"github.com/gonetns/gonetns/port"
+	"github.com/gonetns/gonetns/portfwd"
 )
 
 // bound is how long a test waits for the driver to catch up. Nothing
@@ -32,45 +34,45 @@ func TestImplicitSpecs(t *testing.T) {
 	tests := []struct {
 		name string
 		in   []Listener
-		want []Spec
+		want []port.Spec
 	}{
 		{"v4 all addresses", []Listener{l("tcp", "0.0.0.0:80", false)},
-			[]Spec{{Proto: "tcp4", ParentIP: ip("0.0.0.0"), ParentPort: 80, ChildIP: ip("127.0.0.1"), ChildPort: 80}}},
+			[]port.Spec{{Proto: "tcp4", ParentIP: ip("0.0.0.0"), ParentPort: 80, ChildIP: ip("127.0.0.1"), ChildPort: 80}}},
 		{"v4 loopback stays loopback", []Listener{l("udp", "127.0.0.2:53", false)},
-			[]Spec{{Proto: "udp4", ParentIP: ip("127.0.0.2"), ParentPort: 53, ChildIP: ip("127.0.0.2"), ChildPort: 53}}},
+			[]port.Spec{{Proto: "udp4", ParentIP: ip("127.0.0.2"), ParentPort: 53, ChildIP: ip("127.0.0.2"), ChildPort: 53}}},
 		{"v4 specific address", []Listener{l("tcp", "10.0.2.100:8080", false)},
-			[]Spec{{Proto: "tcp4", ParentIP: ip("0.0.0.0"), ParentPort: 8080, ChildIP: ip("10.0.2.100"), ChildPort: 8080}}},
+			[]port.Spec{{Proto: "tcp4", ParentIP: ip("0.0.0.0"), ParentPort: 8080, ChildIP: ip("10.0.2.100"), ChildPort: 8080}}},
 		{"v6 only", []Listener{l("tcp", "[::]:443", true)},
-			[]Spec{{Proto: "tcp6", ParentIP: ip("::"), ParentPort: 443, ChildIP: ip("::1"), ChildPort: 443}}},
+			[]port.Spec{{Proto: "tcp6", ParentIP: ip("::"), ParentPort: 443, ChildIP: ip("::1"), ChildPort: 443}}},
 		{"v6 dual stack", []Listener{l("udp", "[::]:5353", false)},
-			[]Spec{{Proto: "udp", ParentPort: 5353, ChildIP: ip("127.0.0.1"), ChildPort: 5353}}},
+			[]port.Spec{{Proto: "udp", ParentPort: 5353, ChildIP: ip("127.0.0.1"), ChildPort: 5353}}},
 		{"v6 loopback", []Listener{l("tcp", "[::1]:631", true)},
-			[]Spec{{Proto: "tcp6", ParentIP: ip("::1"), ParentPort: 631, ChildIP: ip("::1"), ChildPort: 631}}},
+			[]port.Spec{{Proto: "tcp6", ParentIP: ip("::1"), ParentPort: 631, ChildIP: ip("::1"), ChildPort: 631}}},
 		{"v6 specific", []Listener{l("tcp", "[fd00::100]:22", true)},
-			[]Spec{{Proto: "tcp6", ParentIP: ip("::"), ParentPort: 22, ChildIP: ip("fd00::100"), ChildPort: 22}}},
+			[]port.Spec{{Proto: "tcp6", ParentIP: ip("::"), ParentPort: 22, ChildIP: ip("fd00::100"), ChildPort: 22}}},
 		{"v4-mapped is v4", []Listener{l("tcp", "[::ffff:127.0.0.1]:9000", false)},
-			[]Spec{{Proto: "tcp4", ParentIP: ip("127.0.0.1"), ParentPort: 9000, ChildIP: ip("127.0.0.1"), ChildPort: 9000}}},
+			[]port.Spec{{Proto: "tcp4", ParentIP: ip("127.0.0.1"), ParentPort: 9000, ChildIP: ip("127.0.0.1"), ChildPort: 9000}}},
 		{"Docker's -p 8080:80: one socket per family",
 			[]Listener{l("tcp", "0.0.0.0:8080", false), l("tcp", "[::]:8080", true)},
-			[]Spec{
+			[]port.Spec{
 				{Proto: "tcp4", ParentIP: ip("0.0.0.0"), ParentPort: 8080, ChildIP: ip("127.0.0.1"), ChildPort: 8080},
 				{Proto: "tcp6", ParentIP: ip("::"), ParentPort: 8080, ChildIP: ip("::1"), ChildPort: 8080},
 			}},
 		{"all addresses beat specific beat loopback",
 			[]Listener{l("tcp", "127.0.0.1:7", false), l("tcp", "10.0.2.100:7", false), l("tcp", "[::1]:7", true), l("tcp", "[fd00::100]:7", true), l("tcp", "[::]:7", true)},
-			[]Spec{
+			[]port.Spec{
 				{Proto: "tcp4", ParentIP: ip("0.0.0.0"), ParentPort: 7, ChildIP: ip("10.0.2.100"), ChildPort: 7},
 				{Proto: "tcp6", ParentIP: ip("::"), ParentPort: 7, ChildIP: ip("::1"), ChildPort: 7},
 			}},
 		{"the lower of two specific addresses",
 			[]Listener{l("udp", "10.0.2.101:9", false), l("udp", "10.0.2.100:9", false)},
-			[]Spec{{Proto: "udp4", ParentIP: ip("0.0.0.0"), ParentPort: 9, ChildIP: ip("10.0.2.100"), ChildPort: 9}}},
+			[]port.Spec{{Proto: "udp4", ParentIP: ip("0.0.0.0"), ParentPort: 9, ChildIP: ip("10.0.2.100"), ChildPort: 9}}},
 		{"dual stack wins over the rest of its port",
 			[]Listener{l("tcp", "127.0.0.1:6", false), l("tcp", "[::]:6", false)},
-			[]Spec{{Proto: "tcp", ParentPort: 6, ChildIP: ip("127.0.0.1"), ChildPort: 6}}},
+			[]port.Spec{{Proto: "tcp", ParentPort: 6, ChildIP: ip("127.0.0.1"), ChildPort: 6}}},
 		{"tcp and udp on one port are two ports",
 			[]Listener{l("tcp", "0.0.0.0:5201", false), l("udp", "0.0.0.0:5201", false)},
-			[]Spec{
+			[]port.Spec{
 				{Proto: "tcp4", ParentIP: ip("0.0.0.0"), ParentPort: 5201, ChildIP: ip("127.0.0.1"), ChildPort: 5201},
 				{Proto: "udp4", ParentIP: ip("0.0.0.0"), ParentPort: 5201, ChildIP: ip("127.0.0.1"), ChildPort: 5201},
 			}},
@@ -79,7 +81,7 @@ func TestImplicitSpecs(t *testing.T) {
 			nil},
 		{"malformed entries dropped",
 			[]Listener{{Proto: "sctp", Addr: netip.MustParseAddrPort("0.0.0.0:1")}, {Proto: "tcp"}, l("tcp", "0.0.0.0:0", false), l("tcp", "0.0.0.0:2", false)},
-			[]Spec{{Proto: "tcp4", ParentIP: ip("0.0.0.0"), ParentPort: 2, ChildIP: ip("127.0.0.1"), ChildPort: 2}}},
+			[]port.Spec{{Proto: "tcp4", ParentIP: ip("0.0.0.0"), ParentPort: 2, ChildIP: ip("127.0.0.1"), ChildPort: 2}}},
 		{"none", nil, nil},
 	}
 	for _, tt := range tests {
@@ -98,14 +100,14 @@ func TestImplicitSpecs(t *testing.T) {
 	}
 }
 
-// implicitRig is an Implicit fed by a fake child: the test sends reports
+// implicitRig is an Driver fed by a fake child: the test sends reports
 // over the wire pair. Its Manager's dialer sends every connection for
 // child port P to backends[P], on 127.0.0.1, so that "inside" needs no
 // namespace.
 type implicitRig struct {
 	t     *testing.T
-	im    *Implicit
-	m     *Manager
+	im    *Driver
+	m     *portfwd.Manager
 	child *wire.Conn
 	logs  *lockedBuffer
 
@@ -133,7 +135,7 @@ func (b *lockedBuffer) String() string {
 func newImplicitRig(t *testing.T, maxPorts int) *implicitRig {
 	r := &implicitRig{t: t, logs: &lockedBuffer{}, backends: make(map[int]netip.AddrPort)}
 	log := slog.New(slog.NewTextHandler(io.MultiWriter(r.logs, testWriter{t}), &slog.HandlerOptions{Level: slog.LevelDebug}))
-	r.m = newTestManager(t, Config{Logger: log, Dialer: dialFunc(func(ctx context.Context, proto string, addr netip.AddrPort) (net.Conn, error) {
+	r.m = newTestManager(t, portfwd.Config{Logger: log, Dialer: dialFunc(func(ctx context.Context, proto string, addr netip.AddrPort) (net.Conn, error) {
 		r.mu.Lock()
 		to, ok := r.backends[int(addr.Port())]
 		r.mu.Unlock()
@@ -144,15 +146,15 @@ func newImplicitRig(t *testing.T, maxPorts int) *implicitRig {
 	})})
 	parent, child := wirePair(t)
 	r.child = child
-	r.im = NewImplicit(parent, ImplicitConfig{Manager: r.m, Logger: log, MaxPorts: maxPorts})
+	r.im = New(parent, Config{Manager: r.m, Logger: log, MaxPorts: maxPorts})
 	r.im.Start()
 	t.Cleanup(func() { r.im.Close() }) // before the Manager's cleanup
 	return r
 }
 
-func (r *implicitRig) backend(port int, to netip.AddrPort) {
+func (r *implicitRig) backend(hp int, to netip.AddrPort) {
 	r.mu.Lock()
-	r.backends[port] = to
+	r.backends[hp] = to
 	r.mu.Unlock()
 }
 
@@ -176,8 +178,8 @@ func (r *implicitRig) waitFor(what string, cond func() bool) {
 }
 
 // published returns the implicit ports.
-func (r *implicitRig) published() []Spec {
-	var out []Spec
+func (r *implicitRig) published() []port.Spec {
+	var out []port.Spec
 	for _, st := range r.im.ListPorts() {
 		if st.Implicit {
 			out = append(out, st.Spec)
@@ -186,8 +188,8 @@ func (r *implicitRig) published() []Spec {
 	return out
 }
 
-func (r *implicitRig) hasPublished(port int) bool {
-	return slices.ContainsFunc(r.published(), func(s Spec) bool { return s.ParentPort == port })
+func (r *implicitRig) hasPublished(hp int) bool {
+	return slices.ContainsFunc(r.published(), func(s port.Spec) bool { return s.ParentPort == hp })
 }
 
 // freeHostPort returns a TCP and UDP port free on 127.0.0.1 just now.
@@ -198,26 +200,26 @@ func freeHostPort(t testing.TB) int {
 		if err != nil {
 			t.Fatal(err)
 		}
-		port := ln.Addr().(*net.TCPAddr).Port
-		pc, err := net.ListenPacket("udp4", fmt.Sprintf("127.0.0.1:%d", port))
+		hp := ln.Addr().(*net.TCPAddr).Port
+		pc, err := net.ListenPacket("udp4", fmt.Sprintf("127.0.0.1:%d", hp))
 		ln.Close()
 		if err == nil {
 			pc.Close()
-			return port
+			return hp
 		}
 	}
 	t.Fatal("no port free for both TCP and UDP on 127.0.0.1")
 	return 0
 }
 
-func lst(proto string, ip string, port int) Listener {
-	return Listener{Proto: proto, Addr: netip.AddrPortFrom(netip.MustParseAddr(ip), uint16(port))}
+func lst(proto string, ip string, hp int) Listener {
+	return Listener{Proto: proto, Addr: netip.AddrPortFrom(netip.MustParseAddr(ip), uint16(hp))}
 }
 
 // tcpSays connects to 127.0.0.1:port, sends "ping" and returns the echo,
 // or the error.
-func tcpSays(port int) (string, error) {
-	c, err := net.DialTimeout("tcp4", fmt.Sprintf("127.0.0.1:%d", port), time.Second)
+func tcpSays(hp int) (string, error) {
+	c, err := net.DialTimeout("tcp4", fmt.Sprintf("127.0.0.1:%d", hp), time.Second)
 	if err != nil {
 		return "", err
 	}
@@ -229,38 +231,38 @@ func tcpSays(port int) (string, error) {
 	return string(b), err
 }
 
-func refused(port int) bool {
-	_, err := tcpSays(port)
+func refused(hp int) bool {
+	_, err := tcpSays(hp)
 	return errors.Is(err, syscall.ECONNREFUSED)
 }
 
 func TestImplicitPublishAndWithdraw(t *testing.T) {
 	r := newImplicitRig(t, 0)
-	port := freeHostPort(t)
-	r.backend(port, echoServer(t))
+	hp := freeHostPort(t)
+	r.backend(hp, echoServer(t))
 	udpBackend := udpWhoami(t, listenUDP(t, "127.0.0.1:0"))
 
-	r.report(lst("tcp", "127.0.0.1", port))
-	r.waitFor("TCP answer", func() bool { s, err := tcpSays(port); return err == nil && s == "ping" })
+	r.report(lst("tcp", "127.0.0.1", hp))
+	r.waitFor("TCP answer", func() bool { s, err := tcpSays(hp); return err == nil && s == "ping" })
 	got := r.im.ListPorts()
-	if len(got) != 1 || !got[0].Implicit || got[0].Spec != (Spec{Proto: "tcp4", ParentIP: ip4, ParentPort: port, ChildIP: ip4, ChildPort: port}) {
+	if len(got) != 1 || !got[0].Implicit || got[0].Spec != (port.Spec{Proto: "tcp4", ParentIP: ip4, ParentPort: hp, ChildIP: ip4, ChildPort: hp}) {
 		t.Fatalf("ListPorts = %+v", got)
 	}
 
 	// UDP joins; TCP stays.
 	r.mu.Lock()
-	r.backends[port] = udpBackend // the UDP relay dials port too
+	r.backends[hp] = udpBackend // the UDP relay dials port too
 	r.mu.Unlock()
-	r.report(lst("tcp", "127.0.0.1", port), lst("udp", "127.0.0.1", port))
+	r.report(lst("tcp", "127.0.0.1", hp), lst("udp", "127.0.0.1", hp))
 	r.waitFor("two ports", func() bool { return len(r.published()) == 2 })
-	c := udpClient(t, Status{Spec: Spec{ParentIP: ip4, ParentPort: port}})
+	c := udpClient(t, netip.AddrPortFrom(ip4, uint16(hp)))
 	if got := ask(t, c, "hello", bound); got != "hello" {
 		t.Errorf("UDP through the implicit port: %q", got)
 	}
 
 	// Withdrawn: the host port refuses again.
 	r.report()
-	r.waitFor("withdrawal", func() bool { return len(r.published()) == 0 && refused(port) })
+	r.waitFor("withdrawal", func() bool { return len(r.published()) == 0 && refused(hp) })
 	if got := r.m.ListPorts(); len(got) != 0 {
 		t.Errorf("the Manager still has %v", got)
 	}
@@ -274,20 +276,20 @@ func TestImplicitPublishAndWithdraw(t *testing.T) {
 
 func TestImplicitExplicitWins(t *testing.T) {
 	r := newImplicitRig(t, 0)
-	port := freeHostPort(t)
-	r.backend(port, echoServer(t))
+	hp := freeHostPort(t)
+	r.backend(hp, echoServer(t))
 	other := freeHostPort(t)
 	upper := upperServer(t)
 	r.backend(other, upper) // the explicit port's target answers in upper case
 
-	r.report(lst("tcp", "127.0.0.1", port))
-	r.waitFor("implicit port", func() bool { return r.hasPublished(port) })
+	r.report(lst("tcp", "127.0.0.1", hp))
+	r.waitFor("implicit port", func() bool { return r.hasPublished(hp) })
 
-	st, err := r.im.AddPort(context.Background(), Spec{Proto: "tcp4", ParentIP: ip4, ParentPort: port, ChildIP: ip4, ChildPort: other})
+	st, err := r.im.AddPort(context.Background(), port.Spec{Proto: "tcp4", ParentIP: ip4, ParentPort: hp, ChildIP: ip4, ChildPort: other})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, err := tcpSays(port); got != "PING" {
+	if got, err := tcpSays(hp); got != "PING" {
 		t.Fatalf("the explicit port does not answer: %q %v", got, err)
 	}
 	if pub := r.published(); len(pub) != 0 {
@@ -296,9 +298,9 @@ func TestImplicitExplicitWins(t *testing.T) {
 	// A new report does not bring the implicit port back while the
 	// explicit one holds the host port.
 	marker := freeHostPort(t)
-	r.report(lst("tcp", "127.0.0.1", port), lst("tcp", "127.0.0.1", marker))
+	r.report(lst("tcp", "127.0.0.1", hp), lst("tcp", "127.0.0.1", marker))
 	r.waitFor("marker port", func() bool { return r.hasPublished(marker) })
-	if r.hasPublished(port) {
+	if r.hasPublished(hp) {
 		t.Errorf("the implicit port came back over the explicit one")
 	}
 	if l := r.im.ListPorts(); len(l) != 2 || l[0].ID != st.ID || l[0].Implicit || !l[1].Implicit {
@@ -310,22 +312,22 @@ func TestImplicitExplicitWins(t *testing.T) {
 	if err := r.im.RemovePort(st.ID); err != nil {
 		t.Fatal(err)
 	}
-	r.waitFor("implicit port back", func() bool { s, _ := tcpSays(port); return r.hasPublished(port) && s == "ping" })
+	r.waitFor("implicit port back", func() bool { s, _ := tcpSays(hp); return r.hasPublished(hp) && s == "ping" })
 
 	// An explicit port that fails (here: a bad spec is caught before
 	// anything is withdrawn; a conflict with another explicit port after)
 	// leaves the implicit ones as they were.
-	if _, err := r.im.AddPort(context.Background(), Spec{Proto: "tcp4", ParentPort: port}); !errors.Is(err, ErrInvalidSpec) {
+	if _, err := r.im.AddPort(context.Background(), port.Spec{Proto: "tcp4", ParentPort: hp}); !errors.Is(err, port.ErrInvalidSpec) {
 		t.Errorf("bad spec: %v", err)
 	}
-	st2, err := r.im.AddPort(context.Background(), Spec{Proto: "tcp4", ParentIP: ip4, ParentPort: marker, ChildPort: other})
+	st2, err := r.im.AddPort(context.Background(), port.Spec{Proto: "tcp4", ParentIP: ip4, ParentPort: marker, ChildPort: other})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := r.im.AddPort(context.Background(), Spec{Proto: "tcp", ParentPort: marker, ChildPort: other}); !errors.Is(err, ErrConflict) {
+	if _, err := r.im.AddPort(context.Background(), port.Spec{Proto: "tcp", ParentPort: marker, ChildPort: other}); !errors.Is(err, port.ErrConflict) {
 		t.Errorf("overlapping explicit ports: %v", err)
 	}
-	if !r.hasPublished(port) {
+	if !r.hasPublished(hp) {
 		t.Errorf("a failed explicit publish took an implicit port: %v", r.im.ListPorts())
 	}
 	r.im.RemovePort(st2.ID)
@@ -353,48 +355,48 @@ func upperServer(t *testing.T) netip.AddrPort {
 
 func TestImplicitRemoveKeepsItWithdrawn(t *testing.T) {
 	r := newImplicitRig(t, 0)
-	port, marker := freeHostPort(t), freeHostPort(t)
-	r.backend(port, echoServer(t))
-	r.report(lst("tcp", "127.0.0.1", port))
-	r.waitFor("implicit port", func() bool { return r.hasPublished(port) })
+	hp, marker := freeHostPort(t), freeHostPort(t)
+	r.backend(hp, echoServer(t))
+	r.report(lst("tcp", "127.0.0.1", hp))
+	r.waitFor("implicit port", func() bool { return r.hasPublished(hp) })
 	id := r.im.ListPorts()[0].ID
 	if err := r.im.RemovePort(id); err != nil {
 		t.Fatal(err)
 	}
-	if !refused(port) {
+	if !refused(hp) {
 		t.Fatalf("removed port still listens")
 	}
-	r.report(lst("tcp", "127.0.0.1", port), lst("tcp", "127.0.0.1", marker))
+	r.report(lst("tcp", "127.0.0.1", hp), lst("tcp", "127.0.0.1", marker))
 	r.waitFor("marker port", func() bool { return r.hasPublished(marker) })
-	if r.hasPublished(port) {
+	if r.hasPublished(hp) {
 		t.Fatalf("a removed implicit port came back while its socket still listens")
 	}
 	// Its socket closes and opens again: published again.
 	r.report(lst("tcp", "127.0.0.1", marker))
 	r.waitFor("marker alone", func() bool { return len(r.published()) == 1 })
-	r.report(lst("tcp", "127.0.0.1", marker), lst("tcp", "127.0.0.1", port))
-	r.waitFor("implicit port again", func() bool { return r.hasPublished(port) })
-	if err := r.im.RemovePort(12345); !errors.Is(err, ErrUnknownPort) {
+	r.report(lst("tcp", "127.0.0.1", marker), lst("tcp", "127.0.0.1", hp))
+	r.waitFor("implicit port again", func() bool { return r.hasPublished(hp) })
+	if err := r.im.RemovePort(12345); !errors.Is(err, port.ErrUnknownPort) {
 		t.Errorf("unknown ID: %v", err)
 	}
 }
 
 func TestImplicitHostPortInUse(t *testing.T) {
 	r := newImplicitRig(t, 0)
-	port := freeHostPort(t)
-	r.backend(port, echoServer(t))
-	squatter, err := net.Listen("tcp4", fmt.Sprintf("127.0.0.1:%d", port))
+	hp := freeHostPort(t)
+	r.backend(hp, echoServer(t))
+	squatter, err := net.Listen("tcp4", fmt.Sprintf("127.0.0.1:%d", hp))
 	if err != nil {
 		t.Fatal(err)
 	}
-	r.report(lst("tcp", "127.0.0.1", port))
+	r.report(lst("tcp", "127.0.0.1", hp))
 	r.waitFor("warning", func() bool { return strings.Contains(r.logs.String(), "cannot publish a port that listens inside") })
-	if r.hasPublished(port) {
+	if r.hasPublished(hp) {
 		t.Fatal("published over another program's port")
 	}
 	squatter.Close()
 	// Retried after a second: published now that the port is free.
-	r.waitFor("publish after the port freed up", func() bool { s, _ := tcpSays(port); return r.hasPublished(port) && s == "ping" })
+	r.waitFor("publish after the port freed up", func() bool { s, _ := tcpSays(hp); return r.hasPublished(hp) && s == "ping" })
 	if n := strings.Count(r.logs.String(), "cannot publish a port that listens inside"); n != 1 {
 		t.Errorf("%d warnings, want 1:\n%s", n, r.logs.String())
 	}
@@ -458,12 +460,12 @@ func TestImplicitReportParts(t *testing.T) {
 // returns.
 func TestImplicitChildGone(t *testing.T) {
 	r := newImplicitRig(t, 0)
-	port := freeHostPort(t)
-	r.report(lst("tcp", "127.0.0.1", port))
-	r.waitFor("implicit port", func() bool { return r.hasPublished(port) })
+	hp := freeHostPort(t)
+	r.report(lst("tcp", "127.0.0.1", hp))
+	r.waitFor("implicit port", func() bool { return r.hasPublished(hp) })
 	r.child.Close()
 	r.waitFor("log line", func() bool { return strings.Contains(r.logs.String(), "stopped reporting") })
-	if !r.hasPublished(port) {
+	if !r.hasPublished(hp) {
 		t.Error("the ports went with the child's reports")
 	}
 	done := make(chan struct{})
@@ -479,7 +481,7 @@ func TestImplicitChildGone(t *testing.T) {
 // listener that opens and its closing, and ends with its context or when
 // the parent closes its end.
 func TestListenerWatcher(t *testing.T) {
-	w, err := NewListenerWatcher(WatchConfig{InNetNS: here, Logger: testLogger(t)})
+	w, err := NewWatcher(WatchConfig{InNetNS: here, Logger: testLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -558,7 +560,7 @@ func TestListenerWatcher(t *testing.T) {
 	}
 
 	// And with the parent's end closing.
-	w2, err := NewListenerWatcher(WatchConfig{InNetNS: here})
+	w2, err := NewWatcher(WatchConfig{InNetNS: here})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,11 @@
-package portfwd
+// Package implicit is the implicit port driver (--port-driver=implicit, as
+// pasta's -t auto and -u auto): every port something listens on inside the
+// sandbox is published on the same port of the host, and withdrawn when it
+// stops listening. The child watches (Watcher: it sees the namespace, over
+// sock_diag); the parent publishes (Driver: it owns the host side) through
+// a port.Manager's public methods, so that implicit ports take the same
+// relay and dial protocol as explicit ones.
+package implicit
 
 import (
 	"cmp"
@@ -13,16 +20,11 @@ import (
 	"sync"
 	"time"
 
+	"github.com/gonetns/gonetns/internal/limitlog"
 	"github.com/gonetns/gonetns/internal/wire"
+	"github.com/gonetns/gonetns/port"
 )
 
-// The implicit port driver (--port-driver=implicit, as pasta's -t auto and
-// -u auto): every port something listens on inside is published on the
-// same port of the host, and withdrawn when it stops listening. The child
-// watches (ListenerWatcher: it sees the namespace); the parent publishes
-// (Implicit: it owns the host side), through the same Manager, relay and
-// dial protocol as explicit ports.
-//
 // Which host address a listener is published on follows the address it is
 // bound to inside, family for family, so that what a server asks for is
 // what it gets on the host (RootlessKit's implicit driver, pasta with
@@ -57,20 +59,21 @@ import (
 // free up. Nothing of gonetns's own listens inside: its DNS server is in
 // the parent's netstack, and the child's relay sockets are connected.
 
-// Defaults of ImplicitConfig.
+// Defaults of Config.
 const (
-	DefaultMaxImplicitPorts = 4096
-	implicitRetryMin        = time.Second
-	implicitRetryMax        = time.Minute
+	DefaultMaxPorts  = 4096
+	implicitRetryMin = time.Second
+	implicitRetryMax = time.Minute
 	// maxReportListeners bounds one report from the child (~50 bytes
 	// each in memory): far more than there are ports.
 	maxReportListeners = 1 << 18
 )
 
-// ImplicitConfig configures an Implicit driver.
-type ImplicitConfig struct {
-	// Manager publishes the ports, implicit and explicit alike. Required.
-	Manager *Manager
+// Config configures a Driver.
+type Config struct {
+	// Manager publishes the ports, implicit and explicit alike (a
+	// *portfwd.Manager in gonetns). Required.
+	Manager port.Manager
 	// Logger gets each publish and withdrawal at Debug and a port that
 	// cannot be published at Warn, once. Nil discards.
 	Logger *slog.Logger
@@ -80,14 +83,14 @@ type ImplicitConfig struct {
 	MaxPorts int
 }
 
-// Implicit is the parent's side of the implicit port driver: it reads the
-// child's listener reports (a ListenerWatcher's, over a wire.Conn of their
+// Driver is the parent's side of the implicit port driver: it reads the
+// child's listener reports (a Watcher's, over a wire.Conn of their
 // own) and keeps the Manager's implicit ports in step. It is also the
 // port driver the API serves (AddPort, RemovePort, ListPorts), so that
 // explicit ports and implicit ones share host ports by one rule. Its
 // methods are safe for concurrent use.
-type Implicit struct {
-	m    *Manager
+type Driver struct {
+	m    port.Manager
 	log  *slog.Logger
 	c    *wire.Conn
 	max  int
@@ -96,9 +99,9 @@ type Implicit struct {
 	wg   sync.WaitGroup
 
 	mu    sync.Mutex
-	want  map[Spec]Listener // what the last report asks for, and why
-	ports map[Spec]*implicitPort
-	full  limitWarner
+	want  map[port.Spec]Listener // what the last report asks for, and why
+	ports map[port.Spec]*implicitPort
+	full  limitlog.Warner
 
 	startOnce, closeOnce sync.Once
 }
@@ -113,34 +116,34 @@ type implicitPort struct {
 	warned     bool
 }
 
-// NewImplicit returns a driver reading reports from c, which it owns from
+// New returns a driver reading reports from c, which it owns from
 // now on. It starts nothing: call Start.
-func NewImplicit(c *wire.Conn, cfg ImplicitConfig) *Implicit {
+func New(c *wire.Conn, cfg Config) *Driver {
 	log := cfg.Logger
 	if log == nil {
 		log = discardLogger
 	}
 	if cfg.MaxPorts <= 0 {
-		cfg.MaxPorts = DefaultMaxImplicitPorts
+		cfg.MaxPorts = DefaultMaxPorts
 	}
-	return &Implicit{
+	return &Driver{
 		m:     cfg.Manager,
 		log:   log,
 		c:     c,
 		max:   cfg.MaxPorts,
 		kick:  make(chan struct{}, 1),
 		quit:  make(chan struct{}),
-		want:  make(map[Spec]Listener),
-		ports: make(map[Spec]*implicitPort),
+		want:  make(map[port.Spec]Listener),
+		ports: make(map[port.Spec]*implicitPort),
 	}
 }
 
 // Start starts the goroutines that read the reports and publish. They run
 // until Close; if the child closes its end first, the ports published stay
 // until Close. Calling Start again does nothing.
-func (im *Implicit) Start() {
+func (im *Driver) Start() {
 	im.startOnce.Do(func() {
-		reports := make(chan map[Spec]Listener)
+		reports := make(chan map[port.Spec]Listener)
 		im.wg.Go(func() { im.read(reports) })
 		im.wg.Go(func() { im.run(reports) })
 	})
@@ -149,7 +152,7 @@ func (im *Implicit) Start() {
 // Close stops reading reports and waits for the goroutines. The ports
 // stay published until the Manager closes. It may be called more than
 // once.
-func (im *Implicit) Close() error {
+func (im *Driver) Close() error {
 	im.closeOnce.Do(func() {
 		close(im.quit)
 		im.c.Close()
@@ -159,15 +162,15 @@ func (im *Implicit) Close() error {
 }
 
 // read receives the reports and hands each complete one to run.
-func (im *Implicit) read(reports chan<- map[Spec]Listener) {
+func (im *Driver) read(reports chan<- map[port.Spec]Listener) {
 	var parts []Listener
 	for {
 		var snap listenerSnapshot
 		files, err := im.c.Recv(&snap)
 		wire.CloseFiles(files) // reports carry none
 		if err != nil {
-			if isBadMessage(err) {
-				im.log.Warn("portfwd: dropping a malformed listener report from the child", "err", err)
+			if errors.Is(err, wire.ErrBadMessage) {
+				im.log.Warn("implicit: dropping a malformed listener report from the child", "err", err)
 				parts = parts[:0]
 				continue
 			}
@@ -175,9 +178,9 @@ func (im *Implicit) read(reports chan<- map[Spec]Listener) {
 			case <-im.quit:
 			default:
 				if errors.Is(err, io.EOF) {
-					im.log.Debug("portfwd: the child stopped reporting listeners")
+					im.log.Debug("implicit: the child stopped reporting listeners")
 				} else {
-					im.log.Warn("portfwd: implicit ports: cannot read the child's listener reports; ports stay as they are", "err", err)
+					im.log.Warn("implicit: implicit ports: cannot read the child's listener reports; ports stay as they are", "err", err)
 				}
 			}
 			return
@@ -185,7 +188,7 @@ func (im *Implicit) read(reports chan<- map[Spec]Listener) {
 		parts = append(parts, snap.Listeners...)
 		if snap.More {
 			if len(parts) > maxReportListeners { // a report that never ends
-				im.log.Warn("portfwd: dropping an oversized listener report from the child", "listeners", len(parts))
+				im.log.Warn("implicit: dropping an oversized listener report from the child", "listeners", len(parts))
 				parts = parts[:0]
 			}
 			continue
@@ -201,7 +204,7 @@ func (im *Implicit) read(reports chan<- map[Spec]Listener) {
 }
 
 // run applies the reports, and retries what failed when it is due.
-func (im *Implicit) run(reports <-chan map[Spec]Listener) {
+func (im *Driver) run(reports <-chan map[port.Spec]Listener) {
 	retry := time.NewTimer(time.Hour)
 	retry.Stop()
 	defer retry.Stop()
@@ -223,7 +226,7 @@ func (im *Implicit) run(reports <-chan map[Spec]Listener) {
 }
 
 // poke makes run sync soon.
-func (im *Implicit) poke() {
+func (im *Driver) poke() {
 	select {
 	case im.kick <- struct{}{}:
 	default:
@@ -233,7 +236,7 @@ func (im *Implicit) poke() {
 // sync publishes what is wanted and not published, withdraws what is
 // published and no longer wanted, and returns when the earliest retry of
 // a failed publish is due (zero if none is).
-func (im *Implicit) sync() time.Time {
+func (im *Driver) sync() time.Time {
 	im.mu.Lock()
 	defer im.mu.Unlock()
 	for _, spec := range slices.SortedFunc(maps.Keys(im.ports), compareSpecs) {
@@ -266,7 +269,7 @@ func (im *Implicit) sync() time.Time {
 		}
 		if overlapsAny(spec, explicit) {
 			if !p.yielded {
-				im.log.Debug("portfwd: not publishing a listener implicitly: an explicit port holds its host port", "spec", spec.String(), "listener", im.want[spec].String())
+				im.log.Debug("implicit: not publishing a listener implicitly: an explicit port holds its host port", "spec", spec.String(), "listener", im.want[spec].String())
 				p.yielded = true
 			}
 			continue
@@ -277,7 +280,7 @@ func (im *Implicit) sync() time.Time {
 			continue
 		}
 		if published >= im.max {
-			im.full.warn(im.log, "portfwd: too many implicit ports; listeners beyond the limit are not published", "limit", im.max)
+			im.full.Warn(im.log, "implicit: too many implicit ports; listeners beyond the limit are not published", "limit", im.max)
 			continue
 		}
 		l := im.want[spec]
@@ -288,23 +291,23 @@ func (im *Implicit) sync() time.Time {
 			next = earliest(next, p.retryAt)
 			if !p.warned {
 				// AddPort's error names the spec and says what to do.
-				im.log.Warn("portfwd: cannot publish a port that listens inside; retrying", "listener", l.String(), "err", err)
+				im.log.Warn("implicit: cannot publish a port that listens inside; retrying", "listener", l.String(), "err", err)
 				p.warned = true
 			}
 			continue
 		}
 		p.id = st.ID
 		published++
-		im.log.Debug("portfwd: published implicitly", "id", st.ID, "spec", spec.String(), "listener", l.String(), "attempts", p.failures+1)
+		im.log.Debug("implicit: published implicitly", "id", st.ID, "spec", spec.String(), "listener", l.String(), "attempts", p.failures+1)
 	}
 	return next
 }
 
-func (im *Implicit) withdraw(spec Spec, p *implicitPort) {
-	if err := im.m.RemovePort(p.id); err != nil && !errors.Is(err, ErrUnknownPort) {
-		im.log.Warn("portfwd: withdraw an implicit port", "id", p.id, "spec", spec.String(), "err", err)
+func (im *Driver) withdraw(spec port.Spec, p *implicitPort) {
+	if err := im.m.RemovePort(p.id); err != nil && !errors.Is(err, port.ErrUnknownPort) {
+		im.log.Warn("implicit: withdraw an implicit port", "id", p.id, "spec", spec.String(), "err", err)
 	}
-	im.log.Debug("portfwd: withdrew an implicit port", "id", p.id, "spec", spec.String())
+	im.log.Debug("implicit: withdrew an implicit port", "id", p.id, "spec", spec.String())
 	p.id = 0
 }
 
@@ -316,9 +319,9 @@ func earliest(a, b time.Time) time.Time {
 }
 
 // explicitLocked lists the Manager's ports that are not implicit.
-func (im *Implicit) explicitLocked() []Spec {
+func (im *Driver) explicitLocked() []port.Spec {
 	ids := im.implicitIDsLocked()
-	var out []Spec
+	var out []port.Spec
 	for _, st := range im.m.ListPorts() {
 		if _, ok := ids[st.ID]; !ok {
 			out = append(out, st.Spec)
@@ -327,8 +330,8 @@ func (im *Implicit) explicitLocked() []Spec {
 	return out
 }
 
-func (im *Implicit) implicitIDsLocked() map[int]Spec {
-	ids := make(map[int]Spec)
+func (im *Driver) implicitIDsLocked() map[int]port.Spec {
+	ids := make(map[int]port.Spec)
 	for spec, p := range im.ports {
 		if p.id != 0 {
 			ids[p.id] = spec
@@ -337,9 +340,9 @@ func (im *Implicit) implicitIDsLocked() map[int]Spec {
 	return ids
 }
 
-func overlapsAny(spec Spec, others []Spec) bool {
+func overlapsAny(spec port.Spec, others []port.Spec) bool {
 	for _, o := range others {
-		if spec.overlaps(o) {
+		if spec.Overlaps(o) {
 			return true
 		}
 	}
@@ -349,14 +352,14 @@ func overlapsAny(spec Spec, others []Spec) bool {
 // AddPort publishes an explicit port. An implicit port on the same host
 // port is withdrawn for it first (and comes back if the explicit one
 // fails or is removed). Errors are the Manager's.
-func (im *Implicit) AddPort(ctx context.Context, spec Spec) (Status, error) {
+func (im *Driver) AddPort(ctx context.Context, spec port.Spec) (port.Status, error) {
 	if err := spec.Validate(); err != nil {
-		return Status{}, fmt.Errorf("publish %s: %w", spec, err)
+		return port.Status{}, fmt.Errorf("publish %s: %w", spec, err)
 	}
 	im.mu.Lock()
 	var yielded []string
 	for _, s := range slices.SortedFunc(maps.Keys(im.ports), compareSpecs) {
-		if p := im.ports[s]; p.id != 0 && s.overlaps(spec) {
+		if p := im.ports[s]; p.id != 0 && s.Overlaps(spec) {
 			im.withdraw(s, p)
 			yielded = append(yielded, s.String())
 		}
@@ -364,7 +367,7 @@ func (im *Implicit) AddPort(ctx context.Context, spec Spec) (Status, error) {
 	st, err := im.m.AddPort(ctx, spec)
 	im.mu.Unlock()
 	if len(yielded) > 0 {
-		im.log.Debug("portfwd: implicit ports yield to an explicit one", "spec", spec.String(), "implicit", yielded, "err", err)
+		im.log.Debug("implicit: implicit ports yield to an explicit one", "spec", spec.String(), "implicit", yielded, "err", err)
 		if err != nil {
 			im.poke() // put them back
 		}
@@ -375,7 +378,7 @@ func (im *Implicit) AddPort(ctx context.Context, spec Spec) (Status, error) {
 // RemovePort removes a port. An implicit one stays withdrawn until its
 // socket inside closes; removing an explicit one lets an implicit port it
 // displaced come back.
-func (im *Implicit) RemovePort(id int) error {
+func (im *Driver) RemovePort(id int) error {
 	im.mu.Lock()
 	for spec, p := range im.ports {
 		if p.id == id {
@@ -395,7 +398,7 @@ func (im *Implicit) RemovePort(id int) error {
 
 // ListPorts lists every published port, explicit and implicit (those with
 // Implicit set), sorted by ID.
-func (im *Implicit) ListPorts() []Status {
+func (im *Driver) ListPorts() []port.Status {
 	im.mu.Lock()
 	defer im.mu.Unlock()
 	ids := im.implicitIDsLocked()
@@ -410,7 +413,7 @@ func (im *Implicit) ListPorts() []Status {
 // them (see the table at the top of this file), each with the listener
 // it stands for. Entries that are not listeners (a bad protocol, port 0)
 // are dropped with a debug line: the report comes from the sandbox.
-func implicitSpecs(ls []Listener, log *slog.Logger) map[Spec]Listener {
+func implicitSpecs(ls []Listener, log *slog.Logger) map[port.Spec]Listener {
 	type key struct {
 		proto string
 		port  uint16
@@ -424,7 +427,7 @@ func implicitSpecs(ls []Listener, log *slog.Logger) map[Spec]Listener {
 	for _, l := range ls {
 		a := l.Addr.Addr()
 		if (l.Proto != "tcp" && l.Proto != "udp") || !a.IsValid() || l.Addr.Port() == 0 {
-			log.Debug("portfwd: ignoring a malformed listener in the child's report", "proto", l.Proto, "addr", l.Addr)
+			log.Debug("implicit: ignoring a malformed listener in the child's report", "proto", l.Proto, "addr", l.Addr)
 			continue
 		}
 		a = a.WithZone("")
@@ -453,20 +456,20 @@ func implicitSpecs(ls []Listener, log *slog.Logger) map[Spec]Listener {
 			}
 		}
 	}
-	out := make(map[Spec]Listener)
+	out := make(map[port.Spec]Listener)
 	for k, c := range groups {
-		port := int(k.port)
+		num := int(k.port)
 		if c.dual != nil {
 			// One dual-stack host socket; the inside one takes IPv4 on
 			// 127.0.0.1 as it takes everything else.
-			out[Spec{Proto: k.proto, ParentPort: port, ChildIP: netip.AddrFrom4([4]byte{127, 0, 0, 1}), ChildPort: port}] = *c.dual
+			out[port.Spec{Proto: k.proto, ParentPort: num, ChildIP: netip.AddrFrom4([4]byte{127, 0, 0, 1}), ChildPort: num}] = *c.dual
 			continue
 		}
 		if c.v4.IsValid() {
-			out[familySpec(k.proto+"4", c.v4, port)] = c.l4
+			out[familySpec(k.proto+"4", c.v4, num)] = c.l4
 		}
 		if c.v6.IsValid() {
-			out[familySpec(k.proto+"6", c.v6, port)] = c.l6
+			out[familySpec(k.proto+"6", c.v6, num)] = c.l6
 		}
 	}
 	return out
@@ -496,12 +499,12 @@ func addrRank(a netip.Addr) int {
 }
 
 // familySpec publishes a listener on a, of proto's family.
-func familySpec(proto string, a netip.Addr, port int) Spec {
+func familySpec(proto string, a netip.Addr, num int) port.Spec {
 	all, loop := netip.IPv4Unspecified(), netip.AddrFrom4([4]byte{127, 0, 0, 1})
 	if a.Is6() {
 		all, loop = netip.IPv6Unspecified(), netip.IPv6Loopback()
 	}
-	s := Spec{Proto: proto, ParentPort: port, ChildPort: port}
+	s := port.Spec{Proto: proto, ParentPort: num, ChildPort: num}
 	switch {
 	case a.IsUnspecified():
 		s.ParentIP, s.ChildIP = all, loop
@@ -513,7 +516,11 @@ func familySpec(proto string, a netip.Addr, port int) Spec {
 	return s
 }
 
-func compareSpecs(a, b Spec) int {
+func compareSpecs(a, b port.Spec) int {
 	return cmp.Or(cmp.Compare(a.ParentPort, b.ParentPort), cmp.Compare(a.Proto, b.Proto),
 		a.ParentIP.Compare(b.ParentIP), a.ChildIP.Compare(b.ChildIP), cmp.Compare(a.ChildPort, b.ChildPort))
 }
+
+var discardLogger = slog.New(slog.DiscardHandler)
+
+var _ port.Manager = (*Driver)(nil)

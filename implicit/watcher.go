@@ -1,4 +1,4 @@
-package portfwd
+package implicit
 
 import (
 	"context"
@@ -15,7 +15,7 @@ import (
 // The listener protocol of the implicit port driver, on a socket pair of
 // its own (the dial protocol stays as it is): the child, which sees the
 // namespace, reports what listens there; the parent, which owns the host
-// side, decides what to publish (Implicit). Child -> parent only:
+// side, decides what to publish (Driver). Child -> parent only:
 //
 //	listenerSnapshot{listeners, more}
 //
@@ -65,33 +65,33 @@ const (
 	scanInterval = time.Second
 )
 
-// WatchConfig configures a ListenerWatcher.
+// WatchConfig configures a Watcher.
 type WatchConfig struct {
 	// InNetNS runs fn where sockets and procfs files belong to the
-	// sandbox's network namespace, as ChildConfig.InNetNS; nil means
+	// sandbox's network namespace, as portfwd.ChildConfig.InNetNS; nil means
 	// here.
 	InNetNS func(fn func() error) error
 	// Logger may be nil.
 	Logger *slog.Logger
 }
 
-// ListenerWatcher runs in the child and tells the parent which sockets
+// Watcher runs in the child and tells the parent which sockets
 // listen in the namespace (TCP in LISTEN, unconnected bound UDP; IPv4 and
 // IPv6), for the implicit port driver. It scans over NETLINK_SOCK_DIAG,
 // filtered by state in the kernel, when the namespace's socket counters
 // move and once a second anyway; it reads the counters every 100 ms to
 // 500 ms, the more often the more moves.
-type ListenerWatcher struct {
+type Watcher struct {
 	log   *slog.Logger
 	diag  *sockDiag
 	probe *sockstatProbe // nil: the counters could not be opened; scan at every tick
 }
 
-// NewListenerWatcher opens the netlink socket and the counters in the
+// NewWatcher opens the netlink socket and the counters in the
 // namespace, and scans once to check that the kernel answers. It starts
 // nothing. Create it before the command starts: a /proc mounted later for
 // a new PID namespace hides this process's /proc/thread-self.
-func NewListenerWatcher(cfg WatchConfig) (*ListenerWatcher, error) {
+func NewWatcher(cfg WatchConfig) (*Watcher, error) {
 	log := cfg.Logger
 	if log == nil {
 		log = discardLogger
@@ -108,9 +108,9 @@ func NewListenerWatcher(cfg WatchConfig) (*ListenerWatcher, error) {
 		diag.Close()
 		return nil, fmt.Errorf("implicit port driver: the kernel does not list sockets over sock_diag (needs CONFIG_INET_DIAG, INET_TCP_DIAG and INET_UDP_DIAG, or their modules tcp_diag and udp_diag loaded; `ss -lntu` fails the same way): %w; use --port-driver=builtin and publish ports explicitly", err)
 	}
-	w := &ListenerWatcher{log: log, diag: diag}
+	w := &Watcher{log: log, diag: diag}
 	if w.probe, err = openSockstat(inNS); err != nil {
-		log.Debug("portfwd: implicit ports: no socket counters, scanning at every wake-up", "err", err)
+		log.Debug("implicit: implicit ports: no socket counters, scanning at every wake-up", "err", err)
 	}
 	return w, nil
 }
@@ -119,7 +119,7 @@ func NewListenerWatcher(cfg WatchConfig) (*ListenerWatcher, error) {
 // they change. It returns nil when ctx ends or the parent closes its end,
 // an error if the scan or c fails otherwise. Run owns c and the watcher,
 // and closes both; a watcher runs once.
-func (w *ListenerWatcher) Run(ctx context.Context, c *wire.Conn) error {
+func (w *Watcher) Run(ctx context.Context, c *wire.Conn) error {
 	defer w.Close()
 	// The parent sends nothing; reading tells when it closes its end.
 	parentGone := make(chan struct{})
@@ -129,7 +129,7 @@ func (w *ListenerWatcher) Run(ctx context.Context, c *wire.Conn) error {
 			var ignored struct{}
 			files, err := c.Recv(&ignored)
 			wire.CloseFiles(files)
-			if err != nil && !isBadMessage(err) {
+			if err != nil && !errors.Is(err, wire.ErrBadMessage) {
 				return
 			}
 		}
@@ -152,7 +152,7 @@ func (w *ListenerWatcher) Run(ctx context.Context, c *wire.Conn) error {
 			// Probe before scanning, so that a change during the scan
 			// shows at the next probe.
 			if fp, err = w.probe.read(fp); err != nil {
-				w.log.Debug("portfwd: implicit ports: socket counters unreadable, scanning at every wake-up", "err", err)
+				w.log.Debug("implicit: implicit ports: socket counters unreadable, scanning at every wake-up", "err", err)
 				w.probe.Close()
 				w.probe = nil
 			} else {
@@ -173,7 +173,7 @@ func (w *ListenerWatcher) Run(ctx context.Context, c *wire.Conn) error {
 					}
 					return fmt.Errorf("implicit port driver: report the listeners to the parent: %w", err)
 				}
-				w.log.Debug("portfwd: listeners in the namespace", "count", len(cur))
+				w.log.Debug("implicit: listeners in the namespace", "count", len(cur))
 				sent = append(sent[:0], cur...)
 				moved = moved || !first
 				first = false
@@ -210,7 +210,7 @@ func sendSnapshot(c *wire.Conn, ls []Listener) error {
 }
 
 // Close releases the watcher's socket and files; Run does it too.
-func (w *ListenerWatcher) Close() error {
+func (w *Watcher) Close() error {
 	if w.probe != nil {
 		w.probe.Close()
 		w.probe = nil

@@ -1,11 +1,4 @@
-// Package portfwd publishes ports of the sandbox on the host, the way
-// RootlessKit's builtin port driver does: the parent listens on the host,
-// asks the child (inside the namespaces) for a socket connected to the target
-// there, receives that socket's descriptor over SCM_RIGHTS and relays between
-// two kernel sockets (splice(2) for TCP). It owns the publish specs, the child
-// side of the dial protocol (ServeChild), its parent side (Dialer), the port
-// Manager that the REST API (package api) drives.
-package portfwd
+package port
 
 import (
 	"errors"
@@ -326,27 +319,27 @@ func (s Spec) String() string {
 	return b.String()
 }
 
-// transport is "tcp" or "udp".
-func (s Spec) transport() string { return s.Proto[:3] }
+// Transport is "tcp" or "udp".
+func (s Spec) Transport() string { return s.Proto[:3] }
 
-// listenNetwork and listenAddr are what the host listener binds. With no
+// ListenNetwork and ListenAddr are what the host listener binds. With no
 // parent IP, or an unspecified one (0.0.0.0 or ::), "tcp" and "udp" bind
 // both families on one dual-stack socket, as RootlessKit's builtin driver
 // does (Go's behaviour, documented in its docs/port.md): tcp4 and tcp6
 // (udp4, udp6) are the way to bind one family. A specific parent IP binds
 // its own family.
-func (s Spec) listenNetwork() string {
+func (s Spec) ListenNetwork() string {
 	switch {
 	case !s.ParentIP.IsValid() || s.ParentIP.IsUnspecified():
 		return s.Proto
 	case s.ParentIP.Is4():
-		return s.transport() + "4"
+		return s.Transport() + "4"
 	default:
-		return s.transport() + "6"
+		return s.Transport() + "6"
 	}
 }
 
-func (s Spec) listenAddr() netip.AddrPort {
+func (s Spec) ListenAddr() netip.AddrPort {
 	ip := s.ParentIP
 	switch {
 	case strings.HasSuffix(s.Proto, "6") && !ip.IsValid():
@@ -362,8 +355,8 @@ func (s Spec) listenAddr() netip.AddrPort {
 	return netip.AddrPortFrom(ip, uint16(s.ParentPort))
 }
 
-// childAddr is the address the child dials inside the namespace.
-func (s Spec) childAddr() netip.AddrPort {
+// ChildAddr is the address the child dials inside the namespace.
+func (s Spec) ChildAddr() netip.AddrPort {
 	ip := s.ChildIP
 	if !ip.IsValid() {
 		if strings.HasSuffix(s.Proto, "6") {
@@ -378,7 +371,7 @@ func (s Spec) childAddr() netip.AddrPort {
 // families is the set of address families a spec's listener covers: 4, 6
 // or both.
 func (s Spec) families() (v4, v6 bool) {
-	switch s.listenNetwork() {
+	switch s.ListenNetwork() {
 	case "tcp4", "udp4":
 		return true, false
 	case "tcp6", "udp6":
@@ -388,11 +381,11 @@ func (s Spec) families() (v4, v6 bool) {
 	}
 }
 
-// overlaps reports whether s and o would listen on the same transport port
+// Overlaps reports whether s and o would listen on the same transport port
 // for an address both cover: tcp on all addresses and tcp4 on 127.0.0.1
 // overlap, tcp4 and tcp6 do not, tcp and udp never do.
-func (s Spec) overlaps(o Spec) bool {
-	if s.transport() != o.transport() || s.ParentPort != o.ParentPort {
+func (s Spec) Overlaps(o Spec) bool {
+	if s.Transport() != o.Transport() || s.ParentPort != o.ParentPort {
 		return false
 	}
 	s4, s6 := s.families()
