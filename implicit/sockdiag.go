@@ -7,10 +7,10 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
-	"syscall"
-	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gonetns/gonetns/internal/netlink"
 )
 
 // Listener is a socket that accepts traffic in the sandbox's network
@@ -63,7 +63,6 @@ const (
 	stateClose  = 7
 	stateListen = 10
 
-	nlmsgHdrLen    = 16 // struct nlmsghdr
 	inetDiagReqLen = 56 // struct inet_diag_req_v2
 	inetDiagMsgLen = 72 // struct inet_diag_msg
 
@@ -75,10 +74,6 @@ const (
 	// inet_diag_sockopt (bit fields from the least significant bit:
 	// recverr, is_icsk, freebind, hdrincl, mc_loop, transparent, ...).
 	sockoptTransparent = 1 << 5
-
-	// nlaTypeMask strips the nested and byte-order flags off an
-	// attribute's type (NLA_TYPE_MASK).
-	nlaTypeMask = 0x3fff
 )
 
 // diagQuery is one dump: a family, a protocol and the states wanted.
@@ -97,24 +92,17 @@ var listenerQueries = []diagQuery{
 	{unix.AF_INET6, unix.IPPROTO_UDP, 1 << stateClose},
 }
 
-// diagRequest encodes a dump request: nlmsghdr then inet_diag_req_v2.
-// Netlink headers are in host byte order.
-func diagRequest(seq uint32, q diagQuery) []byte {
-	b := make([]byte, nlmsgHdrLen+inetDiagReqLen)
-	ne := binary.NativeEndian
-	ne.PutUint32(b[0:], uint32(len(b)))
-	ne.PutUint16(b[4:], sockDiagByFamily)
-	ne.PutUint16(b[6:], unix.NLM_F_REQUEST|unix.NLM_F_DUMP)
-	ne.PutUint32(b[8:], seq)
-	// b[12:16] pid 0: the kernel fills it in.
-	r := b[nlmsgHdrLen:]
+// diagRequest encodes the body of a dump request: struct
+// inet_diag_req_v2, in host byte order.
+func diagRequest(q diagQuery) []byte {
+	r := make([]byte, inetDiagReqLen)
 	r[0] = q.family // sdiag_family
 	r[1] = q.proto  // sdiag_protocol
 	// r[2] idiag_ext: no extensions wanted; the v6only and sockopt
 	// attributes come without asking.
-	ne.PutUint32(r[4:], q.states)
+	binary.NativeEndian.PutUint32(r[4:], q.states)
 	// r[8:56]: inet_diag_sockid, all zero (no filter on addresses).
-	return b
+	return r
 }
 
 // errDiagDump wraps the errno of a dump the kernel refused.
@@ -125,53 +113,37 @@ var errDiagDump = errors.New("sock_diag dump failed")
 // describes to out. done is true at the end of the dump (NLMSG_DONE).
 // Messages of other sequence numbers (a dump abandoned earlier) are
 // skipped; anything malformed is an error, as is a dump the kernel ended
-// with an error (wrapping the errno).
+// with an error (wrapping the errno and errDiagDump).
 func parseDiagDump(b []byte, proto string, seq uint32, out []Listener) (_ []Listener, done bool, err error) {
-	ne := binary.NativeEndian
-	for len(b) > 0 {
-		if len(b) < nlmsgHdrLen {
-			return out, false, fmt.Errorf("sock_diag: %d trailing bytes, shorter than a netlink header", len(b))
-		}
-		n := int(ne.Uint32(b[0:]))
-		typ := ne.Uint16(b[4:])
-		mseq := ne.Uint32(b[8:])
-		if n < nlmsgHdrLen || n > len(b) {
-			return out, false, fmt.Errorf("sock_diag: netlink message length %d, with %d bytes left", n, len(b))
-		}
-		payload := b[nlmsgHdrLen:n]
-		// Messages are padded to 4 bytes; the last one may not be.
-		adv := min(nlmAlign(n), len(b))
-		b = b[adv:]
-		if mseq != seq {
-			continue
-		}
-		switch typ {
-		case unix.NLMSG_DONE, unix.NLMSG_ERROR:
-			if len(payload) < 4 {
-				return out, false, fmt.Errorf("sock_diag: netlink message type %d without its error code", typ)
-			}
-			if e := int32(ne.Uint32(payload)); e < 0 {
-				return out, false, fmt.Errorf("%w: %w", errDiagDump, syscall.Errno(-e))
-			}
-			if typ == unix.NLMSG_DONE {
-				return out, true, nil
-			}
-		case sockDiagByFamily:
-			l, ok, err := parseDiagMsg(payload, proto)
-			if err != nil {
-				return out, false, err
-			}
-			if ok {
-				out = append(out, l)
-			}
-		default:
-			// NLMSG_NOOP and the like.
-		}
-	}
-	return out, false, nil
+	done, err = netlink.ParseAnswer(b, seq, func(m netlink.Message) (bool, error) {
+		var err error
+		out, err = appendDiagMsg(m, proto, out)
+		return false, err
+	})
+	return out, done, diagError(err)
 }
 
-func nlmAlign(n int) int { return (n + 3) &^ 3 }
+// appendDiagMsg appends the listener a message of a dump describes, if it
+// is one.
+func appendDiagMsg(m netlink.Message, proto string, out []Listener) ([]Listener, error) {
+	if m.Type != sockDiagByFamily {
+		return out, nil // an acknowledgement and the like
+	}
+	l, ok, err := parseDiagMsg(m.Data, proto)
+	if ok {
+		out = append(out, l)
+	}
+	return out, err
+}
+
+// diagError marks the errno of a dump the kernel ended with an error.
+func diagError(err error) error {
+	var errno unix.Errno
+	if errors.As(err, &errno) {
+		return fmt.Errorf("%w: %w", errDiagDump, errno)
+	}
+	return err
+}
 
 // parseDiagMsg parses one inet_diag_msg with its attributes. ok is false
 // for a socket that is not a listener (a state the request did not ask
@@ -195,21 +167,16 @@ func parseDiagMsg(b []byte, proto string) (l Listener, ok bool, err error) {
 	}
 	l = Listener{Proto: proto, Addr: netip.AddrPortFrom(addr, port)}
 	var transparent bool
-	attrs := b[inetDiagMsgLen:]
-	for len(attrs) >= 4 {
-		n := int(binary.NativeEndian.Uint16(attrs[0:]))
-		typ := binary.NativeEndian.Uint16(attrs[2:]) & nlaTypeMask
-		if n < 4 || n > len(attrs) {
-			return Listener{}, false, fmt.Errorf("sock_diag: attribute length %d, with %d bytes left", n, len(attrs))
-		}
-		v := attrs[4:n]
+	err = netlink.Attrs(b[inetDiagMsgLen:], func(typ uint16, v []byte) {
 		switch typ {
 		case inetDiagSKV6Only:
 			l.V6Only = len(v) >= 1 && v[0] != 0
 		case inetDiagSockopt:
 			transparent = len(v) >= 1 && v[0]&sockoptTransparent != 0
 		}
-		attrs = attrs[min(nlmAlign(n), len(attrs)):]
+	})
+	if err != nil {
+		return Listener{}, false, fmt.Errorf("sock_diag: %w", err)
 	}
 	switch {
 	case proto == "tcp" && state != stateListen, proto == "udp" && state != stateClose:
@@ -227,83 +194,46 @@ func parseDiagMsg(b []byte, proto string) (l Listener, ok bool, err error) {
 
 // sockDiag scans a network namespace for listeners over a NETLINK_SOCK_DIAG
 // socket, which belongs to the namespace it was created in whichever
-// thread uses it later. Not safe for concurrent use.
+// thread uses it later.
 type sockDiag struct {
-	fd  int
-	seq uint32
-	buf []byte
+	nl *netlink.Conn
 }
-
-// diagRecvTimeout bounds one receive: the kernel answers a dump at once,
-// so this only keeps a kernel that never answers from hanging the watcher
-// (and the child's shutdown) for good.
-const diagRecvTimeout = 5 * time.Second
 
 // openSockDiag creates the netlink socket with create, which runs its
 // argument in the namespace to scan.
 func openSockDiag(create func(fn func() error) error) (*sockDiag, error) {
-	fd := -1
+	var nl *netlink.Conn
 	err := create(func() error {
 		var err error
-		fd, err = unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
+		nl, err = netlink.Open(unix.NETLINK_SOCK_DIAG)
 		return err
 	})
 	if err != nil {
-		return nil, fmt.Errorf("open a sock_diag netlink socket: %w", err)
+		return nil, err
 	}
-	tv := unix.NsecToTimeval(diagRecvTimeout.Nanoseconds())
-	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("sock_diag socket: set its receive timeout: %w", err)
-	}
-	// 32 KiB is what the kernel puts in one datagram of a dump at most
-	// (NLMSG_GOODSIZE is a page, the dump skb up to 32 KiB).
-	return &sockDiag{fd: fd, buf: make([]byte, 64<<10)}, nil
+	return &sockDiag{nl: nl}, nil
 }
 
 // Listeners returns the namespace's listeners, sorted, in out's storage.
 func (d *sockDiag) Listeners(out []Listener) ([]Listener, error) {
 	out = out[:0]
 	for _, q := range listenerQueries {
-		var err error
-		if out, err = d.dump(q, out); err != nil {
-			return out, err
+		proto := "tcp"
+		if q.proto == unix.IPPROTO_UDP {
+			proto = "udp"
+		}
+		err := d.nl.Dump(sockDiagByFamily, diagRequest(q), func(m netlink.Message) error {
+			var err error
+			out, err = appendDiagMsg(m, proto, out)
+			return err
+		})
+		if err != nil {
+			return out, fmt.Errorf("sock_diag: list the %s sockets: %w", proto, diagError(err))
 		}
 	}
 	slices.SortFunc(out, compareListeners)
 	return slices.CompactFunc(out, func(a, b Listener) bool { return a == b }), nil
 }
 
-func (d *sockDiag) dump(q diagQuery, out []Listener) ([]Listener, error) {
-	proto := "tcp"
-	if q.proto == unix.IPPROTO_UDP {
-		proto = "udp"
-	}
-	d.seq++
-	kernel := &unix.SockaddrNetlink{Family: unix.AF_NETLINK}
-	if err := unix.Sendto(d.fd, diagRequest(d.seq, q), 0, kernel); err != nil {
-		return out, fmt.Errorf("sock_diag: request the %s sockets: %w", proto, err)
-	}
-	for {
-		n, _, flags, _, err := unix.Recvmsg(d.fd, d.buf, nil, 0)
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			return out, fmt.Errorf("sock_diag: read the %s sockets: %w", proto, err)
-		}
-		if flags&unix.MSG_TRUNC != 0 {
-			return out, fmt.Errorf("sock_diag: a datagram of the %s dump was larger than %d bytes", proto, len(d.buf))
-		}
-		var done bool
-		if out, done, err = parseDiagDump(d.buf[:n], proto, d.seq, out); err != nil {
-			return out, err
-		}
-		if done {
-			return out, nil
-		}
-	}
-}
-
 // Close closes the netlink socket.
-func (d *sockDiag) Close() error { return unix.Close(d.fd) }
+func (d *sockDiag) Close() error { return d.nl.Close() }

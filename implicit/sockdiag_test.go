@@ -13,6 +13,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gonetns/gonetns/internal/netlink"
 )
 
 // Dumps recorded from Linux 6.18 on x86-64 (netlink headers are in host
@@ -45,12 +47,12 @@ func cat(bs ...[]byte) []byte { return slices.Concat(bs...) }
 
 // nlmsg builds one netlink message, padded to 4 bytes.
 func nlmsg(typ uint16, seq uint32, payload []byte) []byte {
-	n := nlmsgHdrLen + len(payload)
-	b := make([]byte, nlmAlign(n))
+	n := unix.NLMSG_HDRLEN + len(payload)
+	b := make([]byte, netlink.Align(n))
 	binary.NativeEndian.PutUint32(b[0:], uint32(n))
 	binary.NativeEndian.PutUint16(b[4:], typ)
 	binary.NativeEndian.PutUint32(b[8:], seq)
-	copy(b[nlmsgHdrLen:], payload)
+	copy(b[unix.NLMSG_HDRLEN:], payload)
 	return b
 }
 
@@ -67,7 +69,7 @@ func diagMsg(family, state uint8, ap netip.AddrPort, attrs ...any) []byte {
 	}
 	for i := 0; i+1 < len(attrs); i += 2 {
 		v := attrs[i+1].([]byte)
-		a := make([]byte, nlmAlign(4+len(v)))
+		a := make([]byte, netlink.Align(4+len(v)))
 		binary.NativeEndian.PutUint16(a[0:], uint16(4+len(v)))
 		binary.NativeEndian.PutUint16(a[2:], uint16(attrs[i].(int)))
 		copy(a[4:], v)
@@ -131,7 +133,7 @@ func TestParseDiagDump(t *testing.T) {
 		{name: "unknown attributes and an empty v6only", proto: "tcp",
 			in:   nlmsg(sockDiagByFamily, seq, diagMsg(unix.AF_INET6, stateListen, ap("[fd00::100]:80"), 99, []byte{1, 2, 3}, inetDiagSKV6Only, []byte{})),
 			want: []Listener{{"tcp", ap("[fd00::100]:80"), false}}},
-		{name: "last message unpadded", proto: "tcp", in: listen4("0.0.0.0:82")[:nlmsgHdrLen+inetDiagMsgLen],
+		{name: "last message unpadded", proto: "tcp", in: listen4("0.0.0.0:82")[:unix.NLMSG_HDRLEN+inetDiagMsgLen],
 			want: []Listener{{"tcp", ap("0.0.0.0:82"), false}}},
 		{name: "listeners before an error are kept", proto: "tcp", in: cat(listen4("0.0.0.0:83"), errMsg(seq, syscall.ENOBUFS)),
 			want: []Listener{{"tcp", ap("0.0.0.0:83"), false}}, wantErr: "no buffer space", errno: syscall.ENOBUFS},
@@ -169,8 +171,8 @@ func TestParseDiagDump(t *testing.T) {
 }
 
 func TestDiagRequest(t *testing.T) {
-	b := diagRequest(42, diagQuery{unix.AF_INET6, unix.IPPROTO_UDP, 1 << stateClose})
-	want := mustHex("48000000" + "1400" + "0103" + "2a000000" + "00000000" + "0a110000" + "80000000" + strings.Repeat("00", 48))
+	b := diagRequest(diagQuery{unix.AF_INET6, unix.IPPROTO_UDP, 1 << stateClose})
+	want := mustHex("0a110000" + "80000000" + strings.Repeat("00", 48))
 	if !slices.Equal(b, want) {
 		t.Errorf("request\n got %x\nwant %x", b, want)
 	}

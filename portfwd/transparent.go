@@ -12,7 +12,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/gonetns/gonetns/tap"
+	"github.com/gonetns/gonetns/internal/conntrack"
+	"github.com/gonetns/gonetns/internal/route"
 )
 
 // Keeping the client's address on published ports (source IP transparency,
@@ -126,26 +127,26 @@ type transparency struct {
 
 	mu          sync.Mutex
 	tried       bool
-	setupErr    error          // why transparency is off, after tried
-	rt          *tap.Routing   // nil until set up
-	ct          *tap.Conntrack // nil if the kernel has no netfilter netlink
-	v6          bool           // IPv6 rules and routes are in place
-	setupRules  []tap.Rule     // the set-up's rules and routes, to undo at close
-	setupRoutes []tap.LocalRoute
+	setupErr    error            // why transparency is off, after tried
+	rt          *route.Routing   // nil until set up
+	ct          *conntrack.Table // nil if the kernel has no netfilter netlink
+	v6          bool             // IPv6 rules and routes are in place
+	setupRules  []route.Rule     // the set-up's rules and routes, to undo at close
+	setupRoutes []route.LocalRoute
 	udpOff      error // why UDP is off (the kernel ignores rule selectors)
 	// selectorsChecked: the kernel's honouring of rule selectors was
 	// checked, with the first UDP flow's rule (one route lookup, once).
 	selectorsChecked bool
-	tables           map[netip.Addr]uint32  // CHILDIP -> UDP table
-	rules            map[tap.Rule]int       // UDP rules -> flows using them
-	routes           map[tap.LocalRoute]int // UDP client routes -> flows using them
-	held             map[uint64]udpHold     // dial ID -> what its flow holds
+	tables           map[netip.Addr]uint32    // CHILDIP -> UDP table
+	rules            map[route.Rule]int       // UDP rules -> flows using them
+	routes           map[route.LocalRoute]int // UDP client routes -> flows using them
+	held             map[uint64]udpHold       // dial ID -> what its flow holds
 }
 
 type udpHold struct {
-	rule     tap.Rule
-	route    tap.LocalRoute
-	fwdRoute tap.LocalRoute // in udpForwardTable
+	rule     route.Rule
+	route    route.LocalRoute
+	fwdRoute route.LocalRoute // in udpForwardTable
 }
 
 func newTransparency(inNS func(func() error) error, log *slog.Logger) *transparency {
@@ -153,8 +154,8 @@ func newTransparency(inNS func(func() error) error, log *slog.Logger) *transpare
 		inNS:   inNS,
 		log:    log,
 		tables: make(map[netip.Addr]uint32),
-		rules:  make(map[tap.Rule]int),
-		routes: make(map[tap.LocalRoute]int),
+		rules:  make(map[route.Rule]int),
+		routes: make(map[route.LocalRoute]int),
 		held:   make(map[uint64]udpHold),
 	}
 }
@@ -197,14 +198,14 @@ func (t *transparency) eligible(transport string, target, source netip.AddrPort)
 			return off
 		}
 	}
-	local, err := rt.IsLocal(tap.Flow{Dst: dst})
+	local, err := rt.IsLocal(route.Flow{Dst: dst})
 	if err != nil {
 		return err
 	}
 	if !local {
 		return &errNotTransparent{"the target is not an address of the namespace"}
 	}
-	if local, err = rt.IsLocal(tap.Flow{Dst: src}); err != nil {
+	if local, err = rt.IsLocal(route.Flow{Dst: src}); err != nil {
 		return err
 	} else if local {
 		return &errNotTransparent{"the client's address is one the namespace owns"}
@@ -214,7 +215,7 @@ func (t *transparency) eligible(transport string, target, source netip.AddrPort)
 
 // ready sets up the TCP routing and sysctls once, and returns the routing
 // socket, or the error that keeps transparency off.
-func (t *transparency) ready() (*tap.Routing, error) {
+func (t *transparency) ready() (*route.Routing, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if !t.tried {
@@ -235,12 +236,12 @@ func (t *transparency) ready() (*tap.Routing, error) {
 // setup runs with t.mu held.
 func (t *transparency) setup() error {
 	err := t.inNS(func() error {
-		rt, err := tap.OpenRouting()
+		rt, err := route.Open()
 		if err != nil {
 			return err
 		}
 		t.rt = rt
-		if ct, err := tap.OpenConntrack(); err == nil {
+		if ct, err := conntrack.Open(); err == nil {
 			t.ct = ct
 		} else {
 			t.log.Debug("portfwd: no connection tracking lookups; TCP redirected inside waits for the dial timeout", "err", err)
@@ -264,11 +265,11 @@ func (t *transparency) setup() error {
 		if v6 {
 			dst = netip.MustParsePrefix("::/0")
 		}
-		route := tap.LocalRoute{Table: transparentTable, Dst: dst}
-		err := t.rt.AddLocalRoute(route)
+		local := route.LocalRoute{Table: transparentTable, Dst: dst}
+		err := t.rt.AddLocalRoute(local)
 		if err == nil || errors.Is(err, fs.ErrExist) {
-			t.setupRoutes = append(t.setupRoutes, route)
-			for _, rule := range []tap.Rule{
+			t.setupRoutes = append(t.setupRoutes, local)
+			for _, rule := range []route.Rule{
 				{IPv6: v6, Priority: tcpRulePriority, Table: transparentTable, Mark: transparentMark},
 				{IPv6: v6, Priority: fwdRulePriority, IIf: "lo", Goto: fwdRulePriority + 2},
 				{IPv6: v6, Priority: fwdRulePriority + 1, IPProto: unix.IPPROTO_UDP, Table: udpForwardTable},
@@ -296,11 +297,11 @@ func (t *transparency) setup() error {
 	// The kernel must agree: marked packets to an address that is not the
 	// namespace's are local now, unmarked ones are not.
 	probe := netip.MustParseAddr("198.51.100.1") // TEST-NET-2: never an address of the namespace
-	marked, err := t.rt.IsLocal(tap.Flow{Dst: probe, Mark: transparentMark})
+	marked, err := t.rt.IsLocal(route.Flow{Dst: probe, Mark: transparentMark})
 	if err != nil {
 		return err
 	}
-	plain, err := t.rt.IsLocal(tap.Flow{Dst: probe})
+	plain, err := t.rt.IsLocal(route.Flow{Dst: probe})
 	if err != nil {
 		return err
 	}
@@ -328,7 +329,7 @@ func (t *transparency) checkRedirect(source, target netip.AddrPort) error {
 	}
 	from, err := ct.ReplySource(unix.IPPROTO_TCP, netip.AddrPortFrom(source.Addr().Unmap(), source.Port()), target)
 	if err != nil {
-		if !errors.Is(err, tap.ErrNotTracked) {
+		if !errors.Is(err, conntrack.ErrNotTracked) {
 			t.log.Debug("portfwd: conntrack lookup", "err", err)
 		}
 		return nil
@@ -360,9 +361,9 @@ func (t *transparency) acquireUDP(id uint64, target, source netip.AddrPort) erro
 		t.tables[dst] = table
 	}
 	h := udpHold{
-		rule:     tap.Rule{IPv6: dst.Is6(), Priority: udpRulePriority, Table: table, IPProto: unix.IPPROTO_UDP, SPort: target.Port()},
-		route:    tap.LocalRoute{Table: table, Dst: netip.PrefixFrom(src, src.BitLen()), Src: dst},
-		fwdRoute: tap.LocalRoute{Table: udpForwardTable, Dst: netip.PrefixFrom(src, src.BitLen())},
+		rule:     route.Rule{IPv6: dst.Is6(), Priority: udpRulePriority, Table: table, IPProto: unix.IPPROTO_UDP, SPort: target.Port()},
+		route:    route.LocalRoute{Table: table, Dst: netip.PrefixFrom(src, src.BitLen()), Src: dst},
+		fwdRoute: route.LocalRoute{Table: udpForwardTable, Dst: netip.PrefixFrom(src, src.BitLen())},
 	}
 	if t.rules[h.rule] == 0 {
 		if err := t.rt.AddRule(h.rule); err != nil && !errors.Is(err, fs.ErrExist) {
@@ -370,7 +371,7 @@ func (t *transparency) acquireUDP(id uint64, target, source netip.AddrPort) erro
 		}
 	}
 	t.rules[h.rule]++
-	for i, rt := range []tap.LocalRoute{h.route, h.fwdRoute} {
+	for i, rt := range []route.LocalRoute{h.route, h.fwdRoute} {
 		if t.routes[rt] == 0 {
 			if err := t.rt.AddLocalRoute(rt); err != nil && !errors.Is(err, fs.ErrExist) {
 				t.dropLocked(h, i)
@@ -403,7 +404,7 @@ func (t *transparency) checkSelectorsLocked(h udpHold, client netip.Addr) error 
 	if other == 0 {
 		other = 1
 	}
-	local, err := t.rt.IsLocal(tap.Flow{Dst: client, IPProto: unix.IPPROTO_UDP, SPort: other})
+	local, err := t.rt.IsLocal(route.Flow{Dst: client, IPProto: unix.IPPROTO_UDP, SPort: other})
 	if err != nil {
 		return err
 	}
@@ -428,7 +429,7 @@ func (t *transparency) releaseUDP(id uint64) {
 // dropLocked counts one use of h's rule and of its first routes routes
 // down and deletes what is no longer used.
 func (t *transparency) dropLocked(h udpHold, routes int) {
-	for _, rt := range []tap.LocalRoute{h.route, h.fwdRoute}[:routes] {
+	for _, rt := range []route.LocalRoute{h.route, h.fwdRoute}[:routes] {
 		if t.routes[rt]--; t.routes[rt] <= 0 {
 			delete(t.routes, rt)
 			if err := t.rt.DelLocalRoute(rt); err != nil {

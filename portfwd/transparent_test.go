@@ -18,6 +18,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/gonetns/gonetns/internal/route"
 	"github.com/gonetns/gonetns/port"
 	"github.com/gonetns/gonetns/tap"
 )
@@ -475,7 +476,7 @@ func TestSourceKept(t *testing.T) {
 		hp := w.publish(t, "udp", hostIP4, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), srv.Port()))
 		conn := w.clientConn(t, "udp", clientIP4, hp)
 		askUDP(t, conn, "hello")
-		flow := tap.Flow{Dst: clientIP4, IPProto: unix.IPPROTO_UDP, SPort: srv.Port()}
+		flow := route.Flow{Dst: clientIP4, IPProto: unix.IPPROTO_UDP, SPort: srv.Port()}
 		if local, err := rt.IsLocal(flow); err != nil || !local {
 			t.Fatalf("while the flow lives, its replies are not routed back: local %v, %v", local, err)
 		}
@@ -488,12 +489,12 @@ func TestSourceKept(t *testing.T) {
 }
 
 // routing opens a routing socket in the sandbox, for looking at its routes.
-func (w *srcipWorld) routing(t testing.TB) *tap.Routing {
+func (w *srcipWorld) routing(t testing.TB) *route.Routing {
 	t.Helper()
-	var rt *tap.Routing
+	var rt *route.Routing
 	w.sandbox.must(t, func() error {
 		var err error
-		rt, err = tap.OpenRouting()
+		rt, err = route.Open()
 		return err
 	})
 	t.Cleanup(func() { rt.Close() })
@@ -518,7 +519,7 @@ func TestSourceNotKept(t *testing.T) {
 		t.Errorf("UDP: the server saw %s", seen)
 	}
 	rt := w.routing(t)
-	if local, err := rt.IsLocal(tap.Flow{Dst: clientIP4, Mark: transparentMark}); err != nil || local {
+	if local, err := rt.IsLocal(route.Flow{Dst: clientIP4, Mark: transparentMark}); err != nil || local {
 		t.Errorf("transparency off, yet marked packets are routed locally (%v, %v)", local, err)
 	}
 }

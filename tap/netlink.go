@@ -2,16 +2,12 @@ package tap
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
-	"net"
 	"net/netip"
-	"sync"
-	"sync/atomic"
-	"syscall"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gonetns/gonetns/internal/netlink"
 )
 
 // LinkConfig is the configuration of the sandbox's interface.
@@ -29,29 +25,38 @@ type LinkConfig struct {
 }
 
 // Configure brings up lo, then sets the MTU, address and state of the
-// interface and adds the default route, all over rtnetlink.
+// interface and adds the default route, all over rtnetlink, in the calling
+// thread's network namespace.
 func Configure(c LinkConfig) error {
-	nl, err := dialNetlink()
+	nl, err := netlink.Open(unix.NETLINK_ROUTE)
 	if err != nil {
 		return err
 	}
-	defer nl.close()
-	if err := nl.setLinkUp("lo", 0, 0); err != nil {
+	defer nl.Close()
+	return ConfigureOn(nl, c)
+}
+
+// ConfigureOn is Configure over an rtnetlink socket of the caller's: the
+// interface and lo of the namespace nl belongs to are configured, whatever
+// namespace the calling thread is in (nl may have been opened by a thread
+// or a process that entered the namespace).
+func ConfigureOn(nl *netlink.Conn, c LinkConfig) error {
+	if err := setLinkUp(nl, "lo", 0, 0); err != nil {
 		return err
 	}
-	if err := nl.setLinkUp(c.Name, c.MTU, TxQueueLen); err != nil {
+	if err := setLinkUp(nl, c.Name, c.MTU, TxQueueLen); err != nil {
 		return err
 	}
 	for _, a := range []netip.Prefix{c.Address, c.Address6} {
 		if a.IsValid() {
-			if err := nl.addAddr(c.Name, a); err != nil {
+			if err := addAddr(nl, c.Name, a); err != nil {
 				return err
 			}
 		}
 	}
 	for _, gw := range []netip.Addr{c.Gateway, c.Gateway6} {
 		if gw.IsValid() {
-			if err := nl.addDefaultRoute(c.Name, gw); err != nil {
+			if err := addDefaultRoute(nl, c.Name, gw); err != nil {
 				return err
 			}
 		}
@@ -61,12 +66,12 @@ func Configure(c LinkConfig) error {
 
 // LoopbackUp brings up lo (for --net=none).
 func LoopbackUp() error {
-	nl, err := dialNetlink()
+	nl, err := netlink.Open(unix.NETLINK_ROUTE)
 	if err != nil {
 		return err
 	}
-	defer nl.close()
-	return nl.setLinkUp("lo", 0, 0)
+	defer nl.Close()
+	return setLinkUp(nl, "lo", 0, 0)
 }
 
 // TxQueueLen is the length of the TAP's transmit queue: the frames the
@@ -81,135 +86,36 @@ func LoopbackUp() error {
 // ones stop their sockets first.
 const TxQueueLen = 10000
 
-// netlinkConn is a netlink socket of the calling thread's network
-// namespace. Its exchanges are serialized, so it is safe for concurrent
-// use; after close they fail.
-type netlinkConn struct {
-	what string // for errors: "rtnetlink", "netfilter netlink"
-	mu   sync.Mutex
-	fd   int // -1 once closed
-	seq  atomic.Uint32
-}
-
-func dialNetlink() (*netlinkConn, error) { return dialNetlinkProto(unix.NETLINK_ROUTE, "rtnetlink") }
-
-func dialNetlinkProto(proto int, what string) (*netlinkConn, error) {
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, proto)
-	if err != nil {
-		return nil, fmt.Errorf("open %s socket: %w", what, err)
-	}
-	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("bind %s socket: %w", what, err)
-	}
-	return &netlinkConn{what: what, fd: fd}, nil
-}
-
-// close closes the socket; idempotent.
-func (c *netlinkConn) close() {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.fd >= 0 {
-		unix.Close(c.fd)
-		c.fd = -1
-	}
-}
-
-// request sends one message and waits for its acknowledgement.
-func (c *netlinkConn) request(typ uint16, flags uint16, body []byte) error {
-	_, err := c.exchange(typ, flags|unix.NLM_F_ACK, body, true)
-	return err
-}
-
-// get sends one request that the kernel answers with one message (no
-// acknowledgement asked for) and returns that message's body.
-func (c *netlinkConn) get(typ uint16, body []byte) ([]byte, error) {
-	data, err := c.exchange(typ, 0, body, false)
-	if err == nil && data == nil {
-		return nil, errors.New("netlink acknowledged a request that wants an answer")
-	}
-	return data, err
-}
-
-// exchange sends one message and returns the kernel's answer to it: the
-// body of the answer, or nil for an acknowledgement (NLMSG_ERROR with code
-// 0); an error code comes back as the error. Late answers to earlier
-// requests are skipped, and with ack so is anything but the
-// acknowledgement.
-func (c *netlinkConn) exchange(typ, flags uint16, body []byte, ack bool) ([]byte, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.fd < 0 {
-		return nil, fmt.Errorf("the %s socket is closed", c.what)
-	}
-	seq := c.seq.Add(1)
-	msg := make([]byte, unix.NLMSG_HDRLEN+len(body))
-	binary.NativeEndian.PutUint32(msg[0:], uint32(len(msg)))
-	binary.NativeEndian.PutUint16(msg[4:], typ)
-	binary.NativeEndian.PutUint16(msg[6:], flags|unix.NLM_F_REQUEST)
-	binary.NativeEndian.PutUint32(msg[8:], seq)
-	copy(msg[unix.NLMSG_HDRLEN:], body)
-	if err := unix.Sendto(c.fd, msg, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		return nil, err
-	}
-	buf := make([]byte, 8192)
-	for {
-		n, _, err := unix.Recvfrom(c.fd, buf, 0)
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			return nil, err
-		}
-		msgs, err := syscall.ParseNetlinkMessage(buf[:n])
-		if err != nil {
-			return nil, err
-		}
-		for _, m := range msgs {
-			if m.Header.Seq != seq {
-				continue
-			}
-			if m.Header.Type != unix.NLMSG_ERROR {
-				if ack {
-					continue
-				}
-				return m.Data, nil
-			}
-			if len(m.Data) < 4 {
-				return nil, errors.New("short netlink error message")
-			}
-			if code := int32(binary.NativeEndian.Uint32(m.Data)); code != 0 {
-				return nil, unix.Errno(-code)
-			}
-			return nil, nil
-		}
-	}
-}
-
-func ifIndex(name string) (int, error) {
-	ifi, err := net.InterfaceByName(name)
-	if err != nil {
+// ifIndex looks the interface up by name in nl's namespace.
+func ifIndex(nl *netlink.Conn, name string) (int, error) {
+	ifi := unix.IfInfomsg{Family: unix.AF_UNSPEC}
+	body := netlink.AppendAttr(netlink.StructBytes(&ifi), unix.IFLA_IFNAME, append([]byte(name), 0))
+	reply, err := nl.Get(unix.RTM_GETLINK, body)
+	switch {
+	case err != nil:
 		return 0, fmt.Errorf("interface %s: %w", name, err)
+	case len(reply) < unix.SizeofIfInfomsg:
+		return 0, fmt.Errorf("interface %s: short answer (%d bytes)", name, len(reply))
 	}
-	return ifi.Index, nil
+	return int(int32(binary.NativeEndian.Uint32(reply[4:]))), nil // ifi_index
 }
 
 // setLinkUp sets the interface up; an MTU or transmit queue length of 0
 // is left as it is.
-func (c *netlinkConn) setLinkUp(name string, mtu, txqlen int) error {
-	idx, err := ifIndex(name)
+func setLinkUp(c *netlink.Conn, name string, mtu, txqlen int) error {
+	idx, err := ifIndex(c, name)
 	if err != nil {
 		return err
 	}
 	ifi := unix.IfInfomsg{Family: unix.AF_UNSPEC, Index: int32(idx), Flags: unix.IFF_UP, Change: unix.IFF_UP}
-	body := structBytes(&ifi)
+	body := netlink.StructBytes(&ifi)
 	if mtu > 0 {
-		body = appendAttr(body, unix.IFLA_MTU, binary.NativeEndian.AppendUint32(nil, uint32(mtu)))
+		body = netlink.AppendAttr(body, unix.IFLA_MTU, binary.NativeEndian.AppendUint32(nil, uint32(mtu)))
 	}
 	if txqlen > 0 {
-		body = appendAttr(body, unix.IFLA_TXQLEN, binary.NativeEndian.AppendUint32(nil, uint32(txqlen)))
+		body = netlink.AppendAttr(body, unix.IFLA_TXQLEN, binary.NativeEndian.AppendUint32(nil, uint32(txqlen)))
 	}
-	if err := c.request(unix.RTM_NEWLINK, 0, body); err != nil {
+	if err := c.Request(unix.RTM_NEWLINK, 0, body); err != nil {
 		if mtu > 0 {
 			return fmt.Errorf("set %s up with MTU %d: %w", name, mtu, err)
 		}
@@ -218,8 +124,8 @@ func (c *netlinkConn) setLinkUp(name string, mtu, txqlen int) error {
 	return nil
 }
 
-func (c *netlinkConn) addAddr(name string, p netip.Prefix) error {
-	idx, err := ifIndex(name)
+func addAddr(c *netlink.Conn, name string, p netip.Prefix) error {
+	idx, err := ifIndex(c, name)
 	if err != nil {
 		return err
 	}
@@ -228,25 +134,25 @@ func (c *netlinkConn) addAddr(name string, p netip.Prefix) error {
 		family = unix.AF_INET6
 	}
 	ifa := unix.IfAddrmsg{Family: family, Prefixlen: uint8(p.Bits()), Index: uint32(idx)}
-	body := structBytes(&ifa)
+	body := netlink.StructBytes(&ifa)
 	addr := p.Addr().AsSlice()
-	body = appendAttr(body, unix.IFA_LOCAL, addr)
-	body = appendAttr(body, unix.IFA_ADDRESS, addr)
+	body = netlink.AppendAttr(body, unix.IFA_LOCAL, addr)
+	body = netlink.AppendAttr(body, unix.IFA_ADDRESS, addr)
 	if p.Addr().Is4() {
-		body = appendAttr(body, unix.IFA_BROADCAST, broadcast(p).AsSlice())
+		body = netlink.AppendAttr(body, unix.IFA_BROADCAST, broadcast(p).AsSlice())
 	} else {
 		// No duplicate address detection: nothing else is on this link,
 		// and DAD would hold the address "tentative" for a second.
-		body = appendAttr(body, unix.IFA_FLAGS, binary.NativeEndian.AppendUint32(nil, unix.IFA_F_NODAD))
+		body = netlink.AppendAttr(body, unix.IFA_FLAGS, binary.NativeEndian.AppendUint32(nil, unix.IFA_F_NODAD))
 	}
-	if err := c.request(unix.RTM_NEWADDR, unix.NLM_F_CREATE|unix.NLM_F_EXCL, body); err != nil {
+	if err := c.Request(unix.RTM_NEWADDR, unix.NLM_F_CREATE|unix.NLM_F_EXCL, body); err != nil {
 		return fmt.Errorf("add address %s to %s: %w", p, name, err)
 	}
 	return nil
 }
 
-func (c *netlinkConn) addDefaultRoute(name string, gw netip.Addr) error {
-	idx, err := ifIndex(name)
+func addDefaultRoute(c *netlink.Conn, name string, gw netip.Addr) error {
+	idx, err := ifIndex(c, name)
 	if err != nil {
 		return err
 	}
@@ -261,10 +167,10 @@ func (c *netlinkConn) addDefaultRoute(name string, gw netip.Addr) error {
 		Scope:    unix.RT_SCOPE_UNIVERSE,
 		Type:     unix.RTN_UNICAST,
 	}
-	body := structBytes(&rtm)
-	body = appendAttr(body, unix.RTA_GATEWAY, gw.AsSlice())
-	body = appendAttr(body, unix.RTA_OIF, binary.NativeEndian.AppendUint32(nil, uint32(idx)))
-	if err := c.request(unix.RTM_NEWROUTE, unix.NLM_F_CREATE|unix.NLM_F_EXCL, body); err != nil {
+	body := netlink.StructBytes(&rtm)
+	body = netlink.AppendAttr(body, unix.RTA_GATEWAY, gw.AsSlice())
+	body = netlink.AppendAttr(body, unix.RTA_OIF, binary.NativeEndian.AppendUint32(nil, uint32(idx)))
+	if err := c.Request(unix.RTM_NEWROUTE, unix.NLM_F_CREATE|unix.NLM_F_EXCL, body); err != nil {
 		return fmt.Errorf("add default route via %s dev %s: %w", gw, name, err)
 	}
 	return nil
@@ -276,20 +182,4 @@ func broadcast(p netip.Prefix) netip.Addr {
 	v := binary.BigEndian.Uint32(a[:]) | host
 	binary.BigEndian.PutUint32(a[:], v)
 	return netip.AddrFrom4(a)
-}
-
-func structBytes[T any](v *T) []byte {
-	b := unsafe.Slice((*byte)(unsafe.Pointer(v)), unsafe.Sizeof(*v))
-	return append([]byte(nil), b...)
-}
-
-func appendAttr(b []byte, typ uint16, data []byte) []byte {
-	l := unix.SizeofRtAttr + len(data)
-	b = binary.NativeEndian.AppendUint16(b, uint16(l))
-	b = binary.NativeEndian.AppendUint16(b, typ)
-	b = append(b, data...)
-	for len(b)%4 != 0 {
-		b = append(b, 0)
-	}
-	return b
 }

@@ -1,4 +1,9 @@
-package tap
+// Package route is policy routing over rtnetlink, without ip(8): the
+// rules and `local` routes that portfwd's child sets up so that replies to
+// a published port's clients come back to the sockets that carry the
+// clients' own addresses instead of leaving through the TAP, and the route
+// lookups that check them.
+package route
 
 import (
 	"encoding/binary"
@@ -7,12 +12,9 @@ import (
 	"net/netip"
 
 	"golang.org/x/sys/unix"
-)
 
-// Policy routing over rtnetlink, without ip(8): the rules and `local`
-// routes that portfwd's child sets up so that replies to a published
-// port's clients come back to the sockets that carry the clients' own
-// addresses, instead of leaving through the TAP.
+	"github.com/gonetns/gonetns/internal/netlink"
+)
 
 // loopbackIndex is lo's interface index, the same in every network
 // namespace (the kernel's LOOPBACK_IFINDEX), so that no interface lookup
@@ -95,19 +97,19 @@ type Flow struct {
 }
 
 // Routing is an rtnetlink socket for policy routing. The socket belongs to
-// the network namespace of the thread that called OpenRouting, and every
+// the network namespace of the thread that called Open, and every
 // change made through it applies there, whichever thread makes it later.
 // Its methods are safe for concurrent use (requests are serialized).
 // Errors keep the kernel's errno: errors.Is(err, fs.ErrExist) for a rule
 // or route that exists already; deleting one that does not exist is
 // unix.ENOENT (rule) or unix.ESRCH (route).
 type Routing struct {
-	nl *netlinkConn
+	nl *netlink.Conn
 }
 
-// OpenRouting opens the socket in the calling thread's network namespace.
-func OpenRouting() (*Routing, error) {
-	nl, err := dialNetlink()
+// Open opens the socket in the calling thread's network namespace.
+func Open() (*Routing, error) {
+	nl, err := netlink.Open(unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, err
 	}
@@ -115,13 +117,10 @@ func OpenRouting() (*Routing, error) {
 }
 
 // Close closes the socket; rules and routes stay.
-func (r *Routing) Close() error {
-	r.nl.close()
-	return nil
-}
+func (r *Routing) Close() error { return r.nl.Close() }
 
 func (r *Routing) do(typ, flags uint16, body []byte) error {
-	return r.nl.request(typ, flags, body)
+	return r.nl.Request(typ, flags, body)
 }
 
 // AddRule adds ru; an identical rule already there is an error matching
@@ -175,24 +174,24 @@ func (r *Routing) IsLocal(f Flow) (bool, error) {
 	if f.Src.IsValid() {
 		rtm.Src_len = uint8(f.Src.BitLen())
 	}
-	body := structBytes(&rtm)
-	body = appendAttr(body, unix.RTA_DST, dst.AsSlice())
+	body := netlink.StructBytes(&rtm)
+	body = netlink.AppendAttr(body, unix.RTA_DST, dst.AsSlice())
 	if f.Src.IsValid() {
-		body = appendAttr(body, unix.RTA_SRC, f.Src.Unmap().AsSlice())
+		body = netlink.AppendAttr(body, unix.RTA_SRC, f.Src.Unmap().AsSlice())
 	}
 	if f.IIf != 0 {
-		body = appendAttr(body, unix.RTA_IIF, binary.NativeEndian.AppendUint32(nil, uint32(f.IIf)))
+		body = netlink.AppendAttr(body, unix.RTA_IIF, binary.NativeEndian.AppendUint32(nil, uint32(f.IIf)))
 	}
 	if f.Mark != 0 {
-		body = appendAttr(body, unix.RTA_MARK, binary.NativeEndian.AppendUint32(nil, f.Mark))
+		body = netlink.AppendAttr(body, unix.RTA_MARK, binary.NativeEndian.AppendUint32(nil, f.Mark))
 	}
 	if f.IPProto != 0 {
-		body = appendAttr(body, unix.RTA_IP_PROTO, []byte{f.IPProto})
+		body = netlink.AppendAttr(body, unix.RTA_IP_PROTO, []byte{f.IPProto})
 	}
 	if f.SPort != 0 {
-		body = appendAttr(body, unix.RTA_SPORT, binary.BigEndian.AppendUint16(nil, f.SPort))
+		body = netlink.AppendAttr(body, unix.RTA_SPORT, binary.BigEndian.AppendUint16(nil, f.SPort))
 	}
-	reply, err := r.nl.get(unix.RTM_GETROUTE, body)
+	reply, err := r.nl.Get(unix.RTM_GETROUTE, body)
 	switch {
 	case errors.Is(err, unix.ENETUNREACH), errors.Is(err, unix.EHOSTUNREACH):
 		return false, nil
@@ -213,34 +212,34 @@ func (ru Rule) message() []byte {
 	}
 	// family, dst_len, src_len, tos, table, res1, res2, action; flags.
 	hdr := []byte{family, 0, 0, 0, 0, 0, 0, unix.FR_ACT_TO_TBL, 0, 0, 0, 0}
-	b := appendAttr(hdr, unix.FRA_PRIORITY, binary.NativeEndian.AppendUint32(nil, ru.Priority))
+	b := netlink.AppendAttr(hdr, unix.FRA_PRIORITY, binary.NativeEndian.AppendUint32(nil, ru.Priority))
 	switch {
 	case ru.Goto != 0:
 		b[7] = unix.FR_ACT_GOTO
-		b = appendAttr(b, unix.FRA_GOTO, binary.NativeEndian.AppendUint32(nil, ru.Goto))
+		b = netlink.AppendAttr(b, unix.FRA_GOTO, binary.NativeEndian.AppendUint32(nil, ru.Goto))
 	case ru.Nop:
 		b[7] = unix.FR_ACT_NOP
 	default:
 		if ru.Table < 256 {
 			b[4] = byte(ru.Table)
 		}
-		b = appendAttr(b, unix.FRA_TABLE, binary.NativeEndian.AppendUint32(nil, ru.Table))
+		b = netlink.AppendAttr(b, unix.FRA_TABLE, binary.NativeEndian.AppendUint32(nil, ru.Table))
 	}
 	if ru.IIf != "" {
-		b = appendAttr(b, unix.FRA_IIFNAME, append([]byte(ru.IIf), 0))
+		b = netlink.AppendAttr(b, unix.FRA_IIFNAME, append([]byte(ru.IIf), 0))
 	}
 	if ru.Mark != 0 {
-		b = appendAttr(b, unix.FRA_FWMARK, binary.NativeEndian.AppendUint32(nil, ru.Mark))
-		b = appendAttr(b, unix.FRA_FWMASK, binary.NativeEndian.AppendUint32(nil, 0xffffffff))
+		b = netlink.AppendAttr(b, unix.FRA_FWMARK, binary.NativeEndian.AppendUint32(nil, ru.Mark))
+		b = netlink.AppendAttr(b, unix.FRA_FWMASK, binary.NativeEndian.AppendUint32(nil, 0xffffffff))
 	}
 	if ru.IPProto != 0 {
-		b = appendAttr(b, unix.FRA_IP_PROTO, []byte{ru.IPProto})
+		b = netlink.AppendAttr(b, unix.FRA_IP_PROTO, []byte{ru.IPProto})
 	}
 	if ru.SPort != 0 {
 		// struct fib_rule_port_range: start and end, host byte order.
 		pr := binary.NativeEndian.AppendUint16(nil, ru.SPort)
 		pr = binary.NativeEndian.AppendUint16(pr, ru.SPort)
-		b = appendAttr(b, unix.FRA_SPORT_RANGE, pr)
+		b = netlink.AppendAttr(b, unix.FRA_SPORT_RANGE, pr)
 	}
 	return b
 }
@@ -261,14 +260,14 @@ func (rt LocalRoute) message() []byte {
 	if rt.Table < 256 {
 		rtm.Table = uint8(rt.Table)
 	}
-	b := structBytes(&rtm)
+	b := netlink.StructBytes(&rtm)
 	if rt.Dst.Bits() > 0 {
-		b = appendAttr(b, unix.RTA_DST, rt.Dst.Masked().Addr().AsSlice())
+		b = netlink.AppendAttr(b, unix.RTA_DST, rt.Dst.Masked().Addr().AsSlice())
 	}
 	if rt.Src.IsValid() {
-		b = appendAttr(b, unix.RTA_PREFSRC, rt.Src.AsSlice())
+		b = netlink.AppendAttr(b, unix.RTA_PREFSRC, rt.Src.AsSlice())
 	}
-	b = appendAttr(b, unix.RTA_OIF, binary.NativeEndian.AppendUint32(nil, loopbackIndex))
-	b = appendAttr(b, unix.RTA_TABLE, binary.NativeEndian.AppendUint32(nil, rt.Table))
+	b = netlink.AppendAttr(b, unix.RTA_OIF, binary.NativeEndian.AppendUint32(nil, loopbackIndex))
+	b = netlink.AppendAttr(b, unix.RTA_TABLE, binary.NativeEndian.AppendUint32(nil, rt.Table))
 	return b
 }

@@ -1,15 +1,40 @@
-package tap
+package route
 
 import (
 	"errors"
 	"io/fs"
 	"net"
 	"net/netip"
+	"os"
+	"runtime"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gonetns/gonetns/tap"
 )
+
+// inNewNetns runs f on a goroutine whose OS thread has its own network
+// namespace; the thread is never returned to Go's pool (it exits with the
+// goroutine), so no other goroutine ever runs in that namespace.
+func inNewNetns(t *testing.T, f func()) {
+	t.Helper()
+	if os.Getuid() != 0 {
+		t.Fatal("this test creates a network namespace and needs root: run `make test` (as root)")
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		runtime.LockOSThread() // never unlocked: the thread dies with this goroutine
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			t.Errorf("unshare(CLONE_NEWNET): %v", err)
+			return
+		}
+		f()
+	}()
+	<-done
+}
 
 // The rules and routes portfwd's child sets up for source-keeping, made
 // in a namespace of the test's own with a TAP and default routes (so that
@@ -17,13 +42,13 @@ import (
 // kernel's own route lookups and with a socket's choice of source address.
 func TestRoutingRulesAndLocalRoutes(t *testing.T) {
 	inNewNetns(t, func() {
-		dev, err := Open(Options{Name: "gtest2"})
+		dev, err := tap.Open(tap.Options{Name: "gtest2"})
 		if err != nil {
 			t.Error(err)
 			return
 		}
 		defer dev.File.Close()
-		if err := Configure(LinkConfig{
+		if err := tap.Configure(tap.LinkConfig{
 			Name: "gtest2", MTU: 1500,
 			Address: netip.MustParsePrefix("10.0.9.100/24"), Gateway: netip.MustParseAddr("10.0.9.2"),
 			Address6: netip.MustParsePrefix("fd00:9::100/64"), Gateway6: netip.MustParseAddr("fd00:9::2"),
@@ -31,7 +56,7 @@ func TestRoutingRulesAndLocalRoutes(t *testing.T) {
 			t.Error(err)
 			return
 		}
-		r, err := OpenRouting()
+		r, err := Open()
 		if err != nil {
 			t.Error(err)
 			return
