@@ -6,7 +6,7 @@ BIN     := bin/gonetns
 # VCS information); VERSION=x.y.z overrides it.
 LDFLAGS := -s -w $(if $(VERSION),-X main.version=$(VERSION))
 
-.PHONY: build test test-setup unit e2e install install-rootlesskit clean
+.PHONY: build test test-setup install install-rootlesskit clean
 
 # A static binary: CGO_ENABLED=0, no helper binaries needed at run time.
 build:

@@ -141,7 +141,8 @@ type Config struct {
 	// CopyUp lists directories replaced inside by writable copies
 	// (tmpfs+symlink), e.g. /etc.
 	CopyUp []string
-	// Propagation of mounts inside: "rprivate" (default) or "rslave".
+	// Propagation of mounts inside: "rprivate" or "rslave"; "" means
+	// userns.DefaultPropagation, rprivate.
 	Propagation string
 	// PIDNS, UTSNS, IPCNS and CgroupNS create those namespaces; with PIDNS
 	// the command is PID 1.
@@ -211,7 +212,7 @@ func (c Config) withDefaults() Config {
 		}
 	}
 	if c.Propagation == "" {
-		c.Propagation = "rprivate"
+		c.Propagation = userns.DefaultPropagation
 	}
 	if c.Reaper == "" {
 		c.Reaper = "auto"

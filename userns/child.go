@@ -100,6 +100,13 @@ func firstStage() int {
 // initStage is PID 1 of the new PID namespace (--pidns): it mounts a procfs
 // that shows the namespace's processes and becomes the command, so that
 // the command's $$ is 1.
+// The command's exit statuses when it does not run, the shell's (and
+// Docker's): found but not executable, not found.
+const (
+	exitCannotExec = 126
+	exitNotFound   = 127
+)
+
 func initStage() int {
 	path := os.Getenv(envInitPath)
 	os.Unsetenv(envInitPath)
@@ -109,7 +116,7 @@ func initStage() int {
 	}
 	err := unix.Exec(path, os.Args, os.Environ())
 	fmt.Fprintf(os.Stderr, "gonetns: exec %s: %v\n", path, err)
-	return 126
+	return exitCannotExec
 }
 
 func secondStage(hooks ChildHooks) int {
@@ -214,9 +221,9 @@ func (r *runner) run(hooks ChildHooks, extra []*os.File) int {
 		fmt.Fprintf(os.Stderr, "gonetns: %v\n", err)
 		r.ctl.Send(message{Type: msgError, Error: err.Error()})
 		if errors.Is(err, exec.ErrNotFound) {
-			return 127
+			return exitNotFound
 		}
-		return 126
+		return exitCannotExec
 	}
 
 	// Signals sent to this process: those a terminal sends (INT, QUIT,
@@ -251,7 +258,7 @@ func (r *runner) run(hooks ChildHooks, extra []*os.File) int {
 		})
 		if err != nil {
 			started <- 0
-			done <- exit{126, fmt.Errorf("start %s: %w", path, err)}
+			done <- exit{exitCannotExec, fmt.Errorf("start %s: %w", path, err)}
 			return
 		}
 		started <- p.Pid

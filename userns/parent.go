@@ -52,7 +52,8 @@ type Options struct {
 	// group's controllers enabled for its subgroups (RootlessKit's
 	// --evacuate-cgroup2; needs PIDNS and CgroupNS).
 	EvacuateCgroup2 string
-	// Propagation of the mounts inside: "rprivate" or "rslave".
+	// Propagation of the mounts inside: "rprivate" or "rslave"; ""
+	// means DefaultPropagation.
 	Propagation string
 	// CopyUp lists directories replaced inside by writable tmpfs copies
 	// (tmpfs+symlink mode); see ValidateCopyUp.
@@ -110,37 +111,13 @@ var forwardedSignals = []os.Signal{unix.SIGHUP, unix.SIGINT, unix.SIGQUIT, unix.
 // id maps, and waits until the child has set up its mounts and run the
 // network hook. The command is not started yet: call Run.
 func Start(opts Options) (*Child, error) {
-	if len(opts.Args) == 0 {
-		return nil, errors.New("no command given")
-	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	if opts.Propagation == "" {
-		opts.Propagation = "rprivate"
-	}
-	reaper, err := ParseReaper(opts.Reaper)
+	reaper, netJSON, err := prepare(opts)
 	if err != nil {
 		return nil, err
 	}
-	if err := ValidateCopyUp(opts.CopyUp); err != nil {
-		return nil, err
-	}
-	if opts.ResolvConf != nil {
-		if err := opts.StateDir.WriteFile(ResolvConf, opts.ResolvConf, 0o644); err != nil {
-			return nil, err
-		}
-	}
-	if opts.Hosts != nil {
-		if err := opts.StateDir.WriteFile(HostsFile, opts.Hosts, 0o644); err != nil {
-			return nil, err
-		}
-	}
-	netJSON, err := json.Marshal(opts.Network)
-	if err != nil {
-		return nil, fmt.Errorf("encode network config: %w", err)
-	}
-
 	parentEnd, childEnd, err := wire.Socketpair()
 	if err != nil {
 		return nil, err
@@ -151,7 +128,79 @@ func Start(opts Options) (*Child, error) {
 	if err != nil {
 		return nil, err
 	}
+	c := &Child{
+		opts:   opts,
+		log:    opts.Logger,
+		ctl:    ctl,
+		cmd:    childCommand(opts, childEnd),
+		exited: make(chan struct{}),
+		sigs:   make(chan os.Signal, 16),
+	}
+	// The subordinate ids need no pid: look them up (maybe running
+	// getsubids) before the child exists.
+	m := idMapper{uid: os.Getuid(), gid: os.Getgid(), user: currentUser(), src: opts.SubIDSource, log: opts.Logger}
+	if m.src == "" {
+		m.src = SubIDAuto
+	}
+	plan := m.plan()
 
+	// Catch the signals now: a Ctrl-C during setup must still tear the
+	// child down and clean the state directory, not kill only the parent.
+	if opts.ForwardSignals {
+		signal.Notify(c.sigs, forwardedSignals...)
+	}
+	if err := c.spawn(); err != nil {
+		signal.Stop(c.sigs)
+		ctl.Close()
+		return nil, fmt.Errorf("create namespaces: %w%s", err, Diagnose(err))
+	}
+	// The child has its copy: ours must go now, or a child that dies
+	// before answering would leave our Recv below waiting forever
+	// instead of seeing end of stream.
+	childEnd.Close()
+	if err := c.setUp(&m, plan, reaper, netJSON); err != nil {
+		c.Kill()
+		<-c.exited
+		signal.Stop(c.sigs)
+		ctl.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// prepare checks what can be checked before anything is created, writes
+// the state directory's resolv.conf and hosts, and encodes the network
+// hook's configuration.
+func prepare(opts Options) (reaper bool, netJSON json.RawMessage, err error) {
+	if len(opts.Args) == 0 {
+		return false, nil, errors.New("no command given")
+	}
+	if reaper, err = ParseReaper(opts.Reaper); err != nil {
+		return false, nil, err
+	}
+	if err := ValidateCopyUp(opts.CopyUp); err != nil {
+		return false, nil, err
+	}
+	if opts.ResolvConf != nil {
+		if err := opts.StateDir.WriteFile(ResolvConf, opts.ResolvConf, 0o644); err != nil {
+			return false, nil, err
+		}
+	}
+	if opts.Hosts != nil {
+		if err := opts.StateDir.WriteFile(HostsFile, opts.Hosts, 0o644); err != nil {
+			return false, nil, err
+		}
+	}
+	if netJSON, err = json.Marshal(opts.Network); err != nil {
+		return false, nil, fmt.Errorf("encode network config: %w", err)
+	}
+	return reaper, netJSON, nil
+}
+
+// childCommand is the re-exec of this program as the child, in the new
+// namespaces opts asks for, with the control channel's end as descriptor
+// 3 and opts.ExtraFiles after it.
+func childCommand(opts Options, childEnd *os.File) *exec.Cmd {
 	exe, err := os.Executable()
 	if err != nil {
 		exe = "/proc/self/exe"
@@ -175,6 +224,16 @@ func Start(opts Options) (*Child, error) {
 	// after the child is gone is cut off after this delay.
 	cmd.WaitDelay = 2 * time.Second
 	cmd.ExtraFiles = append([]*os.File{childEnd}, opts.ExtraFiles...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Cloneflags: cloneFlags(opts),
+		Pdeathsig:  unix.SIGKILL,
+	}
+	return cmd
+}
+
+// cloneFlags are the namespaces the child is created in: always user and
+// mount, the others as opts asks.
+func cloneFlags(opts Options) uintptr {
 	flags := unix.CLONE_NEWUSER | unix.CLONE_NEWNS
 	if opts.NewNet {
 		flags |= unix.CLONE_NEWNET
@@ -188,53 +247,17 @@ func Start(opts Options) (*Child, error) {
 	if opts.CgroupNS {
 		flags |= unix.CLONE_NEWCGROUP
 	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{
-		Cloneflags: uintptr(flags),
-		Pdeathsig:  unix.SIGKILL,
-	}
+	return uintptr(flags)
+}
 
-	c := &Child{
-		opts:   opts,
-		log:    opts.Logger,
-		ctl:    ctl,
-		cmd:    cmd,
-		exited: make(chan struct{}),
-		sigs:   make(chan os.Signal, 16),
-	}
-	// The subordinate ids need no pid: look them up (maybe running
-	// getsubids) before the child exists.
-	m := idMapper{uid: os.Getuid(), gid: os.Getgid(), user: currentUser(), src: opts.SubIDSource, log: opts.Logger}
-	if m.src == "" {
-		m.src = SubIDAuto
-	}
-	plan := m.plan()
-
-	// Catch the signals now: a Ctrl-C during setup must still tear the
-	// child down and clean the state directory, not kill only the parent.
-	if opts.ForwardSignals {
-		signal.Notify(c.sigs, forwardedSignals...)
-	}
-
-	if err := c.spawn(); err != nil {
-		signal.Stop(c.sigs)
-		ctl.Close()
-		return nil, fmt.Errorf("create namespaces: %w%s", err, Diagnose(err))
-	}
-	// The child has its copy: ours must go now, or a child that dies
-	// before answering would leave our Recv below waiting forever
-	// instead of seeing end of stream.
-	childEnd.Close()
-	fail := func(err error) (*Child, error) {
-		c.Kill()
-		<-c.exited
-		signal.Stop(c.sigs)
-		ctl.Close()
-		return nil, err
-	}
-
-	maps, err := m.mapIDs(cmd.Process.Pid, plan)
+// setUp takes the spawned child through its set-up: the id maps, the
+// cgroup evacuation, the configuration, and its answer once the mounts
+// and the network hook are done.
+func (c *Child) setUp(m *idMapper, plan mapPlan, reaper bool, netJSON json.RawMessage) error {
+	opts := c.opts
+	maps, err := m.mapIDs(c.cmd.Process.Pid, plan)
 	if err != nil {
-		return fail(fmt.Errorf("set up the id maps: %w", err))
+		return fmt.Errorf("set up the id maps: %w", err)
 	}
 	c.Maps = maps
 	for _, w := range maps.Warnings {
@@ -244,10 +267,10 @@ func Start(opts Options) (*Child, error) {
 		// Before the command runs, so it starts in a group whose parent
 		// it may manage (through its cgroup namespace, rooted there).
 		if err := evacuateCgroup2(opts.EvacuateCgroup2, c.log); err != nil {
-			return fail(err)
+			return err
 		}
 	}
-	c.log.Debug("id maps written", "pid", cmd.Process.Pid, "uid_map", maps.UIDMap, "gid_map", maps.GIDMap)
+	c.log.Debug("id maps written", "pid", c.cmd.Process.Pid, "uid_map", maps.UIDMap, "gid_map", maps.GIDMap)
 
 	cfg := &childConfig{
 		ArgvFrom:    argvFrom(opts.Args),
@@ -268,27 +291,27 @@ func Start(opts Options) (*Child, error) {
 	if cfg.ArgvFrom == 0 {
 		cfg.Args = opts.Args
 	}
-	if err := ctl.Send(message{Type: msgProceed}); err != nil {
-		return fail(c.childDied(err))
+	if err := c.ctl.Send(message{Type: msgProceed}); err != nil {
+		return c.childDied(err)
 	}
-	if err := ctl.Send(message{Type: msgConfig, Config: cfg}); err != nil {
-		return fail(c.childDied(err))
+	if err := c.ctl.Send(message{Type: msgConfig, Config: cfg}); err != nil {
+		return c.childDied(err)
 	}
 	var reply message
-	files, err := ctl.Recv(&reply)
+	files, err := c.ctl.Recv(&reply)
 	if err != nil {
-		return fail(c.childDied(err))
+		return c.childDied(err)
 	}
 	switch reply.Type {
 	case msgNetwork:
 		c.netInfo, c.netFile = reply.Info, files
-		return c, nil
+		return nil
 	case msgError:
 		wire.CloseFiles(files)
-		return fail(fmt.Errorf("set up the namespaces: %s%s", reply.Error, Diagnose(errors.New(reply.Error))))
+		return fmt.Errorf("set up the namespaces: %s%s", reply.Error, Diagnose(errors.New(reply.Error)))
 	default:
 		wire.CloseFiles(files)
-		return fail(fmt.Errorf("child sent %q during setup", reply.Type))
+		return fmt.Errorf("child sent %q during setup", reply.Type)
 	}
 }
 
@@ -492,15 +515,19 @@ func ParseReaper(s string) (bool, error) {
 	return false, fmt.Errorf("invalid --reaper=%s: use auto, true or false", s)
 }
 
+// DefaultPropagation is the mount propagation inside when none is asked
+// for, RootlessKit's.
+const DefaultPropagation = "rprivate"
+
 // propagations are the mount propagations --propagation accepts, with
 // their mount flag.
 var propagations = map[string]uintptr{"rprivate": unix.MS_PRIVATE, "rslave": unix.MS_SLAVE}
 
-// ParsePropagation parses --propagation ("" is rprivate) into the mount
-// flag that sets it (recursively, with MS_REC).
+// ParsePropagation parses --propagation ("" is DefaultPropagation) into
+// the mount flag that sets it (recursively, with MS_REC).
 func ParsePropagation(s string) (uintptr, error) {
 	if s == "" {
-		s = "rprivate"
+		s = DefaultPropagation
 	}
 	flag, ok := propagations[s]
 	if !ok {

@@ -19,6 +19,7 @@ import (
 	"github.com/gonetns/gonetns/api"
 	"github.com/gonetns/gonetns/port"
 	"github.com/gonetns/gonetns/portfwd"
+	"github.com/gonetns/gonetns/userns"
 )
 
 // runDockerProxy is gonetns invoked as rootlesskit-docker-proxy: the
@@ -113,7 +114,7 @@ func startDockerProxy(args []string, log *slog.Logger) (stop func() error, err e
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	client := api.NewClient(filepath.Join(stateDir, "api.sock"))
+	client := api.NewClient(filepath.Join(stateDir, userns.APISocket))
 	info, err := client.Info(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("ask RootlessKit's API for its port driver: %w", err)

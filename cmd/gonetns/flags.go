@@ -6,6 +6,8 @@ import (
 	"io"
 	"log/slog"
 	"math"
+	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -14,6 +16,7 @@ import (
 	"github.com/gonetns/gonetns/dns"
 	"github.com/gonetns/gonetns/port"
 	"github.com/gonetns/gonetns/sandbox"
+	"github.com/gonetns/gonetns/userns"
 )
 
 // options are the parsed command line: the sandbox's configuration and
@@ -80,83 +83,14 @@ const (
 // sense together is sandbox.Config.Validate's to say.
 func parseFlags(args []string, who personality, name string, out io.Writer, log *slog.Logger) (*options, error) {
 	o := &options{}
-	fs := pflag.NewFlagSet(name, pflag.ContinueOnError)
-	fs.SetInterspersed(false)
-	fs.SetOutput(out)
-	fs.SortFlags = false
-	defNet, defPorts, defKillOrphans := "builtin", "", true
-	if who == asRootlessKit {
-		// RootlessKit's defaults; and what the command leaves running lives
-		// on, as with RootlessKit (its network is often the host's).
-		defNet, defPorts, defKillOrphans = "host", "none", false
-	}
-	var (
-		net, portDriver, cidr, subid, pcapMaxSize           string
-		dnsUpstreams, publish, allow, deny                  []string
-		sourceIPTransparent, killOrphans, debug, helpWanted bool
-	)
-	c := &o.cfg
-	// Network.
-	fs.StringVar(&net, "net", defNet, "network: builtin (userspace NAT to the host), none (only lo) or host (no network namespace); RootlessKit's slirp4netns, pasta, vpnkit, gvisor-tap-vsock and lxc-user-nic are names of builtin")
-	fs.IntVar(&c.MTU, "mtu", sandbox.DefaultMTU, fmt.Sprintf("MTU of the namespace's interface (%d..%d; 0 means %d)", sandbox.MinMTU, sandbox.MaxMTU, sandbox.DefaultMTU))
-	fs.StringVar(&cidr, "cidr", sandbox.DefaultCIDR.String(), "subnet of the builtin network: the namespace is .100, the gateway (host loopback) .2, DNS .3")
-	fs.StringVar(&c.IfName, "ifname", sandbox.DefaultIfName, "name of the namespace's interface")
-	fs.BoolVar(&c.DisableHostLoopback, "disable-host-loopback", false, "refuse connections to the gateway address (the host's 127.0.0.1 and ::1)")
-	fs.BoolVar(&c.IPv6, "ipv6", false, "also IPv6: fd00::100/64 inside, gateway fd00::2 (the host's ::1), DNS fd00::3")
-	fs.BoolVar(&c.DetachNetNS, "detach-netns", false, "keep COMMAND in the host's network namespace; the sandbox's network namespace is at $ROOTLESSKIT_STATE_DIR/netns (nsenter -n$ROOTLESSKIT_STATE_DIR/netns ...)")
-	fs.StringArrayVar(&dnsUpstreams, "dns-upstream", nil, "DNS server the namespace's resolver forwards to, IP[:PORT] (repeatable; default: the host's /etc/resolv.conf)")
-	// Egress policy, source address, capture.
-	fs.StringArrayVar(&deny, "deny", nil, "refuse the sandbox's TCP, UDP and ping to host addresses in CIDR (or one IP), IPv4 or IPv6 (repeatable; the most specific of --allow/--deny wins; the gateway counts as the host's 127.0.0.1 and ::1)")
-	fs.StringArrayVar(&allow, "allow", nil, "allow host addresses in CIDR (or one IP) (repeatable); with any --allow, addresses no rule covers are refused")
-	fs.BoolVar(&c.DenyMetadata, "deny-metadata", false, "refuse the cloud metadata services 169.254.169.254 and fd00:ec2::254")
-	fs.BoolVar(&c.DenyPrivate, "deny-private", false, "refuse private and link-local ranges: 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 169.254.0.0/16, fc00::/7, fe80::/10 (the gateway and DNS stay reachable)")
-	fs.StringVar(&c.OutboundAddr, "outbound-addr", "", "source address of the host sockets for the sandbox's IPv4 traffic: an IP, or an interface whose first IPv4 address is used (a loopback address applies only to the gateway, any other only to other destinations)")
-	fs.StringVar(&c.OutboundAddr6, "outbound-addr6", "", "the same for IPv6")
-	fs.StringVar(&c.PCAP, "pcap", "", "record every frame of the sandbox's link, both ways, in pcap FILE (tcpdump -r FILE, Wireshark)")
-	fs.StringVar(&pcapMaxSize, "pcap-max-size", "256MiB", "stop recording when the --pcap file reaches SIZE bytes (suffixes KiB, MiB, GiB)")
-	// Ports.
-	fs.StringVar(&portDriver, "port-driver", defPorts, "how ports are published: builtin (splice between host and namespace sockets), implicit (also every port that listens inside, automatically) or none; RootlessKit's slirp4netns, gvisor-tap-vsock and pesto are names of builtin; default builtin unless --net=host")
-	// StringSlice, not StringArray: RootlessKit's command line splits these
-	// two at commas too (-p 8080:80/tcp,8443:443/tcp).
-	fs.StringSliceVarP(&publish, "publish", "p", nil, "publish a port of the namespace on the host, "+port.Grammar+", e.g. 8080:80/tcp (repeatable, or comma-separated)")
-	fs.BoolVar(&sourceIPTransparent, "source-ip-transparent", true, "connections through published ports keep the client's address and port inside (TCP and UDP); false: they come from the namespace's loopback")
-	// Mounts.
-	fs.StringSliceVar(&c.CopyUp, "copy-up", nil, "make DIR a writable copy inside, e.g. --copy-up=/etc (repeatable, or comma-separated; /tmp is refused)")
-	copyUpMode := fs.String("copy-up-mode", "tmpfs+symlink", "how --copy-up copies: tmpfs+symlink")
-	fs.StringVar(&c.Propagation, "propagation", "rprivate", "mount propagation inside: rprivate or rslave")
-	// Processes.
-	fs.BoolVar(&c.PIDNS, "pidns", false, "new PID namespace: the command is PID 1 ($$ is 1), and everything inside is killed when gonetns exits")
-	fs.BoolVar(&c.CgroupNS, "cgroupns", false, "new cgroup namespace")
-	fs.BoolVar(&c.UTSNS, "utsns", false, "new UTS namespace (hostname)")
-	fs.BoolVar(&c.IPCNS, "ipcns", false, "new IPC namespace")
-	fs.StringVar(&c.Reaper, "reaper", "auto", "make the gonetns child the reaper of processes orphaned inside: true, false or auto (false; with --pidns the command is PID 1 and inherits them)")
-	fs.BoolVar(&killOrphans, "kill-orphans", defKillOrphans, "when COMMAND exits, kill the processes it left running (without --pidns; with it the kernel does); false lets them run on, as RootlessKit does (the default when invoked as rootlesskit)")
-	fs.StringVar(&c.EvacuateCgroup2, "evacuate-cgroup2", "", "move the processes of gonetns's cgroup v2 group into the subgroup NAME and enable the group's controllers for subgroups (needs --pidns and --cgroupns)")
-	// State and ids.
-	fs.StringVar(&c.StateDir, "state-dir", "", "state directory (lock, child_pid, api.sock, netns); default: a new one under $XDG_RUNTIME_DIR or /tmp; removed on exit")
-	fs.StringVar(&subid, "subid-source", "auto", "where subordinate ids come from: auto, static (/etc/subuid, /etc/subgid) or dynamic (getsubids)")
-	// RootlessKit's helper-program flags.
-	ignored := make([]*string, len(ignoredFlags))
-	for i, f := range ignoredFlags {
-		ignored[i] = fs.String(f.name, f.def, f.usage)
-	}
-	// Misc.
-	fs.BoolVar(&debug, "debug", false, "print debug messages")
-	fs.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the gonetns parent (the network) to FILE, for go tool pprof")
-	fs.StringVar(&o.printSemver, "print-semver", "", "print one component of the version as a number: major, minor or patch")
-	fs.BoolVarP(&o.version, "version", "v", false, "print the version and exit")
-	fs.BoolVarP(&helpWanted, "help", "h", false, "show this help")
-	fs.Usage = func() {
-		fmt.Fprintf(out, usageHead, name)
-		fs.PrintDefaults()
-	}
+	fs, raw := defineFlags(o, who, name, out)
 	if err := fs.Parse(singleDashLongFlags(fs, args)); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
 			return nil, errHelpShown
 		}
 		return nil, err
 	}
-	if helpWanted {
+	if raw.help {
 		fs.Usage()
 		return nil, errHelpShown
 	}
@@ -169,71 +103,159 @@ func parseFlags(args []string, who personality, name string, out io.Writer, log 
 	}
 	for i, f := range ignoredFlags {
 		if fs.Changed(f.name) {
-			log.Debug("ignoring a RootlessKit flag for a helper program gonetns does not run", "flag", "--"+f.name, "value", *ignored[i])
+			log.Debug("ignoring a RootlessKit flag for a helper program gonetns does not run", "flag", "--"+f.name, "value", *raw.ignored[i])
 		}
 	}
-	c.Debug = debug
-	c.Net = sandbox.Net(net)
-	for _, alias := range rootlessKitNets {
-		if net == alias {
-			log.Debug("--net=" + net + " is RootlessKit's name for a network; gonetns uses its builtin network (slirp4netns's addresses)")
-			c.Net = sandbox.NetBuiltin
-		}
-	}
-	c.PortDriver = sandbox.PortDriver(portDriver)
-	for _, alias := range rootlessKitPortDrivers {
-		if portDriver == alias {
-			log.Debug("--port-driver=" + portDriver + " is RootlessKit's name for a port driver; gonetns uses its builtin one")
-			c.PortDriver = sandbox.PortsBuiltin
-		}
-	}
-	if c.MTU == 0 {
-		c.MTU = sandbox.DefaultMTU
-	}
-	var err error
-	if c.CIDR, err = sandbox.ParseCIDR(cidr); err != nil {
+	if err := raw.apply(&o.cfg, fs, log); err != nil {
 		return nil, err
 	}
-	for _, s := range dnsUpstreams {
+	return o, o.cfg.Validate()
+}
+
+// rawFlags are the flags whose values are not yet what sandbox.Config
+// holds: names to resolve, addresses and sizes to parse.
+type rawFlags struct {
+	net, portDriver, cidr, subid, pcapMaxSize, copyUpMode string
+	dnsUpstreams, publish, allow, deny                    []string
+	sourceIPTransparent, killOrphans, debug, help         bool
+	ignored                                               []*string // ignoredFlags' values
+}
+
+// defineFlags defines the flags of the personality who on a new flag set:
+// those that map onto o (and o.cfg) as they are, and the rest in the
+// rawFlags returned.
+func defineFlags(o *options, who personality, name string, out io.Writer) (*pflag.FlagSet, *rawFlags) {
+	fs := pflag.NewFlagSet(name, pflag.ContinueOnError)
+	fs.SetInterspersed(false)
+	fs.SetOutput(out)
+	fs.SortFlags = false
+	defNet, defPorts, defKillOrphans := "builtin", "", true
+	if who == asRootlessKit {
+		// RootlessKit's defaults; and what the command leaves running lives
+		// on, as with RootlessKit (its network is often the host's).
+		defNet, defPorts, defKillOrphans = "host", "none", false
+	}
+	r := &rawFlags{}
+	c := &o.cfg
+	// Network.
+	fs.StringVar(&r.net, "net", defNet, "network: builtin (userspace NAT to the host), none (only lo) or host (no network namespace); RootlessKit's slirp4netns, pasta, vpnkit, gvisor-tap-vsock and lxc-user-nic are names of builtin")
+	fs.IntVar(&c.MTU, "mtu", sandbox.DefaultMTU, fmt.Sprintf("MTU of the namespace's interface (%d..%d; 0 means %d)", sandbox.MinMTU, sandbox.MaxMTU, sandbox.DefaultMTU))
+	fs.StringVar(&r.cidr, "cidr", sandbox.DefaultCIDR.String(), "subnet of the builtin network: the namespace is .100, the gateway (host loopback) .2, DNS .3")
+	fs.StringVar(&c.IfName, "ifname", sandbox.DefaultIfName, "name of the namespace's interface")
+	fs.BoolVar(&c.DisableHostLoopback, "disable-host-loopback", false, "refuse connections to the gateway address (the host's 127.0.0.1 and ::1)")
+	fs.BoolVar(&c.IPv6, "ipv6", false, "also IPv6: fd00::100/64 inside, gateway fd00::2 (the host's ::1), DNS fd00::3")
+	fs.BoolVar(&c.DetachNetNS, "detach-netns", false, "keep COMMAND in the host's network namespace; the sandbox's network namespace is at $ROOTLESSKIT_STATE_DIR/netns (nsenter -n$ROOTLESSKIT_STATE_DIR/netns ...)")
+	fs.StringArrayVar(&r.dnsUpstreams, "dns-upstream", nil, "DNS server the namespace's resolver forwards to, IP[:PORT] (repeatable; default: the host's /etc/resolv.conf)")
+	// Egress policy, source address, capture.
+	fs.StringArrayVar(&r.deny, "deny", nil, "refuse the sandbox's TCP, UDP and ping to host addresses in CIDR (or one IP), IPv4 or IPv6 (repeatable; the most specific of --allow/--deny wins; the gateway counts as the host's 127.0.0.1 and ::1)")
+	fs.StringArrayVar(&r.allow, "allow", nil, "allow host addresses in CIDR (or one IP) (repeatable); with any --allow, addresses no rule covers are refused")
+	fs.BoolVar(&c.DenyMetadata, "deny-metadata", false, "refuse the cloud metadata services 169.254.169.254 and fd00:ec2::254")
+	fs.BoolVar(&c.DenyPrivate, "deny-private", false, "refuse private and link-local ranges: 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 169.254.0.0/16, fc00::/7, fe80::/10 (the gateway and DNS stay reachable)")
+	fs.StringVar(&c.OutboundAddr, "outbound-addr", "", "source address of the host sockets for the sandbox's IPv4 traffic: an IP, or an interface whose first IPv4 address is used (a loopback address applies only to the gateway, any other only to other destinations)")
+	fs.StringVar(&c.OutboundAddr6, "outbound-addr6", "", "the same for IPv6")
+	fs.StringVar(&c.PCAP, "pcap", "", "record every frame of the sandbox's link, both ways, in pcap FILE (tcpdump -r FILE, Wireshark)")
+	fs.StringVar(&r.pcapMaxSize, "pcap-max-size", "256MiB", "stop recording when the --pcap file reaches SIZE bytes (suffixes KiB, MiB, GiB)")
+	// Ports.
+	fs.StringVar(&r.portDriver, "port-driver", defPorts, "how ports are published: builtin (splice between host and namespace sockets), implicit (also every port that listens inside, automatically) or none; RootlessKit's slirp4netns, gvisor-tap-vsock and pesto are names of builtin; default builtin unless --net=host")
+	// StringSlice, not StringArray: RootlessKit's command line splits these
+	// two at commas too (-p 8080:80/tcp,8443:443/tcp).
+	fs.StringSliceVarP(&r.publish, "publish", "p", nil, "publish a port of the namespace on the host, "+port.Grammar+", e.g. 8080:80/tcp (repeatable, or comma-separated)")
+	fs.BoolVar(&r.sourceIPTransparent, "source-ip-transparent", true, "connections through published ports keep the client's address and port inside (TCP and UDP); false: they come from the namespace's loopback")
+	// Mounts.
+	fs.StringSliceVar(&c.CopyUp, "copy-up", nil, "make DIR a writable copy inside, e.g. --copy-up=/etc (repeatable, or comma-separated; /tmp is refused)")
+	fs.StringVar(&r.copyUpMode, "copy-up-mode", "tmpfs+symlink", "how --copy-up copies: tmpfs+symlink")
+	fs.StringVar(&c.Propagation, "propagation", userns.DefaultPropagation, "mount propagation inside: rprivate or rslave")
+	// Processes.
+	fs.BoolVar(&c.PIDNS, "pidns", false, "new PID namespace: the command is PID 1 ($$ is 1), and everything inside is killed when gonetns exits")
+	fs.BoolVar(&c.CgroupNS, "cgroupns", false, "new cgroup namespace")
+	fs.BoolVar(&c.UTSNS, "utsns", false, "new UTS namespace (hostname)")
+	fs.BoolVar(&c.IPCNS, "ipcns", false, "new IPC namespace")
+	fs.StringVar(&c.Reaper, "reaper", "auto", "make the gonetns child the reaper of processes orphaned inside: true, false or auto (false; with --pidns the command is PID 1 and inherits them)")
+	fs.BoolVar(&r.killOrphans, "kill-orphans", defKillOrphans, "when COMMAND exits, kill the processes it left running (without --pidns; with it the kernel does); false lets them run on, as RootlessKit does (the default when invoked as rootlesskit)")
+	fs.StringVar(&c.EvacuateCgroup2, "evacuate-cgroup2", "", "move the processes of gonetns's cgroup v2 group into the subgroup NAME and enable the group's controllers for subgroups (needs --pidns and --cgroupns)")
+	// State and ids.
+	fs.StringVar(&c.StateDir, "state-dir", "", "state directory (lock, child_pid, api.sock, netns); default: a new one under $XDG_RUNTIME_DIR or /tmp; removed on exit")
+	fs.StringVar(&r.subid, "subid-source", "auto", "where subordinate ids come from: auto, static (/etc/subuid, /etc/subgid) or dynamic (getsubids)")
+	// RootlessKit's helper-program flags.
+	r.ignored = make([]*string, len(ignoredFlags))
+	for i, f := range ignoredFlags {
+		r.ignored[i] = fs.String(f.name, f.def, f.usage)
+	}
+	// Misc.
+	fs.BoolVar(&r.debug, "debug", false, "print debug messages")
+	fs.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the gonetns parent (the network) to FILE, for go tool pprof")
+	fs.StringVar(&o.printSemver, "print-semver", "", "print one component of the version as a number: major, minor or patch")
+	fs.BoolVarP(&o.version, "version", "v", false, "print the version and exit")
+	fs.BoolVarP(&r.help, "help", "h", false, "show this help")
+	fs.Usage = func() {
+		fmt.Fprintf(out, usageHead, name)
+		fs.PrintDefaults()
+	}
+	return fs, r
+}
+
+// apply puts the raw flags into c: RootlessKit's names resolved to
+// gonetns's drivers, addresses, specs and sizes parsed.
+func (r *rawFlags) apply(c *sandbox.Config, fs *pflag.FlagSet, log *slog.Logger) error {
+	c.Debug = r.debug
+	c.Net = sandbox.Net(r.net)
+	if slices.Contains(rootlessKitNets, r.net) {
+		log.Debug("--net=" + r.net + " is RootlessKit's name for a network; gonetns uses its builtin network (slirp4netns's addresses)")
+		c.Net = sandbox.NetBuiltin
+	}
+	c.PortDriver = sandbox.PortDriver(r.portDriver)
+	if slices.Contains(rootlessKitPortDrivers, r.portDriver) {
+		log.Debug("--port-driver=" + r.portDriver + " is RootlessKit's name for a port driver; gonetns uses its builtin one")
+		c.PortDriver = sandbox.PortsBuiltin
+	}
+	var err error
+	if c.CIDR, err = sandbox.ParseCIDR(r.cidr); err != nil {
+		return err
+	}
+	for _, s := range r.dnsUpstreams {
 		a, err := dns.ParseUpstream(s)
 		if err != nil {
-			return nil, fmt.Errorf("invalid --dns-upstream=%s: %w", s, err)
+			return fmt.Errorf("invalid --dns-upstream=%s: %w", s, err)
 		}
 		c.DNSUpstreams = append(c.DNSUpstreams, a)
 	}
-	for _, s := range allow {
-		p, err := sandbox.ParsePrefix("--allow", s)
-		if err != nil {
-			return nil, err
-		}
-		c.Allow = append(c.Allow, p)
+	if c.Allow, err = parsePrefixes("--allow", r.allow); err != nil {
+		return err
 	}
-	for _, s := range deny {
-		p, err := sandbox.ParsePrefix("--deny", s)
-		if err != nil {
-			return nil, err
-		}
-		c.Deny = append(c.Deny, p)
+	if c.Deny, err = parsePrefixes("--deny", r.deny); err != nil {
+		return err
 	}
 	if fs.Changed("pcap-max-size") {
-		if c.PCAPMaxSize, err = parseSize(pcapMaxSize); err != nil {
-			return nil, fmt.Errorf("invalid --pcap-max-size=%s: %w", pcapMaxSize, err)
+		if c.PCAPMaxSize, err = parseSize(r.pcapMaxSize); err != nil {
+			return fmt.Errorf("invalid --pcap-max-size=%s: %w", r.pcapMaxSize, err)
 		}
 	}
-	for _, s := range publish {
+	for _, s := range r.publish {
 		spec, err := port.ParseSpec(s)
 		if err != nil {
-			return nil, fmt.Errorf("invalid --publish=%s: %w", s, err)
+			return fmt.Errorf("invalid --publish=%s: %w", s, err)
 		}
 		c.Publish = append(c.Publish, spec)
 	}
-	c.DisableSourceIPTransparent = !sourceIPTransparent
-	c.LeaveOrphans = !killOrphans
-	if *copyUpMode != "tmpfs+symlink" {
-		return nil, fmt.Errorf("invalid --copy-up-mode=%s: only tmpfs+symlink is supported", *copyUpMode)
+	c.DisableSourceIPTransparent = !r.sourceIPTransparent
+	c.LeaveOrphans = !r.killOrphans
+	if r.copyUpMode != "tmpfs+symlink" {
+		return fmt.Errorf("invalid --copy-up-mode=%s: only tmpfs+symlink is supported", r.copyUpMode)
 	}
-	c.SubIDSource = sandbox.SubIDSource(subid)
-	return o, c.Validate()
+	c.SubIDSource = sandbox.SubIDSource(r.subid)
+	return nil
+}
+
+func parsePrefixes(flag string, ss []string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, s := range ss {
+		p, err := sandbox.ParsePrefix(flag, s)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, p)
+	}
+	return out, nil
 }
 
 // singleDashLongFlags rewrites -name and -name=value, for the long flags

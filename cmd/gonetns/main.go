@@ -40,8 +40,6 @@ const (
 	// exitRootlessKit is both of them invoked as rootlesskit, whose every
 	// failure of its own is 1.
 	exitRootlessKit = 1
-	exitNotExec     = 126
-	exitNotFoundCmd = 127
 )
 
 func main() {
