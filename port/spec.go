@@ -46,8 +46,9 @@ type Status struct {
 
 // ParseSpec parses [PARENTIP:]PARENTPORT[:CHILDIP]:CHILDPORT/PROTO, the
 // grammar of RootlessKit's --publish and rootlessctl add-ports (which,
-// unlike ParseSpec, require PARENTIP). IPv6 addresses go in brackets:
-// [::1]:8080:[::1]:80/tcp6. The result has passed Validate.
+// unlike ParseSpec, require PARENTIP). IPv6 addresses go in brackets
+// ([::1]:8080:[::1]:80/tcp6); IPv4 ones may ([127.0.0.1]:80). The result
+// has passed Validate.
 func ParseSpec(s string) (Spec, error) {
 	spec, err := parseSpec(s)
 	if err == nil {
@@ -69,8 +70,8 @@ func unwrapInvalid(err error) error {
 	return err
 }
 
-// field is one colon-separated part of a spec; bracketed parts are IPv6
-// addresses.
+// field is one colon-separated part of a spec; bracketed parts are
+// addresses (IPv6 ones must be bracketed, IPv4 ones may be).
 type field struct {
 	text      string
 	bracketed bool
@@ -177,10 +178,11 @@ func parseIP(what string, f field) (netip.Addr, error) {
 	if err != nil {
 		return netip.Addr{}, fmt.Errorf("%s %q is not an IP address", what, f.text)
 	}
-	switch {
-	case f.bracketed && ip.Is4():
-		return netip.Addr{}, fmt.Errorf("%s [%s] is IPv4: only IPv6 addresses go in brackets", what, f.text)
-	case !f.bracketed && ip.Is6():
+	// Brackets are needed around IPv6 addresses and allowed around IPv4
+	// ones, as RootlessKit's parser allows them (-p
+	// [::]:8080:[127.0.0.1]:80/tcp6 forwards IPv6 clients to an IPv4
+	// server inside).
+	if !f.bracketed && ip.Is6() {
 		// Unreachable through splitFields (the colons split it), kept for
 		// safety.
 		return netip.Addr{}, fmt.Errorf("%s %s is IPv6: put it in brackets", what, f.text)
@@ -190,7 +192,7 @@ func parseIP(what string, f field) (netip.Addr, error) {
 
 func parsePort(what string, f field) (int, error) {
 	if f.bracketed {
-		return 0, fmt.Errorf("%s [%s]: brackets are only for IPv6 addresses", what, f.text)
+		return 0, fmt.Errorf("%s [%s]: brackets are only for addresses", what, f.text)
 	}
 	if f.text == "" {
 		return 0, fmt.Errorf("empty %s", what)

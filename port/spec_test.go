@@ -38,6 +38,11 @@ func TestParseSpec(t *testing.T) {
 		{"8080:[::1]:80/udp4", Spec{Proto: "udp4", ParentPort: 8080, ChildIP: ip6, ChildPort: 80}},
 		{"[::]:8080:10.0.2.100:80/tcp6", Spec{Proto: "tcp6", ParentIP: netip.IPv6Unspecified(), ParentPort: 8080, ChildIP: netip.MustParseAddr("10.0.2.100"), ChildPort: 80}},
 		{"08080:080/tcp", Spec{Proto: "tcp", ParentPort: 8080, ChildPort: 80}},
+		// IPv4 addresses in brackets, as RootlessKit accepts them.
+		{"[::]:8080:[127.0.0.1]:80/tcp6", Spec{Proto: "tcp6", ParentIP: netip.IPv6Unspecified(), ParentPort: 8080, ChildIP: ip4, ChildPort: 80}},
+		{"[::]:8080:[127.0.0.1]:80/tcp", Spec{Proto: "tcp", ParentIP: netip.IPv6Unspecified(), ParentPort: 8080, ChildIP: ip4, ChildPort: 80}},
+		{"[127.0.0.1]:8080:80/tcp", Spec{Proto: "tcp", ParentIP: ip4, ParentPort: 8080, ChildPort: 80}},
+		{"8080:[10.0.2.100]:80/udp", Spec{Proto: "udp", ParentPort: 8080, ChildIP: netip.MustParseAddr("10.0.2.100"), ChildPort: 80}},
 	}
 	for _, tc := range good {
 		got, err := ParseSpec(tc.in)
@@ -74,8 +79,8 @@ func TestParseSpec(t *testing.T) {
 		{"1:2:3:4:5/tcp", "at most 4"},
 		{"[::1:8080:80/tcp", "without a closing ']'"},
 		{"[::1]8080:80/tcp", "after ']'"},
-		{"[127.0.0.1]:8080:80/tcp", "only IPv6 addresses go in brackets"},
-		{"[::1]:[8080]:80/tcp", "brackets are only for IPv6"},
+		{"[::1]:[8080]:80/tcp", "brackets are only for addresses"},
+		{"[127.0.0.1]:8080:80/tcp6", "parent IP 127.0.0.1 is IPv4 but the protocol is tcp6"},
 		{"[::1]:8080:80/tcp4", "parent IP ::1 is IPv6 but the protocol is tcp4"},
 		{"127.0.0.1:8080:80/tcp6", "parent IP 127.0.0.1 is IPv4 but the protocol is tcp6"},
 		{"[::ffff:127.0.0.1]:8080:80/tcp", "IPv4-mapped"},
