@@ -477,14 +477,75 @@ func TestImplicitChildGone(t *testing.T) {
 	}
 }
 
-// The real watcher in this test's own network namespace: it reports a
-// listener that opens and its closing, and ends with its context or when
-// the parent closes its end.
+// tickClock drives a Watcher's loop: its clock stands still (so the
+// once-a-second scan never comes due) and each wait ends only when the
+// test ticks.
+type tickClock struct {
+	now   time.Time
+	waits chan time.Duration // what each wait asked for
+	ticks chan time.Time
+}
+
+func newTickClock(w *Watcher) *tickClock {
+	c := &tickClock{now: time.Unix(1e9, 0), waits: make(chan time.Duration), ticks: make(chan time.Time)}
+	w.now = func() time.Time { return c.now }
+	w.after = func(d time.Duration) <-chan time.Time {
+		c.waits <- d
+		return c.ticks
+	}
+	return c
+}
+
+// wait returns once the loop waits for its next probe, with the wait it
+// asked for, which must be within the probe intervals.
+func (c *tickClock) wait(t *testing.T) time.Duration {
+	t.Helper()
+	var d time.Duration
+	select {
+	case d = <-c.waits:
+	case <-time.After(bound):
+		t.Fatalf("the watcher did not wait for its next probe within %v", bound)
+	}
+	if d < fastInterval || d > idleInterval {
+		t.Errorf("the watcher waits %v between probes, want %v to %v", d, fastInterval, idleInterval)
+	}
+	return d
+}
+
+// tick ends the wait: the loop probes (and scans and reports, if it
+// will), and tick returns when it waits again, with that wait.
+func (c *tickClock) tick(t *testing.T) time.Duration {
+	t.Helper()
+	c.ticks <- c.now
+	return c.wait(t)
+}
+
+func TestNextInterval(t *testing.T) {
+	d := fastInterval
+	var got []time.Duration
+	for range 4 {
+		d = nextInterval(d, false)
+		got = append(got, d)
+	}
+	if want := []time.Duration{200 * time.Millisecond, 400 * time.Millisecond, idleInterval, idleInterval}; !slices.Equal(got, want) {
+		t.Errorf("quiet probes wait %v, want %v", got, want)
+	}
+	if d := nextInterval(idleInterval, true); d != fastInterval {
+		t.Errorf("after a move: %v, want %v", d, fastInterval)
+	}
+}
+
+// The real watcher in this test's own network namespace: a listener that
+// opens, and its closing, is reported at the next probe of the socket
+// counters (the clock stands still, so no periodic scan finds it instead),
+// the probes come every 100 to 500 ms, every 100 ms after a change; Run
+// ends with its context or when the parent closes its end.
 func TestListenerWatcher(t *testing.T) {
 	w, err := NewWatcher(WatchConfig{InNetNS: here, Logger: testLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
+	clock := newTickClock(w)
 	parent, child := wirePair(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -509,9 +570,12 @@ func TestListenerWatcher(t *testing.T) {
 			}
 		}
 	}()
+	// waitReport takes the reports sent so far, and fails unless one of
+	// them satisfies cond: the probe that a tick ran has already sent what
+	// it found. Other programs' sockets in this namespace may bring
+	// reports of their own.
 	waitReport := func(what string, cond func([]Listener) bool) {
 		t.Helper()
-		timeout := time.After(bound)
 		for {
 			select {
 			case ls, ok := <-reports:
@@ -521,11 +585,12 @@ func TestListenerWatcher(t *testing.T) {
 				if cond(ls) {
 					return
 				}
-			case <-timeout:
-				t.Fatalf("no report with %s within %v", what, bound)
+			case <-time.After(bound):
+				t.Fatalf("no report with %s at the probe after it: the socket counters did not trigger a scan", what)
 			}
 		}
 	}
+	clock.wait(t)
 	waitReport("the first report", func([]Listener) bool { return true })
 
 	ln, err := net.Listen("tcp6", "[::1]:0")
@@ -533,13 +598,13 @@ func TestListenerWatcher(t *testing.T) {
 		t.Fatal(err)
 	}
 	mine := Listener{Proto: "tcp", Addr: addrOf(ln.Addr()), V6Only: true}
-	start := time.Now()
+	if d := clock.tick(t); d != fastInterval {
+		t.Errorf("after a change the next probe comes after %v, want %v", d, fastInterval)
+	}
 	waitReport("the new listener", func(ls []Listener) bool { return slices.Contains(ls, mine) })
-	t.Logf("reported %v after %v", mine, time.Since(start))
 	ln.Close()
-	start = time.Now()
+	clock.tick(t)
 	waitReport("the listener gone", func(ls []Listener) bool { return !slices.Contains(ls, mine) })
-	t.Logf("reported it gone after %v", time.Since(start))
 
 	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
 	if err != nil {
@@ -547,6 +612,7 @@ func TestListenerWatcher(t *testing.T) {
 	}
 	defer pc.Close()
 	udp := Listener{Proto: "udp", Addr: addrOf(pc.LocalAddr())}
+	clock.tick(t)
 	waitReport("a UDP listener", func(ls []Listener) bool { return slices.Contains(ls, udp) })
 
 	cancel()

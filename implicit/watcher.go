@@ -85,6 +85,10 @@ type Watcher struct {
 	log   *slog.Logger
 	diag  *sockDiag
 	probe *sockstatProbe // nil: the counters could not be opened; scan at every tick
+	// now and after are the clock and the timer of Run's loop (tests
+	// drive them).
+	now   func() time.Time
+	after func(time.Duration) <-chan time.Time
 }
 
 // NewWatcher opens the netlink socket and the counters in the
@@ -108,7 +112,7 @@ func NewWatcher(cfg WatchConfig) (*Watcher, error) {
 		diag.Close()
 		return nil, fmt.Errorf("implicit port driver: the kernel does not list sockets over sock_diag (needs CONFIG_INET_DIAG, INET_TCP_DIAG and INET_UDP_DIAG, or their modules tcp_diag and udp_diag loaded; `ss -lntu` fails the same way): %w; use --port-driver=builtin and publish ports explicitly", err)
 	}
-	w := &Watcher{log: log, diag: diag}
+	w := &Watcher{log: log, diag: diag, now: time.Now, after: time.After}
 	if w.probe, err = openSockstat(inNS); err != nil {
 		log.Debug("implicit: implicit ports: no socket counters, scanning at every wake-up", "err", err)
 	}
@@ -136,8 +140,6 @@ func (w *Watcher) Run(ctx context.Context, c *wire.Conn) error {
 	}()
 	defer func() { c.Close(); <-parentGone }()
 
-	wait := time.NewTimer(fastInterval)
-	defer wait.Stop()
 	var (
 		sent, cur []Listener
 		fp, lastF []byte
@@ -160,9 +162,9 @@ func (w *Watcher) Run(ctx context.Context, c *wire.Conn) error {
 				fp, lastF = lastF, fp
 			}
 		}
-		if first || moved || w.probe == nil || time.Since(lastScan) >= scanInterval {
+		if first || moved || w.probe == nil || w.now().Sub(lastScan) >= scanInterval {
 			var err error
-			lastScan = time.Now()
+			lastScan = w.now()
 			if cur, err = w.diag.Listeners(cur); err != nil {
 				return fmt.Errorf("implicit port driver: scan the namespace's sockets: %w", err)
 			}
@@ -179,20 +181,24 @@ func (w *Watcher) Run(ctx context.Context, c *wire.Conn) error {
 				first = false
 			}
 		}
-		if moved {
-			interval = fastInterval
-		} else {
-			interval = min(2*interval, idleInterval)
-		}
-		wait.Reset(interval)
+		interval = nextInterval(interval, moved)
 		select {
-		case <-wait.C:
+		case <-w.after(interval):
 		case <-ctx.Done():
 			return nil
 		case <-parentGone:
 			return nil
 		}
 	}
+}
+
+// nextInterval is the wait before the next probe: fastInterval after a
+// move, else twice the last wait, up to idleInterval.
+func nextInterval(last time.Duration, moved bool) time.Duration {
+	if moved {
+		return fastInterval
+	}
+	return min(2*last, idleInterval)
 }
 
 // sendSnapshot sends ls in parts of snapshotPart.

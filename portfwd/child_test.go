@@ -295,13 +295,22 @@ func TestDialContextEnds(t *testing.T) {
 }
 
 func TestDialerCloseFailsPending(t *testing.T) {
-	d, _ := fakeChild(t)
+	d, child := fakeChild(t)
 	errc := make(chan error, 1)
 	go func() {
 		_, err := d.Dial(context.Background(), "tcp", netip.MustParseAddrPort("127.0.0.1:1"), netip.AddrPort{})
 		errc <- err
 	}()
-	time.Sleep(20 * time.Millisecond) // let it send; not needed for correctness
+	// The child has the request and never answers: the Dial is pending.
+	var req dialRequest
+	if _, err := child.Recv(&req); err != nil {
+		t.Fatalf("the child got no request: %v", err)
+	}
+	select {
+	case err := <-errc:
+		t.Fatalf("Dial returned %v with no answer from the child", err)
+	default:
+	}
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
 	}

@@ -40,9 +40,14 @@ var (
 )
 
 // Binary builds cmd/gonetns once per test process, statically, into a
-// directory every test user can read, and returns its path.
+// directory every test user can read, and returns its path. The binary is
+// for the test users, which only root can switch to: a test run by anyone
+// else fails here at once, before the build, with what to do.
 func Binary(t testing.TB) string {
 	t.Helper()
+	if os.Getuid() != 0 {
+		t.Fatalf("end-to-end tests run gonetns as the test users and so must run as root: %s; `go test $(go list ./... | grep -v /cmd/gonetns)` runs the unit tests without root", setupHint)
+	}
 	buildOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "gonetns-e2e-bin-")
 		if err != nil {

@@ -3,6 +3,7 @@ package rawconn
 import (
 	"errors"
 	"os"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -29,23 +30,45 @@ func pair(t *testing.T) (a, b syscall.RawConn, closeA func()) {
 	return ra, rb, func() { fa.Close() }
 }
 
+// notReadyOnce wraps op and closes the returned channel the first time op
+// finds the descriptor not ready: from then on the caller waits on the
+// poller, the state the tests below reach before acting.
+func notReadyOnce(op Op) (Op, <-chan struct{}) {
+	waiting := make(chan struct{})
+	var once sync.Once
+	return func(fd int) (int, error) {
+		n, err := op(fd)
+		if errors.Is(err, syscall.EAGAIN) {
+			once.Do(func() { close(waiting) })
+		}
+		return n, err
+	}, waiting
+}
+
 func TestReadWaitsForData(t *testing.T) {
 	a, b, _ := pair(t)
 	got := make(chan string, 1)
 	tries := 0
+	buf := make([]byte, 16)
+	op, waiting := notReadyOnce(func(fd int) (int, error) {
+		tries++
+		return unix.Read(fd, buf)
+	})
 	go func() {
-		buf := make([]byte, 16)
-		n, err := Read(b, func(fd int) (int, error) {
-			tries++
-			return unix.Read(fd, buf)
-		})
+		n, err := Read(b, op)
 		if err != nil {
 			got <- err.Error()
 			return
 		}
 		got <- string(buf[:n])
 	}()
-	time.Sleep(20 * time.Millisecond) // let Read find nothing and wait
+	// Write only once Read has found nothing: it must then wait for the
+	// data rather than return EAGAIN.
+	select {
+	case <-waiting:
+	case s := <-got:
+		t.Fatalf("Read returned %q before any data was written", s)
+	}
 	if _, err := Write(a, func(fd int) (int, error) { return unix.Write(fd, []byte("hello")) }); err != nil {
 		t.Fatal(err)
 	}
@@ -89,12 +112,18 @@ func TestClosedWhileWaiting(t *testing.T) {
 		t.Fatal(err)
 	}
 	done := make(chan error, 1)
+	buf := make([]byte, 1)
+	op, waiting := notReadyOnce(func(fd int) (int, error) { return unix.Read(fd, buf) })
 	go func() {
-		buf := make([]byte, 1)
-		_, err := Read(rc, func(fd int) (int, error) { return unix.Read(fd, buf) })
+		_, err := Read(rc, op)
 		done <- err
 	}()
-	time.Sleep(20 * time.Millisecond)
+	// Close once Read waits on the poller.
+	select {
+	case <-waiting:
+	case err := <-done:
+		t.Fatalf("Read returned %v before the descriptor was closed", err)
+	}
 	fc.Close()
 	select {
 	case err := <-done:
