@@ -6,7 +6,7 @@ BIN     := bin/gonetns
 # VCS information); VERSION=x.y.z overrides it.
 LDFLAGS := -s -w $(if $(VERSION),-X main.version=$(VERSION))
 
-.PHONY: build test test-setup install install-rootlesskit clean
+.PHONY: build test test-setup test-teardown install install-rootlesskit clean
 
 # A static binary: CGO_ENABLED=0, no helper binaries needed at run time.
 build:
@@ -14,14 +14,23 @@ build:
 
 # Everything CI runs: machine setup (as root; idempotent), vet, unit tests
 # with the race detector, end-to-end tests of the real binary as an
-# unprivileged user and as root.
-test: test-setup
-	$(GO) vet ./...
-	$(GO) test -race -count=1 -timeout 20m $$($(GO) list ./... | grep -v /cmd/gonetns)
+# unprivileged user and as root. On the way out, pass, fail or Ctrl-C,
+# scripts/test-teardown.sh puts back what the setup changed for the run
+# (services, sysctls, /dev/net/tun's mode; README.md, "Testing").
+test:
+	trap './scripts/test-teardown.sh' EXIT; trap 'exit 130' INT TERM; \
+	set -e; \
+	./scripts/test-setup.sh; \
+	$(GO) vet ./...; \
+	$(GO) test -race -count=1 -timeout 20m $$($(GO) list ./... | grep -v /cmd/gonetns); \
 	$(GO) test -count=1 -timeout 30m ./cmd/gonetns
 
+# The setup alone, and its undoing (both as root).
 test-setup:
 	./scripts/test-setup.sh
+
+test-teardown:
+	./scripts/test-teardown.sh
 
 install: build
 	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/gonetns

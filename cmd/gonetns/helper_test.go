@@ -18,12 +18,15 @@ import (
 )
 
 // TestMain lets the test binary double as the helper programs the
-// end-to-end tests run inside the sandbox (e2etest.Helper).
+// end-to-end tests run inside the sandbox (e2etest.Helper), and removes
+// the gonetns binary the tests built when they are done.
 func TestMain(m *testing.M) {
 	if mode := os.Getenv(e2etest.HelperEnv); mode != "" {
 		os.Exit(runHelper(mode, os.Args[1:]))
 	}
-	os.Exit(m.Run())
+	code := m.Run()
+	e2etest.Cleanup()
+	os.Exit(code)
 }
 
 func runHelper(mode string, args []string) int {
