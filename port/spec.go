@@ -11,8 +11,14 @@ import (
 // Grammar is the form of a publish spec, for messages and help texts.
 const Grammar = "[PARENTIP:]PARENTPORT[:CHILDIP]:CHILDPORT/PROTO"
 
+// GrammarDefaultTCP is the form ParseSpecDefaultTCP takes: Docker's, the
+// protocol optional.
+const GrammarDefaultTCP = "[PARENTIP:]PARENTPORT[:CHILDIP]:CHILDPORT[/PROTO]"
+
 // grammarHelp ends every spec parse error.
-const grammarHelp = "want " + Grammar + " with PROTO one of tcp, tcp4, tcp6, udp, udp4, udp6 and IPv6 addresses in brackets, e.g. 8080:80/tcp, 127.0.0.1:8080:80/tcp or [::1]:8080:[::1]:80/tcp6"
+func grammarHelp(grammar string) string {
+	return "want " + grammar + " with PROTO one of tcp, tcp4, tcp6, udp, udp4, udp6 and IPv6 addresses in brackets, e.g. 8080:80/tcp, 127.0.0.1:8080:80/tcp or [::1]:8080:[::1]:80/tcp6"
+}
 
 // ErrInvalidSpec is wrapped by every error about a malformed or inconsistent
 // publish spec.
@@ -50,12 +56,22 @@ type Status struct {
 // ([::1]:8080:[::1]:80/tcp6); IPv4 ones may ([127.0.0.1]:80). The result
 // has passed Validate.
 func ParseSpec(s string) (Spec, error) {
-	spec, err := parseSpec(s)
+	return parse(s, "", Grammar)
+}
+
+// ParseSpecDefaultTCP is ParseSpec with the protocol optional, tcp when
+// left out, as Docker's -p takes 8080:80.
+func ParseSpecDefaultTCP(s string) (Spec, error) {
+	return parse(s, "tcp", GrammarDefaultTCP)
+}
+
+func parse(s, defaultProto, grammar string) (Spec, error) {
+	spec, err := parseSpec(s, defaultProto)
 	if err == nil {
 		err = spec.Validate()
 	}
 	if err != nil {
-		return Spec{}, fmt.Errorf("%w %q: %w; %s", ErrInvalidSpec, s, unwrapInvalid(err), grammarHelp)
+		return Spec{}, fmt.Errorf("%w %q: %w; %s", ErrInvalidSpec, s, unwrapInvalid(err), grammarHelp(grammar))
 	}
 	return spec, nil
 }
@@ -77,10 +93,17 @@ type field struct {
 	bracketed bool
 }
 
-func parseSpec(s string) (Spec, error) {
+func parseSpec(s, defaultProto string) (Spec, error) {
 	slash := strings.LastIndexByte(s, '/')
 	if slash < 0 {
-		return Spec{}, errors.New("missing /PROTO at the end")
+		// 8080:tcp: a protocol where a port was expected.
+		if i := strings.LastIndexByte(s, ':'); i >= 0 && validProto(s[i+1:]) {
+			return Spec{}, fmt.Errorf("%q is a protocol, not a port: it goes after a slash, as in %s:80/%s", s[i+1:], s[:i], s[i+1:])
+		}
+		if defaultProto == "" {
+			return Spec{}, errors.New("missing /PROTO at the end")
+		}
+		s, slash = s+"/"+defaultProto, len(s)
 	}
 	spec := Spec{Proto: s[slash+1:]}
 	if !validProto(spec.Proto) {

@@ -88,6 +88,8 @@ func TestParseSpec(t *testing.T) {
 		{"127.0.0.1::80/tcp", "empty parent port"},
 		{"127.0.0.1:8080::80/tcp", "empty child IP"},
 		{"[fe80::1%a/b]:8080:80/tcp", "not an interface name"},
+		{"8080:tcp", `"tcp" is a protocol, not a port: it goes after a slash, as in 8080:80/tcp`},
+		{"127.0.0.1:8080:udp6", "as in 127.0.0.1:8080:80/udp6"},
 	}
 	for _, tc := range bad {
 		_, err := ParseSpec(tc.in)
@@ -195,6 +197,34 @@ func TestSpecOverlaps(t *testing.T) {
 		}
 		if got := a.Overlaps(b); got != tc.want || b.Overlaps(a) != got {
 			t.Errorf("%s overlaps %s: %v (and back %v), want %v", tc.a, tc.b, got, b.Overlaps(a), tc.want)
+		}
+	}
+}
+
+// ParseSpecDefaultTCP: Docker's -p, the protocol optional.
+func TestParseSpecDefaultTCP(t *testing.T) {
+	for in, want := range map[string]Spec{
+		"8080:80":                {Proto: "tcp", ParentPort: 8080, ChildPort: 80},
+		"127.0.0.1:8080:80":      {Proto: "tcp", ParentIP: ip4, ParentPort: 8080, ChildPort: 80},
+		"[::1]:8080:[::1]:80":    {Proto: "tcp", ParentIP: ip6, ParentPort: 8080, ChildIP: ip6, ChildPort: 80},
+		"8080:80/udp":            {Proto: "udp", ParentPort: 8080, ChildPort: 80},
+		"127.0.0.1:53:53/udp4":   {Proto: "udp4", ParentIP: ip4, ParentPort: 53, ChildPort: 53},
+		"[::1]:8080:80/tcp6":     {Proto: "tcp6", ParentIP: ip6, ParentPort: 8080, ChildPort: 80},
+		"0.0.0.0:8080:8080/tcp4": {Proto: "tcp4", ParentIP: ipAny, ParentPort: 8080, ChildPort: 8080},
+	} {
+		got, err := ParseSpecDefaultTCP(in)
+		if err != nil || got != want {
+			t.Errorf("ParseSpecDefaultTCP(%q) = %+v, %v; want %+v", in, got, err, want)
+		}
+	}
+	for in, want := range map[string]string{
+		"8080":     "at least PARENTPORT:CHILDPORT",
+		"8080:tcp": `"tcp" is a protocol, not a port`,
+		"8080:80/": `unknown protocol ""`,
+	} {
+		_, err := ParseSpecDefaultTCP(in)
+		if err == nil || !errors.Is(err, ErrInvalidSpec) || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), GrammarDefaultTCP) {
+			t.Errorf("ParseSpecDefaultTCP(%q): %v; want ErrInvalidSpec with %q and the grammar", in, err, want)
 		}
 	}
 }

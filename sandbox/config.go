@@ -269,6 +269,9 @@ func (c Config) Validate() error {
 			return invalidf("invalid --publish=%s: %v", spec, err)
 		}
 	}
+	if len(c.Publish) > 0 && c.Net == NetHost {
+		return invalidf("--publish needs a network namespace: with --net=host the command's ports are the host's already; leave out --publish, or publish from --net=builtin (gonetns's default)")
+	}
 	if len(c.Publish) > 0 && c.PortDriver == PortsNone {
 		return invalidf("--publish needs a port driver (now --port-driver=none): use --port-driver=builtin")
 	}

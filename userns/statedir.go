@@ -3,6 +3,7 @@ package userns
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -49,6 +50,29 @@ type StateDir struct {
 	Swept []string
 }
 
+// emptyVarHint explains a state directory right under / that could not be
+// made: most likely a variable of its path was empty, as
+// --state-dir=$XDG_RUNTIME_DIR/gn is /gn when XDG_RUNTIME_DIR is unset.
+func emptyVarHint(abs string, err error) string {
+	if filepath.Dir(abs) != "/" || !errors.Is(err, fs.ErrPermission) {
+		return ""
+	}
+	var unset []string
+	for _, v := range []string{"XDG_RUNTIME_DIR", "HOME", "TMPDIR"} {
+		if os.Getenv(v) == "" {
+			unset = append(unset, "$"+v)
+		}
+	}
+	if len(unset) == 0 {
+		return ""
+	}
+	verb := " are"
+	if len(unset) == 1 {
+		verb = " is"
+	}
+	return fmt.Sprintf(" (%s is right under /: was a variable in --state-dir empty? %s%s unset or empty here)", abs, strings.Join(unset, ", "), verb)
+}
+
 // ErrStateDirBusy reports a state directory locked by another gonetns.
 var ErrStateDirBusy = errors.New("state directory is in use")
 
@@ -75,7 +99,7 @@ func OpenStateDir(path string) (*StateDir, error) {
 		}
 		d.Path = abs
 		if err := os.MkdirAll(abs, 0o700); err != nil {
-			return nil, fmt.Errorf("create state directory: %w", err)
+			return nil, fmt.Errorf("create state directory: %w%s", err, emptyVarHint(abs, err))
 		}
 	}
 	if err := checkOwnDir(d.Path); err != nil {

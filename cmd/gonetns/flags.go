@@ -59,15 +59,9 @@ as an unprivileged user, with its own userspace network (no helper binaries).
 
 Usage:
   %[1]s [flags] COMMAND [ARGS...]
-  gonetns ctl [--socket PATH] list-ports|add-ports|remove-ports|info   (see gonetns ctl --help)
+  gonetns ctl [--socket PATH] COMMAND [ARGS...]   (gonetns ctl --help)
 
 Flags stop at the first argument that is not a flag: %[1]s sh -c 'id'.
-Installed as "rootlesskit" (a symlink is enough) it is a drop-in for
-RootlessKit: its defaults become --net=host --port-driver=none, as
-RootlessKit's are; as "rootlessctl" it is RootlessKit's API client, and as
-"rootlesskit-docker-proxy" Docker's userland proxy for RootlessKit.
-
-Flags:
 `
 
 // personality is which program's command line gonetns speaks.
@@ -88,7 +82,7 @@ func parseFlags(args []string, who personality, name string, out io.Writer, log 
 		if errors.Is(err, pflag.ErrHelp) {
 			return nil, errHelpShown
 		}
-		return nil, err
+		return nil, didYouMean(err, fs)
 	}
 	if raw.help {
 		fs.Usage()
@@ -119,6 +113,7 @@ type rawFlags struct {
 	dnsUpstreams, publish, allow, deny                    []string
 	sourceIPTransparent, killOrphans, debug, help         bool
 	ignored                                               []*string // ignoredFlags' values
+	who                                                   personality
 }
 
 // defineFlags defines the flags of the personality who on a new flag set:
@@ -135,62 +130,73 @@ func defineFlags(o *options, who personality, name string, out io.Writer) (*pfla
 		// on, as with RootlessKit (its network is often the host's).
 		defNet, defPorts, defKillOrphans = "host", "none", false
 	}
-	r := &rawFlags{}
+	r := &rawFlags{who: who}
 	c := &o.cfg
-	// Network.
-	fs.StringVar(&r.net, "net", defNet, "network: builtin (userspace NAT to the host), none (only lo) or host (no network namespace); RootlessKit's slirp4netns, pasta, vpnkit, gvisor-tap-vsock and lxc-user-nic are names of builtin")
-	fs.IntVar(&c.MTU, "mtu", sandbox.DefaultMTU, fmt.Sprintf("MTU of the namespace's interface (%d..%d; 0 means %d)", sandbox.MinMTU, sandbox.MaxMTU, sandbox.DefaultMTU))
+	// Sections of --help, in its order; see help.go.
+	section := sectioner(fs)
+
+	fs.StringVar(&r.net, "net", defNet, "network: builtin (userspace NAT to the host), none (only lo) or host (no network namespace)")
+	fs.IntVar(&c.MTU, "mtu", sandbox.DefaultMTU, fmt.Sprintf("MTU of the namespace's interface, %d to %d; 0 means the default", sandbox.MinMTU, sandbox.MaxMTU))
 	fs.StringVar(&r.cidr, "cidr", sandbox.DefaultCIDR.String(), "subnet of the builtin network: the namespace is .100, the gateway (host loopback) .2, DNS .3")
 	fs.StringVar(&c.IfName, "ifname", sandbox.DefaultIfName, "name of the namespace's interface")
 	fs.BoolVar(&c.DisableHostLoopback, "disable-host-loopback", false, "refuse connections to the gateway address (the host's 127.0.0.1 and ::1)")
 	fs.BoolVar(&c.IPv6, "ipv6", false, "also IPv6: fd00::100/64 inside, gateway fd00::2 (the host's ::1), DNS fd00::3")
-	fs.BoolVar(&c.DetachNetNS, "detach-netns", false, "keep COMMAND in the host's network namespace; the sandbox's network namespace is at $ROOTLESSKIT_STATE_DIR/netns (nsenter -n$ROOTLESSKIT_STATE_DIR/netns ...)")
-	fs.StringArrayVar(&r.dnsUpstreams, "dns-upstream", nil, "DNS server the namespace's resolver forwards to, IP[:PORT] (repeatable; default: the host's /etc/resolv.conf)")
-	// Egress policy, source address, capture.
-	fs.StringArrayVar(&r.deny, "deny", nil, "refuse the sandbox's TCP, UDP and ping to host addresses in CIDR (or one IP), IPv4 or IPv6 (repeatable; the most specific of --allow/--deny wins; the gateway counts as the host's 127.0.0.1 and ::1)")
-	fs.StringArrayVar(&r.allow, "allow", nil, "allow host addresses in CIDR (or one IP) (repeatable); with any --allow, addresses no rule covers are refused")
+	fs.StringArrayVar(&r.dnsUpstreams, "dns-upstream", nil, "DNS server the namespace's resolver forwards to, `IP[:PORT]` (repeatable; default: the host's /etc/resolv.conf)")
+	section(sectionNetwork)
+
+	fs.StringVar(&r.portDriver, "port-driver", defPorts, "how ports are published: builtin (splice between host and namespace sockets), implicit (also every port that listens inside, automatically) or none; default builtin unless --net=host")
+	// StringSlice, not StringArray: RootlessKit's command line splits these
+	// two at commas too (-p 8080:80/tcp,8443:443/tcp).
+	publishEg := "8080:80/tcp"
+	if who == asGonetns {
+		publishEg = "8080:80"
+	}
+	fs.StringSliceVarP(&r.publish, "publish", "p", nil, "publish a `SPEC`: a port of the namespace on a port of the host, e.g. "+publishEg+" (repeatable, or comma-separated)")
+	fs.BoolVar(&r.sourceIPTransparent, "source-ip-transparent", true, "connections through published ports keep the client's address and port inside (TCP and UDP); false: they come from the namespace's loopback")
+	section(sectionPorts)
+
+	fs.StringArrayVar(&r.deny, "deny", nil, "refuse the sandbox's TCP, UDP and ping to host addresses in `CIDR` (or one IP), IPv4 or IPv6 (repeatable; the most specific of --allow/--deny wins; the gateway counts as the host's 127.0.0.1 and ::1)")
+	fs.StringArrayVar(&r.allow, "allow", nil, "allow host addresses in `CIDR` (or one IP) (repeatable); with any --allow, addresses no rule covers are refused")
 	fs.BoolVar(&c.DenyMetadata, "deny-metadata", false, "refuse the cloud metadata services 169.254.169.254 and fd00:ec2::254")
 	fs.BoolVar(&c.DenyPrivate, "deny-private", false, "refuse private and link-local ranges: 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 169.254.0.0/16, fc00::/7, fe80::/10 (the gateway and DNS stay reachable)")
 	fs.StringVar(&c.OutboundAddr, "outbound-addr", "", "source address of the host sockets for the sandbox's IPv4 traffic: an IP, or an interface whose first IPv4 address is used (a loopback address applies only to the gateway, any other only to other destinations)")
 	fs.StringVar(&c.OutboundAddr6, "outbound-addr6", "", "the same for IPv6")
-	fs.StringVar(&c.PCAP, "pcap", "", "record every frame of the sandbox's link, both ways, in pcap FILE (tcpdump -r FILE, Wireshark)")
-	fs.StringVar(&r.pcapMaxSize, "pcap-max-size", "256MiB", "stop recording when the --pcap file reaches SIZE bytes (suffixes KiB, MiB, GiB)")
-	// Ports.
-	fs.StringVar(&r.portDriver, "port-driver", defPorts, "how ports are published: builtin (splice between host and namespace sockets), implicit (also every port that listens inside, automatically) or none; RootlessKit's slirp4netns, gvisor-tap-vsock and pesto are names of builtin; default builtin unless --net=host")
-	// StringSlice, not StringArray: RootlessKit's command line splits these
-	// two at commas too (-p 8080:80/tcp,8443:443/tcp).
-	fs.StringSliceVarP(&r.publish, "publish", "p", nil, "publish a port of the namespace on the host, "+port.Grammar+", e.g. 8080:80/tcp (repeatable, or comma-separated)")
-	fs.BoolVar(&r.sourceIPTransparent, "source-ip-transparent", true, "connections through published ports keep the client's address and port inside (TCP and UDP); false: they come from the namespace's loopback")
-	// Mounts.
-	fs.StringSliceVar(&c.CopyUp, "copy-up", nil, "make DIR a writable copy inside, e.g. --copy-up=/etc (repeatable, or comma-separated; /tmp is refused)")
-	fs.StringVar(&r.copyUpMode, "copy-up-mode", "tmpfs+symlink", "how --copy-up copies: tmpfs+symlink")
-	fs.StringVar(&c.Propagation, "propagation", userns.DefaultPropagation, "mount propagation inside: rprivate or rslave")
-	// Processes.
+	section(sectionEgress)
+
+	fs.BoolVar(&c.DetachNetNS, "detach-netns", false, "keep COMMAND in the host's network namespace; the sandbox's network namespace is at $ROOTLESSKIT_STATE_DIR/netns (nsenter -n$ROOTLESSKIT_STATE_DIR/netns ...)")
 	fs.BoolVar(&c.PIDNS, "pidns", false, "new PID namespace: the command is PID 1 ($$ is 1), and everything inside is killed when gonetns exits")
 	fs.BoolVar(&c.CgroupNS, "cgroupns", false, "new cgroup namespace")
 	fs.BoolVar(&c.UTSNS, "utsns", false, "new UTS namespace (hostname)")
 	fs.BoolVar(&c.IPCNS, "ipcns", false, "new IPC namespace")
+	fs.StringSliceVar(&c.CopyUp, "copy-up", nil, "make `DIR` a writable copy inside, e.g. --copy-up=/etc (repeatable, or comma-separated; /tmp is refused)")
+	fs.StringVar(&r.copyUpMode, "copy-up-mode", "tmpfs+symlink", "how --copy-up copies: tmpfs+symlink")
+	fs.StringVar(&c.Propagation, "propagation", userns.DefaultPropagation, "mount propagation inside: rprivate or rslave")
 	fs.StringVar(&c.Reaper, "reaper", "auto", "make the gonetns child the reaper of processes orphaned inside: true, false or auto (false; with --pidns the command is PID 1 and inherits them)")
 	fs.BoolVar(&r.killOrphans, "kill-orphans", defKillOrphans, "when COMMAND exits, kill the processes it left running (without --pidns; with it the kernel does); false lets them run on, as RootlessKit does (the default when invoked as rootlesskit)")
-	fs.StringVar(&c.EvacuateCgroup2, "evacuate-cgroup2", "", "move the processes of gonetns's cgroup v2 group into the subgroup NAME and enable the group's controllers for subgroups (needs --pidns and --cgroupns)")
-	// State and ids.
-	fs.StringVar(&c.StateDir, "state-dir", "", "state directory (lock, child_pid, api.sock, netns); default: a new one under $XDG_RUNTIME_DIR or /tmp; removed on exit")
+	fs.StringVar(&c.EvacuateCgroup2, "evacuate-cgroup2", "", "move the processes of gonetns's cgroup v2 group into the subgroup `NAME` and enable the group's controllers for subgroups (needs --pidns and --cgroupns)")
+	fs.StringVar(&c.StateDir, "state-dir", "", "the state directory `DIR` (lock, child_pid, api.sock, netns); default: a new one under $XDG_RUNTIME_DIR or /tmp; removed on exit")
 	fs.StringVar(&r.subid, "subid-source", "auto", "where subordinate ids come from: auto, static (/etc/subuid, /etc/subgid) or dynamic (getsubids)")
-	// RootlessKit's helper-program flags.
+	section(sectionNamespaces)
+
+	fs.BoolVar(&r.debug, "debug", false, "print debug messages")
+	fs.StringVar(&c.PCAP, "pcap", "", "record every frame of the sandbox's link, both ways, in pcap `FILE` (tcpdump -r FILE, Wireshark)")
+	fs.StringVar(&r.pcapMaxSize, "pcap-max-size", "256MiB", "stop recording when the --pcap file reaches `SIZE` bytes (suffixes KiB, MiB, GiB)")
+	fs.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the gonetns parent (the network) to `FILE`, for go tool pprof")
+	fs.BoolVarP(&o.version, "version", "v", false, "print the version and exit")
+	fs.BoolVarP(&r.help, "help", "h", false, "show this help")
+	section(sectionDebugging)
+
+	fs.StringVar(&o.printSemver, "print-semver", "", "print one component of the version as a number: major, minor or patch")
+	// RootlessKit's flags for its helper programs: accepted, ignored, and
+	// out of the flag list (the section's text names them).
 	r.ignored = make([]*string, len(ignoredFlags))
 	for i, f := range ignoredFlags {
 		r.ignored[i] = fs.String(f.name, f.def, f.usage)
+		fs.MarkHidden(f.name)
 	}
-	// Misc.
-	fs.BoolVar(&r.debug, "debug", false, "print debug messages")
-	fs.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the gonetns parent (the network) to FILE, for go tool pprof")
-	fs.StringVar(&o.printSemver, "print-semver", "", "print one component of the version as a number: major, minor or patch")
-	fs.BoolVarP(&o.version, "version", "v", false, "print the version and exit")
-	fs.BoolVarP(&r.help, "help", "h", false, "show this help")
-	fs.Usage = func() {
-		fmt.Fprintf(out, usageHead, name)
-		fs.PrintDefaults()
-	}
+	section(sectionRootlessKit)
+
+	fs.Usage = func() { printUsage(out, fs, name, who) }
 	return fs, r
 }
 
@@ -230,8 +236,12 @@ func (r *rawFlags) apply(c *sandbox.Config, fs *pflag.FlagSet, log *slog.Logger)
 			return fmt.Errorf("invalid --pcap-max-size=%s: %w", r.pcapMaxSize, err)
 		}
 	}
+	parseSpec := port.ParseSpec // RootlessKit's: PROTO required
+	if r.who == asGonetns {
+		parseSpec = port.ParseSpecDefaultTCP // Docker's: tcp unless said
+	}
 	for _, s := range r.publish {
-		spec, err := port.ParseSpec(s)
+		spec, err := parseSpec(s)
 		if err != nil {
 			return fmt.Errorf("invalid --publish=%s: %w", s, err)
 		}

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/spf13/pflag"
+
 	"github.com/gonetns/gonetns/sandbox"
 )
 
@@ -130,6 +132,16 @@ func TestParseFlags(t *testing.T) {
 		{name: "bad publish", args: []string{"-p", "8080/tcp", "x"}, err: "invalid --publish"},
 		{name: "copy-up-mode", args: []string{"--copy-up-mode=overlayfs", "x"}, err: "only tmpfs+symlink"},
 		{name: "unknown flag", args: []string{"--no-such", "x"}, err: "unknown flag"},
+		{name: "did you mean", args: []string{"--publsh=8080:80", "x"}, err: "unknown flag: --publsh (did you mean --publish?)"},
+		{name: "no guess for what is nothing like a flag", args: []string{"--zzzzzz", "x"}, err: "unknown flag: --zzzzzz"},
+		{name: "a protocol where a port goes", args: []string{"-p", "8080:tcp", "x"}, err: `"tcp" is a protocol, not a port: it goes after a slash, as in 8080:80/tcp`},
+		{name: "publish is tcp unless said, as Docker's", args: []string{"-p", "8080:80", "-p", "127.0.0.1:5353:53/udp", "x"}, check: func(t *testing.T, o *options, _ []string) {
+			if len(o.cfg.Publish) != 2 || o.cfg.Publish[0].Proto != "tcp" || o.cfg.Publish[0].ParentPort != 8080 || o.cfg.Publish[1].Proto != "udp" {
+				t.Errorf("publish %v", o.cfg.Publish)
+			}
+		}},
+		{name: "rootlesskit's publish wants the protocol", who: asRootlessKit, args: []string{"--net=slirp4netns", "--port-driver=builtin", "-p", "8080:80", "x"}, err: "missing /PROTO"},
+		{name: "publish with --net=host", args: []string{"--net=host", "-p", "8080:80", "x"}, err: "--publish needs a network namespace: with --net=host the command's ports are the host's already"},
 		{name: "no command", args: []string{"--net=none"}, err: "no command given"},
 	}
 	for _, c := range cases {
@@ -150,6 +162,44 @@ func TestParseFlags(t *testing.T) {
 	}
 }
 
+// --help: the sections in order, each visible flag in one of them, lines
+// of at most 80 columns when the output is not a terminal, no default
+// broken across lines, the examples at the end.
+func TestHelpLayout(t *testing.T) {
+	for _, who := range []personality{asGonetns, asRootlessKit} {
+		var out bytes.Buffer
+		if _, err := parseFlags([]string{"--help"}, who, "gonetns", &out, slog.New(slog.DiscardHandler)); err != errHelpShown {
+			t.Fatal(err)
+		}
+		help := out.String()
+		for i, l := range strings.Split(help, "\n") {
+			if len(l) > 80 {
+				t.Errorf("line %d is %d columns wide: %q", i+1, len(l), l)
+			}
+			if strings.Contains(l, "(default") && !strings.HasSuffix(l, ")") {
+				t.Errorf("line %d breaks a default: %q", i+1, l)
+			}
+		}
+		last := -1
+		for _, sec := range flagSections {
+			i := strings.Index(help, "\n"+sec+":\n")
+			if i < last {
+				t.Errorf("section %q missing or out of order", sec)
+			}
+			last = i
+		}
+		if i := strings.Index(help, "\nExamples:\n"); i < last {
+			t.Errorf("no examples after the sections")
+		}
+		fs, _ := defineFlags(&options{}, who, "gonetns", io.Discard)
+		fs.VisitAll(func(f *pflag.Flag) {
+			if a := f.Annotations[sectionKey]; len(a) != 1 || !slices.Contains(flagSections, a[0]) {
+				t.Errorf("--%s is in no section of --help", f.Name)
+			}
+		})
+	}
+}
+
 // The help lists every RootlessKit v3 flag (nerdctl's script greps it for
 // --detach-netns) and gonetns's own.
 func TestHelpListsRootlessKitFlags(t *testing.T) {
@@ -164,7 +214,7 @@ func TestHelpListsRootlessKitFlags(t *testing.T) {
 		"--slirp4netns-sandbox", "--slirp4netns-seccomp", "--vpnkit-binary", "--port-driver", "--publish", "--source-ip-transparent",
 		"--source-ip-transparent-backend", "--pidns", "--cgroupns", "--utsns", "--ipcns", "--reaper", "--evacuate-cgroup2",
 		"--state-dir", "--subid-source", "--dns-upstream", "--kill-orphans", "--cpuprofile"} {
-		if !strings.Contains(out.String(), f+" ") {
+		if !strings.Contains(out.String(), f+" ") && !strings.Contains(out.String(), f+",") && !strings.Contains(out.String(), f+".") {
 			t.Errorf("--help does not list %s", f)
 		}
 	}
