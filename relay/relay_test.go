@@ -161,13 +161,15 @@ func TestSocketsCloseResetsBoth(t *testing.T) {
 		t.Fatal(err)
 	}
 	p.r.Close()
+	// Run has returned once Close does (its result reaches p.res a moment
+	// later, from the goroutine that called it).
 	select {
-	case res := <-p.res:
-		if !errors.Is(res.Err, ErrAborted) || res.AToB != 1 {
-			t.Fatalf("result %+v; want 1 byte and ErrAborted", res)
-		}
+	case <-p.r.done:
 	default:
 		t.Fatal("Close returned before Run")
+	}
+	if res := p.result(t); !errors.Is(res.Err, ErrAborted) || res.AToB != 1 {
+		t.Fatalf("result %+v; want 1 byte and ErrAborted", res)
 	}
 	for name, c := range map[string]*net.TCPConn{"A": p.peerA, "B": p.peerB} {
 		if _, err := readAll(t, c); !isReset(err) {
