@@ -151,18 +151,3 @@ func BenchmarkTCPRelayHostToGuest(b *testing.B) {
 		})
 	}
 }
-
-// BenchmarkTableAddFull is one new flow in a full table of 16,384 (the
-// default cap): what eviction costs on the packet path.
-func BenchmarkTableAddFull(b *testing.B) {
-	const max = 16384
-	tb := newTable[int, *fakeFlow](max, func(int) time.Duration { return time.Minute })
-	base := time.Now()
-	for i := range max {
-		tb.add(i, &fakeFlow{last: base.Add(time.Duration(i) * time.Millisecond)})
-	}
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		tb.add(max+i, &fakeFlow{last: base.Add(time.Duration(max+i) * time.Millisecond)})
-	}
-}

@@ -38,9 +38,9 @@ type echoFlow struct {
 	once sync.Once
 }
 
-func (f *echoFlow) lastActive() time.Time { return time.Unix(0, f.last.Load()) }
+func (f *echoFlow) LastActive() time.Time { return time.Unix(0, f.last.Load()) }
 
-func (f *echoFlow) close() { f.once.Do(func() { f.sock.Close() }) }
+func (f *echoFlow) Close() { f.once.Do(func() { f.sock.Close() }) }
 
 // HandleEcho forwards an ICMP echo request through an unprivileged ping
 // socket (net.ipv4.ping_group_range must include the user's group). It
@@ -63,7 +63,7 @@ func (n *NAT) HandleEcho(r *stack.EchoRequest) bool {
 		return false
 	}
 	key := echoKey{r.Src, r.Dst, r.ID}
-	f, ok := n.echo.get(key)
+	f, ok := n.echo.Get(key)
 	if !ok {
 		if f, err = n.newEchoFlow(r, host); err != nil {
 			if errors.Is(err, unix.EACCES) || errors.Is(err, unix.EPERM) {
@@ -118,13 +118,13 @@ func (n *NAT) newEchoFlow(r *stack.EchoRequest, host netip.Addr) (*echoFlow, err
 	f := &echoFlow{req: r, sock: sock, rc: rc, host: host, now: n.cfg.Now}
 	f.last.Store(n.cfg.Now().UnixNano())
 	key := echoKey{r.Src, r.Dst, r.ID}
-	n.echo.add(key, f)
+	n.echo.Add(key, f)
 	n.log.Debug("icmp echo flow", "src", r.Src, "dst", r.Dst, "id", r.ID, "host", host)
 	go func() {
 		defer n.wg.Done()
 		f.readReplies()
-		f.close()
-		n.echo.remove(key, f)
+		f.Close()
+		n.echo.Remove(key, f)
 	}()
 	return f, nil
 }

@@ -19,6 +19,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/gonetns/gonetns/internal/flowtable"
 	"github.com/gonetns/gonetns/relay"
 	"github.com/gonetns/gonetns/stack"
 )
@@ -29,12 +30,9 @@ const (
 	DefaultUDPIdleTimeout = 240 * time.Second
 	DefaultDNSIdleTimeout = 10 * time.Second
 	DefaultEchoIdle       = 30 * time.Second
-	// A UDP flow costs a descriptor and about 300 bytes (nat/udp.go):
-	// enough for a burst of new source ports, such as a resolver's or a
-	// scanner's, to get its answers.
-	DefaultMaxUDPFlows  = 16384
-	DefaultMaxTCPConns  = 16384
-	DefaultMaxEchoFlows = 1024
+	DefaultMaxUDPFlows    = flowtable.MaxFlows
+	DefaultMaxTCPConns    = 16384
+	DefaultMaxEchoFlows   = 1024
 )
 
 // Config of a NAT.
@@ -97,14 +95,14 @@ type NAT struct {
 	idleTCP   atomic.Int32 // goroutines waiting on tcpWork
 	tcpFull   atomic.Int64 // unix time of the last "too many" warning
 
-	udp  *table[udpKey, *udpFlow]
-	echo *table[echoKey, *echoFlow]
+	udp  *flowtable.Table[udpKey, *udpFlow]
+	echo *flowtable.Table[echoKey, *echoFlow]
 
 	out      *outbound
 	refusals refusalLog
 
 	udpPollOnce sync.Once
-	udpPoll     *udpPoller // reads every UDP flow's answers; started by the first flow
+	udpPoll     *flowtable.Poller // reads every UDP flow's answers; started by the first flow
 	udpPollErr  error
 
 	pingOnce    sync.Once
@@ -154,35 +152,21 @@ func New(cfg Config) (*NAT, error) {
 	n.loopDialer = &ld
 	n.out = newOutbound(cfg.OutboundAddr, cfg.OutboundAddr6, n.dialer, n.loopDialer)
 	n.ctx, n.cancel = context.WithCancel(context.Background())
-	n.udp = newTable[udpKey, *udpFlow](cfg.MaxUDPFlows, func(k udpKey) time.Duration {
+	n.udp = flowtable.New[udpKey, *udpFlow](flowtable.Config[udpKey]{Max: cfg.MaxUDPFlows, Idle: func(k udpKey) time.Duration {
 		if k.dst.Port() == 53 {
 			return cfg.DNSIdleTimeout
 		}
 		return cfg.UDPIdleTimeout
-	})
-	n.echo = newTable[echoKey, *echoFlow](cfg.MaxEchoFlows, func(echoKey) time.Duration { return DefaultEchoIdle })
+	}})
+	n.echo = flowtable.New[echoKey, *echoFlow](flowtable.Config[echoKey]{Max: cfg.MaxEchoFlows, Idle: func(echoKey) time.Duration { return DefaultEchoIdle }})
 	return n, nil
 }
 
 // Start starts the goroutine that expires idle flows.
 func (n *NAT) Start() {
-	n.wg.Add(1)
-	go func() {
-		defer n.wg.Done()
-		t := time.NewTicker(time.Second)
-		defer t.Stop()
-		for {
-			select {
-			case <-n.ctx.Done():
-				return
-			case <-t.C:
-				now := n.cfg.Now()
-				if c := n.udp.expire(now) + n.echo.expire(now); c > 0 {
-					n.log.Debug("expired idle flows", "count", c)
-				}
-			}
-		}
-	}()
+	n.wg.Go(func() {
+		flowtable.ExpireEvery(n.ctx, time.Second, n.cfg.Now, func(c int) { n.log.Debug("expired idle flows", "count", c) }, n.udp, n.echo)
+	})
 }
 
 // Close ends every flow and connection and waits for their goroutines.
@@ -205,12 +189,12 @@ func (n *NAT) Close() error {
 	for _, r := range relays {
 		r.Abort()
 	}
-	n.udp.closeAll()
-	n.echo.closeAll()
+	n.udp.CloseAll()
+	n.echo.CloseAll()
 	// No poller starts after this; one that started is stopped.
 	n.udpPollOnce.Do(func() { n.udpPollErr = net.ErrClosed })
 	if n.udpPoll != nil {
-		n.udpPoll.close()
+		n.udpPoll.Close()
 	}
 	n.wg.Wait()
 	return nil

@@ -402,8 +402,8 @@ func TestUDPRoundTrip(t *testing.T) {
 			froms[from] = true
 		}
 	}
-	if len(froms) != 2 || f.nat.udp.len() != 2 {
-		t.Errorf("2 sandbox sockets used %d host sockets and %d flows", len(froms), f.nat.udp.len())
+	if len(froms) != 2 || f.nat.udp.Len() != 2 {
+		t.Errorf("2 sandbox sockets used %d host sockets and %d flows", len(froms), f.nat.udp.Len())
 	}
 }
 
@@ -429,51 +429,22 @@ func TestUDPFlowExpiry(t *testing.T) {
 	dns.Write([]byte("q"))
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
 	c.Read(make([]byte, 100))
-	if !stacktest.WaitFor(5*time.Second, func() bool { return f.nat.udp.len() == 2 }) {
-		t.Fatalf("%d flows, want 2", f.nat.udp.len())
+	if !stacktest.WaitFor(5*time.Second, func() bool { return f.nat.udp.Len() == 2 }) {
+		t.Fatalf("%d flows, want 2", f.nat.udp.Len())
 	}
 	advance(DefaultDNSIdleTimeout + time.Second)
-	if n := f.nat.udp.expire(clock()); n != 1 {
+	if n := f.nat.udp.Expire(clock()); n != 1 {
 		t.Errorf("after %v, %d flows expired, want only the DNS one", DefaultDNSIdleTimeout, n)
 	}
 	advance(DefaultUDPIdleTimeout)
-	if n := f.nat.udp.expire(clock()); n != 1 || f.nat.udp.len() != 0 {
-		t.Errorf("after %v, %d expired and %d left", DefaultUDPIdleTimeout, n, f.nat.udp.len())
+	if n := f.nat.udp.Expire(clock()); n != 1 || f.nat.udp.Len() != 0 {
+		t.Errorf("after %v, %d expired and %d left", DefaultUDPIdleTimeout, n, f.nat.udp.Len())
 	}
 	// The sandbox's socket still works: the next datagram is a new flow.
 	c.Write([]byte("b"))
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if _, err := c.Read(make([]byte, 100)); err != nil {
 		t.Errorf("after expiry: %v", err)
-	}
-}
-
-type fakeFlow struct {
-	last   time.Time
-	closed bool
-}
-
-func (f *fakeFlow) lastActive() time.Time { return f.last }
-func (f *fakeFlow) close()                { f.closed = true }
-
-func TestTableBound(t *testing.T) {
-	tb := newTable[int, *fakeFlow](3, func(int) time.Duration { return time.Minute })
-	base := time.Unix(0, 0)
-	flows := []*fakeFlow{{last: base.Add(3)}, {last: base.Add(1)}, {last: base.Add(2)}}
-	for i, f := range flows {
-		tb.add(i, f)
-	}
-	extra := &fakeFlow{last: base.Add(4)}
-	ev, did := tb.add(3, extra)
-	if !did || ev != flows[1] || !flows[1].closed || tb.len() != 3 {
-		t.Errorf("full table evicted %v (did %v), want the idlest flow 1", ev, did)
-	}
-	if n := tb.expire(base.Add(time.Minute + 2)); n != 1 || !flows[2].closed {
-		t.Errorf("expire: %d", n)
-	}
-	tb.closeAll()
-	if tb.len() != 0 || !extra.closed || !flows[0].closed {
-		t.Error("closeAll left flows")
 	}
 }
 
@@ -507,13 +478,13 @@ func TestEchoToGateway(t *testing.T) {
 		t.Fatalf("ping 10.0.2.2: %q, %v", got, err)
 	}
 	allowed := pingAllowed()
-	if allowed && f.nat.echo.len() != 1 {
-		t.Errorf("ping sockets are allowed but the echo was not forwarded (%d flows)", f.nat.echo.len())
+	if allowed && f.nat.echo.Len() != 1 {
+		t.Errorf("ping sockets are allowed but the echo was not forwarded (%d flows)", f.nat.echo.Len())
 	}
 	if !allowed && !f.nat.pingBlocked.Load() {
 		t.Errorf("ping sockets are not allowed, yet no notice was recorded")
 	}
-	t.Logf("ping sockets allowed: %v; forwarded flows: %d", allowed, f.nat.echo.len())
+	t.Logf("ping sockets allowed: %v; forwarded flows: %d", allowed, f.nat.echo.Len())
 }
 
 func TestCloseLeavesNothing(t *testing.T) {
@@ -528,7 +499,7 @@ func TestCloseLeavesNothing(t *testing.T) {
 	srv := udpServer(t)
 	u, _ := f.guest.DialUDP(viaGateway(srv))
 	u.Write([]byte("x"))
-	stacktest.WaitFor(2*time.Second, func() bool { return f.nat.udp.len() == 1 })
+	stacktest.WaitFor(2*time.Second, func() bool { return f.nat.udp.Len() == 1 })
 	f.st.Close()
 	f.nat.Close()
 	f.guest.Close()
@@ -628,8 +599,8 @@ func TestUDPBurstOfNewPorts(t *testing.T) {
 			got++
 		}
 	}
-	if got != flows || f.nat.udp.len() != flows+1 {
-		t.Fatalf("%d of %d answers, %d flows", got, flows, f.nat.udp.len())
+	if got != flows || f.nat.udp.Len() != flows+1 {
+		t.Fatalf("%d of %d answers, %d flows", got, flows, f.nat.udp.Len())
 	}
 	runtime.GC()
 	runtime.ReadMemStats(&ms)
@@ -644,8 +615,8 @@ func TestUDPBurstOfNewPorts(t *testing.T) {
 	mu.Lock()
 	now = now.Add(DefaultUDPIdleTimeout)
 	mu.Unlock()
-	if n := f.nat.udp.expire(clock()); n != flows+1 || f.nat.udp.len() != 0 || f.nat.udpPoll.len() != 0 {
-		t.Errorf("expired %d of %d flows; %d left, %d in the poller", n, flows, f.nat.udp.len(), f.nat.udpPoll.len())
+	if n := f.nat.udp.Expire(clock()); n != flows+1 || f.nat.udp.Len() != 0 || f.nat.udpPoll.Len() != 0 {
+		t.Errorf("expired %d of %d flows; %d left, %d in the poller", n, flows, f.nat.udp.Len(), f.nat.udpPoll.Len())
 	}
 }
 

@@ -209,8 +209,8 @@ func TestPolicyProhibitsUDP(t *testing.T) {
 	if !stacktest.WaitFor(5*time.Second, func() bool { return unreachable.Value() == 1 }) {
 		t.Errorf("the guest received %d destination unreachable, want 1", unreachable.Value())
 	}
-	if f.nat.udp.len() != 0 {
-		t.Errorf("a prohibited flow made %d host flows", f.nat.udp.len())
+	if f.nat.udp.Len() != 0 {
+		t.Errorf("a prohibited flow made %d host flows", f.nat.udp.Len())
 	}
 }
 
@@ -224,8 +224,8 @@ func TestPolicyProhibitsEcho(t *testing.T) {
 	if got := f.guest.Stats().ICMP.V4.PacketsReceived.DstUnreachable.Value(); got != 1 {
 		t.Errorf("the guest received %d destination unreachable, want 1", got)
 	}
-	if f.nat.echo.len() != 0 {
-		t.Errorf("a prohibited echo made %d host flows", f.nat.echo.len())
+	if f.nat.echo.Len() != 0 {
+		t.Errorf("a prohibited echo made %d host flows", f.nat.echo.Len())
 	}
 }
 

@@ -5,14 +5,13 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
-	"os"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/gonetns/gonetns/internal/flowtable"
 	"github.com/gonetns/gonetns/internal/rawconn"
 	"github.com/gonetns/gonetns/stack"
 )
@@ -20,11 +19,10 @@ import (
 // A UDP flow is a host socket connected to the destination's host
 // address; datagrams from the sandbox are written to it on the stack's
 // packet path, as they arrive, and what comes back on it is read by one
-// goroutine for all flows (udpPoller) and sent into the sandbox. A flow
-// costs a descriptor and a small struct: no goroutine and no buffer of
-// its own (it used to cost two goroutines and two 64 KiB buffers, 0.86-
-// 1.13 GB for 4,096 flows), so memory stays bounded by the flow cap
-// whatever the traffic.
+// goroutine for all flows (a flowtable.Poller) and sent into the sandbox.
+// A flow costs a descriptor and a small struct: no goroutine and no buffer
+// of its own, so memory stays bounded by the flow cap whatever the
+// traffic.
 
 type udpKey struct{ src, dst netip.AddrPort }
 
@@ -33,6 +31,7 @@ type udpKey struct{ src, dst netip.AddrPort }
 // goes to src.
 type udpFlow struct {
 	id   uint32 // the poller's key
+	poll *flowtable.Poller
 	path *stack.UDPPath
 	now  func() time.Time
 	last atomic.Int64 // unix nanoseconds of the last datagram either way
@@ -42,27 +41,32 @@ type udpFlow struct {
 	// reading, close for writing.
 	mu sync.RWMutex
 	fd int // -1 once closed
-
-	onClose func(*udpFlow)
 }
 
-func (f *udpFlow) lastActive() time.Time { return time.Unix(0, f.last.Load()) }
+var (
+	_ flowtable.Flow     = (*udpFlow)(nil)
+	_ flowtable.Receiver = (*udpFlow)(nil)
+)
+
+func (f *udpFlow) LastActive() time.Time { return time.Unix(0, f.last.Load()) }
 
 func (f *udpFlow) touch() { f.last.Store(f.now().UnixNano()) }
 
-func (f *udpFlow) close() {
+// Close closes the flow's socket, which also takes it out of the
+// poller's epoll set.
+func (f *udpFlow) Close() {
 	f.mu.Lock()
 	if f.fd < 0 {
 		f.mu.Unlock()
 		return
 	}
-	unix.Close(f.fd) // also leaves the poller's epoll set
+	if f.poll != nil {
+		f.poll.Remove(f.id)
+	}
+	unix.Close(f.fd)
 	f.fd = -1
 	f.mu.Unlock()
 	f.path.Close()
-	if f.onClose != nil {
-		f.onClose(f)
-	}
 }
 
 // send writes one datagram from the sandbox to the host. A socket that
@@ -84,7 +88,7 @@ func (f *udpFlow) send(payload [][]byte) {
 // "administratively prohibited".
 func (n *NAT) HandleUDP(p *stack.UDPPacket) bool {
 	key := udpKey{p.Src, p.Dst}
-	f, ok := n.udp.get(key)
+	f, ok := n.udp.Get(key)
 	if !ok {
 		var err error
 		if f, err = n.newUDPFlow(p, key); err != nil {
@@ -129,12 +133,13 @@ func (n *NAT) newUDPFlow(p *stack.UDPPacket, key udpKey) (*udpFlow, error) {
 	}
 	f := &udpFlow{fd: fd, path: path, now: n.cfg.Now}
 	f.touch()
-	if err := poller.add(f); err != nil {
-		f.close()
-		return nil, err
+	if f.id, err = poller.Add(fd, f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("udp: %w", err)
 	}
-	if old, evicted := n.udp.add(key, f); evicted {
-		n.log.Debug("udp flow table full; evicted the idlest flow", "max", n.cfg.MaxUDPFlows, "evicted_last_active", old.lastActive())
+	f.poll = poller
+	if old, evicted := n.udp.Add(key, f); evicted {
+		n.log.Debug("udp flow table full; evicted the idlest flow", "max", n.cfg.MaxUDPFlows, "evicted_last_active", old.LastActive())
 	}
 	n.log.Debug("udp flow", "src", p.Src, "dst", p.Dst, "host", host)
 	return f, nil
@@ -166,91 +171,26 @@ func (n *NAT) udpSocket(dst netip.AddrPort) (int, error) {
 	return fd, nil
 }
 
-// udpPoller reads the answers of every flow on one goroutine: the flows'
-// sockets are in an epoll set of its own, whose descriptor Go's poller
-// watches, so the goroutine sleeps until some flow has a datagram.
-type udpPoller struct {
-	ep *os.File
-	rc syscall.RawConn
-
-	mu    sync.Mutex
-	flows map[uint32]*udpFlow
-	next  uint32
-}
-
 // udpPoller returns the NAT's poller, starting it with the first flow.
-func (n *NAT) udpPoller() (*udpPoller, error) {
+func (n *NAT) udpPoller() (*flowtable.Poller, error) {
 	n.udpPollOnce.Do(func() {
-		n.udpPoll, n.udpPollErr = n.startUDPPoller()
+		p, err := flowtable.NewPoller()
+		if err != nil {
+			n.udpPollErr = fmt.Errorf("udp: %w", err)
+			return
+		}
+		if !n.begin() {
+			p.Close()
+			n.udpPollErr = errors.New("udp: NAT closed")
+			return
+		}
+		n.udpPoll = p
+		go func() {
+			defer n.wg.Done()
+			p.Run()
+		}()
 	})
 	return n.udpPoll, n.udpPollErr
-}
-
-func (n *NAT) startUDPPoller() (*udpPoller, error) {
-	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
-	if err != nil {
-		return nil, fmt.Errorf("udp: epoll: %w", err)
-	}
-	// Non-blocking, so that Go's poller takes the descriptor (readable
-	// when a flow's socket is).
-	if err := unix.SetNonblock(epfd, true); err != nil {
-		unix.Close(epfd)
-		return nil, fmt.Errorf("udp: epoll: %w", err)
-	}
-	ep := os.NewFile(uintptr(epfd), "udp-flows")
-	rc, err := ep.SyscallConn()
-	if err != nil {
-		ep.Close()
-		return nil, fmt.Errorf("udp: epoll: %w", err)
-	}
-	p := &udpPoller{ep: ep, rc: rc, flows: make(map[uint32]*udpFlow)}
-	if !n.begin() {
-		ep.Close()
-		return nil, errors.New("udp: NAT closed")
-	}
-	go func() {
-		defer n.wg.Done()
-		p.run()
-	}()
-	return p, nil
-}
-
-// add registers f's socket.
-func (p *udpPoller) add(f *udpFlow) error {
-	p.mu.Lock()
-	for {
-		p.next++
-		if _, taken := p.flows[p.next]; !taken {
-			break
-		}
-	}
-	f.id = p.next
-	p.flows[f.id] = f
-	p.mu.Unlock()
-	f.onClose = p.remove
-	epfd, err := rawconn.FD(p.rc)
-	if err != nil {
-		return err
-	}
-	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(f.id)}
-	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, f.fd, &ev); err != nil {
-		return fmt.Errorf("udp: epoll add: %w", err)
-	}
-	return nil
-}
-
-func (p *udpPoller) remove(f *udpFlow) {
-	p.mu.Lock()
-	if p.flows[f.id] == f {
-		delete(p.flows, f.id)
-	}
-	p.mu.Unlock()
-}
-
-func (p *udpPoller) lookup(id uint32) *udpFlow {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.flows[id]
 }
 
 // maxBurst is how many datagrams one flow gets to send in a row before
@@ -261,34 +201,11 @@ func (p *udpPoller) lookup(id uint32) *udpFlow {
 // and 1,024.
 const maxBurst = 64
 
-// run reads answers until the epoll descriptor is closed.
-func (p *udpPoller) run() {
-	events := make([]unix.EpollEvent, 64)
-	buf := make([]byte, 1<<16) // one buffer for every flow
-	for {
-		n, err := rawconn.Read(p.rc, func(fd int) (int, error) {
-			n, err := rawconn.EpollPoll(fd, events)
-			if err == nil && n == 0 {
-				return 0, unix.EAGAIN // nothing ready: wait for the poller
-			}
-			return n, err
-		})
-		if err != nil {
-			return // closed
-		}
-		for _, ev := range events[:n] {
-			if f := p.lookup(uint32(ev.Fd)); f != nil {
-				f.receive(buf)
-			}
-		}
-	}
-}
-
-// receive passes what the host sent to the sandbox. The flow's lock is
-// held only for the read: the write into the sandbox may wait (for a full
-// device in tests), and must not hold up close, nor through it the
-// reader's sends.
-func (f *udpFlow) receive(buf []byte) {
+// Receive passes what the host sent to the sandbox, up to maxBurst
+// datagrams. The flow's lock is held only for the read: the write into the
+// sandbox may wait (for a full device in tests), and must not hold up
+// Close, nor through it the reader's sends.
+func (f *udpFlow) Receive(buf []byte) {
 	for range maxBurst {
 		f.mu.RLock()
 		if f.fd < 0 {
@@ -306,16 +223,4 @@ func (f *udpFlow) receive(buf []byte) {
 		f.touch()
 		f.path.Write(buf[:n])
 	}
-}
-
-// close stops the poller; the flows are closed by the NAT.
-func (p *udpPoller) close() {
-	p.ep.Close()
-}
-
-// len is the number of flows registered.
-func (p *udpPoller) len() int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return len(p.flows)
 }

@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/gonetns/gonetns/internal/flowtable"
 	"github.com/gonetns/gonetns/port"
 	"github.com/gonetns/gonetns/relay"
 )
@@ -52,10 +53,10 @@ type Config struct {
 	// logged. Zero means 4096.
 	MaxTCPConns int
 	// MaxUDPFlows bounds the UDP flows (client addresses) of all published
-	// ports together; each holds a socket in the namespace and a goroutine
-	// (receive buffers are pooled, held only while a datagram passes).
-	// Datagrams from new clients beyond it are dropped, and a warning
-	// logged. Zero means 1024.
+	// ports together; each holds a socket in the namespace (read by one
+	// poller for all flows). A new flow beyond it closes the idlest flow
+	// of the client holding the most, and a warning is logged. Zero means
+	// 1024.
 	MaxUDPFlows int
 	// SplicePipes bounds the pipes TCP relays splice through, in use or
 	// idle (two descriptors each); SpliceIdlePipes the idle ones kept for
@@ -81,8 +82,11 @@ type Manager struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // every goroutine of every port and relay
 
-	tcpSlots chan struct{}   // one per TCP relay of any port: MaxTCPConns
-	udpSlots chan struct{}   // one per UDP flow of any port: MaxUDPFlows
+	tcpSlots chan struct{}                      // one per TCP relay of any port: MaxTCPConns
+	udp      *flowtable.Table[udpKey, *udpFlow] // the UDP flows of all ports
+	udpOnce  sync.Once                          // starts udpPoll and the flows' expiry
+	udpPoll  *flowtable.Poller                  // reads every UDP flow's replies
+	udpErr   error
 	pipes    *relay.PipePool // for the TCP relays' splices
 
 	mu     sync.Mutex
@@ -139,11 +143,15 @@ func NewManager(cfg Config) *Manager {
 		ctx:      ctx,
 		cancel:   cancel,
 		tcpSlots: make(chan struct{}, cfg.MaxTCPConns),
-		udpSlots: make(chan struct{}, cfg.MaxUDPFlows),
-		pipes:    relay.NewPipePool(cfg.SplicePipes, cfg.SpliceIdlePipes),
-		nextID:   1,
-		ports:    make(map[int]publishedPort),
-		relays:   make(map[*tcpRelay]struct{}),
+		udp: flowtable.New[udpKey, *udpFlow](flowtable.Config[udpKey]{
+			Max:   cfg.MaxUDPFlows,
+			Idle:  func(udpKey) time.Duration { return cfg.UDPIdleTimeout },
+			Group: clientOf,
+		}),
+		pipes:  relay.NewPipePool(cfg.SplicePipes, cfg.SpliceIdlePipes),
+		nextID: 1,
+		ports:  make(map[int]publishedPort),
+		relays: make(map[*tcpRelay]struct{}),
 	}
 }
 
@@ -284,6 +292,12 @@ func (m *Manager) Close() error {
 			r.abort()
 		}
 		m.relayMu.Unlock()
+		// No UDP poller starts after this; one that started stops.
+		m.udp.CloseAll()
+		m.udpOnce.Do(func() { m.udpErr = net.ErrClosed })
+		if m.udpPoll != nil {
+			m.udpPoll.Close()
+		}
 		m.closeErr = errors.Join(errs...)
 	})
 	m.wg.Wait()

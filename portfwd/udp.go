@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -16,17 +15,13 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/gonetns/gonetns/internal/limitlog"
-	"github.com/gonetns/gonetns/internal/rawconn"
-	"github.com/gonetns/gonetns/port"
-
 	"github.com/gonetns/gonetns/internal/backoff"
+	"github.com/gonetns/gonetns/internal/flowtable"
+	"github.com/gonetns/gonetns/internal/limitlog"
+	"github.com/gonetns/gonetns/port"
 )
 
 const (
-	// maxDatagram is the size of the receive buffers: the largest UDP
-	// payload over IPv6 (65,527 bytes) fits, and over IPv4 it is 65,507.
-	maxDatagram = 64 << 10
 	// maxQueued bounds the datagrams a new flow holds while its socket in
 	// the namespace is being dialed; more are dropped.
 	maxQueued = 16
@@ -35,15 +30,65 @@ const (
 	// grow the parent without limit (16 x 64 KiB per flow would be 64 MiB
 	// per 1,000 flows); beyond it, datagrams of dialing flows are dropped.
 	maxQueuedBytes = 1 << 20
+	// maxBurst is how many replies one flow passes on in a row before the
+	// poller turns to the others (its socket stays ready: epoll is level
+	// triggered), as nat's UDP flows.
+	maxBurst = 64
 )
 
-// datagramPool holds the flows' receive buffers. A flow borrows one only
-// while a datagram is being read and passed on, never while it waits, so
-// memory follows the traffic, not the number of flows: each flow used to
-// hold a 64 KiB buffer for its whole life, and cycling source ports up to
-// the flow cap took the parent past 1 GB (issue 12). Unused buffers go
-// back to the runtime at the next collections.
-var datagramPool = sync.Pool{New: func() any { b := make([]byte, maxDatagram); return &b }}
+// The published ports' UDP flows live in one flowtable.Table of the
+// Manager (one cap, MaxUDPFlows, for all ports, shared among clients: a
+// full table closes the idlest flow of the client holding the most) and
+// are read by one flowtable.Poller: a flow costs a socket in the namespace
+// and a small struct, no goroutine and no buffer of its own, so memory
+// follows the cap, not the traffic. The expiry of idle flows
+// (UDPIdleTimeout) runs on a goroutine of its own; both start with the
+// first UDP port.
+
+// udpKey names a flow: the port, the client, and the host address it sent
+// to (zero unless the port listens on the unspecified address).
+type udpKey struct {
+	port   int
+	client netip.AddrPort
+	local  netip.Addr
+}
+
+// clientOf is the client a flow's share of the table is counted for: an
+// IPv4 address, or the /64 an IPv6 host picks its addresses from.
+func clientOf(k udpKey) any {
+	a := k.client.Addr().Unmap()
+	if a.Is4() {
+		return netip.PrefixFrom(a, 32)
+	}
+	return netip.PrefixFrom(a, 64).Masked()
+}
+
+// udpFlows starts the poller and the expiry of the Manager's UDP flows,
+// once.
+func (m *Manager) udpFlows() (*flowtable.Poller, error) {
+	m.udpOnce.Do(func() {
+		p, err := flowtable.NewPoller()
+		if err != nil {
+			m.udpErr = fmt.Errorf("udp flows: %w", err)
+			return
+		}
+		m.udpPoll = p
+		m.wg.Go(p.Run)
+		every := min(max(m.cfg.UDPIdleTimeout/8, 10*time.Millisecond), time.Second)
+		m.wg.Go(func() {
+			flowtable.ExpireEvery(m.ctx, every, time.Now, func(n int) {
+				m.log.Debug("portfwd: udp flows idle, ended", "count", n, "idle_timeout", m.cfg.UDPIdleTimeout)
+			}, m.udp)
+		})
+	})
+	return m.udpPoll, m.udpErr
+}
+
+// UDPStats is what the published ports' UDP flows are, and what their
+// limits have done since the Manager started: Flows of Max (the flows'
+// cap, MaxUDPFlows), the Peak, the flows Evicted for new ones when the cap
+// was reached, and those Expired after UDPIdleTimeout.
+func (m *Manager) UDPStats() flowtable.Stats { return m.udp.Stats() }
 
 // udpPort is one published UDP port: a host socket and a flow per client
 // address, each with its own connected socket in the namespace, so that
@@ -57,7 +102,7 @@ type udpPort struct {
 	log   *slog.Logger
 	conn  *net.UDPConn    // host side
 	ctx   context.Context // ends at stop: aborts flow dials
-	full  limitlog.Warner
+	full  limitlog.Warner // flows evicted for new ones
 	// pktinfo is the host socket's family (AF_INET or AF_INET6) when it
 	// listens on the unspecified address and so learns each datagram's
 	// destination (IP_PKTINFO); 0 otherwise.
@@ -65,8 +110,7 @@ type udpPort struct {
 	queued  atomic.Int64 // bytes in all flows' queues
 
 	mu     sync.Mutex
-	flows  map[flowKey]*udpFlow
-	closed bool
+	closed bool // no new flows
 
 	cancel   context.CancelFunc
 	done     chan struct{} // closed when the read loop has returned
@@ -74,14 +118,10 @@ type udpPort struct {
 	stopErr  error
 }
 
-// flowKey names a flow: the client, and the host address it sent to
-// (zero unless the port listens on the unspecified address).
-type flowKey struct {
-	client netip.AddrPort
-	local  netip.Addr
-}
-
 func (m *Manager) listenUDP(ctx context.Context, id int, spec port.Spec) (*udpPort, error) {
+	if _, err := m.udpFlows(); err != nil {
+		return nil, err
+	}
 	var lc net.ListenConfig
 	pc, err := lc.ListenPacket(ctx, spec.ListenNetwork(), hostPort(spec.ListenAddr()))
 	if err != nil {
@@ -106,7 +146,6 @@ func (m *Manager) listenUDP(ctx context.Context, id int, spec port.Spec) (*udpPo
 		ctx:     pctx,
 		pktinfo: family,
 		cancel:  cancel,
-		flows:   make(map[flowKey]*udpFlow),
 		done:    make(chan struct{}),
 	}
 	m.wg.Go(p.serve)
@@ -121,23 +160,19 @@ func (p *udpPort) stop() error {
 		p.cancel()
 		p.mu.Lock()
 		p.closed = true
-		flows := p.flows
-		p.flows = nil
 		p.mu.Unlock()
 		if err := p.conn.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
 			p.stopErr = err
 		}
 		<-p.done
-		for _, f := range flows {
-			f.close()
-		}
+		p.m.udp.CloseIf(func(k udpKey) bool { return k.port == p.id })
 	})
 	return p.stopErr
 }
 
 func (p *udpPort) serve() {
 	defer close(p.done)
-	buf := make([]byte, maxDatagram)
+	buf := make([]byte, flowtable.RecvBufSize)
 	oob := make([]byte, pktinfoSpace)
 	retry := backoff.Backoff{Min: time.Millisecond, Max: 100 * time.Millisecond}
 	for {
@@ -153,7 +188,7 @@ func (p *udpPort) serve() {
 			continue
 		}
 		retry.Reset()
-		key := flowKey{client: client}
+		key := udpKey{port: p.id, client: client}
 		if p.pktinfo != 0 {
 			key.local = pktinfoDst(oob[:oobn])
 		}
@@ -163,22 +198,15 @@ func (p *udpPort) serve() {
 	}
 }
 
-// flow returns the flow for key, creating it (and starting its goroutine)
-// if needed; nil when the port is stopping or at MaxUDPFlows.
-func (p *udpPort) flow(key flowKey) *udpFlow {
+// flow returns the flow for key, creating it (and starting its dial) if
+// needed; nil when the port is stopping.
+func (p *udpPort) flow(key udpKey) *udpFlow {
+	if f, ok := p.m.udp.Get(key); ok {
+		return f
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
-		return nil
-	}
-	if f := p.flows[key]; f != nil {
-		return f
-	}
-	select {
-	case p.m.udpSlots <- struct{}{}: // given back when run returns
-	default:
-		p.full.Warn(p.log, "portfwd: too many UDP flows on the published ports, dropping datagrams from new clients; raise MaxUDPFlows (the open-files limit) if this is expected",
-			"limit", p.m.cfg.MaxUDPFlows)
 		return nil
 	}
 	f := &udpFlow{p: p, key: key, log: p.log.With("client", key.client.String(), "child", p.child.String())}
@@ -186,27 +214,41 @@ func (p *udpPort) flow(key flowKey) *udpFlow {
 		f.oob = pktinfoSource(p.pktinfo, key.local)
 	}
 	f.touch()
-	p.flows[key] = f
+	if old, evicted := p.m.udp.Add(key, f); evicted {
+		p.full.Warn(p.log, "portfwd: too many UDP flows on the published ports; closing the idlest flow of the client holding the most for each new one; raise MaxUDPFlows (the open-files limit) if this is expected",
+			"limit", p.m.cfg.MaxUDPFlows, "evicted_client", old.key.client.String())
+	}
 	// Safe against Close's Wait: the read loop calling us is in m.wg.
-	p.m.wg.Go(f.run)
+	p.m.wg.Go(f.dial)
 	return f
 }
 
 // udpFlow is one client address and its connected socket in the namespace.
 type udpFlow struct {
-	p          *udpPort
-	key        flowKey
-	oob        []byte // IP_PKTINFO for replies: from key.local; nil for the default
-	log        *slog.Logger
-	lastActive atomic.Int64 // UnixNano of the last datagram either way
+	p    *udpPort
+	key  udpKey
+	oob  []byte // IP_PKTINFO for replies: from key.local; nil for the default
+	log  *slog.Logger
+	last atomic.Int64 // UnixNano of the last datagram either way
+	sent atomic.Int64 // datagrams to the client
 
 	mu     sync.Mutex
-	conn   net.Conn // nil while dialing
-	queue  [][]byte // datagrams that came while dialing
+	conn   net.Conn        // nil while dialing
+	rc     syscall.RawConn // conn's, for the poller's reads
+	id     uint32          // the poller's, once conn is there
+	queue  [][]byte        // datagrams that came while dialing
 	closed bool
 }
 
-func (f *udpFlow) touch() { f.lastActive.Store(time.Now().UnixNano()) }
+var (
+	_ flowtable.Flow     = (*udpFlow)(nil)
+	_ flowtable.Receiver = (*udpFlow)(nil)
+)
+
+func (f *udpFlow) touch() { f.last.Store(time.Now().UnixNano()) }
+
+// LastActive is when a datagram last went through the flow, either way.
+func (f *udpFlow) LastActive() time.Time { return time.Unix(0, f.last.Load()) }
 
 // toChild forwards one datagram from the client (or queues it while the
 // socket in the namespace is being dialed). b is reused by the caller.
@@ -249,52 +291,53 @@ func (f *udpFlow) dropQueue() {
 	f.queue = nil
 }
 
-// close ends the flow: its socket is closed, which ends run.
-func (f *udpFlow) close() {
+// Close ends the flow: out of the poller, its socket closed. The table
+// calls it (evicted, expired, its port stopped); a dial that failed too.
+func (f *udpFlow) Close() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.closed {
+		return
+	}
 	f.closed = true
 	f.dropQueue()
 	if f.conn != nil {
+		f.p.m.udpPoll.Remove(f.id)
 		f.conn.Close()
+		f.log.Debug("portfwd: udp flow ended", "datagrams_to_client", f.sent.Load())
 	}
 }
 
-// run dials the flow's socket in the namespace (from the client's address,
-// with SourceIPTransparent), then forwards replies to the client until the
-// flow has been idle for UDPIdleTimeout.
-func (f *udpFlow) run() {
+// dial gets the flow's socket in the namespace (from the client's address,
+// with SourceIPTransparent), sends what was queued meanwhile, and hands the
+// socket to the poller. A flow whose dial fails goes: the client's next
+// datagram tries again with a new one.
+func (f *udpFlow) dial() {
 	p := f.p
 	start := time.Now()
-	defer func() {
-		p.mu.Lock()
-		if p.flows[f.key] == f {
-			delete(p.flows, f.key)
-		}
-		p.mu.Unlock()
-		f.close()
-		<-p.m.udpSlots
-	}()
-
 	ctx, cancel := context.WithTimeout(p.ctx, p.m.cfg.DialTimeout)
 	c, err := p.m.cfg.Dialer.Dial(ctx, "udp", p.child, p.m.source(f.key.client))
 	cancel()
+	fail := func(msg string, args ...any) {
+		if c != nil {
+			c.Close()
+		}
+		p.m.udp.Remove(f.key, f)
+		f.Close()
+		f.log.Debug(msg, args...)
+	}
 	if err != nil {
-		// The queued datagrams are dropped; the client's next one tries
-		// again with a new flow.
-		f.log.Debug("portfwd: udp flow cannot reach the namespace", "err", err)
+		fail("portfwd: udp flow cannot reach the namespace", "err", err)
 		return
 	}
 	sc, ok := c.(syscall.Conn)
 	if !ok {
-		c.Close()
-		f.log.Warn("portfwd: the ChildDialer returned a UDP connection without a descriptor; dropping the flow", "type", fmt.Sprintf("%T", c))
+		fail("portfwd: the ChildDialer returned a UDP connection without a descriptor; dropping the flow", "type", fmt.Sprintf("%T", c))
 		return
 	}
 	rc, err := sc.SyscallConn()
 	if err != nil {
-		c.Close()
-		f.log.Debug("portfwd: udp flow", "err", err)
+		fail("portfwd: udp flow", "err", err)
 		return
 	}
 	f.mu.Lock()
@@ -307,74 +350,46 @@ func (f *udpFlow) run() {
 		f.write(c, b)
 	}
 	f.dropQueue()
+	f.rc = rc // before the poller may call Receive
+	var addErr error
+	if err := errors.Join(rc.Control(func(fd uintptr) { f.id, addErr = p.m.udpPoll.Add(int(fd), f) }), addErr); err != nil {
+		f.mu.Unlock()
+		fail("portfwd: udp flow: cannot watch its socket", "err", err)
+		return
+	}
 	f.conn = c
 	f.mu.Unlock()
 	f.log.Debug("portfwd: udp flow", "duration", time.Since(start), "local", c.LocalAddr().String())
+}
 
-	var sent, bytesSent int64
-	idle := p.m.cfg.UDPIdleTimeout
-	for {
-		deadline := time.Unix(0, f.lastActive.Load()).Add(idle)
-		if !time.Now().Before(deadline) {
-			f.log.Debug("portfwd: udp flow idle, ending", "datagrams_to_client", sent, "bytes_to_client", bytesSent,
-				"duration", time.Since(start))
-			return
+// Receive passes the replies waiting on the flow's socket to the client,
+// up to maxBurst, reading into the poller's buffer.
+func (f *udpFlow) Receive(buf []byte) {
+	for range maxBurst {
+		var n int
+		var rerr error
+		if err := f.rc.Read(func(fd uintptr) bool {
+			n, rerr = unix.Read(int(fd), buf)
+			return true // never wait: the poller says when there is more
+		}); err != nil {
+			return // closed
 		}
-		c.SetReadDeadline(deadline)
-		n, err := f.relayReply(rc)
 		switch {
-		case err == nil:
-		case errors.Is(err, os.ErrDeadlineExceeded):
-			continue // the loop checks for idleness
-		case errors.Is(err, syscall.ECONNREFUSED):
-			continue // an ICMP port unreachable: nothing listens (yet)
-		case errors.Is(err, net.ErrClosed):
+		case rerr == nil:
+		case errors.Is(rerr, unix.EAGAIN):
 			return
+		case errors.Is(rerr, unix.ECONNREFUSED), errors.Is(rerr, unix.EINTR):
+			continue // an ICMP port unreachable: nothing listens (yet)
 		default:
-			f.log.Debug("portfwd: udp flow failed", "err", err)
-			if errors.Is(err, errToClient) {
-				continue
-			}
+			f.log.Debug("portfwd: udp flow read failed", "err", rerr)
 			return
 		}
 		f.touch()
-		sent++
-		bytesSent += int64(n)
-	}
-}
-
-// errToClient marks a failed send to the client (the flow goes on).
-var errToClient = errors.New("send to the client")
-
-// relayReply waits for one datagram on the flow's socket and sends it to
-// the client, with a buffer from datagramPool held only from the moment
-// the datagram is there until it has been sent.
-func (f *udpFlow) relayReply(rc syscall.RawConn) (int, error) {
-	var bp *[]byte
-	n, err := rawconn.Read(rc, func(fd int) (int, error) {
-		if bp == nil {
-			bp = datagramPool.Get().(*[]byte)
+		if err := f.p.sendToClient(buf[:n], f); err != nil && !errors.Is(err, net.ErrClosed) {
+			f.log.Debug("portfwd: udp send to the client failed", "err", err)
 		}
-		n, err := unix.Read(fd, *bp)
-		if err == unix.EAGAIN {
-			datagramPool.Put(bp) // nothing yet: wait without a buffer
-			bp = nil
-		}
-		return n, err
-	})
-	if bp != nil {
-		defer datagramPool.Put(bp)
+		f.sent.Add(1)
 	}
-	if err != nil {
-		return 0, err
-	}
-	if err := f.p.sendToClient((*bp)[:n], f); err != nil {
-		if errors.Is(err, net.ErrClosed) {
-			return 0, err
-		}
-		return 0, fmt.Errorf("%w: %w", errToClient, err)
-	}
-	return n, nil
 }
 
 // sendToClient sends b to f's client from the host address it sent to.

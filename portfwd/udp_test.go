@@ -78,11 +78,8 @@ func ask(t testing.TB, c *net.UDPConn, msg string, wait time.Duration) string {
 	return string(buf[:n])
 }
 
-func (p *udpPort) flowCount() int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return len(p.flows)
-}
+// flowCount is the flows of all ports.
+func (p *udpPort) flowCount() int { return p.m.udp.Len() }
 
 func udpPortOf(t testing.TB, m *Manager, id int) *udpPort {
 	m.mu.Lock()
@@ -118,21 +115,51 @@ func TestUDPIdleFlowEnds(t *testing.T) {
 	}
 }
 
-// TestUDPFlowLimit: beyond MaxUDPFlows, counted over all published ports,
-// datagrams from new clients are dropped and the existing flows go on.
+// TestUDPFlowLimit: MaxUDPFlows is counted over all published ports; a
+// new flow beyond it closes the idlest one, so every client is answered,
+// the one whose flow was closed with a new socket inside.
 func TestUDPFlowLimit(t *testing.T) {
 	m := newTestManager(t, Config{MaxUDPFlows: 1})
 	srv := udpWhoami(t, listenUDP(t, "127.0.0.1:0"))
 	st, st2 := publishLoop(t, m, "udp4", srv), publishLoop(t, m, "udp4", srv)
 	a, b := udpClient(t, st), udpClient(t, st2)
-	if ask(t, a, "a", 5*time.Second) != "a" {
+	first := ask(t, a, "whoami", 5*time.Second)
+	if first == "" {
 		t.Fatal("the first client got no answer")
 	}
-	if got := ask(t, b, "b", 300*time.Millisecond); got != "" {
-		t.Fatalf("a client beyond MaxUDPFlows got %q", got)
+	if got := ask(t, b, "b", 5*time.Second); got != "b" {
+		t.Fatalf("a client beyond MaxUDPFlows got %q, want its echo", got)
 	}
-	if ask(t, a, "a2", 5*time.Second) != "a2" {
-		t.Fatal("the first client lost its flow")
+	if again := ask(t, a, "whoami", 5*time.Second); again == "" || again == first {
+		t.Fatalf("the first client, its flow closed for the second's, is seen as %q (before %q); want an answer from a new socket", again, first)
+	}
+	if s := m.UDPStats(); s.Flows != 1 || s.Max != 1 || s.Evicted != 2 {
+		t.Errorf("stats %+v, want 1 flow of 1 and 2 evicted", s)
+	}
+}
+
+// TestUDPFlowShare: the flows are shared among client addresses: a client
+// that opens flow after flow at the limit closes its own idlest ones, and
+// another client's idle flow stays.
+func TestUDPFlowShare(t *testing.T) {
+	m := newTestManager(t, Config{MaxUDPFlows: 3})
+	st := publishLoop(t, m, "udp4", udpWhoami(t, listenUDP(t, "127.0.0.1:0")))
+	quiet, err := net.DialUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 2)}, net.UDPAddrFromAddrPort(netip.MustParseAddrPort(hostAddr(st))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer quiet.Close()
+	seen := ask(t, quiet, "whoami", 5*time.Second)
+	if seen == "" {
+		t.Fatal("the quiet client got no answer")
+	}
+	for i := range 10 { // 127.0.0.1, from a new port each time
+		if got := ask(t, udpClient(t, st), "x", 5*time.Second); got != "x" {
+			t.Fatalf("busy client's flow %d: %q", i, got)
+		}
+	}
+	if again := ask(t, quiet, "whoami", 5*time.Second); again != seen {
+		t.Fatalf("the quiet client is seen as %q, before %q: its flow was closed for the busy client's", again, seen)
 	}
 }
 
@@ -151,14 +178,12 @@ func TestUDPQueuedWhileDialing(t *testing.T) {
 	}
 	p := udpPortOf(t, m, st.ID)
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
-		p.mu.Lock()
 		var queued int
-		if f := p.flows[flowKey{client: addrOf(c.LocalAddr())}]; f != nil {
+		if f, ok := m.udp.Get(udpKey{port: p.id, client: addrOf(c.LocalAddr())}); ok {
 			f.mu.Lock()
 			queued = len(f.queue)
 			f.mu.Unlock()
 		}
-		p.mu.Unlock()
 		if queued == 3 {
 			break
 		}

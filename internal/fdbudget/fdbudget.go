@@ -5,8 +5,8 @@
 // every cap reached at once, a reserve is still left for DNS, the API's
 // listener, the published ports' listeners and the process itself.
 //
-// It is the one place of that arithmetic. cmd calls Raise and For at
-// start and hands each number to the package that enforces it.
+// It is the one place of that arithmetic. The sandbox calls Raise and For
+// at start and hands each number to the package that enforces it.
 package fdbudget
 
 import (
@@ -14,6 +14,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gonetns/gonetns/internal/flowtable"
 )
 
 // Budget is how many of each descriptor holder the process may have open
@@ -89,15 +91,17 @@ const (
 )
 
 // Upper caps: beyond them memory (goroutines, buffers, netstack state),
-// not descriptors, is what runs out. The NAT's are the defaults it had
-// before there was a budget (nat.Default*); published-port connections
-// were 4096 per port and are now one cap for all ports; the API's is
-// api.DefaultMaxConns (a few clients: dockerd, rootlessctl).
+// not descriptors, is what runs out. UDP flows, the NAT's and the
+// published ports', are flowtable.MaxFlows, the tables' own cap; the
+// NAT's TCP connections are its default (nat.DefaultMaxTCPConns);
+// published-port connections were 4096 per port and are now one cap for
+// all ports; the API's is api.DefaultMaxConns (a few clients: dockerd,
+// rootlessctl).
 const (
 	capPortTCP  = 16384
 	capNATTCP   = 16384
-	capNATUDP   = 16384 // a flow is a socket and ~300 bytes since nat's UDP poller
-	capPortUDP  = 4096
+	capNATUDP   = flowtable.MaxFlows
+	capPortUDP  = flowtable.MaxFlows
 	capEcho     = 1024
 	capAPI      = 64
 	capImplicit = 4096 // implicit.DefaultMaxPorts

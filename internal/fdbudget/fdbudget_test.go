@@ -22,9 +22,9 @@ func TestFor(t *testing.T) {
 			PortTCPConns: 3820, PortUDPFlows: 1528, NATTCPConns: 5730, NATUDPFlows: 2674, EchoFlows: 573, APIConns: 64, ImplicitPorts: 191}},
 		// systemd's and Docker's usual hard limits: memory caps bind.
 		{524287, Budget{Limit: 524287, Reserve: 832, SplicePipes: 32, SpliceIdlePipes: 8,
-			PortTCPConns: 16384, PortUDPFlows: 4096, NATTCPConns: 16384, NATUDPFlows: 16384, EchoFlows: 1024, APIConns: 64, ImplicitPorts: 4096}},
+			PortTCPConns: 16384, PortUDPFlows: 16384, NATTCPConns: 16384, NATUDPFlows: 16384, EchoFlows: 1024, APIConns: 64, ImplicitPorts: 4096}},
 		{1048575, Budget{Limit: 1048575, Reserve: 832, SplicePipes: 32, SpliceIdlePipes: 8,
-			PortTCPConns: 16384, PortUDPFlows: 4096, NATTCPConns: 16384, NATUDPFlows: 16384, EchoFlows: 1024, APIConns: 64, ImplicitPorts: 4096}},
+			PortTCPConns: 16384, PortUDPFlows: 16384, NATTCPConns: 16384, NATUDPFlows: 16384, EchoFlows: 1024, APIConns: 64, ImplicitPorts: 4096}},
 	} {
 		got := For(tc.limit)
 		if got != tc.want {

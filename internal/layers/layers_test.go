@@ -14,11 +14,11 @@ const module = "github.com/gonetns/gonetns/"
 // packages of lower layers only: not its own layer's, not a higher one's.
 var layers = [][]string{
 	// Plumbing that knows nothing of gonetns.
-	{"internal/rawconn", "internal/backoff", "internal/limitlog", "internal/netlink", "internal/fdbudget", "internal/e2etest/e2etool", "internal/layers"},
+	{"internal/rawconn", "internal/backoff", "internal/limitlog", "internal/netlink", "internal/e2etest/e2etool", "internal/layers"},
 	// Vocabulary and devices: message framing, routes, conntrack, the
-	// port vocabulary, the TCP relay, the layer-2 device.
-	{"internal/wire", "internal/route", "internal/conntrack", "port", "relay", "tap", "internal/e2etest"},
-	{"tap/taptest", "stack/internal/link", "pcap", "dns"},
+	// flow table, the port vocabulary, the TCP relay, the layer-2 device.
+	{"internal/wire", "internal/route", "internal/conntrack", "internal/flowtable", "port", "relay", "tap", "internal/e2etest"},
+	{"tap/taptest", "stack/internal/link", "pcap", "dns", "internal/fdbudget"},
 	{"stack"},
 	// What the sandbox is made of.
 	{"nat", "portfwd", "implicit", "api", "userns", "stack/stacktest"},
