@@ -35,8 +35,8 @@ type listenerSnapshot struct {
 const snapshotPart = 512
 
 // Timing of the watcher, from measurements on this project's 2-core VM
-// (utime+stime of both gonetns processes over 60 s idle, side by side; see
-// the commit message). There, a wake-up of an idle process costs
+// (utime+stime of both gonetns processes over 60 s idle, side by side).
+// There, a wake-up of an idle process costs
 // ~250-300 µs of CPU whatever it does (a bare nanosleep loop measured
 // 211 µs a wake), a probe of the counters ~7 µs, and a sock_diag scan
 // 0.1 ms when the kernel's tables are in cache but 1-2.5 ms when they are

@@ -72,7 +72,11 @@ type Config struct {
 	Logger *slog.Logger
 }
 
-// ErrRefused marks a destination the egress policy does not allow.
+// ErrRefused marks a destination the NAT does not map to a host address:
+// the gateway with --disable-host-loopback, loopback, unspecified and
+// multicast addresses, and the sandbox's own subnet. The egress policy's
+// refusals (--allow, --deny) are answered on the wire instead (TCP reset,
+// ICMP administratively prohibited).
 var ErrRefused = errors.New("nat: destination not allowed")
 
 // NAT holds the flows of one sandbox.

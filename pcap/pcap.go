@@ -204,6 +204,8 @@ func (w *Writer) Wrap(dev tap.Device) tap.Device {
 	return &device{Device: dev, w: w}
 }
 
+var _ tap.Device = (*device)(nil)
+
 type device struct {
 	tap.Device
 	w *Writer

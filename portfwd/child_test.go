@@ -411,9 +411,9 @@ func TestWireSendKeepsNonblocking(t *testing.T) {
 }
 
 // TestDialerMalformedRepliesFreeSlots: a reply the Dialer cannot decode
-// still answers a request, so its slot is free again. (It used to leak one
-// of the 256 for good; after 256 malformed replies every Dial waited for
-// its context, as the last one here would.)
+// still answers a request, so its slot is free again: a slot lost for
+// good to each would leave, after 256 malformed replies, every Dial
+// waiting for its context, as the last one here would.
 func TestDialerMalformedRepliesFreeSlots(t *testing.T) {
 	d, child := fakeChild(t)
 	target := addrOf(listenTCP(t).Addr())

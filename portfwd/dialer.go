@@ -32,6 +32,8 @@ type ChildDialer interface {
 	Dial(ctx context.Context, proto string, addr, source netip.AddrPort) (net.Conn, error)
 }
 
+var _ ChildDialer = (*Dialer)(nil)
+
 // source is what the Manager passes to Dial as the source for a client:
 // its address (IPv4 unmapped) with SourceIPTransparent, nothing without.
 func (m *Manager) source(client netip.AddrPort) netip.AddrPort {

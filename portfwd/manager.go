@@ -101,6 +101,8 @@ type Manager struct {
 	once     sync.Once
 }
 
+var _ port.Manager = (*Manager)(nil)
+
 // publishedPort is a listener with its loop: tcpPort or udpPort.
 type publishedPort interface {
 	status() port.Status

@@ -243,9 +243,9 @@ func TestUDPServerStartsLater(t *testing.T) {
 	}
 }
 
-// TestUDPFlowMemory: flows hold no receive buffer while they wait (each
-// used to keep a 64 KiB one for its whole life: 1,000 flows were 64 MiB),
-// and the memory goes back once they have ended.
+// TestUDPFlowMemory: flows hold no receive buffer while they wait (with a
+// 64 KiB one each, 1,000 flows are 64 MiB), and the memory goes back once
+// they have ended.
 func TestUDPFlowMemory(t *testing.T) {
 	const flows = 1000
 	m := newTestManager(t, Config{MaxUDPFlows: flows, UDPIdleTimeout: time.Hour, Logger: discardLogger})

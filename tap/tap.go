@@ -22,24 +22,35 @@ import (
 // frame on a device opened with IFF_VNET_HDR.
 const VNetHdrLen = 10
 
-// Device is a layer-2 device carrying Ethernet frames. With VNetHdr, every
-// frame read or written starts with a virtio_net_hdr (VNetHdrLen bytes)
-// describing checksum and segmentation offload.
+// Device is a layer-2 device carrying Ethernet frames: the TAP (Open,
+// NewDevice), its in-memory twin (package taptest), and what wraps them
+// (pcap's recorder). With VNetHdr, every frame read or written starts with
+// a virtio_net_hdr (VNetHdrLen bytes) describing checksum and segmentation
+// offload.
 type Device interface {
-	// Read reads one frame, scattered into bufs in order, and returns its
-	// length. It blocks until a frame arrives. A frame longer than the
-	// buffers is truncated. The buffers are the caller's and are not
-	// retained. After Close, Read returns an error wrapping net.ErrClosed
-	// (or os.ErrClosed).
+	// Read reads one frame, scattered into bufs in order, and returns how
+	// many bytes it stored. It blocks until a frame arrives or the device
+	// is closed. A frame longer than the buffers is truncated: the rest of
+	// it is lost. The buffers are the caller's and are not retained after
+	// Read returns. Concurrent Reads each get whole frames (the netstack
+	// uses one reader). After Close, pending and later Reads return an
+	// error wrapping os.ErrClosed (net.ErrClosed for the twin).
 	Read(bufs [][]byte) (int, error)
-	// Write writes one frame gathered from bufs. It does not retain the
-	// buffers. Safe for concurrent use; each call is one frame.
+	// Write writes one frame gathered from bufs and returns its length.
+	// It blocks while the device cannot take the frame (the kernel's
+	// queue, the twin's channel). The buffers are not retained. Safe for
+	// concurrent use; each call is one frame. After Close, Write returns
+	// an error wrapping os.ErrClosed (net.ErrClosed for the twin).
 	Write(bufs [][]byte) (int, error)
-	// VNetHdr reports whether frames carry a virtio_net_hdr.
+	// VNetHdr reports whether frames carry a virtio_net_hdr; it does not
+	// change during the device's life.
 	VNetHdr() bool
-	// Close unblocks pending Reads and releases the device. Idempotent.
+	// Close unblocks pending Reads and Writes and releases the device.
+	// Idempotent, and safe to call concurrently with Read and Write.
 	Close() error
 }
+
+var _ Device = (*fileDevice)(nil)
 
 // Options of Open.
 type Options struct {

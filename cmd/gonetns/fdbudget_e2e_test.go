@@ -28,7 +28,7 @@ func fdCount(t *testing.T, pid int) int {
 	return len(ents)
 }
 
-// TestPortsIdleClientsKeepNetworkUp is issue 12's load: 4,000 idle
+// TestPortsIdleClientsKeepNetworkUp: 4,000 idle
 // clients held open on a published port, by an unprivileged user whose
 // open-files limit is soft 1024, hard 20000. Meanwhile the sandbox opens
 // new connections to the host and resolves names, and the API answers;

@@ -169,8 +169,8 @@ func TestNetUDPBurst(t *testing.T) {
 		args = append(args, fmt.Sprintf("10.0.2.2:%d", startUDPEcho(t, "127.0.0.1:0", "host:")))
 	}
 	// The sandbox waits after the burst, so that the parent's peak memory
-	// can be read: each flow used to hold 2 x 64 KiB of buffers, and 5,000
-	// of them took the parent past 600 MB (issue 12, item 3).
+	// can be read: with 2 x 64 KiB of buffers a flow, 5,000 flows take a
+	// parent past 600 MB.
 	ctx, cancel := context.WithTimeout(context.Background(), netTimeout)
 	defer cancel()
 	cmd := r.Command(ctx, "sh", "-c", e2etest.HelperCmd(t, "udp-burst", args...)+"; read line")

@@ -23,6 +23,8 @@ func Pipe(vnetHdr bool, queue int) (a, b tap.Device) {
 		&end{in: ab, out: ba, done: done, close: closeBoth, vnet: vnetHdr}
 }
 
+var _ tap.Device = (*end)(nil)
+
 type end struct {
 	in, out chan []byte
 	done    chan struct{}
