@@ -71,7 +71,7 @@ func TestDocumentedFlagsExist(t *testing.T) {
 				case known[name], otherFlags[name] != "":
 				case family && slices.ContainsFunc(all, func(f string) bool { return strings.HasPrefix(f, name+"-") }):
 				default:
-					t.Errorf("%s:%d names --%s, which is no flag of gonetns (--help) nor listed as another program's: %s",
+					t.Errorf("%s:%d names --%s, which is no flag of gonetns (--help): fix the documentation, or add the flag to otherFlags in readme_test.go if it is another program's (or to known above, for another personality of gonetns): %s",
 						filepath.Base(path), i+1, name, strings.TrimSpace(line))
 				}
 			}
