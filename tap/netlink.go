@@ -86,8 +86,8 @@ func LoopbackUp() error {
 // ones stop their sockets first.
 const TxQueueLen = 10000
 
-// ifIndex looks the interface up by name in nl's namespace.
-func ifIndex(nl *netlink.Conn, name string) (int, error) {
+// LinkIndex looks the interface up by name in nl's namespace.
+func LinkIndex(nl *netlink.Conn, name string) (int, error) {
 	ifi := unix.IfInfomsg{Family: unix.AF_UNSPEC}
 	body := netlink.AppendAttr(netlink.StructBytes(&ifi), unix.IFLA_IFNAME, append([]byte(name), 0))
 	reply, err := nl.Get(unix.RTM_GETLINK, body)
@@ -103,7 +103,7 @@ func ifIndex(nl *netlink.Conn, name string) (int, error) {
 // setLinkUp sets the interface up; an MTU or transmit queue length of 0
 // is left as it is.
 func setLinkUp(c *netlink.Conn, name string, mtu, txqlen int) error {
-	idx, err := ifIndex(c, name)
+	idx, err := LinkIndex(c, name)
 	if err != nil {
 		return err
 	}
@@ -125,7 +125,7 @@ func setLinkUp(c *netlink.Conn, name string, mtu, txqlen int) error {
 }
 
 func addAddr(c *netlink.Conn, name string, p netip.Prefix) error {
-	idx, err := ifIndex(c, name)
+	idx, err := LinkIndex(c, name)
 	if err != nil {
 		return err
 	}
@@ -152,7 +152,7 @@ func addAddr(c *netlink.Conn, name string, p netip.Prefix) error {
 }
 
 func addDefaultRoute(c *netlink.Conn, name string, gw netip.Addr) error {
-	idx, err := ifIndex(c, name)
+	idx, err := LinkIndex(c, name)
 	if err != nil {
 		return err
 	}

@@ -18,7 +18,7 @@ var layers = [][]string{
 	// Vocabulary and devices: message framing, routes, conntrack, the
 	// flow table, the port vocabulary, the TCP relay, the layer-2 device.
 	{"internal/wire", "internal/route", "internal/conntrack", "internal/flowtable", "port", "relay", "tap", "internal/e2etest"},
-	{"tap/taptest", "stack/internal/link", "pcap", "dns", "internal/fdbudget"},
+	{"tap/taptest", "veth", "stack/internal/link", "pcap", "dns", "internal/fdbudget"},
 	{"stack"},
 	// What the sandbox is made of.
 	{"nat", "portfwd", "implicit", "api", "userns", "stack/stacktest"},

@@ -84,18 +84,18 @@ func EpollPoll(epfd int, events []unix.EpollEvent) (int, error) {
 	return result(n, e)
 }
 
-var zero byte
-
-func iovecs(iov []unix.Iovec, bufs [][]byte) []unix.Iovec {
-	for _, b := range bufs {
-		v := unix.Iovec{Base: &zero}
-		if len(b) > 0 {
-			v.Base = &b[0]
-		}
-		v.SetLen(len(b))
-		iov = append(iov, v)
+// Recvmsg reads one message into bufs from the socket fd (with
+// MSG_DONTWAIT in flags, whatever the descriptor's mode), and the sender's
+// address into name (which may be empty). It returns the length read,
+// the address's length and the message's flags (MSG_TRUNC, ...).
+func Recvmsg(fd int, bufs [][]byte, name []byte, flags int) (n, nameLen, msgFlags int, err error) {
+	var arr [maxStackIovecs]unix.Iovec
+	msg := msghdr(iovecs(arr[:0], bufs), name)
+	r, _, e := syscall.RawSyscall(unix.SYS_RECVMSG, uintptr(fd), uintptr(unsafe.Pointer(&msg)), uintptr(flags))
+	if e != 0 {
+		return 0, 0, 0, e
 	}
-	return iov
+	return int(r), int(msg.Namelen), int(msg.Flags), nil
 }
 
 func result(n uintptr, e syscall.Errno) (int, error) {

@@ -2,7 +2,11 @@
 
 package rawconn
 
-import "golang.org/x/sys/unix"
+import (
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
 
 // BigIO: see nb.go.
 const BigIO = 32 << 10
@@ -15,4 +19,13 @@ func Writev(fd int, bufs [][]byte) (int, error) { return unix.Writev(fd, bufs) }
 func ReadFD(fd int, b []byte) (int, error)      { return unix.Read(fd, b) }
 func EpollPoll(epfd int, events []unix.EpollEvent) (int, error) {
 	return unix.EpollWait(epfd, events, 0)
+}
+
+func Recvmsg(fd int, bufs [][]byte, name []byte, flags int) (n, nameLen, msgFlags int, err error) {
+	msg := msghdr(iovecs(nil, bufs), name)
+	r, _, e := unix.Syscall(unix.SYS_RECVMSG, uintptr(fd), uintptr(unsafe.Pointer(&msg)), uintptr(flags))
+	if e != 0 {
+		return 0, 0, 0, e
+	}
+	return int(r), int(msg.Namelen), int(msg.Flags), nil
 }

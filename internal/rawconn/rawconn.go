@@ -7,6 +7,8 @@ package rawconn
 import (
 	"errors"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // Op is one system call on fd, returning a count and an error
@@ -63,4 +65,31 @@ func retryEINTR(fd int, op Op) (int, error) {
 			return n, err
 		}
 	}
+}
+
+var zero byte
+
+func iovecs(iov []unix.Iovec, bufs [][]byte) []unix.Iovec {
+	for _, b := range bufs {
+		v := unix.Iovec{Base: &zero}
+		if len(b) > 0 {
+			v.Base = &b[0]
+		}
+		v.SetLen(len(b))
+		iov = append(iov, v)
+	}
+	return iov
+}
+
+func msghdr(iov []unix.Iovec, name []byte) unix.Msghdr {
+	var msg unix.Msghdr
+	if len(iov) > 0 {
+		msg.Iov = &iov[0]
+		msg.SetIovlen(len(iov))
+	}
+	if len(name) > 0 {
+		msg.Name = &name[0]
+		msg.Namelen = uint32(len(name))
+	}
+	return msg
 }
