@@ -74,6 +74,30 @@ func ReadFD(fd int, b []byte) (int, error) {
 	return result(n, e)
 }
 
+// Send sends bufs on the non-blocking socket fd with sendmsg's flags
+// (MSG_NOSIGNAL...). Like Writev, a large send announces its call.
+func Send(fd int, bufs [][]byte, flags int) (int, error) {
+	var arr [maxStackIovecs]unix.Iovec
+	msg := msghdr(iovecs(arr[:0], bufs), nil)
+	total := 0
+	for _, b := range bufs {
+		total += len(b)
+	}
+	call := syscall.RawSyscall
+	if total >= BigIO {
+		call = syscall.Syscall
+	}
+	n, _, e := call(unix.SYS_SENDMSG, uintptr(fd), uintptr(unsafe.Pointer(&msg)), uintptr(flags))
+	return result(n, e)
+}
+
+// Discard drops up to n bytes from the front of the non-blocking stream
+// socket fd's receive queue without copying them (MSG_TRUNC).
+func Discard(fd int, n int) (int, error) {
+	r, _, e := syscall.RawSyscall6(unix.SYS_RECVFROM, uintptr(fd), 0, uintptr(n), unix.MSG_TRUNC|unix.MSG_DONTWAIT, 0, 0)
+	return result(r, e)
+}
+
 // EpollPoll returns the events of the epoll set epfd that are ready now,
 // without waiting (epoll_wait with a timeout of 0).
 func EpollPoll(epfd int, events []unix.EpollEvent) (int, error) {
