@@ -15,6 +15,7 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
@@ -28,6 +29,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 
 	"github.com/gonetns/gonetns/stack/internal/link"
+	"github.com/gonetns/gonetns/stack/internal/tcpfast"
 	"github.com/gonetns/gonetns/tap"
 )
 
@@ -53,6 +55,21 @@ type Config struct {
 	// sandbox opens to an address with no listener of this stack. It must
 	// call Accept or Refuse on the request.
 	TCP func(*TCPRequest)
+	// DialTCP, when set, turns the TCP fast path on: each connection the
+	// sandbox opens to an address with no listener of this stack becomes
+	// the mirror of a host socket DialTCP makes (package tcpfast), with
+	// no TCP implementation in between; TCP then sees only the odd SYN
+	// the fast path does not take (IP options, fragments). DialTCP runs
+	// on the reader goroutine, one SYN at a time: it must not block. An
+	// error refuses the connection (the sandbox gets a reset).
+	DialTCP func(src, dst netip.AddrPort) (HostTCP, error)
+	// MaxHalfOpenTCP bounds the fast path's connections whose handshake
+	// is not complete; a new one beyond it evicts the oldest. Default
+	// 1024.
+	MaxHalfOpenTCP int
+	// NoPeekOffset makes the fast path read the host sockets as it must
+	// on kernels without SO_PEEK_OFF for TCP (tests).
+	NoPeekOffset bool
 	// MaxInFlightTCP bounds the handshakes waiting for TCP to decide
 	// (SYNs beyond it are dropped and retransmitted by the sandbox).
 	// Default 4096.
@@ -89,8 +106,24 @@ type Stack struct {
 	mu    sync.Mutex
 	state int // 0 new, 1 started, 2 closed
 
-	udpListenMu sync.Mutex
-	udpListen   atomic.Pointer[map[netip.AddrPort]struct{}] // ListenUDP's addresses (fastUDP)
+	fast *tcpfast.Engine // the TCP fast path; nil when off
+
+	listenMu  sync.Mutex
+	udpListen atomic.Pointer[map[netip.AddrPort]struct{}] // ListenUDP's addresses (fastUDP)
+	tcpListen atomic.Pointer[map[netip.AddrPort]struct{}] // ListenTCP's addresses (the fast path)
+}
+
+// HostTCP is the host socket of one of the sandbox's TCP connections, made
+// by Config.DialTCP.
+type HostTCP struct {
+	// FD is a non-blocking TCP socket whose connect to the destination
+	// is under way or done; the stack owns it from here on.
+	FD int
+	// ConnectTimeout is how long the connect may take before the
+	// sandbox gets a reset.
+	ConnectTimeout time.Duration
+	// Done, when not nil, is called once when the connection is over.
+	Done func()
 }
 
 // New validates the configuration. It starts nothing.
@@ -199,17 +232,54 @@ func (st *Stack) Start() error {
 	}
 	s.SetRouteTable(routes)
 
+	if st.cfg.DialTCP != nil {
+		fast, err := tcpfast.New(tcpfast.Config{
+			Device: st.cfg.Device,
+			MTU:    st.cfg.MTU,
+			MAC:    st.mac,
+			Dial: func(src, dst netip.AddrPort) (tcpfast.Host, error) {
+				h, err := st.cfg.DialTCP(src, dst)
+				return tcpfast.Host(h), err
+			},
+			Local:        st.listensTCP,
+			MaxHalfOpen:  st.cfg.MaxHalfOpenTCP,
+			NoPeekOffset: st.cfg.NoPeekOffset,
+			Logger:       st.log,
+		})
+		if err == nil {
+			err = fast.Start()
+		}
+		if err != nil {
+			return fail(true, fmt.Errorf("stack: TCP fast path: %w", err))
+		}
+		st.fast = fast
+	}
 	if st.cfg.TCP != nil {
 		fwd := tcp.NewForwarder(s, 0, st.cfg.MaxInFlightTCP, func(r *tcp.ForwarderRequest) {
 			st.cfg.TCP(newTCPRequest(st, r))
 		})
-		s.SetTransportProtocolHandler(tcp.ProtocolNumber, fwd.HandlePacket)
+		s.SetTransportProtocolHandler(tcp.ProtocolNumber, func(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
+			if st.fast != nil && st.fast.Owns(toAddrPort(id.RemoteAddress, id.RemotePort), toAddrPort(id.LocalAddress, id.LocalPort)) {
+				// A segment of a fast-path connection the fast path
+				// could not parse (IP options, a fragment): dropped,
+				// as a lossy link would; the sandbox sends it again.
+				return true
+			}
+			return fwd.HandlePacket(id, pkt)
+		})
 	}
 	if st.cfg.UDP != nil {
 		s.SetTransportProtocolHandler(udp.ProtocolNumber, func(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
 			return st.handleUDP(s, id, pkt)
 		})
-		st.link.SetFastPath(func(vnetHdr, frame []byte) bool { return st.fastUDP(s, vnetHdr, frame) })
+	}
+	if st.fast != nil || st.cfg.UDP != nil {
+		st.link.SetFastPath(func(vnetHdr, head, tail []byte) bool {
+			if st.fast != nil && st.fast.Handle(vnetHdr, head, tail) {
+				return true
+			}
+			return st.cfg.UDP != nil && tail == nil && st.fastUDP(s, vnetHdr, head)
+		})
 	}
 	if st.cfg.Echo != nil {
 		s.SetTransportProtocolHandler(icmp.ProtocolNumber4, func(_ stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
@@ -261,6 +331,9 @@ func (st *Stack) Close() error {
 	// a reader delivering a late frame needs that lock.
 	err := st.cfg.Device.Close()
 	st.link.Wait()
+	if st.fast != nil {
+		st.fast.Close()
+	}
 	st.s.Close()
 	st.s.Wait()
 	return err
@@ -272,6 +345,7 @@ func (st *Stack) ListenTCP(addr netip.AddrPort) (net.Listener, error) {
 	if err != nil {
 		return nil, err
 	}
+	st.addListener(&st.tcpListen, addr)
 	l, err := gonet.ListenTCP(s, fullAddr(addr), netProto(addr.Addr()))
 	if err != nil {
 		return nil, fmt.Errorf("stack: listen tcp %v: %w", addr, err)
@@ -285,7 +359,7 @@ func (st *Stack) ListenUDP(addr netip.AddrPort) (net.PacketConn, error) {
 	if err != nil {
 		return nil, err
 	}
-	st.addUDPListener(addr)
+	st.addListener(&st.udpListen, addr)
 	fa := fullAddr(addr)
 	c, err := gonet.DialUDP(s, &fa, nil, netProto(addr.Addr()))
 	if err != nil {
@@ -317,4 +391,15 @@ func netProto(a netip.Addr) tcpip.NetworkProtocolNumber {
 func toAddrPort(a tcpip.Address, port uint16) netip.AddrPort {
 	ip, _ := netip.AddrFromSlice(a.AsSlice())
 	return netip.AddrPortFrom(ip, port)
+}
+
+// FastTCPStats are the TCP fast path's counters.
+type FastTCPStats = tcpfast.Stats
+
+// FastTCPStats returns the TCP fast path's counters; zero when it is off.
+func (st *Stack) FastTCPStats() FastTCPStats {
+	if st.fast == nil {
+		return FastTCPStats{}
+	}
+	return st.fast.Stats()
 }

@@ -6,6 +6,7 @@ import (
 	"math"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -212,8 +213,14 @@ func (st *Stack) isBroadcast(a netip.Addr) bool {
 
 // listensUDP reports whether a UDP socket of the stack (ListenUDP) is
 // bound to a.
-func (st *Stack) listensUDP(a netip.AddrPort) bool {
-	m := st.udpListen.Load()
+func (st *Stack) listensUDP(a netip.AddrPort) bool { return listens(&st.udpListen, a) }
+
+// listensTCP reports whether a listener of the stack (ListenTCP) is bound
+// to a.
+func (st *Stack) listensTCP(a netip.AddrPort) bool { return listens(&st.tcpListen, a) }
+
+func listens(set *atomic.Pointer[map[netip.AddrPort]struct{}], a netip.AddrPort) bool {
+	m := set.Load()
 	if m == nil {
 		return false
 	}
@@ -221,18 +228,18 @@ func (st *Stack) listensUDP(a netip.AddrPort) bool {
 	return ok
 }
 
-// addUDPListener records a socket ListenUDP opened (never forgotten: a
-// closed one only sends its datagrams the usual way).
-func (st *Stack) addUDPListener(a netip.AddrPort) {
-	st.udpListenMu.Lock()
-	defer st.udpListenMu.Unlock()
+// addListener records an address a socket of the stack was opened on
+// (never forgotten: a closed one only sends its traffic the usual way).
+func (st *Stack) addListener(set *atomic.Pointer[map[netip.AddrPort]struct{}], a netip.AddrPort) {
+	st.listenMu.Lock()
+	defer st.listenMu.Unlock()
 	m := map[netip.AddrPort]struct{}{a: {}}
-	if old := st.udpListen.Load(); old != nil {
+	if old := set.Load(); old != nil {
 		for k := range *old {
 			m[k] = struct{}{}
 		}
 	}
-	st.udpListen.Store(&m)
+	set.Store(&m)
 }
 
 // UDPPath sends datagrams into the sandbox from one address and port to

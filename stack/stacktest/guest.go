@@ -46,6 +46,12 @@ func NewGuest(dev tap.Device, addr netip.Prefix, gw netip.Addr, mtu uint32) (*Gu
 		NetworkProtocols:   []gstack.NetworkProtocolFactory{ipv4.NewProtocol, arp.NewProtocol},
 		TransportProtocols: []gstack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4},
 	})
+	// SACK, as a Linux sandbox has it by default.
+	sack := tcpip.TCPSACKEnabled(true)
+	if err := s.SetTransportProtocolOption(tcp.ProtocolNumber, &sack); err != nil {
+		s.Close()
+		return nil, fmt.Errorf("guest SACK: %s", err)
+	}
 	ep := link.New(dev, mtu, GuestMAC, nil)
 	if err := s.CreateNIC(1, ep); err != nil {
 		s.Close()

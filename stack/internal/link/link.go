@@ -63,12 +63,14 @@ type Endpoint struct {
 	fast atomic.Pointer[FastPath]
 }
 
-// FastPath sees each frame that fits the reader's first buffer (2 KiB)
-// before the stack does, on the reader goroutine: frame starts with the
-// Ethernet header; vnetHdr is the frame's virtio-net header, nil without
-// one. It returns true when it took the frame, which the stack then never
-// sees; the frame's bytes are valid only during the call.
-type FastPath func(vnetHdr, frame []byte) bool
+// FastPath sees each frame before the stack does, on the reader
+// goroutine: vnetHdr is the frame's virtio-net header (nil without one);
+// head is the frame's first buffer (2 KiB; it starts with the Ethernet
+// header and holds all the headers of any frame a kernel builds) and tail
+// the rest of a longer frame (nil when the frame fit). It returns true
+// when it took the frame, which the stack then never sees; the frame's
+// bytes are valid only during the call.
+type FastPath func(vnetHdr, head, tail []byte) bool
 
 // SetFastPath installs f (nil removes it).
 func (e *Endpoint) SetFastPath(f FastPath) {
@@ -314,12 +316,18 @@ func (e *Endpoint) readLoop() {
 		if n < header.EthernetMinimumSize {
 			continue
 		}
-		if fp := e.fast.Load(); fp != nil && n <= views[0].Size() {
+		if fp := e.fast.Load(); fp != nil {
 			var vh []byte
 			if e.vnet {
 				vh = hdr[:]
 			}
-			if (*fp)(vh, views[0].AsSlice()[:n]) {
+			head, tail := views[0].AsSlice(), []byte(nil)
+			if n <= len(head) {
+				head = head[:n]
+			} else {
+				tail = views[1].AsSlice()[:n-len(head)]
+			}
+			if (*fp)(vh, head, tail) {
 				continue // taken: the buffers serve the next frame
 			}
 		}

@@ -1,0 +1,1111 @@
+package tcpfast
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"log/slog"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/seqnum"
+
+	"github.com/gonetns/gonetns/internal/rawconn"
+)
+
+// Connection states.
+const (
+	stConnecting  = iota // the host socket's connect is under way; no SYN-ACK yet
+	stSynAcked           // SYN-ACK sent; waiting for the sandbox's ACK
+	stEstablished        // data both ways
+	stClosed
+)
+
+// The window scale the engine offers: a host socket's send buffer grows to
+// 4 MiB by default (net.ipv4.tcp_wmem), which a scale of 7 expresses
+// (65535 << 7 is 8 MiB).
+const rcvWS = 7
+
+// Retransmission timeout towards the sandbox. The link loses nothing
+// unless the sandbox's kernel drops a frame (its backlog full), and then
+// SACK and duplicate ACKs recover at once; the timeout is for the tail of a
+// burst. It stays above the delay of a sandbox's delayed ACK (Linux waits
+// up to 200 ms), which would otherwise resend every short answer. After
+// maxBackoff timeouts in a row the sandbox is taken for gone.
+const (
+	rtoBase    = 300 * time.Millisecond
+	rtoMax     = 10 * time.Second
+	maxBackoff = 12
+)
+
+// ackDelay bounds how long a pure ACK waits for the host's answer to carry
+// it. A connection taking turns (the last segment we sent carried data: we
+// answered, now the sandbox asks) gets its ACK with the answer, as from
+// the kernel's delayed ACK, instead of in a frame of its own, which costs
+// as much as the answer (a TAP write and the sandbox's kernel handling it
+// inside that write). The 1-byte request/response of the benchmark
+// answers in 30-200 µs through the host's loopback here; a sender held
+// back by Nagle waits at most this long for the ACK (the kernel's own
+// delayed ACK is 40 ms). Bulk transfers (we send nothing but ACKs),
+// duplicate ACKs and window updates go out at once.
+const ackDelay = 500 * time.Microsecond
+
+// conn is one fast-path connection: the sandbox's TCP connection and the
+// host socket it mirrors. All fields are guarded by mu.
+type conn struct {
+	e    *Engine
+	id   uint32
+	k    key
+	ends ends
+	done func()
+
+	mu    sync.Mutex
+	fd    int // -1 once closed
+	state int
+
+	prev, next *conn // in the engine's half-open list
+	listed     bool
+
+	timer    *time.Timer
+	timerOn  bool
+	deadline time.Time // of the handshake
+
+	// The sandbox's data, towards the host socket.
+	rcvNxt   uint32    // next sequence number expected
+	rcvRight uint32    // the right edge of the window advertised (never moves back)
+	sndWSOK  bool      // window scaling is on (both offered it)
+	queue    []chunk   // data not yet written to the host socket, by sequence
+	queued   int       // bytes in queue
+	dsack    sackBlock // a duplicate received, reported once (RFC 2883); empty when none
+	finRcvd  bool      // the sandbox's FIN is taken: the host socket's writing is shut
+	wndSmall bool      // the window advertised is small: waiting for EPOLLOUT to reopen it
+	lastWnd  int       // the window last advertised, in bytes
+	roomEst  int       // the host socket's send room as last read, less what was written since
+	sndbuf   int       // the host socket's send buffer as last read
+	ackTimer *time.Timer
+	ackDue   bool // an ACK is held (see ackDelay)
+	lastData bool // the last segment sent carried data: the sandbox's next data is likely a turn
+
+	// The host's data, towards the sandbox.
+	iss          uint32
+	sndUna       uint32 // oldest byte not acknowledged by the sandbox
+	sndNxt       uint32 // next byte to send
+	sndMax       uint32 // highest sequence number sent
+	sndWnd       uint32 // the sandbox's window, in bytes
+	sndWS        uint8
+	mss          int
+	sackOK       bool
+	tsOK         bool   // timestamps (RFC 7323) on: every segment carries one
+	tsRecent     uint32 // the sandbox's timestamp to echo
+	peekOff      bool   // the socket's SO_PEEK_OFF is on and tracks sndNxt
+	hostReadable bool   // the socket may have bytes not sent yet
+	rdhup        bool   // the host has shut its writing (FIN seen by the kernel)
+	hostEOF      bool   // every byte up to finSeq is known: finSeq is the FIN's
+	finSeq       uint32
+	dupAcks      int
+	inRecovery   bool
+	recover      uint32
+	backoff      int
+	lastProgress time.Time
+
+	iov [8][]byte // scratch for writes to the host socket
+}
+
+// chunk is sandbox data kept until the host socket takes it.
+type chunk struct {
+	seq  uint32
+	data []byte
+	fin  bool // the FIN follows the data
+}
+
+func (k *chunk) end() uint32 { return k.seq + uint32(len(k.data)) }
+
+// newConn makes the connection for the SYN s, over the host socket h.
+func (e *Engine) newConn(s *segment, h Host) *conn {
+	var r [4]byte
+	rand.Read(r[:])
+	iss := binary.BigEndian.Uint32(r[:])
+	c := &conn{
+		e:    e,
+		k:    key{s.src, s.dst},
+		ends: ends{v6: s.v6, local: s.dst, remote: s.src, mac: e.cfg.MAC, remoteMAC: s.srcMAC},
+		done: h.Done,
+		fd:   h.FD,
+
+		rcvNxt:   s.seq + 1,
+		iss:      iss,
+		sndUna:   iss,
+		sndNxt:   iss + 1,
+		sndMax:   iss + 1,
+		sndWnd:   uint32(s.wnd),
+		sackOK:   s.sackOK,
+		tsOK:     s.ts,
+		tsRecent: s.tsVal,
+	}
+	c.rcvRight = c.rcvNxt
+	if s.ws >= 0 {
+		c.sndWSOK = true
+		c.sndWS = uint8(s.ws)
+	}
+	mss := e.mss4
+	if s.v6 {
+		mss = e.mss6
+	}
+	c.mss = mss
+	if s.mss != 0 {
+		c.mss = min(mss, int(s.mss))
+	}
+	c.mss = max(c.mss, 536)
+	c.deadline = time.Now().Add(h.ConnectTimeout)
+	return c
+}
+
+// register enters c in the engine's tables and its socket in the poller;
+// false (with c closed) if the engine is closed.
+func (c *conn) register() bool {
+	e := c.e
+	c.peekOff = e.peekOff.Load() >= 0 && enablePeekOff(c.fd)
+	if !c.peekOff && e.peekOff.Load() == 0 {
+		e.peekOff.Store(-1)
+		e.log.Info("the kernel has no SO_PEEK_OFF for TCP (Linux 6.10 and later have it): the TCP fast path reads past what it already sent at each peek")
+	}
+	e.mu.Lock()
+	if e.state != 1 {
+		e.mu.Unlock()
+		unix.Close(c.fd)
+		c.fd = -1
+		if c.done != nil {
+			c.done()
+		}
+		return false
+	}
+	for {
+		e.nextID++
+		if _, taken := e.byID[e.nextID]; !taken {
+			break
+		}
+	}
+	c.id = e.nextID
+	e.conns[c.k] = c
+	e.byID[c.id] = c
+	e.halfOpen.push(c)
+	e.mu.Unlock()
+
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	// Edge-triggered: an event says something new happened (connected,
+	// bytes arrived, room freed after the socket refused a write); the
+	// bytes already sent stay in the queue without waking anyone.
+	if err := e.set.Add(c.fd, unix.EPOLLIN|unix.EPOLLOUT|unix.EPOLLRDHUP|unix.EPOLLET, c.id); err != nil {
+		e.log.Warn("TCP fast path: cannot watch a host socket; resetting the connection", "err", err)
+		c.reset(nil)
+		return false
+	}
+	c.timer = time.AfterFunc(time.Until(c.deadline), c.onTimer)
+	c.timerOn = true
+	return true
+}
+
+// arm makes the timer fire in d, unless it is set already.
+func (c *conn) arm(d time.Duration) {
+	if c.timerOn || c.state == stClosed {
+		return
+	}
+	c.timerOn = true
+	c.timer.Reset(d)
+}
+
+// disarm stops the timer.
+func (c *conn) disarm() {
+	if c.timerOn {
+		c.timer.Stop()
+		c.timerOn = false
+	}
+}
+
+// hostEvent handles the poller's events for the host socket.
+func (c *conn) hostEvent(ev uint32) {
+	switch c.state {
+	case stClosed:
+		return
+	case stConnecting:
+		if ev&(unix.EPOLLOUT|unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+			c.connectDone()
+		}
+		return
+	}
+	if ev&unix.EPOLLERR != 0 {
+		if err := socketError(c.fd); err != nil {
+			c.reset(err)
+			return
+		}
+	}
+	if ev&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP) != 0 {
+		c.hostReadable = true
+		if ev&(unix.EPOLLRDHUP|unix.EPOLLHUP) != 0 {
+			c.rdhup = true
+		}
+	}
+	if c.state != stEstablished {
+		return // the host spoke first: its bytes wait for the handshake
+	}
+	t := c.e.txPool.Get().(*tx)
+	defer c.e.txPool.Put(t)
+	ack := false
+	if ev&unix.EPOLLOUT != 0 {
+		if len(c.queue) > 0 && c.flush() {
+			ack = true
+		}
+		if c.state == stClosed {
+			return
+		}
+		if c.wndSmall {
+			// The socket has room again: tell the sandbox (room
+			// re-arms the poller if it is still short).
+			c.wndSmall = false
+			c.roomEst = 0
+			ack = true
+		}
+	}
+	sent := c.push(t)
+	if ack && !sent && c.state == stEstablished {
+		c.sendACK(t)
+	}
+	c.maybeFinish()
+}
+
+// connectDone finishes the host side's connect: the sandbox gets its
+// SYN-ACK, or a reset if the connect failed.
+func (c *conn) connectDone() {
+	if err := socketError(c.fd); err != nil {
+		c.e.refused.Add(1)
+		if c.e.log.Enabled(context.Background(), slog.LevelDebug) {
+			c.e.log.Debug("tcp fast path: connect failed; resetting", "src", c.k.src, "dst", c.k.dst, "err", err)
+		}
+		c.reset(nil)
+		return
+	}
+	c.state = stSynAcked
+	c.deadline = time.Now().Add(c.e.cfg.HandshakeTimeout)
+	c.disarm()
+	c.arm(c.e.cfg.HandshakeTimeout)
+	t := c.e.txPool.Get().(*tx)
+	c.sendSynAck(t)
+	c.e.txPool.Put(t)
+}
+
+func (c *conn) sendSynAck(t *tx) {
+	o := t.opts[:0]
+	o = o[:4]
+	header.EncodeMSSOption(uint32(c.mss4or6()), o)
+	if c.sndWSOK {
+		o = append(o, header.TCPOptionNOP, header.TCPOptionWS, 3, rcvWS)
+	}
+	if c.sackOK {
+		o = append(o, header.TCPOptionNOP, header.TCPOptionNOP, header.TCPOptionSACKPermitted, 2)
+	}
+	if c.tsOK {
+		o = c.e.appendTS(o, c.tsRecent)
+	}
+	room := c.room(true)
+	f := fields{flags: flagSYN | flagACK, seq: c.iss, ack: c.rcvNxt, wnd: uint16(min(room, 65535)), opts: o}
+	c.rcvRight = c.rcvNxt + uint32(min(room, 65535))
+	c.e.write(t, &c.ends, f, nil, c.mss)
+}
+
+// mss4or6 is the MSS the engine offers for this connection's family.
+func (c *conn) mss4or6() int {
+	if c.ends.v6 {
+		return c.e.mss6
+	}
+	return c.e.mss4
+}
+
+// input handles a segment from the sandbox.
+func (c *conn) input(s *segment) {
+	switch c.state {
+	case stClosed:
+		return
+	case stConnecting:
+		if s.has(flagRST) {
+			c.close(true)
+		}
+		return // a SYN sent again: the SYN-ACK follows the host's connect
+	case stSynAcked:
+		if s.has(flagRST) {
+			if s.seq == c.rcvNxt {
+				c.close(true)
+			}
+			return
+		}
+		if s.has(flagSYN) {
+			if !s.has(flagACK) && s.seq+1 == c.rcvNxt {
+				t := c.e.txPool.Get().(*tx)
+				c.sendSynAck(t) // ours was lost
+				c.e.txPool.Put(t)
+			}
+			return
+		}
+		if !s.has(flagACK) {
+			return
+		}
+		if s.ack != c.iss+1 {
+			c.e.resetFor(s)
+			return
+		}
+		c.established()
+	}
+
+	if s.has(flagRST) {
+		// In the window is enough: the sandbox's kernel is the only
+		// one on this link.
+		if seqLEQ(c.rcvNxt, s.seq) && seqLT(s.seq, c.rcvRight+1) {
+			c.close(true)
+		}
+		return
+	}
+	t := c.e.txPool.Get().(*tx)
+	defer c.e.txPool.Put(t)
+	if s.has(flagSYN) || !s.has(flagACK) {
+		c.sendACK(t) // a challenge: the sandbox resets if it lost this connection
+		return
+	}
+	if s.ts && c.tsOK && seqLEQ(s.seq, c.rcvNxt) && !seqLT(s.tsVal, c.tsRecent) {
+		c.tsRecent = s.tsVal // RFC 7323, 4.3
+	}
+	if !c.ackIn(s, t) {
+		return
+	}
+	needAck := false
+	if s.payloadLen > 0 || s.has(flagFIN) {
+		needAck = c.dataIn(s)
+		if c.state == stClosed {
+			return
+		}
+	}
+	sent := c.push(t)
+	if needAck && !sent && c.state == stEstablished {
+		if c.lastData && s.payloadLen > 0 && !s.has(flagFIN) && len(c.queue) == 0 && !c.wndSmall {
+			c.holdACK()
+		} else {
+			c.sendACK(t)
+		}
+	}
+	c.maybeFinish()
+}
+
+// holdACK delays the ACK due (see ackDelay).
+func (c *conn) holdACK() {
+	if c.ackDue {
+		return
+	}
+	c.ackDue = true
+	if c.ackTimer == nil {
+		c.ackTimer = time.AfterFunc(ackDelay, c.onAckTimer)
+	} else {
+		c.ackTimer.Reset(ackDelay)
+	}
+}
+
+// onAckTimer sends a held ACK that no answer carried.
+func (c *conn) onAckTimer() {
+	if !c.e.begin() {
+		return
+	}
+	defer c.e.wg.Done()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.ackDue && c.state == stEstablished {
+		t := c.e.txPool.Get().(*tx)
+		c.sendACK(t)
+		c.e.txPool.Put(t)
+	}
+}
+
+// established completes the handshake.
+func (c *conn) established() {
+	c.state = stEstablished
+	c.sndUna = c.iss + 1 // the SYN is acknowledged
+	c.disarm()
+	c.e.mu.Lock()
+	c.e.halfOpen.remove(c)
+	c.e.mu.Unlock()
+}
+
+// ackIn processes the acknowledgement and window of s; false if s is to
+// be dropped.
+func (c *conn) ackIn(s *segment, t *tx) bool {
+	ack := s.ack
+	if seqLT(c.sndMax, ack) {
+		c.sendACK(t) // acknowledges what was never sent
+		return false
+	}
+	wnd := uint32(s.wnd)
+	if c.sndWSOK {
+		wnd <<= c.sndWS
+	}
+	if seqLT(ack, c.sndUna) {
+		return true // an old ACK: its window is stale too
+	}
+	if ack == c.sndUna {
+		if s.payloadLen == 0 && !s.has(flagFIN) && wnd == c.sndWnd && c.sndUna != c.sndMax {
+			c.dupAcks++
+			if c.dupAcks == 3 {
+				c.fastRetransmit(s, t)
+			}
+		}
+		c.sndWnd = wnd
+		return true
+	}
+	// New data acknowledged: drop it from the host socket.
+	dataEnd := ack
+	if c.hostEOF && seqLT(c.finSeq, ack) {
+		dataEnd = c.finSeq
+	}
+	if seqLT(c.sndUna, dataEnd) {
+		if err := consume(c.fd, dataEnd-c.sndUna); err != nil {
+			c.reset(err)
+			return false
+		}
+	}
+	c.sndUna = ack
+	c.sndWnd = wnd
+	if seqLT(c.sndNxt, ack) {
+		// An ACK past what a resend reached: those bytes arrived the
+		// first time. The socket's peek offset followed (it cannot go
+		// below zero).
+		c.sndNxt = ack
+	}
+	c.dupAcks = 0
+	c.backoff = 0
+	c.lastProgress = time.Now()
+	if c.inRecovery {
+		if seqLT(ack, c.recover) {
+			c.retransmitHole(s, t) // a partial ACK: the next hole
+		} else {
+			c.inRecovery = false
+		}
+	}
+	if c.sndUna == c.sndMax {
+		c.disarm() // nothing in flight
+	}
+	return true
+}
+
+// dataIn takes the data (and FIN) of s; it reports whether an ACK is due.
+func (c *conn) dataIn(s *segment) bool {
+	seq := s.seq
+	parts := s.payload
+	n := s.payloadLen
+	fin := s.has(flagFIN)
+	if seqLT(seq, c.rcvNxt) {
+		skip := int(c.rcvNxt - seq)
+		if skip > n || (skip == n && !fin) {
+			// All old: the sandbox missed an ACK, or sent again what
+			// arrived late. A D-SACK tells it so, and a sender that
+			// took reordering for loss undoes its recovery.
+			if n > 0 {
+				c.dsack = sackBlock{seq, seq + uint32(n)}
+			}
+			return true
+		}
+		parts = trimParts(parts, skip)
+		n -= skip
+		seq = c.rcvNxt
+	}
+	if c.finRcvd {
+		return true
+	}
+	// The window bounds the data (a FIN needs none): keep what fits,
+	// answer the rest (a probe of a zero window, a sandbox that ignores
+	// the window) with an ACK that says the window again.
+	if avail := int32(c.rcvRight - seq); int(max(avail, 0)) < n {
+		n = int(max(avail, 0))
+		parts = truncParts(parts, n)
+		fin = false
+		c.e.dropped.Add(1)
+		if n == 0 {
+			return true
+		}
+	}
+	if seq != c.rcvNxt || len(c.queue) > 0 {
+		c.store(seq, parts, n, fin)
+		if seq == c.rcvNxt {
+			c.flush()
+		}
+		return true
+	}
+	// In order with nothing queued: straight to the host socket.
+	if n > 0 {
+		w, err := c.send(parts)
+		if err != nil {
+			c.reset(err)
+			return false
+		}
+		c.rcvNxt += uint32(w)
+		if w < n {
+			c.store(c.rcvNxt, trimParts(parts, w), n-w, fin)
+			return true
+		}
+	}
+	if fin {
+		c.takeFIN()
+	}
+	return true
+}
+
+// send writes parts to the host socket; a socket that takes less (its
+// buffer full) is not an error.
+func (c *conn) send(parts [2][]byte) (int, error) {
+	iov := c.iov[:0]
+	for _, p := range parts {
+		if len(p) > 0 {
+			iov = append(iov, p)
+		}
+	}
+	n, err := rawconn.Send(c.fd, iov, unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT)
+	clear(c.iov[:])
+	if errors.Is(err, unix.EAGAIN) {
+		c.roomEst = 0 // read it again
+		return 0, nil
+	}
+	// The kernel counts each buffer's overhead too (a few hundred bytes).
+	c.roomEst -= n + 512
+	return n, err
+}
+
+// store keeps n bytes of parts, at seq, until the host socket takes them.
+func (c *conn) store(seq uint32, parts [2][]byte, n int, fin bool) {
+	end := seq + uint32(n)
+	for i := range c.queue {
+		k := &c.queue[i]
+		if seqLEQ(k.seq, seq) && seqLEQ(end, k.end()) && (!fin || k.fin) {
+			return // held already
+		}
+	}
+	if n > 0 && c.e.queued.Add(int64(n)) > maxQueued {
+		c.e.queued.Add(-int64(n))
+		c.e.dropped.Add(1)
+		return
+	}
+	data := make([]byte, 0, n)
+	data = append(append(data, parts[0]...), parts[1]...)
+	data = data[:n]
+	c.queued += n
+	i := len(c.queue)
+	for i > 0 && seqLT(seq, c.queue[i-1].seq) {
+		i--
+	}
+	c.queue = append(c.queue, chunk{})
+	copy(c.queue[i+1:], c.queue[i:])
+	c.queue[i] = chunk{seq: seq, data: data, fin: fin}
+}
+
+// flush writes the queued bytes that follow rcvNxt to the host socket; it
+// reports whether rcvNxt moved.
+func (c *conn) flush() bool {
+	moved := false
+	for len(c.queue) > 0 && c.state != stClosed {
+		k := &c.queue[0]
+		if seqLT(c.rcvNxt, k.seq) {
+			break // a hole
+		}
+		if seqLT(c.rcvNxt, k.end()) {
+			skip := int(c.rcvNxt - k.seq)
+			w, err := c.send([2][]byte{k.data[skip:]})
+			if err != nil {
+				c.reset(err)
+				return moved
+			}
+			if w > 0 {
+				c.rcvNxt += uint32(w)
+				moved = true
+			}
+			if w < len(k.data)-skip {
+				break // the socket is full: EPOLLOUT resumes
+			}
+		}
+		fin := k.fin && c.rcvNxt == k.end()
+		c.dropChunk()
+		if fin {
+			c.takeFIN()
+			moved = true
+		}
+	}
+	return moved
+}
+
+func (c *conn) dropChunk() {
+	n := len(c.queue[0].data)
+	c.queued -= n
+	c.e.queued.Add(-int64(n))
+	c.queue[0] = chunk{}
+	c.queue = c.queue[1:]
+	if len(c.queue) == 0 {
+		c.queue = nil
+	}
+}
+
+// takeFIN passes the sandbox's FIN on: the host socket's writing is shut.
+func (c *conn) takeFIN() {
+	if c.finRcvd {
+		return
+	}
+	c.finRcvd = true
+	c.rcvNxt++
+	unix.Shutdown(c.fd, unix.SHUT_WR)
+}
+
+// maybeFinish closes the connection once both FINs are through.
+func (c *conn) maybeFinish() {
+	if c.state == stEstablished && c.finRcvd && c.hostEOF && seqLT(c.finSeq, c.sndUna) && len(c.queue) == 0 {
+		c.close(false)
+	}
+}
+
+// room is the window to advertise: the room in the host socket's send
+// buffer, less what is queued for it. A small window asks the poller to
+// say when the socket has room again (EPOLLOUT comes only after the kernel
+// found the socket short of room when polled).
+func (c *conn) room(fresh bool) int {
+	// The kernel's figure is read again only once the estimate has
+	// fallen to half the buffer, or to shrink the window: a getsockopt
+	// per segment cost as much as the rest of a 1-byte round trip's user
+	// CPU.
+	if fresh || c.roomEst <= c.sndbuf/2 {
+		room, sndbuf, err := sendRoom(c.fd)
+		if err != nil {
+			return 0
+		}
+		c.roomEst, c.sndbuf = room, sndbuf
+		// The kernel calls a socket writable when its free space is
+		// at least half what it holds: a third of the buffer.
+		if small := 3*room < sndbuf; small && !c.wndSmall {
+			c.wndSmall = true
+			// Re-arming makes the kernel poll the socket now and note
+			// that it is short of room, so that it wakes the poller
+			// when it has room again.
+			c.e.set.Modify(c.fd, unix.EPOLLIN|unix.EPOLLOUT|unix.EPOLLRDHUP|unix.EPOLLET, c.id)
+		} else if !small {
+			c.wndSmall = false
+		}
+	}
+	return max(c.roomEst-c.queued, 0)
+}
+
+// window returns the window field for an outgoing segment and moves the
+// advertised right edge.
+//
+// The window keeps its size until the room in the host socket differs
+// from it by an eighth of the socket's buffer: a sender counts an ACK
+// whose window changed as no duplicate (Linux), and gVisor's ignores a
+// partial ACK in recovery that changes the window, so a window that
+// follows every byte of room would stall their loss recovery.
+//
+// The edge never moves back (RFC 7323, 2.4): a sender may have filled the
+// window it was given, and the bytes it holds back for a hole must stay
+// inside it, or a sender that does not retransmit beyond the window
+// (Linux) would wait for a zero window to open while we wait for the
+// hole.
+func (c *conn) window() uint16 {
+	ws := uint(0)
+	if c.sndWSOK {
+		ws = rcvWS
+	}
+	free := c.room(false)
+	w := c.lastWnd
+	g := max(c.sndbuf/8, c.mss)
+	if free+g < w {
+		free = c.room(true) // the estimate only falls: is the room really less?
+	}
+	if free > w+g || free+g < w {
+		w = free
+	}
+	right := c.rcvNxt + uint32(w)
+	if seqLT(right, c.rcvRight) {
+		right = c.rcvRight
+	}
+	field := min((int(right-c.rcvNxt)+1<<ws-1)>>ws, 65535)
+	c.lastWnd = field << ws
+	if r := c.rcvNxt + uint32(c.lastWnd); seqLT(c.rcvRight, r) {
+		c.rcvRight = r
+	}
+	return uint16(field)
+}
+
+// sendACK sends a bare ACK, with SACK blocks for what is queued out of
+// order.
+func (c *conn) sendACK(t *tx) {
+	f := fields{flags: flagACK, seq: c.sndNxt, ack: c.rcvNxt, wnd: c.window(), opts: c.options(t)}
+	c.sent(false)
+	c.e.write(t, &c.ends, f, nil, c.mss)
+}
+
+// sent notes a segment going out: it carries the ACK due, if one was held.
+func (c *conn) sent(data bool) {
+	c.lastData = data
+	if c.ackDue {
+		c.ackDue = false
+		c.ackTimer.Stop()
+	}
+}
+
+// options encodes the options of a segment after the handshake: the
+// timestamp, when they are on, and SACK blocks for the ranges queued past
+// a hole.
+func (c *conn) options(t *tx) []byte {
+	o := t.opts[:0]
+	if c.tsOK {
+		o = c.e.appendTS(o, c.tsRecent)
+	}
+	if !c.sackOK {
+		return o
+	}
+	room := (len(t.opts) - len(o) - 4) / 8 // NOP, NOP, kind, length, then 8 bytes a block
+	var blocks [maxSACK]header.SACKBlock
+	nb := 0
+	if c.dsack != (sackBlock{}) {
+		blocks[0] = header.SACKBlock{Start: seqnum.Value(c.dsack.start), End: seqnum.Value(c.dsack.end)}
+		nb = 1
+		c.dsack = sackBlock{}
+	}
+	dup := nb
+	for _, k := range c.queue {
+		if !seqLT(c.rcvNxt, k.seq) {
+			continue
+		}
+		if len(k.data) == 0 {
+			continue
+		}
+		if nb > dup && seqLEQ(k.seq, uint32(blocks[nb-1].End)) {
+			if seqLT(uint32(blocks[nb-1].End), k.end()) {
+				blocks[nb-1].End = seqnum.Value(k.end())
+			}
+			continue
+		}
+		if nb == min(maxSACK, room) {
+			break
+		}
+		blocks[nb] = header.SACKBlock{Start: seqnum.Value(k.seq), End: seqnum.Value(k.end())}
+		nb++
+	}
+	if nb == 0 {
+		return o
+	}
+	o = append(o, header.TCPOptionNOP, header.TCPOptionNOP)
+	n := header.EncodeSACKBlocks(blocks[:nb], t.opts[len(o):])
+	return t.opts[:len(o)+n]
+}
+
+// inflight is what was sent and not acknowledged (the FIN counts one).
+func (c *conn) inflight() uint32 { return c.sndNxt - c.sndUna }
+
+// dataNxt is sndNxt without our FIN: where the next peek starts.
+func (c *conn) dataNxt() uint32 {
+	if c.hostEOF && seqLT(c.finSeq, c.sndNxt) {
+		return c.finSeq
+	}
+	return c.sndNxt
+}
+
+// maxSkip bounds the bytes in flight without SO_PEEK_OFF (see peek).
+const maxSkip = (rawconnMaxIov - 1) * 64 << 10
+
+// push sends what the host sent, as far as the sandbox's window allows;
+// it reports whether a segment went out (which carried the ACK).
+func (c *conn) push(t *tx) bool {
+	if c.state != stEstablished {
+		return false
+	}
+	sent := false
+	for {
+		if c.hostEOF && c.sndNxt == c.finSeq {
+			c.sendData(t, c.sndNxt, nil, flagFIN|flagACK)
+			c.sndNxt++
+			c.sndMax = seqMax(c.sndMax, c.sndNxt)
+			return true
+		}
+		if c.hostEOF && seqLT(c.finSeq, c.sndNxt) {
+			return sent // everything, the FIN too, is out
+		}
+		resend := seqLT(c.sndNxt, c.sndMax)
+		if !c.hostReadable && !resend {
+			return sent
+		}
+		// The window's right edge; what was sent once may be sent again
+		// whatever the window says now (a receiver that shrinks its
+		// window, as gVisor's does when it holds segments past a hole,
+		// still takes the hole).
+		limit := c.sndUna + c.sndWnd
+		if seqLT(limit, c.sndMax) {
+			limit = c.sndMax
+		}
+		if !seqLT(c.sndNxt, limit) {
+			if c.inflight() == 0 {
+				c.arm(rtoBase) // a zero window with bytes to send: probe it
+			}
+			return sent
+		}
+		inflight := c.inflight()
+		want := min(int(limit-c.sndNxt), maxPayload)
+		if c.hostEOF {
+			want = min(want, int(c.finSeq-c.sndNxt))
+		}
+		if !c.peekOff {
+			if inflight >= maxSkip {
+				return sent
+			}
+			want = min(want, int(maxSkip-inflight))
+		}
+		n, err := peek(c.fd, t.payload[:want], c.dataNxt()-c.sndUna, c.peekOff)
+		switch {
+		case errors.Is(err, unix.EAGAIN):
+			if c.rdhup && !resend {
+				// Nothing new, and the host's FIN has come: the
+				// stream ends here (the path without SO_PEEK_OFF
+				// never reads 0 while bytes are in flight).
+				c.hostEOF, c.finSeq = true, c.sndNxt
+				continue
+			}
+			c.hostReadable = false
+			return sent
+		case err != nil:
+			c.reset(err)
+			return sent
+		case n == 0:
+			c.hostEOF, c.finSeq = true, c.sndNxt
+			continue
+		}
+		flags := flagACK
+		if n < want {
+			flags |= flagPSH
+			// The queue is drained: the next byte to arrive raises a
+			// new edge. (Unless the FIN is there: the next peek says so.)
+			if !resend && !c.rdhup {
+				c.hostReadable = false
+			}
+		}
+		c.sendData(t, c.sndNxt, t.payload[:n], flags)
+		c.sndNxt += uint32(n)
+		c.sndMax = seqMax(c.sndMax, c.sndNxt)
+		sent = true
+	}
+}
+
+// sendData sends a segment of the host's data (or the FIN) at seq and
+// starts the retransmission timer if nothing was in flight.
+func (c *conn) sendData(t *tx, seq uint32, payload []byte, flags header.TCPFlags) {
+	if c.sndUna == c.sndNxt {
+		c.lastProgress = time.Now()
+	}
+	f := fields{flags: flags, seq: seq, ack: c.rcvNxt, wnd: c.window(), opts: c.options(t)}
+	c.sent(len(payload) > 0)
+	c.e.write(t, &c.ends, f, payload, c.mss)
+	c.arm(c.rto())
+}
+
+func (c *conn) rto() time.Duration {
+	return min(rtoBase<<c.backoff, rtoMax)
+}
+
+// fastRetransmit resends the first hole after three duplicate ACKs.
+func (c *conn) fastRetransmit(s *segment, t *tx) {
+	c.inRecovery = true
+	c.recover = c.sndMax
+	c.retransmitHole(s, t)
+}
+
+// retransmitHole resends the bytes from sndUna up to the first range the
+// sandbox reports holding (SACK), at most one frame's worth; or the FIN,
+// when only it is missing.
+func (c *conn) retransmitHole(s *segment, t *tx) {
+	dataMax := c.sndMax
+	if c.hostEOF && seqLT(c.finSeq, dataMax) {
+		dataMax = c.finSeq
+	}
+	if seqLT(c.sndUna, dataMax) {
+		end := dataMax
+		if lim := c.sndUna + uint32(maxPayload); seqLT(lim, end) {
+			end = lim
+		}
+		for i := range s.nsack {
+			if b := s.sack[i]; seqLT(c.sndUna, b.start) && seqLT(b.start, end) {
+				end = b.start
+			}
+		}
+		c.resend(t, int(end-c.sndUna))
+		return
+	}
+	if c.hostEOF && c.finSeq == c.sndUna && seqLT(c.finSeq, c.sndMax) {
+		c.e.retransmits.Add(1)
+		c.sendData(t, c.finSeq, nil, flagFIN|flagACK)
+	}
+}
+
+// resend sends n bytes from sndUna again, without moving sndNxt.
+func (c *conn) resend(t *tx, n int) {
+	n = min(n, maxPayload)
+	if c.peekOff {
+		if err := setPeekOff(c.fd, 0); err != nil {
+			c.reset(err)
+			return
+		}
+	}
+	m, err := peek(c.fd, t.payload[:n], 0, c.peekOff)
+	if c.peekOff {
+		if err := setPeekOff(c.fd, c.dataNxt()-c.sndUna); err != nil {
+			c.reset(err)
+			return
+		}
+	}
+	if err != nil && !errors.Is(err, unix.EAGAIN) {
+		c.reset(err)
+		return
+	}
+	if m > 0 {
+		c.e.retransmits.Add(1)
+		c.sendData(t, c.sndUna, t.payload[:m], flagACK)
+	}
+}
+
+// onTimer runs when the connection's timer fires: the handshake's
+// deadline, a retransmission, or a probe of a zero window.
+func (c *conn) onTimer() {
+	if !c.e.begin() {
+		return
+	}
+	defer c.e.wg.Done()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.timerOn = false
+	now := time.Now()
+	switch c.state {
+	case stClosed:
+		return
+	case stConnecting, stSynAcked:
+		if d := c.deadline.Sub(now); d > 0 {
+			c.arm(d)
+			return
+		}
+		if c.state == stConnecting {
+			c.e.refused.Add(1)
+		}
+		c.reset(nil)
+		return
+	}
+	t := c.e.txPool.Get().(*tx)
+	defer c.e.txPool.Put(t)
+	if c.sndUna != c.sndMax {
+		if d := c.lastProgress.Add(c.rto()).Sub(now); d > 0 {
+			c.arm(d)
+			return
+		}
+		if c.backoff >= maxBackoff {
+			c.reset(nil) // the sandbox acknowledges nothing any more
+			return
+		}
+		c.backoff++
+		c.lastProgress = now
+		c.goBackN(t)
+		return
+	}
+	if c.sndWnd == 0 && (c.hostReadable || c.hostEOF) {
+		// A zero window, and bytes to send: an old sequence number
+		// makes the sandbox answer with its window now.
+		c.e.write(t, &c.ends, fields{flags: flagACK, seq: c.sndUna - 1, ack: c.rcvNxt, wnd: c.window(), opts: c.options(t)}, nil, c.mss)
+		c.backoff = min(c.backoff+1, maxBackoff)
+		c.arm(c.rto())
+	}
+}
+
+// goBackN sends everything in flight again, from sndUna on.
+func (c *conn) goBackN(t *tx) {
+	c.e.retransmits.Add(1)
+	c.inRecovery = false
+	c.dupAcks = 0
+	if c.peekOff {
+		if err := setPeekOff(c.fd, 0); err != nil {
+			c.reset(err)
+			return
+		}
+	}
+	c.sndNxt = c.sndUna
+	if !c.push(t) {
+		c.arm(c.rto())
+	}
+}
+
+// reset ends the connection with a reset both ways: the sandbox gets a
+// RST, the host socket is closed with one.
+func (c *conn) reset(err error) {
+	if c.state == stClosed {
+		return
+	}
+	if err != nil && c.e.log.Enabled(context.Background(), slog.LevelDebug) {
+		c.e.log.Debug("tcp fast path: connection reset", "src", c.k.src, "dst", c.k.dst, "err", err)
+	}
+	t := c.e.txPool.Get().(*tx)
+	f := fields{flags: flagRST | flagACK, seq: c.sndNxt, ack: c.rcvNxt}
+	if c.state == stConnecting {
+		f.seq = 0
+	}
+	c.e.write(t, &c.ends, f, nil, c.mss)
+	c.e.txPool.Put(t)
+	c.close(true)
+}
+
+// close releases the connection: the host socket is closed (with a reset
+// to its peer when abort), the tables forget it, and Done is called.
+func (c *conn) close(abort bool) {
+	if c.state == stClosed {
+		return
+	}
+	c.state = stClosed
+	c.disarm()
+	if c.ackTimer != nil {
+		c.ackTimer.Stop()
+		c.ackDue = false
+	}
+	if c.fd >= 0 {
+		if abort {
+			abortClose(c.fd)
+		} else {
+			unix.Close(c.fd)
+		}
+		c.fd = -1
+	}
+	for len(c.queue) > 0 {
+		c.dropChunk()
+	}
+	e := c.e
+	e.mu.Lock()
+	if e.conns[c.k] == c {
+		delete(e.conns, c.k)
+	}
+	delete(e.byID, c.id)
+	e.halfOpen.remove(c)
+	e.mu.Unlock()
+	if c.done != nil {
+		c.done()
+		c.done = nil
+	}
+}
+
+// trimParts drops the first n bytes of parts.
+func trimParts(p [2][]byte, n int) [2][]byte {
+	if n <= len(p[0]) {
+		return [2][]byte{p[0][n:], p[1]}
+	}
+	return [2][]byte{nil, p[1][n-len(p[0]):]}
+}
+
+// truncParts keeps the first n bytes of parts.
+func truncParts(p [2][]byte, n int) [2][]byte {
+	if n <= len(p[0]) {
+		return [2][]byte{p[0][:n], nil}
+	}
+	return [2][]byte{p[0], p[1][:n-len(p[0])]}
+}

@@ -1,0 +1,406 @@
+// Package tcpfast is the TCP fast path: each TCP connection the sandbox
+// opens to the outside is a mirror of one host socket, with no TCP
+// implementation of its own in between. What the sandbox sends is written
+// to the host socket and acknowledged when the socket took it, the window
+// being the room left in the socket's send buffer; what the host sends
+// stays in the socket's receive queue, is read with MSG_PEEK and sent to
+// the sandbox, and is dropped from the queue only when the sandbox
+// acknowledges it, so a lost frame is sent again from the socket's own
+// queue. The TAP reader handles each segment inline; one epoll poller
+// watches every host socket; no connection has a goroutine or a buffer of
+// its own. pasta's TCP (passt's tcp.c) is the model.
+//
+// The engine takes only what it fully understands: connections opened by
+// a SYN it saw, in plain IPv4 or IPv6 frames. Everything else goes to the
+// stack, which answers it.
+package tcpfast
+
+import (
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+
+	"github.com/gonetns/gonetns/internal/epoll"
+	"github.com/gonetns/gonetns/tap"
+)
+
+// Host is the host socket of a new connection, as Config.Dial makes it.
+type Host struct {
+	// FD is a non-blocking TCP socket whose connect to the destination
+	// is under way or done. The engine owns it from here on.
+	FD int
+	// ConnectTimeout is how long the connect may take; the sandbox then
+	// gets a reset.
+	ConnectTimeout time.Duration
+	// Done, when not nil, is called once when the connection is over.
+	Done func()
+}
+
+// Config of an Engine. Device, MTU, MAC and Dial are required.
+type Config struct {
+	// Device carries the frames to the sandbox.
+	Device tap.Device
+	// MTU of the link: it sets the MSS the engine offers.
+	MTU uint32
+	// MAC is the stack's end of the link.
+	MAC tcpip.LinkAddress
+	// Dial makes the host socket for the sandbox's connection from src to
+	// dst, or refuses it (the sandbox gets a reset). It runs on the
+	// reader goroutine: it must not block.
+	Dial func(src, dst netip.AddrPort) (Host, error)
+	// Local reports whether dst is a service of the stack itself (a
+	// listener): connections to it are left to the stack.
+	Local func(dst netip.AddrPort) bool
+	// MaxHalfOpen bounds connections whose handshake is not complete;
+	// a new one beyond it evicts the oldest. Default 1024.
+	MaxHalfOpen int
+	// HandshakeTimeout bounds how long a connection may wait for the
+	// sandbox's ACK once the SYN-ACK went out. Default 10 s.
+	HandshakeTimeout time.Duration
+	// NoPeekOffset uses the path for kernels without SO_PEEK_OFF on TCP
+	// even where the kernel has it (tests).
+	NoPeekOffset bool
+	Logger       *slog.Logger
+}
+
+// Defaults of Config.
+const (
+	// A handshake with a host that answers at once completes in one
+	// round trip over the link (microseconds): 1024 half-open
+	// connections is far beyond what a program opening connections
+	// leaves pending, and bounds what a flood of spoofed SYNs holds.
+	DefaultMaxHalfOpen      = 1024
+	DefaultHandshakeTimeout = 10 * time.Second
+)
+
+// maxQueued bounds the bytes all connections hold out of order or not yet
+// taken by their host socket (each connection also within its window).
+const maxQueued = 64 << 20
+
+// Stats are the engine's counters.
+type Stats struct {
+	Open        int    // connections now
+	Opened      uint64 // connections accepted since the start
+	Refused     uint64 // SYNs answered with a reset (Dial refused, connect failed or timed out)
+	Evicted     uint64 // half-open connections dropped for a new one
+	Retransmits uint64 // segments sent again to the sandbox
+	Dropped     uint64 // segments from the sandbox not kept (beyond the window, or the queue bound)
+}
+
+// Engine is the fast path of one stack. Create it with New, start it with
+// Start, stop it with Close.
+type Engine struct {
+	cfg     Config
+	log     *slog.Logger
+	vnet    bool
+	mss4    int // the MSS the engine offers, from the MTU
+	mss6    int
+	peekOff atomic.Int32 // 0 unknown, 1 the kernel has SO_PEEK_OFF for TCP, -1 it has not
+
+	set *epoll.Set
+
+	mu       sync.RWMutex
+	state    int // 0 new, 1 started, 2 closed
+	conns    map[key]*conn
+	byID     map[uint32]*conn
+	nextID   uint32
+	halfOpen connList // oldest first
+	wg       sync.WaitGroup
+
+	tsBase time.Time // the clock of the timestamps we send: milliseconds since tsBase, plus tsOff
+	tsOff  uint32
+
+	txPool sync.Pool
+	queued atomic.Int64 // bytes held by all connections' queues
+
+	opened, refused, evicted, retransmits, dropped atomic.Uint64
+}
+
+type key struct{ src, dst netip.AddrPort }
+
+// New validates cfg. It starts nothing.
+func New(cfg Config) (*Engine, error) {
+	if cfg.Device == nil || cfg.Dial == nil || len(cfg.MAC) != 6 {
+		return nil, errors.New("tcpfast: a device, a MAC and a dialer are required")
+	}
+	if cfg.MTU < 1280 || cfg.MTU > 65535 {
+		return nil, fmt.Errorf("tcpfast: MTU %d out of range", cfg.MTU)
+	}
+	if cfg.MaxHalfOpen <= 0 {
+		cfg.MaxHalfOpen = DefaultMaxHalfOpen
+	}
+	if cfg.HandshakeTimeout <= 0 {
+		cfg.HandshakeTimeout = DefaultHandshakeTimeout
+	}
+	e := &Engine{
+		cfg:   cfg,
+		log:   cfg.Logger,
+		vnet:  cfg.Device.VNetHdr(),
+		mss4:  int(cfg.MTU) - 40,
+		mss6:  int(cfg.MTU) - 60,
+		conns: make(map[key]*conn),
+		byID:  make(map[uint32]*conn),
+	}
+	if e.log == nil {
+		e.log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.NoPeekOffset {
+		e.peekOff.Store(-1)
+	}
+	e.tsBase = time.Now()
+	var r [4]byte
+	rand.Read(r[:])
+	e.tsOff = binary.BigEndian.Uint32(r[:])
+	e.txPool.New = func() any { return &tx{payload: make([]byte, maxPayload)} }
+	return e, nil
+}
+
+// Start starts the poller of host sockets.
+func (e *Engine) Start() error {
+	set, err := epoll.New("tcp fast path")
+	if err != nil {
+		return err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.state != 0 {
+		set.Close()
+		return errors.New("tcpfast: already started")
+	}
+	e.set = set
+	e.state = 1
+	e.wg.Add(1)
+	go e.poll()
+	return nil
+}
+
+// Close resets every connection (both ways) and stops the poller; it waits
+// for the engine's goroutines and timers in flight. Idempotent.
+func (e *Engine) Close() error {
+	e.mu.Lock()
+	if e.state == 2 {
+		e.mu.Unlock()
+		e.wg.Wait()
+		return nil
+	}
+	started := e.state == 1
+	e.state = 2
+	all := make([]*conn, 0, len(e.conns))
+	for _, c := range e.conns {
+		all = append(all, c)
+	}
+	e.mu.Unlock()
+	for _, c := range all {
+		c.mu.Lock()
+		c.reset(nil)
+		c.mu.Unlock()
+	}
+	if started {
+		e.set.Close()
+	}
+	e.wg.Wait()
+	return nil
+}
+
+// begin counts a callback (timer) that runs outside the poller; false once
+// the engine is closed.
+func (e *Engine) begin() bool {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	if e.state != 1 {
+		return false
+	}
+	e.wg.Add(1)
+	return true
+}
+
+// Stats returns the engine's counters.
+func (e *Engine) Stats() Stats {
+	e.mu.RLock()
+	open := len(e.conns)
+	e.mu.RUnlock()
+	return Stats{
+		Open:        open,
+		Opened:      e.opened.Load(),
+		Refused:     e.refused.Load(),
+		Evicted:     e.evicted.Load(),
+		Retransmits: e.retransmits.Load(),
+		Dropped:     e.dropped.Load(),
+	}
+}
+
+// Owns reports whether the engine holds a connection between src (the
+// sandbox's end) and dst.
+func (e *Engine) Owns(src, dst netip.AddrPort) bool {
+	return e.lookup(key{src, dst}) != nil
+}
+
+func (e *Engine) lookup(k key) *conn {
+	e.mu.RLock()
+	c := e.conns[k]
+	e.mu.RUnlock()
+	return c
+}
+
+// Handle takes a frame from the sandbox, on the reader goroutine: vnetHdr
+// is its virtio-net header (nil without one), head the frame's first
+// buffer and tail the rest (nil when it fit). It returns true when the
+// frame was a segment of the fast path's, which the stack then never
+// sees; the frame's bytes are not used after Handle returns.
+func (e *Engine) Handle(vnetHdr, head, tail []byte) bool {
+	var s segment
+	if !parse(&s, e.cfg.MAC, vnetHdr, head, tail) {
+		return false
+	}
+	if c := e.lookup(key{s.src, s.dst}); c != nil {
+		c.mu.Lock()
+		c.input(&s)
+		c.mu.Unlock()
+		return true
+	}
+	// A segment of no connection of ours: a SYN opens one; anything else
+	// (a late segment of a closed connection, one of the stack's own)
+	// is the stack's to answer.
+	if s.flags&(flagSYN|flagACK|flagRST|flagFIN) != flagSYN {
+		return false
+	}
+	if e.cfg.Local != nil && e.cfg.Local(s.dst) {
+		return false
+	}
+	e.open(&s)
+	return true
+}
+
+// open starts a connection for the SYN s: the host socket is dialled
+// first; the SYN-ACK goes out once it is connected.
+func (e *Engine) open(s *segment) {
+	e.mu.Lock()
+	if e.state != 1 {
+		e.mu.Unlock()
+		return
+	}
+	var oldest *conn
+	if e.halfOpen.n >= e.cfg.MaxHalfOpen {
+		oldest = e.halfOpen.head
+	}
+	e.mu.Unlock()
+	if oldest != nil {
+		oldest.mu.Lock()
+		if oldest.state < stEstablished {
+			e.evicted.Add(1)
+			oldest.reset(nil)
+		}
+		oldest.mu.Unlock()
+	}
+
+	h, err := e.cfg.Dial(s.src, s.dst)
+	if err != nil {
+		e.refused.Add(1)
+		e.resetFor(s)
+		return
+	}
+	c := e.newConn(s, h)
+	if !c.register() {
+		return
+	}
+	e.opened.Add(1)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.state == stConnecting && connected(c.fd) {
+		c.connectDone()
+	}
+}
+
+// appendTS appends a timestamp option (with two NOPs before it) that
+// echoes ecr.
+func (e *Engine) appendTS(o []byte, ecr uint32) []byte {
+	val := uint32(time.Since(e.tsBase)/time.Millisecond) + e.tsOff
+	return append(o, header.TCPOptionNOP, header.TCPOptionNOP, header.TCPOptionTS, header.TCPOptionTSLength,
+		byte(val>>24), byte(val>>16), byte(val>>8), byte(val),
+		byte(ecr>>24), byte(ecr>>16), byte(ecr>>8), byte(ecr))
+}
+
+// resetFor answers s, a segment of no connection, with a reset.
+func (e *Engine) resetFor(s *segment) {
+	ep := ends{v6: s.v6, local: s.dst, remote: s.src, mac: e.cfg.MAC, remoteMAC: s.srcMAC}
+	f := fields{flags: flagRST | flagACK, ack: s.end()}
+	if s.has(flagACK) {
+		f = fields{flags: flagRST, seq: s.ack}
+	}
+	t := e.txPool.Get().(*tx)
+	e.write(t, &ep, f, nil, e.mss4)
+	e.txPool.Put(t)
+}
+
+// poll waits for the host sockets' events and hands each to its
+// connection.
+func (e *Engine) poll() {
+	defer e.wg.Done()
+	events := make([]unix.EpollEvent, 128)
+	for {
+		n, err := e.set.Wait(events)
+		if err != nil {
+			if !errors.Is(err, epoll.ErrClosed) {
+				e.log.Error("the TCP fast path's poller failed; its connections stall", "err", err)
+			}
+			return
+		}
+		for i := range events[:n] {
+			ev := &events[i]
+			e.mu.RLock()
+			c := e.byID[epoll.Key(ev)]
+			e.mu.RUnlock()
+			if c != nil {
+				c.mu.Lock()
+				c.hostEvent(ev.Events)
+				c.mu.Unlock()
+			}
+		}
+	}
+}
+
+// connList is a list of connections, oldest first (the half-open ones).
+type connList struct {
+	head, tail *conn
+	n          int
+}
+
+func (l *connList) push(c *conn) {
+	c.prev, c.next = l.tail, nil
+	if l.tail != nil {
+		l.tail.next = c
+	} else {
+		l.head = c
+	}
+	l.tail = c
+	c.listed = true
+	l.n++
+}
+
+func (l *connList) remove(c *conn) {
+	if !c.listed {
+		return
+	}
+	if c.prev != nil {
+		c.prev.next = c.next
+	} else {
+		l.head = c.next
+	}
+	if c.next != nil {
+		c.next.prev = c.prev
+	} else {
+		l.tail = c.prev
+	}
+	c.prev, c.next, c.listed = nil, nil, false
+	l.n--
+}
