@@ -2,10 +2,15 @@ package nat
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
+	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/gonetns/gonetns/relay"
 	"github.com/gonetns/gonetns/stack"
@@ -144,4 +149,84 @@ func (n *NAT) forwardTCP(r *stack.TCPRequest) {
 	if debug {
 		log.Debug("tcp closed", "bytes_out", res.AToB, "bytes_in", res.BToA, "err", res.Err)
 	}
+}
+
+// DialTCP makes the host socket of a connection for the stack's TCP fast
+// path: the same decisions as HandleTCP (the connection cap, the mapping of
+// the gateway to the host's loopback, the egress policy, the source
+// address), then a non-blocking connect that the stack finishes. Use it as
+// stack.Config.DialTCP. It runs on the stack's reader goroutine and does
+// not block: a socket, a bind when a source address is set, and the
+// connect's first step.
+func (n *NAT) DialTCP(src, dst netip.AddrPort) (stack.HostTCP, error) {
+	if !n.begin() {
+		return stack.HostTCP{}, net.ErrClosed
+	}
+	if n.tcpActive.Add(1) > int64(n.cfg.MaxTCPConns) {
+		n.tcpActive.Add(-1)
+		n.wg.Done()
+		if now := time.Now().Unix(); n.tcpFull.Swap(now) < now-10 {
+			n.log.Warn("the sandbox has too many TCP connections open; resetting new ones", "limit", n.cfg.MaxTCPConns)
+		}
+		return stack.HostTCP{}, errTooMany
+	}
+	release := func() {
+		n.tcpActive.Add(-1)
+		n.wg.Done()
+	}
+	fd, err := n.dialTCP(dst)
+	if err != nil {
+		release()
+		if n.log.Enabled(n.ctx, slog.LevelDebug) {
+			n.log.Debug("tcp refused", "src", src, "dst", dst, "err", err)
+		}
+		return stack.HostTCP{}, err
+	}
+	return stack.HostTCP{FD: fd, ConnectTimeout: n.cfg.DialTimeout, Done: sync.OnceFunc(release)}, nil
+}
+
+var errTooMany = errors.New("nat: too many TCP connections")
+
+// dialTCP opens a non-blocking socket to dst's host address and starts its
+// connect.
+func (n *NAT) dialTCP(dst netip.AddrPort) (int, error) {
+	host, err := n.hostAddr(dst.Addr())
+	if err != nil {
+		return -1, err
+	}
+	if !n.allowed("tcp", dst.Addr(), host) {
+		return -1, fmt.Errorf("%w: %v", ErrRefused, host)
+	}
+	family := unix.AF_INET
+	if host.Is6() {
+		family = unix.AF_INET6
+	}
+	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("tcp socket: %w", err)
+	}
+	if err := n.out.bind(fd, host); err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	// As Go's dialer does: no Nagle delay on top of the sandbox's own
+	// choice, and keepalive probes towards anything but the host's own
+	// loopback (whose peer's death the kernel reports at once).
+	unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	if !host.IsLoopback() {
+		unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1)
+		unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 15)
+		unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 15)
+	}
+	var sa unix.Sockaddr
+	if host.Is4() {
+		sa = &unix.SockaddrInet4{Port: int(dst.Port()), Addr: host.As4()}
+	} else {
+		sa = &unix.SockaddrInet6{Port: int(dst.Port()), Addr: host.As16()}
+	}
+	if err := unix.Connect(fd, sa); err != nil && !errors.Is(err, unix.EINPROGRESS) {
+		unix.Close(fd)
+		return -1, fmt.Errorf("tcp connect %v: %w", netip.AddrPortFrom(host, dst.Port()), err)
+	}
+	return fd, nil
 }

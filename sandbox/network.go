@@ -330,11 +330,16 @@ func (n *network) startStack(tapFile *os.File, ti tapInfo) error {
 		dev.Close()
 		return err
 	}
+	var dialTCP func(src, dst netip.AddrPort) (stack.HostTCP, error)
+	if n.cfg.TCPFastPath {
+		dialTCP = n.nat.DialTCP
+	}
 	n.st, err = stack.New(stack.Config{
 		Device:    dev,
 		MTU:       uint32(n.cfg.MTU),
 		Addresses: n.addrs.stackAddrs(),
 		TCP:       n.nat.HandleTCP,
+		DialTCP:   dialTCP,
 		UDP:       n.nat.HandleUDP,
 		Echo:      n.nat.HandleEcho,
 		Logger:    n.log,
