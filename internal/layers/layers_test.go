@@ -15,11 +15,11 @@ const module = "github.com/gonetns/gonetns/"
 var layers = [][]string{
 	// Plumbing that knows nothing of gonetns.
 	{"internal/rawconn", "internal/backoff", "internal/limitlog", "internal/netlink", "internal/e2etest/e2etool", "internal/layers"},
-	// Vocabulary and devices: message framing, routes, conntrack, the
-	// flow table, the port vocabulary, the TCP relay, the layer-2 device.
-	{"internal/wire", "internal/route", "internal/conntrack", "internal/flowtable", "port", "relay", "tap", "internal/e2etest"},
-	{"tap/taptest", "veth", "stack/internal/link", "pcap", "dns", "internal/fdbudget"},
-	{"stack"},
+	// Vocabulary and devices: message framing, routes, conntrack, epoll
+	// sets, the port vocabulary, the TCP relay, the layer-2 device.
+	{"internal/wire", "internal/route", "internal/conntrack", "internal/epoll", "port", "relay", "tap", "internal/e2etest"},
+	{"tap/taptest", "veth", "stack/internal/link", "stack/internal/tcpfast", "pcap", "dns", "internal/flowtable"},
+	{"stack", "internal/fdbudget"},
 	// What the sandbox is made of.
 	{"nat", "portfwd", "implicit", "api", "userns", "stack/stacktest"},
 	{"portfwd/portfwdtest", "sandbox"},
