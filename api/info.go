@@ -29,6 +29,9 @@ type NetworkDriverInfo struct {
 	DNS            []netip.Addr `json:"dns,omitempty"`
 	ChildIP        netip.Addr   `json:"childIP,omitzero"`
 	DynamicChildIP bool         `json:"dynamicChildIP,omitempty"`
+	// Link is the device behind the sandbox's interface: "tap" or
+	// "packet" (a veth pair read through AF_PACKET sockets).
+	Link string `json:"link,omitempty"`
 	// Egress is the egress policy of gonetns's builtin network.
 	Egress *EgressInfo `json:"egress,omitempty"`
 }
@@ -69,6 +72,7 @@ func (i Info) RootlessKitFields() Info {
 	if nd := i.NetworkDriver; nd != nil {
 		c := *nd
 		c.Egress = nil
+		c.Link = ""
 		i.NetworkDriver = &c
 	}
 	if pd := i.PortDriver; pd != nil {

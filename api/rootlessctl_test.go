@@ -42,6 +42,7 @@ func TestRootlessctl(t *testing.T) {
 				Driver:  "gonetns",
 				DNS:     []netip.Addr{netip.MustParseAddr("10.0.2.3")},
 				ChildIP: netip.MustParseAddr("10.0.2.100"),
+				Link:    "packet", // a gonetns field: RootlessKit's client ignores it
 			},
 			PortDriver: builtinInfo(),
 		}

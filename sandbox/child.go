@@ -18,9 +18,8 @@ import (
 
 // netConfig is what the child's network hook receives.
 type netConfig struct {
-	Mode    Net            `json:"mode"` // NetNone or NetBuiltin
-	Link    tap.LinkConfig `json:"link"`
-	VNetHdr bool           `json:"vnetHdr"`
+	Mode Net        `json:"mode"` // NetNone or NetBuiltin
+	Link linkConfig `json:"link"`
 	// DetachTo, when set, is where the child bind-mounts the network
 	// namespace it creates for the sandbox (--detach-netns); the child
 	// itself and the command stay in the namespace they were started in.
@@ -29,13 +28,6 @@ type netConfig struct {
 	// sockets to the parent (--port-driver=implicit), over the second of
 	// Options.ExtraFiles.
 	WatchListeners bool `json:"watchListeners,omitempty"`
-}
-
-// tapInfo is what the child's network hook returns for NetBuiltin.
-type tapInfo struct {
-	Name    string `json:"name"`
-	VNetHdr bool   `json:"vnetHdr"`
-	Offload bool   `json:"offload"`
 }
 
 // Init must be the first thing main does in every program that uses this
@@ -96,7 +88,7 @@ func childHooks(ic initConfig) userns.ChildHooks {
 				return nil, nil, fmt.Errorf("network config: %w", err)
 			}
 			inNS := func(fn func() error) error { return fn() }
-			for _, p := range []netip.Prefix{c.Link.Address, c.Link.Address6} {
+			for _, p := range []netip.Prefix{c.Link.Iface.Address, c.Link.Iface.Address6} {
 				if p.IsValid() {
 					st.subnets = append(st.subnets, p.Masked())
 				}
@@ -134,22 +126,18 @@ func childHooks(ic initConfig) userns.ChildHooks {
 }
 
 // setUpNetwork runs in the sandbox's network namespace: lo up, and for
-// NetBuiltin the TAP device with its address, routes and MTU.
+// NetBuiltin the sandbox's interface with its address, routes and MTU.
 func setUpNetwork(c netConfig, log *slog.Logger) (any, []*os.File, error) {
 	switch c.Mode {
 	case NetNone:
 		return nil, nil, tap.LoopbackUp()
 	case NetBuiltin:
-		dev, err := tap.Open(tap.Options{Name: c.Link.Name, VNetHdr: c.VNetHdr})
+		li, files, err := openLink(c.Link)
 		if err != nil {
 			return nil, nil, err
 		}
-		if err := tap.Configure(c.Link); err != nil {
-			dev.File.Close()
-			return nil, nil, err
-		}
-		log.Debug("TAP ready", "name", dev.Name, "vnet_hdr", dev.VNetHdr, "offload", dev.Offload)
-		return tapInfo{Name: dev.Name, VNetHdr: dev.VNetHdr, Offload: dev.Offload}, []*os.File{dev.File}, nil
+		log.Debug("link ready", "kind", li.Kind, "name", li.Name, "vnet_hdr", li.VNetHdr, "offload", li.Offload)
+		return li, files, nil
 	}
 	return nil, nil, fmt.Errorf("unknown network mode %q", c.Mode)
 }

@@ -84,6 +84,9 @@ type Config struct {
 	CIDR netip.Prefix
 	// IfName is the sandbox's interface; "" means DefaultIfName.
 	IfName string
+	// Link is the device behind the sandbox's interface (--link): LinkAuto
+	// (the default, also ""), LinkTAP or LinkPacket.
+	Link Link
 	// DisableHostLoopback refuses connections to the gateway address (the
 	// host's 127.0.0.1 and ::1).
 	DisableHostLoopback bool
@@ -209,6 +212,9 @@ func (c Config) withDefaults() Config {
 	if c.IfName == "" {
 		c.IfName = DefaultIfName
 	}
+	if c.Link == "" {
+		c.Link = LinkAuto
+	}
 	if c.PortDriver == "" {
 		c.PortDriver = PortsBuiltin
 		if c.Net == NetHost {
@@ -242,6 +248,11 @@ func (c Config) Validate() error {
 	}
 	if c.MTU < MinMTU || c.MTU > MaxMTU {
 		return invalidf("invalid --mtu=%d: use a value from %d to %d (0 means %d)", c.MTU, MinMTU, MaxMTU, DefaultMTU)
+	}
+	switch c.Link {
+	case LinkAuto, LinkTAP, LinkPacket:
+	default:
+		return invalidf("invalid --link=%s: use auto (the TAP when /dev/net/tun can be opened, else packet), tap or packet", c.Link)
 	}
 	if err := checkCIDR(c.CIDR); err != nil {
 		return err

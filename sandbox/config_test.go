@@ -32,6 +32,9 @@ func TestConfigValidate(t *testing.T) {
 		{"cidr class e", Config{CIDR: netip.MustParsePrefix("240.0.0.0/24")}, "overlaps 224.0.0.0/3"},
 		{"cidr covering loopback", Config{CIDR: netip.MustParsePrefix("64.0.0.0/2")}, "overlaps 127.0.0.0/8"},
 		{"cidr private", Config{CIDR: netip.MustParsePrefix("192.168.100.0/24")}, ""},
+		{"link unknown", Config{Link: "veth"}, "auto (the TAP when /dev/net/tun can be opened, else packet), tap or packet"},
+		{"link tap", Config{Link: LinkTAP}, ""},
+		{"link packet", Config{Link: LinkPacket}, ""},
 		{"ifname long", Config{IfName: "0123456789abcdef"}, "up to 15"},
 		{"ifname slash", Config{IfName: "a/b"}, "without '/'"},
 		{"dns upstream zero port", Config{DNSUpstreams: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:0")}}, "--dns-upstream"},
@@ -64,7 +67,7 @@ func TestConfigValidate(t *testing.T) {
 
 func TestConfigDefaults(t *testing.T) {
 	c := Config{}.withDefaults()
-	if c.Net != NetBuiltin || c.MTU != 65520 || c.CIDR != netip.MustParsePrefix("10.0.2.0/24") || c.IfName != "tap0" ||
+	if c.Net != NetBuiltin || c.MTU != 65520 || c.CIDR != netip.MustParsePrefix("10.0.2.0/24") || c.IfName != "tap0" || c.Link != LinkAuto ||
 		c.PortDriver != PortsBuiltin || c.Propagation != "rprivate" || c.Reaper != "auto" || c.SubIDSource != SubIDAuto || c.Logger == nil {
 		t.Errorf("defaults: %+v", c)
 	}

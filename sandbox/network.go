@@ -47,6 +47,7 @@ type network struct {
 	api        *api.Server
 	childPID   int
 
+	link       linkInfo // the device the child opened
 	policy     *nat.Policy
 	out4, out6 netip.Addr   // --outbound-addr, --outbound-addr6, resolved
 	pcap       *pcap.Writer // --pcap
@@ -195,16 +196,15 @@ func (n *network) prepareChild(u *userns.Options) {
 	case NetNone:
 		u.Network = nc
 	case NetBuiltin:
-		nc.Link = tap.LinkConfig{
+		nc.Link = linkConfig{Kind: n.cfg.Link, VNetHdr: true, Iface: tap.LinkConfig{
 			Name:    n.cfg.IfName,
 			MTU:     n.cfg.MTU,
 			Address: netip.PrefixFrom(n.addrs.child, n.addrs.subnet.Bits()),
 			Gateway: n.addrs.gateway,
-		}
-		nc.VNetHdr = true
+		}}
 		if n.addrs.subnet6.IsValid() {
-			nc.Link.Address6 = netip.PrefixFrom(n.addrs.child6, 64)
-			nc.Link.Gateway6 = n.addrs.gateway6
+			nc.Link.Iface.Address6 = netip.PrefixFrom(n.addrs.child6, 64)
+			nc.Link.Iface.Gateway6 = n.addrs.gateway6
 		}
 		u.Network = nc
 		rc, _ := hostResolvConf()
@@ -251,17 +251,13 @@ func (n *network) start(child *userns.Child, info json.RawMessage, files []*os.F
 		n.watchChild = nil
 	}
 	if n.cfg.Net == NetBuiltin {
-		if len(files) != 1 {
+		var li linkInfo
+		if err := json.Unmarshal(info, &li); err != nil {
 			wire.CloseFiles(files)
-			return fmt.Errorf("the child sent %d files for the TAP device, want 1", len(files))
+			return fmt.Errorf("link info from the child: %w", err)
 		}
-		var ti tapInfo
-		if err := json.Unmarshal(info, &ti); err != nil {
-			files[0].Close()
-			return fmt.Errorf("TAP info from the child: %w", err)
-		}
-		err := n.startStack(files[0], ti)
-		files[0].Close()
+		err := n.startStack(files, li)
+		wire.CloseFiles(files)
 		if err != nil {
 			return err
 		}
@@ -302,8 +298,12 @@ func (n *network) portDriver() port.Manager {
 	return nil
 }
 
-func (n *network) startStack(tapFile *os.File, ti tapInfo) error {
-	dev, err := tap.NewDevice(tapFile, ti.VNetHdr)
+func (n *network) startStack(files []*os.File, li linkInfo) error {
+	n.link = li
+	if li.TAPError != "" {
+		n.log.Info(li.TAPError + ": the sandbox's link is a veth pair read through packet sockets instead (--link=packet; --link=tap insists on the TAP)")
+	}
+	dev, err := newDevice(li, files)
 	if err != nil {
 		return err
 	}
@@ -352,7 +352,8 @@ func (n *network) startStack(tapFile *os.File, ti tapInfo) error {
 		return err
 	}
 	n.nat.Start()
-	n.log.Debug("netstack up", "tap", ti.Name, "vnet_hdr", ti.VNetHdr, "offload", ti.Offload, "mtu", n.cfg.MTU)
+	n.log.Debug("netstack up", "link", li.Kind, "name", li.Name, "vnet_hdr", li.VNetHdr, "offload", li.Offload, "mtu", n.cfg.MTU,
+		"packet_sockets", li.Sockets, "packet_rcvbuf", li.RecvBuf)
 	if n.policy != nil {
 		n.log.Debug("egress policy", "rules", fmt.Sprint(n.policy.Rules()), "default_allow", n.policy.DefaultAllow())
 	}
@@ -396,7 +397,7 @@ func (n *network) info() api.Info {
 	i := api.Info{Version: n.cfg.Version, StateDir: n.sd.Path, ChildPID: n.childPID}
 	switch n.cfg.Net {
 	case NetBuiltin:
-		i.NetworkDriver = &api.NetworkDriverInfo{Driver: "gonetns", DNS: n.addrs.dnsAddrs(), ChildIP: n.addrs.child, Egress: n.egressInfo()}
+		i.NetworkDriver = &api.NetworkDriverInfo{Driver: "gonetns", DNS: n.addrs.dnsAddrs(), ChildIP: n.addrs.child, Link: string(n.link.Kind), Egress: n.egressInfo()}
 	case NetNone:
 		i.NetworkDriver = &api.NetworkDriverInfo{Driver: "none"}
 	}

@@ -23,8 +23,8 @@
 //
 // What the host needs is what gonetns needs: unprivileged user namespaces,
 // newuidmap/newgidmap with /etc/subuid and /etc/subgid entries for full id
-// maps (else only the caller's id is mapped, with a warning), and read and
-// write access to /dev/net/tun for NetBuiltin.
+// maps (else only the caller's id is mapped, with a warning); NetBuiltin
+// uses /dev/net/tun when it can be opened, else the packet link (Link).
 package sandbox
 
 import (

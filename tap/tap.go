@@ -125,13 +125,13 @@ func tunOpenError(err error) error {
 		if st, serr := os.Stat("/dev/net/tun"); serr == nil {
 			hint = fmt.Sprintf("it is mode %04o here; most distributions ship it 0666", st.Mode().Perm())
 		}
-		return fmt.Errorf("%w: permission denied (%s). Fix: sudo chmod 0666 /dev/net/tun, and to keep it after reboot "+
+		return fmt.Errorf("%w: %w (%s). Fix: sudo chmod 0666 /dev/net/tun, and to keep it after reboot "+
 			`add a udev rule, e.g. echo 'KERNEL=="tun", MODE="0666"' | sudo tee /etc/udev/rules.d/99-tun.rules. `+
-			"Or run with --net=none or --net=host", ErrTunAccess, hint)
+			"Or run with --link=packet (a veth pair instead of the TAP), --net=none or --net=host", ErrTunAccess, err, hint)
 	case errors.Is(err, unix.ENOENT), errors.Is(err, unix.ENODEV), errors.Is(err, unix.ENXIO):
-		return fmt.Errorf("%w: %v. The tun driver is missing: sudo modprobe tun (in a container, pass the device: --device /dev/net/tun)", ErrTunAccess, err)
+		return fmt.Errorf("%w: %w. The tun driver is missing: sudo modprobe tun (in a container, pass the device: --device /dev/net/tun), or run with --link=packet (a veth pair instead of the TAP)", ErrTunAccess, err)
 	}
-	return fmt.Errorf("%w: %v", ErrTunAccess, err)
+	return fmt.Errorf("%w: %w", ErrTunAccess, err)
 }
 
 func ioctlPtr(fd int, req uint, arg unsafe.Pointer) error {

@@ -9,8 +9,12 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// procSys is where Diagnose reads sysctls; tests point it elsewhere.
-var procSys = "/proc/sys"
+// procSys and procSelf are where Diagnose reads sysctls and this
+// process's confinement; tests point them elsewhere.
+var (
+	procSys  = "/proc/sys"
+	procSelf = "/proc/self"
+)
 
 // Diagnose explains, in words a person can act on, why namespaces could not
 // be created or set up. It returns "" when nothing known is wrong; the text
@@ -33,11 +37,49 @@ func Diagnose(err error) string {
 			"(/etc/apparmor.d/gonetns: `abi <abi/4.0>, include <tunables/global> profile gonetns /path/to/gonetns flags=(unconfined) { userns, }`, "+
 			"then sudo apparmor_parser -r /etc/apparmor.d/gonetns), or sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0")
 	}
-	if len(hints) == 0 && (errors.Is(err, unix.EPERM) || (err != nil && strings.Contains(err.Error(), "operation not permitted"))) {
-		hints = append(hints, "the kernel refused the operation; if gonetns runs inside a container, that container needs "+
-			"user namespaces allowed (e.g. a seccomp profile permitting clone/unshare with CLONE_NEWUSER)")
+	if permissionError(err) {
+		hints = append(hints, confinementHints()...)
+		if len(hints) == 0 {
+			hints = append(hints, "the kernel refused the operation; if gonetns runs inside a container, that container needs "+
+				"user namespaces allowed (e.g. a seccomp profile permitting clone/unshare with CLONE_NEWUSER)")
+		}
 	}
 	return joinHints(hints)
+}
+
+func permissionError(err error) bool {
+	if err == nil {
+		return false
+	}
+	return errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) ||
+		strings.Contains(err.Error(), "operation not permitted") || strings.Contains(err.Error(), "permission denied")
+}
+
+// confinementHints name what confines this process the way container
+// engines confine a container's: a seccomp filter, an AppArmor profile.
+func confinementHints() []string {
+	var hints []string
+	if status, err := os.ReadFile(filepath.Join(procSelf, "status")); err == nil {
+		for _, line := range strings.Split(string(status), "\n") {
+			if v, ok := strings.CutPrefix(line, "Seccomp:"); ok && strings.TrimSpace(v) == "2" {
+				hints = append(hints, "a seccomp filter confines gonetns (Seccomp: 2 in /proc/self/status), as container engines' "+
+					"default profiles do: Docker's and Podman's refuse clone and unshare with namespace flags, setns and mount to a "+
+					"container without CAP_SYS_ADMIN. Start the container with --security-opt seccomp=unconfined (docs/packet-link.md)")
+			}
+		}
+	}
+	for _, f := range []string{"attr/apparmor/current", "attr/current"} {
+		b, err := os.ReadFile(filepath.Join(procSelf, f))
+		if err != nil {
+			continue
+		}
+		if p := strings.TrimSpace(strings.TrimRight(string(b), "\x00")); p != "" && p != "unconfined" {
+			hints = append(hints, "the AppArmor profile "+p+" confines gonetns (Docker's docker-default refuses mount): "+
+				"start the container with --security-opt apparmor=unconfined (docs/packet-link.md)")
+		}
+		break
+	}
+	return hints
 }
 
 func joinHints(h []string) string {

@@ -97,7 +97,14 @@ func mountSysfs(scratch string, skipCgroup bool, log *slog.Logger) {
 		err = unix.Mount("none", "/sys", "sysfs", unix.MS_RDONLY, "")
 	}
 	if err != nil {
-		log.Warn("cannot mount sysfs for the new network namespace; /sys/class/net shows the host's interfaces", "err", err)
+		msg := "cannot mount sysfs for the new network namespace; /sys/class/net shows the host's interfaces"
+		if errors.Is(err, unix.EPERM) {
+			// The kernel mounts a sysfs in a user namespace only where the
+			// one outside hides nothing: a container engine's masked paths
+			// (Docker's /sys/firmware) hide some.
+			msg += " (in a container, the engine's masked paths forbid it: Docker's --security-opt systempaths=unconfined lifts them)"
+		}
+		log.Warn(msg, "err", err)
 		if haveCgroup {
 			unix.Unmount(cg, unix.MNT_DETACH)
 		}

@@ -61,11 +61,16 @@ func TestDiagnose(t *testing.T) {
 	}
 	tests := []struct {
 		name  string
-		files map[string]string
+		files map[string]string // under /proc/sys, or /proc/self for self/...
 		err   error
 		want  []string
 		root  bool // hint applies to root too
 	}{
+		{"docker default profile", map[string]string{"user/max_user_namespaces": "100", "self/status": "Name:\tgonetns\nSeccomp:\t2\nSeccomp_filters:\t1\n"},
+			unix.EPERM, []string{"Seccomp: 2", "--security-opt seccomp=unconfined"}, true},
+		{"apparmor profile", map[string]string{"user/max_user_namespaces": "100", "self/status": "Seccomp:\t0\n", "self/attr/current": "docker-default (enforce)\n"},
+			errors.New("mount tmpfs on /run: permission denied"), []string{"docker-default (enforce)", "--security-opt apparmor=unconfined"}, true},
+		{"seccomp, another error", map[string]string{"user/max_user_namespaces": "100", "self/status": "Seccomp:\t2\n"}, errors.New("something else"), nil, true},
 		{"max_user_namespaces=0", map[string]string{"user/max_user_namespaces": "0"}, unix.ENOSPC, []string{"user.max_user_namespaces=28633"}, true},
 		{"limit reached", map[string]string{"user/max_user_namespaces": "5"}, unix.ENOSPC, []string{"limit of user namespaces is reached"}, true},
 		{"debian knob", map[string]string{"kernel/unprivileged_userns_clone": "0", "user/max_user_namespaces": "100"}, unix.EPERM, []string{"kernel.unprivileged_userns_clone=1"}, false},
@@ -75,15 +80,18 @@ func TestDiagnose(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			dir := t.TempDir()
+			dir, self := t.TempDir(), t.TempDir()
 			for name, v := range tt.files {
 				p := filepath.Join(dir, name)
+				if rest, ok := strings.CutPrefix(name, "self/"); ok {
+					p = filepath.Join(self, rest)
+				}
 				os.MkdirAll(filepath.Dir(p), 0o755)
 				os.WriteFile(p, []byte(v+"\n"), 0o644)
 			}
-			old := procSys
-			procSys = dir
-			defer func() { procSys = old }()
+			oldSys, oldSelf := procSys, procSelf
+			procSys, procSelf = dir, self
+			defer func() { procSys, procSelf = oldSys, oldSelf }()
 			got := Diagnose(tt.err)
 			if !tt.root && os.Getuid() == 0 {
 				if strings.Contains(got, tt.want[0]) {

@@ -103,6 +103,9 @@ func ctlInfo(ctx context.Context, c *api.Client, jsonOut, rootlessKitOnly bool, 
 		if nd.ChildIP.IsValid() {
 			fmt.Fprintf(w, "  - IP: %v\n", nd.ChildIP)
 		}
+		if nd.Link != "" {
+			fmt.Fprintf(w, "  - Link: %s\n", nd.Link)
+		}
 		if e := nd.Egress; e != nil && len(e.Rules) > 0 {
 			rules := make([]string, len(e.Rules))
 			for i, r := range e.Rules {

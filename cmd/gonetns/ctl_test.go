@@ -43,7 +43,7 @@ func ctlServer(t *testing.T) (dir string, m *portfwd.Manager) {
 	srv := httptest.NewUnstartedServer(api.NewHandler(m, func() api.Info {
 		return api.Info{
 			Version: "0.0.0-test", StateDir: dir, ChildPID: 99,
-			NetworkDriver: &api.NetworkDriverInfo{Driver: "gonetns", DNS: []netip.Addr{netip.MustParseAddr("10.0.2.3")}, ChildIP: netip.MustParseAddr("10.0.2.100")},
+			NetworkDriver: &api.NetworkDriverInfo{Driver: "gonetns", DNS: []netip.Addr{netip.MustParseAddr("10.0.2.3")}, ChildIP: netip.MustParseAddr("10.0.2.100"), Link: "packet"},
 			PortDriver:    &api.PortDriverInfo{Driver: "builtin", Protos: port.Protos},
 		}
 	}))
@@ -132,7 +132,7 @@ func TestCtlInfo(t *testing.T) {
 	sock := filepath.Join(dir, "api.sock")
 	code, out, errOut := ctlRunT("--socket", sock, "info")
 	for _, want := range []string{"- REST API version: 1.1.1", "- Implementation version: 0.0.0-test", "- State Directory: " + dir,
-		"- Child PID: 99", "- Network Driver: gonetns", "  - DNS: [10.0.2.3]", "  - IP: 10.0.2.100", "- Port Driver: builtin",
+		"- Child PID: 99", "- Network Driver: gonetns", "  - DNS: [10.0.2.3]", "  - IP: 10.0.2.100", "  - Link: packet", "- Port Driver: builtin",
 		"  - Supported protocols: [tcp tcp4 tcp6 udp udp4 udp6]"} {
 		if code != 0 || !strings.Contains(out, want+"\n") {
 			t.Errorf("info: %d, %q missing in\n%s%s", code, want, out, errOut)

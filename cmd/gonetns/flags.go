@@ -139,6 +139,7 @@ func defineFlags(o *options, who personality, name string, out io.Writer) (*pfla
 	fs.IntVar(&c.MTU, "mtu", sandbox.DefaultMTU, fmt.Sprintf("MTU of the namespace's interface, %d to %d; 0 means the default", sandbox.MinMTU, sandbox.MaxMTU))
 	fs.StringVar(&r.cidr, "cidr", sandbox.DefaultCIDR.String(), "subnet of the builtin network: the namespace is .100, the gateway (host loopback) .2, DNS .3")
 	fs.StringVar(&c.IfName, "ifname", sandbox.DefaultIfName, "name of the namespace's interface")
+	fs.StringVar((*string)(&c.Link), "link", string(sandbox.LinkAuto), "device behind the namespace's interface: tap (/dev/net/tun), packet (a veth pair read through AF_PACKET sockets: no /dev/net/tun needed) or auto (tap when /dev/net/tun can be opened, else packet)")
 	fs.BoolVar(&c.DisableHostLoopback, "disable-host-loopback", false, "refuse connections to the gateway address (the host's 127.0.0.1 and ::1)")
 	fs.BoolVar(&c.IPv6, "ipv6", false, "also IPv6: fd00::100/64 inside, gateway fd00::2 (the host's ::1), DNS fd00::3")
 	fs.BoolVar(&c.TCPFastPath, "tcp-fast-path", false, "mirror each TCP connection of the namespace onto its host socket, with no userspace TCP in between (faster round trips and new connections)")

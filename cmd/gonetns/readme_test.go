@@ -17,6 +17,9 @@ import (
 // other programs, with the program.
 var otherFlags = map[string]string{
 	"storage-driver":       "dockerd",
+	"device":               "docker run",
+	"security-opt":         "docker run",
+	"privileged":           "docker run",
 	"restart":              "docker run",
 	"preserve-credentials": "nsenter",
 	"add-subuids":          "usermod",

@@ -89,6 +89,8 @@ type Runner struct {
 	Name string     // for subtest names: "user" or "root"
 	User *user.User // who runs gonetns
 	Bin  string
+	// NoTun runs gonetns where /dev/net/tun cannot be opened (WithoutTun).
+	NoTun bool
 }
 
 // Unprivileged returns a Runner for the test user with subordinate ids,
@@ -114,7 +116,7 @@ func Root(t testing.TB) Runner {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return Runner{Name: "root", User: u, Bin: Binary(t)}
+	return Runner{Name: "root", User: u, Bin: Binary(t), NoTun: withoutTun(t)}
 }
 
 // Both returns the unprivileged and the root Runner, in that order.
@@ -143,7 +145,7 @@ func runnerFor(t testing.TB, name string, wantSubIDs bool) Runner {
 			}
 		}
 	}
-	return Runner{Name: "user", User: u, Bin: Binary(t)}
+	return Runner{Name: "user", User: u, Bin: Binary(t), NoTun: withoutTun(t)}
 }
 
 // RequireTun fails unless the test user can open /dev/net/tun.
@@ -176,6 +178,9 @@ func (r Runner) Command(ctx context.Context, args ...string) *exec.Cmd {
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}}}
 	}
 	cmd.WaitDelay = 5 * time.Second
+	if r.NoTun {
+		r.hideTun(cmd)
+	}
 	return cmd
 }
 
