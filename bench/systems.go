@@ -98,13 +98,16 @@ func slirpChild(pid int) (int, error) {
 // allSystems lists every system in table order: gonetns first, then the
 // peers, then the reference; then the published-port systems.
 func allSystems(t tools, euid int) []*system {
-	gonetns := func(mtu, hostPort int, cmd []string) []string {
-		a := []string{t.gonetns, "--mtu=" + strconv.Itoa(mtu)}
-		if hostPort != 0 {
-			a = append(a, "-p", publishSpec(hostPort))
+	gonetnsWith := func(flags ...string) func(mtu, hostPort int, cmd []string) []string {
+		return func(mtu, hostPort int, cmd []string) []string {
+			a := append([]string{t.gonetns, "--mtu=" + strconv.Itoa(mtu)}, flags...)
+			if hostPort != 0 {
+				a = append(a, "-p", publishSpec(hostPort))
+			}
+			return append(a, cmd...)
 		}
-		return append(a, cmd...)
 	}
+	gonetns := gonetnsWith()
 	rootlesskit := func(bin, net, portDriver string) func(mtu, hostPort int, cmd []string) []string {
 		return func(mtu, hostPort int, cmd []string) []string {
 			a := []string{bin, "--net=" + net, "--mtu=" + strconv.Itoa(mtu)}
@@ -136,6 +139,10 @@ func allSystems(t tools, euid int) []*system {
 
 	return []*system{
 		{name: "gonetns", label: "gonetns", argv: gonetns, netProc: self, netName: "gonetns (parent)", target: targetSlirp},
+		// The same network on the packet link (a veth pair read through
+		// AF_PACKET sockets), which gonetns takes where /dev/net/tun
+		// cannot be opened.
+		{name: "gonetns-packet", label: "gonetns --link=packet", argv: gonetnsWith("--link=packet"), netProc: self, netName: "gonetns (parent)", target: targetSlirp},
 		{name: "slirp4netns", label: "rootlesskit + slirp4netns", argv: rootlesskit(t.rootlesskit, "slirp4netns", ""), netProc: slirpChild, netName: "slirp4netns", target: targetSlirp},
 		{name: "pasta", label: "pasta", argv: pasta, netProc: self, netName: "pasta", target: targetGateway},
 		// RootlessKit v3's gVisor network runs in its parent process; its
@@ -172,7 +179,7 @@ func probeSystems(systems []*system, t tools, v versions) {
 	for _, s := range systems {
 		s.available = true
 		switch s.name {
-		case "gonetns", "gonetns-port":
+		case "gonetns", "gonetns-packet", "gonetns-port":
 			s.version = v.gonetns
 		case "slirp4netns", "rootlesskit-builtin", "rootlesskit-slirp4netns":
 			s.version = strings.TrimSpace("rootlesskit " + v.rootlesskit + ", slirp4netns " + v.slirp4netns)
