@@ -10,6 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/gonetns/gonetns/internal/epoll"
 	"github.com/gonetns/gonetns/internal/rawconn"
 	"github.com/gonetns/gonetns/tap"
 )
@@ -41,11 +42,9 @@ type device struct {
 	txrc syscall.RawConn
 	rx   []*os.File // the fanout group, in rollover order
 	rxrc []syscall.RawConn
-	// wait is what Read waits on when every receiving socket is empty: the
-	// one socket, or an epoll set of them all.
-	wait   *os.File
-	waitrc syscall.RawConn
-	epoll  bool // wait is an epoll set
+	// wait is what Read waits on when every receiving socket is empty,
+	// with several of them (one is waited on in Go's poller itself).
+	wait *epoll.Set
 
 	cur    int // the socket Read takes from (Read is not concurrent)
 	events []unix.EpollEvent
@@ -90,32 +89,18 @@ func NewDevice(files []*os.File) (tap.Device, error) {
 	if len(d.rx) == 1 {
 		return d, nil
 	}
-	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
-	if err != nil {
-		return fail(fmt.Errorf("epoll: %w", err))
+	if d.wait, err = epoll.New("packet link"); err != nil {
+		return fail(err)
 	}
-	// Non-blocking, so that Go's poller takes it.
-	if err := unix.SetNonblock(epfd, true); err != nil {
-		unix.Close(epfd)
-		return fail(fmt.Errorf("epoll: %w", err))
-	}
-	d.wait, d.epoll = os.NewFile(uintptr(epfd), "packet-link-rx"), true
 	d.events = make([]unix.EpollEvent, len(d.rx))
 	for i, rc := range d.rxrc {
-		var cerr error
-		err := rc.Control(func(fd uintptr) {
-			ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(i)}
-			cerr = unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, int(fd), &ev)
-		})
+		fd, err := rawconn.FD(rc)
 		if err == nil {
-			err = cerr
+			err = d.wait.Add(fd, unix.EPOLLIN, uint32(i))
 		}
 		if err != nil {
-			return fail(fmt.Errorf("epoll add: %w", err))
+			return fail(err)
 		}
-	}
-	if d.waitrc, err = d.wait.SyscallConn(); err != nil {
-		return fail(err)
 	}
 	return d, nil
 }
@@ -172,7 +157,7 @@ func (d *device) Read(bufs [][]byte) (int, error) {
 // readAny reads one frame: from the current socket, else from the first
 // one after it in rollover order that holds any, else after waiting.
 func (d *device) readAny(bufs [][]byte) (int, uint8, error) {
-	if !d.epoll {
+	if d.wait == nil {
 		var nameLen int
 		n, err := rawconn.Read(d.rxrc[0], func(fd int) (int, error) {
 			n, l, _, err := rawconn.Recvmsg(fd, bufs, d.name[:], 0)
@@ -186,22 +171,11 @@ func (d *device) readAny(bufs [][]byte) (int, uint8, error) {
 		if !errors.Is(err, unix.EAGAIN) {
 			return n, pkttype, err
 		}
-		ready := -1
-		_, err = rawconn.Read(d.waitrc, func(fd int) (int, error) {
-			n, err := rawconn.EpollPoll(fd, d.events)
-			if err != nil {
-				return 0, err
-			}
-			if n == 0 {
-				return 0, unix.EAGAIN // none ready: wait for the poller
-			}
-			ready = d.next(d.events[:n])
-			return n, nil
-		})
+		n, err = d.wait.Wait(d.events)
 		if err != nil {
 			return 0, 0, err
 		}
-		d.cur = ready
+		d.cur = d.next(d.events[:n])
 	}
 }
 
@@ -210,7 +184,7 @@ func (d *device) readAny(bufs [][]byte) (int, uint8, error) {
 func (d *device) next(ready []unix.EpollEvent) int {
 	best, bestDist := d.cur, len(d.rx)
 	for _, ev := range ready {
-		i := int(ev.Fd)
+		i := int(epoll.Key(&ev))
 		if dist := (i - d.cur + len(d.rx)) % len(d.rx); dist < bestDist {
 			best, bestDist = i, dist
 		}
