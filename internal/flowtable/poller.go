@@ -1,14 +1,11 @@
 package flowtable
 
 import (
-	"fmt"
-	"os"
 	"sync"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 
-	"github.com/gonetns/gonetns/internal/rawconn"
+	"github.com/gonetns/gonetns/internal/epoll"
 )
 
 // Receiver is what the Poller calls when a flow's socket is readable.
@@ -25,13 +22,12 @@ type Receiver interface {
 const RecvBufSize = 64 << 10
 
 // Poller reads the sockets of many flows on one goroutine: their
-// descriptors are in an epoll set of its own, whose descriptor Go's
+// descriptors are in an epoll set (internal/epoll) whose descriptor Go's
 // poller watches, so Run sleeps until some flow's socket is readable. A
 // flow costs a descriptor and an entry here: no goroutine and no buffer
 // of its own.
 type Poller struct {
-	ep *os.File
-	rc syscall.RawConn
+	set *epoll.Set
 
 	mu    sync.Mutex
 	flows map[uint32]Receiver
@@ -41,23 +37,11 @@ type Poller struct {
 // NewPoller makes the epoll set. It starts nothing: run Run on a goroutine
 // of the caller's, and Close to end it.
 func NewPoller() (*Poller, error) {
-	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	set, err := epoll.New("flows")
 	if err != nil {
-		return nil, fmt.Errorf("epoll: %w", err)
+		return nil, err
 	}
-	// Non-blocking, so that Go's poller takes the descriptor (readable
-	// when a flow's socket is).
-	if err := unix.SetNonblock(epfd, true); err != nil {
-		unix.Close(epfd)
-		return nil, fmt.Errorf("epoll: %w", err)
-	}
-	ep := os.NewFile(uintptr(epfd), "flows")
-	rc, err := ep.SyscallConn()
-	if err != nil {
-		ep.Close()
-		return nil, fmt.Errorf("epoll: %w", err)
-	}
-	return &Poller{ep: ep, rc: rc, flows: make(map[uint32]Receiver)}, nil
+	return &Poller{set: set, flows: make(map[uint32]Receiver)}, nil
 }
 
 // Add watches fd, calling r.Receive when it is readable, and returns the
@@ -74,14 +58,9 @@ func (p *Poller) Add(fd int, r Receiver) (uint32, error) {
 	id := p.next
 	p.flows[id] = r
 	p.mu.Unlock()
-	epfd, err := rawconn.FD(p.rc)
-	if err == nil {
-		ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(id)}
-		err = unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, fd, &ev)
-	}
-	if err != nil {
+	if err := p.set.Add(fd, unix.EPOLLIN, id); err != nil {
 		p.Remove(id)
-		return 0, fmt.Errorf("epoll add: %w", err)
+		return 0, err
 	}
 	return id, nil
 }
@@ -106,18 +85,12 @@ func (p *Poller) Run() {
 	events := make([]unix.EpollEvent, 64)
 	buf := make([]byte, RecvBufSize) // one buffer for every flow
 	for {
-		n, err := rawconn.Read(p.rc, func(fd int) (int, error) {
-			n, err := rawconn.EpollPoll(fd, events)
-			if err == nil && n == 0 {
-				return 0, unix.EAGAIN // nothing ready: wait for the poller
-			}
-			return n, err
-		})
+		n, err := p.set.Wait(events)
 		if err != nil {
 			return // closed
 		}
-		for _, ev := range events[:n] {
-			if r := p.lookup(uint32(ev.Fd)); r != nil {
+		for i := range events[:n] {
+			if r := p.lookup(epoll.Key(&events[i])); r != nil {
 				r.Receive(buf)
 			}
 		}
@@ -125,7 +98,7 @@ func (p *Poller) Run() {
 }
 
 // Close ends Run (and the epoll set); the flows are closed by their owner.
-func (p *Poller) Close() error { return p.ep.Close() }
+func (p *Poller) Close() error { return p.set.Close() }
 
 // Len is the number of flows watched.
 func (p *Poller) Len() int {
