@@ -48,7 +48,7 @@ func TestRootlessKitBracketedIPv4ChildAddress(t *testing.T) {
 			cmd := k.kit.Command(ctx, "--state-dir="+state, "--net=slirp4netns", "--port-driver=builtin",
 				"-p", fmt.Sprintf("[::]:%d:[127.0.0.1]:8000/tcp6", p6),
 				"-p", fmt.Sprintf("[::]:%d:[127.0.0.1]:8000/tcp", pBoth),
-				"sh", "-c", e2etest.HelperCmd(t, "http-serve", "127.0.0.1:8000"))
+				"sh", "-c", "exec "+e2etest.HelperCmd(t, "http-serve", "127.0.0.1:8000"))
 			var errOut strings.Builder
 			cmd.Stderr = &errOut
 			if err := cmd.Start(); err != nil {
