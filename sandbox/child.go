@@ -126,7 +126,9 @@ func childHooks(ic initConfig) userns.ChildHooks {
 }
 
 // setUpNetwork runs in the sandbox's network namespace: lo up, and for
-// NetBuiltin the sandbox's interface with its address, routes and MTU.
+// NetBuiltin the sandbox's interface with its address, routes and MTU
+// (openLink: the same for gonetns's own child and for the helper in a
+// namespace someone else made, Join).
 func setUpNetwork(c netConfig, log *slog.Logger) (any, []*os.File, error) {
 	switch c.Mode {
 	case NetNone:

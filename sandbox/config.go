@@ -100,6 +100,9 @@ type Config struct {
 	// DNSUpstreams are the servers the sandbox's resolver forwards to;
 	// none means the host's /etc/resolv.conf.
 	DNSUpstreams []netip.AddrPort
+	// DisableDNS runs no DNS service at the DNS address (slirp4netns's
+	// --disable-dns): queries there are refused, never sent anywhere.
+	DisableDNS bool
 
 	// Allow and Deny are the egress policy's rules (--allow, --deny): the
 	// host addresses the sandbox's TCP connections, UDP flows and ICMP

@@ -31,6 +31,12 @@ type linkConfig struct {
 	Kind    Link           `json:"kind"` // LinkAuto, LinkTAP or LinkPacket
 	Iface   tap.LinkConfig `json:"iface"`
 	VNetHdr bool           `json:"vnetHdr"` // for the TAP
+	// OpenOnly opens the TAP (creating it, or attaching to one that
+	// exists) and leaves its configuration to the namespace's owner:
+	// RootlessKit 1.x creates and configures tap0 itself, and runs
+	// slirp4netns without -c. The interface is the owner's, so there is
+	// no packet link to fall back to.
+	OpenOnly bool `json:"openOnly,omitempty"`
 }
 
 // linkInfo describes the device openLink opened, for the parent.
@@ -54,6 +60,13 @@ type linkInfo struct {
 // gonetns's own child and for a namespace someone else made.
 func openLink(c linkConfig) (linkInfo, []*os.File, error) {
 	var tapErr error
+	if c.OpenOnly {
+		dev, err := tap.Open(tap.Options{Name: c.Iface.Name, VNetHdr: c.VNetHdr})
+		if err != nil {
+			return linkInfo{}, nil, err
+		}
+		return linkInfo{Kind: LinkTAP, Name: dev.Name, VNetHdr: dev.VNetHdr, Offload: dev.Offload}, []*os.File{dev.File}, nil
+	}
 	if c.Kind != LinkPacket {
 		dev, err := tap.Open(tap.Options{Name: c.Iface.Name, VNetHdr: c.VNetHdr})
 		if err == nil {

@@ -102,7 +102,7 @@ func newNetwork(cfg Config, sd *userns.StateDir) (*network, error) {
 	n := &network{cfg: cfg, sd: sd, log: cfg.Logger, addrs: planAddrs(cfg.CIDR, cfg.IPv6), budget: descriptorBudget(cfg.Logger)}
 	if cfg.Net == NetBuiltin {
 		n.upstreams = cfg.DNSUpstreams
-		if len(n.upstreams) == 0 {
+		if len(n.upstreams) == 0 && !cfg.DisableDNS {
 			rc, err := hostResolvConf()
 			if err != nil {
 				return nil, err
@@ -196,16 +196,7 @@ func (n *network) prepareChild(u *userns.Options) {
 	case NetNone:
 		u.Network = nc
 	case NetBuiltin:
-		nc.Link = linkConfig{Kind: n.cfg.Link, VNetHdr: true, Iface: tap.LinkConfig{
-			Name:    n.cfg.IfName,
-			MTU:     n.cfg.MTU,
-			Address: netip.PrefixFrom(n.addrs.child, n.addrs.subnet.Bits()),
-			Gateway: n.addrs.gateway,
-		}}
-		if n.addrs.subnet6.IsValid() {
-			nc.Link.Iface.Address6 = netip.PrefixFrom(n.addrs.child6, 64)
-			nc.Link.Iface.Gateway6 = n.addrs.gateway6
-		}
+		nc.Link = n.linkPlan()
 		u.Network = nc
 		rc, _ := hostResolvConf()
 		u.ResolvConf = dns.NamespaceResolvConf(rc, n.addrs.dnsAddrs()...)
@@ -223,6 +214,22 @@ func (n *network) prepareChild(u *userns.Options) {
 	}
 }
 
+// linkPlan is the configuration of the sandbox's interface: the device
+// (--link), the addresses of --cidr (and --ipv6), the MTU, the name.
+func (n *network) linkPlan() linkConfig {
+	l := linkConfig{Kind: n.cfg.Link, VNetHdr: true, Iface: tap.LinkConfig{
+		Name:    n.cfg.IfName,
+		MTU:     n.cfg.MTU,
+		Address: netip.PrefixFrom(n.addrs.child, n.addrs.subnet.Bits()),
+		Gateway: n.addrs.gateway,
+	}}
+	if n.addrs.subnet6.IsValid() {
+		l.Iface.Address6 = netip.PrefixFrom(n.addrs.child6, 64)
+		l.Iface.Gateway6 = n.addrs.gateway6
+	}
+	return l
+}
+
 // namespaceHosts is the host's /etc/hosts with the host name mapped to
 // loopback, as RootlessKit writes it.
 func namespaceHosts() []byte {
@@ -238,10 +245,12 @@ func namespaceHosts() []byte {
 	return out
 }
 
-// start brings up the parent's side once the child has set up its own: the
-// netstack on the TAP the child sent, then ports and the API.
-func (n *network) start(child *userns.Child, info json.RawMessage, files []*os.File) error {
-	n.childPID = child.PID()
+// start brings up the parent's side once the child (or the helper in a
+// joined namespace) has set up its own: the netstack on the TAP it sent,
+// then ports and, with a state directory, the API. pid is the process in
+// the namespace.
+func (n *network) start(pid int, info json.RawMessage, files []*os.File) error {
+	n.childPID = pid
 	if n.portsChild != nil {
 		n.portsChild.Close() // the child has its copy now
 		n.portsChild = nil
@@ -281,6 +290,9 @@ func (n *network) start(child *userns.Child, info json.RawMessage, files []*os.F
 			n.watch = nil // the driver owns it
 			n.implicit.Start()
 		}
+	}
+	if n.sd == nil {
+		return nil // a joined namespace: slirp4netns's callers have their own API
 	}
 	return n.startAPI()
 }
@@ -358,6 +370,10 @@ func (n *network) startStack(files []*os.File, li linkInfo) error {
 		n.log.Debug("egress policy", "rules", fmt.Sprint(n.policy.Rules()), "default_allow", n.policy.DefaultAllow())
 	}
 
+	if n.cfg.DisableDNS {
+		n.log.Debug("no DNS service", "addr", n.addrs.dns)
+		return nil
+	}
 	n.dns, err = dns.New(dns.Config{Upstreams: n.upstreams, Logger: n.log})
 	if err != nil {
 		return err

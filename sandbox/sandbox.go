@@ -120,7 +120,7 @@ func Start(ctx context.Context, cfg Config, args []string) (*Sandbox, error) {
 		return fail(err)
 	}
 	info, files := child.NetworkInfo()
-	if err := s.nw.start(child, info, files); err != nil {
+	if err := s.nw.start(child.PID(), info, files); err != nil {
 		child.Kill()
 		child.Wait()
 		return fail(err)

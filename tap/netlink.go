@@ -3,6 +3,7 @@ package tap
 import (
 	"encoding/binary"
 	"fmt"
+	"net"
 	"net/netip"
 
 	"golang.org/x/sys/unix"
@@ -22,6 +23,9 @@ type LinkConfig struct {
 	// Address6 and Gateway6 are the IPv6 equivalents; zero to skip.
 	Address6 netip.Prefix
 	Gateway6 netip.Addr
+	// MAC is the interface's Ethernet address; nil keeps the random one
+	// the kernel gave it.
+	MAC net.HardwareAddr `json:",omitempty"`
 }
 
 // Configure brings up lo, then sets the MTU, address and state of the
@@ -41,10 +45,10 @@ func Configure(c LinkConfig) error {
 // namespace the calling thread is in (nl may have been opened by a thread
 // or a process that entered the namespace).
 func ConfigureOn(nl *netlink.Conn, c LinkConfig) error {
-	if err := setLinkUp(nl, "lo", 0, 0); err != nil {
+	if err := setLinkUp(nl, "lo", 0, 0, nil); err != nil {
 		return err
 	}
-	if err := setLinkUp(nl, c.Name, c.MTU, TxQueueLen); err != nil {
+	if err := setLinkUp(nl, c.Name, c.MTU, TxQueueLen, c.MAC); err != nil {
 		return err
 	}
 	for _, a := range []netip.Prefix{c.Address, c.Address6} {
@@ -71,7 +75,7 @@ func LoopbackUp() error {
 		return err
 	}
 	defer nl.Close()
-	return setLinkUp(nl, "lo", 0, 0)
+	return setLinkUp(nl, "lo", 0, 0, nil)
 }
 
 // TxQueueLen is the length of the TAP's transmit queue: the frames the
@@ -100,9 +104,9 @@ func LinkIndex(nl *netlink.Conn, name string) (int, error) {
 	return int(int32(binary.NativeEndian.Uint32(reply[4:]))), nil // ifi_index
 }
 
-// setLinkUp sets the interface up; an MTU or transmit queue length of 0
-// is left as it is.
-func setLinkUp(c *netlink.Conn, name string, mtu, txqlen int) error {
+// setLinkUp sets the interface up; an MTU or transmit queue length of 0,
+// or a nil MAC, is left as it is.
+func setLinkUp(c *netlink.Conn, name string, mtu, txqlen int, mac net.HardwareAddr) error {
 	idx, err := LinkIndex(c, name)
 	if err != nil {
 		return err
@@ -114,6 +118,9 @@ func setLinkUp(c *netlink.Conn, name string, mtu, txqlen int) error {
 	}
 	if txqlen > 0 {
 		body = netlink.AppendAttr(body, unix.IFLA_TXQLEN, binary.NativeEndian.AppendUint32(nil, uint32(txqlen)))
+	}
+	if mac != nil {
+		body = netlink.AppendAttr(body, unix.IFLA_ADDRESS, mac)
 	}
 	if err := c.Request(unix.RTM_NEWLINK, 0, body); err != nil {
 		if mtu > 0 {

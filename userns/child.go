@@ -64,6 +64,8 @@ func RunChild(hooks ChildHooks) int {
 		return secondStage(hooks)
 	case stageInit:
 		return initStage()
+	case stageJoin:
+		return joinStage(hooks)
 	}
 	fmt.Fprintln(os.Stderr, "gonetns: RunChild called outside a gonetns child")
 	return 125
@@ -149,23 +151,8 @@ func secondStage(hooks ChildHooks) int {
 		fmt.Fprintln(os.Stderr, "gonetns child: no command in the configuration")
 		return 125
 	}
-	var log *slog.Logger
-	if hooks.NewLogger != nil {
-		log = hooks.NewLogger(cfg.Debug)
-	} else {
-		level := slog.LevelInfo
-		if cfg.Debug {
-			level = slog.LevelDebug
-		}
-		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
-	}
-
-	var extra []*os.File
-	for i := 0; i < cfg.ExtraFiles; i++ {
-		f := os.NewFile(uintptr(ctlFD+1+i), fmt.Sprintf("extra-%d", i))
-		unix.CloseOnExec(int(f.Fd()))
-		extra = append(extra, f)
-	}
+	log := childLogger(hooks, cfg.Debug)
+	extra := inheritedFiles(cfg.ExtraFiles)
 
 	setupErr := func(err error) int {
 		ctl.Send(message{Type: msgError, Error: err.Error()})

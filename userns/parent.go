@@ -579,7 +579,7 @@ func currentUser() string {
 // must then call RunChild before anything else.
 func IsChild() bool {
 	switch os.Getenv(envStage) {
-	case stageFirst, stageSecond, stageInit:
+	case stageFirst, stageSecond, stageInit, stageJoin:
 		return true
 	}
 	return false

@@ -11,6 +11,7 @@ const (
 	stageFirst  = "1"    // waits for the id maps, then re-executes itself
 	stageSecond = "2"    // has capabilities in the namespace; sets everything up
 	stageInit   = "init" // PID 1 of a new PID namespace: mounts /proc, execs the command
+	stageJoin   = "join" // in namespaces someone else made: sets up the link there (Join)
 	envInitPath = "_GONETNS_INIT_PATH"
 )
 

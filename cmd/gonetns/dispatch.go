@@ -15,7 +15,8 @@ import (
 //	docker-rootlesskit         the same (dockerd-rootless.sh looks for it first)
 //	rootlessctl                RootlessKit's API client
 //	rootlesskit-docker-proxy   Docker's userland proxy for RootlessKit
-//	anything else              gonetns (and gonetns ctl)
+//	slirp4netns                slirp4netns's command line and API socket
+//	anything else              gonetns (and gonetns ctl, gonetns slirp4netns)
 func dispatch(argv []string) int {
 	name := "gonetns"
 	if len(argv) > 0 {
@@ -29,6 +30,11 @@ func dispatch(argv []string) int {
 		return runRootlessctl(args, os.Stdout, os.Stderr)
 	case "rootlesskit-docker-proxy":
 		return runDockerProxy(args)
+	case "slirp4netns":
+		return runSlirp4netns(args, name)
+	}
+	if len(args) > 0 && args[0] == "slirp4netns" {
+		return runSlirp4netns(args[1:], "slirp4netns")
 	}
 	if len(args) > 0 && args[0] == "ctl" {
 		return runCtl(args[1:], os.Stdout, os.Stderr)

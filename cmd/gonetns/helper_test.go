@@ -13,6 +13,7 @@ import (
 	"time"
 
 	mdns "github.com/miekg/dns"
+	"golang.org/x/sys/unix"
 
 	"github.com/gonetns/gonetns/internal/e2etest"
 )
@@ -24,6 +25,11 @@ func TestMain(m *testing.M) {
 	if mode := os.Getenv(e2etest.HelperEnv); mode != "" {
 		os.Exit(runHelper(mode, os.Args[1:]))
 	}
+	// What this process inherited beyond stdio stays here: the tests run
+	// under flock(1), whose lock descriptor every child would otherwise
+	// inherit, and a server a test leaves behind would hold the lock of
+	// every other test run on the machine.
+	unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC)
 	code := m.Run()
 	e2etest.Cleanup()
 	os.Exit(code)

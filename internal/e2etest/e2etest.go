@@ -163,7 +163,12 @@ func RequireTun(t testing.TB) {
 // Command prepares gonetns with args, run as r's user with a login-like
 // environment (HOME, USER, LOGNAME, PATH; no XDG_RUNTIME_DIR).
 func (r Runner) Command(ctx context.Context, args ...string) *exec.Cmd {
-	cmd := exec.CommandContext(ctx, r.Bin, args...)
+	return r.Exec(ctx, r.Bin, args...)
+}
+
+// Exec prepares another program, run as Command runs gonetns.
+func (r Runner) Exec(ctx context.Context, name string, args ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, name, args...)
 	cmd.Dir = "/"
 	uid, _ := strconv.Atoi(r.User.Uid)
 	gid, _ := strconv.Atoi(r.User.Gid)

@@ -7,6 +7,13 @@
 //	e2etool udp-echo ADDR     echo UDP datagrams as "peer=IP:PORT MSG"
 //	e2etool udp-send ADDR MSG send one datagram, print the reply
 //	e2etool tcp-read ADDR     connect, print what the server sends until it closes
+//	e2etool send ADDR BYTES   connect, send BYTES zeros, print the rate
+//	e2etool recv ADDR         connect, read to the end, print the rate
+//	e2etool source ADDR BYTES listen: each connection gets BYTES zeros
+//	e2etool sink ADDR         listen: each connection is read to the end
+//
+// send and recv print "BYTES bytes in SECONDS s: GBPS Gbit/s" (the
+// Podman benchmark, scripts/bench-podman.sh, reads it).
 //
 // supervise runs CMD as the child subreaper of everything it starts
 // (PR_SET_CHILD_SUBREAPER), so processes that daemonize (dockerd's
@@ -51,6 +58,10 @@ func main() {
 		err = udpSend(args)
 	case "tcp-read":
 		err = tcpRead(args)
+	case "send", "recv":
+		err = transfer(mode, args)
+	case "source", "sink":
+		err = serveBulk(mode, args)
 	default:
 		err = fmt.Errorf("unknown mode %q", mode)
 	}
@@ -328,4 +339,76 @@ func descendants(root int) []proc {
 		queue = queue[1:]
 	}
 	return out
+}
+
+// bulkBuf is the size of the reads and writes of the bulk modes.
+const bulkBuf = 256 << 10
+
+// transfer sends or receives one bulk stream and prints its rate.
+func transfer(mode string, args []string) error {
+	if (mode == "send" && len(args) != 2) || (mode == "recv" && len(args) != 1) {
+		return errors.New("usage: send ADDR BYTES | recv ADDR")
+	}
+	c, err := net.DialTimeout("tcp", args[0], 10*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	start := time.Now()
+	var n int64
+	if mode == "send" {
+		size, err := strconv.ParseInt(args[1], 10, 64)
+		if err != nil {
+			return err
+		}
+		if n, err = io.CopyBuffer(c, io.LimitReader(zeros{}, size), make([]byte, bulkBuf)); err != nil {
+			return err
+		}
+		c.(*net.TCPConn).CloseWrite()
+		io.Copy(io.Discard, c) // until the peer has read it all and closed
+	} else if n, err = io.CopyBuffer(io.Discard, c, make([]byte, bulkBuf)); err != nil {
+		return err
+	}
+	d := time.Since(start).Seconds()
+	fmt.Printf("%d bytes in %.3f s: %.3f Gbit/s\n", n, d, float64(n)*8/d/1e9)
+	return nil
+}
+
+// serveBulk serves source or sink connections until killed.
+func serveBulk(mode string, args []string) error {
+	if (mode == "source" && len(args) != 2) || (mode == "sink" && len(args) != 1) {
+		return errors.New("usage: source ADDR BYTES | sink ADDR")
+	}
+	var size int64
+	if mode == "source" {
+		var err error
+		if size, err = strconv.ParseInt(args[1], 10, 64); err != nil {
+			return err
+		}
+	}
+	ln, err := net.Listen("tcp", args[0])
+	if err != nil {
+		return err
+	}
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return err
+		}
+		go func() {
+			defer c.Close()
+			if mode == "source" {
+				io.CopyBuffer(c, io.LimitReader(zeros{}, size), make([]byte, bulkBuf))
+				return
+			}
+			io.CopyBuffer(io.Discard, c, make([]byte, bulkBuf))
+		}()
+	}
+}
+
+type zeros struct{}
+
+func (zeros) Read(b []byte) (int, error) {
+	clear(b)
+	return len(b), nil
 }
