@@ -4,8 +4,12 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -68,6 +72,120 @@ func TestRootlessKitBracketedIPv4ChildAddress(t *testing.T) {
 			if c, err := net.DialTimeout("tcp4", fmt.Sprintf("127.0.0.1:%d", p6), 2*time.Second); err == nil {
 				c.Close()
 				t.Errorf("127.0.0.1:%d answered; a tcp6 port must listen on IPv6 only", p6)
+			}
+		})
+	}
+}
+
+// killMarked kills the processes whose command line is exactly marker (a
+// "sleep N" with an N of this run's), which RootlessKit leaves running
+// when its parent is killed.
+func killMarked(marker string) {
+	for _, pid := range procsMarked(marker) {
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+}
+
+// When the command dies of a signal, rootlesskit exits with status 255
+// and says which signal ("signal: user defined signal 1", Go's text), with
+// and without a PID namespace and whatever --reaper says. Here the signal
+// goes to $STATE/child_pid, which relays it to the command.
+func TestRootlessKitSignalExit(t *testing.T) {
+	for _, k := range kitRunners(t) {
+		for _, flags := range [][]string{{"--pidns=false"}, {"--pidns=true", "--reaper=auto"}, {"--pidns=true", "--reaper=true"}, {"--pidns=true", "--reaper=false"}} {
+			t.Run(k.name+"/"+strings.Join(flags, ","), func(t *testing.T) {
+				marker := fmt.Sprintf("sleep %d", 710000+time.Now().UnixNano()%100000)
+				defer killMarked(marker)
+				state := filepath.Join(k.kit.TempDir(t), "state")
+				ctx, cancel := context.WithTimeout(context.Background(), netTimeout)
+				defer cancel()
+				args := append([]string{"--state-dir=" + state}, flags...)
+				cmd := k.kit.Command(ctx, append(args, strings.Fields(marker)...)...)
+				var errOut e2etest.Log
+				cmd.Stderr = &errOut
+				if err := cmd.Start(); err != nil {
+					t.Fatal(err)
+				}
+				defer func() { cmd.Process.Kill(); cmd.Wait() }()
+				// child_pid exists once the command runs.
+				var childPID int
+				for deadline := time.Now().Add(20 * time.Second); ; {
+					b, err := os.ReadFile(filepath.Join(state, "child_pid"))
+					if childPID, _ = strconv.Atoi(strings.TrimSpace(string(b))); err == nil && childPID > 0 && len(procsMarked(marker)) > 0 {
+						break
+					}
+					if time.Now().After(deadline) {
+						t.Fatalf("the command never ran:\n%s", errOut.String())
+					}
+					time.Sleep(20 * time.Millisecond)
+				}
+				syscall.Kill(childPID, syscall.SIGUSR1)
+				err := cmd.Wait()
+				code := -1
+				if ee, ok := err.(*exec.ExitError); ok {
+					code = ee.ExitCode()
+				} else if err == nil {
+					code = 0
+				}
+				if code != 255 || !strings.Contains(errOut.String(), "signal: user defined signal 1") {
+					t.Errorf("the command killed by SIGUSR1: exit %d (%v), want 255 and \"signal: user defined signal 1\" on stderr:\n%s", code, err, errOut.String())
+				}
+			})
+		}
+	}
+}
+
+// procsMarked are the pids of processes whose command line is marker.
+func procsMarked(marker string) []int {
+	var pids []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, _ := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		if strings.ReplaceAll(strings.TrimRight(string(b), "\x00"), "\x00", " ") == marker {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// RootlessKit#220: a rootlesskit killed with SIGKILL leaves its state
+// directory; the next rootlesskit with the same --state-dir takes it over
+// (the lock died with the killed one), and its API answers inside.
+func TestRootlessKitStateDirTakeover(t *testing.T) {
+	e2etest.RequireTun(t)
+	for _, k := range kitRunners(t) {
+		t.Run(k.name, func(t *testing.T) {
+			marker := fmt.Sprintf("sleep %d", 720000+time.Now().UnixNano()%100000)
+			defer killMarked(marker)
+			state := filepath.Join(k.kit.TempDir(t), "state")
+			flags := []string{"--state-dir=" + state, "--port-driver=builtin", "--net=slirp4netns"}
+			ctx, cancel := context.WithTimeout(context.Background(), netTimeout)
+			defer cancel()
+			first := k.kit.Command(ctx, append(flags, strings.Fields(marker)...)...)
+			var errOut e2etest.Log
+			first.Stderr = &errOut
+			if err := first.Start(); err != nil {
+				t.Fatal(err)
+			}
+			defer func() { first.Process.Kill(); first.Wait() }()
+			for deadline := time.Now().Add(20 * time.Second); len(procsMarked(marker)) == 0; {
+				if time.Now().After(deadline) {
+					t.Fatalf("the first rootlesskit's command never ran:\n%s", errOut.String())
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			if _, err := os.Stat(filepath.Join(state, "api.sock")); err != nil {
+				t.Fatalf("the first rootlesskit's API socket: %v", err)
+			}
+			first.Process.Kill()
+			first.Wait()
+			res := k.kit.Run(t, netTimeout, append(flags, k.rootlessctl, "list-ports")...)
+			if res.Code != 0 || !strings.HasPrefix(res.Stdout, "ID    PROTO    PARENTIP    PARENTPORT    CHILDIP    CHILDPORT") {
+				t.Errorf("the second rootlesskit on the killed one's state directory:\n%s", res)
 			}
 		})
 	}
