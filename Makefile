@@ -6,7 +6,7 @@ BIN     := bin/gonetns
 # VCS information); VERSION=x.y.z overrides it.
 LDFLAGS := -s -w $(if $(VERSION),-X main.version=$(VERSION))
 
-.PHONY: build test test-setup test-teardown install install-rootlesskit clean
+.PHONY: build test test-setup test-teardown install install-rootlesskit install-slirp4netns clean
 
 # A static binary: CGO_ENABLED=0, no helper binaries needed at run time.
 build:
@@ -40,6 +40,13 @@ install: build
 install-rootlesskit: install
 	for n in rootlesskit rootlessctl rootlesskit-docker-proxy; do \
 		ln -sf gonetns $(DESTDIR)$(PREFIX)/bin/$$n; done
+
+# gonetns as slirp4netns, off PATH (the system's slirp4netns stays what
+# programs find there): Podman, Buildah and RootlessKit 1.x are pointed at
+# it (network_cmd_path, --slirp4netns-binary; docs/slirp4netns.md).
+install-slirp4netns: install
+	install -d $(DESTDIR)$(PREFIX)/libexec/gonetns
+	ln -sf ../../bin/gonetns $(DESTDIR)$(PREFIX)/libexec/gonetns/slirp4netns
 
 clean:
 	rm -rf bin

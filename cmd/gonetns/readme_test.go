@@ -29,6 +29,7 @@ var otherFlags = map[string]string{
 	"runas":                "pasta",
 	"outbound-if4":         "pasta",
 	"outbound-if6":         "pasta",
+	"network":              "podman run",
 }
 
 // docFlag finds long flags in prose and command lines: --name, not
@@ -47,6 +48,9 @@ func TestDocumentedFlagsExist(t *testing.T) {
 		fs.VisitAll(func(f *pflag.Flag) { known[f.Name] = true })
 	}
 	known["socket"], known["json"] = true, true // gonetns ctl, rootlessctl
+	for _, o := range slirpOptionTable {        // the slirp4netns personality
+		known[o.long] = true
+	}
 	for name, prog := range otherFlags {
 		if known[name] {
 			t.Errorf("--%s is listed as %s's, but it is a flag of gonetns: take it out of otherFlags", name, prog)

@@ -454,7 +454,6 @@ func runSlirp4netns(args []string, name string) int {
 		fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
 		return 1
 	}
-	cfg.Version = slirp4netnsVersion
 	return runJoined(o, cfg, target, log, os.Stdout)
 }
 
@@ -466,14 +465,13 @@ func runJoined(o *slirpOptions, cfg sandbox.Config, target sandbox.Target, log *
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, unix.SIGTERM, unix.SIGINT, unix.SIGHUP)
 	signal.Notify(make(chan os.Signal, 1), unix.SIGPIPE)
-	printSlirpSummary(stdout, o, cfg)
-
 	j, err := sandbox.Join(cfg, target)
 	if err != nil {
 		log.Error(err.Error())
 		return 1
 	}
 	defer j.Close()
+	printSlirpSummary(stdout, o, cfg)
 	var api *slirpapi.Server
 	if o.apiSocket != "" {
 		ln, err := slirpapi.Listen(o.apiSocket)

@@ -400,7 +400,8 @@ func TestSlirp4netnsAPISocket(t *testing.T) {
 // RootlessKit 1.1 (Debian's), unchanged, with gonetns as its slirp4netns
 // (--slirp4netns-binary): RootlessKit creates tap0 and runs slirp4netns on
 // its child's PID with -r and, auto-detected from the help, the sandbox
-// and seccomp flags; the command reaches the host's loopback, and ports
+// and seccomp flags (--slirp4netns-sandbox=auto, as dockerd-rootless.sh
+// passes it); the command reaches the host's loopback, and ports
 // are published through the slirp4netns port driver (the API socket) and
 // the builtin one.
 func TestRootlessKit1Slirp4netns(t *testing.T) {
@@ -422,7 +423,10 @@ curl -sS --max-time 20 http://10.0.2.2:%d/
 exec %s`, host.port, e2etest.HelperCmd(t, "peer-serve", "tcp4,0.0.0.0:8000"))
 			ctx, cancel := context.WithTimeout(context.Background(), netTimeout)
 			defer cancel()
+			// dockerd-rootless.sh's sandbox and seccomp settings: auto
+			// enables them when slirp4netns's help lists them.
 			cmd := r.Exec(ctx, rk1, "--state-dir="+state, "--net=slirp4netns", "--slirp4netns-binary="+slirp, "--mtu=65520",
+				"--slirp4netns-sandbox=auto", "--slirp4netns-seccomp=auto",
 				"--port-driver="+driver, "-p", fmt.Sprintf("127.0.0.1:%d:8000/tcp", hostPort), "sh", "-c", script)
 			var out, errOut e2etest.Log
 			cmd.Stdout, cmd.Stderr = &out, &errOut

@@ -21,7 +21,7 @@ var layers = [][]string{
 	{"tap/taptest", "veth", "stack/internal/link", "stack/internal/tcpfast", "pcap", "dns", "internal/flowtable"},
 	{"stack", "internal/fdbudget"},
 	// What the sandbox is made of.
-	{"nat", "portfwd", "implicit", "api", "userns", "stack/stacktest"},
+	{"nat", "portfwd", "implicit", "api", "slirpapi", "userns", "stack/stacktest"},
 	{"portfwd/portfwdtest", "sandbox"},
 	// Programs.
 	{"cmd/gonetns", "examples/embed", "bench"},
