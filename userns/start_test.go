@@ -13,6 +13,9 @@ import (
 // binary), the test binary plays a child that dies right after the parent
 // told it to proceed, without ever answering.
 func TestMain(m *testing.M) {
+	if os.Getenv(envStage) == stageJoin {
+		os.Exit(RunChild(joinTestHooks))
+	}
 	if IsChild() {
 		ctl, err := wire.FileConn(os.NewFile(ctlFD, "control"))
 		if err == nil {
