@@ -83,6 +83,7 @@ var slirpOptionTable = []getoptOption{
 	{long: "deny-metadata"},
 	{long: "pcap", arg: true},
 	{long: "pcap-max-size", arg: true},
+	{long: "tcp-fast-path"},
 	{long: "debug"},
 }
 
@@ -129,6 +130,8 @@ gonetns's own options:
                          reach (see gonetns --help)
 --pcap=FILE              record every frame of the TAP in pcap FILE
 --pcap-max-size=SIZE     stop recording at SIZE bytes (default 256MiB)
+--tcp-fast-path          mirror each TCP connection onto its host socket, with no
+                         userspace TCP in between (see gonetns --help)
 --debug                  print debug messages
 `
 
@@ -163,6 +166,7 @@ type slirpOptions struct {
 	denyPrivate        bool
 	denyMetadata       bool
 	pcap, pcapMaxSize  string
+	tcpFastPath        bool
 	helpShown, version bool
 	warnings           []string // for stdout, as slirp4netns prints them
 }
@@ -271,6 +275,8 @@ func parseSlirp4netns(args []string) (*slirpOptions, error) {
 			o.pcap = v
 		case "pcap-max-size":
 			o.pcapMaxSize = v
+		case "tcp-fast-path":
+			o.tcpFastPath = true
 		case "debug":
 			o.debug = true
 		}
@@ -385,6 +391,7 @@ func (o *slirpOptions) sandboxConfig(log *slog.Logger) (sandbox.Config, sandbox.
 		OutboundAddr:        o.outbound4,
 		OutboundAddr6:       o.outbound6,
 		PCAP:                o.pcap,
+		TCPFastPath:         o.tcpFastPath,
 		PortDriver:          sandbox.PortsNone,
 		Debug:               o.debug,
 		Logger:              log,
