@@ -25,7 +25,9 @@ bytes=${BYTES:-1073741824}
 user=gonetns-test
 export PATH="/usr/local/go/bin:$PATH"
 
-dir=$(mktemp -d /tmp/gonetns-bench-podman-XXXXXX)
+# Short paths: Podman's API socket is $XDG_RUNTIME_DIR/libpod/tmp/<64 hex
+# digits>.net, and a unix socket's path has room for 107 bytes.
+dir=$(mktemp -d /tmp/gbp-XXXXXX)
 chmod 0755 "$dir"
 cleanup() {
 	for sys in gonetns slirp4netns; do
@@ -61,29 +63,29 @@ as_user() { # SYSTEM CMD...: run CMD as the test user with SYSTEM's Podman set-u
 	shift
 	runuser -u "$user" -- env -i HOME="$dir/$sys/home" USER=$user LOGNAME=$user LANG=C.UTF-8 \
 		PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-		XDG_RUNTIME_DIR="$dir/$sys/run" XDG_CONFIG_HOME="$dir/$sys/home/.config" \
+		XDG_RUNTIME_DIR="$dir/r-${sys:0:1}" XDG_CONFIG_HOME="$dir/$sys/home/.config" \
 		XDG_DATA_HOME="$dir/$sys/home/.local/share" TMPDIR="$dir/$sys/tmp" "$@"
 }
 
 for sys in gonetns slirp4netns; do
 	bin=/usr/bin/slirp4netns
 	[ $sys = gonetns ] && bin="$dir/as/slirp4netns"
-	mkdir -p "$dir/$sys"/{home/.config/containers,home/.local/share/containers,run,tmp}
+	mkdir -p "$dir/$sys"/{home/.config/containers,home/.local/share/containers,tmp} "$dir/r-${sys:0:1}"
 	cat >"$dir/$sys/home/.config/containers/containers.conf" <<EOF
 [engine]
 network_cmd_path = "$bin"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
-runtime = "crun"
+runtime = "runc"
 EOF
 	cat >"$dir/$sys/home/.config/containers/storage.conf" <<EOF
 [storage]
 driver = "vfs"
 graphroot = "$dir/$sys/home/.local/share/containers/storage"
-runroot = "$dir/$sys/run/containers"
+runroot = "$dir/r-${sys:0:1}/containers"
 EOF
-	chown -R "$user" "$dir/$sys"
-	chmod 0700 "$dir/$sys/run"
+	chown -R "$user" "$dir/$sys" "$dir/r-${sys:0:1}"
+	chmod 0700 "$dir/r-${sys:0:1}"
 	as_user $sys podman import "$dir/rootfs.tar" bench:1 >/dev/null
 	echo "$sys: $(as_user $sys podman info --format '{{.Host.Slirp4NetNS.Version}}' | head -1)" >&2
 done

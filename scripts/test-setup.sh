@@ -12,7 +12,7 @@
 #    containerd, runc, iptables, busybox-static (the offline test image),
 #    nsenter; for the slirp4netns personality's tests
 #    (cmd/gonetns/{podman,slirp4netns}_e2e_test.go): Debian's podman 4.3.1
-#    with conmon, crun and catatonit (vfs storage: no fuse-overlayfs needed);
+#    with conmon, runc and catatonit (vfs storage: no fuse-overlayfs needed);
 #    RootlessKit v3.0.1 built with go install into
 #    /usr/local/libexec/gonetns-test, the reference the tests compare
 #    gonetns with
@@ -57,7 +57,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 packages=(uidmap iperf3 curl iputils-ping iproute2 rootlesskit slirp4netns passt procps util-linux strace python3 tcpdump
-	docker.io containerd runc iptables busybox-static podman conmon crun catatonit)
+	docker.io containerd runc iptables busybox-static podman conmon catatonit)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

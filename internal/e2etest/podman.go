@@ -22,14 +22,14 @@ const PodmanCLI = "/usr/bin/podman"
 func RequirePodman(t testing.TB) {
 	t.Helper()
 	var missing []string
-	for _, f := range []string{PodmanCLI, "/usr/bin/conmon", "/usr/bin/crun", "/usr/bin/catatonit",
+	for _, f := range []string{PodmanCLI, "/usr/bin/conmon", "/usr/sbin/runc", "/usr/bin/catatonit",
 		"/usr/bin/newuidmap", "/usr/bin/newgidmap", "/usr/bin/nsenter", "/bin/busybox"} {
 		if _, err := os.Stat(f); err != nil {
 			missing = append(missing, f)
 		}
 	}
 	if len(missing) > 0 {
-		t.Fatalf("rootless Podman needs %s (Debian packages podman, conmon, crun, catatonit, uidmap, util-linux, busybox-static): %s",
+		t.Fatalf("rootless Podman needs %s (Debian packages podman, conmon, runc, catatonit, uidmap, util-linux, busybox-static): %s",
 			strings.Join(missing, ", "), setupHint)
 	}
 	if !isStatic("/bin/busybox") {
@@ -61,13 +61,22 @@ type Podman struct {
 
 // NewPodman writes the test user's configuration into a fresh HOME:
 // network_cmd_path (the way Podman is told where slirp4netns is), vfs
-// storage (no fuse-overlayfs needed), cgroupfs (no systemd session), crun,
-// events in a file.
+// storage (no fuse-overlayfs needed), cgroupfs (no systemd session), runc
+// (crun refuses hosts with cgroups v1 and v2 mounted side by side, as this
+// one has), events in a file.
 func NewPodman(t testing.TB, cfg PodmanConfig) *Podman {
 	t.Helper()
 	RequirePodman(t)
 	r := Unprivileged(t)
-	dir := r.TempDir(t)
+	// A short directory: Podman's API socket for port_handler=slirp4netns
+	// is $XDG_RUNTIME_DIR/libpod/tmp/<64 hex digits>.net, and a unix
+	// socket's path has room for 107 bytes.
+	dir, err := os.MkdirTemp("", "pm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	chownTo(t, dir, r.User)
 	p := &Podman{User: r.User, Dir: dir, Home: filepath.Join(dir, "home"), Runtime: filepath.Join(dir, "run")}
 	conf := filepath.Join(p.Home, ".config", "containers")
 	data := filepath.Join(p.Home, ".local", "share", "containers")
@@ -86,7 +95,7 @@ func NewPodman(t testing.TB, cfg PodmanConfig) *Podman {
 network_cmd_path = %q
 cgroup_manager = "cgroupfs"
 events_logger = "file"
-runtime = "crun"
+runtime = "runc"
 tmp_dir = %q
 
 [containers]
