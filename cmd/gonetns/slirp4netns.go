@@ -84,6 +84,7 @@ var slirpOptionTable = []getoptOption{
 	{long: "pcap", arg: true},
 	{long: "pcap-max-size", arg: true},
 	{long: "tcp-fast-path"},
+	{long: "link", arg: true},
 	{long: "debug"},
 }
 
@@ -132,6 +133,9 @@ gonetns's own options:
 --pcap-max-size=SIZE     stop recording at SIZE bytes (default 256MiB)
 --tcp-fast-path          mirror each TCP connection onto its host socket, with no
                          userspace TCP in between (see gonetns --help)
+--link=KIND              the device behind TAPNAME: tap, packet (a veth pair, no
+                         /dev/net/tun needed) or auto (default: tap if it can be
+                         opened); with no -c only a TAP can be attached
 --debug                  print debug messages
 `
 
@@ -167,6 +171,7 @@ type slirpOptions struct {
 	denyMetadata       bool
 	pcap, pcapMaxSize  string
 	tcpFastPath        bool
+	link               string
 	helpShown, version bool
 	warnings           []string // for stdout, as slirp4netns prints them
 }
@@ -277,6 +282,8 @@ func parseSlirp4netns(args []string) (*slirpOptions, error) {
 			o.pcapMaxSize = v
 		case "tcp-fast-path":
 			o.tcpFastPath = true
+		case "link":
+			o.link = v
 		case "debug":
 			o.debug = true
 		}
@@ -392,6 +399,7 @@ func (o *slirpOptions) sandboxConfig(log *slog.Logger) (sandbox.Config, sandbox.
 		OutboundAddr6:       o.outbound6,
 		PCAP:                o.pcap,
 		TCPFastPath:         o.tcpFastPath,
+		Link:                sandbox.Link(o.link),
 		PortDriver:          sandbox.PortsNone,
 		Debug:               o.debug,
 		Logger:              log,

@@ -532,6 +532,17 @@ func TestSlirp4netnsOptions(t *testing.T) {
 			t.Errorf("the host's ::1 through fd00::2: %q", out)
 		}
 	})
+	// gonetns's packet link in a joined namespace (what it gets where
+	// /dev/net/tun cannot be opened).
+	t.Run("link-packet", func(t *testing.T) {
+		st := up(t, "-c", "--link=packet")
+		if out := st.mustIn("ip", "-d", "-o", "link", "show", "dev", "tap11"); !strings.Contains(out, " veth ") {
+			t.Errorf("tap11 is no veth: %s", out)
+		}
+		if out := st.mustIn("curl", "-sS", "--max-time", "20", fmt.Sprintf("http://10.0.2.2:%d/", host.port)); out != "hello 127.0.0.1\n" {
+			t.Errorf("the host through the packet link: %q", out)
+		}
+	})
 	t.Run("failures", func(t *testing.T) {
 		as := r.As(t, "slirp4netns")
 		for _, tc := range []struct {
