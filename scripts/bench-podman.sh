@@ -13,22 +13,30 @@
 #             rootlessport and with port_handler=slirp4netns (the API socket)
 #   -p out    container -> host through the same ports
 # Run as root (it switches to gonetns-test; scripts/test-setup.sh first) on a
-# quiet machine; it holds /tmp/gonetns-e2e.lock while it runs. Prints a
-# markdown table.
+# quiet machine; it builds, then holds /tmp/gonetns-e2e.lock while it
+# measures. Prints a markdown table; ROUNDS and BYTES change the defaults.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "${BENCH_PODMAN_LOCKED:-}" != 1 ]; then
-	exec env BENCH_PODMAN_LOCKED=1 flock /tmp/gonetns-e2e.lock "$0" "$@"
-fi
 rounds=${ROUNDS:-5}
 bytes=${BYTES:-1073741824}
 user=gonetns-test
 export PATH="/usr/local/go/bin:$PATH"
 
-# Short paths: Podman's API socket is $XDG_RUNTIME_DIR/libpod/tmp/<64 hex
-# digits>.net, and a unix socket's path has room for 107 bytes.
-dir=$(mktemp -d /tmp/gbp-XXXXXX)
-chmod 0755 "$dir"
+if [ "${1:-}" != --measure ]; then
+	# Short paths: Podman's API socket is $XDG_RUNTIME_DIR/libpod/tmp/<64
+	# hex digits>.net, and a unix socket's path has room for 107 bytes.
+	dir=$(mktemp -d /tmp/gbp-XXXXXX)
+	chmod 0755 "$dir"
+	trap 'rm -rf "$dir"' EXIT
+	echo "building gonetns and e2etool" >&2
+	CGO_ENABLED=0 go build -trimpath -o "$dir/gonetns" ./cmd/gonetns
+	CGO_ENABLED=0 go build -trimpath -o "$dir/e2etool" ./internal/e2etest/e2etool
+	trap - EXIT
+	# The measurements hold the lock; the lock's descriptor stays out of
+	# what they start (-o), or Podman's pause process would keep it.
+	exec flock -o /tmp/gonetns-e2e.lock "$0" --measure "$dir"
+fi
+dir=$2
 cleanup() {
 	for sys in gonetns slirp4netns; do
 		[ -d "$dir/$sys" ] && as_user "$sys" podman rm --all --force --time=0 >/dev/null 2>&1 || true
@@ -40,9 +48,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "building gonetns and e2etool" >&2
-CGO_ENABLED=0 go build -trimpath -o "$dir/gonetns" ./cmd/gonetns
-CGO_ENABLED=0 go build -trimpath -o "$dir/e2etool" ./internal/e2etest/e2etool
 mkdir "$dir/as"
 ln -s ../gonetns "$dir/as/slirp4netns"
 
