@@ -1,6 +1,7 @@
 package api
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -8,12 +9,17 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/gonetns/gonetns/port"
+	"github.com/gonetns/gonetns/portfwd"
 )
 
 func TestDecodeSpec(t *testing.T) {
@@ -187,4 +193,191 @@ func TestServerKeepsRequestsBeingHandled(t *testing.T) {
 		t.Errorf("the request being handled while 20 others arrived: %v", err)
 	}
 	<-closed
+}
+
+// A burst of well-formed requests is served whole while another client
+// holds 10,000 idle connections and keeps opening new ones: every add and every delete is answered (an error answer counts: a
+// 409 for a parent port someone else took is an add that did not happen),
+// and no port is left published. The idle client's connections are what
+// the limit closes.
+func TestServerBurstWhileIdleConnectionsHeld(t *testing.T) {
+	const (
+		pairs = 1000
+		idle  = 10000
+	)
+	m := newTestManager(t)
+	path := filepath.Join(shortDir(t), "api.sock")
+	ln, err := Listen(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := NewServer(ServerConfig{Ports: m})
+	s.Serve(ln)
+	defer s.Close()
+
+	// The idle client, a process of its own (this binary, see TestMain).
+	holder := exec.Command(os.Args[0])
+	holder.Env = append(os.Environ(), idleHolderEnv+"="+path+" "+strconv.Itoa(idle))
+	holder.Stderr = os.Stderr
+	stdin, err := holder.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := holder.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := holder.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer holder.Process.Kill()
+	out := bufio.NewReader(stdout)
+	if line, err := out.ReadString('\n'); line != "held\n" {
+		t.Fatalf("the idle client did not open its %d connections: %q, %v", idle, line, err)
+	}
+	// Its connects return once in the listen queue: the burst begins when
+	// the server has accepted them all (and closed all but MaxConns).
+	for s.Stats().Accepted < idle {
+		time.Sleep(10 * time.Millisecond)
+	}
+
+	// The burst: as REPRO.md's burst.py, TCP and UDP alternately, each
+	// add followed by the delete of what it added, a connection each.
+	ports := make([]int, pairs)
+	for i := range ports {
+		ports[i] = freePort(t)
+	}
+	cl := NewClient(path)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var (
+		wg                      sync.WaitGroup
+		mu                      sync.Mutex
+		unanswered              []error
+		added, deleted, refused atomic.Int64
+	)
+	answered := func(what string, err error) bool {
+		var ae *APIError
+		if err == nil || errors.As(err, &ae) {
+			return true
+		}
+		mu.Lock()
+		unanswered = append(unanswered, fmt.Errorf("%s: %w", what, err))
+		mu.Unlock()
+		return false
+	}
+	start := time.Now()
+	for i := range pairs {
+		proto := []string{"tcp", "udp"}[i%2]
+		wg.Go(func() {
+			spec := port.Spec{Proto: proto, ParentIP: ip4, ParentPort: ports[i], ChildPort: 80}
+			st, err := cl.AddPort(ctx, spec)
+			if !answered("add "+spec.String(), err) {
+				return
+			}
+			if err != nil {
+				refused.Add(1)
+				return
+			}
+			added.Add(1)
+			err = cl.RemovePort(ctx, st.ID)
+			if answered(fmt.Sprintf("delete %d", st.ID), err) && err == nil {
+				deleted.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	stdin.Close()
+	renewed, _ := out.ReadString('\n')
+	if err := holder.Wait(); err != nil {
+		t.Errorf("the idle client: %v", err)
+	}
+	stats := s.Stats()
+	t.Logf("%d pairs in %v: %d added and deleted, %d adds refused with an answer; the idle client %s; server: %+v",
+		pairs, elapsed.Round(time.Millisecond), deleted.Load(), refused.Load(), strings.TrimSpace(renewed), stats)
+	for i, err := range unanswered {
+		if i == 10 {
+			t.Errorf("... and %d more", len(unanswered)-10)
+			break
+		}
+		t.Errorf("no answer: %v", err)
+	}
+	if added.Load() != deleted.Load() {
+		t.Errorf("%d ports added, %d deleted", added.Load(), deleted.Load())
+	}
+	if left := m.ListPorts(); len(left) > 0 {
+		t.Errorf("%d ports left published, e.g. %v", len(left), left[0])
+	}
+	if added.Load() < pairs/2 {
+		t.Errorf("only %d of %d adds succeeded; the parent ports were free a moment before", added.Load(), pairs)
+	}
+	if stats.Closed < idle-uint64(stats.Max) {
+		t.Errorf("the limit closed %d connections; the idle client alone opened %d", stats.Closed, idle)
+	}
+	if stats.Peak > stats.Max {
+		t.Errorf("%d connections open at once, over the limit of %d", stats.Peak, stats.Max)
+	}
+}
+
+// goneClientPorts publishes with a real Manager, then holds AddPort's
+// answer until its client has gone.
+type goneClientPorts struct {
+	*portfwd.Manager
+	added      chan port.Status
+	clientGone chan struct{}
+	removed    chan int
+}
+
+func (p *goneClientPorts) AddPort(ctx context.Context, s port.Spec) (port.Status, error) {
+	st, err := p.Manager.AddPort(ctx, s)
+	if err == nil {
+		p.added <- st
+		<-p.clientGone
+	}
+	return st, err
+}
+
+func (p *goneClientPorts) RemovePort(id int) error {
+	err := p.Manager.RemovePort(id)
+	p.removed <- id
+	return err
+}
+
+// An add whose answer cannot be handed to its client does not happen: a
+// client that never learns the port's ID could not remove it.
+func TestServerUndoesAnAddItCannotAnswer(t *testing.T) {
+	pd := &goneClientPorts{Manager: newTestManager(t), added: make(chan port.Status, 1), clientGone: make(chan struct{}), removed: make(chan int, 1)}
+	path := filepath.Join(shortDir(t), "api.sock")
+	ln, err := Listen(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := NewServer(ServerConfig{Ports: pd})
+	s.Serve(ln)
+	defer s.Close()
+
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := fmt.Sprintf(`{"proto":"tcp","parentIP":"127.0.0.1","parentPort":%d,"childPort":80}`, freePort(t))
+	fmt.Fprintf(c, "POST /v1/ports HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+	st := <-pd.added
+	if got := pd.ListPorts(); len(got) != 1 {
+		t.Fatalf("while the add is being answered, %d ports are published, want 1", len(got))
+	}
+	c.Close()
+	close(pd.clientGone)
+	select {
+	case id := <-pd.removed:
+		if id != st.ID {
+			t.Fatalf("port %d removed, want %d", id, st.ID)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("port %d (%s) stays published although its add was never answered", st.ID, st.Spec)
+	}
+	if got := pd.ListPorts(); len(got) != 0 {
+		t.Fatalf("%d ports left published: %v", len(got), got)
+	}
 }

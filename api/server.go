@@ -43,7 +43,14 @@ const maxRequestBody = 64 << 10
 // nil pd there is no port driver: the port calls fail with 400, as
 // RootlessKit's do.
 func NewHandler(pd port.Manager, info func() Info) http.Handler {
-	h := &handler{pd: pd, info: info}
+	return newHandler(pd, info, nil)
+}
+
+func newHandler(pd port.Manager, info func() Info, log *slog.Logger) http.Handler {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	h := &handler{pd: pd, info: info, log: log}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/info", h.getInfo)
 	mux.HandleFunc("GET /v1/ports", h.needPorts(h.getPorts))
@@ -63,6 +70,7 @@ func NewHandler(pd port.Manager, info func() Info) http.Handler {
 type handler struct {
 	pd   port.Manager
 	info func() Info
+	log  *slog.Logger
 }
 
 // errNoPortDriver answers port calls when gonetns publishes no ports.
@@ -112,6 +120,14 @@ func (h *handler) postPort(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusCreated, st)
+	// An add happens and is answered, or does not happen: a client that
+	// never learns the new port's ID cannot remove it, so if the answer
+	// cannot be handed to the connection (the client has gone, or the
+	// write timed out), the port is removed again.
+	if err := http.NewResponseController(w).Flush(); err != nil {
+		rerr := h.pd.RemovePort(st.ID)
+		h.log.Debug("api: the answer to an add could not be written; the port is removed again", "id", st.ID, "spec", st.Spec.String(), "err", err, "remove_err", rerr)
+	}
 }
 
 // DecodeSpec reads the body of POST /v1/ports: exactly one JSON object
@@ -175,6 +191,9 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 		return
 	}
 	w.Header().Set("Content-Type", "application/json")
+	// Said, not left to net/http: an answer flushed before the handler
+	// returns (postPort) would go out chunked without it.
+	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
 	w.WriteHeader(code)
 	w.Write(b)
 }
@@ -238,12 +257,17 @@ func Listen(path string) (*net.UnixListener, error) {
 // Limits of a Server. The API socket is reachable from inside the sandbox
 // (the command runs as the same user), so a program there can open as
 // many connections as it likes and send requests that never end: every
-// connection is bounded in time, and in number by evicting the oldest.
+// connection is bounded in time, and in number by closing, when a new one
+// needs its place, the connection that has kept the server waiting longest
+// for its client (conns.go has the rule).
 const (
 	// DefaultMaxConns is the connection limit when ServerConfig.MaxConns
-	// is zero. rootlessctl and Docker make one request per connection and
-	// close it; a few dozen at once is already a busy daemon.
-	DefaultMaxConns = 64
+	// is zero, and gonetns's own upper cap (internal/fdbudget). A client
+	// that sends its request promptly is never closed for the limit, so
+	// the limit is also how many such requests are held at once before
+	// new connections wait in the listen queue; 1,024 holds a burst of
+	// 1,000 concurrent rootlessctl calls (a busy Docker makes a few).
+	DefaultMaxConns = 1024
 	// readHeaderTimeout and readTimeout bound the receipt of a request's
 	// headers and of the whole request; a spec is a few hundred bytes
 	// sent at once by every real client.
@@ -261,11 +285,14 @@ type ServerConfig struct {
 	Ports port.Manager
 	// Info supplies GET /v1/info.
 	Info func() Info
-	// MaxConns bounds the open connections; a new connection beyond it
-	// closes the one that has waited longest without completing a request
-	// (idle, or its request still arriving; never one whose request is
-	// being handled), so that the API stays answerable while something
-	// holds connections open. Zero means DefaultMaxConns.
+	// MaxConns bounds the open connections. A new connection beyond it
+	// closes the one that has kept the server waiting longest for its
+	// client: idle between requests, or with a request that stopped
+	// arriving. A connection whose request has arrived (read, or still
+	// in the socket waiting for a busy server) or is being handled is
+	// never closed for the limit; when all are such, new connections
+	// wait in the listen queue until one is answered. Zero means
+	// DefaultMaxConns.
 	MaxConns int
 	// Logger gets the server's own errors (accept failures) at Debug.
 	Logger *slog.Logger
@@ -278,18 +305,11 @@ type Server struct {
 	log  *slog.Logger
 
 	mu       sync.Mutex
-	conns    map[net.Conn]*conn
-	seq      uint64
+	conns    connSet
 	closed   bool
 	done     chan struct{}
 	served   bool
 	handlers sync.WaitGroup // requests being handled, for Close
-}
-
-// conn is what the limit knows of a connection.
-type conn struct {
-	since uint64 // when it arrived or last finished a request
-	busy  bool   // its request has arrived whole and is being handled
 }
 
 // connKey finds a request's connection in its context.
@@ -303,9 +323,10 @@ func NewServer(cfg ServerConfig) *Server {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, conns: make(map[net.Conn]*conn), done: make(chan struct{})}
+	s := &Server{cfg: cfg, log: cfg.Logger, done: make(chan struct{})}
+	s.conns.init(&s.mu, cfg.MaxConns)
 	s.http = &http.Server{
-		Handler:           s.handle(NewHandler(cfg.Ports, cfg.Info)),
+		Handler:           s.handle(newHandler(cfg.Ports, cfg.Info, cfg.Logger)),
 		ConnContext:       func(ctx context.Context, c net.Conn) context.Context { return context.WithValue(ctx, connKey{}, c) },
 		ReadHeaderTimeout: readHeaderTimeout,
 		ReadTimeout:       readTimeout,
@@ -330,16 +351,22 @@ func (s *Server) Serve(ln net.Listener) {
 	s.mu.Unlock()
 	go func() {
 		defer close(s.done)
-		if err := s.http.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := s.http.Serve(&listener{Listener: ln, s: s}); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			s.log.Warn("the REST API stopped serving", "err", err)
 		}
 	}()
 }
 
+// Stats reports the connections open, the limit and what the limit did.
+func (s *Server) Stats() ConnStats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.conns.stats
+}
+
 // handle reads a request whole (a body too, bounded in size by
 // maxRequestBody and in time by readTimeout) before it counts as being
-// handled: from then on its connection is not evicted, and Close waits
-// for it.
+// handled: from then on Close waits for it.
 func (s *Server) handle(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxRequestBody))
@@ -348,7 +375,7 @@ func (s *Server) handle(h http.Handler) http.Handler {
 			return
 		}
 		r.Body = io.NopCloser(bytes.NewReader(body))
-		c, _ := r.Context().Value(connKey{}).(net.Conn)
+		c, _ := r.Context().Value(connKey{}).(*apiConn)
 		if !s.begin(c) {
 			writeError(w, http.StatusServiceUnavailable, errors.New("the API is shutting down"))
 			return
@@ -361,75 +388,44 @@ func (s *Server) handle(h http.Handler) http.Handler {
 // It stays so until net/http has written the answer out and the connection
 // turns idle or closes (connState): the handler returning is not enough, as
 // the answer may still sit in the connection's buffer.
-func (s *Server) begin(c net.Conn) bool {
+func (s *Server) begin(c *apiConn) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
 		return false
 	}
-	if cs := s.conns[c]; cs != nil && !cs.busy {
-		cs.busy = true
+	if c != nil && !c.gone && !c.busy {
+		s.conns.setBusyLocked(c, true)
 		s.handlers.Add(1)
 	}
 	return true
 }
 
-// endLocked ends what begin began for cs, if anything.
-func (s *Server) endLocked(cs *conn) {
-	if cs != nil && cs.busy {
-		cs.busy = false
+// endLocked ends what begin began for c, if anything.
+func (s *Server) endLocked(c *apiConn) {
+	if c.busy {
+		s.conns.setBusyLocked(c, false)
 		s.handlers.Done()
 	}
 }
 
-// connState tracks connections for the limit; it runs on the
+// connState follows what net/http does with a connection; it runs on the
 // connection's own goroutine, before a request is read and after it is
 // answered.
-func (s *Server) connState(c net.Conn, st http.ConnState) {
+func (s *Server) connState(nc net.Conn, st http.ConnState) {
+	c, ok := nc.(*apiConn)
+	if !ok {
+		return
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	switch st {
-	case http.StateNew:
-		s.seq++
-		s.conns[c] = &conn{since: s.seq}
-		if len(s.conns) > s.cfg.MaxConns {
-			s.evictLocked(c)
-		}
 	case http.StateIdle:
-		// Done with a request, its answer written: as young as a new
-		// connection. A request that is still arriving keeps its age.
-		if cs := s.conns[c]; cs != nil {
-			s.endLocked(cs)
-			s.seq++
-			cs.since = s.seq
-		}
+		s.endLocked(c)
 	case http.StateHijacked, http.StateClosed:
-		s.endLocked(s.conns[c])
-		delete(s.conns, c)
+		s.endLocked(c)
+		s.conns.removeLocked(c)
 	}
-}
-
-// evictLocked closes the connection that arrived or last finished a
-// request the longest ago, among those not being handled; if all others
-// are being handled, the new one goes. A real client's request arrives in
-// a millisecond, so what is evicted is what has been holding a slot: an
-// idle keep-alive, or a request that is not arriving.
-func (s *Server) evictLocked(newest net.Conn) {
-	var victim net.Conn
-	var oldest uint64
-	for c, cs := range s.conns {
-		if c == newest || cs.busy {
-			continue
-		}
-		if victim == nil || cs.since < oldest {
-			victim, oldest = c, cs.since
-		}
-	}
-	if victim == nil {
-		victim = newest
-	}
-	delete(s.conns, victim)
-	victim.Close()
 }
 
 // Close stops serving, closes the listener and every connection, and waits
@@ -447,7 +443,7 @@ func (s *Server) Close() error {
 	// Requests being handled finish (a port being added is added or not,
 	// and its client gets the answer); nothing else waits.
 	s.handlers.Wait()
-	err := s.http.Close()
+	err := s.http.Close() // closes the listener, which wakes a waiting Accept
 	if served {
 		<-s.done
 	} else {

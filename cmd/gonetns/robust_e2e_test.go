@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/gonetns/gonetns/internal/e2etest"
+	"github.com/gonetns/gonetns/internal/fdbudget"
 )
 
 // What the command leaves running is ended when it exits (issue 12,
@@ -148,10 +149,33 @@ func TestAPIUnderConnectionFlood(t *testing.T) {
 	if rss > 100<<20 {
 		t.Errorf("the parent's RSS is %d MB with 2000 unfinished API requests, want under 100 MB", rss>>20)
 	}
+	// The API holds at most its share of the descriptor budget; the rest
+	// wait in the listen queue or were closed.
 	fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", cmd.Process.Pid))
-	if len(fds) > 200 {
-		t.Errorf("the parent holds %d descriptors with 2000 unfinished API requests", len(fds))
+	limit := openFilesLimit(t, cmd.Process.Pid)
+	if want := fdbudget.For(limit).APIConns + 64; len(fds) > want {
+		t.Errorf("the parent holds %d descriptors with 2000 unfinished API requests; with an open-files limit of %d, want at most %d", len(fds), limit, want)
 	}
+}
+
+// openFilesLimit is the soft RLIMIT_NOFILE of process pid.
+func openFilesLimit(t *testing.T, pid int) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/limits", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(strings.TrimPrefix(l, "Max open files")); len(f) >= 2 && strings.HasPrefix(l, "Max open files") {
+			n, err := strconv.Atoi(f[0])
+			if err != nil {
+				t.Fatalf("%s: %v", l, err)
+			}
+			return n
+		}
+	}
+	t.Fatalf("no open-files limit in /proc/%d/limits:\n%s", pid, b)
+	return 0
 }
 
 // vmRSS reads a process's resident set size in bytes.

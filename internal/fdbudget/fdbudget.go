@@ -79,14 +79,16 @@ const (
 // they add up to 98 (2 % slack). Published ports get the most: with two
 // sockets per connection, theirs are what runs the process out of
 // descriptors first (4,000 idle clients did at a soft limit of 1,024).
-// The API needs few (its cap is small).
+// The API's share holds a burst of a thousand requests at once (its limit
+// never closes a connection whose request has arrived, so the requests in
+// flight must fit): 1,024 from a hard limit of 20000.
 const (
 	sharePortTCP  = 40
 	shareNATTCP   = 30
-	shareNATUDP   = 14
-	sharePortUDP  = 8
+	shareNATUDP   = 11
+	sharePortUDP  = 6
 	shareEcho     = 3
-	shareAPI      = 1
+	shareAPI      = 6
 	shareImplicit = 2
 )
 
@@ -95,15 +97,15 @@ const (
 // published ports', are flowtable.MaxFlows, the tables' own cap; the
 // NAT's TCP connections are its default (nat.DefaultMaxTCPConns);
 // published-port connections were 4096 per port and are now one cap for
-// all ports; the API's is api.DefaultMaxConns (a few clients: dockerd,
-// rootlessctl).
+// all ports; the API's is api.DefaultMaxConns (a connection costs
+// ~16 KiB: goroutine and buffers).
 const (
 	capPortTCP  = 16384
 	capNATTCP   = 16384
 	capNATUDP   = flowtable.MaxFlows
 	capPortUDP  = flowtable.MaxFlows
 	capEcho     = 1024
-	capAPI      = 64
+	capAPI      = 1024
 	capImplicit = 4096 // implicit.DefaultMaxPorts
 )
 

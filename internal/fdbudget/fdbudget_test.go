@@ -13,18 +13,18 @@ func TestFor(t *testing.T) {
 	}{
 		// A tiny limit: everything small, nothing zero.
 		{256, Budget{Limit: 256, Reserve: 64, SplicePipes: 3, SpliceIdlePipes: 1,
-			PortTCPConns: 37, PortUDPFlows: 14, NATTCPConns: 55, NATUDPFlows: 26, EchoFlows: 5, APIConns: 1, ImplicitPorts: 1}},
+			PortTCPConns: 37, PortUDPFlows: 11, NATTCPConns: 55, NATUDPFlows: 20, EchoFlows: 5, APIConns: 11, ImplicitPorts: 1}},
 		// A login's default soft limit, if the hard one is the same.
 		{1024, Budget{Limit: 1024, Reserve: 256, SplicePipes: 12, SpliceIdlePipes: 3,
-			PortTCPConns: 148, PortUDPFlows: 59, NATTCPConns: 223, NATUDPFlows: 104, EchoFlows: 22, APIConns: 7, ImplicitPorts: 7}},
-		// Issue 12's machine: hard 20000, so the runtime's soft 19999.
+			PortTCPConns: 148, PortUDPFlows: 44, NATTCPConns: 223, NATUDPFlows: 81, EchoFlows: 22, APIConns: 44, ImplicitPorts: 7}},
+		// A hard limit of 20000, so the runtime's soft 19999.
 		{19999, Budget{Limit: 19999, Reserve: 832, SplicePipes: 32, SpliceIdlePipes: 8,
-			PortTCPConns: 3820, PortUDPFlows: 1528, NATTCPConns: 5730, NATUDPFlows: 2674, EchoFlows: 573, APIConns: 64, ImplicitPorts: 191}},
+			PortTCPConns: 3820, PortUDPFlows: 1146, NATTCPConns: 5730, NATUDPFlows: 2101, EchoFlows: 573, APIConns: 1024, ImplicitPorts: 191}},
 		// systemd's and Docker's usual hard limits: memory caps bind.
 		{524287, Budget{Limit: 524287, Reserve: 832, SplicePipes: 32, SpliceIdlePipes: 8,
-			PortTCPConns: 16384, PortUDPFlows: 16384, NATTCPConns: 16384, NATUDPFlows: 16384, EchoFlows: 1024, APIConns: 64, ImplicitPorts: 4096}},
+			PortTCPConns: 16384, PortUDPFlows: 16384, NATTCPConns: 16384, NATUDPFlows: 16384, EchoFlows: 1024, APIConns: 1024, ImplicitPorts: 4096}},
 		{1048575, Budget{Limit: 1048575, Reserve: 832, SplicePipes: 32, SpliceIdlePipes: 8,
-			PortTCPConns: 16384, PortUDPFlows: 16384, NATTCPConns: 16384, NATUDPFlows: 16384, EchoFlows: 1024, APIConns: 64, ImplicitPorts: 4096}},
+			PortTCPConns: 16384, PortUDPFlows: 16384, NATTCPConns: 16384, NATUDPFlows: 16384, EchoFlows: 1024, APIConns: 1024, ImplicitPorts: 4096}},
 	} {
 		got := For(tc.limit)
 		if got != tc.want {
