@@ -25,7 +25,14 @@ import (
 // Defaults for the zero fields of Config. gonetns sets the limits from
 // its descriptor budget (internal/fdbudget) instead.
 const (
-	DefaultUDPIdleTimeout  = 60 * time.Second
+	DefaultUDPIdleTimeout = 60 * time.Second
+	// DefaultTCPIdleTimeout is pasta's activity timeout for the TCP
+	// connections it carries (2 h, its tcp.c's ACT_TIMEOUT), as long as
+	// Linux waits before its first keep-alive probe (tcp_keepalive_time):
+	// far longer than HTTP keep-alives (seconds to minutes), short enough
+	// that connections nobody uses give their descriptors back within
+	// hours, not the days of conntrack's 432000 s (docs/limits.md).
+	DefaultTCPIdleTimeout  = 2 * time.Hour
 	DefaultDialTimeout     = 10 * time.Second
 	DefaultMaxTCPConns     = 4096
 	DefaultMaxUDPFlows     = 1024
@@ -44,13 +51,20 @@ type Config struct {
 	// UDPIdleTimeout ends a UDP flow (one client address) that has carried
 	// no datagram either way for this long. Zero means 60 s.
 	UDPIdleTimeout time.Duration
+	// TCPIdleTimeout resets a relayed TCP connection that has moved no
+	// byte either way for this long (checked every eighth of it, at least
+	// once a minute: see tcpconns.go). Zero means DefaultTCPIdleTimeout;
+	// negative, never.
+	TCPIdleTimeout time.Duration
 	// DialTimeout bounds getting a connected socket from the child for one
 	// TCP connection or UDP flow. Zero means 10 s.
 	DialTimeout time.Duration
 	// MaxTCPConns bounds the relayed TCP connections of all published
-	// ports together (dialing or established; two descriptors each). A
-	// connection accepted beyond it is reset at once, and a warning
-	// logged. Zero means 4096.
+	// ports together (dialing or established; two descriptors each),
+	// shared among clients (tcpconns.go): a connection accepted beyond it
+	// takes the place of a connection of the client holding the most, if
+	// its own client holds at least two fewer; else it is reset at once.
+	// Either way a warning is logged. Zero means 4096.
 	MaxTCPConns int
 	// MaxUDPFlows bounds the UDP flows (client addresses) of all published
 	// ports together; each holds a socket in the namespace (read by one
@@ -82,21 +96,19 @@ type Manager struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // every goroutine of every port and relay
 
-	tcpSlots chan struct{}                      // one per TCP relay of any port: MaxTCPConns
-	udp      *flowtable.Table[udpKey, *udpFlow] // the UDP flows of all ports
-	udpOnce  sync.Once                          // starts udpPoll and the flows' expiry
-	udpPoll  *flowtable.Poller                  // reads every UDP flow's replies
-	udpErr   error
-	pipes    *relay.PipePool // for the TCP relays' splices
+	tcp       *tcpTable                          // the TCP relays of all ports (they outlive their ports)
+	sweepOnce sync.Once                          // starts the idle sweep with the first TCP port
+	udp       *flowtable.Table[udpKey, *udpFlow] // the UDP flows of all ports
+	udpOnce   sync.Once                          // starts udpPoll and the flows' expiry
+	udpPoll   *flowtable.Poller                  // reads every UDP flow's replies
+	udpErr    error
+	pipes     *relay.PipePool // for the TCP relays' splices
 
 	mu     sync.Mutex
 	closed bool
 	nextID int
 	ports  map[int]publishedPort
 
-	relayMu  sync.Mutex
-	closing  bool                   // under relayMu
-	relays   map[*tcpRelay]struct{} // TCP relays outlive their ports
 	closeErr error
 	once     sync.Once
 }
@@ -120,6 +132,9 @@ func NewManager(cfg Config) *Manager {
 	if cfg.UDPIdleTimeout <= 0 {
 		cfg.UDPIdleTimeout = DefaultUDPIdleTimeout
 	}
+	if cfg.TCPIdleTimeout == 0 {
+		cfg.TCPIdleTimeout = DefaultTCPIdleTimeout
+	}
 	if cfg.DialTimeout <= 0 {
 		cfg.DialTimeout = DefaultDialTimeout
 	}
@@ -140,11 +155,11 @@ func NewManager(cfg Config) *Manager {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Manager{
-		cfg:      cfg,
-		log:      cfg.Logger,
-		ctx:      ctx,
-		cancel:   cancel,
-		tcpSlots: make(chan struct{}, cfg.MaxTCPConns),
+		cfg:    cfg,
+		log:    cfg.Logger,
+		ctx:    ctx,
+		cancel: cancel,
+		tcp:    newTCPTable(cfg.MaxTCPConns, max(cfg.TCPIdleTimeout, 0)),
 		udp: flowtable.New[udpKey, *udpFlow](flowtable.Config[udpKey]{
 			Max:   cfg.MaxUDPFlows,
 			Idle:  func(udpKey) time.Duration { return cfg.UDPIdleTimeout },
@@ -153,7 +168,6 @@ func NewManager(cfg Config) *Manager {
 		pipes:  relay.NewPipePool(cfg.SplicePipes, cfg.SpliceIdlePipes),
 		nextID: 1,
 		ports:  make(map[int]publishedPort),
-		relays: make(map[*tcpRelay]struct{}),
 	}
 }
 
@@ -288,12 +302,9 @@ func (m *Manager) Close() error {
 				errs = append(errs, err)
 			}
 		}
-		m.relayMu.Lock()
-		m.closing = true
-		for r := range m.relays {
+		for _, r := range m.tcp.close() {
 			r.abort()
 		}
-		m.relayMu.Unlock()
 		// No UDP poller starts after this; one that started stops.
 		m.udp.CloseAll()
 		m.udpOnce.Do(func() { m.udpErr = net.ErrClosed })
@@ -307,19 +318,36 @@ func (m *Manager) Close() error {
 	return m.closeErr
 }
 
-// track registers a relay for Close; false once Close has begun.
-func (m *Manager) track(r *tcpRelay) bool {
-	m.relayMu.Lock()
-	defer m.relayMu.Unlock()
-	if m.closing {
-		return false
+// sweepIdle resets, every sweepInterval until Close, the TCP connections
+// idle for TCPIdleTimeout. It starts with the first TCP port.
+func (m *Manager) sweepIdle() {
+	if m.tcp.idle <= 0 {
+		return
 	}
-	m.relays[r] = struct{}{}
-	return true
+	m.sweepOnce.Do(func() {
+		m.wg.Go(func() {
+			tick := time.NewTicker(sweepInterval(m.tcp.idle))
+			defer tick.Stop()
+			for {
+				select {
+				case <-m.ctx.Done():
+					return
+				case <-tick.C:
+				}
+				m.resetIdle()
+			}
+		})
+	})
 }
 
-func (m *Manager) untrack(r *tcpRelay) {
-	m.relayMu.Lock()
-	delete(m.relays, r)
-	m.relayMu.Unlock()
+// resetIdle resets the TCP connections idle for TCPIdleTimeout.
+func (m *Manager) resetIdle() {
+	for _, r := range m.tcp.sweep() {
+		r.abort()
+		m.log.Debug("portfwd: tcp connection idle, reset", "client", r.outer.RemoteAddr().String(), "idle_timeout", m.tcp.idle)
+	}
 }
+
+// TCPStats reports what the published ports' TCP connections are and
+// what their limits have done since NewManager.
+func (m *Manager) TCPStats() TCPStats { return m.tcp.statsNow() }

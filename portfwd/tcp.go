@@ -25,6 +25,7 @@ type tcpPort struct {
 	log        *slog.Logger
 	ln         *net.TCPListener
 	full       limitlog.Warner // connections reset at MaxTCPConns
+	share      limitlog.Warner // connections displaced for a client holding fewer
 	acceptFail limitlog.Warner
 
 	quit     chan struct{} // closed by stop
@@ -50,6 +51,7 @@ func (m *Manager) listenTCP(ctx context.Context, id int, spec port.Spec) (*tcpPo
 		done:  make(chan struct{}),
 	}
 	m.wg.Go(p.serve)
+	m.sweepIdle()
 	return p, nil
 }
 
@@ -84,26 +86,26 @@ func (p *tcpPort) serve() {
 			continue
 		}
 		retry.Reset()
-		select {
-		case p.m.tcpSlots <- struct{}{}:
-		default:
-			// Over MaxTCPConns: refuse this one visibly (RST) instead of
-			// leaving it in the backlog with no idea when it will be served.
-			relay.Reset(c)
-			p.full.Warn(p.log, "portfwd: too many connections on the published ports, resetting new ones; raise the open-files limit (ulimit -Hn) if this is expected",
-				"limit", cap(p.m.tcpSlots))
-			continue
-		}
 		r := &tcpRelay{p: p, outer: c}
-		if !p.m.track(r) { // Close has begun
+		client := c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr()
+		displaced, ok := p.m.tcp.admit(r, clientKey(client))
+		if displaced != nil {
+			displaced.abort()
+			p.share.Warn(p.log, "portfwd: the published ports' connections are all taken; resetting the least active connection of the client holding the most, for a client holding fewer",
+				"limit", p.m.cfg.MaxTCPConns, "client", displaced.outer.RemoteAddr().String(), "for", client.String())
+		}
+		if !ok {
+			// Over MaxTCPConns and this client holds its share (or Close
+			// has begun): refuse visibly (RST) instead of leaving it in
+			// the backlog with no idea when it will be served.
 			relay.Reset(c)
-			<-p.m.tcpSlots
+			p.full.Warn(p.log, "portfwd: too many connections on the published ports, resetting new ones from clients holding their share; raise the open-files limit (ulimit -Hn) if this is expected",
+				"limit", p.m.cfg.MaxTCPConns, "client", client.String())
 			continue
 		}
 		// Safe against Close's Wait: this loop is itself counted in m.wg.
 		p.m.wg.Go(func() {
-			defer func() { <-p.m.tcpSlots }()
-			defer p.m.untrack(r)
+			defer p.m.tcp.release(r)
 			r.run()
 		})
 	}
@@ -115,9 +117,21 @@ type tcpRelay struct {
 	p     *tcpPort
 	outer *net.TCPConn // accepted on the host
 
+	slot tcpSlot // under the Manager's tcpTable.mu
+
 	mu      sync.Mutex
 	rl      *relay.Relay // nil while dialing
 	aborted bool
+}
+
+// moved is the bytes relayed so far, both ways (0 while dialing).
+func (r *tcpRelay) moved() int64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.rl == nil {
+		return 0
+	}
+	return r.rl.Moved()
 }
 
 // abort resets both connections (RST to both peers); run then returns

@@ -53,15 +53,9 @@ type udpKey struct {
 	local  netip.Addr
 }
 
-// clientOf is the client a flow's share of the table is counted for: an
-// IPv4 address, or the /64 an IPv6 host picks its addresses from.
-func clientOf(k udpKey) any {
-	a := k.client.Addr().Unmap()
-	if a.Is4() {
-		return netip.PrefixFrom(a, 32)
-	}
-	return netip.PrefixFrom(a, 64).Masked()
-}
+// clientOf is the client a flow's share of the table is counted for, as
+// for TCP connections (clientKey).
+func clientOf(k udpKey) any { return clientKey(k.client.Addr()) }
 
 // udpFlows starts the poller and the expiry of the Manager's UDP flows,
 // once.

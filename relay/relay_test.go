@@ -357,3 +357,28 @@ func TestStreamSocketPassesTheSocket(t *testing.T) {
 		t.Fatalf("result %+v; want the stream's error", r)
 	}
 }
+
+// Moved counts what a Sockets relay has written, both ways, while it
+// runs: through a pipe and, when the pool has none, through a buffer.
+func TestSocketsMoved(t *testing.T) {
+	for _, pipes := range []int{1, 0} {
+		t.Run(fmt.Sprintf("pipes=%d", pipes), func(t *testing.T) {
+			p := startSockets(t, NewPipePool(pipes, pipes))
+			if n := p.r.Moved(); n != 0 {
+				t.Fatalf("Moved = %d before any data", n)
+			}
+			p.peerA.Write(pattern(1000))
+			if _, err := io.ReadFull(p.peerB, make([]byte, 1000)); err != nil {
+				t.Fatal(err)
+			}
+			p.peerB.Write(pattern(24))
+			if _, err := io.ReadFull(p.peerA, make([]byte, 24)); err != nil {
+				t.Fatal(err)
+			}
+			// The count follows each write a moment later.
+			if !eventually(func() bool { return p.r.Moved() == 1024 }) {
+				t.Fatalf("Moved = %d after 1000 bytes one way and 24 the other", p.r.Moved())
+			}
+		})
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -121,7 +122,8 @@ func (pp *PipePool) put(p *pipe, empty bool) {
 // errNoProgress: a splice out of a pipe that holds data moved nothing.
 var errNoProgress = errors.New("relay: splice made no progress")
 
-// splice copies src to dst until src's EOF (returning nil) or an error.
+// splice copies src to dst until src's EOF (returning nil) or an error,
+// adding what it writes to moved as it goes.
 //
 // The whole copy runs inside one src.SyscallConn().Read callback, which
 // Go's poller calls again each time src becomes readable. Each call
@@ -130,7 +132,7 @@ var errNoProgress = errors.New("relay: splice made no progress")
 // goes back to the pool, empty, and the callback returns false to wait.
 // So an idle direction holds no pipe, and no system call beyond Go's own
 // is spent on waiting: the splice that finds src empty is the check.
-func (pp *PipePool) splice(dst, src *net.TCPConn) (int64, error) {
+func (pp *PipePool) splice(dst, src *net.TCPConn, moved *atomic.Int64) (int64, error) {
 	srcRC, err := src.SyscallConn()
 	if err != nil {
 		return 0, err
@@ -193,6 +195,7 @@ func (pp *PipePool) splice(dst, src *net.TCPConn) (int64, error) {
 				m, err = writeAll(dstRC, (*buf)[:n])
 			}
 			total += int64(m)
+			moved.Add(int64(m))
 			if err != nil {
 				opErr = fmt.Errorf("write: %w", err)
 				return true

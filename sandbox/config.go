@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"strings"
+	"time"
 
 	"github.com/gonetns/gonetns/port"
 	"github.com/gonetns/gonetns/userns"
@@ -147,6 +148,14 @@ type Config struct {
 	// ports come from the namespace's loopback inside instead of from the
 	// client's address (--source-ip-transparent=false).
 	DisableSourceIPTransparent bool
+	// PortTCPIdleTimeout resets a connection through a published port
+	// that has moved no byte either way for this long
+	// (--port-tcp-idle-timeout); 0 means portfwd.DefaultTCPIdleTimeout
+	// (2 h), negative never. PortUDPIdleTimeout ends a published port's
+	// UDP flow (one client address) that has carried no datagram either
+	// way for this long (--port-udp-idle-timeout); 0 means
+	// portfwd.DefaultUDPIdleTimeout (60 s). docs/limits.md has why.
+	PortTCPIdleTimeout, PortUDPIdleTimeout time.Duration
 
 	// CopyUp lists directories replaced inside by writable copies
 	// (tmpfs+symlink), e.g. /etc.
@@ -292,6 +301,9 @@ func (c Config) Validate() error {
 	}
 	if len(c.Publish) > 0 && c.PortDriver == PortsNone {
 		return invalidf("--publish needs a port driver (now --port-driver=none): use --port-driver=builtin")
+	}
+	if c.PortUDPIdleTimeout < 0 || c.PortUDPIdleTimeout > 0 && c.PortUDPIdleTimeout < time.Second {
+		return invalidf("invalid --port-udp-idle-timeout=%v: use at least 1s (UDP has no end of its own: a flow ends only by its timeout)", c.PortUDPIdleTimeout)
 	}
 	if _, err := userns.ParsePropagation(c.Propagation); err != nil {
 		return &invalid{err.Error()}

@@ -278,6 +278,7 @@ func (n *network) start(pid int, info json.RawMessage, files []*os.File) error {
 		n.ports = portfwd.NewManager(portfwd.Config{Dialer: n.dialer, Logger: n.log,
 			MaxTCPConns: n.budget.PortTCPConns, MaxUDPFlows: n.budget.PortUDPFlows,
 			SplicePipes: n.budget.SplicePipes, SpliceIdlePipes: n.budget.SpliceIdlePipes,
+			TCPIdleTimeout: n.cfg.PortTCPIdleTimeout, UDPIdleTimeout: n.cfg.PortUDPIdleTimeout,
 			SourceIPTransparent: !n.cfg.DisableSourceIPTransparent})
 		for _, spec := range n.cfg.Publish {
 			// AddPort's errors name the spec already.

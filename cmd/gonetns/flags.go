@@ -10,11 +10,13 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/spf13/pflag"
 
 	"github.com/gonetns/gonetns/dns"
 	"github.com/gonetns/gonetns/port"
+	"github.com/gonetns/gonetns/portfwd"
 	"github.com/gonetns/gonetns/sandbox"
 	"github.com/gonetns/gonetns/userns"
 )
@@ -112,6 +114,7 @@ type rawFlags struct {
 	net, portDriver, cidr, subid, pcapMaxSize, copyUpMode string
 	dnsUpstreams, publish, allow, deny                    []string
 	sourceIPTransparent, killOrphans, debug, help         bool
+	portTCPIdle                                           time.Duration
 	ignored                                               []*string // ignoredFlags' values
 	who                                                   personality
 }
@@ -155,6 +158,8 @@ func defineFlags(o *options, who personality, name string, out io.Writer) (*pfla
 	}
 	fs.StringSliceVarP(&r.publish, "publish", "p", nil, "publish a `SPEC`: a port of the namespace on a port of the host, e.g. "+publishEg+" (repeatable, or comma-separated)")
 	fs.BoolVar(&r.sourceIPTransparent, "source-ip-transparent", true, "connections through published ports keep the client's address and port inside (TCP and UDP); false: they come from the namespace's loopback")
+	fs.DurationVar(&r.portTCPIdle, "port-tcp-idle-timeout", portfwd.DefaultTCPIdleTimeout, "reset a connection through a published port that has moved no byte either way for this long; 0 keeps idle connections for ever (docs/limits.md)")
+	fs.DurationVar(&c.PortUDPIdleTimeout, "port-udp-idle-timeout", portfwd.DefaultUDPIdleTimeout, "end a published port's UDP flow (one client address) that has carried no datagram either way for this long; at least 1s")
 	section(sectionPorts)
 
 	fs.StringArrayVar(&r.deny, "deny", nil, "refuse the sandbox's TCP, UDP and ping to host addresses in `CIDR` (or one IP), IPv4 or IPv6 (repeatable; the most specific of --allow/--deny wins; the gateway counts as the host's 127.0.0.1 and ::1)")
@@ -250,6 +255,14 @@ func (r *rawFlags) apply(c *sandbox.Config, fs *pflag.FlagSet, log *slog.Logger)
 		c.Publish = append(c.Publish, spec)
 	}
 	c.DisableSourceIPTransparent = !r.sourceIPTransparent
+	switch {
+	case r.portTCPIdle < 0:
+		return fmt.Errorf("invalid --port-tcp-idle-timeout=%v: use a duration such as 1h, or 0 to keep idle connections for ever", r.portTCPIdle)
+	case r.portTCPIdle == 0:
+		c.PortTCPIdleTimeout = -1 // never
+	default:
+		c.PortTCPIdleTimeout = r.portTCPIdle
+	}
 	c.LeaveOrphans = !r.killOrphans
 	if r.copyUpMode != "tmpfs+symlink" {
 		return fmt.Errorf("invalid --copy-up-mode=%s: only tmpfs+symlink is supported", r.copyUpMode)
