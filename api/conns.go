@@ -319,3 +319,9 @@ func (l *listener) Close() error {
 	l.s.mu.Unlock()
 	return err
 }
+
+// Limit describes the connection limit for GET /v1/info.
+func (s ConnStats) Limit() LimitInfo {
+	return LimitInfo{Name: "api.connections", Max: s.Max, InUse: s.Open, Peak: s.Peak,
+		Events: map[string]uint64{"closed": s.Closed, "waited": s.Waited}}
+}

@@ -20,6 +20,32 @@ type Info struct {
 	ChildPID      int                `json:"childPID"`
 	NetworkDriver *NetworkDriverInfo `json:"networkDriver,omitempty"`
 	PortDriver    *PortDriverInfo    `json:"portDriver,omitempty"`
+	// Limits are gonetns's caps on what clients can hold open, each with
+	// what is in use and what it did when reached, so that a user can see
+	// that one was (gonetns's own field; RootlessKit clients ignore it).
+	Limits []LimitInfo `json:"limits,omitempty"`
+}
+
+// LimitInfo is one of gonetns's caps (docs/limits.md has the rules).
+type LimitInfo struct {
+	// Name says what is capped: "api.connections",
+	// "ports.tcp.connections" or "ports.udp.flows".
+	Name string `json:"name"`
+	// Max is the cap; InUse what is held now; Peak the most held at once,
+	// where it is kept.
+	Max   int `json:"max"`
+	InUse int `json:"inUse"`
+	Peak  int `json:"peak,omitempty"`
+	// Clients is how many client addresses hold a share of it, where
+	// the cap is shared by client.
+	Clients int `json:"clients,omitempty"`
+	// IdleTimeout ends what has moved nothing for this long ("1h0m0s"),
+	// where it applies.
+	IdleTimeout string `json:"idleTimeout,omitempty"`
+	// Events counts what the limit did since start, by kind: "closed",
+	// "waited" (api.connections), "reset", "preempted", "idleTimeout"
+	// (ports.tcp.connections), "evicted", "idleTimeout" (ports.udp.flows).
+	Events map[string]uint64 `json:"events,omitempty"`
 }
 
 // NetworkDriverInfo is RootlessKit's api.NetworkDriverInfo. Fields after
@@ -69,6 +95,7 @@ type PortDriverInfo struct {
 // RootlessKitFields returns i with only the fields RootlessKit's API has:
 // what a RootlessKit client sees of it.
 func (i Info) RootlessKitFields() Info {
+	i.Limits = nil
 	if nd := i.NetworkDriver; nd != nil {
 		c := *nd
 		c.Egress = nil

@@ -45,6 +45,8 @@ func TestRootlessctl(t *testing.T) {
 				Link:    "packet", // a gonetns field: RootlessKit's client ignores it
 			},
 			PortDriver: builtinInfo(),
+			// gonetns's own field: RootlessKit's client must take it.
+			Limits: []LimitInfo{{Name: "api.connections", Max: 1024, InUse: 1, Events: map[string]uint64{"closed": 0}}},
 		}
 	}))
 	srv.Listener.Close()

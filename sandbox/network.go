@@ -1,6 +1,7 @@
 package sandbox
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -422,7 +423,31 @@ func (n *network) info() api.Info {
 		transparent := !n.cfg.DisableSourceIPTransparent
 		i.PortDriver = &api.PortDriverInfo{Driver: string(n.cfg.PortDriver), Protos: port.Protos, SourceIPTransparent: &transparent}
 	}
+	i.Limits = n.limits()
 	return i
+}
+
+// limits are the caps on what clients hold open, with their counters:
+// the API's connections and the published ports' connections and flows.
+func (n *network) limits() []api.LimitInfo {
+	var l []api.LimitInfo
+	if n.api != nil {
+		l = append(l, n.api.Stats().Limit())
+	}
+	if n.ports != nil {
+		st := n.ports.TCPStats()
+		tcp := api.LimitInfo{Name: "ports.tcp.connections", Max: st.Max, InUse: st.Open, Peak: st.Peak, Clients: st.Clients,
+			Events: map[string]uint64{"reset": st.Reset, "preempted": st.Preempted, "idleTimeout": st.IdleClosed}}
+		if st.IdleTimeout > 0 {
+			tcp.IdleTimeout = st.IdleTimeout.String()
+		}
+		us := n.ports.UDPStats()
+		udp := api.LimitInfo{Name: "ports.udp.flows", Max: us.Max, InUse: us.Flows, Peak: us.Peak,
+			IdleTimeout: cmp.Or(n.cfg.PortUDPIdleTimeout, portfwd.DefaultUDPIdleTimeout).String(),
+			Events:      map[string]uint64{"evicted": us.Evicted, "idleTimeout": us.Expired}}
+		l = append(l, tcp, udp)
+	}
+	return l
 }
 
 // egressInfo describes the egress policy for GET /v1/info.
@@ -444,6 +469,10 @@ func (n *network) egressInfo() *api.EgressInfo {
 // Close stops everything start started, API first, netstack last.
 func (n *network) Close() error {
 	n.closeOnce.Do(func() {
+		// With --debug, what each limit did over the run.
+		for _, l := range n.limits() {
+			n.log.Debug("limit", "name", l.Name, "max", l.Max, "peak", l.Peak, "events", fmt.Sprint(l.Events))
+		}
 		if n.api != nil {
 			n.api.Close()
 		}

@@ -8,7 +8,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net/netip"
+	"slices"
 	"strings"
 	"text/tabwriter"
 
@@ -117,6 +119,25 @@ func ctlInfo(ctx context.Context, c *api.Client, jsonOut, rootlessKitOnly bool, 
 	if pd := info.PortDriver; pd != nil {
 		fmt.Fprintf(w, "- Port Driver: %s\n", pd.Driver)
 		fmt.Fprintf(w, "  - Supported protocols: %v\n", pd.Protos)
+	}
+	if len(info.Limits) > 0 {
+		fmt.Fprintf(w, "- Limits:\n")
+		for _, l := range info.Limits {
+			fmt.Fprintf(w, "  - %s: %d of %d in use", l.Name, l.InUse, l.Max)
+			if l.Peak > 0 {
+				fmt.Fprintf(w, " (peak %d)", l.Peak)
+			}
+			if l.Clients > 0 {
+				fmt.Fprintf(w, ", %d clients", l.Clients)
+			}
+			if l.IdleTimeout != "" {
+				fmt.Fprintf(w, ", idle timeout %s", l.IdleTimeout)
+			}
+			for _, k := range slices.Sorted(maps.Keys(l.Events)) {
+				fmt.Fprintf(w, "; %s %d", k, l.Events[k])
+			}
+			fmt.Fprintln(w)
+		}
 	}
 	return nil
 }

@@ -45,6 +45,8 @@ func ctlServer(t *testing.T) (dir string, m *portfwd.Manager) {
 			Version: "0.0.0-test", StateDir: dir, ChildPID: 99,
 			NetworkDriver: &api.NetworkDriverInfo{Driver: "gonetns", DNS: []netip.Addr{netip.MustParseAddr("10.0.2.3")}, ChildIP: netip.MustParseAddr("10.0.2.100"), Link: "packet"},
 			PortDriver:    &api.PortDriverInfo{Driver: "builtin", Protos: port.Protos},
+			Limits: []api.LimitInfo{{Name: "ports.tcp.connections", Max: 3820, InUse: 3820, Peak: 3820, Clients: 2, IdleTimeout: "2h0m0s",
+				Events: map[string]uint64{"reset": 180, "preempted": 20, "idleTimeout": 0}}},
 		}
 	}))
 	srv.Listener.Close()
@@ -133,7 +135,8 @@ func TestCtlInfo(t *testing.T) {
 	code, out, errOut := ctlRunT("--socket", sock, "info")
 	for _, want := range []string{"- REST API version: 1.1.1", "- Implementation version: 0.0.0-test", "- State Directory: " + dir,
 		"- Child PID: 99", "- Network Driver: gonetns", "  - DNS: [10.0.2.3]", "  - IP: 10.0.2.100", "  - Link: packet", "- Port Driver: builtin",
-		"  - Supported protocols: [tcp tcp4 tcp6 udp udp4 udp6]"} {
+		"  - Supported protocols: [tcp tcp4 tcp6 udp udp4 udp6]", "- Limits:",
+		"  - ports.tcp.connections: 3820 of 3820 in use (peak 3820), 2 clients, idle timeout 2h0m0s; idleTimeout 0; preempted 20; reset 180"} {
 		if code != 0 || !strings.Contains(out, want+"\n") {
 			t.Errorf("info: %d, %q missing in\n%s%s", code, want, out, errOut)
 		}
@@ -142,6 +145,9 @@ func TestCtlInfo(t *testing.T) {
 	var info api.Info
 	if code != 0 || json.Unmarshal([]byte(out), &info) != nil || info.ChildPID != 99 || info.PortDriver == nil || info.PortDriver.Driver != "builtin" {
 		t.Fatalf("info --json printed %q", out)
+	}
+	if len(info.Limits) != 1 || info.Limits[0].Events["preempted"] != 20 {
+		t.Fatalf("info --json: limits %+v", info.Limits)
 	}
 }
 

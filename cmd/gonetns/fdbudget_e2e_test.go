@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -15,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gonetns/gonetns/api"
 	"github.com/gonetns/gonetns/internal/e2etest"
 )
 
@@ -28,14 +30,16 @@ func fdCount(t *testing.T, pid int) int {
 	return len(ents)
 }
 
-// TestPortsIdleClientsKeepNetworkUp: 4,000 idle
-// clients held open on a published port, by an unprivileged user whose
+// TestPortsIdleClientsKeepNetworkUp: one client holds 4,000 idle
+// connections open on a published port, run by an unprivileged user whose
 // open-files limit is soft 1024, hard 20000. Meanwhile the sandbox opens
 // new connections to the host and resolves names, and the API answers;
-// the parent stays under its limit, clients beyond the published-port
-// budget are reset at once (none hangs), and once the clients leave the
-// parent's descriptors return to about where they were within seconds
-// (no splice pipes cached for minutes).
+// the parent stays under its limit, connections beyond the published-port
+// budget are reset at once (none hangs), another client (another address)
+// is served each time it connects, each of its connections taking the
+// place of one of the first client's, and /v1/info counts both; once the
+// clients leave, the parent's descriptors return to about where they were
+// within seconds (no splice pipes cached for minutes).
 func TestPortsIdleClientsKeepNetworkUp(t *testing.T) {
 	const (
 		clients   = 4000
@@ -125,23 +129,32 @@ kill $srv`, e2etest.HelperCmd(t, "http-serve"), checks,
 			t.Errorf("%s: getent hosts answered %d of %d times:\n%s", when, n, checks, out)
 		}
 	}
-	api := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+	apiHTTP := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 		var d net.Dialer
 		return d.DialContext(ctx, "unix", state+"/api.sock")
 	}}, Timeout: 10 * time.Second}
-	apiInfo := func(when string) {
+	apiInfo := func(when string) (limits map[string]api.LimitInfo) {
 		t.Helper()
-		resp, err := api.Get("http://gonetns/v1/info")
+		resp, err := apiHTTP.Get("http://gonetns/v1/info")
 		if err != nil {
 			t.Errorf("%s: GET /v1/info: %v", when, err)
-			return
+			return nil
 		}
 		b, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
 		if resp.StatusCode != 200 || !strings.Contains(string(b), `"childIP":"10.0.2.100"`) {
 			t.Errorf("%s: GET /v1/info: %d %s", when, resp.StatusCode, b)
 		}
-		api.CloseIdleConnections()
+		apiHTTP.CloseIdleConnections()
+		var info api.Info
+		if err := json.Unmarshal(b, &info); err != nil {
+			t.Errorf("%s: GET /v1/info: %v", when, err)
+		}
+		limits = make(map[string]api.LimitInfo)
+		for _, l := range info.Limits {
+			limits[l.Name] = l
+		}
+		return limits
 	}
 
 	verify("before the clients", insideChecks())
@@ -213,12 +226,40 @@ kill $srv`, e2etest.HelperCmd(t, "http-serve"), checks,
 	verify("with the clients held", insideChecks())
 	apiInfo("with the clients held")
 	sample()
+
+	// Another client, from 127.0.0.2: served each time, as long as it
+	// holds fewer than the first; each of its connections takes the place
+	// of one of the first client's.
+	const others = 20
+	var otherHeld []net.Conn
+	for i := range others {
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}, Timeout: 10 * time.Second}
+		c, err := d.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", pubPort))
+		if err != nil {
+			t.Errorf("the other client's connection %d: %v", i, err)
+			continue
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(30 * time.Second))
+		fmt.Fprintf(c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+		if line, err := bufio.NewReader(c).ReadString('\n'); err != nil || !strings.HasPrefix(line, "HTTP/1.1 200") {
+			t.Errorf("the other client's connection %d, while the first holds the budget: %q, %v", i, line, err)
+			continue
+		}
+		otherHeld = append(otherHeld, c)
+	}
+	tcp := apiInfo("with both clients")["ports.tcp.connections"]
+	t.Logf("/v1/info with both clients: %+v", tcp)
+	if len(otherHeld) != others || tcp.Events["preempted"] != others || tcp.Events["reset"] != uint64(clients)-uint64(served.Load()) || tcp.Clients != 2 || tcp.InUse != tcp.Max {
+		t.Errorf("the other client was served %d times of %d; /v1/info: %+v; want %d preempted, %d reset (the first client's beyond the budget), 2 clients, all %d in use",
+			len(otherHeld), others, tcp, others, clients-served.Load(), tcp.Max)
+	}
 	if p := peak.Load(); p >= hardLimit-1 {
 		t.Errorf("gonetns reached %d descriptors, its limit", p)
 	}
 
 	mu.Lock()
-	for _, c := range held {
+	for _, c := range append(held, otherHeld...) {
 		c.Close()
 	}
 	held = nil
