@@ -166,6 +166,12 @@ type Config struct {
 	// PIDNS, UTSNS, IPCNS and CgroupNS create those namespaces; with PIDNS
 	// the command is PID 1.
 	PIDNS, UTSNS, IPCNS, CgroupNS bool
+	// InitProcess, with PIDNS, makes PID 1 an init of gonetns's that runs
+	// the command as its child, relays every signal to it and reaps the
+	// orphans (RootlessKit's layout; the rootlesskit personality sets it):
+	// the command is not PID 1, and a signal without a handler of its own
+	// still ends it.
+	InitProcess bool
 	// Reaper is "auto" (default), "true" or "false": whether the gonetns
 	// child reaps orphans of the command.
 	Reaper string

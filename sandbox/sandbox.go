@@ -97,6 +97,7 @@ func Start(ctx context.Context, cfg Config, args []string) (*Sandbox, error) {
 		}, cfg.Env...),
 		NewNet:          cfg.Net != NetHost && !cfg.DetachNetNS,
 		PIDNS:           cfg.PIDNS,
+		InitProcess:     cfg.InitProcess,
 		UTSNS:           cfg.UTSNS,
 		IPCNS:           cfg.IPCNS,
 		CgroupNS:        cfg.CgroupNS,
@@ -193,6 +194,11 @@ func (s *Sandbox) Wait() (int, error) {
 	})
 	return s.code, s.waitErr
 }
+
+// ExitSignal is the signal that ended the command, once Wait has
+// returned (Wait's status is then 128 plus its number); 0 if the command
+// exited by itself.
+func (s *Sandbox) ExitSignal() syscall.Signal { return s.child.CommandSignal() }
 
 // Close kills the command if it still runs and releases everything, as
 // Wait does.

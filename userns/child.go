@@ -113,8 +113,13 @@ func initStage() int {
 	path := os.Getenv(envInitPath)
 	os.Unsetenv(envInitPath)
 	os.Unsetenv(envStage)
+	supervise := os.Getenv(envInitSupervise) != ""
+	os.Unsetenv(envInitSupervise)
 	if err := unix.Mount("proc", "/proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
 		fmt.Fprintf(os.Stderr, "gonetns: warning: cannot mount /proc for the new PID namespace (%v); it shows the host's processes\n", err)
+	}
+	if supervise {
+		return superviseCommand(path)
 	}
 	err := unix.Exec(path, os.Args, os.Environ())
 	fmt.Fprintf(os.Stderr, "gonetns: exec %s: %v\n", path, err)
@@ -223,6 +228,7 @@ func (r *runner) run(hooks ChildHooks, extra []*os.File) int {
 	ctx, cancel := context.WithCancel(context.Background())
 	type exit struct {
 		status int
+		signal syscall.Signal // that ended the command, or 0
 		err    error
 	}
 	started := make(chan int, 1)
@@ -231,25 +237,57 @@ func (r *runner) run(hooks ChildHooks, extra []*os.File) int {
 		// Locked and alive until the command is reaped, for Pdeathsig.
 		runtime.LockOSThread()
 		exe, procEnv := path, env
+		files := []*os.File{os.Stdin, os.Stdout, os.Stderr}
 		sys := &syscall.SysProcAttr{Pdeathsig: unix.SIGKILL}
+		var fate *os.File // the init process's report of the command's end
 		if r.cfg.PIDNS {
-			// Through the init stage, which mounts /proc and execs path.
+			// Through the init stage, which mounts /proc and execs path
+			// or, with InitProcess, runs it as its child.
 			exe = "/proc/self/exe"
 			procEnv = append(env[:len(env):len(env)], envStage+"="+stageInit, envInitPath+"="+path)
 			sys.Cloneflags = unix.CLONE_NEWPID
+			if r.cfg.InitProcess {
+				pr, pw, err := os.Pipe()
+				if err != nil {
+					started <- 0
+					done <- exit{status: exitCannotExec, err: fmt.Errorf("init's report pipe: %w", err)}
+					return
+				}
+				defer pr.Close()
+				fate = pr
+				files = append(files, pw) // descriptor 3: initFateFD
+				procEnv = append(procEnv, envInitSupervise+"=1")
+			}
 		}
 		p, err := os.StartProcess(exe, r.cfg.Args, &os.ProcAttr{
 			Env:   procEnv,
-			Files: []*os.File{os.Stdin, os.Stdout, os.Stderr},
+			Files: files,
 			Sys:   sys,
 		})
+		if fate != nil {
+			files[3].Close()
+		}
 		if err != nil {
 			started <- 0
-			done <- exit{exitCannotExec, fmt.Errorf("start %s: %w", path, err)}
+			done <- exit{status: exitCannotExec, err: fmt.Errorf("start %s: %w", path, err)}
 			return
 		}
 		started <- p.Pid
-		done <- exit{status: reap(p.Pid, sigchld)}
+		ws := reap(p.Pid, sigchld)
+		e := exit{status: statusOf(ws)}
+		if ws.Signaled() {
+			e.signal = ws.Signal()
+		}
+		if fate != nil {
+			// The command's own end, as the init process saw it.
+			if cws, ok := readFate(fate); ok {
+				e = exit{status: statusOf(cws)}
+				if cws.Signaled() {
+					e.signal = cws.Signal()
+				}
+			}
+		}
+		done <- e
 	}()
 	pid := <-started
 	if pid != 0 {
@@ -305,6 +343,11 @@ loop:
 			parentGone = nil
 		}
 	}
+	if result.signal != 0 {
+		// For a parent that reports it as RootlessKit does (a signal is
+		// not an exit status there).
+		r.ctl.Send(message{Type: msgExited, Signal: int(result.signal)})
+	}
 	if r.cfg.KillOrphans {
 		if n := killOrphans(r.log); n > 0 {
 			r.log.Debug("ended processes the command left behind", "count", n)
@@ -319,8 +362,8 @@ loop:
 }
 
 // reap waits for every child (this process may be PID 1 or a subreaper)
-// until pid exits, and returns pid's exit status, 128+N for signal N.
-func reap(pid int, sigchld <-chan os.Signal) int {
+// until pid exits, and returns pid's wait status.
+func reap(pid int, sigchld <-chan os.Signal) unix.WaitStatus {
 	for {
 		for {
 			var ws unix.WaitStatus
@@ -332,14 +375,20 @@ func reap(pid int, sigchld <-chan os.Signal) int {
 				break
 			}
 			if got == pid {
-				if ws.Signaled() {
-					return 128 + int(ws.Signal())
-				}
-				return ws.ExitStatus()
+				return ws
 			}
 		}
 		<-sigchld
 	}
+}
+
+// statusOf is the exit status for a wait status: 128+N if signal N ended
+// the process.
+func statusOf(ws unix.WaitStatus) int {
+	if ws.Signaled() {
+		return 128 + int(ws.Signal())
+	}
+	return ws.ExitStatus()
 }
 
 // orphanRounds bounds killOrphans: each round kills the children it finds

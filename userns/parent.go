@@ -15,6 +15,7 @@ import (
 	"runtime"
 	"slices"
 	"strconv"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -38,6 +39,11 @@ type Options struct {
 	// child as its parent outside it; UTSNS, IPCNS and CgroupNS create
 	// those namespaces.
 	PIDNS, UTSNS, IPCNS, CgroupNS bool
+	// InitProcess, with PIDNS, makes PID 1 of the new PID namespace an
+	// init of gonetns's that runs the command as its child, relays every
+	// signal to it and reaps the orphans, as RootlessKit's child does;
+	// without it the command is PID 1 itself.
+	InitProcess bool
 	// Reaper makes the child a subreaper of orphaned processes: "true",
 	// "false", or "auto" (false: with PIDNS the command is PID 1 and
 	// inherits the orphans itself).
@@ -102,6 +108,8 @@ type Child struct {
 	netInfo json.RawMessage
 	netFile []*os.File
 	waited  chan struct{} // closed when supervise has returned; nil before Begin
+	// cmdSignal is the signal that ended the command (msgExited).
+	cmdSignal atomic.Int32
 }
 
 // forwardedSignals are relayed to the command.
@@ -278,6 +286,7 @@ func (c *Child) setUp(m *idMapper, plan mapPlan, reaper bool, netJSON json.RawMe
 		StateDir:    opts.StateDir.Path,
 		NewNet:      opts.NewNet,
 		PIDNS:       opts.PIDNS,
+		InitProcess: opts.InitProcess && opts.PIDNS,
 		Reaper:      reaper,
 		KillOrphans: !opts.LeaveOrphans && !opts.PIDNS,
 		Cgroup2:     opts.EvacuateCgroup2 != "" && opts.CgroupNS,
@@ -379,6 +388,10 @@ func (c *Child) Wait() (int, error) {
 	return exitStatus(c.state, c.waitErr)
 }
 
+// CommandSignal is the signal that ended the command, once Wait has
+// returned; 0 if it exited by itself.
+func (c *Child) CommandSignal() syscall.Signal { return syscall.Signal(c.cmdSignal.Load()) }
+
 // Kill ends the child (and, through Pdeathsig and the PID namespace, what
 // runs inside) at once.
 func (c *Child) Kill() {
@@ -429,6 +442,13 @@ func (c *Child) supervise(ctx context.Context) {
 		c.drainControl()
 	}()
 	defer func() {
+		// The child is gone: what it sent last (msgExited) is read up to
+		// the end of the stream, which its exit makes; the bound is for a
+		// descriptor of it that outlived it somewhere.
+		select {
+		case <-drained:
+		case <-time.After(time.Second):
+		}
 		c.ctl.Close()
 		<-drained
 	}()
@@ -474,6 +494,8 @@ func (c *Child) drainControl() {
 		switch m.Type {
 		case msgStarted:
 			c.log.Debug("command started", "pid_in_namespace", m.PID)
+		case msgExited:
+			c.cmdSignal.Store(int32(m.Signal))
 		case msgError:
 			c.log.Debug("child reported", "error", m.Error)
 		}

@@ -13,6 +13,9 @@ const (
 	stageInit   = "init" // PID 1 of a new PID namespace: mounts /proc, execs the command
 	stageJoin   = "join" // in namespaces someone else made: sets up the link there (Join)
 	envInitPath = "_GONETNS_INIT_PATH"
+	// envInitSupervise makes the init stage run the command as its child
+	// (Options.InitProcess) instead of becoming it.
+	envInitSupervise = "_GONETNS_INIT_SUPERVISE"
 )
 
 // ctlFD is the child's descriptor of the control socket; ExtraFiles follow.
@@ -28,6 +31,7 @@ const (
 	// child -> parent
 	msgNetwork = "network" // namespaces and mounts are set up; Info and files of the network hook
 	msgStarted = "started" // the command runs as PID
+	msgExited  = "exited"  // the command was ended by Signal
 	msgError   = "error"   // setup failed with Error; the child exits next
 )
 
@@ -52,6 +56,7 @@ type childConfig struct {
 	StateDir    string   `json:"stateDir"`
 	NewNet      bool     `json:"newNet"`
 	PIDNS       bool     `json:"pidns"`
+	InitProcess bool     `json:"initProcess,omitempty"`
 	Reaper      bool     `json:"reaper"`
 	KillOrphans bool     `json:"killOrphans"`
 	// Cgroup2 mounts a cgroup2 of the command's cgroup namespace on

@@ -114,7 +114,12 @@ func runLauncher(args []string, who personality, name string) int {
 		defer close(memDone)
 		returnMemory(memCtx)
 	}()
-	code, err := sandbox.Run(context.Background(), cfg, o.args)
+	if who == asRootlessKit {
+		// RootlessKit's layout with --pidns: its own init is PID 1 and
+		// relays signals to the command.
+		cfg.InitProcess = true
+	}
+	code, sig, err := runSandbox(cfg, o.args)
 	stopMem()
 	<-memDone
 	if err != nil {
@@ -124,7 +129,28 @@ func runLauncher(args []string, who personality, name string) int {
 		}
 		return setupCode
 	}
+	if sig != 0 && who == asRootlessKit {
+		// RootlessKit has no status for a signal: it says which, in Go's
+		// words, and exits 255 (os.Exit of exec's -1).
+		log.Error(fmt.Sprintf("command %v exited: signal: %v", o.args, sig))
+		return exitRootlessKitSignal
+	}
 	return code
+}
+
+// exitRootlessKitSignal is rootlesskit's status when the command was
+// ended by a signal.
+const exitRootlessKitSignal = 255
+
+// runSandbox runs the sandbox and returns the command's exit status and
+// the signal that ended it, if one did.
+func runSandbox(cfg sandbox.Config, args []string) (int, syscall.Signal, error) {
+	s, err := sandbox.Start(context.Background(), cfg, args)
+	if err != nil {
+		return 0, 0, err
+	}
+	code, err := s.Wait()
+	return code, s.ExitSignal(), err
 }
 
 // recordCollector keeps records for a logger made later.

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -82,6 +83,55 @@ func TestRootlessKitBracketedIPv4ChildAddress(t *testing.T) {
 func killMarked(marker string) {
 	for _, pid := range procsMarked(marker) {
 		syscall.Kill(pid, syscall.SIGKILL)
+	}
+}
+
+// When the command dies of a signal, rootlesskit exits with status 255
+// and says which signal ("signal: user defined signal 1", Go's text), with
+// and without a PID namespace and whatever --reaper says. Here the signal
+// goes to $STATE/child_pid, which relays it to the command.
+func TestRootlessKitSignalExit(t *testing.T) {
+	for _, k := range kitRunners(t) {
+		for _, flags := range [][]string{{"--pidns=false"}, {"--pidns=true", "--reaper=auto"}, {"--pidns=true", "--reaper=true"}, {"--pidns=true", "--reaper=false"}} {
+			t.Run(k.name+"/"+strings.Join(flags, ","), func(t *testing.T) {
+				marker := fmt.Sprintf("sleep %d", 710000+time.Now().UnixNano()%100000)
+				defer killMarked(marker)
+				state := filepath.Join(k.kit.TempDir(t), "state")
+				ctx, cancel := context.WithTimeout(context.Background(), netTimeout)
+				defer cancel()
+				args := append([]string{"--state-dir=" + state}, flags...)
+				cmd := k.kit.Command(ctx, append(args, strings.Fields(marker)...)...)
+				var errOut e2etest.Log
+				cmd.Stderr = &errOut
+				if err := cmd.Start(); err != nil {
+					t.Fatal(err)
+				}
+				defer func() { cmd.Process.Kill(); cmd.Wait() }()
+				// child_pid exists once the command runs.
+				var childPID int
+				for deadline := time.Now().Add(20 * time.Second); ; {
+					b, err := os.ReadFile(filepath.Join(state, "child_pid"))
+					if childPID, _ = strconv.Atoi(strings.TrimSpace(string(b))); err == nil && childPID > 0 && len(procsMarked(marker)) > 0 {
+						break
+					}
+					if time.Now().After(deadline) {
+						t.Fatalf("the command never ran:\n%s", errOut.String())
+					}
+					time.Sleep(20 * time.Millisecond)
+				}
+				syscall.Kill(childPID, syscall.SIGUSR1)
+				err := cmd.Wait()
+				code := -1
+				if ee, ok := err.(*exec.ExitError); ok {
+					code = ee.ExitCode()
+				} else if err == nil {
+					code = 0
+				}
+				if code != 255 || !strings.Contains(errOut.String(), "signal: user defined signal 1") {
+					t.Errorf("the command killed by SIGUSR1: exit %d (%v), want 255 and \"signal: user defined signal 1\" on stderr:\n%s", code, err, errOut.String())
+				}
+			})
+		}
 	}
 }
 
