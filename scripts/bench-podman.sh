@@ -29,8 +29,8 @@ if [ "${1:-}" != --measure ]; then
 	chmod 0755 "$dir"
 	trap 'rm -rf "$dir"' EXIT
 	echo "building gonetns and e2etool" >&2
-	CGO_ENABLED=0 go build -trimpath -o "$dir/gonetns" ./cmd/gonetns
-	CGO_ENABLED=0 go build -trimpath -o "$dir/e2etool" ./internal/e2etest/e2etool
+	CGO_ENABLED=0 go build -trimpath -o "$dir/bin/gonetns" ./cmd/gonetns
+	CGO_ENABLED=0 go build -trimpath -o "$dir/bin/e2etool" ./internal/e2etest/e2etool
 	trap - EXIT
 	# The measurements hold the lock; the lock's descriptor stays out of
 	# what they start (-o), or Podman's pause process would keep it.
@@ -49,12 +49,12 @@ cleanup() {
 trap cleanup EXIT
 
 mkdir "$dir/as"
-ln -s ../gonetns "$dir/as/slirp4netns"
+ln -s ../bin/gonetns "$dir/as/slirp4netns"
 
 # The image: busybox-static and its applets, e2etool.
 root="$dir/rootfs"
 mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc,root,proc,sys,dev,run,tmp}
-cp /bin/busybox "$dir/e2etool" "$root/bin/"
+cp /bin/busybox "$dir/bin/e2etool" "$root/bin/"
 for a in $(/bin/busybox --list-full); do
 	[ "$a" = bin/busybox ] || ln -sf /bin/busybox "$root/$a"
 done
@@ -105,13 +105,13 @@ measure() {
 	port=$(free_port)
 	case $kind in
 	download)
-		"$dir/e2etool" source "127.0.0.1:$port" "$bytes" & hostpid=$!
+		"$dir/bin/e2etool" source "127.0.0.1:$port" "$bytes" & hostpid=$!
 		sleep 0.2
 		out=$(as_user $sys podman run --rm $net bench:1 e2etool recv "10.0.2.2:$port")
 		kill $hostpid; wait $hostpid 2>/dev/null || true; hostpid=
 		;;
 	upload)
-		"$dir/e2etool" sink "127.0.0.1:$port" & hostpid=$!
+		"$dir/bin/e2etool" sink "127.0.0.1:$port" & hostpid=$!
 		sleep 0.2
 		out=$(as_user $sys podman run --rm $net bench:1 e2etool send "10.0.2.2:$port" "$bytes")
 		kill $hostpid; wait $hostpid 2>/dev/null || true; hostpid=
@@ -124,14 +124,16 @@ measure() {
 		else
 			id=$(as_user $sys podman run -d "${extra[@]}" -p "127.0.0.1:$port:8000" bench:1 e2etool source 0.0.0.0:8000 "$bytes")
 		fi
+		# Ready when the server inside listens (the published port
+		# accepts before that).
 		for _ in $(seq 100); do
-			"$dir/e2etool" tcp-read "127.0.0.1:$port" </dev/null >/dev/null 2>&1 && break
+			as_user $sys podman exec "$id" netstat -ltn 2>/dev/null | grep -q ':8000 ' && break
 			sleep 0.1
 		done
 		if [ "${kind#port-in}" != "$kind" ]; then
-			out=$("$dir/e2etool" send "127.0.0.1:$port" "$bytes")
+			out=$("$dir/bin/e2etool" send "127.0.0.1:$port" "$bytes")
 		else
-			out=$("$dir/e2etool" recv "127.0.0.1:$port")
+			out=$("$dir/bin/e2etool" recv "127.0.0.1:$port")
 		fi
 		as_user $sys podman rm --force --time=0 "$id" >/dev/null
 		;;

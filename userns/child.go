@@ -1,6 +1,7 @@
 package userns
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -236,10 +237,10 @@ func (r *runner) run(hooks ChildHooks, extra []*os.File) int {
 	go func() {
 		// Locked and alive until the command is reaped, for Pdeathsig.
 		runtime.LockOSThread()
-		exe, procEnv := path, env
+		exe, procEnv, argv := path, env, r.cfg.Args
 		files := []*os.File{os.Stdin, os.Stdout, os.Stderr}
 		sys := &syscall.SysProcAttr{Pdeathsig: unix.SIGKILL}
-		var fate *os.File // the init process's report of the command's end
+		var fate *bufio.Reader // the init process's reports
 		if r.cfg.PIDNS {
 			// Through the init stage, which mounts /proc and execs path
 			// or, with InitProcess, runs it as its child.
@@ -254,12 +255,14 @@ func (r *runner) run(hooks ChildHooks, extra []*os.File) int {
 					return
 				}
 				defer pr.Close()
-				fate = pr
+				fate = bufio.NewReader(pr)
 				files = append(files, pw) // descriptor 3: initFateFD
 				procEnv = append(procEnv, envInitSupervise+"=1")
+				// Named as what it is in ps, not as the command.
+				argv = append([]string{initName}, argv...)
 			}
 		}
-		p, err := os.StartProcess(exe, r.cfg.Args, &os.ProcAttr{
+		p, err := os.StartProcess(exe, argv, &os.ProcAttr{
 			Env:   procEnv,
 			Files: files,
 			Sys:   sys,
@@ -271,6 +274,12 @@ func (r *runner) run(hooks ChildHooks, extra []*os.File) int {
 			started <- 0
 			done <- exit{status: exitCannotExec, err: fmt.Errorf("start %s: %w", path, err)}
 			return
+		}
+		if fate != nil {
+			// Signals relayed before the init process catches them would
+			// be lost (PID 1 gets none it has no handler for): the
+			// command counts as started once it does.
+			fate.ReadString('\n')
 		}
 		started <- p.Pid
 		ws := reap(p.Pid, sigchld)

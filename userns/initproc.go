@@ -1,8 +1,8 @@
 package userns
 
 import (
+	"bufio"
 	"fmt"
-	"io"
 	"os"
 	"os/signal"
 	"strconv"
@@ -12,9 +12,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// initFateFD is the init process's descriptor for its report of the
-// command's end to the gonetns child (Options.InitProcess).
+// initFateFD is the init process's descriptor for its reports to the
+// gonetns child (Options.InitProcess): a line once it catches signals, a
+// line with the command's wait status when the command has ended.
 const initFateFD = 3
+
+// initName is the init process's argv[0]; the command's argv follows.
+const initName = "gonetns-init"
 
 // superviseCommand is PID 1 of the new PID namespace when the command is
 // not (Options.InitProcess, as RootlessKit's child is PID 1 and its
@@ -29,7 +33,8 @@ func superviseCommand(path string) int {
 	unix.CloseOnExec(initFateFD)
 	sigs := make(chan os.Signal, 64)
 	signal.Notify(sigs)
-	p, err := os.StartProcess(path, os.Args, &os.ProcAttr{
+	fmt.Fprintln(fate, "ready")
+	p, err := os.StartProcess(path, os.Args[1:], &os.ProcAttr{
 		Env:   os.Environ(),
 		Files: []*os.File{os.Stdin, os.Stdout, os.Stderr},
 		Sys:   &syscall.SysProcAttr{Pdeathsig: unix.SIGKILL},
@@ -64,14 +69,15 @@ func superviseCommand(path string) int {
 	}
 }
 
-// readFate reads the init process's report of the command's wait status;
-// false if it made none (it could not start the command).
-func readFate(r io.Reader) (unix.WaitStatus, bool) {
-	b, err := io.ReadAll(io.LimitReader(r, 64))
+// readFate reads the init process's report of the command's wait status
+// (after its ready line); false if it made none (it could not start the
+// command).
+func readFate(r *bufio.Reader) (unix.WaitStatus, bool) {
+	line, err := r.ReadString('\n')
 	if err != nil {
 		return 0, false
 	}
-	n, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 32)
+	n, err := strconv.ParseUint(strings.TrimSpace(line), 10, 32)
 	if err != nil {
 		return 0, false
 	}
