@@ -23,6 +23,5 @@ if [ "$IDLE" -gt 0 ]; then
 fi
 taskset -c 1 /usr/bin/python3 "$DIR/burst.py" "$ROOTLESSKIT_STATE_DIR/api.sock" "$PAIRS" 21000
 "$BIN" ctl info | grep -A3 Limits || true
-[ "$IDLE" -gt 0 ] && kill $held
-true'
+if [ "$IDLE" -gt 0 ]; then kill $held; rm -f "$ROOTLESSKIT_STATE_DIR/idle.out"; fi'
 su gonetns-test -s /bin/sh -c "DIR='$dir' BIN='$bin' PAIRS='$pairs' IDLE='$idle' prlimit --nofile=1024:20000 -- taskset -c 0 '$bin' sh -c '$inside'"
