@@ -40,8 +40,13 @@ dir=$2
 cleanup() {
 	for sys in gonetns slirp4netns; do
 		[ -d "$dir/$sys" ] && as_user "$sys" podman rm --all --force --time=0 >/dev/null 2>&1 || true
-		[ -d "$dir/$sys" ] && as_user "$sys" podman system migrate >/dev/null 2>&1 || true
 		[ -d "$dir/$sys" ] && as_user "$sys" podman unshare rm -rf "$dir/$sys/home/.local/share/containers" >/dev/null 2>&1 || true
+	done
+	# Podman's pause processes (catatonit) outlive every podman command.
+	for p in /proc/[0-9]*; do
+		if tr '\0' '\n' <"$p/environ" 2>/dev/null | grep -q "^XDG_RUNTIME_DIR=$dir/r-"; then
+			kill -9 "${p#/proc/}" 2>/dev/null || true
+		fi
 	done
 	[ -n "${hostpid:-}" ] && kill "$hostpid" 2>/dev/null || true
 	rm -rf "$dir"

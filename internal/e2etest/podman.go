@@ -128,13 +128,36 @@ runroot = %q
 	return p
 }
 
-// reset removes every container and ends Podman's pause process, so that
-// nothing of this Podman outlives the test.
+// reset removes every container and the storage, and ends what this
+// Podman left running: its pause process (catatonit, which keeps the user
+// namespace for the next podman command and outlives every one of them),
+// and anything else started with its runtime directory.
 func (p *Podman) reset(t testing.TB) {
 	p.Run(60*time.Second, "rm", "--all", "--force", "--time=0")
-	p.Run(60*time.Second, "system", "migrate") // stops the pause process
 	// The storage holds files owned by the user's subordinate ids.
 	p.Run(60*time.Second, "unshare", "rm", "-rf", filepath.Join(p.Home, ".local", "share", "containers"))
+	killByEnv("XDG_RUNTIME_DIR=" + p.Runtime)
+}
+
+// killByEnv kills the processes whose environment has the entry kv.
+func killByEnv(kv string) {
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "environ"))
+		if err != nil {
+			continue
+		}
+		for _, entry := range bytes.Split(b, []byte{0}) {
+			if string(entry) == kv {
+				syscall.Kill(pid, syscall.SIGKILL)
+				break
+			}
+		}
+	}
 }
 
 // Command prepares podman with args as the test user.
