@@ -38,7 +38,7 @@ import (
 // back to a socket before it is empty; then a frame can overtake others,
 // where a single socket would have dropped it.)
 type device struct {
-	tx   *os.File // the socket that sends, bound without a protocol: it receives nothing
+	tx   *os.File // the socket that sends, bound without a protocol: it receives nothing; not in Go's poller (Write)
 	txrc syscall.RawConn
 	rx   []*os.File // the fanout group, in rollover order
 	rxrc []syscall.RawConn
@@ -73,7 +73,7 @@ func NewDevice(files []*os.File) (tap.Device, error) {
 		return nil, fmt.Errorf("packet link: %w", err)
 	}
 	var err error
-	if d.tx, d.txrc, err = dupFile(files[0], true); err != nil {
+	if d.tx, d.txrc, err = dupFile(files[0], false); err != nil {
 		return fail(err)
 	}
 	// One receiving socket is waited on in Go's poller; several are read
@@ -223,12 +223,63 @@ func (d *device) pkttype(nameLen int) uint8 {
 }
 
 // Write sends one frame. Safe for concurrent use.
+//
+// The sending socket stays out of Go's poller, which watches a descriptor
+// for writing as well as reading: each frame the sandbox takes gives room
+// back to the socket's send buffer, and a socket an epoll set watches then
+// wakes that set (sock_def_write_space), for Go's poller a thread woken
+// per frame. BenchmarkWrite (3 runs each, TAP in the same run): a 66-byte
+// frame took 3.0-4.2 µs with the socket in the poller (TAP 2.2-2.6), and
+// 2.8-2.9 µs out of it (TAP 2.7-3.0); a 64 KB segment 6.6-8.6 µs (TAP
+// 6.1-8.2), and 4.5-4.7 µs (TAP 4.9-5.7). A full send buffer (frames the
+// sandbox has not taken yet) is waited out in poll(2).
 func (d *device) Write(bufs [][]byte) (int, error) {
-	n, err := rawconn.Write(d.txrc, func(fd int) (int, error) { return rawconn.Writev(fd, bufs) })
-	if err != nil {
-		return n, d.ioErr("write", err)
+	for {
+		var n int
+		var werr error
+		err := d.txrc.Control(func(fd uintptr) {
+			for {
+				n, werr = rawconn.Send(int(fd), bufs, unix.MSG_DONTWAIT)
+				if werr != unix.EINTR {
+					return
+				}
+			}
+		})
+		if err == nil && werr == nil {
+			return n, nil
+		}
+		if err == nil && werr == unix.EAGAIN {
+			err = d.waitWritable()
+		} else if err == nil {
+			err = werr
+		}
+		if err != nil {
+			return 0, d.ioErr("write", err)
+		}
 	}
-	return n, nil
+}
+
+// waitWritable waits until the sending socket has room, or the device is
+// closed.
+func (d *device) waitWritable() error {
+	for !d.closed.Load() {
+		var n int
+		var perr error
+		err := d.txrc.Control(func(fd uintptr) {
+			// Bounded, so that Close is seen: the descriptor is not in Go's
+			// poller, which would wake this on Close.
+			n, perr = unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}, 100)
+		})
+		switch {
+		case err != nil:
+			return err
+		case perr != nil && perr != unix.EINTR:
+			return perr
+		case n > 0:
+			return nil
+		}
+	}
+	return os.ErrClosed
 }
 
 // ioErr reports a failed read or write: after Close it is os.ErrClosed,
