@@ -5,7 +5,10 @@ import (
 	"net/netip"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/gonetns/gonetns/tap"
+	"github.com/gonetns/gonetns/veth"
 )
 
 // The cost of writing a frame into the sandbox, on the packet link and on
@@ -55,6 +58,13 @@ func benchDevice(b *testing.B, link string) tap.Device {
 	if link == "packet" {
 		return openLink(b, 1500).dev
 	}
+	dev, _ := benchTAP(b)
+	return dev
+}
+
+// benchTAP is a TAP in a namespace of its own, configured as the sandbox's
+// end of a packet link is (named ifname).
+func benchTAP(b *testing.B) (tap.Device, *netns) {
 	ns := newNetns(b)
 	var dev tap.Device
 	var err error
@@ -73,5 +83,63 @@ func benchDevice(b *testing.B, link string) tap.Device {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { dev.Close() })
-	return dev
+	return dev, ns
+}
+
+// A frame's round trip through the link: a packet socket on the
+// sandbox's end sends it, the device reads it and writes it back, the
+// socket receives it. What a request/response exchange pays the link,
+// twice: on the packet link (with the receiving sockets net.core.rmem_max
+// gives here, and with fifteen, as at Linux's default) and on a TAP.
+func BenchmarkRoundTrip(b *testing.B) {
+	for _, kind := range []string{"packet", "packet-15", "tap"} {
+		b.Run(kind, func(b *testing.B) {
+			var dev tap.Device
+			var ns *netns
+			switch kind {
+			case "packet-15":
+				defer veth.SetRcvbufRequest(veth.SetRcvbufRequest(100 << 10))
+				fallthrough
+			case "packet":
+				l := openLink(b, 1500)
+				dev, ns = l.dev, l.ns
+			case "tap":
+				dev, ns = benchTAP(b)
+			}
+			fd := sandboxSocket(b, &link{ns: ns}, false)
+			go func() {
+				var hdr [vnetHdrLen]byte
+				buf := make([]byte, 2048)
+				for {
+					n, err := dev.Read([][]byte{hdr[:], buf})
+					if err != nil {
+						return
+					}
+					if n >= vnetHdrLen+ethHdrLen && binary.BigEndian.Uint16(buf[12:]) == 0x88b5 {
+						f := buf[:n-vnetHdrLen]
+						copy(f[0:6], []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff})
+						binary.BigEndian.PutUint16(f[12:], 0x88b6)
+						dev.Write([][]byte{make([]byte, vnetHdrLen), f})
+					}
+				}
+			}()
+			frame := testFrame(1, 64)
+			buf := make([]byte, 2048)
+			b.ResetTimer()
+			for range b.N {
+				if _, err := unix.Write(fd, frame); err != nil {
+					b.Fatal(err)
+				}
+				for {
+					n, err := unix.Read(fd, buf)
+					if err != nil {
+						b.Fatal(err)
+					}
+					if n >= ethHdrLen && binary.BigEndian.Uint16(buf[12:]) == 0x88b6 {
+						break
+					}
+				}
+			}
+		})
+	}
 }
