@@ -72,8 +72,9 @@ type clientSpec struct {
 
 // clientEvent is one line of the client's output.
 type clientEvent struct {
-	Marker int    `json:"gonetns_bench"` // always 1
-	Event  string `json:"event"`         // ready, result, error
+	Marker int    `json:"gonetns_bench"`  // always 1
+	Event  string `json:"event"`          // ready, mark, result, error
+	Mark   string `json:"mark,omitempty"` // with mark: the phase that starts (rr, conn) or ends (done)
 	Target string `json:"target,omitempty"`
 	UID    int    `json:"uid"`
 	Error  string `json:"error,omitempty"`
@@ -195,7 +196,7 @@ func (c *client) run() error {
 	}
 	switch s.Task {
 	case taskProbe:
-		res, err := probe(target, s)
+		res, err := probe(target, s, c.mark)
 		if err != nil {
 			return err
 		}
@@ -207,6 +208,13 @@ func (c *client) run() error {
 	}
 	c.await("exit")
 	return nil
+}
+
+// mark tells the harness that a phase of the probe starts (or, "done",
+// ends) and waits until it has read the network process's CPU time.
+func (c *client) mark(phase string) error {
+	c.emit(clientEvent{Event: "mark", Mark: phase})
+	return c.await("marked")
 }
 
 // resolveTarget turns the spec's target into an address: "gateway" is
@@ -272,14 +280,22 @@ func hello(target netip.Addr, port int, token string) error {
 
 // probe measures the per-connection figures: request/response latency on
 // one connection, new connections per second, UDP round trips.
-func probe(target netip.Addr, s clientSpec) (*probeResult, error) {
+// mark brackets the measured round trips and the connection loop so that
+// the harness can read the network process's CPU time around each.
+func probe(target netip.Addr, s clientSpec, mark func(phase string) error) (*probeResult, error) {
 	res := &probeResult{}
 	echo := netip.AddrPortFrom(target, uint16(s.EchoPort)).String()
-	if err := requestResponse(echo, s, res); err != nil {
+	if err := requestResponse(echo, s, res, mark); err != nil {
 		return nil, fmt.Errorf("request/response: %w", err)
+	}
+	if err := mark("conn"); err != nil {
+		return nil, err
 	}
 	if err := newConnections(echo, s, res); err != nil {
 		return nil, fmt.Errorf("new connections: %w", err)
+	}
+	if err := mark("done"); err != nil {
+		return nil, err
 	}
 	udp := netip.AddrPortFrom(target, uint16(s.UDPPort)).String()
 	if err := udpRoundTrips(udp, s, res); err != nil {
@@ -290,7 +306,7 @@ func probe(target netip.Addr, s clientSpec) (*probeResult, error) {
 
 // requestResponse sends 1 byte and reads 1 byte back, RRWarmup times
 // unmeasured and RRRounds times measured, on one connection.
-func requestResponse(addr string, s clientSpec, res *probeResult) error {
+func requestResponse(addr string, s clientSpec, res *probeResult, mark func(string) error) error {
 	conn, err := net.DialTimeout("tcp", addr, 10*time.Second)
 	if err != nil {
 		return err
@@ -300,6 +316,11 @@ func requestResponse(addr string, s clientSpec, res *probeResult) error {
 	b := []byte{'x'}
 	rtts := make([]time.Duration, 0, s.RRRounds)
 	for i := range s.RRWarmup + s.RRRounds {
+		if i == s.RRWarmup {
+			if err := mark("rr"); err != nil {
+				return err
+			}
+		}
 		start := time.Now()
 		if _, err := conn.Write(b); err != nil {
 			return err

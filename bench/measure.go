@@ -248,13 +248,35 @@ func (b *bench) probe(ctx context.Context, sys *system, mtu int, s *sample) erro
 	if _, err := sess.next(ctx, "ready", 60*time.Second); err != nil {
 		return err
 	}
-	sess.send("go")
-	ev, err := sess.next(ctx, "result", 5*time.Minute)
-	if err != nil {
-		return err
+	// The network process's CPU time at each mark of the client: the
+	// start of the measured round trips, of the connection loop, and its
+	// end.
+	netPid := 0
+	if sys.netProc != nil {
+		if netPid, err = sys.netProc(sess.p.pid); err != nil {
+			return err
+		}
 	}
-	if ev.Probe == nil {
-		return &harnessError{fmt.Errorf("%s: the client's result has no probe figures", sys.name)}
+	cpuAt := map[string]int64{}
+	sess.send("go")
+	var ev clientEvent
+	for {
+		ev, err = sess.next(ctx, "", 5*time.Minute)
+		if err != nil {
+			return err
+		}
+		if ev.Event != "mark" {
+			break
+		}
+		if netPid != 0 {
+			if cpuAt[ev.Mark], err = cpuNanos(netPid); err != nil {
+				return fmt.Errorf("%s: %w", sys.netName, err)
+			}
+		}
+		sess.send("marked")
+	}
+	if ev.Event != "result" || ev.Probe == nil {
+		return &harnessError{fmt.Errorf("%s: the client sent %q, want its probe figures", sys.name, ev.Event)}
 	}
 	p := ev.Probe
 	s.Values = map[string]float64{
@@ -262,6 +284,10 @@ func (b *bench) probe(ctx context.Context, sys *system, mtu int, s *sample) erro
 		"rr_p99_us":  p.RRP99us,
 		"conn_per_s": p.ConnPerSec,
 		"udp_p50_us": p.UDPP50us,
+	}
+	if len(cpuAt) == 3 && p.RRRounds > 0 && p.Conns > 0 {
+		s.Values["rr_cpu_us"] = float64(cpuAt["conn"]-cpuAt["rr"]) / 1e3 / float64(p.RRRounds)
+		s.Values["conn_cpu_us"] = float64(cpuAt["done"]-cpuAt["conn"]) / 1e3 / float64(p.Conns)
 	}
 	s.Raw = p
 	return nil

@@ -24,6 +24,8 @@ var mtuMetrics = []metric{
 	{kindProbe, "rr_p99_us", "TCP request/response p99", "µs", false},
 	{kindProbe, "conn_per_s", "new TCP connections (connect, 1 B echo, close)", "conn/s", true},
 	{kindProbe, "udp_p50_us", "UDP round trip p50", "µs", false},
+	{kindProbe, "rr_cpu_us", "CPU of the network process per TCP round trip (1 B each way)", "µs", false},
+	{kindProbe, "conn_cpu_us", "CPU of the network process per new TCP connection", "µs", false},
 	{kindUDP, "mbps", "UDP goodput sandbox → host under a flood (iperf3 -u -b 0 -l 1400)", "Mbit/s", true},
 	{kindUDP, "lost_percent", "UDP datagrams lost under that flood", "%", false},
 	{kindStartup, "startup_ms", "start-up of `true` (wall time)", "ms", false},

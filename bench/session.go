@@ -95,8 +95,8 @@ func (s *session) read(r *os.File) {
 	}
 }
 
-// next waits for the client's next event, for at most d. An "error"
-// event, the process ending first or the time running out are failures
+// next waits for the client's next event, for at most d; it must be
+// want unless want is "" (any event). An "error" event, the process ending first or the time running out are failures
 // of the system (the process is then killed); a line of ours that does
 // not parse is a harnessError.
 func (s *session) next(ctx context.Context, want string, d time.Duration) (clientEvent, error) {
@@ -107,7 +107,7 @@ func (s *session) next(ctx context.Context, want string, d time.Duration) (clien
 		if ev.Event == "error" {
 			return ev, errors.New(ev.Error)
 		}
-		if ev.Event != want {
+		if want != "" && ev.Event != want {
 			return ev, &harnessError{fmt.Errorf("%s: the client sent %q, want %q", s.sys.name, ev.Event, want)}
 		}
 		return ev, nil
@@ -128,7 +128,7 @@ func (s *session) next(ctx context.Context, want string, d time.Duration) (clien
 			if ev.Event == "error" {
 				return ev, errors.New(ev.Error)
 			}
-			if ev.Event == want {
+			if want == "" || ev.Event == want {
 				return ev, nil
 			}
 		default:
