@@ -5,11 +5,14 @@ import (
 	"bytes"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/netip"
+	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -18,9 +21,11 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
 
 	"github.com/gonetns/gonetns/stack"
 	"github.com/gonetns/gonetns/stack/stacktest"
+	"github.com/gonetns/gonetns/tap"
 	"github.com/gonetns/gonetns/tap/taptest"
 )
 
@@ -100,8 +105,9 @@ func newFastPair(t *testing.T, o fastOpts) *fastPair {
 		Drop: o.faults.Drop, Duplicate: o.faults.Duplicate, Reorder: o.faults.Reorder, Seed: o.faults.Seed + 1,
 	})
 	routes := newRoutes()
+	check := &segmentCheck{Device: la, t: t, mtu: int(o.mtu)}
 	cfg := stack.Config{
-		Device:         la,
+		Device:         check,
 		MTU:            o.mtu,
 		Addresses:      []netip.Prefix{netip.PrefixFrom(gateway, 24), netip.PrefixFrom(dnsAddr, 24)},
 		DialTCP:        routes.dial,
@@ -136,6 +142,34 @@ func newFastPair(t *testing.T, o fastOpts) *fastPair {
 		}
 	})
 	return &fastPair{pair: &pair{st: st, guest: g}, routes: routes, toHost: lb, toSbx: la}
+}
+
+// segmentCheck fails the test when the stack sends the guest a segment
+// that would not fit the guest's MTU once cut to MSS size: a router in
+// the sandbox (Docker's bridge) forwards such segments to links of that
+// MTU, and drops what does not fit.
+type segmentCheck struct {
+	tap.Device
+	t   *testing.T
+	mtu int
+}
+
+func (d *segmentCheck) Write(bufs [][]byte) (int, error) {
+	var f []byte
+	for _, b := range bufs {
+		f = append(f, b...)
+	}
+	if d.Device.VNetHdr() {
+		hdrLen, gsoSize := int(binary.LittleEndian.Uint16(f[2:])), int(binary.LittleEndian.Uint16(f[4:]))
+		if f[1] != 0 && hdrLen-header.EthernetMinimumSize+gsoSize > d.mtu {
+			d.t.Errorf("a %d-byte segment is cut into %d + %d bytes: beyond the MTU %d", len(f)-tap.VNetHdrLen, hdrLen, gsoSize, d.mtu)
+		}
+		f = f[tap.VNetHdrLen:]
+	}
+	if len(f)-header.EthernetMinimumSize > d.mtu && (!d.Device.VNetHdr() || bufs[0][1] == 0) {
+		d.t.Errorf("a %d-byte frame on a link of MTU %d", len(f), d.mtu)
+	}
+	return d.Device.Write(bufs)
 }
 
 // listen starts a server on 127.0.0.1 that serve handles, one goroutine
@@ -570,4 +604,60 @@ func TestFastPathSlowGuestReader(t *testing.T) {
 	if err != nil || n != size {
 		t.Errorf("guest read %d bytes (%v), want %d", n, err, size)
 	}
+}
+
+// TestFastPathAckedBytesLeaveTheSocket: what the guest acknowledged is
+// dropped from the host socket at once. Bytes left there pin the socket's
+// receive buffers (a 64 KiB segment of the host's is freed only with its
+// last byte), its window closes, and a download waits for good.
+func TestFastPathAckedBytesLeaveTheSocket(t *testing.T) {
+	p := newFastPair(t, fastOpts{vnet: true, mtu: 1500})
+	const size = 1<<20 + 1325 // ends inside a host segment
+	release := make(chan struct{})
+	server := p.listen(t, 81, func(c *net.TCPConn) {
+		c.Write(make([]byte, size))
+		<-release // keep the connection (and our socket) open
+	})
+	defer close(release)
+	c, err := p.guest.DialTCP(ctx(t), netip.AddrPortFrom(remote.Addr(), 81))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(c, make([]byte, size)); err != nil {
+		t.Fatalf("the download stalled: %v", err)
+	}
+	// Our socket is the one connected to the server: its receive queue
+	// in /proc/net/tcp (the rx_queue column, hex) empties once the
+	// guest's ACK of the last byte went through.
+	var queued int64 = -1
+	stacktest.WaitFor(5*time.Second, func() bool {
+		queued = rxQueue(t, server)
+		return queued == 0
+	})
+	if queued != 0 {
+		t.Errorf("the host socket still holds %d bytes the guest has acknowledged", queued)
+	}
+}
+
+// rxQueue returns the receive queue of the TCP socket of this network
+// namespace that is connected to remote.
+func rxQueue(t *testing.T, remote netip.AddrPort) int64 {
+	b, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := remote.Addr().As4()
+	want := fmt.Sprintf("%02X%02X%02X%02X:%04X", a[3], a[2], a[1], a[0], remote.Port())
+	for _, line := range strings.Split(string(b), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) > 4 && f[2] == want && f[3] == "01" { // ESTABLISHED
+			q := strings.SplitN(f[4], ":", 2)
+			n, _ := strconv.ParseInt(q[1], 16, 64)
+			return n
+		}
+	}
+	t.Fatalf("no established socket connected to %v in /proc/net/tcp", remote)
+	return 0
 }

@@ -82,7 +82,11 @@ func Key(ev *unix.EpollEvent) uint32 { return uint32(ev.Fd) }
 var ErrClosed = os.ErrClosed
 
 // Wait blocks until some member is ready and fills events with what is
-// ready now; it returns ErrClosed once the set is closed.
+// ready now; it returns ErrClosed once the set is closed. It always asks
+// the set before it sleeps: Go's poller forgets a wake-up that came while
+// nobody waited (a raw read resets the descriptor's readiness first), so
+// an event that arrived while the caller handled the last ones would
+// otherwise be slept through.
 func (s *Set) Wait(events []unix.EpollEvent) (int, error) {
 	n, err := rawconn.Read(s.rc, func(fd int) (int, error) {
 		n, err := rawconn.EpollPoll(fd, events)

@@ -91,6 +91,7 @@ type conn struct {
 
 	// The host's data, towards the sandbox.
 	iss          uint32
+	rdSeq        uint32 // the first byte still in the host socket's receive queue: sndUna, or the FIN's sequence number
 	sndUna       uint32 // oldest byte not acknowledged by the sandbox
 	sndNxt       uint32 // next byte to send
 	sndMax       uint32 // highest sequence number sent
@@ -425,10 +426,38 @@ func (c *conn) onAckTimer() {
 	}
 }
 
+// consumeAcked drops the acknowledged bytes from the host socket, at
+// once. Left there, they pin the kernel's buffers: a host socket's
+// receive memory is counted per buffer, a 64 KiB segment of the host's
+// stays whole until its last byte is read, and peeking does not grow the
+// buffer as reading does, so a few hundred acknowledged bytes left in two
+// such segments fill the default 128 KiB; the socket's window closes,
+// the host stops sending, the sandbox has nothing more to acknowledge,
+// and the connection waits for good (seen when dropping them in 8 KiB
+// batches: the host's sender rwnd_limited 100%, our Recv-Q 5320).
+func (c *conn) consumeAcked() error {
+	end := c.sndUna
+	if c.hostEOF && seqLT(c.finSeq, end) {
+		end = c.finSeq // the FIN is no byte of the queue
+	}
+	if !seqLT(c.rdSeq, end) {
+		return nil
+	}
+	// Dropping bytes moves the kernel's peek offset back by as many, but
+	// not below zero, which is where it belongs after an ACK past a
+	// resend.
+	if err := consume(c.fd, end-c.rdSeq); err != nil {
+		return err
+	}
+	c.rdSeq = end
+	return nil
+}
+
 // established completes the handshake.
 func (c *conn) established() {
 	c.state = stEstablished
 	c.sndUna = c.iss + 1 // the SYN is acknowledged
+	c.rdSeq = c.sndUna
 	c.disarm()
 	c.e.mu.Lock()
 	c.e.halfOpen.remove(c)
@@ -460,24 +489,15 @@ func (c *conn) ackIn(s *segment, t *tx) bool {
 		c.sndWnd = wnd
 		return true
 	}
-	// New data acknowledged: drop it from the host socket.
-	dataEnd := ack
-	if c.hostEOF && seqLT(c.finSeq, ack) {
-		dataEnd = c.finSeq
-	}
-	if seqLT(c.sndUna, dataEnd) {
-		if err := consume(c.fd, dataEnd-c.sndUna); err != nil {
-			c.reset(err)
-			return false
-		}
-	}
+	// New data acknowledged: it leaves the host socket.
 	c.sndUna = ack
 	c.sndWnd = wnd
 	if seqLT(c.sndNxt, ack) {
-		// An ACK past what a resend reached: those bytes arrived the
-		// first time. The socket's peek offset followed (it cannot go
-		// below zero).
-		c.sndNxt = ack
+		c.sndNxt = ack // past what a resend reached: those bytes arrived the first time
+	}
+	if err := c.consumeAcked(); err != nil {
+		c.reset(err)
+		return false
 	}
 	c.dupAcks = 0
 	c.backoff = 0
@@ -849,18 +869,18 @@ func (c *conn) push(t *tx) bool {
 			}
 			return sent
 		}
-		inflight := c.inflight()
 		want := min(int(limit-c.sndNxt), maxPayload)
 		if c.hostEOF {
 			want = min(want, int(c.finSeq-c.sndNxt))
 		}
+		skip := c.dataNxt() - c.rdSeq
 		if !c.peekOff {
-			if inflight >= maxSkip {
+			if skip >= maxSkip {
 				return sent
 			}
-			want = min(want, int(maxSkip-inflight))
+			want = min(want, int(maxSkip-skip))
 		}
-		n, err := peek(c.fd, t.payload[:want], c.dataNxt()-c.sndUna, c.peekOff)
+		n, err := peek(c.fd, t.payload[:want], skip, c.peekOff)
 		switch {
 		case errors.Is(err, unix.EAGAIN):
 			if c.rdhup && !resend {
@@ -949,14 +969,14 @@ func (c *conn) retransmitHole(s *segment, t *tx) {
 func (c *conn) resend(t *tx, n int) {
 	n = min(n, maxPayload)
 	if c.peekOff {
-		if err := setPeekOff(c.fd, 0); err != nil {
+		if err := setPeekOff(c.fd, c.sndUna-c.rdSeq); err != nil {
 			c.reset(err)
 			return
 		}
 	}
-	m, err := peek(c.fd, t.payload[:n], 0, c.peekOff)
+	m, err := peek(c.fd, t.payload[:n], c.sndUna-c.rdSeq, c.peekOff)
 	if c.peekOff {
-		if err := setPeekOff(c.fd, c.dataNxt()-c.sndUna); err != nil {
+		if err := setPeekOff(c.fd, c.dataNxt()-c.rdSeq); err != nil {
 			c.reset(err)
 			return
 		}
@@ -1027,7 +1047,7 @@ func (c *conn) goBackN(t *tx) {
 	c.inRecovery = false
 	c.dupAcks = 0
 	if c.peekOff {
-		if err := setPeekOff(c.fd, 0); err != nil {
+		if err := setPeekOff(c.fd, c.sndUna-c.rdSeq); err != nil {
 			c.reset(err)
 			return
 		}

@@ -55,6 +55,11 @@ type fields struct {
 // than mss) goes out as one frame with the virtio-net header's TSO, or,
 // on a device without that header, cut into mss-sized frames.
 func (e *Engine) write(t *tx, ep *ends, f fields, payload []byte, mss int) error {
+	// The MSS counts no options: each segment carries ours too (a
+	// router inside the sandbox cutting a 64 KiB frame into MSS-sized
+	// segments for a link of the sandbox's MTU would otherwise make them
+	// too long to forward).
+	mss -= len(f.opts)
 	if !e.vnet && len(payload) > mss {
 		for len(payload) > 0 {
 			n := min(len(payload), mss)
@@ -62,7 +67,7 @@ func (e *Engine) write(t *tx, ep *ends, f fields, payload []byte, mss int) error
 			if n < len(payload) {
 				g.flags &^= flagFIN | flagPSH
 			}
-			if err := e.write(t, ep, g, payload[:n], mss); err != nil {
+			if err := e.write(t, ep, g, payload[:n], mss+len(f.opts)); err != nil {
 				return err
 			}
 			payload = payload[n:]
