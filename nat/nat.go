@@ -56,6 +56,11 @@ type Config struct {
 	// host's loopback, any other only to other destinations (see
 	// outbound).
 	OutboundAddr, OutboundAddr6 netip.Addr
+	// OutboundEverywhere applies an outbound address that is not a
+	// loopback one to the host's loopback too (slirp4netns's rule: libslirp
+	// binds every socket it makes; its --outbound-addr test reads the
+	// address off a connection to the gateway).
+	OutboundEverywhere bool
 
 	DialTimeout    time.Duration // TCP connect on the host; then RST
 	UDPIdleTimeout time.Duration // a UDP flow with no traffic is closed
@@ -154,7 +159,7 @@ func New(cfg Config) (*NAT, error) {
 	ld.KeepAlive = -1
 	ld.KeepAliveConfig = net.KeepAliveConfig{Enable: false}
 	n.loopDialer = &ld
-	n.out = newOutbound(cfg.OutboundAddr, cfg.OutboundAddr6, n.dialer, n.loopDialer)
+	n.out = newOutbound(cfg.OutboundAddr, cfg.OutboundAddr6, cfg.OutboundEverywhere, n.dialer, n.loopDialer)
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	n.udp = flowtable.New[udpKey, *udpFlow](flowtable.Config[udpKey]{Max: cfg.MaxUDPFlows, Idle: func(k udpKey) time.Duration {
 		if k.dst.Port() == 53 {

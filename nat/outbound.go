@@ -17,16 +17,22 @@ import (
 // socket could never work (a loopback source cannot leave the host; a
 // host-loopback connection from an outside address is not what anyone
 // configuring an uplink address means), so those keep the kernel's choice.
+//
+// everywhere is slirp4netns's rule instead (its personality's
+// --outbound-addr): an outside source applies to the host's loopback too,
+// as libslirp binds every socket it makes; only a loopback source still
+// stays on the loopback.
 type outbound struct {
 	src4, src6 netip.Addr
+	everywhere bool
 	// dialers are indexed by [destination is IPv6][destination is loopback].
 	dialers [2][2]*net.Dialer
 }
 
 // newOutbound prepares the dialers: dialer for the world, loopDialer for
 // the host's loopback, each bound to the source address that applies.
-func newOutbound(src4, src6 netip.Addr, dialer, loopDialer *net.Dialer) *outbound {
-	o := &outbound{src4: src4.Unmap(), src6: src6}
+func newOutbound(src4, src6 netip.Addr, everywhere bool, dialer, loopDialer *net.Dialer) *outbound {
+	o := &outbound{src4: src4.Unmap(), src6: src6, everywhere: everywhere}
 	for v6 := range 2 {
 		for loop := range 2 {
 			d := dialer
@@ -49,7 +55,10 @@ func (o *outbound) sourceFor(v6, loopback bool) netip.Addr {
 	if v6 {
 		src = o.src6
 	}
-	if !src.IsValid() || src.Is4() == v6 || src.IsLoopback() != loopback {
+	switch {
+	case !src.IsValid() || src.Is4() == v6:
+		return netip.Addr{}
+	case src.IsLoopback() != loopback && !(o.everywhere && loopback):
 		return netip.Addr{}
 	}
 	return src

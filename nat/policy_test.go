@@ -263,25 +263,31 @@ func TestOutboundScope(t *testing.T) {
 	ext4, ext6 := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("2001:db8::10")
 	cases := []struct {
 		src4, src6 netip.Addr
+		everywhere bool
 		host       string
 		want       netip.Addr
 	}{
-		{lo4, netip.Addr{}, "127.0.0.1", lo4},
-		{lo4, netip.Addr{}, "192.0.2.1", netip.Addr{}}, // a loopback source cannot leave the host
-		{ext4, netip.Addr{}, "192.0.2.1", ext4},
-		{ext4, netip.Addr{}, "127.0.0.1", netip.Addr{}}, // the host's loopback keeps its own source
-		{ext4, ext6, "2001:db8::1", ext6},
-		{ext4, lo6, "::1", lo6},
-		{ext4, netip.Addr{}, "2001:db8::1", netip.Addr{}},
-		{netip.Addr{}, ext6, "192.0.2.1", netip.Addr{}},
-		{ext6, ext4, "192.0.2.1", netip.Addr{}}, // wrong families are ignored
+		{lo4, netip.Addr{}, false, "127.0.0.1", lo4},
+		{lo4, netip.Addr{}, false, "192.0.2.1", netip.Addr{}}, // a loopback source cannot leave the host
+		{ext4, netip.Addr{}, false, "192.0.2.1", ext4},
+		{ext4, netip.Addr{}, false, "127.0.0.1", netip.Addr{}}, // the host's loopback keeps its own source
+		{ext4, ext6, false, "2001:db8::1", ext6},
+		{ext4, lo6, false, "::1", lo6},
+		{ext4, netip.Addr{}, false, "2001:db8::1", netip.Addr{}},
+		{netip.Addr{}, ext6, false, "192.0.2.1", netip.Addr{}},
+		{ext6, ext4, false, "192.0.2.1", netip.Addr{}}, // wrong families are ignored
+		// slirp4netns's rule: an outside source for the loopback too.
+		{ext4, netip.Addr{}, true, "127.0.0.1", ext4},
+		{ext4, ext6, true, "::1", ext6},
+		{lo4, netip.Addr{}, true, "192.0.2.1", netip.Addr{}}, // still cannot leave the host
+		{ext4, netip.Addr{}, true, "192.0.2.1", ext4},
 	}
 	d := &net.Dialer{}
 	for _, c := range cases {
-		o := newOutbound(c.src4, c.src6, d, d)
+		o := newOutbound(c.src4, c.src6, c.everywhere, d, d)
 		host := netip.MustParseAddr(c.host)
 		if got := o.source(host); got != c.want {
-			t.Errorf("src4=%v src6=%v host=%s: source %v, want %v", c.src4, c.src6, host, got, c.want)
+			t.Errorf("src4=%v src6=%v everywhere=%v host=%s: source %v, want %v", c.src4, c.src6, c.everywhere, host, got, c.want)
 		}
 		la := o.tcpDialer(host).LocalAddr
 		if c.want.IsValid() != (la != nil) || (la != nil && la.(*net.TCPAddr).AddrPort().Addr() != c.want) {

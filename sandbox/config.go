@@ -130,6 +130,10 @@ type Config struct {
 	// other only to other destinations: a socket bound the other way round
 	// could not work. "" leaves the choice to the kernel.
 	OutboundAddr, OutboundAddr6 string
+	// OutboundEverywhere applies an outbound address that is not a
+	// loopback one to connections to the host's loopback too, as
+	// slirp4netns does (its personality sets it).
+	OutboundEverywhere bool
 
 	// PCAP is a file to record the sandbox's virtual link into (--pcap):
 	// every frame both ways, in pcap format for tcpdump -r and Wireshark.

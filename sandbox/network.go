@@ -327,18 +327,19 @@ func (n *network) startStack(files []*os.File, li linkInfo) error {
 		n.pcap.Start()
 	}
 	n.nat, err = nat.New(nat.Config{
-		Subnet:        n.addrs.subnet,
-		Gateway:       n.addrs.gateway,
-		Subnet6:       n.addrs.subnet6,
-		Gateway6:      n.addrs.gateway6,
-		HostLoopback:  !n.cfg.DisableHostLoopback,
-		Policy:        n.policy,
-		OutboundAddr:  n.out4,
-		OutboundAddr6: n.out6,
-		MaxTCPConns:   n.budget.NATTCPConns,
-		MaxUDPFlows:   n.budget.NATUDPFlows,
-		MaxEchoFlows:  n.budget.EchoFlows,
-		Logger:        n.log,
+		Subnet:             n.addrs.subnet,
+		Gateway:            n.addrs.gateway,
+		Subnet6:            n.addrs.subnet6,
+		Gateway6:           n.addrs.gateway6,
+		HostLoopback:       !n.cfg.DisableHostLoopback,
+		Policy:             n.policy,
+		OutboundAddr:       n.out4,
+		OutboundAddr6:      n.out6,
+		OutboundEverywhere: n.cfg.OutboundEverywhere,
+		MaxTCPConns:        n.budget.NATTCPConns,
+		MaxUDPFlows:        n.budget.NATUDPFlows,
+		MaxEchoFlows:       n.budget.EchoFlows,
+		Logger:             n.log,
 	})
 	if err != nil {
 		dev.Close()

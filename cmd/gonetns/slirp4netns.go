@@ -397,6 +397,7 @@ func (o *slirpOptions) sandboxConfig(log *slog.Logger) (sandbox.Config, sandbox.
 		DenyMetadata:        o.denyMetadata,
 		OutboundAddr:        o.outbound4,
 		OutboundAddr6:       o.outbound6,
+		OutboundEverywhere:  true,
 		PCAP:                o.pcap,
 		TCPFastPath:         o.tcpFastPath,
 		Link:                sandbox.Link(o.link),

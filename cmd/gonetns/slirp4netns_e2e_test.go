@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -522,6 +523,14 @@ func TestSlirp4netnsOptions(t *testing.T) {
 		if out := st.mustIn("curl", "-sS", "--max-time", "20", fmt.Sprintf("http://10.0.2.2:%d/", host.port)); out != "hello 127.0.0.2\n" {
 			t.Errorf("the host saw: %q, want 127.0.0.2", out)
 		}
+		// An address of the host's own interface applies to the host's
+		// loopback too, as slirp4netns binds every socket it makes (its
+		// own test reads it off a connection to the gateway).
+		own := hostAddress(t)
+		st = up(t, "-c", "--outbound-addr="+own.String())
+		if out := st.mustIn("curl", "-sS", "--max-time", "20", fmt.Sprintf("http://10.0.2.2:%d/", host.port)); out != "hello "+own.String()+"\n" {
+			t.Errorf("with --outbound-addr=%s the host saw: %q", own, out)
+		}
 	})
 	t.Run("enable-ipv6", func(t *testing.T) {
 		st := up(t, "-c", "--enable-ipv6")
@@ -578,4 +587,25 @@ func TestSlirp4netnsOptions(t *testing.T) {
 			t.Errorf("gonetns slirp4netns -v: %q", v)
 		}
 	})
+}
+
+// hostAddress is an IPv4 address of the machine's own that is neither
+// loopback nor one of the client namespaces' test networks.
+func hostAddress(t *testing.T) netip.Addr {
+	t.Helper()
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := netip.MustParsePrefix("198.18.0.0/15")
+	for _, a := range addrs {
+		if n, ok := a.(*net.IPNet); ok {
+			ip, _ := netip.AddrFromSlice(n.IP)
+			if ip = ip.Unmap(); ip.Is4() && !ip.IsLoopback() && !ip.IsLinkLocalUnicast() && !tests.Contains(ip) {
+				return ip
+			}
+		}
+	}
+	t.Fatalf("this machine has no IPv4 address besides loopback (in %v) for --outbound-addr", addrs)
+	return netip.Addr{}
 }
