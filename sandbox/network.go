@@ -355,9 +355,13 @@ func (n *network) startStack(files []*os.File, li linkInfo) error {
 		Addresses: n.addrs.stackAddrs(),
 		TCP:       n.nat.HandleTCP,
 		DialTCP:   dialTCP,
-		UDP:       n.nat.HandleUDP,
-		Echo:      n.nat.HandleEcho,
-		Logger:    n.log,
+		// Half-open connections hold a host socket each: at most half
+		// of the NAT's share, so that a flood of spoofed SYNs leaves
+		// room for the connections that complete.
+		MaxHalfOpenTCP: min(stack.DefaultMaxHalfOpenTCP, n.budget.NATTCPConns/2),
+		UDP:            n.nat.HandleUDP,
+		Echo:           n.nat.HandleEcho,
+		Logger:         n.log,
 	})
 	if err != nil {
 		dev.Close()

@@ -3,6 +3,7 @@ package stack_test
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/binary"
@@ -21,6 +22,7 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 
 	"github.com/gonetns/gonetns/stack"
@@ -660,4 +662,93 @@ func rxQueue(t *testing.T, remote netip.AddrPort) int64 {
 	}
 	t.Fatalf("no established socket connected to %v in /proc/net/tcp", remote)
 	return 0
+}
+
+// TestFastPathSYNFlood: SYNs from spoofed sources, which never complete
+// their handshake, do not keep the sandbox's own connections out: the
+// oldest half-open connection makes room for a new one, and the host
+// sockets they hold stay bounded.
+func TestFastPathSYNFlood(t *testing.T) {
+	const (
+		maxHalfOpen = 2048 // more than the pipe queues (1024 frames), as the default is more than a TAP queues
+		flood       = 20000
+		legit       = 100
+	)
+	p := newFastPair(t, fastOpts{maxHalfOpen: maxHalfOpen})
+	p.listen(t, 80, echo)
+	var peak atomic.Int64
+	stop := make(chan struct{})
+	flooded := make(chan error, 1)
+	go func() {
+		// The flood goes in through the guest's side of the link, as
+		// the sandbox's kernel would send it from a raw socket.
+		var in tap.Device = p.toHost.Device
+		for i := range flood {
+			select {
+			case <-stop:
+				flooded <- nil
+				return
+			default:
+			}
+			src := netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 51, byte(i >> 8), byte(i)}), uint16(1024+i%60000))
+			if _, err := in.Write([][]byte{synFrame(src, remote)}); err != nil {
+				flooded <- err
+				return
+			}
+			if n := p.routes.open.Load(); n > peak.Load() {
+				peak.Store(n)
+			}
+		}
+		flooded <- nil
+	}()
+	for i := range legit {
+		// Within 1 s: the guest sends its SYN again after 1 s, so a
+		// connection made sooner had its first SYN taken.
+		c, err := func() (*stacktest.Conn, error) {
+			dctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+			return p.guest.DialTCP(dctx, remote)
+		}()
+		if err != nil {
+			t.Errorf("connection %d of %d during the flood: %v", i+1, legit, err)
+			continue
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Write([]byte{byte(i)}); err != nil {
+			t.Errorf("connection %d: write: %v", i+1, err)
+		} else if b := make([]byte, 1); func() error { _, err := io.ReadFull(c, b); return err }() != nil || b[0] != byte(i) {
+			t.Errorf("connection %d: no echo", i+1)
+		}
+		c.Close()
+	}
+	close(stop)
+	if err := <-flooded; err != nil {
+		t.Fatal(err)
+	}
+	s := p.st.FastTCPStats()
+	t.Logf("%d legitimate connections during a flood of spoofed SYNs; %d half-open connections evicted, at most %d host sockets open", legit, s.Evicted, peak.Load())
+	if s.Evicted == 0 {
+		t.Errorf("no half-open connection was evicted: the flood never filled the table, the test tests nothing")
+	}
+	if peak.Load() > maxHalfOpen+legit {
+		t.Errorf("%d host sockets open during the flood, more than the %d half-open connections allowed", peak.Load(), maxHalfOpen)
+	}
+}
+
+// synFrame is a TCP SYN from src to dst, as the guest's kernel would send
+// it (no virtio-net header), to the stack's MAC.
+func synFrame(src, dst netip.AddrPort) []byte {
+	const l2, l3, l4 = header.EthernetMinimumSize, header.IPv4MinimumSize, header.TCPMinimumSize + 4
+	f := make([]byte, l2+l3+l4)
+	header.Ethernet(f).Encode(&header.EthernetFields{SrcAddr: stacktest.GuestMAC, DstAddr: tcpip.LinkAddress(stack.DefaultMAC), Type: header.IPv4ProtocolNumber})
+	ip := header.IPv4(f[l2:])
+	s, d := tcpip.AddrFrom4(src.Addr().As4()), tcpip.AddrFrom4(dst.Addr().As4())
+	ip.Encode(&header.IPv4Fields{TotalLength: l3 + l4, TTL: 64, Protocol: uint8(header.TCPProtocolNumber), SrcAddr: s, DstAddr: d})
+	ip.SetChecksum(^ip.CalculateChecksum())
+	tcp := header.TCP(f[l2+l3:])
+	tcp.Encode(&header.TCPFields{SrcPort: src.Port(), DstPort: dst.Port(), SeqNum: 1, DataOffset: l4, Flags: header.TCPFlagSyn, WindowSize: 65535})
+	header.EncodeMSSOption(1460, tcp[header.TCPMinimumSize:])
+	sum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, s, d, l4)
+	tcp.SetChecksum(^tcp.CalculateChecksum(sum))
+	return f
 }

@@ -65,7 +65,7 @@ type Config struct {
 	DialTCP func(src, dst netip.AddrPort) (HostTCP, error)
 	// MaxHalfOpenTCP bounds the fast path's connections whose handshake
 	// is not complete; a new one beyond it evicts the oldest. Default
-	// 1024.
+	// 4096.
 	MaxHalfOpenTCP int
 	// NoPeekOffset makes the fast path read the host sockets as it must
 	// on kernels without SO_PEEK_OFF for TCP (tests).
@@ -112,6 +112,9 @@ type Stack struct {
 	udpListen atomic.Pointer[map[netip.AddrPort]struct{}] // ListenUDP's addresses (fastUDP)
 	tcpListen atomic.Pointer[map[netip.AddrPort]struct{}] // ListenTCP's addresses (the fast path)
 }
+
+// DefaultMaxHalfOpenTCP is Config.MaxHalfOpenTCP's default.
+const DefaultMaxHalfOpenTCP = tcpfast.DefaultMaxHalfOpen
 
 // HostTCP is the host socket of one of the sandbox's TCP connections, made
 // by Config.DialTCP.

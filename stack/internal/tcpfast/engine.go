@@ -76,10 +76,13 @@ type Config struct {
 // Defaults of Config.
 const (
 	// A handshake with a host that answers at once completes in one
-	// round trip over the link (microseconds): 1024 half-open
-	// connections is far beyond what a program opening connections
-	// leaves pending, and bounds what a flood of spoofed SYNs holds.
-	DefaultMaxHalfOpen      = 1024
+	// round trip over the link, microseconds: only a flood of SYNs from
+	// spoofed sources, which never complete theirs, fills the table, and
+	// the oldest go first. A real SYN is evicted only if this many newer
+	// ones are handled before its ACK, which waits behind at most what
+	// the TAP queues (txqueuelen, 1,000 frames by default): 4,096 leaves
+	// room four times over.
+	DefaultMaxHalfOpen      = 4096
 	DefaultHandshakeTimeout = 10 * time.Second
 )
 
