@@ -3,11 +3,16 @@ package stack_test
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
+	"io"
+	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/gonetns/gonetns/stack"
 	"github.com/gonetns/gonetns/tap"
@@ -17,7 +22,9 @@ import (
 // The frames the sandbox sends are untrusted: whatever they hold, the
 // stack (our link endpoint, gVisor behind it, the handlers' request
 // parsing) must not crash. One stack serves the whole run; frames go in
-// through the in-memory device, with and without a virtio-net header.
+// through the in-memory device, with and without a virtio-net header. The
+// TCP fast path is on: a connection to an even port is dialled (to a sink
+// on the host's loopback), to an odd one refused.
 var fuzzStacks = struct {
 	sync.Once
 	in     [2]tap.Device  // the sandbox's ends: [plain, vnet]
@@ -27,6 +34,38 @@ var fuzzStacks = struct {
 
 func fuzzTarget(t testing.TB, vnet bool) tap.Device {
 	fuzzStacks.Do(func() {
+		sink, err := net.Listen("tcp4", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		go func() {
+			for {
+				c, err := sink.Accept()
+				if err != nil {
+					return
+				}
+				go func() {
+					io.Copy(io.Discard, c)
+					c.Close()
+				}()
+			}
+		}()
+		sinkAddr := netip.MustParseAddrPort(sink.Addr().String())
+		dial := func(src, dst netip.AddrPort) (stack.HostTCP, error) {
+			if dst.Port()%2 == 1 {
+				return stack.HostTCP{}, errors.New("odd port")
+			}
+			fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+			if err != nil {
+				return stack.HostTCP{}, err
+			}
+			err = unix.Connect(fd, &unix.SockaddrInet4{Port: int(sinkAddr.Port()), Addr: sinkAddr.Addr().As4()})
+			if err != nil && !errors.Is(err, unix.EINPROGRESS) {
+				unix.Close(fd)
+				return stack.HostTCP{}, err
+			}
+			return stack.HostTCP{FD: fd, ConnectTimeout: time.Second}, nil
+		}
 		for i, v := range []bool{false, true} {
 			a, b := taptest.Pipe(v, 4096)
 			st, err := stack.New(stack.Config{
@@ -34,8 +73,11 @@ func fuzzTarget(t testing.TB, vnet bool) tap.Device {
 				MTU:       65520,
 				Addresses: []netip.Prefix{netip.PrefixFrom(gateway, 24), netip.MustParsePrefix("fd00::2/64")},
 				TCP:       func(r *stack.TCPRequest) { r.Refuse() },
-				UDP:       func(p *stack.UDPPacket) bool { return len(p.Payload())%2 == 0 },
-				Echo:      func(r *stack.EchoRequest) bool { return len(r.Data)%2 == 0 },
+				DialTCP:   dial,
+				// Few: a fuzzer's SYNs never complete their handshake.
+				MaxHalfOpenTCP: 64,
+				UDP:            func(p *stack.UDPPacket) bool { return len(p.Payload())%2 == 0 },
+				Echo:           func(r *stack.EchoRequest) bool { return len(r.Data)%2 == 0 },
 			})
 			if err != nil {
 				t.Fatal(err)

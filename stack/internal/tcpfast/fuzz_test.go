@@ -1,0 +1,306 @@
+package tcpfast
+
+import (
+	"encoding/binary"
+	"errors"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+
+	"github.com/gonetns/gonetns/tap"
+	"github.com/gonetns/gonetns/tap/taptest"
+)
+
+// FuzzSegments drives one fast-path connection with segments whose
+// flags, sequence and acknowledgement numbers, windows, lengths and SACK
+// blocks the fuzzer chooses, after a real handshake. The sandbox's bytes
+// are a function of their sequence number, so whatever the segments
+// overlap, resend or skip, every byte the host receives must be the one
+// the sandbox sent at that place in the stream: the engine never writes
+// to a socket what the sandbox did not send. It must not panic, and what
+// it holds back stays within the window it advertised.
+func FuzzSegments(f *testing.F) {
+	seg := func(flags byte, seq, ack int16, wnd, n uint16) []byte {
+		b := []byte{flags, 0, 0, 0, 0, 0, 0, 0, 0}
+		binary.BigEndian.PutUint16(b[1:], uint16(seq))
+		binary.BigEndian.PutUint16(b[3:], uint16(ack))
+		binary.BigEndian.PutUint16(b[5:], wnd)
+		binary.BigEndian.PutUint16(b[7:], n)
+		return b
+	}
+	cat := func(segs ...[]byte) []byte {
+		var b []byte
+		for _, s := range segs {
+			b = append(b, s...)
+		}
+		return b
+	}
+	ack := byte(flagACK)
+	f.Add(cat(seg(ack, 0, 0, 1000, 100), seg(ack, 100, 0, 1000, 100)))                              // in order
+	f.Add(cat(seg(ack, 200, 0, 1000, 100), seg(ack, 100, 0, 1000, 100), seg(ack, 0, 0, 1000, 100))) // backwards
+	f.Add(cat(seg(ack, 0, 0, 1000, 300), seg(ack, 100, 0, 1000, 100), seg(ack|0x80, 400, 0, 1000, 50)))
+	f.Add(cat(seg(ack|byte(flagFIN), 0, 0, 1000, 10), seg(ack, 0, 1, 0, 0)))  // FIN, then an ACK of nothing sent
+	f.Add(cat(seg(byte(flagRST), 0, 0, 0, 0), seg(ack, 0, 0, 1000, 10)))      // reset, then more
+	f.Add(cat(seg(ack|byte(flagSYN), 0, 0, 1000, 10), seg(ack, -5, 0, 0, 20))) // a SYN in the middle, overlap
+	f.Add(cat(seg(ack, 30000, 0, 1000, 4000), seg(ack, -30000, -1, 65535, 4000)))
+	f.Fuzz(func(t *testing.T, prog []byte) {
+		if len(prog) > 9*64 {
+			return
+		}
+		h := newFuzzHarness(t)
+		defer h.close()
+		for len(prog) >= 9 {
+			h.segment(prog[:9])
+			prog = prog[9:]
+			if q := h.e.queued.Load(); q > maxQueued {
+				t.Fatalf("%d bytes held back, beyond the bound of %d", q, maxQueued)
+			}
+		}
+	})
+}
+
+// fuzzHarness is a sandbox's end of the link to an engine, with one
+// connection open to a sink on the host's loopback that checks each byte.
+type fuzzHarness struct {
+	t         *testing.T
+	e         *Engine
+	sandbox   tap.Device
+	irs, iss  uint32 // the sandbox's initial sequence number; the engine's
+	src, dst  netip.AddrPort
+	sink      net.Listener
+	sinkDone  chan struct{}
+	violation atomic.Value // string
+	received  atomic.Int64 // bytes the sink read
+	wg        sync.WaitGroup
+}
+
+var (
+	fuzzSandboxMAC = tcpip.LinkAddress("\x02\x00\x00\x00\x00\x64")
+	fuzzEngineMAC  = tcpip.LinkAddress("\x52\x55\x0a\x00\x02\x02")
+)
+
+// byteAt is the sandbox's byte at sequence number s.
+func byteAt(s uint32) byte { return byte(s*7 + s>>8 + 3) }
+
+func newFuzzHarness(t *testing.T) *fuzzHarness { return newHarness(t, nil) }
+
+// newHarness is newFuzzHarness whose sink first writes greeting.
+func newHarness(t *testing.T, greeting []byte) *fuzzHarness {
+	t.Helper()
+	sink, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &fuzzHarness{t: t, sink: sink, sinkDone: make(chan struct{}),
+		src: netip.MustParseAddrPort("10.0.2.100:40000"), dst: netip.MustParseAddrPort("192.0.2.7:80"), irs: 1000}
+	sinkAddr := netip.MustParseAddrPort(sink.Addr().String())
+	h.wg.Add(1)
+	go func() {
+		defer h.wg.Done()
+		defer close(h.sinkDone)
+		c, err := sink.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		c.Write(greeting)
+		buf := make([]byte, 64<<10)
+		seq := h.irs + 1
+		for {
+			n, err := c.Read(buf)
+			h.received.Add(int64(n))
+			for _, b := range buf[:n] {
+				if b != byteAt(seq) {
+					h.violation.Store("the host received a byte the sandbox did not send there")
+				}
+				seq++
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	engineSide, sandboxSide := taptest.Pipe(true, 4096)
+	h.sandbox = sandboxSide
+	e, err := New(Config{
+		Device: engineSide,
+		MTU:    1500,
+		MAC:    fuzzEngineMAC,
+		Dial: func(src, dst netip.AddrPort) (Host, error) {
+			fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+			if err != nil {
+				return Host{}, err
+			}
+			err = unix.Connect(fd, &unix.SockaddrInet4{Port: int(sinkAddr.Port()), Addr: sinkAddr.Addr().As4()})
+			if err != nil && !errors.Is(err, unix.EINPROGRESS) {
+				unix.Close(fd)
+				return Host{}, err
+			}
+			return Host{FD: fd, ConnectTimeout: time.Second}, nil
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Start(); err != nil {
+		t.Fatal(err)
+	}
+	h.e = e
+	synAck := make(chan uint32, 1)
+	h.wg.Add(1)
+	go func() { // what the engine sends: the SYN-ACK's number, then nothing of interest
+		defer h.wg.Done()
+		buf := make([]byte, 70000)
+		for {
+			n, err := sandboxSide.Read([][]byte{buf})
+			if err != nil {
+				return
+			}
+			f := buf[tap.VNetHdrLen:n]
+			if len(f) >= 54 && header.TCP(f[34:]).Flags() == flagSYN|flagACK {
+				select {
+				case synAck <- header.TCP(f[34:]).SequenceNumber():
+				default:
+				}
+			}
+		}
+	}()
+	h.send(flagSYN, h.irs, 0, 65535, 0, true)
+	select {
+	case h.iss = <-synAck:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no SYN-ACK")
+	}
+	h.send(flagACK, h.irs+1, h.iss+1, 65535, 0, false)
+	return h
+}
+
+// segment sends the segment a 9-byte command describes: flags (and bit 7:
+// a SACK block), the sequence and acknowledgement numbers relative to the
+// first byte of each side, the window, the payload's length.
+func (h *fuzzHarness) segment(cmd []byte) {
+	flags := header.TCPFlags(cmd[0]) & (flagFIN | flagSYN | flagRST | flagPSH | flagACK)
+	seq := h.irs + 1 + uint32(int32(int16(binary.BigEndian.Uint16(cmd[1:]))))
+	ack := h.iss + 1 + uint32(int32(int16(binary.BigEndian.Uint16(cmd[3:]))))
+	wnd := binary.BigEndian.Uint16(cmd[5:])
+	n := int(binary.BigEndian.Uint16(cmd[7:]) % 4096)
+	h.send(flags, seq, ack, wnd, n, cmd[0]&0x80 != 0)
+}
+
+// send writes a TCP segment from the sandbox to the engine, with the
+// virtio-net header (so checksums are the kernel's business) and waits
+// until the engine has handled it.
+func (h *fuzzHarness) send(flags header.TCPFlags, seq, ack uint32, wnd uint16, n int, opts bool) {
+	var o []byte
+	if flags&flagSYN != 0 {
+		o = []byte{header.TCPOptionMSS, 4, 5, 0xb4, header.TCPOptionNOP, header.TCPOptionWS, 3, 7,
+			header.TCPOptionNOP, header.TCPOptionNOP, header.TCPOptionSACKPermitted, 2}
+	} else if opts {
+		o = []byte{header.TCPOptionNOP, header.TCPOptionNOP, header.TCPOptionSACK, 10, 0, 0, 0, 0, 0, 0, 0, 0}
+		binary.BigEndian.PutUint32(o[4:], ack+100)
+		binary.BigEndian.PutUint32(o[8:], ack+2000)
+	}
+	const l2, l3 = header.EthernetMinimumSize, header.IPv4MinimumSize
+	l4 := header.TCPMinimumSize + len(o)
+	frame := make([]byte, tap.VNetHdrLen+l2+l3+l4+n)
+	b := frame[tap.VNetHdrLen:]
+	header.Ethernet(b).Encode(&header.EthernetFields{SrcAddr: fuzzSandboxMAC, DstAddr: fuzzEngineMAC, Type: header.IPv4ProtocolNumber})
+	ip := header.IPv4(b[l2:])
+	ip.Encode(&header.IPv4Fields{TotalLength: uint16(l3 + l4 + n), TTL: 64, Protocol: uint8(header.TCPProtocolNumber),
+		SrcAddr: tcpip.AddrFrom4(h.src.Addr().As4()), DstAddr: tcpip.AddrFrom4(h.dst.Addr().As4())})
+	tcp := header.TCP(b[l2+l3:])
+	tcp.Encode(&header.TCPFields{SrcPort: h.src.Port(), DstPort: h.dst.Port(), SeqNum: seq, AckNum: ack,
+		DataOffset: uint8(l4), Flags: flags, WindowSize: wnd})
+	copy(tcp[header.TCPMinimumSize:], o)
+	for i := range n {
+		b[l2+l3+l4+i] = byteAt(seq + uint32(i))
+	}
+	// The engine handles the frame on the caller's goroutine, as on the
+	// reader's: when Handle returns, it is done with it.
+	h.e.Handle(frame[:tap.VNetHdrLen], b, nil)
+}
+
+func (h *fuzzHarness) close() {
+	h.e.Close()
+	h.sink.Close()
+	h.sandbox.Close()
+	select {
+	case <-h.sinkDone:
+	case <-time.After(5 * time.Second):
+		h.t.Error("the sink never saw the connection end")
+	}
+	h.wg.Wait()
+	if v := h.violation.Load(); v != nil {
+		h.t.Fatal(v)
+	}
+}
+
+// TestFuzzHarness: the harness's sink sees what the engine writes, so
+// FuzzSegments checks something.
+func TestFuzzHarness(t *testing.T) {
+	h := newFuzzHarness(t)
+	for i := range 4 {
+		h.send(flagACK, h.irs+1+uint32(i*100), h.iss+1, 1000, 100, false)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for h.received.Load() < 400 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	h.close()
+	if got := h.received.Load(); got != 400 {
+		t.Errorf("the sink read %d bytes of 400", got)
+	}
+}
+
+// TestIdleConnectionCostsNoWakeUps: once everything both ways is
+// acknowledged, a connection has no timer running (nor a held ACK): an
+// idle connection wakes nobody.
+func TestIdleConnectionCostsNoWakeUps(t *testing.T) {
+	greeting := []byte("220 ready")
+	h := newHarness(t, greeting)
+	defer h.close()
+	h.send(flagACK|flagPSH, h.irs+1, h.iss+1, 1000, 100, false) // the sandbox sends
+	var c *conn
+	if !waitFor(func() bool {
+		c = h.e.lookup(key{h.src, h.dst})
+		if c == nil {
+			return false
+		}
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.sndMax == c.iss+1+uint32(len(greeting)) // the host's greeting went out
+	}) {
+		t.Fatal("the host's greeting never went to the sandbox")
+	}
+	h.send(flagACK, h.irs+101, h.iss+1+uint32(len(greeting)), 1000, 0, false) // ... and acknowledges it
+	if !waitFor(func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.sndUna == c.sndMax
+	}) {
+		t.Fatal("the sandbox's ACK was not taken")
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.timerOn || c.ackDue {
+		t.Errorf("an idle connection keeps a timer (retransmission or handshake: %v, held ACK: %v)", c.timerOn, c.ackDue)
+	}
+}
+
+func waitFor(cond func() bool) bool {
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return true
+}
