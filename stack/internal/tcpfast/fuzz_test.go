@@ -46,8 +46,8 @@ func FuzzSegments(f *testing.F) {
 	f.Add(cat(seg(ack, 0, 0, 1000, 100), seg(ack, 100, 0, 1000, 100)))                              // in order
 	f.Add(cat(seg(ack, 200, 0, 1000, 100), seg(ack, 100, 0, 1000, 100), seg(ack, 0, 0, 1000, 100))) // backwards
 	f.Add(cat(seg(ack, 0, 0, 1000, 300), seg(ack, 100, 0, 1000, 100), seg(ack|0x80, 400, 0, 1000, 50)))
-	f.Add(cat(seg(ack|byte(flagFIN), 0, 0, 1000, 10), seg(ack, 0, 1, 0, 0)))  // FIN, then an ACK of nothing sent
-	f.Add(cat(seg(byte(flagRST), 0, 0, 0, 0), seg(ack, 0, 0, 1000, 10)))      // reset, then more
+	f.Add(cat(seg(ack|byte(flagFIN), 0, 0, 1000, 10), seg(ack, 0, 1, 0, 0)))   // FIN, then an ACK of nothing sent
+	f.Add(cat(seg(byte(flagRST), 0, 0, 0, 0), seg(ack, 0, 0, 1000, 10)))       // reset, then more
 	f.Add(cat(seg(ack|byte(flagSYN), 0, 0, 1000, 10), seg(ack, -5, 0, 0, 20))) // a SYN in the middle, overlap
 	f.Add(cat(seg(ack, 30000, 0, 1000, 4000), seg(ack, -30000, -1, 65535, 4000)))
 	f.Fuzz(func(t *testing.T, prog []byte) {
