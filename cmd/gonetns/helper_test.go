@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -9,6 +10,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -70,6 +73,12 @@ func runHelper(mode string, args []string) int {
 		}
 		c.Close()
 		fmt.Printf("connected after %dms\n", ms)
+	case "tcp-conc": // ADDR N: open N connections at once, 1 byte echoed on each, hold them until a line on stdin
+		n, _ := strconv.Atoi(args[1])
+		held, refused, failed := tcpConc(args[0], n)
+		fmt.Printf("held %d refused %d failed %d\n", held, refused, failed)
+		io.ReadAll(io.LimitReader(os.Stdin, 1)) // the test says when
+		fmt.Println("closed")
 	case "udp-echo": // ADDR MSG: one datagram, print the reply
 		c, err := net.Dial("udp", args[0])
 		if err != nil {
@@ -268,3 +277,43 @@ func later(a, b time.Time) time.Time {
 	}
 	return b
 }
+
+// tcpConc opens n connections to addr, 200 at a time, each echoing one
+// byte, and keeps them open until the process exits. A refused one is
+// counted apart from any other failure (a timeout, a reset later).
+func tcpConc(addr string, n int) (held, refused, failed int) {
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	slots := make(chan struct{}, 200)
+	for range n {
+		slots <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-slots }()
+			c, err := net.DialTimeout("tcp", addr, 10*time.Second)
+			if err == nil {
+				c.SetDeadline(time.Now().Add(10 * time.Second))
+				b := []byte{'x'}
+				if _, err = c.Write(b); err == nil {
+					_, err = io.ReadFull(c, b)
+				}
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case err == nil:
+				held++
+				keep = append(keep, c) // open until the process exits
+			case errors.Is(err, syscall.ECONNREFUSED):
+				refused++
+			default:
+				failed++
+			}
+		}()
+	}
+	wg.Wait()
+	return held, refused, failed
+}
+
+var keep []net.Conn

@@ -24,6 +24,7 @@ import (
 	mdns "github.com/miekg/dns"
 
 	"github.com/gonetns/gonetns/internal/e2etest"
+	"github.com/gonetns/gonetns/internal/fdbudget"
 )
 
 const netTimeout = 60 * time.Second
@@ -515,6 +516,44 @@ func waitLine(t *testing.T, br *bufio.Reader, want string) {
 	}
 }
 
+// waitPrefix returns the first line of the sandbox's output that starts
+// with prefix, waiting at most d.
+func waitPrefix(t *testing.T, br *bufio.Reader, prefix string, d time.Duration) string {
+	t.Helper()
+	done := make(chan string, 1)
+	go func() {
+		for {
+			line, err := br.ReadString('\n')
+			if err != nil || strings.HasPrefix(line, prefix) {
+				done <- line
+				return
+			}
+		}
+	}()
+	select {
+	case line := <-done:
+		if !strings.HasPrefix(line, prefix) {
+			t.Fatalf("sandbox output ended before a line %q...", prefix)
+		}
+		return strings.TrimSpace(line)
+	case <-time.After(d):
+		t.Fatalf("no line %q... from the sandbox", prefix)
+	}
+	return ""
+}
+
+// waitUntil polls cond until it holds or d passes.
+func waitUntil(d time.Duration, cond func() bool) bool {
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return true
+}
+
 func freePort(t *testing.T, network string) int {
 	t.Helper()
 	if network == "udp" {
@@ -708,4 +747,73 @@ func TestPortsCtlFromHost(t *testing.T) {
 	if res.Code == 0 || !strings.Contains(res.Stderr, "1") {
 		t.Errorf("removing an unknown port: %s", res)
 	}
+}
+
+// TestNetManyConnections: the sandbox opens 10,000 TCP connections to the
+// host at once and holds them, run with a login-like open-files limit
+// (soft 1024, hard 20000). Up to the NAT's share of the descriptor budget
+// they are made and echo a byte; beyond it they are refused at once (a
+// reset), none hangs; the parent's descriptors stay within its limit, and
+// return to where they were once the connections close.
+func TestNetManyConnections(t *testing.T) {
+	const (
+		conns     = 10000
+		hardLimit = 20000
+	)
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	prlimit, err := exec.LookPath("prlimit")
+	if err != nil {
+		t.Fatalf("prlimit (util-linux) is needed to give gonetns a login-like open-files limit: %v", err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				io.Copy(c, c)
+			}()
+		}
+	}()
+	port := l.Addr().(*net.TCPAddr).Port
+	script := fmt.Sprintf("echo ready; read go; %s", e2etest.HelperCmd(t, "tcp-conc", fmt.Sprintf("10.0.2.2:%d", port), strconv.Itoa(conns)))
+	cmd := r.Command(context.Background(), "sh", "-c", script)
+	cmd.Args = append([]string{prlimit, fmt.Sprintf("--nofile=1024:%d", hardLimit), "--", r.Bin}, cmd.Args[1:]...)
+	cmd.Path = prlimit
+	sess := e2etest.Interact(t, cmd)
+	defer cmd.Process.Kill()
+	pid := cmd.Process.Pid // prlimit execs gonetns in place
+	waitLine(t, sess.Stdout, "ready")
+	base := fdCount(t, pid)
+	fmt.Fprintln(sess.Stdin, "go")
+	line := waitPrefix(t, sess.Stdout, "held ", 2*netTimeout)
+	var held, refused, failed int
+	fmt.Sscanf(line, "held %d refused %d failed %d", &held, &refused, &failed)
+	peak := fdCount(t, pid)
+	budget := fdbudget.For(hardLimit - 1) // the soft limit gonetns raises itself to (fdbudget.Raise)
+	want := min(conns, budget.NATTCPConns)
+	t.Logf("%d connections: %d held, %d refused, %d failed; the parent's descriptors: %d before, %d with them open (NAT's share %d)",
+		conns, held, refused, failed, base, peak, budget.NATTCPConns)
+	if held != want || refused != conns-want || failed != 0 {
+		t.Errorf("%d held, %d refused, %d failed: want %d held and the rest refused at once", held, refused, failed, want)
+	}
+	if peak > hardLimit {
+		t.Errorf("the parent holds %d descriptors, beyond its limit of %d", peak, hardLimit)
+	}
+	fmt.Fprintln(sess.Stdin, "close")
+	waitLine(t, sess.Stdout, "closed")
+	var now int
+	if !waitUntil(10*time.Second, func() bool { now = fdCount(t, pid); return now <= base+2 }) {
+		t.Errorf("the parent still holds %d descriptors after the connections closed (%d before)", now, base)
+	}
+	sess.Stdin.Close()
+	cmd.Wait()
 }
