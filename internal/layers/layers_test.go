@@ -24,7 +24,7 @@ var layers = [][]string{
 	{"nat", "portfwd", "implicit", "api", "slirpapi", "userns", "stack/stacktest"},
 	{"portfwd/portfwdtest", "sandbox"},
 	// Programs.
-	{"cmd/gonetns", "examples/embed", "bench"},
+	{"cmd/gonetns", "examples/embed", "bench", "bench/soak"},
 }
 
 func TestLayers(t *testing.T) {

@@ -1,0 +1,452 @@
+// Command soak runs mixed TCP traffic through one gonetns sandbox for a
+// long time and watches the network process: round trips, new
+// connections, bulk transfers both ways (every byte checked with
+// sha256), slow readers, resets and half-closes, all against servers on
+// the host's 127.0.0.1 reached through the gateway. Every sample period
+// it prints the gonetns parent's resident memory and open descriptors
+// beside what the traffic did; at the end, whether memory or descriptors
+// grew beyond the first minute's peak and whether any transfer went
+// wrong. scripts/soak.sh builds and runs it as the test user.
+//
+//	soak -gonetns PATH [-duration 30m] [-sample 30s] [-- GONETNS FLAGS...]
+//
+// The same binary is the client inside the sandbox (SOAK_CLIENT=1).
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// The servers' protocols, one listener each on 127.0.0.1.
+const (
+	srvEcho      = "echo"      // echoes until EOF
+	srvSource    = "source"    // reads an 8-byte size and a seed, sends that many bytes of the seed's stream
+	srvSink      = "sink"      // reads to EOF, answers with the sha256 of what it read
+	srvReset     = "reset"     // reads a byte, then closes with a reset
+	srvHalfClose = "halfclose" // reads to EOF, then answers with the count
+)
+
+var servers = []string{srvEcho, srvSource, srvSink, srvReset, srvHalfClose}
+
+// status is what the client reports every sample period.
+type status struct {
+	RoundTrips  int64 `json:"round_trips"`
+	Conns       int64 `json:"conns"`
+	Uploads     int64 `json:"uploads"`
+	Downloads   int64 `json:"downloads"`
+	SlowReads   int64 `json:"slow_reads"`
+	Resets      int64 `json:"resets"`     // resets seen where one was expected
+	HalfCloses  int64 `json:"halfcloses"` // half-close exchanges that came back right
+	Bytes       int64 `json:"bytes"`      // bulk bytes moved, both ways
+	BadSums     int64 `json:"bad_sums"`   // transfers whose sha256 differed
+	Errors      int64 `json:"errors"`     // anything else that failed
+	LastError   string `json:"last_error,omitempty"`
+}
+
+func main() {
+	if os.Getenv("SOAK_CLIENT") == "1" {
+		if err := client(); err != nil {
+			fmt.Fprintln(os.Stderr, "soak client:", err)
+			os.Exit(1)
+		}
+		return
+	}
+	os.Exit(harness())
+}
+
+func harness() int {
+	gonetns := flag.String("gonetns", "bin/gonetns", "the gonetns binary")
+	duration := flag.Duration("duration", 30*time.Minute, "how long the traffic runs")
+	sample := flag.Duration("sample", 30*time.Second, "how often memory and descriptors are read")
+	flag.Parse()
+	ports := map[string]int{}
+	for _, name := range servers {
+		l, err := net.Listen("tcp4", "127.0.0.1:0")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "soak:", err)
+			return 2
+		}
+		ports[name] = l.Addr().(*net.TCPAddr).Port
+		go serve(name, l)
+	}
+	self, err := os.Executable()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "soak:", err)
+		return 2
+	}
+	var env []string
+	for _, name := range servers {
+		env = append(env, fmt.Sprintf("SOAK_PORT_%s=%d", strings.ToUpper(name), ports[name]))
+	}
+	args := append(flag.Args(), self)
+	cmd := exec.Command(*gonetns, args...)
+	cmd.Env = append(os.Environ(), append(env, "SOAK_CLIENT=1", "SOAK_TARGET=10.0.2.2",
+		"SOAK_DURATION="+duration.String(), "SOAK_SAMPLE="+sample.String())...)
+	cmd.Stderr = os.Stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "soak:", err)
+		return 2
+	}
+	if err := cmd.Start(); err != nil {
+		fmt.Fprintln(os.Stderr, "soak:", err)
+		return 2
+	}
+	pid := cmd.Process.Pid
+	fmt.Printf("soak: gonetns %s, %v of mixed TCP traffic, a sample every %v\n\n", strings.Join(flag.Args(), " "), *duration, *sample)
+	fmt.Println("| time | RSS MiB | fds | round trips | new conns | uploads | downloads | slow reads | resets | half-closes | GB moved | bad sha256 | errors |")
+	fmt.Println("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+	start := time.Now()
+	var firstRSS, firstFDs, maxRSS, maxFDs int64
+	var last status
+	sc := bufio.NewScanner(out)
+	for sc.Scan() {
+		var st status
+		if err := json.Unmarshal(sc.Bytes(), &st); err != nil {
+			fmt.Fprintln(os.Stderr, "soak: client said:", sc.Text())
+			continue
+		}
+		last = st
+		rss, fds := usage(pid)
+		el := time.Since(start)
+		if el <= time.Minute+*sample/2 {
+			firstRSS, firstFDs = max(firstRSS, rss), max(firstFDs, fds)
+		} else {
+			maxRSS, maxFDs = max(maxRSS, rss), max(maxFDs, fds)
+		}
+		fmt.Printf("| %v | %.1f | %d | %d | %d | %d | %d | %d | %d | %d | %.2f | %d | %d |\n", el.Round(time.Second),
+			float64(rss)/1024, fds, st.RoundTrips, st.Conns, st.Uploads, st.Downloads, st.SlowReads, st.Resets, st.HalfCloses,
+			float64(st.Bytes)/1e9, st.BadSums, st.Errors)
+	}
+	werr := cmd.Wait()
+	fmt.Println()
+	ok := werr == nil && last.BadSums == 0 && last.Errors == 0
+	fmt.Printf("summary: %v; %d round trips, %d new connections, %d uploads and %d downloads (%.1f GB, %d with a wrong sha256), %d slow reads, %d resets, %d half-closes, %d errors%s\n",
+		time.Since(start).Round(time.Second), last.RoundTrips, last.Conns, last.Uploads, last.Downloads, float64(last.Bytes)/1e9,
+		last.BadSums, last.SlowReads, last.Resets, last.HalfCloses, last.Errors, lastError(last))
+	fmt.Printf("memory: peak RSS %.1f MiB in the first minute, %.1f MiB after it; descriptors: %d in the first minute, %d after it\n",
+		float64(firstRSS)/1024, float64(maxRSS)/1024, firstFDs, maxFDs)
+	if maxRSS > firstRSS || maxFDs > firstFDs {
+		fmt.Println("result: FAIL: memory or descriptors grew beyond the first minute's peak")
+		ok = false
+	}
+	if werr != nil {
+		fmt.Printf("result: FAIL: gonetns: %v\n", werr)
+	} else if ok {
+		fmt.Println("result: PASS")
+	} else if maxRSS <= firstRSS && maxFDs <= firstFDs {
+		fmt.Println("result: FAIL: transfers went wrong")
+	}
+	if !ok {
+		return 1
+	}
+	return 0
+}
+
+func lastError(s status) string {
+	if s.LastError == "" {
+		return ""
+	}
+	return " (last: " + s.LastError + ")"
+}
+
+// usage reads pid's resident memory (KiB) and open descriptors.
+func usage(pid int) (rssKB, fds int64) {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
+			rssKB, _ = strconv.ParseInt(f[1], 10, 64)
+		}
+	}
+	ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	return rssKB, int64(len(ents))
+}
+
+// stream is the bytes a source sends for seed: a PCG stream.
+type stream struct{ r *rand.PCG }
+
+func newStream(seed uint64) *stream { return &stream{rand.NewPCG(seed, seed^0x5eed)} }
+
+func (s *stream) Read(b []byte) (int, error) {
+	for i := 0; i < len(b); i += 8 {
+		var w [8]byte
+		binary.LittleEndian.PutUint64(w[:], s.r.Uint64())
+		copy(b[i:], w[:])
+	}
+	return len(b), nil
+}
+
+func serve(name string, l net.Listener) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			tc := c.(*net.TCPConn)
+			switch name {
+			case srvEcho:
+				io.Copy(c, c)
+			case srvSource:
+				var hdr [16]byte
+				if _, err := io.ReadFull(c, hdr[:]); err != nil {
+					return
+				}
+				size, seed := int64(binary.BigEndian.Uint64(hdr[:])), binary.BigEndian.Uint64(hdr[8:])
+				io.CopyN(c, newStream(seed), size)
+				tc.CloseWrite()
+				io.Copy(io.Discard, c)
+			case srvSink:
+				h := sha256.New()
+				io.Copy(h, c)
+				c.Write(h.Sum(nil))
+			case srvReset:
+				io.ReadFull(c, make([]byte, 1))
+				tc.SetLinger(0)
+			case srvHalfClose:
+				n, _ := io.Copy(io.Discard, c)
+				fmt.Fprintf(c, "%d", n)
+			}
+		}()
+	}
+}
+
+func client() error {
+	duration, err := time.ParseDuration(os.Getenv("SOAK_DURATION"))
+	if err != nil {
+		return err
+	}
+	sample, err := time.ParseDuration(os.Getenv("SOAK_SAMPLE"))
+	if err != nil {
+		return err
+	}
+	addr := func(name string) string {
+		return net.JoinHostPort(os.Getenv("SOAK_TARGET"), os.Getenv("SOAK_PORT_"+strings.ToUpper(name)))
+	}
+	var st status
+	var mu sync.Mutex
+	fail := func(err error) {
+		atomic.AddInt64(&st.Errors, 1)
+		mu.Lock()
+		st.LastError = err.Error()
+		mu.Unlock()
+	}
+	end := time.Now().Add(duration)
+	var wg sync.WaitGroup
+	worker := func(f func() error) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for time.Now().Before(end) {
+				if err := f(); err != nil {
+					fail(err)
+					time.Sleep(100 * time.Millisecond)
+				}
+			}
+		}()
+	}
+	dial := func(name string) (*net.TCPConn, error) {
+		c, err := net.DialTimeout("tcp", addr(name), 10*time.Second)
+		if err != nil {
+			return nil, err
+		}
+		c.SetDeadline(time.Now().Add(2 * time.Minute))
+		return c.(*net.TCPConn), nil
+	}
+	// Round trips: 1 byte each way, 10,000 on a connection.
+	worker(func() error {
+		c, err := dial(srvEcho)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		b := []byte{0}
+		for i := 0; i < 10000 && time.Now().Before(end); i++ {
+			b[0] = byte(i)
+			if _, err := c.Write(b); err != nil {
+				return err
+			}
+			if _, err := io.ReadFull(c, b); err != nil || b[0] != byte(i) {
+				return fmt.Errorf("round trip %d: %v", i, err)
+			}
+			atomic.AddInt64(&st.RoundTrips, 1)
+		}
+		return nil
+	})
+	// New connections: connect, 1 byte echoed, close.
+	worker(func() error {
+		c, err := dial(srvEcho)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		b := []byte{'c'}
+		if _, err := c.Write(b); err != nil {
+			return err
+		}
+		if _, err := io.ReadFull(c, b); err != nil {
+			return err
+		}
+		atomic.AddInt64(&st.Conns, 1)
+		return nil
+	})
+	seeds := atomic.Uint64{}
+	// Bulk, both ways, 64 MiB each, every byte checked.
+	worker(func() error {
+		c, err := dial(srvSink)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		h := sha256.New()
+		const size = 64 << 20
+		if _, err := io.CopyN(io.MultiWriter(c, h), newStream(seeds.Add(1)), size); err != nil {
+			return err
+		}
+		c.CloseWrite()
+		sum, err := io.ReadAll(c)
+		if err != nil {
+			return err
+		}
+		if !bytes.Equal(sum, h.Sum(nil)) {
+			atomic.AddInt64(&st.BadSums, 1)
+		}
+		atomic.AddInt64(&st.Uploads, 1)
+		atomic.AddInt64(&st.Bytes, size)
+		return nil
+	})
+	download := func(slow bool) func() error {
+		return func() error {
+			c, err := dial(srvSource)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			size := int64(64 << 20)
+			if slow {
+				size = 4 << 20
+			}
+			seed := seeds.Add(1)
+			var hdr [16]byte
+			binary.BigEndian.PutUint64(hdr[:], uint64(size))
+			binary.BigEndian.PutUint64(hdr[8:], seed)
+			if _, err := c.Write(hdr[:]); err != nil {
+				return err
+			}
+			h := sha256.New()
+			var r io.Reader = c
+			if slow {
+				r = &slowReader{r: c}
+			}
+			n, err := io.Copy(h, r)
+			if err != nil {
+				return err
+			}
+			want := sha256.New()
+			io.CopyN(want, newStream(seed), size)
+			if n != size || !bytes.Equal(h.Sum(nil), want.Sum(nil)) {
+				atomic.AddInt64(&st.BadSums, 1)
+			}
+			if slow {
+				atomic.AddInt64(&st.SlowReads, 1)
+			} else {
+				atomic.AddInt64(&st.Downloads, 1)
+			}
+			atomic.AddInt64(&st.Bytes, n)
+			return nil
+		}
+	}
+	worker(download(false))
+	worker(download(true))
+	// Resets: the host resets after a byte; the sandbox must see it.
+	worker(func() error {
+		c, err := dial(srvReset)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.Write([]byte{'r'})
+		_, err = io.ReadAll(c)
+		if !errors.Is(err, syscall.ECONNRESET) {
+			return fmt.Errorf("a reset from the host came as %v", err)
+		}
+		atomic.AddInt64(&st.Resets, 1)
+		time.Sleep(10 * time.Millisecond)
+		return nil
+	})
+	// Half-closes: send, close writing, read the count back.
+	worker(func() error {
+		c, err := dial(srvHalfClose)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		n := 1 + rand.IntN(200000)
+		if _, err := c.Write(make([]byte, n)); err != nil {
+			return err
+		}
+		c.CloseWrite()
+		got, err := io.ReadAll(c)
+		if err != nil || string(got) != strconv.Itoa(n) {
+			return fmt.Errorf("half-close: %q, %v (sent %d)", got, err, n)
+		}
+		atomic.AddInt64(&st.HalfCloses, 1)
+		return nil
+	})
+	report := func() {
+		mu.Lock()
+		s := status{
+			RoundTrips: atomic.LoadInt64(&st.RoundTrips), Conns: atomic.LoadInt64(&st.Conns), Uploads: atomic.LoadInt64(&st.Uploads),
+			Downloads: atomic.LoadInt64(&st.Downloads), SlowReads: atomic.LoadInt64(&st.SlowReads), Resets: atomic.LoadInt64(&st.Resets),
+			HalfCloses: atomic.LoadInt64(&st.HalfCloses), Bytes: atomic.LoadInt64(&st.Bytes), BadSums: atomic.LoadInt64(&st.BadSums),
+			Errors: atomic.LoadInt64(&st.Errors), LastError: st.LastError,
+		}
+		mu.Unlock()
+		b, _ := json.Marshal(s)
+		fmt.Println(string(b))
+	}
+	done := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+	t := time.NewTicker(sample)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+			report()
+		case <-done:
+			report()
+			return nil
+		}
+	}
+}
+
+// slowReader reads 16 KiB at a time with 2 ms pauses: about 8 MB/s, a
+// window that closes and opens all the time.
+type slowReader struct{ r io.Reader }
+
+func (s *slowReader) Read(b []byte) (int, error) {
+	time.Sleep(2 * time.Millisecond)
+	return s.r.Read(b[:min(len(b), 16<<10)])
+}
