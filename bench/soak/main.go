@@ -48,17 +48,17 @@ var servers = []string{srvEcho, srvSource, srvSink, srvReset, srvHalfClose}
 
 // status is what the client reports every sample period.
 type status struct {
-	RoundTrips  int64 `json:"round_trips"`
-	Conns       int64 `json:"conns"`
-	Uploads     int64 `json:"uploads"`
-	Downloads   int64 `json:"downloads"`
-	SlowReads   int64 `json:"slow_reads"`
-	Resets      int64 `json:"resets"`     // resets seen where one was expected
-	HalfCloses  int64 `json:"halfcloses"` // half-close exchanges that came back right
-	Bytes       int64 `json:"bytes"`      // bulk bytes moved, both ways
-	BadSums     int64 `json:"bad_sums"`   // transfers whose sha256 differed
-	Errors      int64 `json:"errors"`     // anything else that failed
-	LastError   string `json:"last_error,omitempty"`
+	RoundTrips int64  `json:"round_trips"`
+	Conns      int64  `json:"conns"`
+	Uploads    int64  `json:"uploads"`
+	Downloads  int64  `json:"downloads"`
+	SlowReads  int64  `json:"slow_reads"`
+	Resets     int64  `json:"resets"`     // resets seen where one was expected
+	HalfCloses int64  `json:"halfcloses"` // half-close exchanges that came back right
+	Bytes      int64  `json:"bytes"`      // bulk bytes moved, both ways
+	BadSums    int64  `json:"bad_sums"`   // transfers whose sha256 differed
+	Errors     int64  `json:"errors"`     // anything else that failed
+	LastError  string `json:"last_error,omitempty"`
 }
 
 func main() {
