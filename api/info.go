@@ -24,6 +24,9 @@ type Info struct {
 	// what is in use and what it did when reached, so that a user can see
 	// that one was (gonetns's own field; RootlessKit clients ignore it).
 	Limits []LimitInfo `json:"limits,omitempty"`
+	// Confinement is gonetns's own: what the network process applied to
+	// itself after set-up; absent when it was turned off.
+	Confinement *ConfinementInfo `json:"confinement,omitempty"`
 }
 
 // LimitInfo is one of gonetns's caps (docs/limits.md has the rules).
@@ -46,6 +49,13 @@ type LimitInfo struct {
 	// "waited" (api.connections), "reset", "preempted", "idleTimeout"
 	// (ports.tcp.connections), "evicted", "idleTimeout" (ports.udp.flows).
 	Events map[string]uint64 `json:"events,omitempty"`
+}
+
+// ConfinementInfo says, layer by layer, how the network process confined
+// itself: "ABI 7 applied", "filter applied (...)", "not available: ...".
+type ConfinementInfo struct {
+	Landlock string `json:"landlock"`
+	Seccomp  string `json:"seccomp"`
 }
 
 // NetworkDriverInfo is RootlessKit's api.NetworkDriverInfo. Fields after
@@ -96,6 +106,7 @@ type PortDriverInfo struct {
 // what a RootlessKit client sees of it.
 func (i Info) RootlessKitFields() Info {
 	i.Limits = nil
+	i.Confinement = nil
 	if nd := i.NetworkDriver; nd != nil {
 		c := *nd
 		c.Egress = nil

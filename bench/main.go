@@ -154,7 +154,7 @@ func newBench(cfg config, log io.Writer) (*bench, error) {
 	probeSystems(b.systems, b.tools, v)
 	kept := b.systems[:0]
 	for _, s := range b.systems {
-		if cfg.wants(s.name) {
+		if cfg.wants(s.name) && (!s.optIn || cfg.only[s.name]) {
 			kept = append(kept, s)
 		}
 	}

@@ -28,6 +28,7 @@ type system struct {
 	label string // column header
 	ref   bool   // the host-loopback reference
 	port  bool   // a published-port system
+	optIn bool   // runs only when BENCH_SYSTEMS names it
 	// argv wraps cmd, the command to run inside, for the given MTU and
 	// (port systems) the host port to publish on 127.0.0.1.
 	argv func(mtu, hostPort int, cmd []string) []string
@@ -136,6 +137,11 @@ func allSystems(t tools, euid int) []*system {
 		return append(append(a, "--"), cmd...)
 	}
 	host := func(_, _ int, cmd []string) []string { return cmd }
+	// gonetns whose network process does not confine itself: beside
+	// gonetns, what Landlock and the seccomp filter cost.
+	unconfined := func(mtu, hostPort int, cmd []string) []string {
+		return gonetns(mtu, hostPort, append([]string{"--confine-network-process=false"}, cmd...))
+	}
 
 	return []*system{
 		{name: "gonetns", label: "gonetns", argv: gonetns, netProc: self, netName: "gonetns (parent)", target: targetSlirp},
@@ -149,6 +155,7 @@ func allSystems(t tools, euid int) []*system {
 		// gateway (10.0.2.1) is the host's loopback.
 		{name: "gvisor-tap-vsock", label: "rootlesskit v3 gvisor-tap-vsock", argv: rootlesskit(t.rootlesskit3, "gvisor-tap-vsock", ""), netProc: self, netName: "rootlesskit (parent)", target: targetGateway},
 		{name: "host", label: "host loopback (no namespace)", ref: true, argv: host, target: targetHost},
+		{name: "gonetns-unconfined", label: "gonetns --confine-network-process=false", optIn: true, argv: unconfined, netProc: self, netName: "gonetns (parent)", target: targetSlirp},
 
 		{name: "gonetns-port", label: "gonetns -p", port: true, argv: gonetns, netProc: self, netName: "gonetns (parent)"},
 		{name: "rootlesskit-builtin", label: "rootlesskit builtin", port: true, argv: rootlesskit(t.rootlesskit, "slirp4netns", "builtin"), netProc: self, netName: "rootlesskit (parent)"},
@@ -179,7 +186,7 @@ func probeSystems(systems []*system, t tools, v versions) {
 	for _, s := range systems {
 		s.available = true
 		switch s.name {
-		case "gonetns", "gonetns-packet", "gonetns-port":
+		case "gonetns", "gonetns-packet", "gonetns-port", "gonetns-unconfined":
 			s.version = v.gonetns
 		case "slirp4netns", "rootlesskit-builtin", "rootlesskit-slirp4netns":
 			s.version = strings.TrimSpace("rootlesskit " + v.rootlesskit + ", slirp4netns " + v.slirp4netns)

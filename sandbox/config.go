@@ -201,6 +201,17 @@ type Config struct {
 	// USR2 to the command, as the gonetns command does.
 	ForwardSignals bool
 
+	// ConfineNetworkProcess makes this process, the sandbox's network,
+	// confine itself once the sandbox runs (package confine): file access
+	// limited to the state directory, and no exec, ptrace, mounts,
+	// namespaces, bpf, module loading... for the rest of the process's
+	// life, for every goroutine. The gonetns command turns it on
+	// (--confine-network-process); a program that embeds the package
+	// should only if it does nothing of the kind itself after Start, nor
+	// starts a second sandbox. Unlike the other fields, its zero value is
+	// not the flag's default.
+	ConfineNetworkProcess bool
+
 	// Debug turns on the child's debug log; Logger is the parent's (nil
 	// discards).
 	Debug  bool

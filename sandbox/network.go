@@ -9,9 +9,12 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"sync"
+	"sync/atomic"
 
 	"github.com/gonetns/gonetns/api"
+	"github.com/gonetns/gonetns/confine"
 	"github.com/gonetns/gonetns/dns"
 	"github.com/gonetns/gonetns/implicit"
 	"github.com/gonetns/gonetns/internal/fdbudget"
@@ -55,6 +58,10 @@ type network struct {
 	st         *stack.Stack
 	nat        *nat.NAT
 	dns        *dns.Server
+
+	// confinement is what confine applied (ConfineNetworkProcess), once
+	// it has; the API, already serving, reads it.
+	confinement atomic.Pointer[confine.Report]
 
 	closeOnce sync.Once
 }
@@ -415,9 +422,38 @@ func (n *network) startAPI() error {
 	return nil
 }
 
+// confine restricts this process to what the network still needs, once
+// everything is set up (the command runs): the state directory (api.sock
+// and the files removed at exit) and the removal of the state directory
+// itself; descriptors already open (the TAP, --pcap, sockets, the control
+// channels) keep working, and so does every socket call. Nothing else of
+// the file system, no exec, no ptrace, no mounts or namespaces: see
+// package confine.
+func (n *network) confine() {
+	r := confine.Apply(confine.Files{
+		ReadWriteDirs: []string{n.sd.Path},
+		RemoveDirsIn:  []string{filepath.Dir(n.sd.Path)},
+	})
+	n.confinement.Store(&r)
+	for _, l := range []struct {
+		name string
+		res  confine.Result
+	}{{"landlock", r.Landlock}, {"seccomp", r.Seccomp}} {
+		if l.res.Err != nil {
+			n.log.Warn("the network process could not confine itself: "+l.name+": "+l.res.Detail+
+				"; it runs on without this layer (--confine-network-process=false silences this)", "layer", l.name)
+			continue
+		}
+		n.log.Debug(l.name+": "+l.res.Detail, "layer", l.name, "applied", l.res.Applied)
+	}
+}
+
 // info is the body of GET /v1/info.
 func (n *network) info() api.Info {
 	i := api.Info{Version: n.cfg.Version, StateDir: n.sd.Path, ChildPID: n.childPID}
+	if r := n.confinement.Load(); r != nil {
+		i.Confinement = &api.ConfinementInfo{Landlock: r.Landlock.Detail, Seccomp: r.Seccomp.Detail}
+	}
 	switch n.cfg.Net {
 	case NetBuiltin:
 		i.NetworkDriver = &api.NetworkDriverInfo{Driver: "gonetns", DNS: n.addrs.dnsAddrs(), ChildIP: n.addrs.child, Link: string(n.link.Kind), Egress: n.egressInfo()}

@@ -130,6 +130,9 @@ func Start(ctx context.Context, cfg Config, args []string) (*Sandbox, error) {
 		return fail(err)
 	}
 	s.child = child
+	if cfg.ConfineNetworkProcess {
+		s.nw.confine()
+	}
 	return s, nil
 }
 

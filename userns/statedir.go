@@ -258,8 +258,19 @@ func (d *StateDir) Close() error {
 	return err
 }
 
+// removeTemp removes a temporary state directory and everything in it.
+// Not os.RemoveAll(d.Path), which opens the directory's parent to remove
+// it from there: a network process confined to the state directory (see
+// package confine) may remove the directory from its parent but not read
+// that parent.
 func (d *StateDir) removeTemp() {
-	if d.temporary {
-		os.RemoveAll(d.Path)
+	if !d.temporary {
+		return
 	}
+	if ents, err := os.ReadDir(d.Path); err == nil {
+		for _, e := range ents {
+			os.RemoveAll(d.Join(e.Name()))
+		}
+	}
+	os.Remove(d.Path)
 }

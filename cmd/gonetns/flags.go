@@ -181,6 +181,7 @@ func defineFlags(o *options, who personality, name string, out io.Writer) (*pfla
 	fs.StringVar(&c.Reaper, "reaper", "auto", "make the gonetns child the reaper of processes orphaned inside: true, false or auto (false; with --pidns the command is PID 1 and inherits them)")
 	fs.BoolVar(&r.killOrphans, "kill-orphans", defKillOrphans, "when COMMAND exits, kill the processes it left running (without --pidns; with it the kernel does); false lets them run on, as RootlessKit does (the default when invoked as rootlesskit)")
 	fs.StringVar(&c.EvacuateCgroup2, "evacuate-cgroup2", "", "move the processes of gonetns's cgroup v2 group into the subgroup `NAME` and enable the group's controllers for subgroups (needs --pidns and --cgroupns)")
+	fs.BoolVar(&c.ConfineNetworkProcess, "confine-network-process", true, "once the sandbox runs, the gonetns process (the sandbox's network) confines itself: Landlock limits its file access to the state directory, and a seccomp filter refuses exec, ptrace, mounts, namespaces, bpf, keyrings and module loading (best effort: what the kernel lacks is skipped; /v1/info and --debug say what was applied); false turns it off")
 	fs.StringVar(&c.StateDir, "state-dir", "", "the state directory `DIR` (lock, child_pid, api.sock, netns); default: a new one under $XDG_RUNTIME_DIR or /tmp; removed on exit")
 	fs.StringVar(&r.subid, "subid-source", "auto", "where subordinate ids come from: auto, static (/etc/subuid, /etc/subgid) or dynamic (getsubids)")
 	section(sectionNamespaces)

@@ -119,7 +119,7 @@ func runLauncher(args []string, who personality, name string) int {
 		// relays signals to the command.
 		cfg.InitProcess = true
 	}
-	code, sig, err := runSandbox(cfg, o.args)
+	code, sig, err := runSandbox(cfg, o.args, log)
 	stopMem()
 	<-memDone
 	if err != nil {
@@ -143,12 +143,15 @@ func runLauncher(args []string, who personality, name string) int {
 const exitRootlessKitSignal = 255
 
 // runSandbox runs the sandbox and returns the command's exit status and
-// the signal that ended it, if one did.
-func runSandbox(cfg sandbox.Config, args []string) (int, syscall.Signal, error) {
+// the signal that ended it, if one did. The end-to-end tests' probe
+// (probe_e2e.go, built only with the e2ehooks tag) runs between the start
+// and the wait.
+func runSandbox(cfg sandbox.Config, args []string, log *slog.Logger) (int, syscall.Signal, error) {
 	s, err := sandbox.Start(context.Background(), cfg, args)
 	if err != nil {
 		return 0, 0, err
 	}
+	afterStart(s, log)
 	code, err := s.Wait()
 	return code, s.ExitSignal(), err
 }

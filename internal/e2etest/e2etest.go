@@ -79,6 +79,34 @@ func Cleanup() {
 	}
 }
 
+var (
+	hookOnce sync.Once
+	hookPath string
+	hookErr  error
+)
+
+// HookBinary builds cmd/gonetns with the e2ehooks build tag, next to
+// Binary's: the same program plus probes that only the end-to-end tests
+// turn on (through variables of their own, e.g. GONETNS_E2E_CONFINE_PROBE
+// in cmd/gonetns/probe_e2e.go). The binaries people run never have them.
+func HookBinary(t testing.TB) string {
+	t.Helper()
+	bin := Binary(t)
+	hookOnce.Do(func() {
+		hookPath = filepath.Join(filepath.Dir(bin), "gonetns-e2ehooks")
+		cmd := exec.Command("go", "build", "-tags", "e2ehooks", "-o", hookPath, "./cmd/gonetns")
+		cmd.Dir = moduleRoot()
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			hookErr = fmt.Errorf("go build -tags e2ehooks ./cmd/gonetns: %v\n%s", err, out)
+		}
+	})
+	if hookErr != nil {
+		t.Fatalf("build gonetns with the test hooks: %v", hookErr)
+	}
+	return hookPath
+}
+
 func moduleRoot() string {
 	_, file, _, _ := runtime.Caller(0)
 	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
