@@ -22,7 +22,11 @@ import (
 const probeEnv = "CONFINE_TEST_PROBE"
 
 func TestMain(m *testing.M) {
-	if mode := os.Getenv(probeEnv); mode != "" {
+	switch mode := os.Getenv(probeEnv); mode {
+	case "":
+	case "cost":
+		os.Exit(costMain())
+	default:
 		os.Exit(probeMain(mode == "confined"))
 	}
 	os.Exit(m.Run())
