@@ -176,12 +176,25 @@ type Config struct {
 	// the command is not PID 1, and a signal without a handler of its own
 	// still ends it.
 	InitProcess bool
-	// Reaper is "auto" (default), "true" or "false": whether the gonetns
-	// child reaps orphans of the command.
+	// Reaper is RootlessKit's --reaper, "auto" (default), "true" or
+	// "false": checked, and otherwise without effect, since the gonetns
+	// child always reaps the command's orphans (it keeps the command's
+	// tree together; see docs/containment.md).
 	Reaper string
 	// LeaveOrphans lets processes the command leaves behind run on after
-	// it exits; by default they are killed (--kill-orphans=false).
+	// it exits by itself; by default they are killed (--kill-orphans=false).
+	// When gonetns or its child is killed they are killed in any case.
 	LeaveOrphans bool
+	// Subreaper makes this process the subreaper of the sandbox's
+	// processes, so that nothing the command starts outlives the sandbox
+	// even when the gonetns child is killed first (from inside the
+	// sandbox, where it is visible without PIDNS): what it leaves comes
+	// back to this process and is killed. It applies to the whole process
+	// and is not undone; every process re-parented to it after the child
+	// died is taken as the sandbox's. The gonetns command sets it; a
+	// program that embeds the package and starts processes of its own
+	// that may leave orphans should not.
+	Subreaper bool
 	// EvacuateCgroup2 names a cgroup v2 subgroup to move gonetns's own
 	// cgroup's processes into (needs PIDNS and CgroupNS).
 	EvacuateCgroup2 string

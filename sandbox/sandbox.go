@@ -103,6 +103,7 @@ func Start(ctx context.Context, cfg Config, args []string) (*Sandbox, error) {
 		CgroupNS:        cfg.CgroupNS,
 		Reaper:          cfg.Reaper,
 		LeaveOrphans:    cfg.LeaveOrphans,
+		Subreaper:       cfg.Subreaper,
 		EvacuateCgroup2: cfg.EvacuateCgroup2,
 		Propagation:     cfg.Propagation,
 		CopyUp:          cfg.CopyUp,

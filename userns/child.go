@@ -2,7 +2,6 @@ package userns
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -13,8 +12,8 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -188,16 +187,22 @@ func secondStage(hooks ChildHooks) int {
 	if _, err := ctl.Recv(&m); err != nil || m.Type != msgStart {
 		return 125
 	}
-	if cfg.Reaper || cfg.KillOrphans {
-		// Orphans of the command become this process's children: reaped
-		// (--reaper), and found again when the command exits.
-		if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
-			log.Warn("cannot become a subreaper; orphaned processes go to the host's init and may outlive gonetns", "err", err)
-		}
+	// Orphans of the command become this process's children, whatever it
+	// does to leave (double fork, setsid, another process group): reaped
+	// here, and found again to be ended when the command exits or the
+	// parent dies. Kept even with LeaveOrphans, which leaves them only
+	// when the command exits by itself.
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		log.Warn("cannot become a subreaper; orphaned processes go to the host's init and may outlive gonetns", "err", err)
 	}
 	r := &runner{cfg: cfg, log: log, ctl: ctl}
 	return r.run(hooks, extra)
 }
+
+// doneAckTimeout bounds the wait for the parent's answer to msgDone
+// (which a living parent sends at once, in microseconds): past it, the
+// parent is taken for gone.
+const doneAckTimeout = 2 * time.Second
 
 // runner starts the command and stays with it: reaping, relaying signals,
 // serving the hooks.
@@ -307,6 +312,9 @@ func (r *runner) run(hooks ChildHooks, extra []*os.File) int {
 	// Messages from the parent: relayed signals; end of stream means the
 	// parent is gone, and so must everything here be.
 	parentGone := make(chan struct{})
+	gone := parentGone
+	acked := make(chan struct{})
+	var ackOnce sync.Once
 	go func() {
 		defer close(parentGone)
 		for {
@@ -316,8 +324,11 @@ func (r *runner) run(hooks ChildHooks, extra []*os.File) int {
 			if err != nil {
 				return
 			}
-			if m.Type == msgSignal && pid != 0 {
+			switch {
+			case m.Type == msgSignal && pid != 0:
 				unix.Kill(pid, syscall.Signal(m.Signal))
+			case m.Type == msgDoneAck:
+				ackOnce.Do(func() { close(acked) })
 			}
 		}
 	}()
@@ -330,6 +341,7 @@ func (r *runner) run(hooks ChildHooks, extra []*os.File) int {
 	}()
 
 	var result exit
+	parentLeft := false
 loop:
 	for {
 		select {
@@ -349,7 +361,7 @@ loop:
 			if pid != 0 {
 				unix.Kill(pid, unix.SIGKILL)
 			}
-			parentGone = nil
+			parentGone, parentLeft = nil, true
 		}
 	}
 	if result.signal != 0 {
@@ -357,9 +369,32 @@ loop:
 		// not an exit status there).
 		r.ctl.Send(message{Type: msgExited, Signal: int(result.signal)})
 	}
-	if r.cfg.KillOrphans {
-		if n := killOrphans(r.log); n > 0 {
+	// Without the parent there is no network and no one to supervise:
+	// nothing is left behind then, LeaveOrphans or not. Whether the
+	// parent lives is its to say: the parent-death signal (SIGTERM,
+	// relayed to the command like any other) comes when the parent's
+	// thread that started this process ends, before its descriptors
+	// close, so a dying parent can end the command before the control
+	// channel does. A living parent answers msgDone at once.
+	leave := !r.cfg.KillOrphans && !parentLeft
+	if leave {
+		r.ctl.Send(message{Type: msgDone})
+		select {
+		case <-acked:
+		case <-gone:
+			leave = false
+		case <-time.After(doneAckTimeout):
+			r.log.Warn("the parent did not answer; ending what the command left behind")
+			leave = false
+		}
+	}
+	if !leave {
+		n, left := endChildren()
+		if n > 0 {
 			r.log.Debug("ended processes the command left behind", "count", n)
+		}
+		if len(left) > 0 {
+			r.log.Warn("processes the command left behind would not end", "pids", fmt.Sprint(left))
 		}
 	}
 	cancel()
@@ -398,78 +433,6 @@ func statusOf(ws unix.WaitStatus) int {
 		return 128 + int(ws.Signal())
 	}
 	return ws.ExitStatus()
-}
-
-// orphanRounds bounds killOrphans: each round kills the children it finds
-// and reaps them, and their own children become ours for the next round.
-const orphanRounds = 50
-
-// killOrphans ends every process left of the command's tree: as a
-// subreaper, this process inherits the tree's orphans, so its children are
-// the whole rest. Returns how many it killed.
-func killOrphans(log *slog.Logger) int {
-	self := os.Getpid()
-	killed := 0
-	for round := 0; round < orphanRounds; round++ {
-		kids := childrenOf(self)
-		if len(kids) == 0 {
-			return killed
-		}
-		for _, pid := range kids {
-			if unix.Kill(pid, unix.SIGKILL) == nil {
-				killed++
-			}
-		}
-		// Reap what died; what is left (its parent was not dead yet when
-		// we listed) shows up in the next round.
-		deadline := time.Now().Add(100 * time.Millisecond)
-		for time.Now().Before(deadline) {
-			var ws unix.WaitStatus
-			got, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
-			if err == unix.ECHILD {
-				break
-			}
-			if got <= 0 {
-				time.Sleep(time.Millisecond)
-			}
-		}
-	}
-	if kids := childrenOf(self); len(kids) > 0 {
-		log.Warn("processes the command left behind would not end", "pids", fmt.Sprint(kids))
-	}
-	return killed
-}
-
-// childrenOf lists the live children of pid, from /proc/PID/stat.
-func childrenOf(pid int) []int {
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return nil
-	}
-	var kids []int
-	for _, e := range ents {
-		p, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
-		if err != nil {
-			continue
-		}
-		// pid (comm) state ppid ...; comm may hold spaces and parentheses.
-		i := bytes.LastIndexByte(b, ')')
-		if i < 0 {
-			continue
-		}
-		f := strings.Fields(string(b[i+1:]))
-		if len(f) < 2 || f[0] == "Z" {
-			continue
-		}
-		if ppid, err := strconv.Atoi(f[1]); err == nil && ppid == pid {
-			kids = append(kids, p)
-		}
-	}
-	return kids
 }
 
 // lookPath resolves the command with the PATH the command will see.

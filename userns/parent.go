@@ -44,15 +44,25 @@ type Options struct {
 	// signal to it and reaps the orphans, as RootlessKit's child does;
 	// without it the command is PID 1 itself.
 	InitProcess bool
-	// Reaper makes the child a subreaper of orphaned processes: "true",
-	// "false", or "auto" (false: with PIDNS the command is PID 1 and
-	// inherits the orphans itself).
+	// Reaper is RootlessKit's --reaper ("true", "false", "auto"), checked
+	// and otherwise without effect: the child is always the subreaper of
+	// the command's tree, which keeps that tree where it can be ended.
 	Reaper string
 	// LeaveOrphans lets processes the command started and left behind run
-	// on after it exits. By default the child ends them (SIGKILL) when the
-	// command exits, as a PID namespace does: the sandbox's network goes
-	// with gonetns, and nothing should outlive it unnoticed.
+	// on after it exits by itself. By default the child ends them
+	// (SIGKILL) when the command exits, as a PID namespace does: the
+	// sandbox's network goes with gonetns, and nothing should outlive it
+	// unnoticed. When this process or the child is killed, everything is
+	// ended in any case.
 	LeaveOrphans bool
+	// Subreaper makes this process the child subreaper of the sandbox's
+	// processes (PR_SET_CHILD_SUBREAPER; for the process's whole life):
+	// if the child is killed before them (from inside the sandbox, where
+	// it is visible without PIDNS), they come here instead of to the
+	// host's init, and Wait ends them. Every process re-parented here once
+	// the child is gone is taken as the sandbox's: set it in a program
+	// whose only children are its sandbox's, as the gonetns command.
+	Subreaper bool
 	// EvacuateCgroup2 names a cgroup v2 subgroup into which the processes
 	// of gonetns's own cgroup are moved before the command runs, with the
 	// group's controllers enabled for its subgroups (RootlessKit's
@@ -110,6 +120,10 @@ type Child struct {
 	waited  chan struct{} // closed when supervise has returned; nil before Begin
 	// cmdSignal is the signal that ended the command (msgExited).
 	cmdSignal atomic.Int32
+	// commandDone is set when the child reports that the command exited
+	// by itself (not because the child or this process was killed).
+	commandDone atomic.Bool
+	ended       atomic.Bool // endAdopted ran
 }
 
 // forwardedSignals are relayed to the command.
@@ -122,9 +136,16 @@ func Start(opts Options) (*Child, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	reaper, netJSON, err := prepare(opts)
+	netJSON, err := prepare(opts)
 	if err != nil {
 		return nil, err
+	}
+	if opts.Subreaper {
+		// Before the child exists: whatever moment it dies at, its
+		// processes come here.
+		if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+			opts.Logger.Warn("cannot become a subreaper: if the gonetns child is killed, what the command started goes to the host's init", "err", err)
+		}
 	}
 	parentEnd, childEnd, err := wire.Socketpair()
 	if err != nil {
@@ -166,7 +187,7 @@ func Start(opts Options) (*Child, error) {
 	// before answering would leave our Recv below waiting forever
 	// instead of seeing end of stream.
 	childEnd.Close()
-	if err := c.setUp(&m, plan, reaper, netJSON); err != nil {
+	if err := c.setUp(&m, plan, netJSON); err != nil {
 		c.Kill()
 		<-c.exited
 		signal.Stop(c.sigs)
@@ -179,30 +200,30 @@ func Start(opts Options) (*Child, error) {
 // prepare checks what can be checked before anything is created, writes
 // the state directory's resolv.conf and hosts, and encodes the network
 // hook's configuration.
-func prepare(opts Options) (reaper bool, netJSON json.RawMessage, err error) {
+func prepare(opts Options) (netJSON json.RawMessage, err error) {
 	if len(opts.Args) == 0 {
-		return false, nil, errors.New("no command given")
+		return nil, errors.New("no command given")
 	}
-	if reaper, err = ParseReaper(opts.Reaper); err != nil {
-		return false, nil, err
+	if _, err = ParseReaper(opts.Reaper); err != nil {
+		return nil, err
 	}
 	if err := ValidateCopyUp(opts.CopyUp); err != nil {
-		return false, nil, err
+		return nil, err
 	}
 	if opts.ResolvConf != nil {
 		if err := opts.StateDir.WriteFile(ResolvConf, opts.ResolvConf, 0o644); err != nil {
-			return false, nil, err
+			return nil, err
 		}
 	}
 	if opts.Hosts != nil {
 		if err := opts.StateDir.WriteFile(HostsFile, opts.Hosts, 0o644); err != nil {
-			return false, nil, err
+			return nil, err
 		}
 	}
 	if netJSON, err = json.Marshal(opts.Network); err != nil {
-		return false, nil, fmt.Errorf("encode network config: %w", err)
+		return nil, fmt.Errorf("encode network config: %w", err)
 	}
-	return reaper, netJSON, nil
+	return netJSON, nil
 }
 
 // childCommand is the re-exec of this program as the child, in the new
@@ -261,7 +282,7 @@ func cloneFlags(opts Options) uintptr {
 // setUp takes the spawned child through its set-up: the id maps, the
 // cgroup evacuation, the configuration, and its answer once the mounts
 // and the network hook are done.
-func (c *Child) setUp(m *idMapper, plan mapPlan, reaper bool, netJSON json.RawMessage) error {
+func (c *Child) setUp(m *idMapper, plan mapPlan, netJSON json.RawMessage) error {
 	opts := c.opts
 	maps, err := m.mapIDs(c.cmd.Process.Pid, plan)
 	if err != nil {
@@ -287,7 +308,6 @@ func (c *Child) setUp(m *idMapper, plan mapPlan, reaper bool, netJSON json.RawMe
 		NewNet:      opts.NewNet,
 		PIDNS:       opts.PIDNS,
 		InitProcess: opts.InitProcess && opts.PIDNS,
-		Reaper:      reaper,
 		KillOrphans: !opts.LeaveOrphans && !opts.PIDNS,
 		Cgroup2:     opts.EvacuateCgroup2 != "" && opts.CgroupNS,
 		Propagation: opts.Propagation,
@@ -385,7 +405,28 @@ func (c *Child) Wait() (int, error) {
 		signal.Stop(c.sigs)
 		c.ctl.Close()
 	}
+	c.endAdopted()
 	return exitStatus(c.state, c.waitErr)
+}
+
+// endAdopted ends what the command started and this process adopted as
+// the subreaper (Options.Subreaper): everything, unless the command
+// exited by itself with LeaveOrphans (RootlessKit's behaviour). The child
+// ends the tree itself when the command exits or this process dies; what
+// comes here is what it could not end because it was killed first.
+func (c *Child) endAdopted() {
+	if !c.opts.Subreaper || c.ended.Swap(true) {
+		return
+	}
+	if c.opts.LeaveOrphans && c.commandDone.Load() {
+		return
+	}
+	if n, left := endChildren(); n > 0 || len(left) > 0 {
+		c.log.Debug("ended processes of the sandbox that outlived the gonetns child", "count", n, "child_status", c.state.String())
+		if len(left) > 0 {
+			c.log.Warn("processes of the sandbox would not end", "pids", fmt.Sprint(left))
+		}
+	}
 }
 
 // CommandSignal is the signal that ended the command, once Wait has
@@ -496,6 +537,9 @@ func (c *Child) drainControl() {
 			c.log.Debug("command started", "pid_in_namespace", m.PID)
 		case msgExited:
 			c.cmdSignal.Store(int32(m.Signal))
+		case msgDone:
+			c.commandDone.Store(true)
+			c.ctl.Send(message{Type: msgDoneAck})
 		case msgError:
 			c.log.Debug("child reported", "error", m.Error)
 		}

@@ -24,14 +24,16 @@ const ctlFD = 3
 // Message types on the control channel.
 const (
 	// parent -> child
-	msgProceed = "proceed" // the id maps are written: re-execute to gain capabilities
-	msgConfig  = "config"  // childConfig for the second stage
-	msgStart   = "start"   // the parent is ready: run the command
-	msgSignal  = "signal"  // deliver Signal to the command
+	msgProceed = "proceed"  // the id maps are written: re-execute to gain capabilities
+	msgConfig  = "config"   // childConfig for the second stage
+	msgStart   = "start"    // the parent is ready: run the command
+	msgSignal  = "signal"   // deliver Signal to the command
+	msgDoneAck = "done-ack" // the parent lives: what the command left may live on (LeaveOrphans)
 	// child -> parent
 	msgNetwork = "network" // namespaces and mounts are set up; Info and files of the network hook
 	msgStarted = "started" // the command runs as PID
 	msgExited  = "exited"  // the command was ended by Signal
+	msgDone    = "done"    // the command exited by itself (LeaveOrphans): may its leftovers live on?
 	msgError   = "error"   // setup failed with Error; the child exits next
 )
 
@@ -57,7 +59,6 @@ type childConfig struct {
 	NewNet      bool     `json:"newNet"`
 	PIDNS       bool     `json:"pidns"`
 	InitProcess bool     `json:"initProcess,omitempty"`
-	Reaper      bool     `json:"reaper"`
 	KillOrphans bool     `json:"killOrphans"`
 	// Cgroup2 mounts a cgroup2 of the command's cgroup namespace on
 	// /sys/fs/cgroup (--evacuate-cgroup2 with --cgroupns).

@@ -105,6 +105,9 @@ func runLauncher(args []string, who personality, name string) int {
 	cfg := o.cfg
 	cfg.Logger = log
 	cfg.ForwardSignals = true
+	// gonetns has no other children: it can take the sandbox's back if
+	// the child is killed first.
+	cfg.Subreaper = true
 	cfg.Version = semver(who)
 	// The parent's own policy, not the sandbox package's: a program that
 	// embeds a sandbox keeps its memory management to itself.

@@ -1,0 +1,113 @@
+package userns
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// endRounds bounds endChildren: each round kills the children it finds
+// and reaps them; their own children, re-parented to this process (a
+// subreaper), are the next round's. A process with a SIGKILL pending
+// cannot fork, so the rounds are as many as the tree's generations that
+// were forking at that instant.
+const endRounds = 50
+
+// endChildren kills (SIGKILL) every child of this process and, as this
+// process is a subreaper, every process re-parented to it meanwhile, and
+// reaps them. It returns how many it killed, and the children still there
+// after the last round.
+func endChildren() (killed int, left []int) {
+	for range endRounds {
+		kids := ownChildren()
+		if len(kids) == 0 {
+			return killed, nil
+		}
+		for _, pid := range kids {
+			if unix.Kill(pid, unix.SIGKILL) == nil {
+				killed++
+			}
+		}
+		// Reap what died (each by its pid: an embedding program's own
+		// waits for other children are not disturbed); what is not dead
+		// yet shows up in the next round.
+		pending := kids
+		for deadline := time.Now().Add(100 * time.Millisecond); len(pending) > 0 && time.Now().Before(deadline); {
+			still := pending[:0]
+			for _, pid := range pending {
+				var ws unix.WaitStatus
+				got, err := unix.Wait4(pid, &ws, unix.WNOHANG, nil)
+				if got == 0 && err == nil || err == unix.EINTR {
+					still = append(still, pid)
+				}
+			}
+			pending = still
+			if len(pending) > 0 {
+				time.Sleep(time.Millisecond)
+			}
+		}
+	}
+	return killed, ownChildren()
+}
+
+// ownChildren lists this process's children, zombies included, from
+// /proc/self/task/*/children (the children of each thread: a subreaper's
+// adopted processes are attributed to any of its threads), which a
+// process confined to /proc/self can read; without CONFIG_PROC_CHILDREN,
+// from every process's /proc/PID/stat.
+func ownChildren() []int {
+	files, _ := filepath.Glob("/proc/self/task/*/children")
+	if len(files) == 0 {
+		return childrenOf(os.Getpid())
+	}
+	var kids []int
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return childrenOf(os.Getpid())
+		}
+		for _, w := range strings.Fields(string(b)) {
+			if pid, err := strconv.Atoi(w); err == nil {
+				kids = append(kids, pid)
+			}
+		}
+	}
+	return kids
+}
+
+// childrenOf lists the children of pid, from /proc/PID/stat.
+func childrenOf(pid int) []int {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	var kids []int
+	for _, e := range ents {
+		p, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...; comm may hold spaces and parentheses.
+		i := bytes.LastIndexByte(b, ')')
+		if i < 0 {
+			continue
+		}
+		f := strings.Fields(string(b[i+1:]))
+		if len(f) < 2 {
+			continue
+		}
+		if ppid, err := strconv.Atoi(f[1]); err == nil && ppid == pid {
+			kids = append(kids, p)
+		}
+	}
+	return kids
+}
