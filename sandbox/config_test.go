@@ -83,3 +83,26 @@ func TestAddrPlan(t *testing.T) {
 		t.Errorf("address plan: %+v", p)
 	}
 }
+
+func TestFreeSubnet(t *testing.T) {
+	p := netip.MustParsePrefix
+	for _, c := range []struct {
+		bits  int
+		taken []netip.Prefix
+		want  string
+	}{
+		{24, nil, "10.0.2.0/24"},
+		{24, []netip.Prefix{p("10.0.2.0/24")}, "10.0.3.0/24"},
+		{24, []netip.Prefix{p("10.0.0.0/16"), p("10.1.0.0/24")}, "10.1.1.0/24"},
+		{25, []netip.Prefix{p("10.0.2.0/25")}, "10.0.2.128/25"},
+		{16, []netip.Prefix{p("10.0.5.0/24")}, "10.1.0.0/16"},
+		{24, []netip.Prefix{p("10.0.0.0/8")}, "172.16.0.0/24"},
+		{24, []netip.Prefix{p("10.0.0.0/8"), p("172.16.0.0/12"), p("192.168.0.0/17")}, "192.168.128.0/24"},
+		{24, []netip.Prefix{p("10.0.0.0/8"), p("172.16.0.0/12"), p("192.168.0.0/16")}, "invalid Prefix"},
+	} {
+		got, _ := freeSubnet(c.bits, c.taken)
+		if got.String() != c.want {
+			t.Errorf("freeSubnet(%d, %v) = %v, want %s", c.bits, c.taken, got, c.want)
+		}
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 
@@ -18,6 +19,7 @@ import (
 	"github.com/gonetns/gonetns/dns"
 	"github.com/gonetns/gonetns/implicit"
 	"github.com/gonetns/gonetns/internal/fdbudget"
+	"github.com/gonetns/gonetns/internal/route"
 	"github.com/gonetns/gonetns/internal/wire"
 	"github.com/gonetns/gonetns/nat"
 	"github.com/gonetns/gonetns/pcap"
@@ -109,6 +111,7 @@ func (p addrPlan) dnsAddrs() []netip.Addr {
 func newNetwork(cfg Config, sd *userns.StateDir) (*network, error) {
 	n := &network{cfg: cfg, sd: sd, log: cfg.Logger, addrs: planAddrs(cfg.CIDR, cfg.IPv6), budget: descriptorBudget(cfg.Logger)}
 	if cfg.Net == NetBuiltin {
+		warnHostOverlap(cfg.CIDR, n.log)
 		n.upstreams = cfg.DNSUpstreams
 		if len(n.upstreams) == 0 && !cfg.DisableDNS {
 			rc, err := hostResolvConf()
@@ -167,6 +170,65 @@ func newNetwork(cfg Config, sd *userns.StateDir) (*network, error) {
 		n.watchChild = childEnd
 	}
 	return n, nil
+}
+
+// warnHostOverlap warns when the sandbox's subnet overlaps a network of
+// the host (an interface's subnet, or a route): the sandbox then cannot
+// reach that network's hosts, since their addresses are its own or its
+// link's. A warning, not a refusal: some want exactly that (a subnet they
+// never use from inside). It names the interface and a subnet to take
+// instead.
+func warnHostOverlap(cidr netip.Prefix, log *slog.Logger) {
+	nets, err := route.Networks()
+	if err != nil {
+		log.Debug("cannot check --cidr against the host's networks", "err", err)
+		return
+	}
+	prefixes := make([]netip.Prefix, len(nets))
+	for i, hn := range nets {
+		prefixes[i] = hn.Prefix
+	}
+	for _, hn := range nets {
+		if !hn.Prefix.Overlaps(cidr) {
+			continue
+		}
+		how := "choose a subnet that no interface or route of the host uses with --cidr"
+		if alt, ok := freeSubnet(cidr.Bits(), append(prefixes, cidr)); ok {
+			how += ", e.g. --cidr=" + alt.String()
+		}
+		log.Warn(fmt.Sprintf("--cidr=%s overlaps the host's network %s: the sandbox cannot reach the hosts of that network, whose addresses it takes for its own; %s", cidr, hn, how))
+	}
+}
+
+// freeSubnet returns the first subnet of the given size in 10.0.2.0 and
+// up, then 172.16.0.0/12 and 192.168.0.0/16, that overlaps none of taken.
+func freeSubnet(bits int, taken []netip.Prefix) (netip.Prefix, bool) {
+	for _, r := range []struct {
+		start netip.Addr
+		space netip.Prefix
+	}{
+		{netip.MustParseAddr("10.0.2.0"), netip.MustParsePrefix("10.0.0.0/8")},
+		{netip.MustParseAddr("172.16.0.0"), netip.MustParsePrefix("172.16.0.0/12")},
+		{netip.MustParseAddr("192.168.0.0"), netip.MustParsePrefix("192.168.0.0/16")},
+	} {
+		if bits < r.space.Bits() {
+			continue
+		}
+		step := uint32(1) << (32 - bits)
+		a4 := r.start.As4()
+		v := (uint32(a4[0])<<24 | uint32(a4[1])<<16 | uint32(a4[2])<<8 | uint32(a4[3])) &^ (step - 1)
+		for i := 0; i < 1<<16; i++ {
+			c := netip.PrefixFrom(netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)}), bits)
+			if !r.space.Contains(c.Addr()) {
+				break
+			}
+			if !slices.ContainsFunc(taken, c.Overlaps) {
+				return c, true
+			}
+			v += step
+		}
+	}
+	return netip.Prefix{}, false
 }
 
 // descriptorBudget raises the open-files limit and divides it among what

@@ -20,6 +20,7 @@ import (
 // addresses are ever contacted.
 type ClientNetns struct {
 	Name      string
+	HostIf    string     // the host's end of the veth pair
 	HostIP4   netip.Addr // the host's end, where published ports are reached
 	ClientIP4 netip.Addr
 	HostIP6   netip.Addr
@@ -60,6 +61,7 @@ func NewClientNetns(t testing.TB) *ClientNetns {
 		ClientIP6: netip.MustParseAddr(fmt.Sprintf("2001:db8:%x::2", n)),
 	}
 	hostIf, clientIf := fmt.Sprintf("gne2e%dh", n), fmt.Sprintf("gne2e%dc", n)
+	c.HostIf = hostIf
 	ip := func(args ...string) {
 		t.Helper()
 		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {

@@ -2,7 +2,8 @@
 // rules and `local` routes that portfwd's child sets up so that replies to
 // a published port's clients come back to the sockets that carry the
 // clients' own addresses instead of leaving through the TAP, and the route
-// lookups that check them.
+// lookups that check them; and the list of the networks a namespace
+// reaches (Networks), against which a sandbox's subnet is checked.
 package route
 
 import (
