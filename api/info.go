@@ -6,7 +6,11 @@
 // and knows nothing of how ports are published.
 package api
 
-import "net/netip"
+import (
+	"net/netip"
+
+	"github.com/gonetns/gonetns/port"
+)
 
 // Version is the RootlessKit REST API version served (not gonetns's
 // version).
@@ -100,6 +104,19 @@ type PortDriverInfo struct {
 	// SourceIPTransparent reports whether connections through published
 	// ports keep the client's address inside (--source-ip-transparent).
 	SourceIPTransparent *bool `json:"sourceIPTransparent,omitempty"`
+	// Unpublished lists what the implicit driver saw listening inside and
+	// does not publish, and why (a port the host was using is left to
+	// the host).
+	Unpublished []UnpublishedPort `json:"unpublished,omitempty"`
+}
+
+// UnpublishedPort is a port listening inside that the implicit driver
+// does not publish.
+type UnpublishedPort struct {
+	Spec   port.Spec `json:"spec"`
+	Reason string    `json:"reason"`
+	// Retrying: the driver tries again; false for a port left to the host.
+	Retrying bool `json:"retrying,omitempty"`
 }
 
 // RootlessKitFields returns i with only the fields RootlessKit's API has:
@@ -116,6 +133,7 @@ func (i Info) RootlessKitFields() Info {
 	if pd := i.PortDriver; pd != nil {
 		c := *pd
 		c.SourceIPTransparent = nil
+		c.Unpublished = nil
 		i.PortDriver = &c
 	}
 	return i

@@ -18,6 +18,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/gonetns/gonetns/internal/limitlog"
@@ -56,7 +57,14 @@ import (
 // withdrawn until its socket inside closes. A port that cannot be
 // published (privileged on the host, in use by another program) is logged
 // once at Warn and retried, backing off from 1 s to a minute: the port may
-// free up. Nothing of gonetns's own listens inside: its DNS server is in
+// free up; except a port the host is using (EADDRINUSE): it stays the
+// host's for as long as the listener inside lasts, not retried, so that a
+// host service that restarts on its port finds it free again (a retry
+// would take it in the instant the service lets go). Logged once; an
+// explicit publish (POST /v1/ports) takes it if that is what is wanted,
+// and the listener closing and opening again is a new appearance, which
+// gets a new attempt. Unpublished lists the listeners not published, and
+// why. Nothing of gonetns's own listens inside: its DNS server is in
 // the parent's netstack, and the child's relay sockets are connected.
 
 // Defaults of Config.
@@ -102,6 +110,9 @@ type Driver struct {
 	want  map[port.Spec]Listener // what the last report asks for, and why
 	ports map[port.Spec]*implicitPort
 	full  limitlog.Warner
+	// hostWarned are the specs whose host port in use was logged at Warn
+	// already: a listener that comes and goes is not logged again.
+	hostWarned map[port.Spec]bool
 
 	startOnce, closeOnce sync.Once
 }
@@ -111,9 +122,13 @@ type implicitPort struct {
 	id         int  // the Manager's port ID; 0 while not published
 	suppressed bool // removed through the API
 	yielded    bool // an explicit port holds its host port (logged)
-	failures   int
-	retryAt    time.Time
-	warned     bool
+	// hostHeld: the host was using the port (EADDRINUSE); not retried
+	// while the listener inside lasts.
+	hostHeld bool
+	failures int
+	lastErr  error // of the last failed publish
+	retryAt  time.Time
+	warned   bool
 }
 
 // New returns a driver reading reports from c, which it owns from
@@ -135,6 +150,8 @@ func New(c *wire.Conn, cfg Config) *Driver {
 		quit:  make(chan struct{}),
 		want:  make(map[port.Spec]Listener),
 		ports: make(map[port.Spec]*implicitPort),
+
+		hostWarned: make(map[port.Spec]bool),
 	}
 }
 
@@ -264,7 +281,7 @@ func (im *Driver) sync() time.Time {
 			p = &implicitPort{}
 			im.ports[spec] = p
 		}
-		if p.id != 0 || p.suppressed {
+		if p.id != 0 || p.suppressed || p.hostHeld {
 			continue
 		}
 		if overlapsAny(spec, explicit) {
@@ -285,8 +302,20 @@ func (im *Driver) sync() time.Time {
 		}
 		l := im.want[spec]
 		st, err := im.m.AddPort(context.Background(), spec)
+		if errors.Is(err, syscall.EADDRINUSE) {
+			p.hostHeld, p.lastErr = true, err
+			msg := "implicit: not publishing a port the host is using; it stays the host's while the listener inside lasts (publish it explicitly to take it)"
+			if !im.hostWarned[spec] {
+				im.hostWarned[spec] = true
+				im.log.Warn(msg, "spec", spec.String(), "listener", l.String())
+			} else {
+				im.log.Debug(msg, "spec", spec.String(), "listener", l.String())
+			}
+			continue
+		}
 		if err != nil {
 			p.failures++
+			p.lastErr = err
 			p.retryAt = now.Add(min(implicitRetryMin<<min(p.failures-1, 10), implicitRetryMax))
 			next = earliest(next, p.retryAt)
 			if !p.warned {
@@ -405,6 +434,45 @@ func (im *Driver) ListPorts() []port.Status {
 	out := im.m.ListPorts()
 	for i := range out {
 		_, out[i].Implicit = ids[out[i].ID]
+	}
+	return out
+}
+
+// Unpublished is a listener inside that the driver does not publish.
+type Unpublished struct {
+	Spec     port.Spec
+	Listener Listener
+	// Reason says why, for a person.
+	Reason string
+	// Retrying: the driver tries again (backing off); false for a port
+	// the host was using, which is left to the host.
+	Retrying bool
+}
+
+// Unpublished lists the listeners reported inside that are not published
+// (sorted as specs are), but those an explicit port stands for or that
+// were removed through the API.
+func (im *Driver) Unpublished() []Unpublished {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	out := []Unpublished{}
+	for _, spec := range slices.SortedFunc(maps.Keys(im.want), compareSpecs) {
+		p := im.ports[spec]
+		if p != nil && (p.id != 0 || p.suppressed || p.yielded) {
+			continue
+		}
+		u := Unpublished{Spec: spec, Listener: im.want[spec]}
+		switch {
+		case p == nil:
+			continue // not tried yet
+		case p.hostHeld:
+			u.Reason = "the host was using this port when it began listening inside; it is left to the host (publish it explicitly to take it)"
+		case p.lastErr != nil:
+			u.Reason, u.Retrying = p.lastErr.Error(), true
+		default:
+			u.Reason, u.Retrying = fmt.Sprintf("more than %d ports listen inside", im.max), true
+		}
+		out = append(out, u)
 	}
 	return out
 }

@@ -381,27 +381,54 @@ func TestImplicitRemoveKeepsItWithdrawn(t *testing.T) {
 	}
 }
 
+// A port the host was using when the listener appeared inside stays the
+// host's: when the host's service restarts on it, it gets it back (the
+// driver used to retry and take it in the instant it was free). It is
+// listed as unpublished, and logged once. A new appearance of the
+// listener, with the port free, publishes it.
 func TestImplicitHostPortInUse(t *testing.T) {
 	r := newImplicitRig(t, 0)
 	hp := freeHostPort(t)
 	r.backend(hp, echoServer(t))
-	squatter, err := net.Listen("tcp4", fmt.Sprintf("127.0.0.1:%d", hp))
+	hostAddr := fmt.Sprintf("127.0.0.1:%d", hp)
+	hostService, err := net.Listen("tcp4", hostAddr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	r.report(lst("tcp", "127.0.0.1", hp))
-	r.waitFor("warning", func() bool { return strings.Contains(r.logs.String(), "cannot publish a port that listens inside") })
+	l := lst("tcp", "127.0.0.1", hp)
+	r.report(l)
+	const warning = "not publishing a port the host is using"
+	r.waitFor("a failed publish", func() bool { return len(r.im.Unpublished()) == 1 })
 	if r.hasPublished(hp) {
 		t.Fatal("published over another program's port")
 	}
-	squatter.Close()
-	// Retried after a second: published now that the port is free.
-	r.waitFor("publish after the port freed up", func() bool { s, _ := tcpSays(hp); return r.hasPublished(hp) && s == "ping" })
-	if n := strings.Count(r.logs.String(), "cannot publish a port that listens inside"); n != 1 {
+	u := r.im.Unpublished()
+	if len(u) != 1 || u[0].Spec.ParentPort != hp || u[0].Retrying || !strings.Contains(u[0].Reason, "the host was using this port") {
+		t.Fatalf("Unpublished() = %+v, want the port, left to the host", u)
+	}
+	// The host's service restarts: it lets go of the port for longer than
+	// the driver's first retry (1 s) would have waited, then binds again.
+	hostService.Close()
+	time.Sleep(2 * implicitRetryMin)
+	r.report(l) // a report changes nothing either
+	hostService, err = net.Listen("tcp4", hostAddr)
+	if err != nil {
+		t.Fatalf("the host's service cannot get its port back after a restart: %v (published: %v)", err, r.published())
+	}
+	if r.hasPublished(hp) {
+		t.Fatal("published the host's port while its service restarted")
+	}
+	hostService.Close()
+	if n := strings.Count(r.logs.String(), warning); n != 1 {
 		t.Errorf("%d warnings, want 1:\n%s", n, r.logs.String())
 	}
-	if !strings.Contains(r.logs.String(), "address already in use") {
-		t.Errorf("the warning does not say why")
+	// The listener goes and comes back while the port is free: published.
+	r.report()
+	r.waitFor("nothing wanted", func() bool { return len(r.im.Unpublished()) == 0 })
+	r.report(l)
+	r.waitFor("publish on the listener's new appearance", func() bool { s, _ := tcpSays(hp); return r.hasPublished(hp) && s == "ping" })
+	if u := r.im.Unpublished(); len(u) != 0 {
+		t.Errorf("Unpublished() = %+v once published", u)
 	}
 }
 
@@ -412,6 +439,9 @@ func TestImplicitMaxPorts(t *testing.T) {
 	r.waitFor("limit warning", func() bool { return strings.Contains(r.logs.String(), "too many implicit ports") })
 	if n := len(r.published()); n != 2 {
 		t.Errorf("%d ports published, want the limit 2", n)
+	}
+	if u := r.im.Unpublished(); len(u) != 1 || !u[0].Retrying || !strings.Contains(u[0].Reason, "more than 2 ports") {
+		t.Errorf("Unpublished() = %+v, want the third port, over the limit", u)
 	}
 	// One goes: the third takes its place.
 	first := r.published()[0].ParentPort

@@ -525,6 +525,11 @@ func (n *network) info() api.Info {
 	if n.ports != nil {
 		transparent := !n.cfg.DisableSourceIPTransparent
 		i.PortDriver = &api.PortDriverInfo{Driver: string(n.cfg.PortDriver), Protos: port.Protos, SourceIPTransparent: &transparent}
+		if n.implicit != nil {
+			for _, u := range n.implicit.Unpublished() {
+				i.PortDriver.Unpublished = append(i.PortDriver.Unpublished, api.UnpublishedPort{Spec: u.Spec, Reason: u.Reason, Retrying: u.Retrying})
+			}
+		}
 	}
 	i.Limits = n.limits()
 	return i

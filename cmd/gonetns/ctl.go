@@ -18,12 +18,13 @@ import (
 	"github.com/gonetns/gonetns/port"
 )
 
-func ctlListPorts(ctx context.Context, c *api.Client, jsonOut bool, w io.Writer) error {
+func ctlListPorts(ctx context.Context, c *api.Client, o ctlOutput) error {
 	ports, err := c.ListPorts(ctx)
 	if err != nil {
 		return err
 	}
-	if jsonOut {
+	w := o.w
+	if o.json {
 		// One object per line, as rootlessctl prints them.
 		for _, p := range ports {
 			if err := ctlPrintJSON(w, p); err != nil {
@@ -37,6 +38,21 @@ func ctlListPorts(ctx context.Context, c *api.Client, jsonOut bool, w io.Writer)
 	for _, p := range ports {
 		fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%s\t%d\t\n", p.ID, p.Spec.Proto, ctlIP(p.Spec.ParentIP),
 			p.Spec.ParentPort, ctlIP(p.Spec.ChildIP), p.Spec.ChildPort)
+	}
+	if err := tw.Flush(); err != nil || o.rootlessKit {
+		return err
+	}
+	// gonetns's own: the ports the implicit driver does not publish.
+	info, err := c.Info(ctx)
+	if err != nil || info.PortDriver == nil || len(info.PortDriver.Unpublished) == 0 {
+		return err
+	}
+	fmt.Fprintln(w, "\nNot published (listening inside, port driver implicit):")
+	tw = tabwriter.NewWriter(w, 4, 8, 4, ' ', 0)
+	fmt.Fprintln(tw, "PROTO\tPARENTIP\tPARENTPORT\tCHILDIP\tCHILDPORT\tWHY\t")
+	for _, u := range info.PortDriver.Unpublished {
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%d\t%s\t\n", u.Spec.Proto, ctlIP(u.Spec.ParentIP), u.Spec.ParentPort,
+			ctlIP(u.Spec.ChildIP), u.Spec.ChildPort, u.Reason)
 	}
 	return tw.Flush()
 }
@@ -119,6 +135,12 @@ func ctlInfo(ctx context.Context, c *api.Client, jsonOut, rootlessKitOnly bool, 
 	if pd := info.PortDriver; pd != nil {
 		fmt.Fprintf(w, "- Port Driver: %s\n", pd.Driver)
 		fmt.Fprintf(w, "  - Supported protocols: %v\n", pd.Protos)
+		for _, u := range pd.Unpublished {
+			fmt.Fprintf(w, "  - Not published: %s: %s\n", u.Spec, u.Reason)
+		}
+	}
+	if cf := info.Confinement; cf != nil {
+		fmt.Fprintf(w, "- Network process confined: landlock %s; seccomp %s\n", cf.Landlock, cf.Seccomp)
 	}
 	if len(info.Limits) > 0 {
 		fmt.Fprintf(w, "- Limits:\n")

@@ -53,7 +53,7 @@ var ctlCommands = []ctlCommand{
 	{
 		name: "list-ports", json: true, short: "list the published ports", summary: "List ports",
 		help:  "Lists the published ports: a table, or one JSON object per line with --json.",
-		parse: noArgs("list-ports", func(ctx context.Context, c *api.Client, o ctlOutput) error { return ctlListPorts(ctx, c, o.json, o.w) }),
+		parse: noArgs("list-ports", func(ctx context.Context, c *api.Client, o ctlOutput) error { return ctlListPorts(ctx, c, o) }),
 	},
 	{
 		name: "add-ports", args: "SPEC...", json: true, summary: "Add ports",

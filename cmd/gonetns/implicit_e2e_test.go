@@ -259,3 +259,59 @@ func testPortsImplicit(t *testing.T, r e2etest.Runner, detach bool) {
 		t.Errorf("ports left after every server stopped:\n%s", ports)
 	}
 }
+
+// A port the host is using when a listener appears inside on it stays the
+// host's: the host's service restarts on it (lets go, and binds again 3 s
+// later, as a restarting service does) and gets it back. list-ports and
+// /v1/info say it is not published and why, the log says it once, and a
+// new appearance of the listener with the port free publishes it.
+func TestPortsImplicitLeavesHostPorts(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	state := r.TempDir(t) + "/state"
+	sb := startImplicitSandbox(t, r, state, false)
+	sock := state + "/api.sock"
+	hp := strconv.Itoa(freePort(t, "tcp"))
+	hostAddr := "127.0.0.1:" + hp
+	hostService, err := net.Listen("tcp4", hostAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { hostService.Close() }()
+
+	pid := sb.start("http", hostAddr, "tcp4")
+	unpublished := func() string {
+		return compactJSON(r.MustRun(t, quick, "ctl", "--socket", sock, "info", "--json").Stdout)
+	}
+	deadline := time.Now().Add(implicitBound)
+	for !strings.Contains(unpublished(), `"parentPort":`+hp) && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if info := unpublished(); !strings.Contains(info, `"unpublished":[{"spec":{"proto":"tcp4","parentIP":"127.0.0.1","parentPort":`+hp) ||
+		!strings.Contains(info, "the host was using this port") {
+		t.Fatalf("/v1/info does not list %s as left to the host: %s", hostAddr, info)
+	}
+	list := r.MustRun(t, quick, "ctl", "--socket", sock, "list-ports").Stdout
+	if !strings.Contains(list, "Not published") || !strings.Contains(list, hp) || !strings.Contains(list, "the host was using this port") {
+		t.Errorf("list-ports does not say the port is not published and why:\n%s", list)
+	}
+
+	// The host's service restarts.
+	hostService.Close()
+	time.Sleep(3 * time.Second)
+	hostService, err = net.Listen("tcp4", hostAddr)
+	if err != nil {
+		t.Fatalf("the host's service cannot bind %s again after a restart: %v", hostAddr, err)
+	}
+	hostService.Close()
+	if n := strings.Count(sb.stderr.String(), "not publishing a port the host is using"); n != 1 {
+		t.Errorf("logged %d times, want once:\n%s", n, sb.stderr)
+	}
+
+	// The server inside restarts with the host's port free: published.
+	sb.stop(pid)
+	pid = sb.start("http", hostAddr, "tcp4")
+	d := until(t, "the listener's new appearance published on the host's "+hostAddr, httpProbe(hostAddr), answers)
+	t.Logf("published %v after the listener came back", d.Round(time.Millisecond))
+	sb.stop(pid)
+}
