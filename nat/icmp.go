@@ -72,7 +72,7 @@ func (n *NAT) HandleEcho(r *stack.EchoRequest) bool {
 					n.pingBlocked.Store(true)
 					n.log.Info(fmt.Sprintf("ping from the sandbox reaches only the gateway: "+
 						"ping sockets are not allowed for group %d (net.ipv4.ping_group_range=%s). "+
-						"To forward ICMP echo: sudo sysctl -w net.ipv4.ping_group_range=\"0 2147483647\"", os.Getgid(), pingRange()))
+						"To forward ICMP echo: sudo sysctl -w net.ipv4.ping_group_range=\"0 2147483647\"", os.Getgid(), n.pingRange))
 				})
 				return false
 			}
@@ -87,6 +87,9 @@ func (n *NAT) HandleEcho(r *stack.EchoRequest) bool {
 	return true
 }
 
+// pingRange reads net.ipv4.ping_group_range, for the notice of refused
+// ping sockets. Read when the NAT is made: later the network process may
+// be confined to its state directory (package confine).
 func pingRange() string {
 	b, _ := os.ReadFile("/proc/sys/net/ipv4/ping_group_range")
 	return strings.Join(strings.Fields(string(b)), " ")

@@ -117,6 +117,7 @@ type NAT struct {
 	pingOnce    sync.Once
 	blockedSeen map[echoKey]struct{} // under mu: sessions already logged as not forwarded
 	pingBlocked atomic.Bool          // ping sockets are not allowed for this user
+	pingRange   string               // net.ipv4.ping_group_range at start
 }
 
 // New makes a NAT. It starts nothing; Start starts the expiry of idle
@@ -146,7 +147,7 @@ func New(cfg Config) (*NAT, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	n := &NAT{cfg: cfg, log: cfg.Logger, dialer: cfg.Dialer, tcp: make(map[*relay.Relay]struct{}), tcpWork: make(chan *stack.TCPRequest)}
+	n := &NAT{cfg: cfg, log: cfg.Logger, dialer: cfg.Dialer, tcp: make(map[*relay.Relay]struct{}), tcpWork: make(chan *stack.TCPRequest), pingRange: pingRange()}
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)
 	}

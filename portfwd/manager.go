@@ -90,11 +90,14 @@ type Config struct {
 // connection or UDP flow to a socket the ChildDialer connects inside the
 // namespace. Its methods are safe for concurrent use.
 type Manager struct {
-	cfg    Config
-	log    *slog.Logger
-	ctx    context.Context // ends at Close: aborts dials in flight
-	cancel context.CancelFunc
-	wg     sync.WaitGroup // every goroutine of every port and relay
+	cfg Config
+	log *slog.Logger
+	// unprivPortStart is net.ipv4.ip_unprivileged_port_start at start,
+	// for the hint of a refused listen; -1 if unknown.
+	unprivPortStart int
+	ctx             context.Context // ends at Close: aborts dials in flight
+	cancel          context.CancelFunc
+	wg              sync.WaitGroup // every goroutine of every port and relay
 
 	tcp       *tcpTable                          // the TCP relays of all ports (they outlive their ports)
 	sweepOnce sync.Once                          // starts the idle sweep with the first TCP port
@@ -168,6 +171,8 @@ func NewManager(cfg Config) *Manager {
 		pipes:  relay.NewPipePool(cfg.SplicePipes, cfg.SpliceIdlePipes),
 		nextID: 1,
 		ports:  make(map[int]publishedPort),
+
+		unprivPortStart: unprivilegedPortStart(),
 	}
 }
 
@@ -207,7 +212,7 @@ func (m *Manager) AddPort(ctx context.Context, spec port.Spec) (port.Status, err
 		p, err = m.listenUDP(ctx, id, spec)
 	}
 	if err != nil {
-		return port.Status{}, listenError(spec, err)
+		return port.Status{}, listenError(spec, err, m.unprivPortStart)
 	}
 	m.nextID++
 	m.ports[id] = p
@@ -215,8 +220,9 @@ func (m *Manager) AddPort(ctx context.Context, spec port.Spec) (port.Status, err
 	return p.status(), nil
 }
 
-// listenError explains a failed listen and what to do about it.
-func listenError(spec port.Spec, err error) error {
+// listenError explains a failed listen and what to do about it;
+// unprivStart is net.ipv4.ip_unprivileged_port_start (-1: unknown).
+func listenError(spec port.Spec, err error, unprivStart int) error {
 	addr := hostPort(spec.ListenAddr())
 	switch {
 	case errors.Is(err, syscall.EADDRINUSE):
@@ -224,20 +230,30 @@ func listenError(spec port.Spec, err error) error {
 	case errors.Is(err, syscall.EADDRNOTAVAIL):
 		return fmt.Errorf("publish %s: host address %s is not an address of this host; choose one that is, or leave PARENTIP out: %w", spec, addr, err)
 	case errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM):
-		return fmt.Errorf("publish %s: %s: %w", spec, privilegedPortHint(spec.ParentPort), err)
+		return fmt.Errorf("publish %s: %s: %w", spec, privilegedPortHint(spec.ParentPort, unprivStart), err)
 	}
 	return fmt.Errorf("publish %s: listen on %s: %w", spec, addr, err)
 }
 
-// privilegedPortHint says how to allow an unprivileged process to bind a
-// low port.
-func privilegedPortHint(port int) string {
+// unprivilegedPortStart reads net.ipv4.ip_unprivileged_port_start, or
+// returns -1. Read when the Manager is made: later the network process
+// may be confined to its state directory (package confine).
+func unprivilegedPortStart() int {
 	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_unprivileged_port_start")
 	if err != nil {
-		return "permission denied"
+		return -1
 	}
 	start, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil || port >= start {
+	if err != nil {
+		return -1
+	}
+	return start
+}
+
+// privilegedPortHint says how to allow an unprivileged process to bind a
+// low port.
+func privilegedPortHint(port, start int) string {
+	if start < 0 || port >= start {
 		return "permission denied"
 	}
 	return fmt.Sprintf("port %d is privileged (net.ipv4.ip_unprivileged_port_start is %d); choose a port >= %d, or run sysctl -w net.ipv4.ip_unprivileged_port_start=%d as root", port, start, start, port)
