@@ -22,6 +22,7 @@ var otherFlags = map[string]string{
 	"privileged":           "docker run",
 	"restart":              "docker run",
 	"preserve-credentials": "nsenter",
+	"mount-proc":           "unshare",
 	"add-subuids":          "usermod",
 	"add-subgids":          "usermod",
 	"bind":                 "python3 -m http.server",
