@@ -382,10 +382,10 @@ func TestImplicitRemoveKeepsItWithdrawn(t *testing.T) {
 }
 
 // A port the host was using when the listener appeared inside stays the
-// host's: when the host's service restarts on it, it gets it back (the
-// driver used to retry and take it in the instant it was free). It is
-// listed as unpublished, and logged once. A new appearance of the
-// listener, with the port free, publishes it.
+// host's: when the host's service restarts on it, it gets it back (a
+// retry would take it in the instant it is free). It is listed as
+// unpublished, and logged once. A new appearance of the listener, with
+// the port free, publishes it.
 func TestImplicitHostPortInUse(t *testing.T) {
 	r := newImplicitRig(t, 0)
 	hp := freeHostPort(t)
