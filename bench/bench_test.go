@@ -222,10 +222,10 @@ func TestScheduleInterleaves(t *testing.T) {
 	cfg := config{runs: 2, mtus: []int{1500, 65520}}
 	jobs := schedule(cfg, sys)
 	var order []string
-	for _, j := range jobs[:5] {
+	for _, j := range jobs[:6] {
 		order = append(order, j.sys.name)
 	}
-	if !slices.Equal(order, []string{"gonetns", "gonetns-packet", "slirp4netns", "pasta", "host"}) {
+	if !slices.Equal(order, []string{"gonetns", "gonetns-packet", "gonetns-netstack", "slirp4netns", "pasta", "host"}) {
 		t.Errorf("first jobs %v, want every system in turn", order)
 	}
 	count := map[string]int{}
@@ -242,7 +242,7 @@ func TestScheduleInterleaves(t *testing.T) {
 		}
 	}
 	for key, want := range map[string]int{
-		"gonetns/tcp_c2h": 4, "gonetns-packet/tcp_c2h": 4, "gonetns/startup": 4, "host/tcp_c2h": 2, "host/startup": 0, "gonetns-port/port_h2c": 2,
+		"gonetns/tcp_c2h": 4, "gonetns-packet/tcp_c2h": 4, "gonetns-netstack/tcp_c2h": 4, "gonetns/startup": 4, "host/tcp_c2h": 2, "host/startup": 0, "gonetns-port/port_h2c": 2,
 		"gonetns/udp_c2h": 2, "host/udp_c2h": 2,
 	} {
 		if count[key] != want {

@@ -26,6 +26,7 @@ const (
 var seriesColors = map[string]string{
 	"gonetns":          "#1f77b4",
 	"gonetns-packet":   "#17becf",
+	"gonetns-netstack": "#9467bd",
 	"slirp4netns":      "#ff7f0e",
 	"pasta":            "#2ca02c",
 	"gvisor-tap-vsock": "#9467bd",

@@ -137,25 +137,24 @@ func allSystems(t tools, euid int) []*system {
 		return append(append(a, "--"), cmd...)
 	}
 	host := func(_, _ int, cmd []string) []string { return cmd }
-	// gonetns whose network process does not confine itself: beside
-	// gonetns, what Landlock and the seccomp filter cost.
-	unconfined := func(mtu, hostPort int, cmd []string) []string {
-		return gonetns(mtu, hostPort, append([]string{"--confine-network-process=false"}, cmd...))
-	}
-
 	return []*system{
 		{name: "gonetns", label: "gonetns", argv: gonetns, netProc: self, netName: "gonetns (parent)", target: targetSlirp},
 		// The same network on the packet link (a veth pair read through
 		// AF_PACKET sockets), which gonetns takes where /dev/net/tun
 		// cannot be opened.
 		{name: "gonetns-packet", label: "gonetns --link=packet", argv: gonetnsWith("--link=packet"), netProc: self, netName: "gonetns (parent)", target: targetSlirp},
+		// TCP through the netstack's own TCP instead of the fast path:
+		// what the fast path changes.
+		{name: "gonetns-netstack", label: "gonetns --tcp-fast-path=false", argv: gonetnsWith("--tcp-fast-path=false"), netProc: self, netName: "gonetns (parent)", target: targetSlirp},
 		{name: "slirp4netns", label: "rootlesskit + slirp4netns", argv: rootlesskit(t.rootlesskit, "slirp4netns", ""), netProc: slirpChild, netName: "slirp4netns", target: targetSlirp},
 		{name: "pasta", label: "pasta", argv: pasta, netProc: self, netName: "pasta", target: targetGateway},
 		// RootlessKit v3's gVisor network runs in its parent process; its
 		// gateway (10.0.2.1) is the host's loopback.
 		{name: "gvisor-tap-vsock", label: "rootlesskit v3 gvisor-tap-vsock", argv: rootlesskit(t.rootlesskit3, "gvisor-tap-vsock", ""), netProc: self, netName: "rootlesskit (parent)", target: targetGateway},
 		{name: "host", label: "host loopback (no namespace)", ref: true, argv: host, target: targetHost},
-		{name: "gonetns-unconfined", label: "gonetns --confine-network-process=false", optIn: true, argv: unconfined, netProc: self, netName: "gonetns (parent)", target: targetSlirp},
+		// gonetns whose network process does not confine itself: beside
+		// gonetns, what Landlock and the seccomp filter cost.
+		{name: "gonetns-unconfined", label: "gonetns --confine-network-process=false", optIn: true, argv: gonetnsWith("--confine-network-process=false"), netProc: self, netName: "gonetns (parent)", target: targetSlirp},
 
 		{name: "gonetns-port", label: "gonetns -p", port: true, argv: gonetns, netProc: self, netName: "gonetns (parent)"},
 		{name: "rootlesskit-builtin", label: "rootlesskit builtin", port: true, argv: rootlesskit(t.rootlesskit, "slirp4netns", "builtin"), netProc: self, netName: "rootlesskit (parent)"},
@@ -186,7 +185,7 @@ func probeSystems(systems []*system, t tools, v versions) {
 	for _, s := range systems {
 		s.available = true
 		switch s.name {
-		case "gonetns", "gonetns-packet", "gonetns-port", "gonetns-unconfined":
+		case "gonetns", "gonetns-packet", "gonetns-netstack", "gonetns-port", "gonetns-unconfined":
 			s.version = v.gonetns
 		case "slirp4netns", "rootlesskit-builtin", "rootlesskit-slirp4netns":
 			s.version = strings.TrimSpace("rootlesskit " + v.rootlesskit + ", slirp4netns " + v.slirp4netns)

@@ -94,10 +94,12 @@ type Config struct {
 	// IPv6 adds fd00::100/64 inside, gateway fd00::2 (the host's ::1) and
 	// DNS fd00::3.
 	IPv6 bool
-	// TCPFastPath mirrors each TCP connection the sandbox opens onto its
-	// host socket, with no TCP implementation in between (the TCP fast
-	// path): faster round trips and new connections, fewer CPU cycles.
-	TCPFastPath bool
+	// DisableTCPFastPath runs the sandbox's TCP connections through the
+	// netstack's own TCP (--tcp-fast-path=false) instead of mirroring
+	// each onto its host socket with no TCP implementation in between
+	// (the TCP fast path, the default: faster round trips and new
+	// connections, less CPU).
+	DisableTCPFastPath bool
 	// DNSUpstreams are the servers the sandbox's resolver forwards to;
 	// none means the host's /etc/resolv.conf.
 	DNSUpstreams []netip.AddrPort

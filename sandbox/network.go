@@ -415,7 +415,7 @@ func (n *network) startStack(files []*os.File, li linkInfo) error {
 		return err
 	}
 	var dialTCP func(src, dst netip.AddrPort) (stack.HostTCP, error)
-	if n.cfg.TCPFastPath {
+	if !n.cfg.DisableTCPFastPath {
 		dialTCP = n.nat.DialTCP
 	}
 	n.st, err = stack.New(stack.Config{

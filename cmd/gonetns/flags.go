@@ -111,12 +111,12 @@ func parseFlags(args []string, who personality, name string, out io.Writer, log 
 // rawFlags are the flags whose values are not yet what sandbox.Config
 // holds: names to resolve, addresses and sizes to parse.
 type rawFlags struct {
-	net, portDriver, cidr, subid, pcapMaxSize, copyUpMode string
-	dnsUpstreams, publish, allow, deny                    []string
-	sourceIPTransparent, killOrphans, debug, help         bool
-	portTCPIdle                                           time.Duration
-	ignored                                               []*string // ignoredFlags' values
-	who                                                   personality
+	net, portDriver, cidr, subid, pcapMaxSize, copyUpMode      string
+	dnsUpstreams, publish, allow, deny                         []string
+	sourceIPTransparent, tcpFastPath, killOrphans, debug, help bool
+	portTCPIdle                                                time.Duration
+	ignored                                                    []*string // ignoredFlags' values
+	who                                                        personality
 }
 
 // defineFlags defines the flags of the personality who on a new flag set:
@@ -145,7 +145,7 @@ func defineFlags(o *options, who personality, name string, out io.Writer) (*pfla
 	fs.StringVar((*string)(&c.Link), "link", string(sandbox.LinkAuto), "device behind the namespace's interface: tap (/dev/net/tun), packet (a veth pair read through AF_PACKET sockets: no /dev/net/tun needed) or auto (tap when /dev/net/tun can be opened, else packet)")
 	fs.BoolVar(&c.DisableHostLoopback, "disable-host-loopback", false, "refuse connections to the gateway address (the host's 127.0.0.1 and ::1)")
 	fs.BoolVar(&c.IPv6, "ipv6", false, "also IPv6: fd00::100/64 inside, gateway fd00::2 (the host's ::1), DNS fd00::3")
-	fs.BoolVar(&c.TCPFastPath, "tcp-fast-path", false, "mirror each TCP connection of the namespace onto its host socket, with no userspace TCP in between (faster round trips and new connections)")
+	fs.BoolVar(&r.tcpFastPath, "tcp-fast-path", true, "mirror each TCP connection of the namespace onto its host socket, with no userspace TCP in between (faster round trips and new connections); false: through the netstack's TCP")
 	fs.StringArrayVar(&r.dnsUpstreams, "dns-upstream", nil, "DNS server the namespace's resolver forwards to, `IP[:PORT]` (repeatable; default: the host's /etc/resolv.conf)")
 	section(sectionNetwork)
 
@@ -256,6 +256,7 @@ func (r *rawFlags) apply(c *sandbox.Config, fs *pflag.FlagSet, log *slog.Logger)
 		c.Publish = append(c.Publish, spec)
 	}
 	c.DisableSourceIPTransparent = !r.sourceIPTransparent
+	c.DisableTCPFastPath = !r.tcpFastPath
 	switch {
 	case r.portTCPIdle < 0:
 		return fmt.Errorf("invalid --port-tcp-idle-timeout=%v: use a duration such as 1h, or 0 to keep idle connections for ever", r.portTCPIdle)

@@ -69,10 +69,10 @@ func TestPacketLink(t *testing.T) {
 		srv := startHostHTTP(t)
 		echo := startHalfCloseServer(t)
 		for _, mtu := range []string{"1500", "65520"} {
-			res := r.MustRun(t, netTimeout, "--tcp-fast-path", "--mtu="+mtu, "sh", "-c", fmt.Sprintf("curl -sS --fail http://10.0.2.2:%d/blob | sha256sum; %s",
+			res := r.MustRun(t, netTimeout, "--mtu="+mtu, "sh", "-c", fmt.Sprintf("curl -sS --fail http://10.0.2.2:%d/blob | sha256sum; %s",
 				srv.port, e2etest.HelperCmd(t, "tcp-halfclose", fmt.Sprintf("10.0.2.2:%d", echo), "1000000")))
 			if !strings.Contains(res.Stdout, srv.sum) || !strings.Contains(res.Stdout, "host read 1000000 bytes") {
-				t.Errorf("--tcp-fast-path --mtu=%s on the packet link:\n%s", mtu, res)
+				t.Errorf("the TCP fast path at --mtu=%s on the packet link:\n%s", mtu, res)
 			}
 		}
 	})

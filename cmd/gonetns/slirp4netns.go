@@ -83,7 +83,7 @@ var slirpOptionTable = []getoptOption{
 	{long: "deny-metadata"},
 	{long: "pcap", arg: true},
 	{long: "pcap-max-size", arg: true},
-	{long: "tcp-fast-path"},
+	{long: "disable-tcp-fast-path"},
 	{long: "link", arg: true},
 	{long: "debug"},
 }
@@ -131,8 +131,9 @@ gonetns's own options:
                          reach (see gonetns --help)
 --pcap=FILE              record every frame of the TAP in pcap FILE
 --pcap-max-size=SIZE     stop recording at SIZE bytes (default 256MiB)
---tcp-fast-path          mirror each TCP connection onto its host socket, with no
-                         userspace TCP in between (see gonetns --help)
+--disable-tcp-fast-path  run TCP through the userspace stack's TCP instead of
+                         mirroring each connection onto its host socket (see
+                         gonetns --help, --tcp-fast-path)
 --link=KIND              the device behind TAPNAME: tap, packet (a veth pair, no
                          /dev/net/tun needed) or auto (default: tap if it can be
                          opened); with no -c only a TAP can be attached
@@ -170,7 +171,7 @@ type slirpOptions struct {
 	denyPrivate        bool
 	denyMetadata       bool
 	pcap, pcapMaxSize  string
-	tcpFastPath        bool
+	noTCPFastPath      bool
 	link               string
 	helpShown, version bool
 	warnings           []string // for stdout, as slirp4netns prints them
@@ -280,8 +281,8 @@ func parseSlirp4netns(args []string) (*slirpOptions, error) {
 			o.pcap = v
 		case "pcap-max-size":
 			o.pcapMaxSize = v
-		case "tcp-fast-path":
-			o.tcpFastPath = true
+		case "disable-tcp-fast-path":
+			o.noTCPFastPath = true
 		case "link":
 			o.link = v
 		case "debug":
@@ -399,7 +400,7 @@ func (o *slirpOptions) sandboxConfig(log *slog.Logger) (sandbox.Config, sandbox.
 		OutboundAddr6:       o.outbound6,
 		OutboundEverywhere:  true,
 		PCAP:                o.pcap,
-		TCPFastPath:         o.tcpFastPath,
+		DisableTCPFastPath:  o.noTCPFastPath,
 		Link:                sandbox.Link(o.link),
 		PortDriver:          sandbox.PortsNone,
 		Debug:               o.debug,
