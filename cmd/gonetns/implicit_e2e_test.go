@@ -309,7 +309,16 @@ func TestPortsImplicitLeavesHostPorts(t *testing.T) {
 	}
 
 	// The server inside restarts with the host's port free: published.
+	// The driver polls the listeners: it must see this one gone before it
+	// comes back, or it is the same appearance still.
 	sb.stop(pid)
+	deadline = time.Now().Add(implicitBound)
+	for strings.Contains(unpublished(), `"parentPort":`+hp) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the stopped listener is still listed as not published after %v: %s", implicitBound, unpublished())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	pid = sb.start("http", hostAddr, "tcp4")
 	d := until(t, "the listener's new appearance published on the host's "+hostAddr, httpProbe(hostAddr), answers)
 	t.Logf("published %v after the listener came back", d.Round(time.Millisecond))

@@ -554,23 +554,8 @@ func waitUntil(d time.Duration, cond func() bool) bool {
 	return true
 }
 
-func freePort(t *testing.T, network string) int {
-	t.Helper()
-	if network == "udp" {
-		pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer pc.Close()
-		return pc.LocalAddr().(*net.UDPAddr).Port
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
+// freePort: a port free for TCP and UDP, outside the ephemeral range.
+func freePort(t *testing.T, _ string) int { return e2etest.FreePort(t) }
 
 func udpRoundTrip(t *testing.T, port int, msg string) string {
 	t.Helper()

@@ -106,7 +106,15 @@ func TestRootlessKitSignalExit(t *testing.T) {
 				if err := cmd.Start(); err != nil {
 					t.Fatal(err)
 				}
-				defer func() { cmd.Process.Kill(); cmd.Wait() }()
+				waited := make(chan error, 1)
+				go func() { waited <- cmd.Wait() }()
+				exited := false
+				defer func() {
+					if !exited {
+						cmd.Process.Kill()
+						<-waited
+					}
+				}()
 				// child_pid exists once the command runs.
 				var childPID int
 				for deadline := time.Now().Add(20 * time.Second); ; {
@@ -119,8 +127,21 @@ func TestRootlessKitSignalExit(t *testing.T) {
 					}
 					time.Sleep(20 * time.Millisecond)
 				}
-				syscall.Kill(childPID, syscall.SIGUSR1)
-				err := cmd.Wait()
+				// A PID namespace's init ignores a signal it has no
+				// handler for yet: RootlessKit's child may not have
+				// installed its relay when the command already runs
+				// (once in a few dozen runs it then waited forever).
+				// Sent again until the command is gone (ctx kills it
+				// at the deadline).
+				var err error
+				for !exited {
+					syscall.Kill(childPID, syscall.SIGUSR1)
+					select {
+					case err = <-waited:
+						exited = true
+					case <-time.After(time.Second):
+					}
+				}
 				code := -1
 				if ee, ok := err.(*exec.ExitError); ok {
 					code = ee.ExitCode()
