@@ -107,7 +107,7 @@ func (n *NAT) forwardTCP(r *stack.TCPRequest) {
 	}
 	host, err := n.hostAddr(r.Dst.Addr())
 	if err != nil {
-		log.Debug("tcp refused by policy", "err", err)
+		log.Debug("tcp refused: the destination maps to no host address", "err", err)
 		r.Refuse()
 		return
 	}

@@ -52,6 +52,7 @@ while IFS= read -r line; do
 done <"$state"
 if [ "$status" -eq 0 ]; then
 	rm -f "$state"
+	rmdir "$(dirname "$state")" 2>/dev/null || true # the setup made it; empty now unless someone else uses it
 	echo "test-teardown: put back ${restored[*]:-nothing}"
 else
 	echo "test-teardown: some settings could not be put back; $state is kept (run this script again as root)" >&2

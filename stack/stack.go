@@ -299,7 +299,7 @@ func (st *Stack) Start() error {
 	return nil
 }
 
-// tune sets the TCP options gonetns runs with (see DESIGN.md, data path).
+// tune sets the TCP options gonetns runs with (docs/design.md, "The data path").
 func (st *Stack) tune(s *stack.Stack) error {
 	sack := tcpip.TCPSACKEnabled(true)
 	moderate := tcpip.TCPModerateReceiveBufferOption(true)

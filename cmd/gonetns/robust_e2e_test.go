@@ -18,8 +18,8 @@ import (
 	"github.com/gonetns/gonetns/internal/fdbudget"
 )
 
-// What the command leaves running is ended when it exits (issue 12,
-// item 5); --kill-orphans=false keeps RootlessKit's behaviour.
+// What the command leaves running is ended when it exits;
+// --kill-orphans=false keeps RootlessKit's behaviour.
 func TestOrphansEndWithTheCommand(t *testing.T) {
 	r := e2etest.Unprivileged(t)
 	script := `sleep 300 >/dev/null 2>&1 & echo $!; sh -c 'setsid sleep 301 >/dev/null 2>&1 & echo $!'; exit 0`
@@ -44,7 +44,7 @@ func TestOrphansEndWithTheCommand(t *testing.T) {
 }
 
 // A default state directory left by a killed gonetns is swept by the next
-// run of the same user (issue 12, item 6).
+// run of the same user.
 func TestStaleStateDirSwept(t *testing.T) {
 	r := e2etest.Unprivileged(t)
 	ctx, cancel := context.WithTimeout(context.Background(), quick)
@@ -89,7 +89,7 @@ func TestStaleStateDirSwept(t *testing.T) {
 
 // A process of the sandbox can find gonetns's pid (without --pidns) and
 // signal it; signals whose default would end the parent are ignored, so
-// the sandbox's network stays (issue 12, item 7).
+// the sandbox's network stays.
 func TestParentSurvivesStraySignals(t *testing.T) {
 	e2etest.RequireTun(t)
 	r := e2etest.Unprivileged(t)
@@ -105,7 +105,7 @@ curl -sS http://10.0.2.2:%d/`, host.port)
 }
 
 // Unfinished requests on api.sock (which the sandbox can reach) neither
-// make the API unanswerable nor eat memory (issue 12, item 2).
+// make the API unanswerable nor eat memory.
 func TestAPIUnderConnectionFlood(t *testing.T) {
 	r := e2etest.Unprivileged(t)
 	ctx, cancel := context.WithTimeout(context.Background(), netTimeout)
