@@ -226,9 +226,12 @@ func (s *childServer) dial(ctx context.Context, req dialRequest) (f *os.File, ke
 			return f, true, nil
 		}
 		var not *errNotTransparent
-		if !errors.As(err, &not) && ctx.Err() == nil {
-			s.log.Debug("portfwd: transparent dial failed; dialing from the namespace's own address", "id", req.ID,
-				"addr", req.Addr, "source", req.Source, "err", err)
+		if ctx.Err() == nil {
+			what := "portfwd: transparent dial failed; dialing from the namespace's own address"
+			if errors.As(err, &not) {
+				what = "portfwd: the client's address is not kept for this dial"
+			}
+			s.log.Debug(what, "id", req.ID, "addr", req.Addr, "source", req.Source, "err", err)
 		}
 		if ctx.Err() != nil {
 			return nil, false, err
@@ -247,8 +250,9 @@ func (s *childServer) dial(ctx context.Context, req dialRequest) (f *os.File, ke
 }
 
 // dialTransparent connects from req.Source. Its errors make the caller
-// fall back to a plain dial; *errNotTransparent ones are not even worth a
-// log line (a loopback client, say).
+// fall back to a plain dial; *errNotTransparent ones say why the address
+// cannot be kept (a loopback client, say) rather than that something
+// failed.
 func (s *childServer) dialTransparent(ctx context.Context, req dialRequest, transport string) (*os.File, error) {
 	if err := s.tp.eligible(transport, req.Addr, req.Source); err != nil {
 		return nil, err

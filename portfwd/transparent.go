@@ -198,14 +198,20 @@ func (t *transparency) eligible(transport string, target, source netip.AddrPort)
 			return off
 		}
 	}
-	local, err := rt.IsLocal(route.Flow{Dst: dst})
-	if err != nil {
-		return err
+	// A loopback target is the namespace's own by definition. Looked up,
+	// ::1 came back not local about once in 30 runs of 20 concurrent UDP
+	// flows (TestPortsKeepSourceIP), and that flow lost its client's
+	// address.
+	if !dst.IsLoopback() {
+		local, err := rt.IsLocal(route.Flow{Dst: dst})
+		if err != nil {
+			return err
+		}
+		if !local {
+			return &errNotTransparent{"the target is not an address of the namespace"}
+		}
 	}
-	if !local {
-		return &errNotTransparent{"the target is not an address of the namespace"}
-	}
-	if local, err = rt.IsLocal(route.Flow{Dst: src}); err != nil {
+	if local, err := rt.IsLocal(route.Flow{Dst: src}); err != nil {
 		return err
 	} else if local {
 		return &errNotTransparent{"the client's address is one the namespace owns"}

@@ -6,7 +6,9 @@
 // it prints the gonetns parent's resident memory and open descriptors
 // beside what the traffic did; at the end, whether memory or descriptors
 // grew beyond the first minute's peak and whether any transfer went
-// wrong. scripts/soak.sh builds and runs it as the test user.
+// wrong, and the level of memory (median and peak) per 5-minute window, to
+// tell a rising level from single samples. scripts/soak.sh builds and runs
+// it as the test user.
 //
 //	soak -gonetns PATH [-duration 30m] [-sample 30s] [-- GONETNS FLAGS...]
 //
@@ -27,6 +29,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -116,6 +119,9 @@ func harness() int {
 	fmt.Println("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 	start := time.Now()
 	var firstRSS, firstFDs, maxRSS, maxFDs int64
+	window := min(levelWindow, *duration)
+	var windows [][]int64 // RSS samples per window
+	var samples, above int
 	var last status
 	sc := bufio.NewScanner(out)
 	for sc.Scan() {
@@ -131,7 +137,17 @@ func harness() int {
 			firstRSS, firstFDs = max(firstRSS, rss), max(firstFDs, fds)
 		} else {
 			maxRSS, maxFDs = max(maxRSS, rss), max(maxFDs, fds)
+			if rss > firstRSS {
+				above++
+			}
 		}
+		if w := int(el / window); w < int(*duration/window) { // what comes after the duration is teardown
+			for len(windows) <= w {
+				windows = append(windows, nil)
+			}
+			windows[w] = append(windows[w], rss)
+		}
+		samples++
 		fmt.Printf("| %v | %.1f | %d | %d | %d | %d | %d | %d | %d | %d | %.2f | %d | %d |\n", el.Round(time.Second),
 			float64(rss)/1024, fds, st.RoundTrips, st.Conns, st.Uploads, st.Downloads, st.SlowReads, st.Resets, st.HalfCloses,
 			float64(st.Bytes)/1e9, st.BadSums, st.Errors)
@@ -142,9 +158,17 @@ func harness() int {
 	fmt.Printf("summary: %v; %d round trips, %d new connections, %d uploads and %d downloads (%.1f GB, %d with a wrong sha256), %d slow reads, %d resets, %d half-closes, %d errors%s\n",
 		time.Since(start).Round(time.Second), last.RoundTrips, last.Conns, last.Uploads, last.Downloads, float64(last.Bytes)/1e9,
 		last.BadSums, last.SlowReads, last.Resets, last.HalfCloses, last.Errors, lastError(last))
-	fmt.Printf("memory: peak RSS %.1f MiB in the first minute, %.1f MiB after it; descriptors: %d in the first minute, %d after it\n",
-		float64(firstRSS)/1024, float64(maxRSS)/1024, firstFDs, maxFDs)
-	if maxRSS > firstRSS || maxFDs > firstFDs {
+	fmt.Printf("memory: peak RSS %.1f MiB in the first minute, %.1f MiB after it (%d of %d samples above the first minute's peak); descriptors: %d in the first minute, %d after it\n",
+		float64(firstRSS)/1024, float64(maxRSS)/1024, above, samples, firstFDs, maxFDs)
+	if len(windows) > 0 {
+		fmt.Printf("memory level, per %v window (median / peak, MiB):", window)
+		for _, w := range windows {
+			fmt.Printf(" %.1f / %.1f", float64(median(w))/1024, float64(slices.Max(w))/1024)
+		}
+		fmt.Println()
+	}
+	grew := maxRSS > firstRSS || maxFDs > firstFDs
+	if grew {
 		fmt.Println("result: FAIL: memory or descriptors grew beyond the first minute's peak")
 		ok = false
 	}
@@ -152,13 +176,23 @@ func harness() int {
 		fmt.Printf("result: FAIL: gonetns: %v\n", werr)
 	} else if ok {
 		fmt.Println("result: PASS")
-	} else if maxRSS <= firstRSS && maxFDs <= firstFDs {
+	} else if !grew {
 		fmt.Println("result: FAIL: transfers went wrong")
 	}
 	if !ok {
 		return 1
 	}
 	return 0
+}
+
+// levelWindow is the span over which the soak takes the level of the
+// network process's memory.
+const levelWindow = 5 * time.Minute
+
+func median(v []int64) int64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return s[len(s)/2]
 }
 
 func lastError(s status) string {

@@ -193,14 +193,16 @@ func TestRootlessKitStateDirTakeover(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer func() { first.Process.Kill(); first.Wait() }()
-			for deadline := time.Now().Add(20 * time.Second); len(procsMarked(marker)) == 0; {
+			// RootlessKit v3 may start its API after the command.
+			for deadline := time.Now().Add(20 * time.Second); ; {
+				_, err := os.Stat(filepath.Join(state, "api.sock"))
+				if err == nil && len(procsMarked(marker)) > 0 {
+					break
+				}
 				if time.Now().After(deadline) {
-					t.Fatalf("the first rootlesskit's command never ran:\n%s", errOut.String())
+					t.Fatalf("the first rootlesskit's command never ran with its API socket (%v):\n%s", err, errOut.String())
 				}
 				time.Sleep(20 * time.Millisecond)
-			}
-			if _, err := os.Stat(filepath.Join(state, "api.sock")); err != nil {
-				t.Fatalf("the first rootlesskit's API socket: %v", err)
 			}
 			first.Process.Kill()
 			first.Wait()

@@ -10,10 +10,8 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -213,32 +211,13 @@ func (d *Docker) Tail(n int) string { return d.tree.Tail(n) }
 
 // Command prepares the docker client (Debian's 20.10) as the test user.
 func (d *Docker) Command(ctx context.Context, args ...string) *exec.Cmd {
-	cmd := exec.CommandContext(ctx, DockerCLI, args...)
-	cmd.Dir = "/"
-	cmd.Env = d.env
-	uid, _ := strconv.Atoi(d.User.Uid)
-	gid, _ := strconv.Atoi(d.User.Gid)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}}}
-	cmd.WaitDelay = 5 * time.Second
-	return cmd
+	return userCommand(ctx, d.User, d.env, DockerCLI, args...)
 }
 
 // Run runs the docker client and returns its stdout; the error carries
 // stderr.
 func (d *Docker) Run(timeout time.Duration, args ...string) (string, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	cmd := d.Command(ctx, args...)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	if ctx.Err() != nil {
-		err = fmt.Errorf("timed out after %v", timeout)
-	}
-	if err != nil {
-		return stdout.String(), fmt.Errorf("docker %s: %w\n%s", strings.Join(args, " "), err, stderr.String())
-	}
-	return stdout.String(), nil
+	return runOutput(timeout, d.Command, "docker", args...)
 }
 
 // Must is Run that fails the test on an error.

@@ -79,11 +79,35 @@ func Cleanup() {
 	}
 }
 
-var (
-	hookOnce sync.Once
-	hookPath string
-	hookErr  error
-)
+// A program the tests build once per test process, next to Binary's.
+type built struct {
+	once sync.Once
+	path string
+	err  error
+}
+
+// build runs `go build FLAGS -o DIR/NAME PKG` once for b, with DIR the
+// directory of Binary's gonetns, and returns the path.
+func (b *built) build(t testing.TB, name, pkg string, flags ...string) string {
+	t.Helper()
+	bin := Binary(t)
+	b.once.Do(func() {
+		b.path = filepath.Join(filepath.Dir(bin), name)
+		args := append(append([]string{"build"}, flags...), "-o", b.path, pkg)
+		cmd := exec.Command("go", args...)
+		cmd.Dir = moduleRoot()
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			b.err = fmt.Errorf("go %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	})
+	if b.err != nil {
+		t.Fatalf("build %s for the tests: %v", name, b.err)
+	}
+	return b.path
+}
+
+var hookBinary built
 
 // HookBinary builds cmd/gonetns with the e2ehooks build tag, next to
 // Binary's: the same program plus probes that only the end-to-end tests
@@ -91,20 +115,7 @@ var (
 // in cmd/gonetns/probe_e2e.go). The binaries people run never have them.
 func HookBinary(t testing.TB) string {
 	t.Helper()
-	bin := Binary(t)
-	hookOnce.Do(func() {
-		hookPath = filepath.Join(filepath.Dir(bin), "gonetns-e2ehooks")
-		cmd := exec.Command("go", "build", "-tags", "e2ehooks", "-o", hookPath, "./cmd/gonetns")
-		cmd.Dir = moduleRoot()
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			hookErr = fmt.Errorf("go build -tags e2ehooks ./cmd/gonetns: %v\n%s", err, out)
-		}
-	})
-	if hookErr != nil {
-		t.Fatalf("build gonetns with the test hooks: %v", hookErr)
-	}
-	return hookPath
+	return hookBinary.build(t, "gonetns-e2ehooks", "./cmd/gonetns", "-tags", "e2ehooks")
 }
 
 func moduleRoot() string {
@@ -387,4 +398,34 @@ func (r Runner) As(t testing.TB, name string) Runner {
 	}
 	r.Bin = link
 	return r
+}
+
+// userCommand prepares path with args as u, with env, in /.
+func userCommand(ctx context.Context, u *user.User, env []string, path string, args ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, path, args...)
+	cmd.Dir = "/"
+	cmd.Env = env
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}}}
+	cmd.WaitDelay = 5 * time.Second
+	return cmd
+}
+
+// runOutput runs the command command makes with args, bounded by timeout,
+// and returns its stdout; the error, named after name, carries stderr.
+func runOutput(timeout time.Duration, command func(context.Context, ...string) *exec.Cmd, name string, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	cmd := command(ctx, args...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	if ctx.Err() != nil {
+		err = fmt.Errorf("timed out after %v", timeout)
+	}
+	if err != nil {
+		return stdout.String(), fmt.Errorf("%s %s: %w\n%s", name, strings.Join(args, " "), err, stderr.String())
+	}
+	return stdout.String(), nil
 }

@@ -162,31 +162,12 @@ func killByEnv(kv string) {
 
 // Command prepares podman with args as the test user.
 func (p *Podman) Command(ctx context.Context, args ...string) *exec.Cmd {
-	cmd := exec.CommandContext(ctx, PodmanCLI, args...)
-	cmd.Dir = "/"
-	cmd.Env = p.env
-	uid, _ := strconv.Atoi(p.User.Uid)
-	gid, _ := strconv.Atoi(p.User.Gid)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}}}
-	cmd.WaitDelay = 5 * time.Second
-	return cmd
+	return userCommand(ctx, p.User, p.env, PodmanCLI, args...)
 }
 
 // Run runs podman and returns its stdout; the error carries stderr.
 func (p *Podman) Run(timeout time.Duration, args ...string) (string, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	cmd := p.Command(ctx, args...)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	if ctx.Err() != nil {
-		err = fmt.Errorf("timed out after %v", timeout)
-	}
-	if err != nil {
-		return stdout.String(), fmt.Errorf("podman %s: %w\n%s", strings.Join(args, " "), err, stderr.String())
-	}
-	return stdout.String(), nil
+	return runOutput(timeout, p.Command, "podman", args...)
 }
 
 // Must is Run that fails the test on an error.

@@ -1,7 +1,6 @@
 package e2etest
 
 import (
-	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -9,37 +8,19 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 )
 
-var (
-	toolOnce sync.Once
-	toolPath string
-	toolErr  error
-)
+var tool built
 
 // Tool builds internal/e2etest/e2etool statically once per test process,
 // next to the gonetns binary, and returns its path. Being static, it also
 // runs inside a container image that holds nothing but busybox.
 func Tool(t testing.TB) string {
 	t.Helper()
-	bin := Binary(t)
-	toolOnce.Do(func() {
-		toolPath = filepath.Join(filepath.Dir(bin), "e2etool")
-		cmd := exec.Command("go", "build", "-o", toolPath, "./internal/e2etest/e2etool")
-		cmd.Dir = moduleRoot()
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			toolErr = fmt.Errorf("go build ./internal/e2etest/e2etool: %v\n%s", err, out)
-		}
-	})
-	if toolErr != nil {
-		t.Fatalf("build the e2e tool: %v", toolErr)
-	}
-	return toolPath
+	return tool.build(t, "e2etool", "./internal/e2etest/e2etool")
 }
 
 // TreeSpec is a command to run under the e2etool supervisor.
