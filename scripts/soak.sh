@@ -3,9 +3,9 @@
 # through one sandbox, as the unprivileged test user: round trips, new
 # connections, 64 MiB transfers both ways checked with sha256, slow
 # readers, resets, half-closes, against servers on the host's 127.0.0.1.
-# The gonetns parent's RSS and descriptors are sampled every 30 s
-# (SOAK_SAMPLE); the run fails if either grows beyond the first minute's
-# peak or a transfer goes wrong. Extra gonetns flags: SOAK_FLAGS (e.g.
+# The gonetns parent's RSS, private memory and descriptors are sampled
+# every 30 s (SOAK_SAMPLE); the run fails if private memory or descriptors
+# grow beyond the first minute's peak or a transfer goes wrong. Extra gonetns flags: SOAK_FLAGS (e.g.
 # --tcp-fast-path=false to soak the netstack's TCP). Not part of make
 # test. Needs root (it switches users); run scripts/test-setup.sh first.
 set -euo pipefail
