@@ -233,10 +233,19 @@ func (c *conn) hostEvent(ev uint32) {
 	case stClosed:
 		return
 	case stConnecting:
-		if ev&(unix.EPOLLOUT|unix.EPOLLERR|unix.EPOLLHUP) != 0 {
-			c.connectDone()
+		if ev&(unix.EPOLLOUT|unix.EPOLLERR|unix.EPOLLHUP) == 0 {
+			return
 		}
-		return
+		c.connectDone()
+		if c.state == stClosed {
+			return
+		}
+		// The event that says the connect is done may also say that
+		// the host has spoken (a server that greets at once: SSH,
+		// SMTP, MySQL). Edge-triggered, it is not said again: note it
+		// for when the handshake completes. (connectDone took the
+		// socket's error.)
+		ev &^= unix.EPOLLERR
 	}
 	if ev&unix.EPOLLERR != 0 {
 		if err := socketError(c.fd); err != nil {
