@@ -136,16 +136,9 @@ func secondStage(hooks ChildHooks) int {
 	unix.Prctl(unix.PR_SET_PDEATHSIG, uintptr(unix.SIGTERM), 0, 0, 0)
 	os.Unsetenv(envStage)
 
-	ctlFile := os.NewFile(ctlFD, "control")
-	ctl, err := wire.FileConn(ctlFile)
-	ctlFile.Close()
+	ctl, m, err := recvConfig()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "gonetns child: %v\n", err)
-		return 125
-	}
-	var m message
-	if _, err := ctl.Recv(&m); err != nil || m.Type != msgConfig || m.Config == nil {
-		fmt.Fprintf(os.Stderr, "gonetns child: no configuration from the parent (%v)\n", err)
 		return 125
 	}
 	cfg := m.Config
@@ -480,4 +473,26 @@ func checkExecutable(p string) error {
 		return fmt.Errorf("%s: not executable: %w", p, err)
 	}
 	return nil
+}
+
+// errNoConfig: the parent sent no configuration (it may be gone).
+var errNoConfig = errors.New("no configuration from the parent")
+
+// recvConfig opens the control socket a re-executed stage finds at ctlFD
+// and reads its configuration, the parent's first message. (The parent may
+// have gone between the fork and the parent-death signal: then the read
+// ends at once.)
+func recvConfig() (*wire.Conn, message, error) {
+	ctlFile := os.NewFile(ctlFD, "control")
+	ctl, err := wire.FileConn(ctlFile)
+	ctlFile.Close()
+	if err != nil {
+		return nil, message{}, err
+	}
+	var m message
+	if _, err := ctl.Recv(&m); err != nil || m.Type != msgConfig || m.Config == nil {
+		ctl.Close()
+		return nil, message{}, fmt.Errorf("%w (%v)", errNoConfig, err)
+	}
+	return ctl, m, nil
 }

@@ -293,17 +293,11 @@ func (h *Helper) Close() error {
 // after it.
 func joinStage(hooks ChildHooks) int {
 	os.Unsetenv(envStage)
-	ctlFile := os.NewFile(ctlFD, "control")
-	ctl, err := wire.FileConn(ctlFile)
-	ctlFile.Close()
+	ctl, m, err := recvConfig()
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "gonetns namespace helper: %v\n", err)
-		return 1
-	}
-	// The parent may have gone between the fork and the parent-death
-	// signal: then this read ends at once.
-	var m message
-	if _, err := ctl.Recv(&m); err != nil || m.Type != msgConfig || m.Config == nil {
+		if !errors.Is(err, errNoConfig) { // a parent gone is no news
+			fmt.Fprintf(os.Stderr, "gonetns namespace helper: %v\n", err)
+		}
 		return 1
 	}
 	cfg := m.Config
