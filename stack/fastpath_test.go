@@ -430,10 +430,13 @@ func transfer(t *testing.T, p *fastPair, size int) {
 	data := make([]byte, size)
 	rand.Read(data)
 	want := sha256.Sum256(data)
+	// Bytes each way so far: the watchdog below calls a transfer stalled
+	// when neither moved for stallAfter.
+	var upBytes, downBytes atomic.Int64
 	sunk := make(chan [32]byte, 1)
 	p.listen(t, 80, func(c *net.TCPConn) { // the guest's upload
 		h := sha256.New()
-		io.Copy(h, c)
+		io.Copy(io.MultiWriter(h, counter{&upBytes}), c)
 		var sum [32]byte
 		copy(sum[:], h.Sum(nil))
 		sunk <- sum
@@ -446,10 +449,21 @@ func transfer(t *testing.T, p *fastPair, size int) {
 	var wg sync.WaitGroup
 	tStart := time.Now()
 	errs := make(chan error, 2)
+	var mu sync.Mutex
+	var conns []*stacktest.Conn
+	dial := func(port uint16) (*stacktest.Conn, error) {
+		c, err := p.guest.DialTCP(ctx(t), netip.AddrPortFrom(remote.Addr(), port))
+		if err == nil {
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+		}
+		return c, err
+	}
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
-		c, err := p.guest.DialTCP(ctx(t), remote)
+		c, err := dial(80)
 		if err != nil {
 			errs <- err
 			return
@@ -461,18 +475,17 @@ func transfer(t *testing.T, p *fastPair, size int) {
 		}
 		c.CloseWrite()
 		io.Copy(io.Discard, c)
-		t.Logf("upload done after %v", time.Since(tStart))
 	}()
 	go func() {
 		defer wg.Done()
-		c, err := p.guest.DialTCP(ctx(t), netip.AddrPortFrom(remote.Addr(), 81))
+		c, err := dial(81)
 		if err != nil {
 			errs <- err
 			return
 		}
 		defer c.Close()
 		h := sha256.New()
-		n, err := io.Copy(h, c)
+		n, err := io.Copy(io.MultiWriter(h, counter{&downBytes}), c)
 		if err != nil {
 			errs <- fmt.Errorf("download after %d bytes: %w", n, err)
 			return
@@ -480,10 +493,49 @@ func transfer(t *testing.T, p *fastPair, size int) {
 		if got := h.Sum(nil); !bytes.Equal(got, want[:]) {
 			errs <- fmt.Errorf("download: %d bytes, sha256 differs", n)
 		}
-		t.Logf("download done after %v", time.Since(tStart))
 		c.CloseWrite()
 	}()
-	wg.Wait()
+	done := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+	// A transfer that stops moving is a connection stuck for good (CI
+	// once waited 18 minutes): say where both ends stand, then end it.
+	const stallAfter = 30 * time.Second
+	last, lastMove := int64(-1), time.Now()
+watch:
+	for {
+		select {
+		case <-done:
+			break watch
+		case <-time.After(time.Second):
+			if moved := upBytes.Load() + downBytes.Load(); moved != last {
+				last, lastMove = moved, time.Now()
+			}
+			if time.Since(lastMove) < stallAfter {
+				continue
+			}
+			g := p.guest.Stats().TCP
+			t.Errorf("stalled for %v after %v: the host got %d of %d bytes of the upload, the guest %d of the download\n"+
+				"fast path:\n%s"+
+				"guest TCP: %d segments sent, %d retransmitted, %d timeouts, %d received\n"+
+				"link to the guest: %d frames written, %d dropped; to the stack: %d written, %d dropped",
+				stallAfter, time.Since(tStart).Round(time.Second), upBytes.Load(), size, downBytes.Load(),
+				p.st.DescribeFastTCP(),
+				g.SegmentsSent.Value(), g.Retransmits.Value(), g.Timeouts.Value(), g.ValidSegmentsReceived.Value(),
+				p.toSbx.Written.Load(), p.toSbx.Dropped.Load(), p.toHost.Written.Load(), p.toHost.Dropped.Load())
+			mu.Lock()
+			for _, c := range conns {
+				t.Logf("guest: %s", c.Describe())
+				c.Abort()
+			}
+			mu.Unlock()
+			<-done
+			break watch
+		}
+	}
+	t.Logf("both directions done after %v", time.Since(tStart).Round(time.Millisecond))
 	close(errs)
 	for err := range errs {
 		t.Error(err)
@@ -496,6 +548,14 @@ func transfer(t *testing.T, p *fastPair, size int) {
 	case <-time.After(10 * time.Second):
 		t.Errorf("the upload's sink did not finish")
 	}
+}
+
+// counter counts the bytes written to it.
+type counter struct{ n *atomic.Int64 }
+
+func (c counter) Write(b []byte) (int, error) {
+	c.n.Add(int64(len(b)))
+	return len(b), nil
 }
 
 func TestFastPathBulk(t *testing.T) {

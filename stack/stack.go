@@ -406,3 +406,12 @@ func (st *Stack) FastTCPStats() FastTCPStats {
 	}
 	return st.fast.Stats()
 }
+
+// DescribeFastTCP says where each fast-path connection stands (sequence
+// numbers, window, queue, timers), one line each: for diagnosis.
+func (st *Stack) DescribeFastTCP() string {
+	if st.fast == nil {
+		return ""
+	}
+	return st.fast.Describe()
+}

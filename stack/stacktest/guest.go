@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"sync"
 	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -37,14 +38,22 @@ type Guest struct {
 	s   *gstack.Stack
 	ep  *link.Endpoint
 	dev tap.Device
+
+	senders sync.Map // local port -> *tcp.TCPSenderState, as of the last segment received
 }
 
 // NewGuest starts a guest stack on dev with address addr (e.g.
 // 10.0.2.100/24) and default gateway gw.
 func NewGuest(dev tap.Device, addr netip.Prefix, gw netip.Addr, mtu uint32) (*Guest, error) {
+	g := &Guest{dev: dev}
+	// The probe keeps each connection's sender state for Describe.
+	probe := tcp.NewProtocolProbe(func(st *tcp.TCPEndpointState) {
+		snd := st.Sender
+		g.senders.Store(st.ID.LocalPort, &snd)
+	})
 	s := gstack.New(gstack.Options{
 		NetworkProtocols:   []gstack.NetworkProtocolFactory{ipv4.NewProtocol, arp.NewProtocol},
-		TransportProtocols: []gstack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4},
+		TransportProtocols: []gstack.TransportProtocolFactory{probe, udp.NewProtocol, icmp.NewProtocol4},
 	})
 	// SACK, as a Linux sandbox has it by default.
 	sack := tcpip.TCPSACKEnabled(true)
@@ -70,7 +79,8 @@ func NewGuest(dev tap.Device, addr netip.Prefix, gw netip.Addr, mtu uint32) (*Gu
 		{Destination: subnet, NIC: 1},
 		{Destination: header.IPv4EmptySubnet, Gateway: tcpip.AddrFrom4(gw.As4()), NIC: 1},
 	})
-	return &Guest{s: s, ep: ep, dev: dev}, nil
+	g.s, g.ep = s, ep
+	return g, nil
 }
 
 func full(a netip.AddrPort) tcpip.FullAddress {
@@ -81,10 +91,27 @@ func full(a netip.AddrPort) tcpip.FullAddress {
 type Conn struct {
 	*gonet.TCPConn
 	ep tcpip.Endpoint
+	g  *Guest
 }
 
 // Abort sends a reset to the peer.
 func (c *Conn) Abort() { c.ep.Abort() }
+
+// Describe says where the guest's end of the connection stands (state,
+// retransmission timeout, congestion window): for diagnosis.
+func (c *Conn) Describe() string {
+	var i tcpip.TCPInfoOption
+	if err := c.ep.GetSockOpt(&i); err != nil {
+		return err.String()
+	}
+	d := fmt.Sprintf("%v state %v rto %v rtt %v cwnd %d ssthresh %d congestion %v", c.LocalAddr(), tcp.EndpointState(i.State), i.RTO, i.RTT, i.SndCwnd, i.SndSsthresh, i.CcState)
+	if v, ok := c.g.senders.Load(c.LocalAddr().(*net.TCPAddr).AddrPort().Port()); ok {
+		snd := v.(*tcp.TCPSenderState)
+		d += fmt.Sprintf("; sender at the last segment in: sndUna %d sndNxt +%d sndWnd %d outstanding %d sacked %d dupAcks %d closed %t fast recovery %+v rack %+v",
+			snd.SndUna, snd.SndNxt-snd.SndUna, snd.SndWnd, snd.Outstanding, snd.SackedOut, snd.DupAckCount, snd.Closed, snd.FastRecovery, snd.RACKState)
+	}
+	return d
+}
 
 // DialTCP connects to addr through the stack under test.
 func (g *Guest) DialTCP(ctx context.Context, addr netip.AddrPort) (*Conn, error) {
@@ -110,7 +137,7 @@ func (g *Guest) DialTCP(ctx context.Context, addr netip.AddrPort) (*Conn, error)
 		ep.Close()
 		return nil, fmt.Errorf("dial %v: %w", addr, stack.Err(terr))
 	}
-	return &Conn{TCPConn: gonet.NewTCPConn(&wq, ep), ep: ep}, nil
+	return &Conn{TCPConn: gonet.NewTCPConn(&wq, ep), ep: ep, g: g}, nil
 }
 
 // DialUDP returns a UDP socket connected to addr.
