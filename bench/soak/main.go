@@ -115,8 +115,8 @@ func harness() int {
 	}
 	pid := cmd.Process.Pid
 	fmt.Printf("soak: gonetns %s, %v of mixed TCP traffic, a sample every %v\n\n", strings.Join(flag.Args(), " "), *duration, *sample)
-	fmt.Println("| time | RSS MiB | private MiB | fds | round trips | new conns | uploads | downloads | slow reads | resets | half-closes | GB moved | bad sha256 | errors |")
-	fmt.Println("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+	fmt.Println("| time | RSS MiB | private MiB | fds | threads | round trips | new conns | uploads | downloads | slow reads | resets | half-closes | GB moved | bad sha256 | errors |")
+	fmt.Println("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 	start := time.Now()
 	var first, after usageSample // peaks in the first minute, and after it
 	window := min(levelWindow, *duration)
@@ -143,8 +143,8 @@ func harness() int {
 			}
 			windows[w] = append(windows[w], u.anonKB)
 		}
-		fmt.Printf("| %v | %.1f | %.1f | %d | %d | %d | %d | %d | %d | %d | %d | %.2f | %d | %d |\n", el.Round(time.Second),
-			float64(u.rssKB)/1024, float64(u.anonKB)/1024, u.fds, st.RoundTrips, st.Conns, st.Uploads, st.Downloads, st.SlowReads, st.Resets, st.HalfCloses,
+		fmt.Printf("| %v | %.1f | %.1f | %d | %d | %d | %d | %d | %d | %d | %d | %d | %.2f | %d | %d |\n", el.Round(time.Second),
+			float64(u.rssKB)/1024, float64(u.anonKB)/1024, u.fds, u.threads, st.RoundTrips, st.Conns, st.Uploads, st.Downloads, st.SlowReads, st.Resets, st.HalfCloses,
 			float64(st.Bytes)/1e9, st.BadSums, st.Errors)
 	}
 	werr := cmd.Wait()
@@ -203,10 +203,10 @@ func lastError(s status) string {
 // for the first time late in the run and fall when the kernel
 // reclaims them, whatever the process allocates. A leak grows the private
 // part.
-type usageSample struct{ rssKB, anonKB, fds int64 }
+type usageSample struct{ rssKB, anonKB, fds, threads int64 }
 
 func (u usageSample) peak(v usageSample) usageSample {
-	return usageSample{max(u.rssKB, v.rssKB), max(u.anonKB, v.anonKB), max(u.fds, v.fds)}
+	return usageSample{max(u.rssKB, v.rssKB), max(u.anonKB, v.anonKB), max(u.fds, v.fds), max(u.threads, v.threads)}
 }
 
 // usage reads pid's resident and private memory (KiB) and open
@@ -224,6 +224,8 @@ func usage(pid int) usageSample {
 			u.rssKB, _ = strconv.ParseInt(f[1], 10, 64)
 		case "RssAnon:":
 			u.anonKB, _ = strconv.ParseInt(f[1], 10, 64)
+		case "Threads:":
+			u.threads, _ = strconv.ParseInt(f[1], 10, 64)
 		}
 	}
 	ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
