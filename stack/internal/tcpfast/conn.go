@@ -806,19 +806,29 @@ func (c *conn) options(t *tx) []byte {
 		if !seqLT(c.rcvNxt, k.seq) {
 			continue
 		}
-		if len(k.data) == 0 {
+		// A FIN held past a hole is reported too, its sequence number
+		// the block's last, as Linux and gVisor report one. Without
+		// it the sender learns of nothing past the hole: a gVisor
+		// guest's 64 MiB upload over a lossy link stalled for good 480
+		// bytes before its end (its FIN queued here, the guest in
+		// FIN-WAIT-1 sending nothing more; CI waited 18 minutes).
+		end := k.end()
+		if k.fin {
+			end++
+		}
+		if end == k.seq {
 			continue
 		}
 		if nb > dup && seqLEQ(k.seq, uint32(blocks[nb-1].End)) {
-			if seqLT(uint32(blocks[nb-1].End), k.end()) {
-				blocks[nb-1].End = seqnum.Value(k.end())
+			if seqLT(uint32(blocks[nb-1].End), end) {
+				blocks[nb-1].End = seqnum.Value(end)
 			}
 			continue
 		}
 		if nb == min(maxSACK, room) {
 			break
 		}
-		blocks[nb] = header.SACKBlock{Start: seqnum.Value(k.seq), End: seqnum.Value(k.end())}
+		blocks[nb] = header.SACKBlock{Start: seqnum.Value(k.seq), End: seqnum.Value(end)}
 		nb++
 	}
 	if nb == 0 {
