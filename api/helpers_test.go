@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/gonetns/gonetns/internal/e2etest"
 	"github.com/gonetns/gonetns/port"
 	"github.com/gonetns/gonetns/portfwd"
 )
@@ -52,7 +53,7 @@ func shortDir(t testing.TB) string {
 func publishLoop(t testing.TB, m *portfwd.Manager, proto string, child netip.AddrPort) port.Status {
 	t.Helper()
 	for attempt := 0; ; attempt++ {
-		st, err := m.AddPort(context.Background(), port.Spec{Proto: proto, ParentIP: ip4, ParentPort: freePort(t), ChildIP: child.Addr(), ChildPort: int(child.Port())})
+		st, err := m.AddPort(context.Background(), port.Spec{Proto: proto, ParentIP: ip4, ParentPort: e2etest.FreePort(t), ChildIP: child.Addr(), ChildPort: int(child.Port())})
 		if err == nil {
 			return st
 		}
@@ -60,16 +61,6 @@ func publishLoop(t testing.TB, m *portfwd.Manager, proto string, child netip.Add
 			t.Fatal(err)
 		}
 	}
-}
-
-func freePort(t testing.TB) int {
-	t.Helper()
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
 }
 
 // echoServer is a TCP echo server on 127.0.0.1.

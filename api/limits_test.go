@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gonetns/gonetns/internal/e2etest"
 	"github.com/gonetns/gonetns/port"
 	"github.com/gonetns/gonetns/portfwd"
 )
@@ -245,7 +246,7 @@ func TestServerBurstWhileIdleConnectionsHeld(t *testing.T) {
 	// add followed by the delete of what it added, a connection each.
 	ports := make([]int, pairs)
 	for i := range ports {
-		ports[i] = freePort(t)
+		ports[i] = e2etest.FreePort(t)
 	}
 	cl := NewClient(path)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -361,7 +362,7 @@ func TestServerUndoesAnAddItCannotAnswer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	body := fmt.Sprintf(`{"proto":"tcp","parentIP":"127.0.0.1","parentPort":%d,"childPort":80}`, freePort(t))
+	body := fmt.Sprintf(`{"proto":"tcp","parentIP":"127.0.0.1","parentPort":%d,"childPort":80}`, e2etest.FreePort(t))
 	fmt.Fprintf(c, "POST /v1/ports HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
 	st := <-pd.added
 	if got := pd.ListPorts(); len(got) != 1 {

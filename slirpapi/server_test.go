@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gonetns/gonetns/internal/e2etest"
 	"github.com/gonetns/gonetns/portfwd"
 )
 
@@ -91,25 +92,6 @@ func echoServer(t *testing.T) int {
 	return ln.Addr().(*net.TCPAddr).Port
 }
 
-func freePort(t *testing.T, network string) int {
-	t.Helper()
-	switch network {
-	case "udp4":
-		c, err := net.ListenPacket(network, "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		return c.LocalAddr().(*net.UDPAddr).Port
-	}
-	ln, err := net.Listen(network, "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
 func fetch(addr string) (string, error) {
 	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
 	if err != nil {
@@ -124,7 +106,7 @@ func fetch(addr string) (string, error) {
 func TestServerForwards(t *testing.T) {
 	guest := echoServer(t)
 	sock, _ := testServer(t, netip.MustParseAddr("127.0.0.1"), netip.Addr{})
-	host := freePort(t, "tcp4")
+	host := e2etest.FreePort(t)
 	add := fmt.Sprintf(`{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"127.0.0.1","host_port":%d,"guest_addr":"","guest_port":%d}}`+"\n", host, guest)
 	if got := call(t, sock, add); got != `{"return":{"id":1}}` {
 		t.Fatalf("add_hostfwd: %s", got)
@@ -183,7 +165,7 @@ func TestServerUDP(t *testing.T) {
 		}
 	}()
 	sock, _ := testServer(t, netip.MustParseAddr("127.0.0.1"), netip.Addr{})
-	host := freePort(t, "udp4")
+	host := e2etest.FreePort(t)
 	add := fmt.Sprintf(`{"execute":"add_hostfwd","arguments":{"proto":"udp","host_addr":"127.0.0.1","host_port":%d,"guest_port":%d}}`, host, guest.LocalAddr().(*net.UDPAddr).Port)
 	if got := call(t, sock, add); got != `{"return":{"id":1}}` {
 		t.Fatalf("add_hostfwd: %s", got)
@@ -243,7 +225,7 @@ func dualEcho(t *testing.T) int {
 func TestServerIPv6(t *testing.T) {
 	guest := dualEcho(t)
 	sock, _ := testServer(t, netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("::1"))
-	host := freePort(t, "tcp")
+	host := e2etest.FreePort(t)
 	add := fmt.Sprintf(`{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"0.0.0.0","host_port":%d,"guest_port":%d}}`, host, guest)
 	if got := call(t, sock, add); got != `{"return":{"id":1}}` {
 		t.Fatalf("add_hostfwd: %s", got)

@@ -62,22 +62,12 @@ func ctlRunT(args ...string) (code int, stdout, stderr string) {
 	return code, o.String(), e.String()
 }
 
-func ctlFreePort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
 func TestCtlPorts(t *testing.T) {
 	dir, _ := ctlServer(t)
 	t.Setenv("GONETNS_STATE_DIR", dir)
 	t.Setenv("ROOTLESSKIT_STATE_DIR", "/nonexistent")
 
-	p1, p2 := ctlFreePort(t), ctlFreePort(t)
+	p1, p2 := freePort(t, "tcp"), freePort(t, "tcp")
 	code, out, errOut := ctlRunT("add-ports", fmt.Sprintf("127.0.0.1:%d:80/tcp", p1), fmt.Sprintf("%d:[::1]:81/tcp", p2))
 	if code != 0 || out != "1\n2\n" {
 		t.Fatalf("add-ports: %d %q %q; want the IDs 1 and 2", code, out, errOut)
