@@ -607,6 +607,53 @@ func TestFastPathLossyLink(t *testing.T) {
 	}
 }
 
+// TestFastPathLossyTails: many short uploads over a lossy link, each
+// ending in a FIN sent after its data, so that the last data segment is
+// often lost while the FIN arrives: every upload completes. With the FIN
+// reported in a SACK block the guest mends such a tail at once; without,
+// it waited for its retransmission timer (the 200 uploads took 6-7 s here
+// against 12-25 s).
+func TestFastPathLossyTails(t *testing.T) {
+	p := newFastPair(t, fastOpts{mtu: 1500, faults: taptest.Faults{Drop: 0.05, Duplicate: 0.025, Reorder: 0.05, Seed: 7}})
+	const uploads, size = 200, 3 * 1460
+	p.listen(t, 80, func(c *net.TCPConn) {
+		n, _ := io.Copy(io.Discard, c)
+		fmt.Fprintf(c, "%d", n)
+	})
+	var wg sync.WaitGroup
+	var failed atomic.Int32
+	sem := make(chan struct{}, 8)
+	for i := range uploads {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			c, err := p.guest.DialTCP(ctx(t), remote)
+			if err != nil {
+				t.Errorf("upload %d: %v", i, err)
+				failed.Add(1)
+				return
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(30 * time.Second))
+			if _, err := c.Write(make([]byte, size)); err != nil {
+				t.Errorf("upload %d: %v", i, err)
+				failed.Add(1)
+				return
+			}
+			c.CloseWrite()
+			got, err := io.ReadAll(c)
+			if want := strconv.Itoa(size); err != nil || string(got) != want {
+				t.Errorf("upload %d: the host answered %q (%v), want %q\nfast path:\n%s\nguest: %s", i, got, err, want, p.st.DescribeFastTCP(), c.Describe())
+				failed.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	t.Logf("%d of %d uploads failed; frames to the stack: %d dropped, to the guest: %d dropped", failed.Load(), uploads, p.toHost.Dropped.Load(), p.toSbx.Dropped.Load())
+}
+
 // TestFastPathSlowHostReader: the host stops reading for a while, the
 // window closes, and opens again when it reads.
 func TestFastPathSlowHostReader(t *testing.T) {
