@@ -24,6 +24,8 @@ const (
 	stClosed
 )
 
+var stateNames = [...]string{stConnecting: "connecting", stSynAcked: "SYN-ACK sent", stEstablished: "established", stClosed: "closed"}
+
 // The window scale the engine offers: a host socket's send buffer grows to
 // 4 MiB by default (net.ipv4.tcp_wmem), which a scale of 7 expresses
 // (65535 << 7 is 8 MiB).

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -397,6 +398,9 @@ func TestOutOfOrderFINIsSACKed(t *testing.T) {
 	h.send(flagACK|flagFIN, h.irs+1+480, h.iss+1, 1000, 0, false) // the 480 bytes before it are lost
 	if got, want := sack(), []header.SACKBlock{{Start: 480, End: 481}}; !slices.Equal(got, want) {
 		t.Errorf("SACK blocks for a FIN past a hole: %v, want %v", got, want)
+	}
+	if d := h.e.Describe(); !strings.Contains(d, "established") || !strings.Contains(d, "chunk +480..+480 fin true") {
+		t.Errorf("Describe does not show the FIN held past the hole:\n%s", d)
 	}
 	h.send(flagACK, h.irs+1+200, h.iss+1, 1000, 280, false) // the hole's second part
 	if got, want := sack(), []header.SACKBlock{{Start: 200, End: 481}}; !slices.Equal(got, want) {
