@@ -7,7 +7,8 @@
 // descriptors beside what the traffic did; at the end, whether private
 // memory or descriptors grew beyond the first minute's peak (see
 // usageSample for why private memory) and whether any transfer went wrong,
-// and the level of private memory (median and peak) per 5-minute window.
+// and the level of private memory (lowest, median and peak sample) per
+// 5-minute window.
 // scripts/soak.sh builds and runs it as the test user.
 //
 //	soak -gonetns PATH [-duration 30m] [-sample 30s] [-- GONETNS FLAGS...]
@@ -156,9 +157,12 @@ func harness() int {
 	fmt.Printf("memory: peak private memory %.1f MiB in the first minute, %.1f MiB after it; peak RSS %.1f and %.1f MiB; descriptors: %d in the first minute, %d after it\n",
 		float64(first.anonKB)/1024, float64(after.anonKB)/1024, float64(first.rssKB)/1024, float64(after.rssKB)/1024, first.fds, after.fds)
 	if len(windows) > 0 {
-		fmt.Printf("private memory, per %v window (median / peak, MiB):", window)
+		// A leak raises the floor of each window (its lowest sample,
+		// taken between collections) as well as its peak; a heap that
+		// only swings between collections moves the peak alone.
+		fmt.Printf("private memory, per %v window (lowest / median / peak, MiB):", window)
 		for _, w := range windows {
-			fmt.Printf(" %.1f / %.1f", float64(median(w))/1024, float64(slices.Max(w))/1024)
+			fmt.Printf(" %.1f / %.1f / %.1f", float64(slices.Min(w))/1024, float64(median(w))/1024, float64(slices.Max(w))/1024)
 		}
 		fmt.Println()
 	}
