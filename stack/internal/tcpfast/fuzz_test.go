@@ -246,6 +246,25 @@ func (h *fuzzHarness) send(flags header.TCPFlags, seq, ack uint32, wnd uint16, n
 	h.e.Handle(frame[:tap.VNetHdrLen], b, nil)
 }
 
+// waitConn waits until the harness's connection exists and cond, called
+// with the connection's lock held, holds; it returns the connection, or
+// nil if that did not happen in time.
+func (h *fuzzHarness) waitConn(cond func(*conn) bool) *conn {
+	var c *conn
+	if !waitFor(func() bool {
+		c = h.e.lookup(key{h.src, h.dst})
+		if c == nil {
+			return false
+		}
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return cond(c)
+	}) {
+		return nil
+	}
+	return c
+}
+
 func (h *fuzzHarness) close() {
 	h.e.Close()
 	h.sink.Close()
@@ -286,16 +305,10 @@ func TestIdleConnectionCostsNoWakeUps(t *testing.T) {
 	h := newHarness(t, greeting)
 	defer h.close()
 	h.send(flagACK|flagPSH, h.irs+1, h.iss+1, 1000, 100, false) // the sandbox sends
-	var c *conn
-	if !waitFor(func() bool {
-		c = h.e.lookup(key{h.src, h.dst})
-		if c == nil {
-			return false
-		}
-		c.mu.Lock()
-		defer c.mu.Unlock()
+	c := h.waitConn(func(c *conn) bool {
 		return c.sndMax == c.iss+1+uint32(len(greeting)) // the host's greeting went out
-	}) {
+	})
+	if c == nil {
 		t.Fatal("the host's greeting never went to the sandbox")
 	}
 	h.send(flagACK, h.irs+101, h.iss+1+uint32(len(greeting)), 1000, 0, false) // ... and acknowledges it
@@ -336,16 +349,8 @@ func TestGreetingWithTheConnect(t *testing.T) {
 	greeting := []byte("SSH-2.0-gonetns-test\r\n")
 	h := newHarnessGreeted(t, greeting, true)
 	defer h.close()
-	var c *conn
-	if !waitFor(func() bool {
-		c = h.e.lookup(key{h.src, h.dst})
-		if c == nil {
-			return false
-		}
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		return c.state == stSynAcked && c.hostReadable
-	}) {
+	c := h.waitConn(func(c *conn) bool { return c.state == stSynAcked && c.hostReadable })
+	if c == nil {
 		t.Fatal("the connection never got to its SYN-ACK with the greeting noted")
 	}
 	c.mu.Lock()
