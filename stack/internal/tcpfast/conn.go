@@ -814,12 +814,9 @@ func (c *conn) options(t *tx) []byte {
 		// guest's 64 MiB upload over a lossy link stalled for good 480
 		// bytes before its end (its FIN queued here, the guest in
 		// FIN-WAIT-1 sending nothing more; CI waited 18 minutes).
-		end := k.end()
+		end := k.end() // a chunk holds data, a FIN, or both
 		if k.fin {
 			end++
-		}
-		if end == k.seq {
-			continue
 		}
 		if nb > dup && seqLEQ(k.seq, uint32(blocks[nb-1].End)) {
 			if seqLT(uint32(blocks[nb-1].End), end) {
