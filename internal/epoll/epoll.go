@@ -10,8 +10,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -25,7 +28,18 @@ type Set struct {
 	f      *os.File
 	rc     syscall.RawConn
 	fd     int // valid while f is open
+
+	// A blocking set's own: an eventfd in the set (key ReservedKey) that
+	// Close and Wake make readable, and the lock WaitFor holds, so that
+	// Close closes the set only once no thread sleeps in it.
+	wake      int
+	waitMu    sync.Mutex
+	closeOnce sync.Once
 }
+
+// ReservedKey is the key of a blocking set's wake-up descriptor: Add
+// refuses it, WaitFor never returns it.
+const ReservedKey = ^uint32(0)
 
 // New makes an empty set; name appears in error messages.
 func New(name string) (*Set, error) {
@@ -48,9 +62,36 @@ func New(name string) (*Set, error) {
 	return &Set{f: f, rc: rc, fd: fd}, nil
 }
 
+// NewBlocking makes an empty set that one goroutine waits on with WaitFor,
+// sleeping in epoll_wait itself: its thread wakes straight into the
+// events, without the runtime's poller in between, and holds its P while
+// it sleeps (the process needs one P more than its other work: the
+// launcher sizes GOMAXPROCS for it).
+func NewBlocking(name string) (*Set, error) {
+	fd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("%s: epoll: %w", name, err)
+	}
+	wake, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("%s: eventfd: %w", name, err)
+	}
+	s := &Set{fd: fd, wake: wake}
+	if err := s.ctl(unix.EPOLL_CTL_ADD, wake, unix.EPOLLIN|unix.EPOLLET, ReservedKey); err != nil {
+		unix.Close(wake)
+		unix.Close(fd)
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	return s, nil
+}
+
 // Add registers fd for events (EPOLLIN, EPOLLOUT, EPOLLET...); key comes
-// back with its events.
+// back with its events. ReservedKey is refused.
 func (s *Set) Add(fd int, events uint32, key uint32) error {
+	if key == ReservedKey {
+		return fmt.Errorf("epoll key %#x is reserved", key)
+	}
 	return s.ctl(unix.EPOLL_CTL_ADD, fd, events, key)
 }
 
@@ -101,8 +142,92 @@ func (s *Set) Wait(events []unix.EpollEvent) (int, error) {
 	return n, err
 }
 
-// Close closes the set; a Wait in progress returns ErrClosed.
+// WaitFor waits, in a set made by NewBlocking, until some member is ready,
+// Wake is called or timeout passes (a negative timeout: no limit), and
+// fills events with what is ready; 0 events for a timeout or a Wake. It
+// returns ErrClosed once the set is closed.
+func (s *Set) WaitFor(events []unix.EpollEvent, timeout time.Duration) (int, error) {
+	if len(events) == 0 {
+		return 0, errors.New("epoll: WaitFor needs room for an event")
+	}
+	s.waitMu.Lock()
+	defer s.waitMu.Unlock()
+	for {
+		if s.closed.Load() {
+			return 0, ErrClosed
+		}
+		n, err := pwait2(s.fd, events, timeout)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return 0, fmt.Errorf("epoll wait: %w", err)
+		}
+		j := 0
+		for i := range events[:n] {
+			if Key(&events[i]) != ReservedKey {
+				events[j] = events[i]
+				j++
+			}
+		}
+		if j == 0 && s.closed.Load() {
+			return 0, ErrClosed
+		}
+		return j, nil
+	}
+}
+
+// noPwait2 is set once the kernel lacks epoll_pwait2 (before 5.11):
+// timeouts are then rounded up to milliseconds.
+var noPwait2 atomic.Bool
+
+// pwait2 is epoll_pwait2: a timeout in nanoseconds (epoll_wait's are
+// milliseconds, too coarse for a 500 µs delayed ACK). Announced to the
+// scheduler: the thread may sleep.
+func pwait2(fd int, events []unix.EpollEvent, timeout time.Duration) (int, error) {
+	if !noPwait2.Load() {
+		var tsp unsafe.Pointer
+		var ts unix.Timespec
+		if timeout >= 0 {
+			ts = unix.NsecToTimespec(int64(timeout))
+			tsp = unsafe.Pointer(&ts)
+		}
+		n, _, e := unix.Syscall6(unix.SYS_EPOLL_PWAIT2, uintptr(fd), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), uintptr(tsp), 0, 0)
+		if e != unix.ENOSYS {
+			if e != 0 {
+				return 0, e
+			}
+			return int(n), nil
+		}
+		noPwait2.Store(true)
+	}
+	ms := -1
+	if timeout >= 0 {
+		ms = int((timeout + time.Millisecond - 1) / time.Millisecond)
+	}
+	return unix.EpollWait(fd, events, ms)
+}
+
+// Wake makes a WaitFor in progress (or the next one) return at once.
+func (s *Set) Wake() {
+	one := [8]byte{1}
+	unix.Write(s.wake, one[:])
+}
+
+// Close closes the set; a Wait or WaitFor in progress returns ErrClosed
+// (Close waits for a WaitFor to have returned). Idempotent.
 func (s *Set) Close() error {
-	s.closed.Store(true)
-	return s.f.Close()
+	if s.f != nil {
+		s.closed.Store(true)
+		return s.f.Close()
+	}
+	s.closeOnce.Do(func() {
+		s.closed.Store(true)
+		s.Wake()
+		s.waitMu.Lock()
+		unix.Close(s.fd)
+		unix.Close(s.wake)
+		s.waitMu.Unlock()
+	})
+	return nil
 }

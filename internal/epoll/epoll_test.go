@@ -1,0 +1,100 @@
+package epoll
+
+import (
+	"errors"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+func pipe(t *testing.T) (r, w int) {
+	t.Helper()
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(p[0]); unix.Close(p[1]) })
+	return p[0], p[1]
+}
+
+// TestBlockingSet: WaitFor returns a member's events with its key, times
+// out with none (to the sub-millisecond: the held ACKs' 500 µs rely on
+// it), returns at once after Wake, and returns ErrClosed to a waiter when
+// the set is closed, Close returning after it has.
+func TestBlockingSet(t *testing.T) {
+	s, err := NewBlocking("test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, w := pipe(t)
+	if err := s.Add(r, unix.EPOLLIN, ReservedKey); err == nil {
+		t.Error("Add with the reserved key succeeded")
+	}
+	if err := s.Add(r, unix.EPOLLIN, 7); err != nil {
+		t.Fatal(err)
+	}
+	events := make([]unix.EpollEvent, 4)
+
+	start := time.Now()
+	n, err := s.WaitFor(events, 300*time.Microsecond)
+	if took := time.Since(start); err != nil || n != 0 || took < 300*time.Microsecond || (!noPwait2.Load() && took > 50*time.Millisecond) {
+		t.Errorf("WaitFor with nothing ready: %d, %v after %v; want 0, nil after 300µs", n, err, took)
+	}
+
+	unix.Write(w, []byte("x"))
+	if n, err := s.WaitFor(events, -1); err != nil || n != 1 || Key(&events[0]) != 7 || events[0].Events&unix.EPOLLIN == 0 {
+		t.Errorf("WaitFor with the pipe readable: %d, %v, %+v", n, err, events[0])
+	}
+	var b [8]byte
+	unix.Read(r, b[:])
+
+	s.Wake()
+	if n, err := s.WaitFor(events, -1); err != nil || n != 0 {
+		t.Errorf("WaitFor after Wake: %d, %v; want 0, nil", n, err)
+	}
+
+	errc := make(chan error, 1)
+	go func() {
+		_, err := s.WaitFor(events, -1)
+		errc <- err
+	}()
+	time.Sleep(20 * time.Millisecond)
+	if err := s.Close(); err != nil {
+		t.Errorf("Close: %v", err)
+	}
+	select {
+	case err := <-errc:
+		if !errors.Is(err, ErrClosed) {
+			t.Errorf("WaitFor across Close: %v, want ErrClosed", err)
+		}
+	default:
+		t.Error("Close returned before the waiter did")
+	}
+	if _, err := s.WaitFor(events, -1); !errors.Is(err, ErrClosed) {
+		t.Errorf("WaitFor after Close: %v", err)
+	}
+	s.Close() // idempotent
+}
+
+// TestPollerSet: a set waited on in Go's poller reports a member and
+// returns ErrClosed once closed.
+func TestPollerSet(t *testing.T) {
+	s, err := New("test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, w := pipe(t)
+	if err := s.Add(r, unix.EPOLLIN, 3); err != nil {
+		t.Fatal(err)
+	}
+	unix.Write(w, []byte("x"))
+	events := make([]unix.EpollEvent, 4)
+	if n, err := s.Wait(events); err != nil || n != 1 || Key(&events[0]) != 3 {
+		t.Errorf("Wait: %d, %v, %+v", n, err, events[0])
+	}
+	s.Close()
+	if _, err := s.Wait(events); !errors.Is(err, ErrClosed) {
+		t.Errorf("Wait after Close: %v", err)
+	}
+}
