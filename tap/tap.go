@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"unsafe"
@@ -142,17 +143,52 @@ func ioctlPtr(fd int, req uint, arg unsafe.Pointer) error {
 	return nil
 }
 
-// fileDevice is a Device over a TAP file descriptor.
+// Pollable is a Device whose frames an event loop of the caller's may read
+// instead of Read: it waits for FD to be readable (EPOLLIN, level-
+// triggered, in its own epoll set) and reads with ReadNow. Read and
+// ReadNow are not to be mixed on one device.
+type Pollable interface {
+	Device
+	// FD is the descriptor to wait on; valid until Close, which the loop
+	// must no longer be waiting on FD for (an epoll set keeps reporting a
+	// closed descriptor whose file lives on).
+	FD() int
+	// ReadNow reads one frame like Read, without waiting: an error
+	// wrapping unix.EAGAIN when none is there.
+	ReadNow(bufs [][]byte) (int, error)
+}
+
+var _ Pollable = (*fileDevice)(nil)
+
+// fileDevice is a Device over a TAP file descriptor. Read waits in Go's
+// poller; a device read with ReadNow instead is never in Go's poller,
+// whose epoll set would otherwise be woken by every frame (the TAP's
+// edge-triggered registration there reports each one) for nobody.
 type fileDevice struct {
-	f       *os.File
-	rc      syscall.RawConn
+	fd      int // non-blocking
 	vnetHdr bool
 	closed  atomic.Bool
+
+	// mu is held shared by ReadNow and by Writes without the poller, and
+	// exclusively by Close, so that no call uses the descriptor number
+	// after it is closed (it could be another file's by then).
+	mu        sync.RWMutex
+	closeOnce sync.Once
+
+	pollerOnce sync.Once
+	poller     atomic.Pointer[polledFile] // set by the first Read
+	pollerErr  error
+}
+
+// polledFile is the descriptor in Go's poller.
+type polledFile struct {
+	f  *os.File
+	rc syscall.RawConn
 }
 
 // NewDevice wraps a TAP file (e.g. received from the child) as a Device. f
-// is duplicated and put in non-blocking mode so reads wait in Go's poller;
-// the caller still owns f and may close it.
+// is duplicated and put in non-blocking mode; the caller still owns f and
+// may close it.
 func NewDevice(f *os.File, vnetHdr bool) (Device, error) {
 	rc, err := f.SyscallConn()
 	if err != nil {
@@ -172,31 +208,91 @@ func NewDevice(f *os.File, vnetHdr bool) (Device, error) {
 		unix.Close(dup)
 		return nil, fmt.Errorf("TAP descriptor: %w", err)
 	}
-	nf := os.NewFile(uintptr(dup), f.Name())
-	nrc, err := nf.SyscallConn()
-	if err != nil {
-		nf.Close()
-		return nil, fmt.Errorf("TAP file: %w", err)
-	}
-	return &fileDevice{f: nf, rc: nrc, vnetHdr: vnetHdr}, nil
+	return &fileDevice{fd: dup, vnetHdr: vnetHdr}, nil
 }
 
 func (d *fileDevice) VNetHdr() bool { return d.vnetHdr }
 
+func (d *fileDevice) FD() int { return d.fd }
+
+// polled puts the descriptor in Go's poller, once.
+func (d *fileDevice) polled() (*polledFile, error) {
+	d.pollerOnce.Do(func() {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		if d.closed.Load() {
+			d.pollerErr = os.ErrClosed
+			return
+		}
+		f := os.NewFile(uintptr(d.fd), "tap")
+		rc, err := f.SyscallConn()
+		if err != nil {
+			d.pollerErr = err
+			return
+		}
+		d.poller.Store(&polledFile{f: f, rc: rc})
+	})
+	return d.poller.Load(), d.pollerErr
+}
+
 func (d *fileDevice) Read(bufs [][]byte) (int, error) {
-	n, err := rawconn.Read(d.rc, func(fd int) (int, error) { return rawconn.Readv(fd, bufs) })
+	p, err := d.polled()
+	if err != nil {
+		return 0, d.ioErr("read", err)
+	}
+	n, err := rawconn.Read(p.rc, func(fd int) (int, error) { return rawconn.Readv(fd, bufs) })
 	if err != nil {
 		return 0, d.ioErr("read", err)
 	}
 	return n, nil
 }
 
-func (d *fileDevice) Write(bufs [][]byte) (int, error) {
-	n, err := rawconn.Write(d.rc, func(fd int) (int, error) { return rawconn.Writev(fd, bufs) })
-	if err != nil {
-		return n, d.ioErr("write", err)
+func (d *fileDevice) ReadNow(bufs [][]byte) (int, error) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if d.closed.Load() {
+		return 0, d.ioErr("read", os.ErrClosed)
 	}
-	return n, nil
+	for {
+		n, err := rawconn.Readv(d.fd, bufs)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return 0, d.ioErr("read", err)
+		}
+		return n, nil
+	}
+}
+
+func (d *fileDevice) Write(bufs [][]byte) (int, error) {
+	if p := d.poller.Load(); p != nil {
+		n, err := rawconn.Write(p.rc, func(fd int) (int, error) { return rawconn.Writev(fd, bufs) })
+		if err != nil {
+			return n, d.ioErr("write", err)
+		}
+		return n, nil
+	}
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	for {
+		if d.closed.Load() {
+			return 0, d.ioErr("write", os.ErrClosed)
+		}
+		n, err := rawconn.Writev(d.fd, bufs)
+		switch {
+		case err == nil:
+			return n, nil
+		case err == unix.EAGAIN:
+			// Not in practice: the kernel takes a frame written to a TAP
+			// at once (its send buffer is unlimited by default). Waited
+			// out in bounded sleeps, so that Close is seen.
+			pfd := [1]unix.PollFd{{Fd: int32(d.fd), Events: unix.POLLOUT}}
+			unix.Poll(pfd[:], 10)
+		case err != unix.EINTR:
+			return n, d.ioErr("write", err)
+		}
+	}
 }
 
 // ioErr reports a failed read or write: after Close it is os.ErrClosed,
@@ -210,10 +306,16 @@ func (d *fileDevice) ioErr(op string, err error) error {
 }
 
 func (d *fileDevice) Close() error {
-	d.closed.Store(true)
-	err := d.f.Close()
-	if errors.Is(err, os.ErrClosed) {
-		return nil
-	}
+	var err error
+	d.closeOnce.Do(func() {
+		d.closed.Store(true)
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		if p := d.poller.Load(); p != nil {
+			err = p.f.Close()
+			return
+		}
+		err = unix.Close(d.fd)
+	})
 	return err
 }

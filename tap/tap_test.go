@@ -241,3 +241,71 @@ func txQueueLen(name string) (int, error) {
 	}
 	return int(ifr.Uint32()), nil
 }
+
+// TestReadNowFromAnEventLoop reads the device as the fast path's event loop
+// does: the descriptor waited on in an epoll set of the caller's, frames
+// read with ReadNow, EAGAIN when none is there; Close then leaves ReadNow
+// and Write with os.ErrClosed.
+func TestReadNowFromAnEventLoop(t *testing.T) {
+	inNewNetns(t, func() {
+		dev, err := Open(Options{Name: "gtest2"})
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		d, err := NewDevice(dev.File, false)
+		dev.File.Close()
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer d.Close()
+		p, ok := d.(Pollable)
+		if !ok {
+			t.Error("the TAP device is not Pollable")
+			return
+		}
+		b := make([]byte, 2048)
+		if _, err := p.ReadNow([][]byte{b}); !errors.Is(err, unix.EAGAIN) {
+			t.Errorf("ReadNow with nothing sent: %v, want EAGAIN", err)
+		}
+		if err := Configure(LinkConfig{Name: "gtest2", MTU: 1500, Address: netip.MustParsePrefix("10.0.10.100/24"), Gateway: netip.MustParseAddr("10.0.10.2")}); err != nil {
+			t.Error(err)
+			return
+		}
+		// The kernel sends frames of its own on an interface that comes
+		// up (router solicitations, and the ARP for the gateway once
+		// something is sent there): wait for any.
+		c, err := net.DialTimeout("udp4", "10.0.10.2:9", time.Second)
+		if err == nil {
+			c.Write([]byte("x"))
+			c.Close()
+		}
+		epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer unix.Close(epfd)
+		if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, p.FD(), &unix.EpollEvent{Events: unix.EPOLLIN}); err != nil {
+			t.Error(err)
+			return
+		}
+		events := make([]unix.EpollEvent, 1)
+		if n, err := unix.EpollWait(epfd, events, 5000); err != nil || n != 1 {
+			t.Errorf("epoll_wait on the TAP: %d, %v; want it readable", n, err)
+			return
+		}
+		if n, err := p.ReadNow([][]byte{b}); err != nil || n < 14 {
+			t.Errorf("ReadNow once readable: %d, %v", n, err)
+		}
+		unix.EpollCtl(epfd, unix.EPOLL_CTL_DEL, p.FD(), nil)
+		d.Close()
+		if _, err := p.ReadNow([][]byte{b}); !errors.Is(err, os.ErrClosed) {
+			t.Errorf("ReadNow after Close: %v, want os.ErrClosed", err)
+		}
+		if _, err := d.Write([][]byte{b[:60]}); !errors.Is(err, os.ErrClosed) {
+			t.Errorf("Write after Close: %v, want os.ErrClosed", err)
+		}
+	})
+}
