@@ -152,6 +152,9 @@ func allSystems(t tools, euid int) []*system {
 		// gateway (10.0.2.1) is the host's loopback.
 		{name: "gvisor-tap-vsock", label: "rootlesskit v3 gvisor-tap-vsock", argv: rootlesskit(t.rootlesskit3, "gvisor-tap-vsock", ""), netProc: self, netName: "rootlesskit (parent)", target: targetGateway},
 		{name: "host", label: "host loopback (no namespace)", ref: true, argv: host, target: targetHost},
+		// The experimental event loop (the TAP and the host sockets read on
+		// one thread): beside gonetns, what it changes.
+		{name: "gonetns-loop", label: "gonetns --event-loop", optIn: true, argv: gonetnsWith("--event-loop"), netProc: self, netName: "gonetns (parent)", target: targetSlirp},
 		// gonetns whose network process does not confine itself: beside
 		// gonetns, what Landlock and the seccomp filter cost.
 		{name: "gonetns-unconfined", label: "gonetns --confine-network-process=false", optIn: true, argv: gonetnsWith("--confine-network-process=false"), netProc: self, netName: "gonetns (parent)", target: targetSlirp},
@@ -185,7 +188,7 @@ func probeSystems(systems []*system, t tools, v versions) {
 	for _, s := range systems {
 		s.available = true
 		switch s.name {
-		case "gonetns", "gonetns-packet", "gonetns-netstack", "gonetns-port", "gonetns-unconfined":
+		case "gonetns", "gonetns-packet", "gonetns-netstack", "gonetns-port", "gonetns-unconfined", "gonetns-loop":
 			s.version = v.gonetns
 		case "slirp4netns", "rootlesskit-builtin", "rootlesskit-slirp4netns":
 			s.version = strings.TrimSpace("rootlesskit " + v.rootlesskit + ", slirp4netns " + v.slirp4netns)

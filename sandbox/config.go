@@ -100,6 +100,15 @@ type Config struct {
 	// (the TCP fast path, the default: faster round trips and new
 	// connections, less CPU).
 	DisableTCPFastPath bool
+	// EventLoop (--event-loop, experimental, off by default) reads the
+	// TAP on the TCP fast path's own thread, in one epoll set with the
+	// host sockets, instead of on a reader goroutine in Go's poller
+	// (docs/design.md, "The event loop"). That thread holds a P while it
+	// sleeps in epoll_wait: the process needs GOMAXPROCS one above what
+	// it needs otherwise (cmd/gonetns adds it). Without the fast path, or
+	// with a device that is not the TAP itself (--pcap, --link=packet),
+	// it has no effect.
+	EventLoop bool
 	// DNSUpstreams are the servers the sandbox's resolver forwards to;
 	// none means the host's /etc/resolv.conf.
 	DNSUpstreams []netip.AddrPort

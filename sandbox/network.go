@@ -424,6 +424,7 @@ func (n *network) startStack(files []*os.File, li linkInfo) error {
 		Addresses: n.addrs.stackAddrs(),
 		TCP:       n.nat.HandleTCP,
 		DialTCP:   dialTCP,
+		EventLoop: n.cfg.EventLoop,
 		// Half-open connections hold a host socket each: at most half
 		// of the NAT's share, so that a flood of spoofed SYNs leaves
 		// room for the connections that complete.

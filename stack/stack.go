@@ -70,6 +70,13 @@ type Config struct {
 	// NoPeekOffset makes the fast path read the host sockets as it must
 	// on kernels without SO_PEEK_OFF for TCP (tests).
 	NoPeekOffset bool
+	// EventLoop, with the fast path on and a device that offers it
+	// (tap.Pollable: the TAP itself, not a recorder or a packet link),
+	// reads the device on the fast path's own thread, in one epoll set
+	// with the host sockets (tcpfast.LinkReader) instead of on a reader
+	// goroutine. That thread sleeps in epoll_wait while it holds a P: the
+	// process needs GOMAXPROCS one above what its other work needs.
+	EventLoop bool
 	// MaxInFlightTCP bounds the handshakes waiting for TCP to decide
 	// (SYNs beyond it are dropped and retransmitted by the sandbox).
 	// Default 4096.
@@ -107,6 +114,7 @@ type Stack struct {
 	state int // 0 new, 1 started, 2 closed
 
 	fast *tcpfast.Engine // the TCP fast path; nil when off
+	loop bool            // the fast path's poller reads the link (Config.EventLoop)
 
 	listenMu  sync.Mutex
 	udpListen atomic.Pointer[map[netip.AddrPort]struct{}] // ListenUDP's addresses (fastUDP)
@@ -198,6 +206,9 @@ func (st *Stack) Start() error {
 	fail := func(attached bool, err error) error {
 		if attached {
 			st.cfg.Device.Close()
+			if st.loop {
+				st.link.ReaderDone()
+			}
 			st.link.Wait()
 		}
 		s.Close()
@@ -210,6 +221,12 @@ func (st *Stack) Start() error {
 	st.link = link.New(st.cfg.Device, st.cfg.MTU, st.mac, func(err error) {
 		st.log.Error("the sandbox's network device failed; its network is down", "err", err)
 	})
+	var linkReader *tcpfast.LinkReader
+	if dev, ok := st.cfg.Device.(tap.Pollable); ok && st.cfg.EventLoop && st.cfg.DialTCP != nil {
+		st.link.SetExternalReader()
+		linkReader = &tcpfast.LinkReader{FD: dev.FD(), Pump: st.link.Pump, Done: st.link.ReaderDone}
+		st.loop = true
+	}
 	if err := s.CreateNICWithOptions(nicID, st.link, stack.NICOptions{Name: "tap"}); err != nil {
 		return fail(false, fmt.Errorf("stack: create NIC: %w", Err(err)))
 	}
@@ -247,6 +264,7 @@ func (st *Stack) Start() error {
 			Local:        st.listensTCP,
 			MaxHalfOpen:  st.cfg.MaxHalfOpenTCP,
 			NoPeekOffset: st.cfg.NoPeekOffset,
+			Link:         linkReader,
 			Logger:       st.log,
 		})
 		if err == nil {
@@ -256,6 +274,9 @@ func (st *Stack) Start() error {
 			return fail(true, fmt.Errorf("stack: TCP fast path: %w", err))
 		}
 		st.fast = fast
+		if st.loop {
+			st.log.Debug("the TCP fast path's thread reads the TAP (event loop)")
+		}
 	}
 	if st.cfg.TCP != nil {
 		fwd := tcp.NewForwarder(s, 0, st.cfg.MaxInFlightTCP, func(r *tcp.ForwarderRequest) {
@@ -331,7 +352,13 @@ func (st *Stack) Close() error {
 	}
 	// Closing the device stops the link's reader; it must be gone before
 	// s.Wait, which holds the stack's lock while it waits for the link, and
-	// a reader delivering a late frame needs that lock.
+	// a reader delivering a late frame needs that lock. With the event
+	// loop, the fast path's poller is the reader: it stops first, and
+	// before the device closes (an epoll set would report a descriptor
+	// closed while the TAP's file lives on in the child's hands).
+	if st.loop {
+		st.fast.Close()
+	}
 	err := st.cfg.Device.Close()
 	st.link.Wait()
 	if st.fast != nil {

@@ -88,6 +88,11 @@ func runLauncher(args []string, who personality, name string) int {
 		fmt.Println(n)
 		return 0
 	}
+	if o.cfg.EventLoop && !o.cfg.DisableTCPFastPath && os.Getenv("GOMAXPROCS") == "" {
+		// The event loop's thread holds a P while it sleeps in
+		// epoll_wait (sandbox.Config.EventLoop): one more for the rest.
+		runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + 1)
+	}
 	log := newLogger(os.Stderr, o.cfg.Debug, name+": ")
 	for _, r := range pending {
 		if log.Enabled(context.Background(), r.Level) {

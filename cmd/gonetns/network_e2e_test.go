@@ -802,3 +802,35 @@ func TestNetManyConnections(t *testing.T) {
 	sess.Stdin.Close()
 	cmd.Wait()
 }
+
+// TestNetEventLoop runs the network with --event-loop (the TAP and the fast
+// path's host sockets read on one thread): a large download, sha256-checked,
+// at MTU 1500 and 65520; a 1 MB upload closed by a half-close; UDP, which
+// the loop reads from the TAP and hands to the stack; and many short
+// connections, each one round trip.
+func TestNetEventLoop(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	srv := startHostHTTP(t)
+	halfClose := startHalfCloseServer(t)
+	udp := startUDPEcho(t, "127.0.0.1:0", "host:")
+	for _, mtu := range []int{1500, 65520} {
+		t.Run(fmt.Sprintf("mtu=%d", mtu), func(t *testing.T) {
+			script := fmt.Sprintf("curl -sS --fail http://10.0.2.2:%d/blob | sha256sum; %s; %s; for i in $(seq 200); do curl -sS --fail http://10.0.2.2:%d/; done | sort | uniq -c",
+				srv.port,
+				e2etest.HelperCmd(t, "tcp-halfclose", fmt.Sprintf("10.0.2.2:%d", halfClose), "1000000"),
+				e2etest.HelperCmd(t, "udp-echo", fmt.Sprintf("10.0.2.2:%d", udp), "datagram-1"),
+				srv.port)
+			res := r.MustRun(t, netTimeout, "--debug", "--event-loop", fmt.Sprintf("--mtu=%d", mtu), "sh", "-c", script)
+			if !strings.Contains(res.Stderr, "event loop") {
+				t.Errorf("--event-loop: the network did not say it runs the event loop\n%s", res)
+			}
+			out := res.Stdout
+			for _, want := range []string{srv.sum, "host read 1000000 bytes", "host:datagram-1", "200 hello from the host"} {
+				if !strings.Contains(out, want) {
+					t.Errorf("output lacks %q\n%s", want, res)
+				}
+			}
+		})
+	}
+}

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -61,6 +62,10 @@ type Endpoint struct {
 	later later // frames written by the writer goroutine (later.go)
 
 	fast atomic.Pointer[FastPath]
+
+	external   bool // read by a loop of the caller's (SetExternalReader)
+	pumpRx     *rx  // Pump's buffers
+	readerDone sync.Once
 }
 
 // FastPath sees each frame before the stack does, on the reader
@@ -138,8 +143,9 @@ func (e *Endpoint) SupportedGSO() stack.SupportedGSO {
 }
 
 // Attach starts (or, with nil, stops delivering from) the reader
-// goroutine and the writer of deferred frames. Both end when the device is
-// closed; Wait waits for them.
+// goroutine (unless SetExternalReader) and the writer of deferred frames.
+// The reader ends when the device is closed, the writer when the device is
+// read no more (ReaderDone); Wait waits for them.
 func (e *Endpoint) Attach(d stack.NetworkDispatcher) {
 	e.mu.Lock()
 	old := e.dispatcher
@@ -149,8 +155,11 @@ func (e *Endpoint) Attach(d stack.NetworkDispatcher) {
 		e.later.mu.Lock()
 		e.later.running = true
 		e.later.mu.Unlock()
-		e.wg.Add(2)
-		go e.readLoop()
+		if !e.external {
+			e.wg.Add(1)
+			go e.readLoop()
+		}
+		e.wg.Add(1)
 		go func() {
 			defer e.wg.Done()
 			e.later.run(e.writeFrame)
@@ -275,75 +284,148 @@ func encodeVNetHdr(b []byte, pkt *stack.PacketBuffer) {
 // value rests on the reason above.
 const yieldEvery = 64
 
+// rx holds the buffers the next frame is read into: the virtio-net header
+// and the views (rxBufSizes) a frame the stack takes keeps.
+type rx struct {
+	hdr   [tap.VNetHdrLen]byte
+	views []*buffer.View
+	iov   [][]byte
+}
+
+func newRx() *rx {
+	return &rx{views: make([]*buffer.View, len(rxBufSizes)), iov: make([][]byte, 0, len(rxBufSizes)+1)}
+}
+
+// buffers returns the I/O vector for the next frame.
+func (r *rx) buffers(vnet bool) [][]byte {
+	r.iov = r.iov[:0]
+	if vnet {
+		r.iov = append(r.iov, r.hdr[:])
+	}
+	for i, v := range r.views {
+		if v == nil {
+			v = buffer.NewViewSize(rxBufSizes[i])
+			r.views[i] = v
+		}
+		r.iov = append(r.iov, v.AsSlice())
+	}
+	return r.iov
+}
+
+func (r *rx) release() {
+	for i, v := range r.views {
+		if v != nil {
+			v.Release()
+			r.views[i] = nil
+		}
+	}
+}
+
+// readError reports a read that failed for another reason than the
+// device's being closed.
+func (e *Endpoint) readError(err error) {
+	if !errors.Is(err, net.ErrClosed) && !errors.Is(err, os.ErrClosed) && e.onError != nil {
+		e.onError(err)
+	}
+}
+
 // readLoop reads frames until the device is closed and hands each to the
 // stack on this goroutine. Its end stops the writer goroutine.
 func (e *Endpoint) readLoop() {
 	defer e.wg.Done()
-	defer close(e.later.stop)
-	var hdr [tap.VNetHdrLen]byte
-	views := make([]*buffer.View, len(rxBufSizes))
-	iov := make([][]byte, 0, len(rxBufSizes)+1)
+	defer e.ReaderDone()
+	r := newRx()
+	defer r.release()
 	for frames := 1; ; frames++ {
 		if frames%yieldEvery == 0 {
 			runtime.Gosched()
 		}
-		iov = iov[:0]
-		if e.vnet {
-			iov = append(iov, hdr[:])
-		}
-		for i, v := range views {
-			if v == nil {
-				v = buffer.NewViewSize(rxBufSizes[i])
-				views[i] = v
-			}
-			iov = append(iov, v.AsSlice())
-		}
-		n, err := e.dev.Read(iov)
+		n, err := e.dev.Read(r.buffers(e.vnet))
 		if err != nil {
-			if !errors.Is(err, net.ErrClosed) && !errors.Is(err, os.ErrClosed) && e.onError != nil {
-				e.onError(err)
-			}
-			for _, v := range views {
-				if v != nil {
-					v.Release()
-				}
-			}
+			e.readError(err)
 			return
 		}
-		if e.vnet {
-			n -= tap.VNetHdrLen
-		}
-		if n < header.EthernetMinimumSize {
-			continue
-		}
-		if fp := e.fast.Load(); fp != nil {
-			var vh []byte
-			if e.vnet {
-				vh = hdr[:]
-			}
-			head, tail := views[0].AsSlice(), []byte(nil)
-			if n <= len(head) {
-				head = head[:n]
-			} else {
-				tail = views[1].AsSlice()[:n-len(head)]
-			}
-			if (*fp)(vh, head, tail) {
-				continue // taken: the buffers serve the next frame
-			}
-		}
-		// Take the buffers the frame filled; the next read gets new ones.
-		var payload buffer.Buffer
-		for i := 0; n > 0; i++ {
-			v := views[i]
-			views[i] = nil
-			if n < v.Size() {
-				v.CapLength(n)
-			}
-			n -= v.Size()
-			payload.Append(v)
-		}
-		e.deliver(payload)
+		e.frame(r, n)
 	}
+}
+
+// SetExternalReader makes a loop of the caller's the reader of the device
+// (a tap.Pollable): Attach then starts no reader goroutine, and the loop
+// calls Pump when the device's descriptor is readable, then ReaderDone
+// once it reads no more. Call it before the stack attaches the endpoint.
+func (e *Endpoint) SetExternalReader() { e.external = true }
+
+// Pump reads the frames waiting on the device, at most max, without
+// waiting, and hands each on as the reader goroutine does. It returns how
+// many it read, and an error (after which it must not be called again)
+// when the device failed or was closed. One caller at a time.
+func (e *Endpoint) Pump(max int) (int, error) {
+	dev, ok := e.dev.(tap.Pollable)
+	if !ok {
+		return 0, errors.New("link: the device cannot be read by an event loop")
+	}
+	if e.pumpRx == nil {
+		e.pumpRx = newRx()
+	}
+	r := e.pumpRx
+	for i := 0; i < max; i++ {
+		n, err := dev.ReadNow(r.buffers(e.vnet))
+		if errors.Is(err, unix.EAGAIN) {
+			return i, nil
+		}
+		if err != nil {
+			e.readError(err)
+			r.release()
+			return i, err
+		}
+		e.frame(r, n)
+	}
+	return max, nil
+}
+
+// ReaderDone tells the endpoint that the device is read no more (the
+// reader goroutine's end, or an external loop's): it stops the writer of
+// deferred frames. Idempotent.
+func (e *Endpoint) ReaderDone() {
+	e.readerDone.Do(func() { close(e.later.stop) })
+}
+
+// frame hands on a frame of n bytes just read into r: to the fast path,
+// else to the stack, which keeps the views it fills.
+func (e *Endpoint) frame(r *rx, n int) {
+	if e.vnet {
+		n -= tap.VNetHdrLen
+	}
+	if n < header.EthernetMinimumSize {
+		return
+	}
+	if fp := e.fast.Load(); fp != nil {
+		var vh []byte
+		if e.vnet {
+			vh = r.hdr[:]
+		}
+		head, tail := r.views[0].AsSlice(), []byte(nil)
+		if n <= len(head) {
+			head = head[:n]
+		} else {
+			tail = r.views[1].AsSlice()[:n-len(head)]
+		}
+		if (*fp)(vh, head, tail) {
+			return // taken: the buffers serve the next frame
+		}
+	}
+	// Take the buffers the frame filled; the next read gets new ones.
+	var payload buffer.Buffer
+	for i := 0; n > 0; i++ {
+		v := r.views[i]
+		r.views[i] = nil
+		if n < v.Size() {
+			v.CapLength(n)
+		}
+		n -= v.Size()
+		payload.Append(v)
+	}
+	e.deliver(payload)
 }
 
 func (e *Endpoint) deliver(payload buffer.Buffer) {

@@ -88,8 +88,9 @@ type conn struct {
 	roomEst  int       // the host socket's send room as last read, less what was written since
 	sndbuf   int       // the host socket's send buffer as last read
 	ackTimer *time.Timer
-	ackDue   bool // an ACK is held (see ackDelay)
-	lastData bool // the last segment sent carried data: the sandbox's next data is likely a turn
+	ackDue   bool      // an ACK is held (see ackDelay)
+	ackAt    time.Time // when it is due, with Config.Link (heldACKs)
+	lastData bool      // the last segment sent carried data: the sandbox's next data is likely a turn
 
 	// The host's data, towards the sandbox.
 	iss          uint32
@@ -187,6 +188,10 @@ func (c *conn) register() bool {
 	}
 	for {
 		e.nextID++
+		if e.nextID >= linkKey {
+			e.nextID = 0
+			continue
+		}
 		if _, taken := e.byID[e.nextID]; !taken {
 			break
 		}
@@ -415,6 +420,10 @@ func (c *conn) holdACK() {
 		return
 	}
 	c.ackDue = true
+	if c.e.cfg.Link != nil {
+		c.e.acks.hold(c) // the event loop sends it
+		return
+	}
 	if c.ackTimer == nil {
 		c.ackTimer = time.AfterFunc(ackDelay, c.onAckTimer)
 	} else {
@@ -430,6 +439,11 @@ func (c *conn) onAckTimer() {
 	defer c.e.wg.Done()
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.sendHeldACK()
+}
+
+// sendHeldACK sends the ACK held, if it is still due.
+func (c *conn) sendHeldACK() {
 	if c.ackDue && c.state == stEstablished {
 		t := c.e.txPool.Get().(*tx)
 		c.sendACK(t)
@@ -780,7 +794,9 @@ func (c *conn) sent(data bool) {
 	c.lastData = data
 	if c.ackDue {
 		c.ackDue = false
-		c.ackTimer.Stop()
+		if c.ackTimer != nil {
+			c.ackTimer.Stop()
+		}
 	}
 }
 

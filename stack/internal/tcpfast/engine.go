@@ -68,11 +68,40 @@ type Config struct {
 	// HandshakeTimeout bounds how long a connection may wait for the
 	// sandbox's ACK once the SYN-ACK went out. Default 10 s.
 	HandshakeTimeout time.Duration
+	// Link, when set, makes the engine's poller the reader of the link
+	// too (docs/design.md, "The event loop").
+	Link *LinkReader
 	// NoPeekOffset uses the path for kernels without SO_PEEK_OFF on TCP
 	// even where the kernel has it (tests).
 	NoPeekOffset bool
 	Logger       *slog.Logger
 }
+
+// LinkReader is the link the engine's poller reads when Config.Link is
+// set: it waits for the TAP in the epoll set of the host sockets, in
+// epoll_wait itself on a thread of its own, and calls Pump when frames are
+// there; the segments of the fast path come back to Handle on that thread.
+// A segment from the sandbox and the host's answer to it are then handled
+// without any goroutine being woken, and the ACKs the engine holds (see
+// ackDelay) are sent by that loop when its wait times out, not by timers.
+type LinkReader struct {
+	// FD is the TAP's descriptor (tap.Pollable).
+	FD int
+	// Pump reads at most max frames waiting on FD, without waiting, and
+	// hands each on; it returns how many it read, and an error when the
+	// device failed or was closed (it is not called again).
+	Pump func(max int) (int, error)
+	// Done is called once the loop reads the link no more.
+	Done func()
+}
+
+// linkKey is the epoll key of the link's descriptor; connections' ids stay
+// below it.
+const linkKey = epoll.ReservedKey - 1
+
+// maxPump bounds the frames the loop reads from the link in a row before
+// it looks at the host sockets again (the reader goroutine's yieldEvery).
+const maxPump = 64
 
 // Defaults of Config.
 const (
@@ -127,6 +156,8 @@ type Engine struct {
 	txPool sync.Pool
 	queued atomic.Int64 // bytes held by all connections' queues
 
+	acks heldACKs // with Config.Link: the ACKs the loop sends when due
+
 	opened, refused, evicted, retransmits, dropped atomic.Uint64
 }
 
@@ -171,7 +202,18 @@ func New(cfg Config) (*Engine, error) {
 
 // Start starts the poller of host sockets.
 func (e *Engine) Start() error {
-	set, err := epoll.New("tcp fast path")
+	var set *epoll.Set
+	var err error
+	if e.cfg.Link != nil {
+		set, err = epoll.NewBlocking("tcp fast path")
+		if err == nil {
+			if err = set.Add(e.cfg.Link.FD, unix.EPOLLIN, linkKey); err != nil {
+				set.Close()
+			}
+		}
+	} else {
+		set, err = epoll.New("tcp fast path")
+	}
 	if err != nil {
 		return err
 	}
@@ -184,7 +226,11 @@ func (e *Engine) Start() error {
 	e.set = set
 	e.state = 1
 	e.wg.Add(1)
-	go e.poll()
+	if e.cfg.Link != nil {
+		go e.loop()
+	} else {
+		go e.poll()
+	}
 	return nil
 }
 
@@ -370,6 +416,119 @@ func (e *Engine) poll() {
 				c.mu.Unlock()
 			}
 		}
+	}
+}
+
+// loop is the poller when the engine reads the link too (Config.Link): it
+// sleeps in epoll_wait until the TAP or a host socket is ready, or until
+// the oldest ACK held is due.
+func (e *Engine) loop() {
+	defer e.wg.Done()
+	link := e.cfg.Link
+	linkOpen := true
+	done := func() {}
+	if link.Done != nil {
+		done = sync.OnceFunc(link.Done)
+	}
+	defer done()
+	events := make([]unix.EpollEvent, 128)
+	streak := 0 // loop turns in a row that found the link ready
+	for {
+		n, err := e.set.WaitFor(events, e.acks.wait(time.Now()))
+		if err != nil {
+			if !errors.Is(err, epoll.ErrClosed) {
+				e.log.Error("the TCP fast path's poller failed; the sandbox's network stalls", "err", err)
+			}
+			return
+		}
+		linkReady := false
+		for i := range events[:n] {
+			ev := &events[i]
+			if epoll.Key(ev) == linkKey {
+				linkReady = true
+				continue
+			}
+			e.mu.RLock()
+			c := e.byID[epoll.Key(ev)]
+			e.mu.RUnlock()
+			if c != nil {
+				c.mu.Lock()
+				c.hostEvent(ev.Events)
+				c.mu.Unlock()
+			}
+		}
+		if linkReady && linkOpen {
+			// A lone frame (a request, its ACK) is read alone, so that
+			// no read is made in vain; frames that keep coming (a bulk
+			// upload, a flood) are read in growing bursts.
+			if _, err := link.Pump(min(1<<min(streak, 16), maxPump)); err != nil {
+				linkOpen = false
+				e.set.Delete(link.FD)
+				done()
+			}
+			streak++
+		} else {
+			streak = 0
+		}
+		e.acks.fire(time.Now())
+	}
+}
+
+// heldACKs are the ACKs held (see ackDelay) when the event loop sends
+// them, in the order they fall due (the delay is the same for all).
+type heldACKs struct {
+	mu  sync.Mutex
+	q   []heldACK
+	buf []heldACK // q's array: q starts again at its front when empty
+}
+
+type heldACK struct {
+	c   *conn
+	due time.Time
+}
+
+// hold notes c's ACK, due after ackDelay. c.mu is held.
+func (h *heldACKs) hold(c *conn) {
+	c.ackAt = time.Now().Add(ackDelay)
+	h.mu.Lock()
+	if len(h.q) == 0 {
+		h.q = h.buf[:0]
+	}
+	h.q = append(h.q, heldACK{c, c.ackAt})
+	if len(h.q) == 1 {
+		h.buf = h.q[:0]
+	}
+	h.mu.Unlock()
+}
+
+// wait is how long the loop may sleep before the next ACK is due; -1 for
+// no limit.
+func (h *heldACKs) wait(now time.Time) time.Duration {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if len(h.q) == 0 {
+		return -1
+	}
+	return max(h.q[0].due.Sub(now), 0)
+}
+
+// fire sends the ACKs due by now that no segment carried since.
+func (h *heldACKs) fire(now time.Time) {
+	for {
+		h.mu.Lock()
+		if len(h.q) == 0 || h.q[0].due.After(now) {
+			h.mu.Unlock()
+			return
+		}
+		a := h.q[0]
+		h.q[0] = heldACK{}
+		h.q = h.q[1:]
+		h.mu.Unlock()
+		a.c.mu.Lock()
+		if a.c.ackAt.Equal(a.due) {
+			a.c.sendHeldACK()
+		}
+		a.c.mu.Unlock()
 	}
 }
 
