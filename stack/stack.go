@@ -70,6 +70,12 @@ type Config struct {
 	// NoPeekOffset makes the fast path read the host sockets as it must
 	// on kernels without SO_PEEK_OFF for TCP (tests).
 	NoPeekOffset bool
+	// OnIdle, when set, is called on a goroutine of its own once no frame
+	// has come from the sandbox for between IdleAfter and twice that, and
+	// then not again until frames have come and stopped again (the
+	// network process gives its memory back then).
+	OnIdle    func()
+	IdleAfter time.Duration
 	// EventLoop, with the fast path on and a device that offers it
 	// (tap.Pollable: the TAP itself, not a recorder or a packet link),
 	// reads the device on the fast path's own thread, in one epoll set
@@ -221,6 +227,9 @@ func (st *Stack) Start() error {
 	st.link = link.New(st.cfg.Device, st.cfg.MTU, st.mac, func(err error) {
 		st.log.Error("the sandbox's network device failed; its network is down", "err", err)
 	})
+	if st.cfg.OnIdle != nil {
+		st.link.SetIdle(st.cfg.IdleAfter, st.cfg.OnIdle)
+	}
 	var linkReader *tcpfast.LinkReader
 	if dev, ok := st.cfg.Device.(tap.Pollable); ok && st.cfg.EventLoop && st.cfg.DialTCP != nil {
 		st.link.SetExternalReader()

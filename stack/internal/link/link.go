@@ -63,8 +63,9 @@ type Endpoint struct {
 
 	fast atomic.Pointer[FastPath]
 
-	external   bool // read by a loop of the caller's (SetExternalReader)
-	pumpRx     *rx  // Pump's buffers
+	idle       *idleWatch // SetIdle
+	external   bool       // read by a loop of the caller's (SetExternalReader)
+	pumpRx     *rx        // Pump's buffers
 	readerDone sync.Once
 }
 
@@ -387,12 +388,20 @@ func (e *Endpoint) Pump(max int) (int, error) {
 // reader goroutine's end, or an external loop's): it stops the writer of
 // deferred frames. Idempotent.
 func (e *Endpoint) ReaderDone() {
-	e.readerDone.Do(func() { close(e.later.stop) })
+	e.readerDone.Do(func() {
+		close(e.later.stop)
+		if e.idle != nil {
+			e.idle.close()
+		}
+	})
 }
 
 // frame hands on a frame of n bytes just read into r: to the fast path,
 // else to the stack, which keeps the views it fills.
 func (e *Endpoint) frame(r *rx, n int) {
+	if e.idle != nil {
+		e.idle.frame()
+	}
 	if e.vnet {
 		n -= tap.VNetHdrLen
 	}
