@@ -63,7 +63,21 @@ type status struct {
 	BadSums    int64  `json:"bad_sums"`   // transfers whose sha256 differed
 	Errors     int64  `json:"errors"`     // anything else that failed
 	LastError  string `json:"last_error,omitempty"`
+	// Quiet marks the report made at a quiet point: every worker paused
+	// between two of its steps, no connection open, for quietFor.
+	Quiet bool `json:"quiet,omitempty"`
 }
+
+// quietFor is how long the traffic pauses after each sample period before
+// the quiet sample: long enough for every connection's close to be done
+// and for the network process to have given back the memory the traffic
+// used (it does so after between one and two seconds without a frame:
+// sandbox's idleRelease).
+const quietFor = 4 * time.Second
+
+// quietHold is how long the pause lasts after the quiet report, for the
+// harness to sample before the traffic resumes.
+const quietHold = time.Second
 
 func main() {
 	if os.Getenv("SOAK_CLIENT") == "1" {
@@ -119,7 +133,8 @@ func harness() int {
 	fmt.Println("| time | RSS MiB | private MiB | fds | threads | round trips | new conns | uploads | downloads | slow reads | resets | half-closes | GB moved | bad sha256 | errors |")
 	fmt.Println("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 	start := time.Now()
-	var first, after usageSample // peaks in the first minute, and after it
+	var first, after usageSample           // peaks in the first minute, and after it, under traffic
+	var firstQuiet, afterQuiet usageSample // the same at the quiet points, which the verdict compares
 	window := min(levelWindow, *duration)
 	var windows [][]int64 // private memory samples per window
 	var last status
@@ -130,10 +145,24 @@ func harness() int {
 			fmt.Fprintln(os.Stderr, "soak: client said:", sc.Text())
 			continue
 		}
-		last = st
 		u := usage(pid)
 		el := time.Since(start)
-		if el <= time.Minute+*sample/2 {
+		inFirst := el <= time.Minute+*sample/2
+		if st.Quiet {
+			if inFirst {
+				firstQuiet = firstQuiet.peak(u)
+			} else {
+				afterQuiet = afterQuiet.peak(u)
+			}
+			fmt.Printf("| %v quiet | %.1f | %.1f | %d | %d | | | | | | | | | | |\n", el.Round(time.Second),
+				float64(u.rssKB)/1024, float64(u.anonKB)/1024, u.fds, u.threads)
+			if socks := tcpSockets(pid); len(socks) > 0 {
+				fmt.Fprintf(os.Stderr, "soak: at the quiet point of %v the network process holds TCP sockets: %s\n", el.Round(time.Second), strings.Join(socks, ", "))
+			}
+			continue
+		}
+		last = st
+		if inFirst {
 			first = first.peak(u)
 		} else {
 			after = after.peak(u)
@@ -154,7 +183,9 @@ func harness() int {
 	fmt.Printf("summary: %v; %d round trips, %d new connections, %d uploads and %d downloads (%.1f GB, %d with a wrong sha256), %d slow reads, %d resets, %d half-closes, %d errors%s\n",
 		time.Since(start).Round(time.Second), last.RoundTrips, last.Conns, last.Uploads, last.Downloads, float64(last.Bytes)/1e9,
 		last.BadSums, last.SlowReads, last.Resets, last.HalfCloses, last.Errors, lastError(last))
-	fmt.Printf("memory: peak private memory %.1f MiB in the first minute, %.1f MiB after it; peak RSS %.1f and %.1f MiB; descriptors: %d in the first minute, %d after it\n",
+	fmt.Printf("at the quiet points: peak private memory %.2f MiB in the first minute, %.2f MiB after it; descriptors: %d in the first minute, %d after it\n",
+		float64(firstQuiet.anonKB)/1024, float64(afterQuiet.anonKB)/1024, firstQuiet.fds, afterQuiet.fds)
+	fmt.Printf("under traffic: peak private memory %.1f MiB in the first minute, %.1f MiB after it; peak RSS %.1f and %.1f MiB; descriptors: %d in the first minute, %d after it\n",
 		float64(first.anonKB)/1024, float64(after.anonKB)/1024, float64(first.rssKB)/1024, float64(after.rssKB)/1024, first.fds, after.fds)
 	if len(windows) > 0 {
 		// A leak raises the floor of each window (its lowest sample,
@@ -166,9 +197,9 @@ func harness() int {
 		}
 		fmt.Println()
 	}
-	grew := after.anonKB > first.anonKB || after.fds > first.fds
+	grew := afterQuiet.anonKB > firstQuiet.anonKB || afterQuiet.fds > firstQuiet.fds
 	if grew {
-		fmt.Println("result: FAIL: private memory or descriptors grew beyond the first minute's peak")
+		fmt.Println("result: FAIL: at the quiet points, private memory or descriptors grew beyond the first minute's peak")
 		ok = false
 	}
 	if werr != nil {
@@ -235,6 +266,34 @@ func usage(pid int) usageSample {
 	ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
 	u.fds = int64(len(ents))
 	return u
+}
+
+// tcpSockets lists pid's TCP sockets other than listeners, as "local ->
+// remote STATE" from /proc/PID/net/tcp: at a quiet point there should be
+// none.
+func tcpSockets(pid int) []string {
+	inodes := map[string]bool{}
+	ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	for _, e := range ents {
+		l, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, e.Name()))
+		if err == nil && strings.HasPrefix(l, "socket:[") {
+			inodes[strings.TrimSuffix(strings.TrimPrefix(l, "socket:["), "]")] = true
+		}
+	}
+	states := map[string]string{"01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1", "05": "FIN_WAIT2",
+		"06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "09": "LAST_ACK", "0A": "LISTEN", "0B": "CLOSING"}
+	var out []string
+	for _, file := range []string{"tcp", "tcp6"} {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/net/%s", pid, file))
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			f := strings.Fields(line)
+			if len(f) < 10 || !inodes[f[9]] || f[3] == "0A" {
+				continue
+			}
+			out = append(out, fmt.Sprintf("%s -> %s %s (queues %s)", f[1], f[2], states[f[3]], f[4]))
+		}
+	}
+	return out
 }
 
 // stream is the bytes a source sends for seed: a PCG stream.
@@ -309,12 +368,16 @@ func client() error {
 	}
 	end := time.Now().Add(duration)
 	var wg sync.WaitGroup
+	var gate sync.RWMutex // each worker's step holds it shared; a quiet point, exclusively
 	worker := func(f func() error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for time.Now().Before(end) {
-				if err := f(); err != nil {
+				gate.RLock()
+				err := f()
+				gate.RUnlock()
+				if err != nil {
 					fail(err)
 					time.Sleep(100 * time.Millisecond)
 				}
@@ -469,9 +532,9 @@ func client() error {
 		atomic.AddInt64(&st.HalfCloses, 1)
 		return nil
 	})
-	report := func() {
+	report := func(quiet bool) {
 		mu.Lock()
-		s := status{
+		s := status{Quiet: quiet,
 			RoundTrips: atomic.LoadInt64(&st.RoundTrips), Conns: atomic.LoadInt64(&st.Conns), Uploads: atomic.LoadInt64(&st.Uploads),
 			Downloads: atomic.LoadInt64(&st.Downloads), SlowReads: atomic.LoadInt64(&st.SlowReads), Resets: atomic.LoadInt64(&st.Resets),
 			HalfCloses: atomic.LoadInt64(&st.HalfCloses), Bytes: atomic.LoadInt64(&st.Bytes), BadSums: atomic.LoadInt64(&st.BadSums),
@@ -491,9 +554,18 @@ func client() error {
 	for {
 		select {
 		case <-t.C:
-			report()
+			report(false)
+			if time.Now().Add(quietFor).Before(end) {
+				gate.Lock()
+				time.Sleep(quietFor)
+				report(true)
+				// The harness samples when it reads the report: the
+				// traffic stays paused meanwhile.
+				time.Sleep(quietHold)
+				gate.Unlock()
+			}
 		case <-done:
-			report()
+			report(false)
 			return nil
 		}
 	}
