@@ -156,17 +156,28 @@ func exchangeARP(t *testing.T, d Device, kernelMAC net.HardwareAddr) {
 	}
 }
 
+// openDevice opens a TAP named name as a Device (no virtio-net header);
+// nil, the test failed, if it cannot.
+func openDevice(t *testing.T, name string) Device {
+	t.Helper()
+	dev, err := Open(Options{Name: name})
+	if err != nil {
+		t.Error(err)
+		return nil
+	}
+	defer dev.File.Close()
+	d, err := NewDevice(dev.File, false)
+	if err != nil {
+		t.Error(err)
+		return nil
+	}
+	return d
+}
+
 func TestCloseUnblocksRead(t *testing.T) {
 	inNewNetns(t, func() {
-		dev, err := Open(Options{Name: "gtest1"})
-		if err != nil {
-			t.Error(err)
-			return
-		}
-		d, err := NewDevice(dev.File, false)
-		dev.File.Close()
-		if err != nil {
-			t.Error(err)
+		d := openDevice(t, "gtest1")
+		if d == nil {
 			return
 		}
 		errc := make(chan error, 1)
@@ -248,15 +259,8 @@ func txQueueLen(name string) (int, error) {
 // and Write with os.ErrClosed.
 func TestReadNowFromAnEventLoop(t *testing.T) {
 	inNewNetns(t, func() {
-		dev, err := Open(Options{Name: "gtest2"})
-		if err != nil {
-			t.Error(err)
-			return
-		}
-		d, err := NewDevice(dev.File, false)
-		dev.File.Close()
-		if err != nil {
-			t.Error(err)
+		d := openDevice(t, "gtest2")
+		if d == nil {
 			return
 		}
 		defer d.Close()

@@ -406,16 +406,20 @@ func (e *Engine) poll() {
 			return
 		}
 		for i := range events[:n] {
-			ev := &events[i]
-			e.mu.RLock()
-			c := e.byID[epoll.Key(ev)]
-			e.mu.RUnlock()
-			if c != nil {
-				c.mu.Lock()
-				c.hostEvent(ev.Events)
-				c.mu.Unlock()
-			}
+			e.hostEvent(&events[i])
 		}
+	}
+}
+
+// hostEvent hands a host socket's event to its connection.
+func (e *Engine) hostEvent(ev *unix.EpollEvent) {
+	e.mu.RLock()
+	c := e.byID[epoll.Key(ev)]
+	e.mu.RUnlock()
+	if c != nil {
+		c.mu.Lock()
+		c.hostEvent(ev.Events)
+		c.mu.Unlock()
 	}
 }
 
@@ -448,14 +452,7 @@ func (e *Engine) loop() {
 				linkReady = true
 				continue
 			}
-			e.mu.RLock()
-			c := e.byID[epoll.Key(ev)]
-			e.mu.RUnlock()
-			if c != nil {
-				c.mu.Lock()
-				c.hostEvent(ev.Events)
-				c.mu.Unlock()
-			}
+			e.hostEvent(ev)
 		}
 		if linkReady && linkOpen {
 			// A lone frame (a request, its ACK) is read alone, so that
