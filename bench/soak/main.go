@@ -136,7 +136,15 @@ func harness() int {
 	var first, after usageSample           // peaks in the first minute, and after it, under traffic
 	var firstQuiet, afterQuiet usageSample // the same at the quiet points, which the verdict compares
 	window := min(levelWindow, *duration)
-	var windows [][]int64 // private memory samples per window
+	var windows, quietWindows [][]int64 // private memory samples per window, under traffic and at the quiet points
+	addTo := func(ws *[][]int64, el time.Duration, kb int64) {
+		if w := int(el / window); w < int(*duration/window) { // what comes after the duration is teardown
+			for len(*ws) <= w {
+				*ws = append(*ws, nil)
+			}
+			(*ws)[w] = append((*ws)[w], kb)
+		}
+	}
 	var last status
 	sc := bufio.NewScanner(out)
 	for sc.Scan() {
@@ -154,6 +162,7 @@ func harness() int {
 			} else {
 				afterQuiet = afterQuiet.peak(u)
 			}
+			addTo(&quietWindows, el, u.anonKB)
 			fmt.Printf("| %v quiet | %.1f | %.1f | %d | %d | | | | | | | | | | |\n", el.Round(time.Second),
 				float64(u.rssKB)/1024, float64(u.anonKB)/1024, u.fds, u.threads)
 			if socks := tcpSockets(pid); len(socks) > 0 {
@@ -167,12 +176,7 @@ func harness() int {
 		} else {
 			after = after.peak(u)
 		}
-		if w := int(el / window); w < int(*duration/window) { // what comes after the duration is teardown
-			for len(windows) <= w {
-				windows = append(windows, nil)
-			}
-			windows[w] = append(windows[w], u.anonKB)
-		}
+		addTo(&windows, el, u.anonKB)
 		fmt.Printf("| %v | %.1f | %.1f | %d | %d | %d | %d | %d | %d | %d | %d | %d | %.2f | %d | %d |\n", el.Round(time.Second),
 			float64(u.rssKB)/1024, float64(u.anonKB)/1024, u.fds, u.threads, st.RoundTrips, st.Conns, st.Uploads, st.Downloads, st.SlowReads, st.Resets, st.HalfCloses,
 			float64(st.Bytes)/1e9, st.BadSums, st.Errors)
@@ -187,13 +191,21 @@ func harness() int {
 		float64(firstQuiet.anonKB)/1024, float64(afterQuiet.anonKB)/1024, firstQuiet.fds, afterQuiet.fds)
 	fmt.Printf("under traffic: peak private memory %.1f MiB in the first minute, %.1f MiB after it; peak RSS %.1f and %.1f MiB; descriptors: %d in the first minute, %d after it\n",
 		float64(first.anonKB)/1024, float64(after.anonKB)/1024, float64(first.rssKB)/1024, float64(after.rssKB)/1024, first.fds, after.fds)
-	if len(windows) > 0 {
-		// A leak raises the floor of each window (its lowest sample,
-		// taken between collections) as well as its peak; a heap that
-		// only swings between collections moves the peak alone.
-		fmt.Printf("private memory, per %v window (lowest / median / peak, MiB):", window)
-		for _, w := range windows {
-			fmt.Printf(" %.1f / %.1f / %.1f", float64(slices.Min(w))/1024, float64(median(w))/1024, float64(slices.Max(w))/1024)
+	// A leak raises the floor of each window (its lowest sample) as well
+	// as its peak; a heap that only swings between collections moves the
+	// peak alone.
+	for _, ws := range []struct {
+		name string
+		w    [][]int64
+	}{{"under traffic", windows}, {"at the quiet points", quietWindows}} {
+		if len(ws.w) == 0 {
+			continue
+		}
+		fmt.Printf("private memory %s, per %v window (lowest / median / peak, MiB):", ws.name, window)
+		for _, w := range ws.w {
+			if len(w) > 0 {
+				fmt.Printf(" %.2f / %.2f / %.2f", float64(slices.Min(w))/1024, float64(median(w))/1024, float64(slices.Max(w))/1024)
+			}
 		}
 		fmt.Println()
 	}
