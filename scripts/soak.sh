@@ -4,8 +4,10 @@
 # connections, 64 MiB transfers both ways checked with sha256, slow
 # readers, resets, half-closes, against servers on the host's 127.0.0.1.
 # The gonetns parent's RSS, private memory and descriptors are sampled
-# every 30 s (SOAK_SAMPLE); the run fails if private memory or descriptors
-# grow beyond the first minute's peak or a transfer goes wrong. Extra gonetns flags: SOAK_FLAGS (e.g.
+# every 30 s (SOAK_SAMPLE) under traffic and again at a quiet point (the
+# traffic paused, no connection open); the run fails if, at the quiet
+# points, private memory or descriptors grow beyond the first minute's
+# peak, or if a transfer goes wrong. Extra gonetns flags: SOAK_FLAGS (e.g.
 # --tcp-fast-path=false to soak the netstack's TCP). Not part of make
 # test. Needs root (it switches users); run scripts/test-setup.sh first.
 set -euo pipefail
