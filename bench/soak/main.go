@@ -133,18 +133,9 @@ func harness() int {
 	fmt.Println("| time | RSS MiB | private MiB | fds | threads | round trips | new conns | uploads | downloads | slow reads | resets | half-closes | GB moved | bad sha256 | errors |")
 	fmt.Println("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 	start := time.Now()
-	var first, after usageSample           // peaks in the first minute, and after it, under traffic
-	var firstQuiet, afterQuiet usageSample // the same at the quiet points, which the verdict compares
 	window := min(levelWindow, *duration)
-	var windows, quietWindows [][]int64 // private memory samples per window, under traffic and at the quiet points
-	addTo := func(ws *[][]int64, el time.Duration, kb int64) {
-		if w := int(el / window); w < int(*duration/window) { // what comes after the duration is teardown
-			for len(*ws) <= w {
-				*ws = append(*ws, nil)
-			}
-			(*ws)[w] = append((*ws)[w], kb)
-		}
-	}
+	// Under traffic, and at the quiet points (which the verdict compares).
+	busy, quiet := &series{window: window, duration: *duration}, &series{window: window, duration: *duration}
 	var last status
 	sc := bufio.NewScanner(out)
 	for sc.Scan() {
@@ -157,12 +148,7 @@ func harness() int {
 		el := time.Since(start)
 		inFirst := el <= time.Minute+*sample/2
 		if st.Quiet {
-			if inFirst {
-				firstQuiet = firstQuiet.peak(u)
-			} else {
-				afterQuiet = afterQuiet.peak(u)
-			}
-			addTo(&quietWindows, el, u.anonKB)
+			quiet.add(u, el, inFirst)
 			fmt.Printf("| %v quiet | %.1f | %.1f | %d | %d | | | | | | | | | | |\n", el.Round(time.Second),
 				float64(u.rssKB)/1024, float64(u.anonKB)/1024, u.fds, u.threads)
 			if socks := tcpSockets(pid); len(socks) > 0 {
@@ -171,12 +157,7 @@ func harness() int {
 			continue
 		}
 		last = st
-		if inFirst {
-			first = first.peak(u)
-		} else {
-			after = after.peak(u)
-		}
-		addTo(&windows, el, u.anonKB)
+		busy.add(u, el, inFirst)
 		fmt.Printf("| %v | %.1f | %.1f | %d | %d | %d | %d | %d | %d | %d | %d | %d | %.2f | %d | %d |\n", el.Round(time.Second),
 			float64(u.rssKB)/1024, float64(u.anonKB)/1024, u.fds, u.threads, st.RoundTrips, st.Conns, st.Uploads, st.Downloads, st.SlowReads, st.Resets, st.HalfCloses,
 			float64(st.Bytes)/1e9, st.BadSums, st.Errors)
@@ -188,16 +169,16 @@ func harness() int {
 		time.Since(start).Round(time.Second), last.RoundTrips, last.Conns, last.Uploads, last.Downloads, float64(last.Bytes)/1e9,
 		last.BadSums, last.SlowReads, last.Resets, last.HalfCloses, last.Errors, lastError(last))
 	fmt.Printf("at the quiet points: peak private memory %.2f MiB in the first minute, %.2f MiB after it; descriptors: %d in the first minute, %d after it\n",
-		float64(firstQuiet.anonKB)/1024, float64(afterQuiet.anonKB)/1024, firstQuiet.fds, afterQuiet.fds)
+		float64(quiet.first.anonKB)/1024, float64(quiet.after.anonKB)/1024, quiet.first.fds, quiet.after.fds)
 	fmt.Printf("under traffic: peak private memory %.1f MiB in the first minute, %.1f MiB after it; peak RSS %.1f and %.1f MiB; descriptors: %d in the first minute, %d after it\n",
-		float64(first.anonKB)/1024, float64(after.anonKB)/1024, float64(first.rssKB)/1024, float64(after.rssKB)/1024, first.fds, after.fds)
+		float64(busy.first.anonKB)/1024, float64(busy.after.anonKB)/1024, float64(busy.first.rssKB)/1024, float64(busy.after.rssKB)/1024, busy.first.fds, busy.after.fds)
 	// A leak raises the floor of each window (its lowest sample) as well
 	// as its peak; a heap that only swings between collections moves the
 	// peak alone.
 	for _, ws := range []struct {
 		name string
 		w    [][]int64
-	}{{"under traffic", windows}, {"at the quiet points", quietWindows}} {
+	}{{"under traffic", busy.windows}, {"at the quiet points", quiet.windows}} {
 		if len(ws.w) == 0 {
 			continue
 		}
@@ -209,7 +190,7 @@ func harness() int {
 		}
 		fmt.Println()
 	}
-	grew := afterQuiet.anonKB > firstQuiet.anonKB || afterQuiet.fds > firstQuiet.fds
+	grew := quiet.after.anonKB > quiet.first.anonKB || quiet.after.fds > quiet.first.fds
 	if grew {
 		fmt.Println("result: FAIL: at the quiet points, private memory or descriptors grew beyond the first minute's peak")
 		ok = false
@@ -230,6 +211,29 @@ func harness() int {
 // levelWindow is the span over which the soak takes the level of the
 // network process's memory.
 const levelWindow = 5 * time.Minute
+
+// series is one kind of sample (under traffic, or at the quiet points):
+// the peaks in the first minute and after it, and private memory per
+// window of the run.
+type series struct {
+	window, duration time.Duration
+	first, after     usageSample
+	windows          [][]int64
+}
+
+func (s *series) add(u usageSample, el time.Duration, inFirst bool) {
+	if inFirst {
+		s.first = s.first.peak(u)
+	} else {
+		s.after = s.after.peak(u)
+	}
+	if w := int(el / s.window); w < int(s.duration/s.window) { // what comes after the duration is teardown
+		for len(s.windows) <= w {
+			s.windows = append(s.windows, nil)
+		}
+		s.windows[w] = append(s.windows[w], u.anonKB)
+	}
+}
 
 func median(v []int64) int64 {
 	s := slices.Clone(v)
