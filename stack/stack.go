@@ -231,9 +231,8 @@ func (st *Stack) Start() error {
 		st.link.SetIdle(st.cfg.IdleAfter, st.cfg.OnIdle)
 	}
 	var linkReader *tcpfast.LinkReader
-	if dev, ok := st.cfg.Device.(tap.Pollable); ok && st.cfg.EventLoop && st.cfg.DialTCP != nil {
-		st.link.SetExternalReader()
-		linkReader = &tcpfast.LinkReader{FD: dev.FD(), Pump: st.link.Pump, Done: st.link.ReaderDone}
+	if st.cfg.EventLoop && st.cfg.DialTCP != nil && st.link.SetExternalReader() {
+		linkReader = &tcpfast.LinkReader{FD: st.cfg.Device.(tap.Pollable).FD(), Pump: st.link.Pump, Done: st.link.ReaderDone}
 		st.loop = true
 	}
 	if err := s.CreateNICWithOptions(nicID, st.link, stack.NICOptions{Name: "tap"}); err != nil {

@@ -8,18 +8,17 @@ import (
 
 // idleWatch calls a function once the device has read no frame for a
 // while: after traffic stops, not while it flows, and never again until a
-// frame comes. Each frame costs an atomic add and load; while frames flow
-// the timer fires once a period, and when they have stopped, never.
+// frame comes. Each frame costs two atomic loads; while frames flow the
+// timer fires once a period, and when they have stopped, never.
 type idleWatch struct {
 	after time.Duration
 	fn    func()
 
-	frames atomic.Uint64
+	active atomic.Bool // a frame came since the timer last fired
 	armed  atomic.Bool // the timer is set; the next frame need not set it
 
 	mu      sync.Mutex
 	timer   *time.Timer
-	seen    uint64 // frames when the timer last fired
 	stop    bool
 	running sync.WaitGroup // a call of fn
 }
@@ -35,7 +34,9 @@ func (e *Endpoint) SetIdle(after time.Duration, fn func()) {
 
 // frame notes a frame from the device.
 func (w *idleWatch) frame() {
-	w.frames.Add(1)
+	if !w.active.Load() {
+		w.active.Store(true)
+	}
 	if w.armed.Load() || !w.armed.CompareAndSwap(false, true) {
 		return
 	}
@@ -44,7 +45,6 @@ func (w *idleWatch) frame() {
 	if w.stop {
 		return
 	}
-	w.seen = w.frames.Load() - 1
 	if w.timer == nil {
 		w.timer = time.AfterFunc(w.after, w.fire)
 	} else {
@@ -60,8 +60,7 @@ func (w *idleWatch) fire() {
 		w.mu.Unlock()
 		return
 	}
-	if n := w.frames.Load(); n != w.seen {
-		w.seen = n
+	if w.active.Swap(false) {
 		w.timer.Reset(w.after)
 		w.mu.Unlock()
 		return

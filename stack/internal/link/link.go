@@ -63,9 +63,9 @@ type Endpoint struct {
 
 	fast atomic.Pointer[FastPath]
 
-	idle       *idleWatch // SetIdle
-	external   bool       // read by a loop of the caller's (SetExternalReader)
-	pumpRx     *rx        // Pump's buffers
+	idle       *idleWatch   // SetIdle
+	external   tap.Pollable // the device, when a loop of the caller's reads it (SetExternalReader)
+	pumpRx     *rx          // Pump's buffers
 	readerDone sync.Once
 }
 
@@ -156,7 +156,7 @@ func (e *Endpoint) Attach(d stack.NetworkDispatcher) {
 		e.later.mu.Lock()
 		e.later.running = true
 		e.later.mu.Unlock()
-		if !e.external {
+		if e.external == nil {
 			e.wg.Add(1)
 			go e.readLoop()
 		}
@@ -353,30 +353,29 @@ func (e *Endpoint) readLoop() {
 // SetExternalReader makes a loop of the caller's the reader of the device
 // (a tap.Pollable): Attach then starts no reader goroutine, and the loop
 // calls Pump when the device's descriptor is readable, then ReaderDone
-// once it reads no more. Call it before the stack attaches the endpoint.
-func (e *Endpoint) SetExternalReader() { e.external = true }
+// once it reads no more. Call it before the stack attaches the endpoint;
+// false, and nothing changes, if the device is no tap.Pollable.
+func (e *Endpoint) SetExternalReader() bool {
+	dev, ok := e.dev.(tap.Pollable)
+	if ok {
+		e.external, e.pumpRx = dev, newRx()
+	}
+	return ok
+}
 
 // Pump reads the frames waiting on the device, at most max, without
 // waiting, and hands each on as the reader goroutine does. It returns how
 // many it read, and an error (after which it must not be called again)
 // when the device failed or was closed. One caller at a time.
 func (e *Endpoint) Pump(max int) (int, error) {
-	dev, ok := e.dev.(tap.Pollable)
-	if !ok {
-		return 0, errors.New("link: the device cannot be read by an event loop")
-	}
-	if e.pumpRx == nil {
-		e.pumpRx = newRx()
-	}
 	r := e.pumpRx
 	for i := 0; i < max; i++ {
-		n, err := dev.ReadNow(r.buffers(e.vnet))
+		n, err := e.external.ReadNow(r.buffers(e.vnet))
 		if errors.Is(err, unix.EAGAIN) {
 			return i, nil
 		}
 		if err != nil {
 			e.readError(err)
-			r.release()
 			return i, err
 		}
 		e.frame(r, n)
@@ -390,6 +389,9 @@ func (e *Endpoint) Pump(max int) (int, error) {
 func (e *Endpoint) ReaderDone() {
 	e.readerDone.Do(func() {
 		close(e.later.stop)
+		if e.pumpRx != nil {
+			e.pumpRx.release()
+		}
 		if e.idle != nil {
 			e.idle.close()
 		}
