@@ -21,7 +21,7 @@ func pipe(t *testing.T) (r, w int) {
 // TestBlockingSet: WaitFor returns a member's events with its key, times
 // out with none (to the sub-millisecond: the held ACKs' 500 µs rely on
 // it), returns at once after Wake, and returns ErrClosed to a waiter when
-// the set is closed, Close returning after it has.
+// the set is closed.
 func TestBlockingSet(t *testing.T) {
 	s, err := NewBlocking("test")
 	if err != nil {
@@ -63,13 +63,14 @@ func TestBlockingSet(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Errorf("Close: %v", err)
 	}
+	// Close returns once WaitFor has; the goroutine's send comes after.
 	select {
 	case err := <-errc:
 		if !errors.Is(err, ErrClosed) {
 			t.Errorf("WaitFor across Close: %v, want ErrClosed", err)
 		}
-	default:
-		t.Error("Close returned before the waiter did")
+	case <-time.After(5 * time.Second):
+		t.Error("WaitFor still waiting after Close")
 	}
 	if _, err := s.WaitFor(events, -1); !errors.Is(err, ErrClosed) {
 		t.Errorf("WaitFor after Close: %v", err)
