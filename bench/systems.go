@@ -155,6 +155,9 @@ func allSystems(t tools, euid int) []*system {
 		// The experimental event loop (the TAP and the host sockets read on
 		// one thread): beside gonetns, what it changes.
 		{name: "gonetns-loop", label: "gonetns --event-loop", optIn: true, argv: gonetnsWith("--event-loop"), netProc: self, netName: "gonetns (parent)", target: targetSlirp},
+		// The event loop polling between events (--busy-poll): what it
+		// takes off a round trip, and what it costs in CPU.
+		{name: "gonetns-busy", label: "gonetns --busy-poll=50us", optIn: true, argv: gonetnsWith("--busy-poll=50us"), netProc: self, netName: "gonetns (parent)", target: targetSlirp},
 		// gonetns whose network process does not confine itself: beside
 		// gonetns, what Landlock and the seccomp filter cost.
 		{name: "gonetns-unconfined", label: "gonetns --confine-network-process=false", optIn: true, argv: gonetnsWith("--confine-network-process=false"), netProc: self, netName: "gonetns (parent)", target: targetSlirp},
@@ -188,7 +191,7 @@ func probeSystems(systems []*system, t tools, v versions) {
 	for _, s := range systems {
 		s.available = true
 		switch s.name {
-		case "gonetns", "gonetns-packet", "gonetns-netstack", "gonetns-port", "gonetns-unconfined", "gonetns-loop":
+		case "gonetns", "gonetns-packet", "gonetns-netstack", "gonetns-port", "gonetns-unconfined", "gonetns-loop", "gonetns-busy":
 			s.version = v.gonetns
 		case "slirp4netns", "rootlesskit-builtin", "rootlesskit-slirp4netns":
 			s.version = strings.TrimSpace("rootlesskit " + v.rootlesskit + ", slirp4netns " + v.slirp4netns)

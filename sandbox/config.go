@@ -65,6 +65,10 @@ const (
 	// MaxMTU is the largest MTU of a TAP device (64 KiB less the Ethernet
 	// header and what the kernel reserves), as RootlessKit allows.
 	MaxMTU = 65521
+	// MaxBusyPoll bounds --busy-poll: a poll that long already outlasts
+	// any answer worth waiting for awake (a host's server over loopback
+	// answers in tens of microseconds), and each one costs as much CPU.
+	MaxBusyPoll = time.Millisecond
 )
 
 // Config describes a sandbox. Its fields mirror gonetns's command-line
@@ -109,6 +113,12 @@ type Config struct {
 	// with a device that is not the TAP itself (--pcap, --link=packet),
 	// it has no effect.
 	EventLoop bool
+	// BusyPoll (--busy-poll, experimental, 0 by default: off) makes the
+	// event loop's thread poll for up to this long for the next event
+	// before it sleeps, adapting below it to the traffic (docs/design.md,
+	// "Busy polling"): shorter round trips for CPU time that would
+	// otherwise be idle. It implies EventLoop. At most MaxBusyPoll.
+	BusyPoll time.Duration
 	// DNSUpstreams are the servers the sandbox's resolver forwards to;
 	// none means the host's /etc/resolv.conf.
 	DNSUpstreams []netip.AddrPort
@@ -256,6 +266,13 @@ func (e *invalid) Is(target error) bool { return target == ErrInvalidConfig }
 func invalidf(format string, a ...any) error { return &invalid{fmt.Sprintf(format, a...)} }
 
 // withDefaults returns c with the zero fields given their defaults.
+// RunsEventLoop reports whether the network reads its TAP on the fast
+// path's thread (EventLoop, or BusyPoll which implies it; never without
+// the fast path).
+func (c Config) RunsEventLoop() bool {
+	return (c.EventLoop || c.BusyPoll > 0) && !c.DisableTCPFastPath
+}
+
 func (c Config) withDefaults() Config {
 	if c.Net == "" {
 		c.Net = NetBuiltin
@@ -349,6 +366,12 @@ func (c Config) Validate() error {
 	}
 	if c.PortUDPIdleTimeout < 0 || c.PortUDPIdleTimeout > 0 && c.PortUDPIdleTimeout < time.Second {
 		return invalidf("invalid --port-udp-idle-timeout=%v: use at least 1s (UDP has no end of its own: a flow ends only by its timeout)", c.PortUDPIdleTimeout)
+	}
+	if c.BusyPoll < 0 || c.BusyPoll > MaxBusyPoll {
+		return invalidf("invalid --busy-poll=%v: use 0 (off) up to %v; 50us covers a round trip to a server on the host's loopback", c.BusyPoll, MaxBusyPoll)
+	}
+	if c.BusyPoll > 0 && c.DisableTCPFastPath {
+		return invalidf("--busy-poll needs the TCP fast path (it polls the fast path's event loop): leave out --tcp-fast-path=false, or --busy-poll")
 	}
 	if _, err := userns.ParsePropagation(c.Propagation); err != nil {
 		return &invalid{err.Error()}

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/gonetns/gonetns/port"
 )
@@ -23,6 +24,11 @@ func TestConfigValidate(t *testing.T) {
 		{"mtu low", Config{MTU: 1279}, "1280 to 65521"},
 		{"mtu high", Config{MTU: 65522}, "1280 to 65521"},
 		{"mtu max", Config{MTU: 65521}, ""},
+		{"busy poll", Config{BusyPoll: 50 * time.Microsecond}, ""},
+		{"busy poll max", Config{BusyPoll: MaxBusyPoll}, ""},
+		{"busy poll too long", Config{BusyPoll: 2 * time.Millisecond}, "invalid --busy-poll=2ms: use 0 (off) up to 1ms"},
+		{"busy poll negative", Config{BusyPoll: -time.Microsecond}, "invalid --busy-poll"},
+		{"busy poll without the fast path", Config{BusyPoll: 50 * time.Microsecond, DisableTCPFastPath: true}, "--busy-poll needs the TCP fast path"},
 		{"cidr v6", Config{CIDR: netip.MustParsePrefix("fd00::/64")}, "IPv4 subnet"},
 		{"cidr host bits", Config{CIDR: netip.MustParsePrefix("10.0.2.1/24")}, "did you mean 10.0.2.0/24"},
 		{"cidr too small", Config{CIDR: netip.MustParsePrefix("10.0.2.0/28")}, "/25 or shorter"},

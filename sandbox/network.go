@@ -473,7 +473,8 @@ func (n *network) startStack(files []*os.File, li linkInfo) error {
 		Addresses: n.addrs.stackAddrs(),
 		TCP:       n.nat.HandleTCP,
 		DialTCP:   dialTCP,
-		EventLoop: n.cfg.EventLoop,
+		EventLoop: n.cfg.RunsEventLoop(),
+		BusyPoll:  n.cfg.BusyPoll,
 		OnIdle:    func() { releaseMemory(n.log) },
 		IdleAfter: idleRelease,
 		// Half-open connections hold a host socket each: at most half

@@ -83,6 +83,10 @@ type Config struct {
 	// goroutine. That thread sleeps in epoll_wait while it holds a P: the
 	// process needs GOMAXPROCS one above what its other work needs.
 	EventLoop bool
+	// BusyPoll, with the event loop, is the longest its thread polls for
+	// the next event before it sleeps, adapting below it (sandbox.Config's
+	// BusyPoll); 0: it sleeps at once.
+	BusyPoll time.Duration
 	// MaxInFlightTCP bounds the handshakes waiting for TCP to decide
 	// (SYNs beyond it are dropped and retransmitted by the sandbox).
 	// Default 4096.
@@ -232,7 +236,7 @@ func (st *Stack) Start() error {
 	}
 	var linkReader *tcpfast.LinkReader
 	if st.cfg.EventLoop && st.cfg.DialTCP != nil && st.link.SetExternalReader() {
-		linkReader = &tcpfast.LinkReader{FD: st.cfg.Device.(tap.Pollable).FD(), Pump: st.link.Pump, Done: st.link.ReaderDone}
+		linkReader = &tcpfast.LinkReader{FD: st.cfg.Device.(tap.Pollable).FD(), Pump: st.link.Pump, Done: st.link.ReaderDone, BusyPoll: st.cfg.BusyPoll}
 		st.loop = true
 	}
 	if err := s.CreateNICWithOptions(nicID, st.link, stack.NICOptions{Name: "tap"}); err != nil {
@@ -283,7 +287,7 @@ func (st *Stack) Start() error {
 		}
 		st.fast = fast
 		if st.loop {
-			st.log.Debug("the TCP fast path's thread reads the TAP (event loop)")
+			st.log.Debug("the TCP fast path's thread reads the TAP (event loop)", "busy-poll", st.cfg.BusyPoll)
 		}
 	}
 	if st.cfg.TCP != nil {

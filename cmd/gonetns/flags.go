@@ -147,6 +147,7 @@ func defineFlags(o *options, who personality, name string, out io.Writer) (*pfla
 	fs.BoolVar(&c.IPv6, "ipv6", false, "also IPv6: fd00::100/64 inside, gateway fd00::2 (the host's ::1), DNS fd00::3")
 	fs.BoolVar(&r.tcpFastPath, "tcp-fast-path", true, "mirror each TCP connection of the namespace onto its host socket, with no userspace TCP in between (faster round trips and new connections); false: through the netstack's TCP")
 	fs.BoolVar(&c.EventLoop, "event-loop", false, "experimental: read the namespace's TAP and the fast path's host sockets on one thread that sleeps in epoll_wait (fewer system calls per round trip; one more GOMAXPROCS)")
+	fs.DurationVar(&c.BusyPoll, "busy-poll", 0, "experimental: poll for the next frame or host event for up to this long before sleeping, adapting below it (shorter round trips for CPU time; implies --event-loop); 0 is off, at most 1ms")
 	fs.StringArrayVar(&r.dnsUpstreams, "dns-upstream", nil, "DNS server the namespace's resolver forwards to, `IP[:PORT]` (repeatable; default: the host's /etc/resolv.conf)")
 	section(sectionNetwork)
 

@@ -88,7 +88,7 @@ func runLauncher(args []string, who personality, name string) int {
 		fmt.Println(n)
 		return 0
 	}
-	if o.cfg.EventLoop && !o.cfg.DisableTCPFastPath && os.Getenv("GOMAXPROCS") == "" {
+	if o.cfg.RunsEventLoop() && os.Getenv("GOMAXPROCS") == "" {
 		// The event loop's thread holds a P while it sleeps in
 		// epoll_wait (sandbox.Config.EventLoop): one more for the rest.
 		runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + 1)

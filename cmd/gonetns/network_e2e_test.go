@@ -804,7 +804,8 @@ func TestNetManyConnections(t *testing.T) {
 }
 
 // TestNetEventLoop runs the network with --event-loop (the TAP and the fast
-// path's host sockets read on one thread): a large download, sha256-checked,
+// path's host sockets read on one thread), and with --busy-poll (that thread
+// polling between events): a large download, sha256-checked,
 // at MTU 1500 and 65520; a 1 MB upload closed by a half-close; UDP, which
 // the loop reads from the TAP and hands to the stack; and many short
 // connections, each one round trip.
@@ -814,16 +815,26 @@ func TestNetEventLoop(t *testing.T) {
 	srv := startHostHTTP(t)
 	halfClose := startHalfCloseServer(t)
 	udp := startUDPEcho(t, "127.0.0.1:0", "host:")
-	for _, mtu := range []int{1500, 65520} {
-		t.Run(fmt.Sprintf("mtu=%d", mtu), func(t *testing.T) {
+	for _, tc := range []struct {
+		flag, says string
+		mtu        int
+	}{
+		{"--event-loop", "busy-poll=0s", 1500},
+		{"--event-loop", "busy-poll=0s", 65520},
+		// --busy-poll implies the loop: the same traffic, with the loop
+		// polling between events.
+		{"--busy-poll=50us", "busy-poll=50µs", 1500},
+		{"--busy-poll=50us", "busy-poll=50µs", 65520},
+	} {
+		t.Run(fmt.Sprintf("%s/mtu=%d", strings.TrimPrefix(tc.flag, "--"), tc.mtu), func(t *testing.T) {
 			script := fmt.Sprintf("curl -sS --fail http://10.0.2.2:%d/blob | sha256sum; %s; %s; for i in $(seq 200); do curl -sS --fail http://10.0.2.2:%d/; done | sort | uniq -c",
 				srv.port,
 				e2etest.HelperCmd(t, "tcp-halfclose", fmt.Sprintf("10.0.2.2:%d", halfClose), "1000000"),
 				e2etest.HelperCmd(t, "udp-echo", fmt.Sprintf("10.0.2.2:%d", udp), "datagram-1"),
 				srv.port)
-			res := r.MustRun(t, netTimeout, "--debug", "--event-loop", fmt.Sprintf("--mtu=%d", mtu), "sh", "-c", script)
-			if !strings.Contains(res.Stderr, "event loop") {
-				t.Errorf("--event-loop: the network did not say it runs the event loop\n%s", res)
+			res := r.MustRun(t, netTimeout, "--debug", tc.flag, fmt.Sprintf("--mtu=%d", tc.mtu), "sh", "-c", script)
+			if !strings.Contains(res.Stderr, "event loop") || !strings.Contains(res.Stderr, tc.says) {
+				t.Errorf("%s: the network did not say it runs the event loop with %s\n%s", tc.flag, tc.says, res)
 			}
 			out := res.Stdout
 			for _, want := range []string{srv.sum, "host read 1000000 bytes", "host:datagram-1", "200 hello from the host"} {

@@ -163,18 +163,46 @@ func (s *Set) WaitFor(events []unix.EpollEvent, timeout time.Duration) (int, err
 		if err != nil {
 			return 0, fmt.Errorf("epoll wait: %w", err)
 		}
-		j := 0
-		for i := range events[:n] {
-			if Key(&events[i]) != ReservedKey {
-				events[j] = events[i]
-				j++
-			}
-		}
-		if j == 0 && s.closed.Load() {
-			return 0, ErrClosed
-		}
-		return j, nil
+		return s.members(events[:n])
 	}
+}
+
+// Poll is WaitFor without the wait, for a caller that polls the set in a
+// loop (busy polling): it fills events with what is ready now, 0 if
+// nothing is. Not announced to the scheduler: epoll_wait with no timeout
+// never sleeps, and the calls come too often to pay for that.
+func (s *Set) Poll(events []unix.EpollEvent) (int, error) {
+	if len(events) == 0 {
+		return 0, errors.New("epoll: Poll needs room for an event")
+	}
+	if s.closed.Load() {
+		return 0, ErrClosed
+	}
+	n, _, e := unix.RawSyscall6(unix.SYS_EPOLL_PWAIT, uintptr(s.fd), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), 0, 0, 0)
+	switch e {
+	case 0:
+	case unix.EINTR:
+		return 0, nil
+	default:
+		return 0, fmt.Errorf("epoll wait: %w", e)
+	}
+	return s.members(events[:n])
+}
+
+// members drops the wake-up descriptor's event from events, and says
+// ErrClosed when that was the only one and the set is closed.
+func (s *Set) members(events []unix.EpollEvent) (int, error) {
+	j := 0
+	for i := range events {
+		if Key(&events[i]) != ReservedKey {
+			events[j] = events[i]
+			j++
+		}
+	}
+	if j == 0 && s.closed.Load() {
+		return 0, ErrClosed
+	}
+	return j, nil
 }
 
 // noPwait2 is set once the kernel lacks epoll_pwait2 (before 5.11):

@@ -18,7 +18,7 @@ func pipe(t *testing.T) (r, w int) {
 	return p[0], p[1]
 }
 
-// TestBlockingSet: WaitFor returns a member's events with its key, times
+// TestBlockingSet: Poll and WaitFor return a member's events with its key, times
 // out with none (to the sub-millisecond: the held ACKs' 500 µs rely on
 // it), returns at once after Wake, and returns ErrClosed to a waiter when
 // the set is closed.
@@ -42,13 +42,23 @@ func TestBlockingSet(t *testing.T) {
 		t.Errorf("WaitFor with nothing ready: %d, %v after %v; want 0, nil after 300µs", n, err, took)
 	}
 
+	if n, err := s.Poll(events); err != nil || n != 0 {
+		t.Errorf("Poll with nothing ready: %d, %v; want 0, nil", n, err)
+	}
 	unix.Write(w, []byte("x"))
+	if n, err := s.Poll(events); err != nil || n != 1 || Key(&events[0]) != 7 {
+		t.Errorf("Poll with the pipe readable: %d, %v, %+v", n, err, events[0])
+	}
 	if n, err := s.WaitFor(events, -1); err != nil || n != 1 || Key(&events[0]) != 7 || events[0].Events&unix.EPOLLIN == 0 {
 		t.Errorf("WaitFor with the pipe readable: %d, %v, %+v", n, err, events[0])
 	}
 	var b [8]byte
 	unix.Read(r, b[:])
 
+	s.Wake()
+	if n, err := s.Poll(events); err != nil || n != 0 {
+		t.Errorf("Poll after Wake: %d, %v; want 0, nil (the wake-up is no member)", n, err)
+	}
 	s.Wake()
 	if n, err := s.WaitFor(events, -1); err != nil || n != 0 {
 		t.Errorf("WaitFor after Wake: %d, %v; want 0, nil", n, err)
@@ -74,6 +84,9 @@ func TestBlockingSet(t *testing.T) {
 	}
 	if _, err := s.WaitFor(events, -1); !errors.Is(err, ErrClosed) {
 		t.Errorf("WaitFor after Close: %v", err)
+	}
+	if _, err := s.Poll(events); !errors.Is(err, ErrClosed) {
+		t.Errorf("Poll after Close: %v", err)
 	}
 	s.Close() // idempotent
 }

@@ -93,6 +93,9 @@ type LinkReader struct {
 	Pump func(max int) (int, error)
 	// Done is called once the loop reads the link no more.
 	Done func()
+	// BusyPoll, when positive, is the longest the loop polls for the next
+	// event before it sleeps (see busyPoll).
+	BusyPoll time.Duration
 }
 
 // linkKey is the epoll key of the link's descriptor; connections' ids stay
@@ -437,8 +440,19 @@ func (e *Engine) loop() {
 	defer done()
 	events := make([]unix.EpollEvent, 128)
 	streak := 0 // loop turns in a row that found the link ready
+	bp := busyPoll{max: link.BusyPoll}
 	for {
-		n, err := e.set.WaitFor(events, e.acks.wait(time.Now()))
+		n, err := 0, error(nil)
+		if w := bp.window(); w > 0 {
+			n, err = e.spin(events, w)
+		}
+		if err == nil && n == 0 {
+			start := time.Now()
+			n, err = e.set.WaitFor(events, e.acks.wait(start))
+			if n > 0 {
+				bp.slept(time.Since(start))
+			}
+		}
 		if err != nil {
 			if !errors.Is(err, epoll.ErrClosed) {
 				e.log.Error("the TCP fast path's poller failed; the sandbox's network stalls", "err", err)
@@ -468,6 +482,62 @@ func (e *Engine) loop() {
 			streak = 0
 		}
 		e.acks.fire(time.Now())
+	}
+}
+
+// spin polls the set for up to w, or until the oldest ACK held is due,
+// without sleeping; 0 events if none came.
+func (e *Engine) spin(events []unix.EpollEvent, w time.Duration) (int, error) {
+	now := time.Now()
+	if due := e.acks.wait(now); due >= 0 {
+		w = min(w, due)
+	}
+	until := now.Add(w)
+	for {
+		n, err := e.set.Poll(events)
+		if n > 0 || err != nil || !time.Now().Before(until) {
+			return n, err
+		}
+	}
+}
+
+// busyPoll is how long the event loop polls for the next event before it
+// sleeps (--busy-poll), adapting as the guest kernel's haltpoll does: a
+// thread that sleeps in epoll_wait and is woken microseconds later pays
+// for two context switches and, on an idle CPU, for the wake-up of the CPU
+// itself (an interrupt between CPUs, and on a virtual machine an exit to
+// the hypervisor). A round trip wakes the loop twice, once for the
+// request and once for the answer. The window grows while the loop keeps
+// being woken soon after it went to sleep (an event a longer poll would
+// have caught), shrinks when it sleeps longer than max (a poll would have
+// been in vain), and stays while polls find events. Measured on a 2-CPU
+// virtual machine (docs/design.md, "Busy polling").
+type busyPoll struct {
+	max, cur time.Duration
+}
+
+// busyPollStart is the window's first step when it grows from nothing,
+// and the least it shrinks to before it is off: a poll shorter than this
+// would not outlast a host's answer over loopback.
+const busyPollStart = 10 * time.Microsecond
+
+// window is how long to poll before the next sleep.
+func (b *busyPoll) window() time.Duration { return b.cur }
+
+// slept notes that the loop, having polled in vain for window, slept d
+// before an event came.
+func (b *busyPoll) slept(d time.Duration) {
+	if b.max <= 0 {
+		return
+	}
+	switch {
+	case d > b.max:
+		b.cur /= 2
+		if b.cur < busyPollStart {
+			b.cur = 0
+		}
+	case b.cur < b.max:
+		b.cur = min(b.max, max(2*b.cur, busyPollStart))
 	}
 }
 
