@@ -6,7 +6,8 @@
 # switches users; scripts/test-setup.sh first) on a quiet machine of the
 # project's kind; then look at the figures, edit README.md's table and
 # commit bench/results. BENCH_* variables pass through (e.g. BENCH_RUNS=1
-# for a rehearsal), as does RESULTS=DIR to write elsewhere.
+# for a rehearsal), as does RESULTS=DIR to write elsewhere; the committed
+# one names every default system and gonetns-busy in BENCH_SYSTEMS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 results=${RESULTS:-bench/results}
@@ -39,6 +40,11 @@ cp "$dir/out/$name".{md,json,svg} "$results/"
 	echo "Raw samples: [$name.json]($name.json)."
 	echo
 	echo "![Throughput by MTU and system]($name.svg)"
+	echo
+	echo "Round trips and new connections: what stands between them and the peers on this"
+	echo "machine is measured in [docs/design.md](../../docs/design.md#the-tcp-fast-path) (the"
+	echo "profile, the event loop, busy polling); \`gonetns --busy-poll=50us\` is in the tables"
+	echo "when \`BENCH_SYSTEMS\` names \`gonetns-busy\`."
 	echo
 	tail -n +2 "$md"
 } >"$results/README.md"
