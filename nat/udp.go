@@ -171,9 +171,20 @@ func (n *NAT) udpSocket(dst netip.AddrPort) (int, error) {
 	return fd, nil
 }
 
-// udpPoller returns the NAT's poller, starting it with the first flow.
+// udpPoller returns the NAT's poller, starting it with the first flow: on
+// the caller's event loop (Config.Attach) when it has one, else on a
+// goroutine of the NAT's.
 func (n *NAT) udpPoller() (*flowtable.Poller, error) {
 	n.udpPollOnce.Do(func() {
+		if n.cfg.Attach != nil {
+			p, err := flowtable.NewAttachedPoller(n.cfg.Attach)
+			if err == nil {
+				n.udpPoll = p
+				n.log.Debug("udp: the host's answers are read on the event loop")
+				return
+			}
+			n.log.Debug("udp: the host's answers are read on a goroutine of their own", "why", err)
+		}
 		p, err := flowtable.NewPoller()
 		if err != nil {
 			n.udpPollErr = fmt.Errorf("udp: %w", err)

@@ -457,7 +457,11 @@ func (n *network) startStack(files []*os.File, li linkInfo) error {
 		MaxTCPConns:        n.budget.NATTCPConns,
 		MaxUDPFlows:        n.budget.NATUDPFlows,
 		MaxEchoFlows:       n.budget.EchoFlows,
-		Logger:             n.log,
+		// The first UDP flow comes after the stack has started (n.st is
+		// set before Start): its answers are read on the event loop when
+		// there is one.
+		Attach: func(fd int, drain func()) error { return n.st.Attach(fd, drain) },
+		Logger: n.log,
 	})
 	if err != nil {
 		dev.Close()

@@ -454,3 +454,20 @@ func (st *Stack) DescribeFastTCP() string {
 	}
 	return st.fast.Describe()
 }
+
+// ErrNoEventLoop is Attach's error when the stack runs no event loop
+// (Config.EventLoop off, the fast path off, or a device that is not the
+// TAP itself).
+var ErrNoEventLoop = tcpfast.ErrNoLoop
+
+// Attach watches fd from the event loop, after Start: drain runs on the
+// loop's thread whenever fd is readable (level-triggered), until fd is
+// closed. The NAT attaches the epoll set of its UDP flows' sockets, so
+// that the host's answers are read by the thread that reads the TAP.
+// ErrNoEventLoop when there is no loop: the caller reads fd itself.
+func (st *Stack) Attach(fd int, drain func()) error {
+	if !st.loop || st.fast == nil {
+		return ErrNoEventLoop
+	}
+	return st.fast.Attach(fd, drain)
+}

@@ -807,7 +807,8 @@ func TestNetManyConnections(t *testing.T) {
 // path's host sockets read on one thread), and with --busy-poll (that thread
 // polling between events): a large download, sha256-checked,
 // at MTU 1500 and 65520; a 1 MB upload closed by a half-close; UDP, which
-// the loop reads from the TAP and hands to the stack; and many short
+// the loop reads from the TAP and hands to the stack, and whose answers it
+// reads from the host socket (the NAT's flows attached); and many short
 // connections, each one round trip.
 func TestNetEventLoop(t *testing.T) {
 	e2etest.RequireTun(t)
@@ -835,6 +836,9 @@ func TestNetEventLoop(t *testing.T) {
 			res := r.MustRun(t, netTimeout, "--debug", tc.flag, fmt.Sprintf("--mtu=%d", tc.mtu), "sh", "-c", script)
 			if !strings.Contains(res.Stderr, "event loop") || !strings.Contains(res.Stderr, tc.says) {
 				t.Errorf("%s: the network did not say it runs the event loop with %s\n%s", tc.flag, tc.says, res)
+			}
+			if !strings.Contains(res.Stderr, "udp: the host's answers are read on the event loop") {
+				t.Errorf("%s: the UDP flow's answers were not read on the event loop\n%s", tc.flag, res)
 			}
 			out := res.Stdout
 			for _, want := range []string{srv.sum, "host read 1000000 bytes", "host:datagram-1", "200 hello from the host"} {

@@ -167,14 +167,22 @@ func (s *Set) WaitFor(events []unix.EpollEvent, timeout time.Duration) (int, err
 	}
 }
 
-// Poll is WaitFor without the wait, for a caller that polls the set in a
-// loop (busy polling): it fills events with what is ready now, 0 if
-// nothing is. Not announced to the scheduler: epoll_wait with no timeout
-// never sleeps, and the calls come too often to pay for that.
+// Poll is WaitFor without the wait, in a set made by NewBlocking, for a
+// caller that polls the set in a loop (busy polling) or watches it from
+// another set (FD): it fills events with what is ready now, 0 if nothing
+// is. Not announced to the scheduler: epoll_wait with no timeout never
+// sleeps, and the calls come too often to pay for that.
 func (s *Set) Poll(events []unix.EpollEvent) (int, error) {
 	if len(events) == 0 {
 		return 0, errors.New("epoll: Poll needs room for an event")
 	}
+	if s.f != nil {
+		return 0, errors.New("epoll: Poll needs a set made by NewBlocking")
+	}
+	// Close waits for a Poll in progress, as for a WaitFor: the descriptor
+	// is not closed (and its number not reused) under it.
+	s.waitMu.Lock()
+	defer s.waitMu.Unlock()
 	if s.closed.Load() {
 		return 0, ErrClosed
 	}
@@ -235,6 +243,10 @@ func pwait2(fd int, events []unix.EpollEvent, timeout time.Duration) (int, error
 	}
 	return unix.EpollWait(fd, events, ms)
 }
+
+// FD is the set's descriptor, to watch the set from another set: it is
+// readable while a member is ready. The set stays its owner (Close).
+func (s *Set) FD() int { return s.fd }
 
 // Wake makes a WaitFor in progress (or the next one) return at once.
 func (s *Set) Wake() {

@@ -29,6 +29,11 @@ const RecvBufSize = 64 << 10
 type Poller struct {
 	set *epoll.Set
 
+	// An attached poller's (NewAttachedPoller): what drain reads with,
+	// allocated by its first call (only the loop's thread calls it).
+	events []unix.EpollEvent
+	buf    []byte
+
 	mu    sync.Mutex
 	flows map[uint32]Receiver
 	next  uint32
@@ -42,6 +47,47 @@ func NewPoller() (*Poller, error) {
 		return nil, err
 	}
 	return &Poller{set: set, flows: make(map[uint32]Receiver)}, nil
+}
+
+// NewAttachedPoller makes a Poller read by an event loop of the caller's
+// instead of by Run: attach is given the descriptor of the Poller's epoll
+// set, to watch in the loop's own set, and the function the loop is to
+// call on its thread whenever that descriptor is readable; it reads what
+// is ready without waiting. The set is closed with Close (which also takes
+// it out of the loop's set); Run is not for it.
+func NewAttachedPoller(attach func(fd int, drain func()) error) (*Poller, error) {
+	set, err := epoll.NewBlocking("flows")
+	if err != nil {
+		return nil, err
+	}
+	p := &Poller{set: set, flows: make(map[uint32]Receiver)}
+	if err := attach(set.FD(), p.drain); err != nil {
+		set.Close()
+		return nil, err
+	}
+	return p, nil
+}
+
+// drain calls the Receive of the flows whose sockets are readable now.
+func (p *Poller) drain() {
+	if p.events == nil {
+		p.events = make([]unix.EpollEvent, 64)
+		p.buf = make([]byte, RecvBufSize)
+	}
+	n, err := p.set.Poll(p.events)
+	if err != nil {
+		return // closed
+	}
+	p.dispatch(p.events[:n], p.buf)
+}
+
+// dispatch calls Receive for each flow of events.
+func (p *Poller) dispatch(events []unix.EpollEvent, buf []byte) {
+	for i := range events {
+		if r := p.lookup(epoll.Key(&events[i])); r != nil {
+			r.Receive(buf)
+		}
+	}
 }
 
 // Add watches fd, calling r.Receive when it is readable, and returns the
@@ -89,11 +135,7 @@ func (p *Poller) Run() {
 		if err != nil {
 			return // closed
 		}
-		for i := range events[:n] {
-			if r := p.lookup(epoll.Key(&events[i])); r != nil {
-				r.Receive(buf)
-			}
-		}
+		p.dispatch(events[:n], buf)
 	}
 }
 

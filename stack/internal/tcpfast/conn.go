@@ -188,7 +188,7 @@ func (c *conn) register() bool {
 	}
 	for {
 		e.nextID++
-		if e.nextID >= linkKey {
+		if e.nextID >= attachBase {
 			e.nextID = 0
 			continue
 		}

@@ -98,9 +98,18 @@ type LinkReader struct {
 	BusyPoll time.Duration
 }
 
-// linkKey is the epoll key of the link's descriptor; connections' ids stay
-// below it.
-const linkKey = epoll.ReservedKey - 1
+// linkKey is the epoll key of the link's descriptor; below it are the keys
+// of the descriptors attached to the loop (Attach), and connections' ids
+// stay below those.
+const (
+	linkKey     = epoll.ReservedKey - 1
+	maxAttached = 8
+	attachBase  = linkKey - maxAttached
+)
+
+// ErrNoLoop is Attach's error when the engine does not read the link
+// (Config.Link is nil).
+var ErrNoLoop = errors.New("the TCP fast path runs no event loop")
 
 // maxPump bounds the frames the loop reads from the link in a row before
 // it looks at the host sockets again (the reader goroutine's yieldEvery).
@@ -159,7 +168,8 @@ type Engine struct {
 	txPool sync.Pool
 	queued atomic.Int64 // bytes held by all connections' queues
 
-	acks heldACKs // with Config.Link: the ACKs the loop sends when due
+	acks     heldACKs // with Config.Link: the ACKs the loop sends when due
+	attached []func() // with Config.Link: the drain functions of Attach, by key - attachBase
 
 	opened, refused, evicted, retransmits, dropped atomic.Uint64
 }
@@ -462,11 +472,14 @@ func (e *Engine) loop() {
 		linkReady := false
 		for i := range events[:n] {
 			ev := &events[i]
-			if epoll.Key(ev) == linkKey {
+			switch k := epoll.Key(ev); {
+			case k == linkKey:
 				linkReady = true
-				continue
+			case k >= attachBase:
+				e.drain(k)
+			default:
+				e.hostEvent(ev)
 			}
-			e.hostEvent(ev)
 		}
 		if linkReady && linkOpen {
 			// A lone frame (a request, its ACK) is read alone, so that
@@ -482,6 +495,43 @@ func (e *Engine) loop() {
 			streak = 0
 		}
 		e.acks.fire(time.Now())
+	}
+}
+
+// Attach watches fd from the event loop: drain runs on the loop's thread
+// whenever fd is readable (level-triggered: until drain has read what
+// makes it so), until fd is closed. For the descriptors of other flows
+// that answer the sandbox (an epoll set of UDP sockets): their answers are
+// then read by the thread that also reads the TAP, without a goroutine
+// being woken. At most maxAttached; ErrNoLoop without Config.Link.
+func (e *Engine) Attach(fd int, drain func()) error {
+	if e.cfg.Link == nil {
+		return ErrNoLoop
+	}
+	e.mu.Lock()
+	if len(e.attached) >= maxAttached {
+		e.mu.Unlock()
+		return fmt.Errorf("TCP fast path: no room for a descriptor more in the event loop (%d attached)", maxAttached)
+	}
+	key := attachBase + uint32(len(e.attached))
+	e.attached = append(e.attached, drain)
+	e.mu.Unlock()
+	if err := e.set.Add(fd, unix.EPOLLIN, key); err != nil {
+		return fmt.Errorf("TCP fast path: attach a descriptor to the event loop: %w", err)
+	}
+	return nil
+}
+
+// drain runs the drain function attached with key.
+func (e *Engine) drain(key uint32) {
+	e.mu.RLock()
+	var fn func()
+	if i := int(key - attachBase); i < len(e.attached) {
+		fn = e.attached[i]
+	}
+	e.mu.RUnlock()
+	if fn != nil {
+		fn()
 	}
 }
 
