@@ -359,11 +359,16 @@ func TestSlirp4netnsAPISocket(t *testing.T) {
 
 	client := e2etest.NewClientNetns(t)
 	tcpPort, udpPort := freeWildcardPort(t, "tcp"), freeWildcardPort(t, "udp")
-	// Podman's requests: host_addr 0.0.0.0, guest_addr "", so .100.
-	for proto, ports := range map[string][2]int{"tcp": {tcpPort, 8000}, "udp": {udpPort, 8001}} {
-		req := fmt.Sprintf(`{"execute":"add_hostfwd","arguments":{"proto":%q,"host_addr":"0.0.0.0","host_port":%d,"guest_addr":"","guest_port":%d}}`+"\n", proto, ports[0], ports[1])
+	// Podman's requests: host_addr 0.0.0.0, guest_addr "", so .100. TCP
+	// first (a slice, not a map: its forward must get id 1, which the
+	// test removes below).
+	for _, fwd := range []struct {
+		proto       string
+		host, guest int
+	}{{"tcp", tcpPort, 8000}, {"udp", udpPort, 8001}} {
+		req := fmt.Sprintf(`{"execute":"add_hostfwd","arguments":{"proto":%q,"host_addr":"0.0.0.0","host_port":%d,"guest_addr":"","guest_port":%d}}`+"\n", fwd.proto, fwd.host, fwd.guest)
 		if got := api(req); !strings.HasPrefix(got, `{"return":{"id":`) {
-			t.Fatalf("add_hostfwd %s: %s", proto, got)
+			t.Fatalf("add_hostfwd %s: %s", fwd.proto, got)
 		}
 	}
 	list := api(`{"execute":"list_hostfwd"}`)
