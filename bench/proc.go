@@ -111,6 +111,15 @@ func (p *proc) wait(ctx context.Context) error {
 		<-p.done
 		return fmt.Errorf("%s: %w (killed)", p.cmd.Args[0], ctx.Err())
 	}
+	procs.Lock()
+	killed := p.killed
+	procs.Unlock()
+	if p.err == nil && killed {
+		// Killed (its start's context ended), though it exited 0: its
+		// descendants go first, and a shell whose children died may
+		// finish before the signal reaches it. It did not do its work.
+		return fmt.Errorf("%s: killed", p.cmd.Args[0])
+	}
 	return p.err
 }
 
