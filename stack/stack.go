@@ -455,6 +455,10 @@ func (st *Stack) DescribeFastTCP() string {
 	return st.fast.Describe()
 }
 
+// RunsEventLoop reports whether the fast path's thread reads the link
+// (Config.EventLoop, with the fast path on and a device that offers it).
+func (st *Stack) RunsEventLoop() bool { return st.loop }
+
 // ErrNoEventLoop is Attach's error when the stack runs no event loop
 // (Config.EventLoop off, the fast path off, or a device that is not the
 // TAP itself).
