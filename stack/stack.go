@@ -470,8 +470,8 @@ var ErrNoEventLoop = tcpfast.ErrNoLoop
 // that the host's answers are read by the thread that reads the TAP.
 // ErrNoEventLoop when there is no loop: the caller reads fd itself.
 func (st *Stack) Attach(fd int, drain func()) error {
-	if !st.loop || st.fast == nil {
+	if st.fast == nil {
 		return ErrNoEventLoop
 	}
-	return st.fast.Attach(fd, drain)
+	return st.fast.Attach(fd, drain) // ErrNoLoop itself when the loop does not run
 }

@@ -509,16 +509,16 @@ func (e *Engine) Attach(fd int, drain func()) error {
 		return ErrNoLoop
 	}
 	e.mu.Lock()
+	defer e.mu.Unlock()
 	if len(e.attached) >= maxAttached {
-		e.mu.Unlock()
 		return fmt.Errorf("TCP fast path: no room for a descriptor more in the event loop (%d attached)", maxAttached)
 	}
-	key := attachBase + uint32(len(e.attached))
-	e.attached = append(e.attached, drain)
-	e.mu.Unlock()
-	if err := e.set.Add(fd, unix.EPOLLIN, key); err != nil {
+	// Under the lock: an event that comes at once waits in drain for the
+	// function to be there, and a failed Add takes no key.
+	if err := e.set.Add(fd, unix.EPOLLIN, attachBase+uint32(len(e.attached))); err != nil {
 		return fmt.Errorf("TCP fast path: attach a descriptor to the event loop: %w", err)
 	}
+	e.attached = append(e.attached, drain)
 	return nil
 }
 
