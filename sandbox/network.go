@@ -14,6 +14,7 @@ import (
 	"runtime/debug"
 	"runtime/metrics"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -108,19 +109,28 @@ func releaseMemory(log *slog.Logger) {
 		return
 	}
 	// What stays after the release, for a person chasing the network
-	// process's memory (--debug).
-	samples := make([]metrics.Sample, len(memoryClasses))
+	// process's memory (--debug); and how much the traffic allocated
+	// since the start, and how many collections that took (the packet
+	// path allocates nothing per frame: allocations per round trip show
+	// if it does again).
+	samples := make([]metrics.Sample, len(memoryClasses), len(memoryClasses)+2)
 	for i, name := range memoryClasses {
 		samples[i].Name = "/memory/classes/" + name + ":bytes"
 	}
+	samples = append(samples, metrics.Sample{Name: "/gc/heap/allocs:objects"}, metrics.Sample{Name: "/gc/cycles/total:gc-cycles"})
 	metrics.Read(samples)
 	attrs := make([]any, 0, 2*len(samples))
 	for i, sm := range samples {
-		if sm.Value.Kind() == metrics.KindUint64 {
+		if sm.Value.Kind() != metrics.KindUint64 {
+			continue
+		}
+		if i < len(memoryClasses) {
 			attrs = append(attrs, memoryClasses[i], sm.Value.Uint64()>>10)
+		} else {
+			attrs = append(attrs, strings.TrimPrefix(sm.Name, "/gc/"), sm.Value.Uint64())
 		}
 	}
-	log.Debug("the network is quiet: memory given back (KiB by class)", attrs...)
+	log.Debug("the network is quiet: memory given back (KiB by class), allocations and collections since the start", attrs...)
 }
 
 // memoryClasses are the runtime's memory classes releaseMemory reports.
