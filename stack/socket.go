@@ -102,7 +102,7 @@ func (c *TCPConn) writeBatch(rc syscall.RawConn, col *iovCollector) (n int, done
 func writevAll(rc syscall.RawConn, iovs [][]byte) (int, error) {
 	total := 0
 	for len(iovs) > 0 {
-		n, err := rawconn.Write(rc, func(fd int) (int, error) { return rawconn.Writev(fd, iovs) })
+		n, err := rawconn.WritevCalls.Write(rc, iovs)
 		if err != nil {
 			return total, err
 		}
@@ -174,8 +174,11 @@ func (c *TCPConn) readFromSocket(rc syscall.RawConn) (int64, error) {
 
 // readSocket reads what is queued, waiting for data; 0 means EOF.
 func readSocket(rc syscall.RawConn, b []byte) (int, error) {
-	return rawconn.Read(rc, func(fd int) (int, error) { return rawconn.ReadFD(fd, b) })
+	return rawconn.ReadCalls.Read(rc, b)
 }
+
+// bigReads are the announced reads of rawconn.BigIO bytes or more.
+var bigReads = rawconn.NewCalls(unix.Read)
 
 // socketPayload lets the endpoint read up to remaining bytes, which are
 // known to be queued on the socket, directly into its own buffers.
@@ -201,7 +204,7 @@ func (p *socketPayload) Read(b []byte) (int, error) {
 	var err error
 	if len(b) >= rawconn.BigIO {
 		// Announced: see rawconn.BigIO.
-		n, err = rawconn.Read(p.rc, func(fd int) (int, error) { return unix.Read(fd, b) })
+		n, err = bigReads.Read(p.rc, b)
 	} else {
 		n, err = readSocket(p.rc, b)
 	}

@@ -240,7 +240,7 @@ func (d *fileDevice) Read(bufs [][]byte) (int, error) {
 	if err != nil {
 		return 0, d.ioErr("read", err)
 	}
-	n, err := rawconn.Read(p.rc, func(fd int) (int, error) { return rawconn.Readv(fd, bufs) })
+	n, err := rawconn.ReadvCalls.Read(p.rc, bufs)
 	if err != nil {
 		return 0, d.ioErr("read", err)
 	}
@@ -267,7 +267,7 @@ func (d *fileDevice) ReadNow(bufs [][]byte) (int, error) {
 
 func (d *fileDevice) Write(bufs [][]byte) (int, error) {
 	if p := d.poller.Load(); p != nil {
-		n, err := rawconn.Write(p.rc, func(fd int) (int, error) { return rawconn.Writev(fd, bufs) })
+		n, err := rawconn.WritevCalls.Write(p.rc, bufs)
 		if err != nil {
 			return n, d.ioErr("write", err)
 		}

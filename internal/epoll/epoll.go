@@ -122,6 +122,15 @@ func Key(ev *unix.EpollEvent) uint32 { return uint32(ev.Fd) }
 // ErrClosed is returned by Wait once the set is closed.
 var ErrClosed = os.ErrClosed
 
+// pollCalls look into a set that Go's poller watches.
+var pollCalls = rawconn.NewCalls(func(fd int, events []unix.EpollEvent) (int, error) {
+	n, err := rawconn.EpollPoll(fd, events)
+	if err == nil && n == 0 {
+		return 0, unix.EAGAIN // nothing ready: wait for the poller
+	}
+	return n, err
+})
+
 // Wait blocks until some member is ready and fills events with what is
 // ready now; it returns ErrClosed once the set is closed. It always asks
 // the set before it sleeps: Go's poller forgets a wake-up that came while
@@ -129,13 +138,7 @@ var ErrClosed = os.ErrClosed
 // an event that arrived while the caller handled the last ones would
 // otherwise be slept through.
 func (s *Set) Wait(events []unix.EpollEvent) (int, error) {
-	n, err := rawconn.Read(s.rc, func(fd int) (int, error) {
-		n, err := rawconn.EpollPoll(fd, events)
-		if err == nil && n == 0 {
-			return 0, unix.EAGAIN // nothing ready: wait for the poller
-		}
-		return n, err
-	})
+	n, err := pollCalls.Read(s.rc, events)
 	if err != nil && (s.closed.Load() || errors.Is(err, os.ErrClosed) || errors.Is(err, syscall.EBADF)) {
 		return 0, ErrClosed
 	}

@@ -6,6 +6,7 @@ package rawconn
 
 import (
 	"errors"
+	"sync"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -18,33 +19,105 @@ type Op func(fd int) (int, error)
 // Read runs op until the descriptor behind rc is readable enough for it
 // to succeed or fail for another reason than EAGAIN, and returns op's
 // result. An error of the poller (the descriptor was closed, a deadline
-// passed) is returned as it is.
+// passed) is returned as it is. Each call allocates (op, and the closure
+// RawConn.Read keeps, escape); a path taken per packet uses Calls.
 func Read(rc syscall.RawConn, op Op) (int, error) {
-	var n int
-	var opErr error
-	err := rc.Read(func(fd uintptr) bool {
-		n, opErr = retryEINTR(int(fd), op)
-		return !errors.Is(opErr, syscall.EAGAIN)
-	})
+	c := call[Op]{op: runOp}
+	return c.wait(rc.Read, op)
+}
+
+// Write is Read for writing: op is retried when the descriptor becomes
+// writable.
+func Write(rc syscall.RawConn, op Op) (int, error) {
+	c := call[Op]{op: runOp}
+	return c.wait(rc.Write, op)
+}
+
+func runOp(fd int, op Op) (int, error) { return op(fd) }
+
+// Calls runs one system call, op with an argument of type A (the
+// buffers), as Read and Write do, without allocating: the closure that
+// RawConn.Read and Write take escapes to the heap, so Read and Write
+// allocate it (and op's) on every call, about 15 objects per round trip
+// on the packet path before Calls; a Calls makes each closure once and
+// keeps it in a sync.Pool for concurrent callers. Make it once, at
+// package level or with the descriptor's owner.
+type Calls[A any] struct {
+	op   func(fd int, a A) (int, error)
+	pool sync.Pool // of *call[A]
+}
+
+// NewCalls returns a Calls for op. op must not keep a or call back into
+// the Calls.
+func NewCalls[A any](op func(fd int, a A) (int, error)) *Calls[A] {
+	cs := &Calls[A]{op: op}
+	cs.pool.New = func() any {
+		c := &call[A]{op: op}
+		c.try = c.run
+		return c
+	}
+	return cs
+}
+
+// Read is Read with op's argument a.
+func (cs *Calls[A]) Read(rc syscall.RawConn, a A) (int, error) {
+	c := cs.pool.Get().(*call[A])
+	defer cs.pool.Put(c)
+	return c.wait(rc.Read, a)
+}
+
+// Write is Write with op's argument a.
+func (cs *Calls[A]) Write(rc syscall.RawConn, a A) (int, error) {
+	c := cs.pool.Get().(*call[A])
+	defer cs.pool.Put(c)
+	return c.wait(rc.Write, a)
+}
+
+// The calls the packet path makes on polled descriptors, each one Calls
+// that its callers share.
+var (
+	ReadvCalls  = NewCalls(Readv)
+	WritevCalls = NewCalls(Writev)
+	ReadCalls   = NewCalls(ReadFD)
+)
+
+// call is one system call's state while the poller runs it.
+type call[A any] struct {
+	op  func(fd int, a A) (int, error)
+	a   A
+	n   int
+	err error
+	try func(fd uintptr) bool // c.run, made once for a pooled call
+}
+
+// wait runs the call through RawConn's Read or Write (wait): tried at
+// once, and again each time the poller says the descriptor is ready,
+// until it finds it ready.
+func (c *call[A]) wait(wait func(func(uintptr) bool) error, a A) (int, error) {
+	c.a = a
+	try := c.try
+	if try == nil {
+		try = c.run
+	}
+	err := wait(try)
+	n, opErr := c.n, c.err
+	var zero A
+	c.a, c.err = zero, nil // the pool keeps no buffer of the caller's alive
 	if err != nil {
 		return 0, err
 	}
 	return n, opErr
 }
 
-// Write is Read for writing: op is retried when the descriptor becomes
-// writable.
-func Write(rc syscall.RawConn, op Op) (int, error) {
-	var n int
-	var opErr error
-	err := rc.Write(func(fd uintptr) bool {
-		n, opErr = retryEINTR(int(fd), op)
-		return !errors.Is(opErr, syscall.EAGAIN)
-	})
-	if err != nil {
-		return 0, err
+// run is one try: op, again while interrupted; false (wait for the
+// poller) while the descriptor is not ready.
+func (c *call[A]) run(fd uintptr) bool {
+	for {
+		c.n, c.err = c.op(int(fd), c.a)
+		if c.err != syscall.EINTR {
+			return !errors.Is(c.err, syscall.EAGAIN)
+		}
 	}
-	return n, opErr
 }
 
 // FD returns the descriptor behind rc, for calls that do not wait (an
@@ -56,15 +129,6 @@ func FD(rc syscall.RawConn) (int, error) {
 		return -1, err
 	}
 	return fd, nil
-}
-
-func retryEINTR(fd int, op Op) (int, error) {
-	for {
-		n, err := op(fd)
-		if err != syscall.EINTR {
-			return n, err
-		}
-	}
 }
 
 var zero byte

@@ -139,3 +139,39 @@ func TestClosedWhileWaiting(t *testing.T) {
 		t.Errorf("FD = %d, %v", fd, err)
 	}
 }
+
+// Calls waits as Read does: the call finds nothing, the poller wakes it
+// when data comes, and its result is the data's.
+func TestCallsWaitForData(t *testing.T) {
+	a, b, _ := pair(t)
+	waiting := make(chan struct{})
+	var once sync.Once
+	calls := NewCalls(func(fd int, buf []byte) (int, error) {
+		n, err := ReadFD(fd, buf)
+		if errors.Is(err, syscall.EAGAIN) {
+			once.Do(func() { close(waiting) })
+		}
+		return n, err
+	})
+	got := make(chan string, 1)
+	go func() {
+		buf := make([]byte, 16)
+		n, err := calls.Read(b, buf)
+		if err != nil {
+			got <- err.Error()
+			return
+		}
+		got <- string(buf[:n])
+	}()
+	select {
+	case <-waiting:
+	case s := <-got:
+		t.Fatalf("Read returned %q before any data was written", s)
+	}
+	if _, err := WritevCalls.Write(a, [][]byte{[]byte("hel"), []byte("lo")}); err != nil {
+		t.Fatal(err)
+	}
+	if s := <-got; s != "hello" {
+		t.Fatalf("Read = %q", s)
+	}
+}
