@@ -135,7 +135,7 @@ func (e *Engine) newConn(s *segment, h Host) *conn {
 	c := &conn{
 		e:    e,
 		k:    key{s.src, s.dst},
-		ends: ends{v6: s.v6, local: s.dst, remote: s.src, mac: e.cfg.MAC, remoteMAC: s.srcMAC},
+		ends: ends{v6: s.v6, local: s.dst, remote: s.src, mac: e.cfg.MAC, remoteMAC: s.remoteMAC()},
 		done: h.Done,
 		fd:   h.FD,
 

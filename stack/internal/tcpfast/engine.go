@@ -395,7 +395,7 @@ func (e *Engine) appendTS(o []byte, ecr uint32) []byte {
 
 // resetFor answers s, a segment of no connection, with a reset.
 func (e *Engine) resetFor(s *segment) {
-	ep := ends{v6: s.v6, local: s.dst, remote: s.src, mac: e.cfg.MAC, remoteMAC: s.srcMAC}
+	ep := ends{v6: s.v6, local: s.dst, remote: s.src, mac: e.cfg.MAC, remoteMAC: s.remoteMAC()}
 	f := fields{flags: flagRST | flagACK, ack: s.end()}
 	if s.has(flagACK) {
 		f = fields{flags: flagRST, seq: s.ack}
@@ -593,10 +593,15 @@ func (b *busyPoll) slept(d time.Duration) {
 
 // heldACKs are the ACKs held (see ackDelay) when the event loop sends
 // them, in the order they fall due (the delay is the same for all).
+// Round trips keep the queue from ever emptying (each one's entry stays
+// until it is due, whether or not an answer carried the ACK), so it
+// slides along its array and moves back to the front when it reaches
+// the end, rather than growing a new array (one allocation every few
+// round trips, before).
 type heldACKs struct {
-	mu  sync.Mutex
-	q   []heldACK
-	buf []heldACK // q's array: q starts again at its front when empty
+	mu   sync.Mutex
+	q    []heldACK // q[head:] are held
+	head int
 }
 
 type heldACK struct {
@@ -608,13 +613,12 @@ type heldACK struct {
 func (h *heldACKs) hold(c *conn) {
 	c.ackAt = time.Now().Add(ackDelay)
 	h.mu.Lock()
-	if len(h.q) == 0 {
-		h.q = h.buf[:0]
+	if h.head > 0 && len(h.q) == cap(h.q) {
+		n := copy(h.q, h.q[h.head:])
+		clear(h.q[n:])
+		h.q, h.head = h.q[:n], 0
 	}
 	h.q = append(h.q, heldACK{c, c.ackAt})
-	if len(h.q) == 1 {
-		h.buf = h.q[:0]
-	}
 	h.mu.Unlock()
 }
 
@@ -623,23 +627,25 @@ func (h *heldACKs) hold(c *conn) {
 func (h *heldACKs) wait(now time.Time) time.Duration {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if len(h.q) == 0 {
+	if h.head == len(h.q) {
 		return -1
 	}
-	return max(h.q[0].due.Sub(now), 0)
+	return max(h.q[h.head].due.Sub(now), 0)
 }
 
 // fire sends the ACKs due by now that no segment carried since.
 func (h *heldACKs) fire(now time.Time) {
 	for {
 		h.mu.Lock()
-		if len(h.q) == 0 || h.q[0].due.After(now) {
+		if h.head == len(h.q) || h.q[h.head].due.After(now) {
 			h.mu.Unlock()
 			return
 		}
-		a := h.q[0]
-		h.q[0] = heldACK{}
-		h.q = h.q[1:]
+		a := h.q[h.head]
+		h.q[h.head] = heldACK{}
+		if h.head++; h.head == len(h.q) {
+			h.q, h.head = h.q[:0], 0
+		}
 		h.mu.Unlock()
 		a.c.mu.Lock()
 		if a.c.ackAt.Equal(a.due) {

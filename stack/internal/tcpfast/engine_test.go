@@ -34,3 +34,44 @@ func TestBusyPollWindow(t *testing.T) {
 		})
 	}
 }
+
+// TestHeldACKs: the held ACKs fall due in order, one carried by a segment
+// since is not sent, and the queue stays as long as what is held while
+// round trips keep it from ever emptying.
+func TestHeldACKs(t *testing.T) {
+	var h heldACKs
+	if w := h.wait(time.Now()); w != -1 {
+		t.Fatalf("empty: wait %v, want -1", w)
+	}
+	roundTrips(&h, new([heldInFlight + 1]conn), 1000, func(i, held int) {
+		if held > heldInFlight+1 {
+			t.Fatalf("round trip %d: %d ACKs held, want at most %d", i, held, heldInFlight+1)
+		}
+	})
+	h.fire(time.Now().Add(time.Hour))
+	if w := h.wait(time.Now()); w != -1 || h.head != 0 || len(h.q) != 0 {
+		t.Errorf("after every ACK fell due: wait %v, head %d, len %d", w, h.head, len(h.q))
+	}
+}
+
+// heldInFlight is how many round trips' ACKs roundTrips leaves held.
+const heldInFlight = 4
+
+// roundTrips makes n round trips' worth of held ACKs on h: each holds one
+// that its answer carries, and the ACKs of the round trip heldInFlight
+// before fall due, over conns. check sees how many are held after each.
+func roundTrips(h *heldACKs, conns *[heldInFlight + 1]conn, n int, check func(i, held int)) {
+	var dues [heldInFlight + 1]time.Time
+	for i := range n {
+		c := &conns[i%len(conns)]
+		h.hold(c)
+		dues[i%len(dues)] = c.ackAt
+		c.ackAt = time.Time{} // the answer carried it: fire must not send it
+		if i >= heldInFlight {
+			h.fire(dues[(i-heldInFlight)%len(dues)])
+		}
+		if check != nil {
+			check(i, len(h.q)-h.head)
+		}
+	}
+}

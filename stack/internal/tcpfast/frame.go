@@ -90,8 +90,7 @@ func (e *Engine) write(t *tx, ep *ends, f fields, payload []byte, mss int) error
 	tcpLen := header.TCPMinimumSize + len(f.opts)
 	end := l2 + l3 + tcpLen
 	header.Ethernet(b[off:]).Encode(&header.EthernetFields{SrcAddr: ep.mac, DstAddr: ep.remoteMAC, Type: proto})
-	src := tcpip.AddrFromSlice(ep.local.Addr().AsSlice())
-	dst := tcpip.AddrFromSlice(ep.remote.Addr().AsSlice())
+	src, dst := tcpipAddr(ep.local.Addr()), tcpipAddr(ep.remote.Addr())
 	segLen := tcpLen + len(payload)
 	if ep.v6 {
 		header.IPv6(b[l2:]).Encode(&header.IPv6Fields{

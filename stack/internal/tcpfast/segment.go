@@ -33,8 +33,8 @@ type sackBlock struct{ start, end uint32 }
 // while the frame is being handled.
 type segment struct {
 	v6       bool
-	srcMAC   tcpip.LinkAddress
-	src, dst netip.AddrPort // src is the sandbox's end
+	srcMAC   [header.EthernetAddressSize]byte // as bytes: a LinkAddress (a string) would be allocated per frame
+	src, dst netip.AddrPort                   // src is the sandbox's end
 	seq, ack uint32
 	flags    header.TCPFlags
 	wnd      uint16
@@ -152,7 +152,7 @@ func parse(s *segment, mac tcpip.LinkAddress, vnetHdr, head, tail []byte) bool {
 	s.seq, s.ack = tcp.SequenceNumber(), tcp.AckNumber()
 	s.flags = tcp.Flags()
 	s.wnd = tcp.WindowSize()
-	s.srcMAC = eth.SourceAddress()
+	copy(s.srcMAC[:], head[header.EthernetAddressSize:])
 
 	// The payload: from the end of the TCP header to the end of the IP
 	// packet (a short frame can carry Ethernet padding after it).
@@ -170,9 +170,21 @@ func parse(s *segment, mac tcpip.LinkAddress, vnetHdr, head, tail []byte) bool {
 	return true
 }
 
+// remoteMAC is the sandbox's MAC address, for a connection's frames.
+func (s *segment) remoteMAC() tcpip.LinkAddress { return tcpip.LinkAddress(s.srcMAC[:]) }
+
+// tcpipAddr is a for gVisor's header encoders and checksums (AsSlice
+// would allocate per frame).
+func tcpipAddr(a netip.Addr) tcpip.Address {
+	if a.Is4() {
+		return tcpip.AddrFrom4(a.As4())
+	}
+	return tcpip.AddrFrom16(a.As16())
+}
+
 // checksumValid checks the TCP checksum of a segment whose header is hdr.
 func checksumValid(s *segment, hdr []byte) bool {
-	src, dst := tcpip.AddrFromSlice(s.src.Addr().AsSlice()), tcpip.AddrFromSlice(s.dst.Addr().AsSlice())
+	src, dst := tcpipAddr(s.src.Addr()), tcpipAddr(s.dst.Addr())
 	sum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, src, dst, uint16(len(hdr)+s.payloadLen))
 	sum = checksum.Checksum(hdr, sum)
 	// An odd-length first part shifts the second's bytes by one.

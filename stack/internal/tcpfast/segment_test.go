@@ -93,7 +93,7 @@ func TestParse(t *testing.T) {
 			if s.src != netip.MustParseAddrPort("10.0.2.100:40000") || s.dst != netip.MustParseAddrPort("192.0.2.7:80") || s.v6 {
 				t.Errorf("addresses %v -> %v v6=%v", s.src, s.dst, s.v6)
 			}
-			if s.seq != 1000 || s.ack != 2000 || s.wnd != 5000 || s.flags != flagSYN || s.srcMAC != fuzzSandboxMAC {
+			if s.seq != 1000 || s.ack != 2000 || s.wnd != 5000 || s.flags != flagSYN || s.remoteMAC() != fuzzSandboxMAC {
 				t.Errorf("header fields %+v", s)
 			}
 			if s.mss != 1460 || s.ws != 9 || !s.sackOK || !s.ts || s.tsVal != 7 || s.nsack != 0 {
