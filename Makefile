@@ -13,7 +13,8 @@ build:
 	CGO_ENABLED=0 $(GO) build -trimpath -buildvcs=auto -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/gonetns
 
 # Everything CI runs: machine setup (as root; idempotent), vet, unit tests
-# with the race detector, end-to-end tests of the real binary as an
+# with the race detector (and the allocation counts without it: its
+# sync.Pool drops items at random), end-to-end tests of the real binary as an
 # unprivileged user and as root. On the way out, pass, fail or Ctrl-C,
 # scripts/test-teardown.sh puts back what the setup changed for the run
 # (services, sysctls, /dev/net/tun's mode; README.md, "Testing").
@@ -23,6 +24,7 @@ test:
 	./scripts/test-setup.sh; \
 	$(GO) vet ./...; \
 	$(GO) test -race -count=1 -timeout 20m $$($(GO) list ./... | grep -v /cmd/gonetns); \
+	$(GO) test -count=1 -run Allocs $$($(GO) list ./... | grep -v /cmd/gonetns); \
 	$(GO) test -count=1 -timeout 30m ./cmd/gonetns
 
 # The setup alone, and its undoing (both as root).

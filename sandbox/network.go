@@ -14,7 +14,6 @@ import (
 	"runtime/debug"
 	"runtime/metrics"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -118,6 +117,7 @@ func releaseMemory(log *slog.Logger) {
 		samples[i].Name = "/memory/classes/" + name + ":bytes"
 	}
 	samples = append(samples, metrics.Sample{Name: "/gc/heap/allocs:objects"}, metrics.Sample{Name: "/gc/cycles/total:gc-cycles"})
+	counterNames := [...]string{"allocations", "collections"}
 	metrics.Read(samples)
 	attrs := make([]any, 0, 2*len(samples))
 	for i, sm := range samples {
@@ -127,7 +127,7 @@ func releaseMemory(log *slog.Logger) {
 		if i < len(memoryClasses) {
 			attrs = append(attrs, memoryClasses[i], sm.Value.Uint64()>>10)
 		} else {
-			attrs = append(attrs, strings.TrimPrefix(sm.Name, "/gc/"), sm.Value.Uint64())
+			attrs = append(attrs, counterNames[i-len(memoryClasses)], sm.Value.Uint64())
 		}
 	}
 	log.Debug("the network is quiet: memory given back (KiB by class), allocations and collections since the start", attrs...)

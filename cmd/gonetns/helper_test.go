@@ -57,6 +57,25 @@ func runHelper(mode string, args []string) int {
 			return fail("%v", err)
 		}
 		fmt.Printf("%s\n", b)
+	case "tcp-rr": // ADDR N: N round trips of one byte on one connection, and when (gonetns's log's clock)
+		start := time.Now()
+		c, err := net.DialTimeout("tcp", args[0], 5*time.Second)
+		if err != nil {
+			return fail("%v", err)
+		}
+		defer c.Close()
+		n, _ := strconv.Atoi(args[1])
+		b := []byte{0}
+		for i := range n {
+			b[0] = byte(i)
+			if _, err := c.Write(b); err != nil {
+				return fail("round trip %d: %v", i, err)
+			}
+			if _, err := io.ReadFull(c, b); err != nil || b[0] != byte(i) {
+				return fail("round trip %d: %v (got %d)", i, err, b[0])
+			}
+		}
+		fmt.Printf("%d round trips from %s to %s\n", n, start.Format(logClock), time.Now().Format(logClock))
 	case "tcp-dial": // ADDR [TIMEOUT]: report the outcome and how long it took
 		timeout := 10 * time.Second
 		if len(args) > 1 {

@@ -34,12 +34,15 @@ func newLogger(w io.Writer, debug bool, prefix string) *slog.Logger {
 	return slog.New(&logHandler{mu: &sync.Mutex{}, w: w, level: level, prefix: prefix})
 }
 
+// logClock is the time of day --debug's lines start with.
+const logClock = "15:04:05.000"
+
 func (h *logHandler) Enabled(_ context.Context, l slog.Level) bool { return l >= h.level }
 
 func (h *logHandler) Handle(_ context.Context, r slog.Record) error {
 	var b strings.Builder
 	if h.level <= slog.LevelDebug {
-		b.WriteString(r.Time.Format("15:04:05.000 "))
+		b.WriteString(r.Time.Format(logClock + " "))
 	}
 	b.WriteString(h.prefix)
 	switch {
