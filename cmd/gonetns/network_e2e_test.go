@@ -121,31 +121,22 @@ func TestNetCurlLargeFileBothMTUs(t *testing.T) {
 // startHalfCloseServer answers each connection, once the client has
 // half-closed it, with how many bytes it read, until the test ends.
 func startHalfCloseServer(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				n, _ := io.Copy(io.Discard, c) // to the sandbox's FIN
-				fmt.Fprintf(c, "host read %d bytes", n)
-			}()
-		}
-	}()
-	return l.Addr().(*net.TCPAddr).Port
+	return startTCPServer(t, func(c net.Conn) {
+		n, _ := io.Copy(io.Discard, c) // to the sandbox's FIN
+		fmt.Fprintf(c, "host read %d bytes", n)
+	})
 }
 
 // startTCPEcho starts a TCP server on the host's 127.0.0.1 that echoes
 // what each connection sends, until the test ends; it returns its port.
 func startTCPEcho(t *testing.T) int {
+	return startTCPServer(t, func(c net.Conn) { io.Copy(c, c) })
+}
+
+// startTCPServer serves each connection to a new port of the host's
+// 127.0.0.1 with serve, then closes it, until the test ends; it returns
+// the port.
+func startTCPServer(t *testing.T, serve func(net.Conn)) int {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -160,7 +151,7 @@ func startTCPEcho(t *testing.T) int {
 			}
 			go func() {
 				defer c.Close()
-				io.Copy(c, c)
+				serve(c)
 			}()
 		}
 	}()

@@ -45,7 +45,20 @@ func notReadyOnce(op Op) (Op, <-chan struct{}) {
 	}, waiting
 }
 
+// TestReadWaitsForData: the call finds nothing, the poller wakes it when
+// data comes, and its result is the data's; through Read and through a
+// Calls (whose op here runs the same Op).
 func TestReadWaitsForData(t *testing.T) {
+	calls := NewCalls(func(fd int, op Op) (int, error) { return op(fd) })
+	for name, read := range map[string]func(syscall.RawConn, Op) (int, error){
+		"Read":  Read,
+		"Calls": calls.Read,
+	} {
+		t.Run(name, func(t *testing.T) { testReadWaitsForData(t, read) })
+	}
+}
+
+func testReadWaitsForData(t *testing.T, read func(syscall.RawConn, Op) (int, error)) {
 	a, b, _ := pair(t)
 	got := make(chan string, 1)
 	tries := 0
@@ -55,7 +68,7 @@ func TestReadWaitsForData(t *testing.T) {
 		return unix.Read(fd, buf)
 	})
 	go func() {
-		n, err := Read(b, op)
+		n, err := read(b, op)
 		if err != nil {
 			got <- err.Error()
 			return
@@ -137,41 +150,5 @@ func TestClosedWhileWaiting(t *testing.T) {
 	}
 	if fd, err := FD(b); err != nil || fd < 0 {
 		t.Errorf("FD = %d, %v", fd, err)
-	}
-}
-
-// Calls waits as Read does: the call finds nothing, the poller wakes it
-// when data comes, and its result is the data's.
-func TestCallsWaitForData(t *testing.T) {
-	a, b, _ := pair(t)
-	waiting := make(chan struct{})
-	var once sync.Once
-	calls := NewCalls(func(fd int, buf []byte) (int, error) {
-		n, err := ReadFD(fd, buf)
-		if errors.Is(err, syscall.EAGAIN) {
-			once.Do(func() { close(waiting) })
-		}
-		return n, err
-	})
-	got := make(chan string, 1)
-	go func() {
-		buf := make([]byte, 16)
-		n, err := calls.Read(b, buf)
-		if err != nil {
-			got <- err.Error()
-			return
-		}
-		got <- string(buf[:n])
-	}()
-	select {
-	case <-waiting:
-	case s := <-got:
-		t.Fatalf("Read returned %q before any data was written", s)
-	}
-	if _, err := WritevCalls.Write(a, [][]byte{[]byte("hel"), []byte("lo")}); err != nil {
-		t.Fatal(err)
-	}
-	if s := <-got; s != "hello" {
-		t.Fatalf("Read = %q", s)
 	}
 }
