@@ -862,8 +862,11 @@ func TestNetRoundTripsAllocateNothing(t *testing.T) {
 	addr := fmt.Sprintf("10.0.2.2:%d", startTCPEcho(t))
 	for _, flag := range []string{"--tcp-fast-path=true", "--event-loop"} {
 		t.Run(strings.TrimPrefix(flag, "--"), func(t *testing.T) {
-			// Each sleep outlasts the quiet spell a report waits for.
-			script := fmt.Sprintf("%s && sleep 3 && %s && sleep 3",
+			// Each sleep outlasts the quiet spell a report waits for (1-2
+			// s without a frame); the first also the sandbox's own frames
+			// of its first 2.5 s (IPv6 neighbor and router solicitations,
+			// multicast listener reports), which leave no such spell.
+			script := fmt.Sprintf("%s && sleep 6 && %s && sleep 4",
 				e2etest.HelperCmd(t, "tcp-rr", addr, "100"), e2etest.HelperCmd(t, "tcp-rr", addr, strconv.Itoa(trips)))
 			res := r.MustRun(t, netTimeout, "--debug", flag, "--mtu=65520", "sh", "-c", script)
 			var from, to string
