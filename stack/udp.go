@@ -179,7 +179,9 @@ func (st *Stack) fastUDP(s *stack.Stack, vnetHdr, frame []byte) bool {
 	if st.listensUDP(dstAP) {
 		return false
 	}
-	p := &UDPPacket{
+	p := udpPackets.Get().(*UDPPacket)
+	defer udpPackets.Put(p)
+	*p = UDPPacket{
 		Src:   netip.AddrPortFrom(srcIP, udpHdr.SourcePort()),
 		Dst:   dstAP,
 		s:     s,
@@ -187,9 +189,14 @@ func (st *Stack) fastUDP(s *stack.Stack, vnetHdr, frame []byte) bool {
 		raw:   payload,
 	}
 	ok := st.cfg.UDP(p) && !p.slow
-	p.valid, p.raw = false, nil
+	*p = UDPPacket{} // the pool keeps no frame alive
 	return ok
 }
+
+// udpPackets are the fast path's datagrams, pooled: Config.UDP gets a
+// pointer, which escapes (one object per datagram, before); it is valid
+// only during the call.
+var udpPackets = sync.Pool{New: func() any { return new(UDPPacket) }}
 
 func unicast(a netip.Addr) bool {
 	return !a.IsUnspecified() && !a.IsLoopback() && !a.IsMulticast() && a != netip.AddrFrom4([4]byte{255, 255, 255, 255})

@@ -227,17 +227,38 @@ func (e *Endpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) 
 	return n, nil
 }
 
+// frameIO is the scratch of one write: the virtio-net header and the I/O
+// vector. Pooled: on the stack they would escape (the device is an
+// interface), and pkt.AsSlices makes a slice of its own; 3 objects per
+// frame the stack sends, before.
+type frameIO struct {
+	hdr  [tap.VNetHdrLen]byte
+	bufs [8][]byte
+}
+
+var frameIOs = sync.Pool{New: func() any { return new(frameIO) }}
+
 // writeFrame writes one packet to the device.
 func (e *Endpoint) writeFrame(pkt *stack.PacketBuffer) error {
-	var hdrBuf [tap.VNetHdrLen]byte
-	var arr [8][]byte
-	bufs := arr[:0]
+	io := frameIOs.Get().(*frameIO)
+	defer frameIOs.Put(io)
+	bufs := io.bufs[:0]
 	if e.vnet {
-		encodeVNetHdr(hdrBuf[:], pkt)
-		bufs = append(bufs, hdrBuf[:])
+		encodeVNetHdr(io.hdr[:], pkt)
+		bufs = append(bufs, io.hdr[:])
 	}
-	bufs = append(bufs, pkt.AsSlices()...)
+	views, skip := pkt.AsViewList() // the views from the packet's headers on
+	for v := views.Front(); v != nil; v = v.Next() {
+		b := v.AsSlice()
+		if skip >= len(b) {
+			skip -= len(b)
+			continue
+		}
+		bufs = append(bufs, b[skip:])
+		skip = 0
+	}
 	_, err := e.dev.Write(bufs)
+	clear(io.bufs[:]) // the pool keeps no packet alive
 	return err
 }
 

@@ -161,24 +161,38 @@ func TestEncodeVNetHdr(t *testing.T) {
 
 // Written packets carry the virtio-net header first when the device has
 // one, then the Ethernet frame.
+// TestWritePackets: a packet goes out as one frame, virtio-net header,
+// Ethernet header and payload, whatever room the stack reserved before
+// its headers (the frame starts where they do).
 func TestWritePackets(t *testing.T) {
-	dev := &fakeDevice{vnet: true}
-	e := New(dev, 1500, ourMAC, nil)
+	for _, reserve := range []int{14, 64} {
+		dev := &fakeDevice{vnet: true}
+		e := New(dev, 1500, ourMAC, nil)
+		pkt := testPacket(e, reserve)
+		var l stack.PacketBufferList
+		l.PushBack(pkt)
+		if n, err := e.WritePackets(l); n != 1 || err != nil {
+			t.Fatalf("reserve %d: WritePackets = %d, %v", reserve, n, err)
+		}
+		w := dev.written[0]
+		if len(w) != 10+14+9 || !bytes.Equal(w[:10], make([]byte, 10)) || string(w[10+14:]) != "ip packet" ||
+			!bytes.Equal(w[16:22], []byte(ourMAC)) || !bytes.Equal(w[10:16], []byte("\x02\x00\x00\x00\x00\x64")) {
+			t.Errorf("reserve %d: written frame % x", reserve, w)
+		}
+		pkt.DecRef()
+	}
+}
+
+// testPacket is an IPv4 packet with the payload "ip packet" to
+// 02:00:00:00:00:64, reserve bytes reserved for headers, its Ethernet
+// header added by e.
+func testPacket(e *Endpoint, reserve int) *stack.PacketBuffer {
 	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{
-		ReserveHeaderBytes: 14,
+		ReserveHeaderBytes: reserve,
 		Payload:            buffer.MakeWithData([]byte("ip packet")),
 	})
 	pkt.NetworkProtocolNumber = header.IPv4ProtocolNumber
 	pkt.EgressRoute.RemoteLinkAddress = "\x02\x00\x00\x00\x00\x64"
 	e.AddHeader(pkt)
-	var l stack.PacketBufferList
-	l.PushBack(pkt)
-	if n, err := e.WritePackets(l); n != 1 || err != nil {
-		t.Fatalf("WritePackets = %d, %v", n, err)
-	}
-	w := dev.written[0]
-	if len(w) != 10+14+9 || !bytes.Equal(w[:10], make([]byte, 10)) || string(w[10+14:]) != "ip packet" ||
-		!bytes.Equal(w[16:22], []byte(ourMAC)) || !bytes.Equal(w[10:16], []byte("\x02\x00\x00\x00\x00\x64")) {
-		t.Errorf("written frame % x", w)
-	}
+	return pkt
 }
