@@ -240,12 +240,12 @@ var frameIOs = sync.Pool{New: func() any { return new(frameIO) }}
 
 // writeFrame writes one packet to the device.
 func (e *Endpoint) writeFrame(pkt *stack.PacketBuffer) error {
-	io := frameIOs.Get().(*frameIO)
-	defer frameIOs.Put(io)
-	bufs := io.bufs[:0]
+	scratch := frameIOs.Get().(*frameIO)
+	defer frameIOs.Put(scratch)
+	bufs := scratch.bufs[:0]
 	if e.vnet {
-		encodeVNetHdr(io.hdr[:], pkt)
-		bufs = append(bufs, io.hdr[:])
+		encodeVNetHdr(scratch.hdr[:], pkt)
+		bufs = append(bufs, scratch.hdr[:])
 	}
 	views, skip := pkt.AsViewList() // the views from the packet's headers on
 	for v := views.Front(); v != nil; v = v.Next() {
@@ -258,7 +258,7 @@ func (e *Endpoint) writeFrame(pkt *stack.PacketBuffer) error {
 		skip = 0
 	}
 	_, err := e.dev.Write(bufs)
-	clear(io.bufs[:]) // the pool keeps no packet alive
+	clear(scratch.bufs[:]) // the pool keeps no packet alive
 	return err
 }
 
