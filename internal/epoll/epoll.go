@@ -189,13 +189,12 @@ func (s *Set) Poll(events []unix.EpollEvent) (int, error) {
 	if s.closed.Load() {
 		return 0, ErrClosed
 	}
-	n, _, e := unix.RawSyscall6(unix.SYS_EPOLL_PWAIT, uintptr(s.fd), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), 0, 0, 0)
-	switch e {
-	case 0:
-	case unix.EINTR:
+	n, err := rawconn.EpollPoll(s.fd, events)
+	switch {
+	case errors.Is(err, unix.EINTR):
 		return 0, nil
-	default:
-		return 0, fmt.Errorf("epoll wait: %w", e)
+	case err != nil:
+		return 0, fmt.Errorf("epoll wait: %w", err)
 	}
 	return s.members(events[:n])
 }

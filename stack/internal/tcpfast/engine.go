@@ -459,7 +459,7 @@ func (e *Engine) loop() {
 		if err == nil && n == 0 {
 			start := time.Now()
 			n, err = e.set.WaitFor(events, e.acks.wait(start))
-			if n > 0 {
+			if n > 0 && bp.max > 0 {
 				bp.slept(time.Since(start))
 			}
 		}
