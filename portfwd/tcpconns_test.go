@@ -66,6 +66,30 @@ func isReset(c net.Conn) bool {
 	return err != nil && !errors.Is(err, os.ErrDeadlineExceeded)
 }
 
+// waitMoved waits until the relays of m's published TCP connections have
+// counted want bytes between them. A relay adds what it wrote to its
+// count after the write, so a client can read an echo before the count
+// shows it; a test that moves the clock must wait for the counts first,
+// or a late add stamps a connection active at the wrong time.
+func waitMoved(t *testing.T, m *Manager, want int64) {
+	t.Helper()
+	var got int64
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		m.tcp.mu.Lock()
+		got = 0
+		for _, c := range m.tcp.clients {
+			for r := range c.relays {
+				got += r.moved()
+			}
+		}
+		m.tcp.mu.Unlock()
+		if got == want {
+			return
+		}
+	}
+	t.Fatalf("the relays counted %d bytes moved after 5 s; want %d", got, want)
+}
+
 // TestTCPShare: alone, a client may take the whole budget; a second
 // client then takes places from it, each time from its least recently
 // active connection, until both hold half; beyond that both are reset.
@@ -92,6 +116,7 @@ func TestTCPShare(t *testing.T) {
 	}
 	// All of A's connections but the fourth move data later (a sweep in
 	// between, as every minute with the default timeout).
+	waitMoved(t, m, 2*budget) // each echoed a byte
 	m.resetIdle()
 	clock.Add(time.Minute)
 	for i, c := range as {
@@ -101,6 +126,7 @@ func TestTCPShare(t *testing.T) {
 			}
 		}
 	}
+	waitMoved(t, m, 2*budget+2*(budget-1))
 	var bs []net.Conn
 	for i := range budget / 2 {
 		c, err := clientConn(t, b, st)
@@ -158,11 +184,13 @@ func TestTCPIdleTimeout(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer busy.Close()
+	waitMoved(t, m, 4)
 
 	advance(40 * time.Minute)
 	if err := echoes(busy); err != nil {
 		t.Fatal(err)
 	}
+	waitMoved(t, m, 6)
 	advance(30 * time.Minute) // idle: 70 min; busy: 30 min
 	if !isReset(idle) {
 		t.Fatal("a connection idle for 70 minutes is still relayed, with a timeout of an hour")
@@ -170,6 +198,7 @@ func TestTCPIdleTimeout(t *testing.T) {
 	if err := echoes(busy); err != nil {
 		t.Fatalf("a connection that moved data 30 minutes ago was reset: %v", err)
 	}
+	waitMoved(t, m, 6) // busy's alone now
 	if s := m.TCPStats(); s.IdleClosed != 1 || s.Open != 1 {
 		t.Errorf("stats %+v; want 1 closed idle, 1 open", s)
 	}
@@ -213,6 +242,7 @@ func TestTCPIdleTimeoutOff(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
+	waitMoved(t, m, 2)
 	clock.Add(1000 * time.Hour)
 	m.resetIdle()
 	if err := echoes(c); err != nil {
