@@ -168,8 +168,8 @@ func harness() int {
 	fmt.Printf("summary: %v; %d round trips, %d new connections, %d uploads and %d downloads (%.1f GB, %d with a wrong sha256), %d slow reads, %d resets, %d half-closes, %d errors%s\n",
 		time.Since(start).Round(time.Second), last.RoundTrips, last.Conns, last.Uploads, last.Downloads, float64(last.Bytes)/1e9,
 		last.BadSums, last.SlowReads, last.Resets, last.HalfCloses, last.Errors, lastError(last))
-	fmt.Printf("at the quiet points: peak private memory %.2f MiB in the first minute, %.2f MiB after it; descriptors: %d in the first minute, %d after it\n",
-		float64(quiet.first.anonKB)/1024, float64(quiet.after.anonKB)/1024, quiet.first.fds, quiet.after.fds)
+	fmt.Printf("at the quiet points: peak private memory %.2f MiB in the first minute, %.2f MiB after it; descriptors: %d in the first minute, %d after it; OS threads: %d and %d\n",
+		float64(quiet.first.anonKB)/1024, float64(quiet.after.anonKB)/1024, quiet.first.fds, quiet.after.fds, quiet.first.threads, quiet.after.threads)
 	fmt.Printf("under traffic: peak private memory %.1f MiB in the first minute, %.1f MiB after it; peak RSS %.1f and %.1f MiB; descriptors: %d in the first minute, %d after it\n",
 		float64(busy.first.anonKB)/1024, float64(busy.after.anonKB)/1024, float64(busy.first.rssKB)/1024, float64(busy.after.rssKB)/1024, busy.first.fds, busy.after.fds)
 	// A leak raises the floor of each window (its lowest sample) as well
@@ -193,6 +193,12 @@ func harness() int {
 	grew := quiet.after.anonKB > quiet.first.anonKB || quiet.after.fds > quiet.first.fds
 	if grew {
 		fmt.Println("result: FAIL: at the quiet points, private memory or descriptors grew beyond the first minute's peak")
+		if more := quiet.after.threads - quiet.first.threads; more > 0 && quiet.after.anonKB > quiet.first.anonKB {
+			// Go starts a thread when a goroutine has been in a system
+			// call for a tick of its monitor and hands the goroutine's P
+			// to another; it keeps the thread, and its stacks, for good.
+			fmt.Printf("note: the network process started %d more OS thread(s) after the first minute; Go keeps each thread and its stacks for the rest of the run, so part of the growth is that high-water mark\n", more)
+		}
 		ok = false
 	}
 	if werr != nil {
