@@ -19,6 +19,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/gonetns/gonetns/internal/e2etest"
 	"github.com/gonetns/gonetns/port"
 	"github.com/gonetns/gonetns/portfwd/portfwdtest"
 )
@@ -78,7 +79,7 @@ func testAddRemoveDuringTransfer(t *testing.T, newChild portfwdtest.Factory) {
 
 	var st port.Status
 	for attempt := 0; ; attempt++ {
-		spec := port.Spec{Proto: "tcp", ParentIP: loop4, ParentPort: portfwdtest.FreePort(t, "tcp", loop4), ChildPort: int(srv.Port())}
+		spec := port.Spec{Proto: "tcp", ParentIP: loop4, ParentPort: e2etest.FreePort(t), ChildPort: int(srv.Port())}
 		var err error
 		st, err = client.AddPort(ctx, spec)
 		if err == nil {

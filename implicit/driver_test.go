@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gonetns/gonetns/internal/e2etest"
 	"github.com/gonetns/gonetns/internal/wire"
 	"github.com/gonetns/gonetns/port"
 	"github.com/gonetns/gonetns/portfwd"
@@ -192,26 +193,6 @@ func (r *implicitRig) hasPublished(hp int) bool {
 	return slices.ContainsFunc(r.published(), func(s port.Spec) bool { return s.ParentPort == hp })
 }
 
-// freeHostPort returns a TCP and UDP port free on 127.0.0.1 just now.
-func freeHostPort(t testing.TB) int {
-	t.Helper()
-	for range 20 {
-		ln, err := net.Listen("tcp4", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		hp := ln.Addr().(*net.TCPAddr).Port
-		pc, err := net.ListenPacket("udp4", fmt.Sprintf("127.0.0.1:%d", hp))
-		ln.Close()
-		if err == nil {
-			pc.Close()
-			return hp
-		}
-	}
-	t.Fatal("no port free for both TCP and UDP on 127.0.0.1")
-	return 0
-}
-
 func lst(proto string, ip string, hp int) Listener {
 	return Listener{Proto: proto, Addr: netip.AddrPortFrom(netip.MustParseAddr(ip), uint16(hp))}
 }
@@ -238,7 +219,7 @@ func refused(hp int) bool {
 
 func TestImplicitPublishAndWithdraw(t *testing.T) {
 	r := newImplicitRig(t, 0)
-	hp := freeHostPort(t)
+	hp := e2etest.FreePort(t)
 	r.backend(hp, echoServer(t))
 	udpBackend := udpWhoami(t, listenUDP(t, "127.0.0.1:0"))
 
@@ -276,9 +257,9 @@ func TestImplicitPublishAndWithdraw(t *testing.T) {
 
 func TestImplicitExplicitWins(t *testing.T) {
 	r := newImplicitRig(t, 0)
-	hp := freeHostPort(t)
+	hp := e2etest.FreePort(t)
 	r.backend(hp, echoServer(t))
-	other := freeHostPort(t)
+	other := e2etest.FreePort(t)
 	upper := upperServer(t)
 	r.backend(other, upper) // the explicit port's target answers in upper case
 
@@ -297,7 +278,7 @@ func TestImplicitExplicitWins(t *testing.T) {
 	}
 	// A new report does not bring the implicit port back while the
 	// explicit one holds the host port.
-	marker := freeHostPort(t)
+	marker := e2etest.FreePort(t)
 	r.report(lst("tcp", "127.0.0.1", hp), lst("tcp", "127.0.0.1", marker))
 	r.waitFor("marker port", func() bool { return r.hasPublished(marker) })
 	if r.hasPublished(hp) {
@@ -355,7 +336,7 @@ func upperServer(t *testing.T) netip.AddrPort {
 
 func TestImplicitRemoveKeepsItWithdrawn(t *testing.T) {
 	r := newImplicitRig(t, 0)
-	hp, marker := freeHostPort(t), freeHostPort(t)
+	hp, marker := e2etest.FreePort(t), e2etest.FreePort(t)
 	r.backend(hp, echoServer(t))
 	r.report(lst("tcp", "127.0.0.1", hp))
 	r.waitFor("implicit port", func() bool { return r.hasPublished(hp) })
@@ -388,7 +369,7 @@ func TestImplicitRemoveKeepsItWithdrawn(t *testing.T) {
 // the port free, publishes it.
 func TestImplicitHostPortInUse(t *testing.T) {
 	r := newImplicitRig(t, 0)
-	hp := freeHostPort(t)
+	hp := e2etest.FreePort(t)
 	r.backend(hp, echoServer(t))
 	hostAddr := fmt.Sprintf("127.0.0.1:%d", hp)
 	hostService, err := net.Listen("tcp4", hostAddr)
@@ -434,7 +415,7 @@ func TestImplicitHostPortInUse(t *testing.T) {
 
 func TestImplicitMaxPorts(t *testing.T) {
 	r := newImplicitRig(t, 2)
-	a, b, c := freeHostPort(t), freeHostPort(t), freeHostPort(t)
+	a, b, c := e2etest.FreePort(t), e2etest.FreePort(t), e2etest.FreePort(t)
 	r.report(lst("tcp", "127.0.0.1", a), lst("tcp", "127.0.0.1", b), lst("tcp", "127.0.0.1", c))
 	r.waitFor("limit warning", func() bool { return strings.Contains(r.logs.String(), "too many implicit ports") })
 	if n := len(r.published()); n != 2 {
@@ -459,7 +440,7 @@ func TestImplicitMaxPorts(t *testing.T) {
 // dropped and the next one applied.
 func TestImplicitReportParts(t *testing.T) {
 	r := newImplicitRig(t, 0)
-	a, b, marker := freeHostPort(t), freeHostPort(t), freeHostPort(t)
+	a, b, marker := e2etest.FreePort(t), e2etest.FreePort(t), e2etest.FreePort(t)
 	if err := r.child.Send(listenerSnapshot{Listeners: []Listener{lst("tcp", "127.0.0.1", a)}, More: true}); err != nil {
 		t.Fatal(err)
 	}
@@ -490,7 +471,7 @@ func TestImplicitReportParts(t *testing.T) {
 // returns.
 func TestImplicitChildGone(t *testing.T) {
 	r := newImplicitRig(t, 0)
-	hp := freeHostPort(t)
+	hp := e2etest.FreePort(t)
 	r.report(lst("tcp", "127.0.0.1", hp))
 	r.waitFor("implicit port", func() bool { return r.hasPublished(hp) })
 	r.child.Close()

@@ -70,7 +70,7 @@ func TestDockerRootless(t *testing.T) {
 	})
 
 	t.Run("publish-tcp", func(t *testing.T) {
-		all, lo := freeWildcardPort(t, "tcp"), freeWildcardPort(t, "tcp")
+		all, lo := freePort(t, "tcp"), freePort(t, "tcp")
 		d.Must(t, dockerTimeout, "run", "-d", "--stop-timeout=1", "--name=web", "-p", fmt.Sprintf("%d:80", all), "-p", fmt.Sprintf("127.0.0.1:%d:80", lo),
 			img, "sh", "-c", "echo hello from the container >/www/index.html && exec httpd -f -p 80 -h /www")
 		for _, url := range []string{
@@ -89,7 +89,7 @@ func TestDockerRootless(t *testing.T) {
 	})
 
 	t.Run("publish-udp", func(t *testing.T) {
-		port := freeWildcardPort(t, "udp")
+		port := freePort(t, "udp")
 		d.Must(t, dockerTimeout, "run", "-d", "--stop-timeout=1", "--name=udp", "-p", fmt.Sprintf("%d:9999/udp", port), img, "e2etool", "udp-echo", ":9999")
 		for _, addr := range []string{fmt.Sprintf("127.0.0.1:%d", port), fmt.Sprintf("[::1]:%d", port)} {
 			reply, err := udpExchangeRetry(addr, "ping "+addr, 30*time.Second)
@@ -102,7 +102,7 @@ func TestDockerRootless(t *testing.T) {
 	t.Run("download-50MB", func(t *testing.T) {
 		// Into the container through the sandbox's network (from the host's
 		// 127.0.0.1), then out of it through a published port.
-		port := freeWildcardPort(t, "tcp")
+		port := freePort(t, "tcp")
 		d.Must(t, dockerTimeout, "run", "-d", "--stop-timeout=1", "--name=blob", "-p", fmt.Sprintf("%d:80", port), img, "sh", "-c",
 			fmt.Sprintf("wget -q -O /www/blob http://10.0.2.2:%d/blob && sha256sum /www/blob && echo ready && exec httpd -f -p 80 -h /www", host.port))
 		logs := waitLogs(t, d, "blob", "ready", 2*time.Minute)
@@ -138,7 +138,7 @@ func TestDockerRootless(t *testing.T) {
 	})
 
 	t.Run("restart-always", func(t *testing.T) {
-		port := freeWildcardPort(t, "tcp")
+		port := freePort(t, "tcp")
 		d.Must(t, dockerTimeout, "run", "-d", "--stop-timeout=1", "--name=always", "--restart=always", "-p", fmt.Sprintf("%d:80", port),
 			img, "sh", "-c", "echo always here >/www/index.html && exec httpd -f -p 80 -h /www")
 		url := fmt.Sprintf("http://127.0.0.1:%d/", port)
@@ -194,7 +194,7 @@ func dockerSourceAddress(t *testing.T, d *e2etest.Docker) {
 	cn := e2etest.NewClientNetns(t)
 	tool := e2etest.Tool(t)
 	img := e2etest.BusyboxImage
-	tcp, udp := freeWildcardPort(t, "tcp"), freeWildcardPort(t, "udp")
+	tcp, udp := freePort(t, "tcp"), freePort(t, "udp")
 	d.Must(t, dockerTimeout, "run", "-d", "--stop-timeout=1", "--name=peer", "-p", fmt.Sprintf("%d:8080", tcp), "-p", fmt.Sprintf("%d:9999/udp", udp),
 		img, "sh", "-c", "e2etool udp-echo :9999 & exec e2etool tcp-peer :8080")
 	cip := strings.TrimSpace(d.Must(t, dockerTimeout, "inspect", "--format={{.NetworkSettings.IPAddress}}", "peer"))
@@ -234,35 +234,6 @@ func dockerSourceAddress(t *testing.T, d *e2etest.Docker) {
 		out, err = cn.Output(20*time.Second, tool, "udp-send", fmt.Sprintf("%s:%d", host, udp), "hi")
 		seen("UDP", out, err)
 	}
-}
-
-// freeWildcardPort returns a port that is free for proto on both 0.0.0.0 and ::
-// right now.
-func freeWildcardPort(t *testing.T, proto string) int {
-	t.Helper()
-	for range 20 {
-		var port int
-		if proto == "udp" {
-			c, err := net.ListenPacket("udp", ":0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			port = c.LocalAddr().(*net.UDPAddr).Port
-			c.Close()
-		} else {
-			l, err := net.Listen("tcp", ":0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			port = l.Addr().(*net.TCPAddr).Port
-			l.Close()
-		}
-		if port >= 1024 {
-			return port
-		}
-	}
-	t.Fatal("no free port")
-	return 0
 }
 
 // fetchRetry GETs url until it answers 200 or the time is up: a

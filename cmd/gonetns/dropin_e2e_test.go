@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -66,7 +65,7 @@ func TestDetachNetNS(t *testing.T) {
 	for _, r := range e2etest.Both(t) {
 		t.Run(r.Name, func(t *testing.T) {
 			host := startHostHTTP(t)
-			parentPort := freeTCPPort(t)
+			parentPort := freePort(t, "tcp")
 			state := filepath.Join(r.TempDir(t), "state")
 			script := fmt.Sprintf(`set -e
 readlink /proc/self/ns/net
@@ -106,16 +105,6 @@ exec sleep 30`, host.port, e2etest.HelperCmd(t, "http-serve", "127.0.0.1:8000"))
 			}
 		})
 	}
-}
-
-func freeTCPPort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }
 
 // httpGetRetry GETs url until it answers or d has passed.

@@ -69,7 +69,7 @@ wget -qO- http://10.0.2.2:%[1]d/blob | sha256sum`, host.port)
 	})
 	for _, handler := range []string{"rootlessport", "slirp4netns"} {
 		t.Run("publish-"+handler, func(t *testing.T) {
-			tcpPort, udpPort := freeWildcardPort(t, "tcp"), freeWildcardPort(t, "udp")
+			tcpPort, udpPort := freePort(t, "tcp"), freePort(t, "udp")
 			args := []string{"run", "-d", "-p", fmt.Sprintf("%d:8000/tcp", tcpPort), "-p", fmt.Sprintf("%d:8001/udp", udpPort)}
 			if handler == "slirp4netns" {
 				args = append(args, "--network=slirp4netns:port_handler=slirp4netns")
@@ -87,7 +87,7 @@ wget -qO- http://10.0.2.2:%[1]d/blob | sha256sum`, host.port)
 		})
 	}
 	t.Run("stop-rm-leave-nothing", func(t *testing.T) {
-		id := strings.TrimSpace(p.Must(t, podmanTimeout, "run", "-d", "-p", fmt.Sprintf("%d:8000", freeWildcardPort(t, "tcp")),
+		id := strings.TrimSpace(p.Must(t, podmanTimeout, "run", "-d", "-p", fmt.Sprintf("%d:8000", freePort(t, "tcp")),
 			"--network=slirp4netns:port_handler=slirp4netns", img, "sleep", "1000"))
 		if n := gonetnsProcesses(t, r, slirp); len(n) == 0 {
 			t.Errorf("no gonetns runs for the running container")

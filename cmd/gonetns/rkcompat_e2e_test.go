@@ -45,7 +45,7 @@ func TestRootlessKitBracketedIPv4ChildAddress(t *testing.T) {
 	e2etest.RequireTun(t)
 	for _, k := range kitRunners(t) {
 		t.Run(k.name, func(t *testing.T) {
-			p6, pBoth := freeTCPPort(t), freeTCPPort(t)
+			p6, pBoth := freePort(t, "tcp"), freePort(t, "tcp")
 			ctx, cancel := context.WithTimeout(context.Background(), netTimeout)
 			defer cancel()
 			state := filepath.Join(k.kit.TempDir(t), "state")

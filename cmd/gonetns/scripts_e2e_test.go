@@ -169,7 +169,7 @@ func TestRootlessKitFlagSets(t *testing.T) {
 			pub4, pub6 := freePort(t, "tcp"), 0
 			specs := []string{fmt.Sprintf("127.0.0.1:%d:8080/tcp", pub4)}
 			if fs.ipv6 {
-				pub6 = freeWildcardPort(t, "tcp")
+				pub6 = freePort(t, "tcp")
 				specs = append(specs, fmt.Sprintf("[::1]:%d:8080/tcp", pub6))
 			}
 			e := append(env(dir),

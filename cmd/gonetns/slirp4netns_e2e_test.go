@@ -358,7 +358,7 @@ func TestSlirp4netnsAPISocket(t *testing.T) {
 	}
 
 	client := e2etest.NewClientNetns(t)
-	tcpPort, udpPort := freeWildcardPort(t, "tcp"), freeWildcardPort(t, "udp")
+	tcpPort, udpPort := freePort(t, "tcp"), freePort(t, "udp")
 	// Podman's requests: host_addr 0.0.0.0, guest_addr "", so .100. TCP
 	// first (a slice, not a map: its forward must get id 1, which the
 	// test removes below).
@@ -421,7 +421,7 @@ func TestRootlessKit1Slirp4netns(t *testing.T) {
 	host := startHostHTTP(t)
 	for _, driver := range []string{"slirp4netns", "builtin"} {
 		t.Run(driver, func(t *testing.T) {
-			hostPort := freeTCPPort(t)
+			hostPort := freePort(t, "tcp")
 			state := filepath.Join(r.TempDir(t), "state")
 			script := fmt.Sprintf(`set -e
 ip -o addr show tap0 | grep -o 'inet [0-9./]*'

@@ -28,6 +28,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gonetns/gonetns/internal/e2etest"
 	"github.com/gonetns/gonetns/port"
 	"github.com/gonetns/gonetns/portfwd"
 )
@@ -158,7 +159,7 @@ func CheckNoGoroutines(t testing.TB, match func(stack string) bool) {
 func (e *Env) Publish(spec port.Spec) port.Status {
 	e.T.Helper()
 	for attempt := 0; ; attempt++ {
-		spec.ParentPort = FreePort(e.T, spec.Proto[:3], parentIPOf(spec))
+		spec.ParentPort = e2etest.FreePort(e.T)
 		st, err := e.M.AddPort(context.Background(), spec)
 		if err == nil {
 			return st
@@ -183,26 +184,6 @@ func parentIPOf(spec port.Spec) netip.Addr {
 // ParentAddr is where a client on this host reaches st.
 func ParentAddr(st port.Status) netip.AddrPort {
 	return netip.AddrPortFrom(parentIPOf(st.Spec), uint16(st.Spec.ParentPort))
-}
-
-// FreePort returns a port that was free on ip a moment ago.
-func FreePort(t testing.TB, transport string, ip netip.Addr) int {
-	t.Helper()
-	addr := netip.AddrPortFrom(ip, 0).String()
-	if transport == "tcp" {
-		ln, err := net.Listen("tcp", addr)
-		if err != nil {
-			t.Fatalf("find a free TCP port on %s: %v", ip, err)
-		}
-		defer ln.Close()
-		return ln.Addr().(*net.TCPAddr).Port
-	}
-	pc, err := net.ListenPacket("udp", addr)
-	if err != nil {
-		t.Fatalf("find a free UDP port on %s: %v", ip, err)
-	}
-	defer pc.Close()
-	return pc.LocalAddr().(*net.UDPAddr).Port
 }
 
 // TCPServer listens in the child on ip and runs handle for each
