@@ -11,6 +11,8 @@ import (
 	"time"
 
 	mdns "github.com/miekg/dns"
+
+	"github.com/gonetns/gonetns/internal/e2etest"
 )
 
 // This file holds the test fixtures: fake upstream resolvers on 127.0.0.1
@@ -163,14 +165,11 @@ func listenPair(t *testing.T) (net.PacketConn, net.Listener) {
 }
 
 // closedPort is a 127.0.0.1 address where nothing listens: a query there
-// gets ICMP port unreachable.
+// gets ICMP port unreachable. Its port is below the kernel's ephemeral
+// range, where no other test's listener on port 0 can land.
 func closedPort(t *testing.T) netip.AddrPort {
 	t.Helper()
-	pc, ln := listenPair(t)
-	ap := netip.MustParseAddrPort(ln.Addr().String())
-	pc.Close()
-	ln.Close()
-	return ap
+	return netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(e2etest.FreePort(t)))
 }
 
 // blackHole is a 127.0.0.1 address that takes UDP and TCP and never

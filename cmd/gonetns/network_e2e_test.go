@@ -241,16 +241,9 @@ func startUDPServer(t *testing.T, addr string, reply func(from *net.UDPAddr, b [
 	return pc.LocalAddr().(*net.UDPAddr).Port
 }
 
-func closedPort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	return port
-}
+// closedPort is a port where nothing listens, below the kernel's ephemeral
+// range, where no other test's listener on port 0 can land.
+func closedPort(t *testing.T) int { return e2etest.FreePort(t) }
 
 // A refused connection is refused inside at once, with an RST: the
 // helper's dial gives up after 5 s, half of the NAT's own dial timeout (after
