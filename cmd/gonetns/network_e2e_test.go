@@ -241,10 +241,6 @@ func startUDPServer(t *testing.T, addr string, reply func(from *net.UDPAddr, b [
 	return pc.LocalAddr().(*net.UDPAddr).Port
 }
 
-// closedPort is a port where nothing listens, below the kernel's ephemeral
-// range, where no other test's listener on port 0 can land.
-func closedPort(t *testing.T) int { return e2etest.FreePort(t) }
-
 // A refused connection is refused inside at once, with an RST: the
 // helper's dial gives up after 5 s, half of the NAT's own dial timeout (after
 // which an unreachable destination is reset too), so "connection refused"
@@ -253,7 +249,7 @@ func closedPort(t *testing.T) int { return e2etest.FreePort(t) }
 func TestNetRefusedIsFast(t *testing.T) {
 	e2etest.RequireTun(t)
 	r := e2etest.Unprivileged(t)
-	port := closedPort(t)
+	port := freePort(t, "tcp") // nothing listens there, and no listener on port 0 can land there
 	res := r.Run(t, netTimeout, "sh", "-c", e2etest.HelperCmd(t, "tcp-dial", fmt.Sprintf("10.0.2.2:%d", port), "5s")+
 		fmt.Sprintf("; curl -sS http://10.0.2.2:%d/ 2>&1; echo curl=$?", port))
 	var ms int
