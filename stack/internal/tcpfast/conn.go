@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"math/bits"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -52,9 +53,21 @@ const (
 // inside that write). The 1-byte request/response of the benchmark
 // answers in 30-200 µs through the host's loopback here; a sender held
 // back by Nagle waits at most this long for the ACK (the kernel's own
-// delayed ACK is 40 ms). Bulk transfers (we send nothing but ACKs),
-// duplicate ACKs and window updates go out at once.
-const ackDelay = 500 * time.Microsecond
+// delayed ACK is 40 ms; libslirp, behind slirp4netns, sends its delayed
+// ACKs every 2 ms). Bulk transfers (we send nothing but ACKs), duplicate
+// ACKs and window updates go out at once.
+//
+// Why 2 ms and not less: the event loop sleeps in epoll_pwait2 until the
+// oldest ACK held is due, and on this project's 2-CPU virtual machine a
+// sleep bounded by 500 µs cost 4-5 µs more to start and 4-5 µs more to
+// wake from than an unbounded one, while one bounded by 2 ms cost the
+// same as unbounded (the loop's thread from being switched in to
+// epoll_pwait2 returning, median of some 8,000 wakes each: 8-9 µs bounded
+// by 500 µs, 4 µs by 2 ms or unbounded; 5 µs by 1 ms). A round trip
+// sleeps twice; at 500 µs the event loop spent 47-52 µs of CPU per round
+// trip, at 2 ms (with heldACKs.wait skipping the ACKs carried) 34-40 µs
+// (docs/design.md, "Timers on the event loop").
+const ackDelay = 2 * time.Millisecond
 
 // conn is one fast-path connection: the sandbox's TCP connection and the
 // host socket it mirrors. All fields are guarded by mu.
@@ -89,9 +102,14 @@ type conn struct {
 	roomEst  int       // the host socket's send room as last read, less what was written since
 	sndbuf   int       // the host socket's send buffer as last read
 	ackTimer *time.Timer
-	ackDue   bool      // an ACK is held (see ackDelay)
-	ackAt    time.Time // when it is due, with Config.Link (heldACKs)
-	lastData bool      // the last segment sent carried data: the sandbox's next data is likely a turn
+	ackDue   bool // an ACK is held (see ackDelay)
+	lastData bool // the last segment sent carried data: the sandbox's next data is likely a turn
+	// ackHeld names the ACK held, with Config.Link: the heldACKs entry
+	// whose gen it is, 0 when none is. Atomic: the event loop reads it
+	// without c.mu to skip the entries of ACKs a segment has carried
+	// since, so that it does not set its sleep by them (heldACKs.wait).
+	ackHeld atomic.Uint64
+	ackGen  uint64 // the last gen given to an entry of c's
 
 	// The host's data, towards the sandbox.
 	iss          uint32
@@ -834,6 +852,7 @@ func (c *conn) sent(data bool) {
 	c.lastData = data
 	if c.ackDue {
 		c.ackDue = false
+		c.ackHeld.Store(0)
 		if c.ackTimer != nil {
 			c.ackTimer.Stop()
 		}
@@ -1159,9 +1178,10 @@ func (c *conn) close(abort bool) {
 	}
 	c.state = stClosed
 	c.disarm()
+	c.ackDue = false
+	c.ackHeld.Store(0)
 	if c.ackTimer != nil {
 		c.ackTimer.Stop()
-		c.ackDue = false
 	}
 	if c.fd >= 0 {
 		if abort {

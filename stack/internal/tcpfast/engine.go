@@ -593,44 +593,63 @@ func (b *busyPoll) slept(d time.Duration) {
 
 // heldACKs are the ACKs held (see ackDelay) when the event loop sends
 // them, in the order they fall due (the delay is the same for all).
-// Round trips keep the queue from ever emptying (each one's entry stays
-// until it is due, whether or not an answer carried the ACK), so it
-// slides along its array and moves back to the front when it reaches
-// the end, rather than growing a new array (one allocation every few
-// round trips, before).
+// Round trips keep the queue from ever emptying (an entry stays until it
+// is due or reaches the front, whether or not an answer carried its ACK),
+// so it slides along its array and moves back to the front when it
+// reaches the end, rather than growing a new array (one allocation every
+// few round trips, before).
 type heldACKs struct {
 	mu   sync.Mutex
-	q    []heldACK // q[head:] are held
+	q    []heldACK // q[head:] are held, or were
 	head int
 }
 
 type heldACK struct {
 	c   *conn
+	gen uint64 // c.ackHeld while this ACK is held
 	due time.Time
 }
 
+// live says whether a's ACK is still held: no segment has carried it.
+func (a *heldACK) live() bool { return a.c.ackHeld.Load() == a.gen }
+
 // hold notes c's ACK, due after ackDelay. c.mu is held.
 func (h *heldACKs) hold(c *conn) {
-	c.ackAt = time.Now().Add(ackDelay)
+	c.ackGen++
+	c.ackHeld.Store(c.ackGen)
 	h.mu.Lock()
 	if h.head > 0 && len(h.q) == cap(h.q) {
 		n := copy(h.q, h.q[h.head:])
 		clear(h.q[n:])
 		h.q, h.head = h.q[:n], 0
 	}
-	h.q = append(h.q, heldACK{c, c.ackAt})
+	h.q = append(h.q, heldACK{c, c.ackGen, time.Now().Add(ackDelay)})
 	h.mu.Unlock()
 }
 
-// wait is how long the loop may sleep before the next ACK is due; -1 for
-// no limit.
+// wait is how long the loop may sleep before the next ACK still held is
+// due; -1 for no limit. It forgets the entries at the front whose ACK a
+// segment has carried: a sleep bounded by one of them would end for
+// nothing, and a bounded sleep costs more than an unbounded one even when
+// it is not cut short (see ackDelay).
 func (h *heldACKs) wait(now time.Time) time.Duration {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	for h.head < len(h.q) && !h.q[h.head].live() {
+		h.pop()
+	}
 	if h.head == len(h.q) {
 		return -1
 	}
 	return max(h.q[h.head].due.Sub(now), 0)
+}
+
+// pop forgets the front entry. h.mu is held.
+func (h *heldACKs) pop() {
+	h.q[h.head] = heldACK{}
+	if h.head++; h.head == len(h.q) {
+		h.q, h.head = h.q[:0], 0
+	}
 }
 
 // fire sends the ACKs due by now that no segment carried since.
@@ -642,13 +661,10 @@ func (h *heldACKs) fire(now time.Time) {
 			return
 		}
 		a := h.q[h.head]
-		h.q[h.head] = heldACK{}
-		if h.head++; h.head == len(h.q) {
-			h.q, h.head = h.q[:0], 0
-		}
+		h.pop()
 		h.mu.Unlock()
 		a.c.mu.Lock()
-		if a.c.ackAt.Equal(a.due) {
+		if a.live() {
 			a.c.sendHeldACK()
 		}
 		a.c.mu.Unlock()

@@ -54,6 +54,36 @@ func TestHeldACKs(t *testing.T) {
 	}
 }
 
+// TestHeldACKsWait: the loop's sleep is bounded by the oldest ACK still
+// held, not by the entries of ACKs that a segment carried since (which
+// fire would skip), and is unbounded when every ACK held was carried.
+func TestHeldACKsWait(t *testing.T) {
+	var h heldACKs
+	var a, b conn
+	h.hold(&a)
+	h.hold(&b)
+	a.ackHeld.Store(0) // a's answer carried its ACK; b's is still held
+	now := time.Now()
+	if w := h.wait(now); w <= 0 || w > ackDelay {
+		t.Fatalf("b's ACK held: wait %v, want at most %v", w, ackDelay)
+	}
+	if got := len(h.q) - h.head; got != 1 {
+		t.Errorf("after wait: %d entries, want 1 (b's)", got)
+	}
+	b.ackHeld.Store(0)
+	if w := h.wait(now); w != -1 || h.head != 0 || len(h.q) != 0 {
+		t.Errorf("every ACK carried: wait %v, head %d, len %d; want -1, 0, 0", w, h.head, len(h.q))
+	}
+	// A connection that holds again: its older entry is not the live one.
+	h.hold(&a)
+	h.hold(&b)
+	a.ackHeld.Store(0)
+	h.hold(&a)
+	if w := h.wait(now); w <= 0 || len(h.q)-h.head != 2 || !h.q[h.head].live() || h.q[h.head].c != &b {
+		t.Errorf("a held again after b: wait %v, %d entries, front is b's: %v", w, len(h.q)-h.head, h.q[h.head].c == &b)
+	}
+}
+
 // heldInFlight is how many round trips' ACKs roundTrips leaves held.
 const heldInFlight = 4
 
@@ -65,8 +95,8 @@ func roundTrips(h *heldACKs, conns *[heldInFlight + 1]conn, n int, check func(i,
 	for i := range n {
 		c := &conns[i%len(conns)]
 		h.hold(c)
-		dues[i%len(dues)] = c.ackAt
-		c.ackAt = time.Time{} // the answer carried it: fire must not send it
+		dues[i%len(dues)] = h.q[len(h.q)-1].due
+		c.ackHeld.Store(0) // the answer carried it: fire must not send it
 		if i >= heldInFlight {
 			h.fire(dues[(i-heldInFlight)%len(dues)])
 		}
