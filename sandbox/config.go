@@ -266,13 +266,13 @@ func (e *invalid) Is(target error) bool { return target == ErrInvalidConfig }
 
 func invalidf(format string, a ...any) error { return &invalid{fmt.Sprintf(format, a...)} }
 
-// withDefaults returns c with the zero fields given their defaults.
 // RunsEventLoop reports whether the network reads its TAP on the fast
 // path's thread (unless DisableEventLoop; never without the fast path).
 func (c Config) RunsEventLoop() bool {
 	return !c.DisableEventLoop && !c.DisableTCPFastPath
 }
 
+// withDefaults returns c with the zero fields given their defaults.
 func (c Config) withDefaults() Config {
 	if c.Net == "" {
 		c.Net = NetBuiltin
