@@ -529,12 +529,12 @@ func (n *network) startStack(files []*os.File, li linkInfo) error {
 	if err := n.st.Start(); err != nil {
 		return err
 	}
-	if n.cfg.BusyPoll > 0 && !n.st.RunsEventLoop() {
-		n.log.Info("--busy-poll has no effect here: it is the event loop that polls, the event loop reads the TAP itself, and this link is not (the packet link, or --pcap's recorder in between); frames are read on a goroutine, as with --event-loop=false")
+	if n.cfg.RunsEventLoop() && !n.st.RunsEventLoop() {
+		n.log.Info("--event-loop and --busy-poll have no effect here: the event loop reads the TAP itself, and this link is not (the packet link, or --pcap's recorder in between); frames are read as without them")
 	}
 	n.nat.Start()
 	n.log.Debug("netstack up", "link", li.Kind, "name", li.Name, "vnet_hdr", li.VNetHdr, "offload", li.Offload, "mtu", n.cfg.MTU,
-		"packet_sockets", li.Sockets, "packet_rcvbuf", li.RecvBuf, "event_loop", n.st.RunsEventLoop())
+		"packet_sockets", li.Sockets, "packet_rcvbuf", li.RecvBuf)
 	if n.policy != nil {
 		n.log.Debug("egress policy", "rules", fmt.Sprint(n.policy.Rules()), "default_allow", n.policy.DefaultAllow())
 	}
