@@ -102,14 +102,14 @@ type conn struct {
 	roomEst  int       // the host socket's send room as last read, less what was written since
 	sndbuf   int       // the host socket's send buffer as last read
 	ackTimer *time.Timer
-	ackDue   bool // an ACK is held (see ackDelay)
 	lastData bool // the last segment sent carried data: the sandbox's next data is likely a turn
-	// ackHeld names the ACK held, with Config.Link: the heldACKs entry
-	// whose gen it is, 0 when none is. Atomic: the event loop reads it
-	// without c.mu to skip the entries of ACKs a segment has carried
-	// since, so that it does not set its sleep by them (heldACKs.wait).
+	// ackHeld names the ACK held (see ackDelay), 0 when none is: with
+	// Config.Link, the heldACKs entry whose gen it is. Atomic: the event
+	// loop reads it without c.mu to skip the entries of ACKs a segment
+	// has carried since, so that it does not set its sleep by them
+	// (heldACKs.wait).
 	ackHeld atomic.Uint64
-	ackGen  uint64 // the last gen given to an entry of c's
+	ackGen  uint64 // the last gen given to an ACK of c's
 
 	// The host's data, towards the sandbox.
 	iss          uint32
@@ -473,20 +473,30 @@ func (c *conn) input(s *segment) {
 
 // holdACK delays the ACK due (see ackDelay).
 func (c *conn) holdACK() {
-	if c.ackDue {
+	if c.ackIsHeld() {
 		return
 	}
-	c.ackDue = true
 	if c.e.cfg.Link != nil {
 		c.e.acks.hold(c) // the event loop sends it
 		return
 	}
+	c.markHeld()
 	if c.ackTimer == nil {
 		c.ackTimer = time.AfterFunc(ackDelay, c.onAckTimer)
 	} else {
 		c.ackTimer.Reset(ackDelay)
 	}
 }
+
+// markHeld notes that an ACK is held, under a gen of its own. c.mu is held.
+func (c *conn) markHeld() uint64 {
+	c.ackGen++
+	c.ackHeld.Store(c.ackGen)
+	return c.ackGen
+}
+
+// ackIsHeld reports whether an ACK is held. c.mu is held.
+func (c *conn) ackIsHeld() bool { return c.ackHeld.Load() != 0 }
 
 // onAckTimer sends a held ACK that no answer carried.
 func (c *conn) onAckTimer() {
@@ -501,7 +511,7 @@ func (c *conn) onAckTimer() {
 
 // sendHeldACK sends the ACK held, if it is still due.
 func (c *conn) sendHeldACK() {
-	if c.ackDue && c.state == stEstablished {
+	if c.ackIsHeld() && c.state == stEstablished {
 		t := c.e.txPool.Get().(*tx)
 		c.sendACK(t)
 		c.e.txPool.Put(t)
@@ -850,8 +860,7 @@ func (c *conn) sendACK(t *tx) {
 // sent notes a segment going out: it carries the ACK due, if one was held.
 func (c *conn) sent(data bool) {
 	c.lastData = data
-	if c.ackDue {
-		c.ackDue = false
+	if c.ackIsHeld() {
 		c.ackHeld.Store(0)
 		if c.ackTimer != nil {
 			c.ackTimer.Stop()
@@ -1178,7 +1187,6 @@ func (c *conn) close(abort bool) {
 	}
 	c.state = stClosed
 	c.disarm()
-	c.ackDue = false
 	c.ackHeld.Store(0)
 	if c.ackTimer != nil {
 		c.ackTimer.Stop()

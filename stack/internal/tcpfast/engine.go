@@ -615,15 +615,14 @@ func (a *heldACK) live() bool { return a.c.ackHeld.Load() == a.gen }
 
 // hold notes c's ACK, due after ackDelay. c.mu is held.
 func (h *heldACKs) hold(c *conn) {
-	c.ackGen++
-	c.ackHeld.Store(c.ackGen)
+	gen := c.markHeld()
 	h.mu.Lock()
 	if h.head > 0 && len(h.q) == cap(h.q) {
 		n := copy(h.q, h.q[h.head:])
 		clear(h.q[n:])
 		h.q, h.head = h.q[:n], 0
 	}
-	h.q = append(h.q, heldACK{c, c.ackGen, time.Now().Add(ackDelay)})
+	h.q = append(h.q, heldACK{c, gen, time.Now().Add(ackDelay)})
 	h.mu.Unlock()
 }
 
@@ -726,7 +725,7 @@ func (e *Engine) Describe() string {
 		}
 		fmt.Fprintf(&b, "%v -> %v: %s fd %d; from the sandbox: rcvNxt %d rcvRight +%d queued %d in %d chunks finRcvd %t wndSmall %t lastWnd %d roomEst %d sndbuf %d ackDue %t; to the sandbox: sndUna %d sndNxt +%d sndMax +%d sndWnd %d rdSeq -%d readable %t rdhup %t hostEOF %t finSeq +%d dupAcks %d inRecovery %t backoff %d timerOn %t; last progress %s\n",
 			c.k.src, c.k.dst, stateNames[c.state], c.fd,
-			c.rcvNxt, c.rcvRight-c.rcvNxt, c.queued, len(c.queue), c.finRcvd, c.wndSmall, c.lastWnd, c.roomEst, c.sndbuf, c.ackDue,
+			c.rcvNxt, c.rcvRight-c.rcvNxt, c.queued, len(c.queue), c.finRcvd, c.wndSmall, c.lastWnd, c.roomEst, c.sndbuf, c.ackIsHeld(),
 			c.sndUna, c.sndNxt-c.sndUna, c.sndMax-c.sndUna, c.sndWnd, c.sndUna-c.rdSeq, c.hostReadable, c.rdhup, c.hostEOF, c.finSeq-c.sndUna,
 			c.dupAcks, c.inRecovery, c.backoff, c.timerOn, progress)
 		for _, k := range c.queue {

@@ -325,7 +325,7 @@ func TestIdleConnectionCostsNoWakeUps(t *testing.T) {
 	deadline := time.Now().Add(100 * time.Millisecond)
 	for {
 		c.mu.Lock()
-		timerOn, ackDue := c.timerOn, c.ackDue
+		timerOn, ackDue := c.timerOn, c.ackIsHeld()
 		c.mu.Unlock()
 		if !timerOn && !ackDue {
 			return
