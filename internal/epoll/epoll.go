@@ -35,6 +35,12 @@ type Set struct {
 	wake      int
 	waitMu    sync.Mutex
 	closeOnce sync.Once
+
+	// While the set sleeps in Go's poller (Sleep, until the next WaitFor
+	// or WaitBrief): a duplicate of fd, which the poller watches. Under
+	// waitMu.
+	parkedRC syscall.RawConn
+	parkedF  *os.File
 }
 
 // ReservedKey is the key of a blocking set's wake-up descriptor: Add
@@ -76,6 +82,14 @@ func NewBlocking(name string) (*Set, error) {
 	if err != nil {
 		unix.Close(fd)
 		return nil, fmt.Errorf("%s: eventfd: %w", name, err)
+	}
+	// Non-blocking, so that Sleep's duplicate is taken by Go's poller (the
+	// flag is the open file's, shared by the duplicates; epoll_wait
+	// ignores it).
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(wake)
+		unix.Close(fd)
+		return nil, fmt.Errorf("%s: epoll: %w", name, err)
 	}
 	s := &Set{fd: fd, wake: wake}
 	if err := s.ctl(unix.EPOLL_CTL_ADD, wake, unix.EPOLLIN|unix.EPOLLET, ReservedKey); err != nil {
@@ -155,6 +169,7 @@ func (s *Set) WaitFor(events []unix.EpollEvent, timeout time.Duration) (int, err
 	}
 	s.waitMu.Lock()
 	defer s.waitMu.Unlock()
+	s.unpark()
 	for {
 		if s.closed.Load() {
 			return 0, ErrClosed
@@ -167,6 +182,115 @@ func (s *Set) WaitFor(events []unix.EpollEvent, timeout time.Duration) (int, err
 			return 0, fmt.Errorf("epoll wait: %w", err)
 		}
 		return s.members(events[:n])
+	}
+}
+
+// MaxBrief bounds WaitBrief's timeout. A goroutine that keeps its P for
+// 10 ms without being scheduled again is preempted by the runtime's
+// monitor with a signal, which would cut every longer wait short; and the
+// longer the wait, the longer the P is kept from the rest of the process.
+const MaxBrief = 5 * time.Millisecond
+
+// WaitBrief is WaitFor for a wait of at most MaxBrief (longer timeouts,
+// and negative ones, are cut to it), made without telling the scheduler:
+// the thread keeps its P while it sleeps, so it wakes straight into the
+// events, and the runtime's monitor is not woken. An announced wait
+// (WaitFor) wakes a monitor that is asleep and, since a P in a system call
+// counts as busy, keeps it ticking every 20 µs at first for as long as the
+// wait lasts (some 60 wake-ups in its first 10 ms); an unannounced one
+// keeps a monitor that is awake ticking too, but never wakes one. A wait
+// ended by a signal returns 0 events, as a timeout does.
+func (s *Set) WaitBrief(events []unix.EpollEvent, timeout time.Duration) (int, error) {
+	if len(events) == 0 {
+		return 0, errors.New("epoll: WaitBrief needs room for an event")
+	}
+	if s.f != nil {
+		return 0, errors.New("epoll: WaitBrief needs a set made by NewBlocking")
+	}
+	timeout = min(max(timeout, 0), MaxBrief)
+	if noPwait2.Load() {
+		return s.WaitFor(events, timeout)
+	}
+	s.waitMu.Lock()
+	if s.closed.Load() {
+		s.waitMu.Unlock()
+		return 0, ErrClosed
+	}
+	s.unpark()
+	n, err := rawconn.EpollWaitBrief(s.fd, events, timeout)
+	s.waitMu.Unlock()
+	switch {
+	case err == unix.EINTR:
+		// The runtime's preemption, most likely: back to Go code, where
+		// the goroutine can be stopped.
+		return 0, nil
+	case err == unix.ENOSYS:
+		noPwait2.Store(true)
+		return s.WaitFor(events, timeout)
+	case err != nil:
+		return 0, fmt.Errorf("epoll wait: %w", err)
+	}
+	return s.members(events[:n])
+}
+
+// Sleep waits, in a set made by NewBlocking, until some member is ready or
+// Wake is called, in Go's poller, as any network wait does: the goroutine
+// parks and its P is given back, so that when nothing else runs the
+// runtime's monitor sleeps too, however long the wait. For a set that has
+// gone quiet: the set joins the poller (a duplicate of its descriptor) at
+// the first Sleep and stays until the next WaitFor or WaitBrief, and
+// while it is there every event of a member also wakes the poller's
+// thread; leaving costs an announced close, which wakes the monitor.
+// 0 events for a Wake; if the poller cannot take the set, it waits as
+// WaitFor does.
+func (s *Set) Sleep(events []unix.EpollEvent) (int, error) {
+	if len(events) == 0 {
+		return 0, errors.New("epoll: Sleep needs room for an event")
+	}
+	if s.f != nil {
+		return 0, errors.New("epoll: Sleep needs a set made by NewBlocking")
+	}
+	s.waitMu.Lock()
+	if s.closed.Load() {
+		s.waitMu.Unlock()
+		return 0, ErrClosed
+	}
+	n, err := s.parked(events)
+	s.waitMu.Unlock()
+	if err != nil {
+		return s.WaitFor(events, -1)
+	}
+	return s.members(events[:n])
+}
+
+// parked is Sleep's wait in Go's poller. s.waitMu is held.
+func (s *Set) parked(events []unix.EpollEvent) (int, error) {
+	if s.parkedF == nil {
+		dup, err := unix.FcntlInt(uintptr(s.fd), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			return 0, err
+		}
+		f := os.NewFile(uintptr(dup), "epoll set")
+		rc, err := f.SyscallConn()
+		if err != nil {
+			f.Close()
+			return 0, err
+		}
+		s.parkedF, s.parkedRC = f, rc
+	}
+	n, err := pollCalls.Read(s.parkedRC, events)
+	if err != nil {
+		s.unpark()
+	}
+	return n, err
+}
+
+// unpark takes the set out of Go's poller, if Sleep put it there.
+// s.waitMu is held.
+func (s *Set) unpark() {
+	if s.parkedF != nil {
+		s.parkedF.Close()
+		s.parkedF, s.parkedRC = nil, nil
 	}
 }
 
@@ -267,6 +391,7 @@ func (s *Set) Close() error {
 		s.closed.Store(true)
 		s.Wake()
 		s.waitMu.Lock()
+		s.unpark()
 		unix.Close(s.fd)
 		unix.Close(s.wake)
 		s.waitMu.Unlock()

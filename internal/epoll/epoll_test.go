@@ -2,6 +2,7 @@ package epoll
 
 import (
 	"errors"
+	"os"
 	"testing"
 	"time"
 
@@ -110,5 +111,95 @@ func TestPollerSet(t *testing.T) {
 	s.Close()
 	if _, err := s.Wait(events); !errors.Is(err, ErrClosed) {
 		t.Errorf("Wait after Close: %v", err)
+	}
+}
+
+// TestSleepAndBrief: Sleep (in Go's poller) and WaitBrief (on the P) take
+// turns on one set: each reports a member's events, WaitBrief times out
+// with none and cuts a long timeout to MaxBrief, Sleep returns for a Wake
+// and with ErrClosed across Close, and the descriptor Sleep puts in the
+// poller is gone once WaitBrief has run and once the set is closed.
+func TestSleepAndBrief(t *testing.T) {
+	fds := func() int {
+		ents, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(ents)
+	}
+	s, err := NewBlocking("test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, w := pipe(t)
+	if err := s.Add(r, unix.EPOLLIN, 7); err != nil {
+		t.Fatal(err)
+	}
+	before := fds()
+	events := make([]unix.EpollEvent, 4)
+
+	go func() {
+		time.Sleep(20 * time.Millisecond)
+		unix.Write(w, []byte("x"))
+	}()
+	if n, err := s.Sleep(events); err != nil || n != 1 || Key(&events[0]) != 7 {
+		t.Fatalf("Sleep until the pipe is written: %d, %v, %+v", n, err, events[0])
+	}
+	if n, err := s.Sleep(events); err != nil || n != 1 || Key(&events[0]) != 7 {
+		t.Errorf("Sleep with the pipe still readable: %d, %v, %+v", n, err, events[0])
+	}
+	if got := fds(); got != before+1 {
+		t.Errorf("descriptors while the set is in the poller: %d, want %d", got, before+1)
+	}
+	if n, err := s.WaitBrief(events, time.Millisecond); err != nil || n != 1 || Key(&events[0]) != 7 {
+		t.Errorf("WaitBrief with the pipe readable: %d, %v, %+v", n, err, events[0])
+	}
+	if got := fds(); got != before {
+		t.Errorf("descriptors after WaitBrief: %d, want %d (the poller's duplicate closed)", got, before)
+	}
+	var b [8]byte
+	unix.Read(r, b[:])
+
+	start := time.Now()
+	n, err := s.WaitBrief(events, 300*time.Microsecond)
+	if took := time.Since(start); err != nil || n != 0 || took < 300*time.Microsecond || took > 50*time.Millisecond {
+		t.Errorf("WaitBrief with nothing ready: %d, %v after %v; want 0, nil after 300µs", n, err, took)
+	}
+	start = time.Now()
+	n, err = s.WaitBrief(events, time.Hour)
+	if took := time.Since(start); err != nil || n != 0 || took < MaxBrief || took > MaxBrief+50*time.Millisecond {
+		t.Errorf("WaitBrief for an hour: %d, %v after %v; want 0, nil after MaxBrief (%v)", n, err, took, MaxBrief)
+	}
+
+	s.Wake()
+	if n, err := s.Sleep(events); err != nil || n != 0 {
+		t.Errorf("Sleep after Wake: %d, %v; want 0, nil", n, err)
+	}
+
+	errc := make(chan error, 1)
+	go func() {
+		for {
+			n, err := s.Sleep(events)
+			if err != nil || n != 0 {
+				errc <- err
+				return
+			}
+		}
+	}()
+	time.Sleep(20 * time.Millisecond)
+	s.Close()
+	select {
+	case err := <-errc:
+		if !errors.Is(err, ErrClosed) {
+			t.Errorf("Sleep across Close: %v, want ErrClosed", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Sleep still waiting after Close")
+	}
+	if _, err := s.WaitBrief(events, time.Millisecond); !errors.Is(err, ErrClosed) {
+		t.Errorf("WaitBrief after Close: %v", err)
+	}
+	if got := fds(); got != before-2 {
+		t.Errorf("descriptors after Close: %d, want %d (the set, its wake-up and the poller's duplicate closed)", got, before-2)
 	}
 }

@@ -4,6 +4,7 @@ package rawconn
 
 import (
 	"syscall"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -105,6 +106,17 @@ func EpollPoll(epfd int, events []unix.EpollEvent) (int, error) {
 		return 0, nil
 	}
 	n, _, e := syscall.RawSyscall6(unix.SYS_EPOLL_WAIT, uintptr(epfd), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), 0, 0, 0)
+	return result(n, e)
+}
+
+// EpollWaitBrief waits up to timeout (which must be short: see
+// epoll.Set.WaitBrief) for events of the epoll set epfd, with
+// epoll_pwait2, unannounced: the thread keeps its P and the runtime's
+// monitor is not woken. A signal (the runtime's preemption) ends the wait
+// with EINTR. ENOSYS before Linux 5.11.
+func EpollWaitBrief(epfd int, events []unix.EpollEvent, timeout time.Duration) (int, error) {
+	ts := unix.NsecToTimespec(int64(timeout))
+	n, _, e := syscall.RawSyscall6(unix.SYS_EPOLL_PWAIT2, uintptr(epfd), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), uintptr(unsafe.Pointer(&ts)), 0, 0)
 	return result(n, e)
 }
 

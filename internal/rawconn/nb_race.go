@@ -3,6 +3,7 @@
 package rawconn
 
 import (
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -19,6 +20,15 @@ func Writev(fd int, bufs [][]byte) (int, error) { return unix.Writev(fd, bufs) }
 func ReadFD(fd int, b []byte) (int, error)      { return unix.Read(fd, b) }
 func EpollPoll(epfd int, events []unix.EpollEvent) (int, error) {
 	return unix.EpollWait(epfd, events, 0)
+}
+
+func EpollWaitBrief(epfd int, events []unix.EpollEvent, timeout time.Duration) (int, error) {
+	ts := unix.NsecToTimespec(int64(timeout))
+	n, _, e := unix.Syscall6(unix.SYS_EPOLL_PWAIT2, uintptr(epfd), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), uintptr(unsafe.Pointer(&ts)), 0, 0)
+	if e != 0 {
+		return 0, e
+	}
+	return int(n), nil
 }
 
 func Recvmsg(fd int, bufs [][]byte, name []byte, flags int) (n, nameLen, msgFlags int, err error) {
