@@ -111,6 +111,9 @@ type NAT struct {
 
 	udp  *flowtable.Table[udpKey, *udpFlow]
 	echo *flowtable.Table[echoKey, *echoFlow]
+	// expiryWake starts the expiry of udp and echo when a flow comes to
+	// an empty table (flowtable.ExpireEvery).
+	expiryWake chan struct{}
 
 	out      *outbound
 	refusals refusalLog
@@ -167,20 +170,21 @@ func New(cfg Config) (*NAT, error) {
 	n.loopDialer = &ld
 	n.out = newOutbound(cfg.OutboundAddr, cfg.OutboundAddr6, cfg.OutboundEverywhere, n.dialer, n.loopDialer)
 	n.ctx, n.cancel = context.WithCancel(context.Background())
-	n.udp = flowtable.New[udpKey, *udpFlow](flowtable.Config[udpKey]{Max: cfg.MaxUDPFlows, Idle: func(k udpKey) time.Duration {
+	n.expiryWake = make(chan struct{}, 1)
+	n.udp = flowtable.New[udpKey, *udpFlow](flowtable.Config[udpKey]{Max: cfg.MaxUDPFlows, Wake: n.expiryWake, Idle: func(k udpKey) time.Duration {
 		if k.dst.Port() == 53 {
 			return cfg.DNSIdleTimeout
 		}
 		return cfg.UDPIdleTimeout
 	}})
-	n.echo = flowtable.New[echoKey, *echoFlow](flowtable.Config[echoKey]{Max: cfg.MaxEchoFlows, Idle: func(echoKey) time.Duration { return DefaultEchoIdle }})
+	n.echo = flowtable.New[echoKey, *echoFlow](flowtable.Config[echoKey]{Max: cfg.MaxEchoFlows, Wake: n.expiryWake, Idle: func(echoKey) time.Duration { return DefaultEchoIdle }})
 	return n, nil
 }
 
 // Start starts the goroutine that expires idle flows.
 func (n *NAT) Start() {
 	n.wg.Go(func() {
-		flowtable.ExpireEvery(n.ctx, time.Second, n.cfg.Now, func(c int) { n.log.Debug("expired idle flows", "count", c) }, n.udp, n.echo)
+		flowtable.ExpireEvery(n.ctx, time.Second, n.cfg.Now, func(c int) { n.log.Debug("expired idle flows", "count", c) }, n.expiryWake, n.udp, n.echo)
 	})
 }
 

@@ -105,6 +105,7 @@ type Manager struct {
 	udpOnce   sync.Once                          // starts udpPoll and the flows' expiry
 	udpPoll   *flowtable.Poller                  // reads every UDP flow's replies
 	udpErr    error
+	udpWake   chan struct{}   // starts the flows' expiry when one comes to an empty table
 	pipes     *relay.PipePool // for the TCP relays' splices
 
 	mu     sync.Mutex
@@ -157,6 +158,7 @@ func NewManager(cfg Config) *Manager {
 		cfg.SpliceIdlePipes = 0
 	}
 	ctx, cancel := context.WithCancel(context.Background())
+	udpWake := make(chan struct{}, 1)
 	return &Manager{
 		cfg:    cfg,
 		log:    cfg.Logger,
@@ -167,10 +169,12 @@ func NewManager(cfg Config) *Manager {
 			Max:   cfg.MaxUDPFlows,
 			Idle:  func(udpKey) time.Duration { return cfg.UDPIdleTimeout },
 			Group: clientOf,
+			Wake:  udpWake,
 		}),
-		pipes:  relay.NewPipePool(cfg.SplicePipes, cfg.SpliceIdlePipes),
-		nextID: 1,
-		ports:  make(map[int]publishedPort),
+		udpWake: udpWake,
+		pipes:   relay.NewPipePool(cfg.SplicePipes, cfg.SpliceIdlePipes),
+		nextID:  1,
+		ports:   make(map[int]publishedPort),
 
 		unprivPortStart: unprivilegedPortStart(),
 	}

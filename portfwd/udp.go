@@ -72,7 +72,7 @@ func (m *Manager) udpFlows() (*flowtable.Poller, error) {
 		m.wg.Go(func() {
 			flowtable.ExpireEvery(m.ctx, every, time.Now, func(n int) {
 				m.log.Debug("portfwd: udp flows idle, ended", "count", n, "idle_timeout", m.cfg.UDPIdleTimeout)
-			}, m.udp)
+			}, m.udpWake, m.udp)
 		})
 	})
 	return m.udpPoll, m.udpErr

@@ -47,6 +47,10 @@ type Config[K comparable] struct {
 	// so that no group can keep the others out by holding flows, and a
 	// group that holds the most recycles its own. Nil: one group.
 	Group func(k K) any
+	// Wake, if set, is given a token (never blocking) whenever a flow is
+	// added to the empty table: the wake of the ExpireEvery that expires
+	// the table, which does not tick while its tables are empty.
+	Wake chan<- struct{}
 }
 
 // Stats is what a table holds and what its limits have done.
@@ -104,6 +108,12 @@ const evictSample = 32
 func (t *Table[K, F]) Add(k K, f F) (evicted F, didEvict bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	if len(t.flows) == 0 && t.cfg.Wake != nil {
+		select {
+		case t.cfg.Wake <- struct{}{}:
+		default: // a token is there already
+		}
+	}
 	if old, ok := t.flows[k]; ok {
 		t.deleteLocked(k)
 		old.Close()
@@ -201,12 +211,31 @@ func (t *Table[K, F]) Expire(now time.Time) int {
 	return n
 }
 
+// Expirable is a table as ExpireEvery sees it.
+type Expirable interface {
+	Expire(now time.Time) int
+	Len() int
+}
+
 // ExpireEvery runs Expire(now()) every interval until ctx ends, calling
-// expired with the count when flows were closed.
-func ExpireEvery(ctx context.Context, interval time.Duration, now func() time.Time, expired func(n int), tables ...interface{ Expire(time.Time) int }) {
+// expired with the count when flows were closed. While every table is
+// empty it does not tick but waits for a token on wake (the tables'
+// Config.Wake): a sandbox that sends no UDP costs no wake-up a second.
+// A nil wake: it ticks all the time.
+func ExpireEvery(ctx context.Context, interval time.Duration, now func() time.Time, expired func(n int), wake <-chan struct{}, tables ...Expirable) {
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	for {
+		if wake != nil && allEmpty(tables) {
+			tick.Stop()
+			select {
+			case <-ctx.Done():
+				return
+			case <-wake:
+			}
+			tick.Reset(interval)
+			continue // the token may be one of before: look again
+		}
 		select {
 		case <-ctx.Done():
 			return
@@ -220,6 +249,15 @@ func ExpireEvery(ctx context.Context, interval time.Duration, now func() time.Ti
 			expired(n)
 		}
 	}
+}
+
+func allEmpty(tables []Expirable) bool {
+	for _, t := range tables {
+		if t.Len() > 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // CloseIf closes and removes the flows whose key pred accepts (a

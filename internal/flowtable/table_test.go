@@ -1,7 +1,9 @@
 package flowtable
 
 import (
+	"context"
 	"net/netip"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -134,5 +136,50 @@ func BenchmarkAddFull(b *testing.B) {
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		tb.Add(MaxFlows+i, &fakeFlow{last: base.Add(time.Duration(MaxFlows+i) * time.Millisecond)})
+	}
+}
+
+// TestExpireEveryRestsWhileEmpty: the expiry does not tick while its
+// tables are empty, starts when a flow comes, and stops again once the
+// last is gone.
+func TestExpireEveryRestsWhileEmpty(t *testing.T) {
+	wake := make(chan struct{}, 1)
+	tb := New[int, *fakeFlow](Config[int]{Max: 4, Idle: minuteIdle[int], Wake: wake})
+	var ticks atomic.Int32
+	now := func() time.Time { ticks.Add(1); return base }
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		ExpireEvery(ctx, 2*time.Millisecond, now, nil, wake, tb)
+		close(done)
+	}()
+	time.Sleep(50 * time.Millisecond)
+	if n := ticks.Load(); n != 0 {
+		t.Errorf("%d ticks with the table empty, want 0", n)
+	}
+	f := &fakeFlow{last: base}
+	tb.Add(1, f)
+	deadline := time.Now().Add(5 * time.Second)
+	for ticks.Load() < 3 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if n := ticks.Load(); n < 3 {
+		t.Fatalf("%d ticks in 5 s with a flow, want them every 2 ms", n)
+	}
+	tb.Remove(1, f)
+	time.Sleep(20 * time.Millisecond) // a tick sees the table empty
+	n := ticks.Load()
+	time.Sleep(50 * time.Millisecond)
+	if m := ticks.Load(); m > n+1 {
+		t.Errorf("%d ticks in 50 ms after the last flow went, want at most 1", m-n)
+	}
+	if f.closed != 0 {
+		t.Error("the flow was closed by an expiry it was not due for")
+	}
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("ExpireEvery still running after its context ended")
 	}
 }
