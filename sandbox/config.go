@@ -107,9 +107,10 @@ type Config struct {
 	// EventLoop (--event-loop, experimental, off by default) reads the
 	// TAP on the TCP fast path's own thread, in one epoll set with the
 	// host sockets, instead of on a reader goroutine in Go's poller
-	// (docs/design.md, "The event loop"). That thread holds a P while it
-	// sleeps in epoll_wait: the process needs GOMAXPROCS one above what
-	// it needs otherwise (cmd/gonetns adds it). Without the fast path, or
+	// (docs/design.md, "The event loop"). While traffic flows, that
+	// thread holds a P as it sleeps in epoll_wait (once quiet it sleeps in
+	// Go's poller): the process needs GOMAXPROCS one above what it needs
+	// otherwise (cmd/gonetns adds it). Without the fast path, or
 	// with a device that is not the TAP itself (--pcap, --link=packet),
 	// it has no effect.
 	EventLoop bool

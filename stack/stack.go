@@ -80,8 +80,9 @@ type Config struct {
 	// (tap.Pollable: the TAP itself, not a recorder or a packet link),
 	// reads the device on the fast path's own thread, in one epoll set
 	// with the host sockets (tcpfast.LinkReader) instead of on a reader
-	// goroutine. That thread sleeps in epoll_wait while it holds a P: the
-	// process needs GOMAXPROCS one above what its other work needs.
+	// goroutine. While traffic flows that thread sleeps in epoll_wait
+	// holding a P (it goes to Go's poller once quiet): the process needs
+	// GOMAXPROCS one above what its other work needs.
 	EventLoop bool
 	// BusyPoll, with the event loop, is the longest its thread polls for
 	// the next event before it sleeps, adapting below it (sandbox.Config's

@@ -90,7 +90,8 @@ func runLauncher(args []string, who personality, name string) int {
 	}
 	if o.cfg.RunsEventLoop() && os.Getenv("GOMAXPROCS") == "" {
 		// The event loop's thread holds a P while it sleeps in
-		// epoll_wait (sandbox.Config.EventLoop): one more for the rest.
+		// epoll_wait between the frames of traffic that flows
+		// (sandbox.Config.EventLoop): one more for the rest.
 		runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + 1)
 	}
 	log := newLogger(os.Stderr, o.cfg.Debug, name+": ")

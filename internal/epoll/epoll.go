@@ -68,11 +68,12 @@ func New(name string) (*Set, error) {
 	return &Set{f: f, rc: rc, fd: fd}, nil
 }
 
-// NewBlocking makes an empty set that one goroutine waits on with WaitFor,
-// sleeping in epoll_wait itself: its thread wakes straight into the
-// events, without the runtime's poller in between, and holds its P while
-// it sleeps (the process needs one P more than its other work: the
-// launcher sizes GOMAXPROCS for it).
+// NewBlocking makes an empty set that one goroutine waits on with WaitFor
+// or WaitBrief, sleeping in epoll_wait itself: its thread wakes straight
+// into the events, without the runtime's poller in between, and holds its
+// P while it sleeps (the process needs one P more than its other work: the
+// launcher sizes GOMAXPROCS for it); or with Sleep, in the runtime's
+// poller, giving the P back.
 func NewBlocking(name string) (*Set, error) {
 	fd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {

@@ -22,6 +22,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -513,9 +514,18 @@ const quietAfter = epoll.MaxBrief
 // pace is where the event loop sleeps: on its P or, once quiet, in Go's
 // poller.
 type pace struct {
-	quiet    bool
-	lastWake time.Time // the last wake-up from the poller
+	quiet     bool
+	lastWake  time.Time // the last wake-up from the poller
+	scheduled time.Time // when the loop last went through the scheduler
 }
+
+// yieldEvery is how long the loop keeps its P before it goes through the
+// scheduler of its own accord: the runtime's monitor preempts a goroutine
+// that has run 10 ms without, with a signal that lands in the middle of
+// whatever the loop is doing (a round trip of every 100 or so, at 80 µs a
+// round trip). A yield costs a trip through the scheduler, which runs
+// any goroutine waiting for the P first.
+const yieldEvery = 5 * time.Millisecond
 
 // sleep waits for the next event: in Go's poller while the loop is quiet
 // and no ACK is held; else on the loop's P until the oldest ACK held is
@@ -525,14 +535,19 @@ func (e *Engine) sleep(events []unix.EpollEvent, p *pace, bp *busyPoll) (int, er
 	due := e.acks.wait(start)
 	if p.quiet && due < 0 {
 		n, err := e.set.Sleep(events)
+		now := time.Now()
+		p.scheduled = now
 		if n > 0 {
-			now := time.Now()
 			if now.Sub(p.lastWake) < quietAfter {
 				p.quiet = false
 			}
 			p.lastWake = now
 		}
 		return n, err
+	}
+	if start.Sub(p.scheduled) >= yieldEvery {
+		runtime.Gosched()
+		p.scheduled = start
 	}
 	w := quietAfter
 	if due >= 0 {
