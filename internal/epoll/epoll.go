@@ -202,20 +202,15 @@ const MaxBrief = 5 * time.Millisecond
 // keeps a monitor that is awake ticking too, but never wakes one. A wait
 // ended by a signal returns 0 events, as a timeout does.
 func (s *Set) WaitBrief(events []unix.EpollEvent, timeout time.Duration) (int, error) {
-	if len(events) == 0 {
-		return 0, errors.New("epoll: WaitBrief needs room for an event")
-	}
-	if s.f != nil {
-		return 0, errors.New("epoll: WaitBrief needs a set made by NewBlocking")
+	if err := s.blockingCall("WaitBrief", events); err != nil {
+		return 0, err
 	}
 	timeout = min(max(timeout, 0), MaxBrief)
 	if noPwait2.Load() {
 		return s.WaitFor(events, timeout)
 	}
-	s.waitMu.Lock()
-	if s.closed.Load() {
-		s.waitMu.Unlock()
-		return 0, ErrClosed
+	if err := s.lockOpen(); err != nil {
+		return 0, err
 	}
 	s.unpark()
 	n, err := rawconn.EpollWaitBrief(s.fd, events, timeout)
@@ -245,16 +240,11 @@ func (s *Set) WaitBrief(events []unix.EpollEvent, timeout time.Duration) (int, e
 // 0 events for a Wake; if the poller cannot take the set, it waits as
 // WaitFor does.
 func (s *Set) Sleep(events []unix.EpollEvent) (int, error) {
-	if len(events) == 0 {
-		return 0, errors.New("epoll: Sleep needs room for an event")
+	if err := s.blockingCall("Sleep", events); err != nil {
+		return 0, err
 	}
-	if s.f != nil {
-		return 0, errors.New("epoll: Sleep needs a set made by NewBlocking")
-	}
-	s.waitMu.Lock()
-	if s.closed.Load() {
-		s.waitMu.Unlock()
-		return 0, ErrClosed
+	if err := s.lockOpen(); err != nil {
+		return 0, err
 	}
 	n, err := s.parked(events)
 	s.waitMu.Unlock()
@@ -301,19 +291,15 @@ func (s *Set) unpark() {
 // is. Not announced to the scheduler: epoll_wait with no timeout never
 // sleeps, and the calls come too often to pay for that.
 func (s *Set) Poll(events []unix.EpollEvent) (int, error) {
-	if len(events) == 0 {
-		return 0, errors.New("epoll: Poll needs room for an event")
-	}
-	if s.f != nil {
-		return 0, errors.New("epoll: Poll needs a set made by NewBlocking")
+	if err := s.blockingCall("Poll", events); err != nil {
+		return 0, err
 	}
 	// Close waits for a Poll in progress, as for a WaitFor: the descriptor
 	// is not closed (and its number not reused) under it.
-	s.waitMu.Lock()
-	defer s.waitMu.Unlock()
-	if s.closed.Load() {
-		return 0, ErrClosed
+	if err := s.lockOpen(); err != nil {
+		return 0, err
 	}
+	defer s.waitMu.Unlock()
 	n, err := rawconn.EpollPoll(s.fd, events)
 	switch {
 	case errors.Is(err, unix.EINTR):
@@ -322,6 +308,29 @@ func (s *Set) Poll(events []unix.EpollEvent) (int, error) {
 		return 0, fmt.Errorf("epoll wait: %w", err)
 	}
 	return s.members(events[:n])
+}
+
+// blockingCall checks what WaitBrief, Sleep and Poll need: room for an
+// event, and a set made by NewBlocking.
+func (s *Set) blockingCall(op string, events []unix.EpollEvent) error {
+	if len(events) == 0 {
+		return fmt.Errorf("epoll: %s needs room for an event", op)
+	}
+	if s.f != nil {
+		return fmt.Errorf("epoll: %s needs a set made by NewBlocking", op)
+	}
+	return nil
+}
+
+// lockOpen takes waitMu for a call on the set's descriptor, which Close
+// then waits for; ErrClosed, without the lock, once the set is closed.
+func (s *Set) lockOpen() error {
+	s.waitMu.Lock()
+	if s.closed.Load() {
+		s.waitMu.Unlock()
+		return ErrClosed
+	}
+	return nil
 }
 
 // members drops the wake-up descriptor's event from events, and says
