@@ -75,7 +75,7 @@ type Config struct {
 	// then not again until frames have come and stopped again (the
 	// network process gives its memory back then).
 	OnIdle    func()
-	IdleAfter time.Duration
+	IdleAfter time.Duration // default defaultIdleAfter
 	// EventLoop, with the fast path on and a device that offers it
 	// (tap.Pollable: the TAP itself, not a recorder or a packet link),
 	// reads the device on the fast path's own thread, in one epoll set
@@ -232,8 +232,12 @@ func (st *Stack) Start() error {
 	st.link = link.New(st.cfg.Device, st.cfg.MTU, st.mac, func(err error) {
 		st.log.Error("the sandbox's network device failed; its network is down", "err", err)
 	})
-	if st.cfg.OnIdle != nil {
-		st.link.SetIdle(st.cfg.IdleAfter, st.cfg.OnIdle)
+	if onIdle := st.idleWork(); onIdle != nil {
+		after := st.cfg.IdleAfter
+		if after <= 0 {
+			after = defaultIdleAfter
+		}
+		st.link.SetIdle(after, onIdle)
 	}
 	var linkReader *tcpfast.LinkReader
 	if st.cfg.EventLoop && st.cfg.DialTCP != nil && st.link.SetExternalReader() {
@@ -331,6 +335,26 @@ func (st *Stack) Start() error {
 	st.s = s
 	st.state = 1
 	return nil
+}
+
+// defaultIdleAfter is Config.IdleAfter's default.
+const defaultIdleAfter = time.Second
+
+// idleWork is what runs once the sandbox's network is quiet (nil: nothing):
+// the fast path's chunk memory goes back to the system (the pages of
+// the bytes held for host sockets during the traffic), then Config.OnIdle.
+func (st *Stack) idleWork() func() {
+	fast, onIdle := st.cfg.DialTCP != nil, st.cfg.OnIdle
+	switch {
+	case !fast:
+		return onIdle
+	case onIdle == nil:
+		return tcpfast.ReleaseChunkMemory
+	}
+	return func() {
+		tcpfast.ReleaseChunkMemory()
+		onIdle()
+	}
 }
 
 // tune sets the TCP options gonetns runs with (docs/design.md, "The data path").

@@ -6,7 +6,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"log/slog"
-	"math/bits"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -141,45 +140,8 @@ type conn struct {
 type chunk struct {
 	seq  uint32
 	data []byte
-	buf  *[]byte // data's buffer, from chunkBufs; nil for one too large for them
-	fin  bool    // the FIN follows the data
-}
-
-// chunkBufs hold the buffers of chunks, by size: powers of two from
-// 2 KiB (chunkClass0) to 64 KiB, so that a buffer is less than twice
-// what it holds. During an upload to a server that reads slower than the
-// sandbox sends, the host socket takes part of nearly every segment and
-// the rest waits in a chunk: made afresh each time, those were 323 MB of
-// garbage in 70 s of the soak and 2-3 collections a second. The pools
-// keep their buffers until the second collection after (a few MiB more
-// under such traffic; the quiet release empties them).
-var chunkBufs [6]sync.Pool
-
-const chunkClass0 = 11 // 2 KiB
-
-// chunkBuf returns a buffer of at least n bytes, empty, and the pointer
-// that gives it back (nil: n is larger than the largest class).
-func chunkBuf(n int) ([]byte, *[]byte) {
-	if n == 0 {
-		return nil, nil // a FIN alone
-	}
-	class := max(bits.Len(uint(n-1))-chunkClass0, 0)
-	if class >= len(chunkBufs) {
-		return make([]byte, 0, n), nil
-	}
-	p, _ := chunkBufs[class].Get().(*[]byte)
-	if p == nil {
-		b := make([]byte, 1<<(chunkClass0+class))
-		p = &b
-	}
-	return (*p)[:0], p
-}
-
-// putChunkBuf gives a chunk's buffer back.
-func putChunkBuf(p *[]byte) {
-	if p != nil {
-		chunkBufs[bits.Len(uint(cap(*p)-1))-chunkClass0].Put(p)
-	}
+	buf  chunkHandle // where data's buffer goes back to
+	fin  bool        // the FIN follows the data
 }
 
 func (k *chunk) end() uint32 { return k.seq + uint32(len(k.data)) }

@@ -105,37 +105,3 @@ func roundTrips(h *heldACKs, conns *[heldInFlight + 1]conn, n int, check func(i,
 		}
 	}
 }
-
-// TestChunkBuf: a chunk's buffer is the smallest class that holds it
-// (less than twice its size), one beyond the classes is made to measure
-// and not pooled, and a buffer given back comes out of its own class.
-func TestChunkBuf(t *testing.T) {
-	for _, tc := range []struct {
-		n, wantCap int
-		pooled     bool
-	}{
-		{0, 0, false},
-		{1, 2048, true},
-		{1448, 2048, true},
-		{2048, 2048, true},
-		{2049, 4096, true},
-		{9000, 16384, true},
-		{32769, 65536, true},
-		{65536, 65536, true},
-		{65537, 65537, false},
-	} {
-		b, p := chunkBuf(tc.n)
-		if len(b) != 0 || cap(b) != tc.wantCap || (p != nil) != tc.pooled {
-			t.Errorf("chunkBuf(%d): len %d cap %d pooled %v; want 0, %d, %v", tc.n, len(b), cap(b), p != nil, tc.wantCap, tc.pooled)
-		}
-		putChunkBuf(p)
-		if p == nil {
-			continue
-		}
-		if b2, p2 := chunkBuf(tc.n); cap(b2) != tc.wantCap {
-			t.Errorf("chunkBuf(%d) after a buffer was given back: cap %d, want %d", tc.n, cap(b2), tc.wantCap)
-		} else {
-			putChunkBuf(p2)
-		}
-	}
-}

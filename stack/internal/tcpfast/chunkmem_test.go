@@ -1,0 +1,118 @@
+package tcpfast
+
+import (
+	"testing"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// TestChunkBuf: a small chunk's buffer is the smallest pooled class that
+// holds it, a large one a slot of the arena, one beyond a slot is made to
+// measure; each comes back empty, and a buffer given back is reused.
+func TestChunkBuf(t *testing.T) {
+	for _, tc := range []struct {
+		n, wantCap   int
+		pooled, slot bool
+	}{
+		{0, 0, false, false},
+		{1, 2048, true, false},
+		{1448, 2048, true, false},
+		{2048, 2048, true, false},
+		{2049, 4096, true, false},
+		{4096, 4096, true, false},
+		{4097, slotSize, false, true},
+		{32769, slotSize, false, true},
+		{65536, slotSize, false, true},
+		{65537, 65537, false, false},
+	} {
+		b, h := chunkBuf(tc.n)
+		if len(b) != 0 || cap(b) != tc.wantCap || (h.pooled != nil) != tc.pooled || (h.slot > 0) != tc.slot {
+			t.Errorf("chunkBuf(%d): len %d cap %d pooled %v slot %v; want 0, %d, %v, %v", tc.n, len(b), cap(b), h.pooled != nil, h.slot > 0, tc.wantCap, tc.pooled, tc.slot)
+		}
+		b = append(b, make([]byte, tc.n)...) // the whole buffer is writable
+		putChunkBuf(h)
+		if b2, h2 := chunkBuf(tc.n); cap(b2) != tc.wantCap {
+			t.Errorf("chunkBuf(%d) after a buffer was given back: cap %d, want %d", tc.n, cap(b2), tc.wantCap)
+		} else {
+			putChunkBuf(h2)
+		}
+	}
+}
+
+// TestSlotArena: slots are reused last freed first, a slot's buffer cannot
+// grow into its neighbour, every slot can be taken and then get says
+// none, and release gives back the pages of free slots only (mincore).
+func TestSlotArena(t *testing.T) {
+	var a slotArena
+	t.Cleanup(func() {
+		if a.mem != nil {
+			unix.Munmap(a.mem)
+		}
+	})
+	b0, s0, ok := a.get()
+	if !ok {
+		t.Fatal("the arena could not map its memory: chunks would all come from the heap")
+	}
+	b1, s1, _ := a.get()
+	if s0 != 0 || s1 != 1 || cap(b0) != slotSize {
+		t.Fatalf("first slots %d, %d (cap %d); want 0, 1 (cap %d)", s0, s1, cap(b0), slotSize)
+	}
+	b0 = append(b0, make([]byte, slotSize)...)
+	b0 = append(b0, 1) // beyond the slot: a copy on the heap, slot 1 untouched
+	if b1[:1][0] != 0 {
+		t.Fatal("appending past slot 0 wrote into slot 1")
+	}
+	b1 = append(b1, 0xaa)
+	a.put(s0)
+	if _, s, _ := a.get(); s != s0 {
+		t.Fatalf("after put(%d), get gave slot %d; want the slot freed last", s0, s)
+	}
+	a.put(s0)
+
+	// Slot 1 is in use, slot 0 free: release drops slot 0's page only.
+	if got := resident(t, a.mem[:slotSize]); got == 0 {
+		t.Fatal("slot 0 was written but none of its pages is resident")
+	}
+	a.release()
+	if got := resident(t, a.mem[:slotSize]); got != 0 {
+		t.Errorf("after release, free slot 0 keeps %d resident pages", got)
+	}
+	if got := resident(t, a.mem[slotSize:2*slotSize]); got == 0 || b1[0] != 0xaa {
+		t.Errorf("release dropped slot 1, which is in use (resident pages %d, first byte %#x)", got, b1[0])
+	}
+	if a.touched != 2 {
+		t.Errorf("after release with slot 1 in use, touched = %d; want 2", a.touched)
+	}
+	a.put(s1)
+	a.release()
+	if got := resident(t, a.mem[:2*slotSize]); got != 0 || a.touched != 0 {
+		t.Errorf("after release with every slot free: %d resident pages, touched %d; want 0, 0", got, a.touched)
+	}
+
+	var taken int
+	for {
+		if _, _, ok := a.get(); !ok {
+			break
+		}
+		taken++
+	}
+	if taken != arenaSlots {
+		t.Errorf("took %d slots before get said none; want %d", taken, arenaSlots)
+	}
+}
+
+// resident counts the pages of b in memory.
+func resident(t *testing.T, b []byte) int {
+	t.Helper()
+	page := unix.Getpagesize()
+	vec := make([]byte, (len(b)+page-1)/page)
+	if _, _, errno := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), uintptr(unsafe.Pointer(&vec[0]))); errno != 0 {
+		t.Fatalf("mincore: %v", errno)
+	}
+	n := 0
+	for _, v := range vec {
+		n += int(v & 1)
+	}
+	return n
+}
