@@ -2,6 +2,8 @@ package userns
 
 import (
 	"bytes"
+	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -61,15 +63,49 @@ func endChildren() (killed int, left []int) {
 // process confined to /proc/self can read; without CONFIG_PROC_CHILDREN,
 // from every process's /proc/PID/stat.
 func ownChildren() []int {
+	if kids, ok := scanTasks(); ok {
+		return kids
+	}
+	return childrenOf(os.Getpid())
+}
+
+// scanTasks lists the children of this process's threads; false if it
+// cannot. Confined to /proc/self (Landlock), this process has no other
+// way, so a thread that ends between the listing and the read (the one
+// that started the gonetns child ends once the child is reaped: its end
+// is what the child's parent-death signal waits for) must not end the
+// scan with nothing: it lists again. Before this, the subreaper's last
+// look could come back empty in that instant and leave the command's
+// processes running (TestNothingOutlivesTheSandbox, once in a few CI runs).
+func scanTasks() ([]int, bool) {
+	for range taskScans {
+		kids, err := taskChildren()
+		if err == nil {
+			return kids, true
+		}
+		if !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, unix.ESRCH) {
+			break
+		}
+	}
+	return nil, false
+}
+
+// taskScans bounds ownChildren's listings of the threads, each of which a
+// thread's end can spoil. Go ends a thread only when a goroutine locked
+// to it returns: one or two in a row at most.
+const taskScans = 10
+
+// taskChildren reads the children of each of this process's threads.
+func taskChildren() ([]int, error) {
 	files, _ := filepath.Glob("/proc/self/task/*/children")
 	if len(files) == 0 {
-		return childrenOf(os.Getpid())
+		return nil, errors.New("no /proc/self/task/*/children (a kernel without CONFIG_PROC_CHILDREN)")
 	}
 	var kids []int
 	for _, f := range files {
 		b, err := os.ReadFile(f)
 		if err != nil {
-			return childrenOf(os.Getpid())
+			return nil, err
 		}
 		for _, w := range strings.Fields(string(b)) {
 			if pid, err := strconv.Atoi(w); err == nil {
@@ -77,7 +113,7 @@ func ownChildren() []int {
 			}
 		}
 	}
-	return kids
+	return kids, nil
 }
 
 // childrenOf lists the children of pid, from /proc/PID/stat.
