@@ -341,19 +341,20 @@ func (st *Stack) Start() error {
 const defaultIdleAfter = time.Second
 
 // idleWork is what runs once the sandbox's network is quiet (nil: nothing):
-// the fast path's chunk memory goes back to the system (the pages of
-// the bytes held for host sockets during the traffic), then Config.OnIdle.
+// the fast path gives back what its traffic left (tcpfast.Engine.
+// ReleaseMemory), then Config.OnIdle.
 func (st *Stack) idleWork() func() {
-	fast, onIdle := st.cfg.DialTCP != nil, st.cfg.OnIdle
-	switch {
-	case !fast:
+	onIdle := st.cfg.OnIdle
+	if st.cfg.DialTCP == nil {
 		return onIdle
-	case onIdle == nil:
-		return tcpfast.ReleaseChunkMemory
 	}
 	return func() {
-		tcpfast.ReleaseChunkMemory()
-		onIdle()
+		if st.fast != nil {
+			st.fast.ReleaseMemory()
+		}
+		if onIdle != nil {
+			onIdle()
+		}
 	}
 }
 

@@ -1,10 +1,15 @@
 package tcpfast
 
 import (
+	"errors"
+	"net/netip"
+	"runtime"
 	"testing"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gonetns/gonetns/tap/taptest"
 )
 
 // TestChunkBuf: a small chunk's buffer is the smallest pooled class that
@@ -115,4 +120,66 @@ func resident(t *testing.T, b []byte) int {
 		n += int(v & 1)
 	}
 	return n
+}
+
+// TestReleaseMemory: once the connections of a burst are gone, the
+// engine's maps give their room back at the quiet moment (Go's maps keep
+// it otherwise), and maps that still hold more than a quarter of their
+// most are left as they are, connections and all.
+func TestReleaseMemory(t *testing.T) {
+	dev, _ := taptest.Pipe(true, 16)
+	e, err := New(Config{Device: dev, MTU: 1500, MAC: fuzzEngineMAC, Dial: func(src, dst netip.AddrPort) (Host, error) {
+		return Host{}, errors.New("not dialled in this test")
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const burst = 10000
+	add := func(i int) *conn {
+		c := &conn{k: key{netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, 2, 100}), uint16(i)), netip.MustParseAddrPort("10.0.2.2:80")}, id: uint32(i)}
+		e.mu.Lock()
+		e.conns[c.k], e.byID[c.id] = c, c
+		e.mostConn = max(e.mostConn, len(e.conns))
+		e.mu.Unlock()
+		return c
+	}
+	remove := func(c *conn) {
+		e.mu.Lock()
+		delete(e.conns, c.k)
+		delete(e.byID, c.id)
+		e.mu.Unlock()
+	}
+	heap := func() uint64 {
+		runtime.GC()
+		var m runtime.MemStats
+		runtime.ReadMemStats(&m)
+		return m.HeapAlloc
+	}
+
+	all := make([]*conn, burst)
+	for i := range all {
+		all[i] = add(i)
+	}
+	kept := all[:burst/2]
+	for _, c := range all[burst/2:] {
+		remove(c)
+	}
+	e.ReleaseMemory() // half of the most: kept as they are
+	if len(e.conns) != burst/2 || len(e.byID) != burst/2 || e.mostConn != burst {
+		t.Fatalf("with half the burst open: %d and %d in the maps, most %d; want %d, %d, %d", len(e.conns), len(e.byID), e.mostConn, burst/2, burst/2, burst)
+	}
+	for _, c := range kept[1:] {
+		remove(c)
+	}
+	before := heap()
+	e.ReleaseMemory()
+	after := heap()
+	if len(e.conns) != 1 || e.conns[kept[0].k] != kept[0] || e.byID[kept[0].id] != kept[0] || e.mostConn != 1 {
+		t.Fatalf("after the release the maps hold %d (most %d); want the one open connection", len(e.conns), e.mostConn)
+	}
+	if freed := int64(before) - int64(after); freed < 256<<10 {
+		t.Errorf("the release freed %d KiB of the maps' room after %d connections; want at least 256", freed>>10, burst)
+	} else {
+		t.Logf("the maps' room after %d connections: %d KiB, given back", burst, freed>>10)
+	}
 }

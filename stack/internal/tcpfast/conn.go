@@ -218,6 +218,7 @@ func (c *conn) register() bool {
 	c.id = e.nextID
 	e.conns[c.k] = c
 	e.byID[c.id] = c
+	e.mostConn = max(e.mostConn, len(e.conns))
 	e.halfOpen.push(c)
 	e.mu.Unlock()
 

@@ -159,6 +159,7 @@ type Engine struct {
 	state    int // 0 new, 1 started, 2 closed
 	conns    map[key]*conn
 	byID     map[uint32]*conn
+	mostConn int // the most connections the maps held since ReleaseMemory
 	nextID   uint32
 	halfOpen connList // oldest first
 	wg       sync.WaitGroup
