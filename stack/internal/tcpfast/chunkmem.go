@@ -71,6 +71,23 @@ func chunkBuf(n int) ([]byte, chunkHandle) {
 	return make([]byte, 0, n), chunkHandle{}
 }
 
+// chunkCost is the memory a chunk of n bytes takes, which maxQueued
+// bounds: its buffer's size (a slot's for one that could come from the
+// heap when the slots are taken). Counting the bytes alone, a sandbox
+// sending one byte per segment out of order held 2 KiB of the network
+// process's memory for each byte the bound counted.
+func chunkCost(n int) int64 {
+	switch {
+	case n == 0:
+		return 0
+	case n <= smallChunk:
+		return 1 << (chunkClass0 + max(bits.Len(uint(n-1))-chunkClass0, 0))
+	case n <= slotSize:
+		return slotSize
+	}
+	return int64(n)
+}
+
 // chunkHandle says where a chunk's buffer goes back to: a small pool, a
 // slot of the arena (slot is its index plus one), or nowhere (the heap's
 // collector takes it).

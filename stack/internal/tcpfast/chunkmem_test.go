@@ -183,3 +183,51 @@ func TestReleaseMemory(t *testing.T) {
 		t.Logf("the maps' room after %d connections: %d KiB, given back", burst, freed>>10)
 	}
 }
+
+// TestQueuedBoundCountsMemory: the bound on what connections hold counts
+// the memory of their chunks, not their bytes: one-byte segments out of
+// order cost a 2 KiB buffer each, a 4,097-byte one a 64 KiB slot, and
+// the 1,025th slot-sized chunk is past the bound and dropped.
+func TestQueuedBoundCountsMemory(t *testing.T) {
+	dev, _ := taptest.Pipe(true, 16)
+	e, err := New(Config{Device: dev, MTU: 1500, MAC: fuzzEngineMAC, Dial: func(src, dst netip.AddrPort) (Host, error) {
+		return Host{}, errors.New("not dialled in this test")
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &conn{e: e}
+	one := [2][]byte{{'x'}}
+	for i := range 100 {
+		c.store(uint32(2*i+1), one, 1, false) // every other byte: all out of order
+	}
+	if got, want := e.queued.Load(), int64(100*2048); got != want {
+		t.Errorf("100 one-byte chunks count %d bytes against the bound; want %d (their buffers)", got, want)
+	}
+	for len(c.queue) > 0 {
+		c.dropChunk()
+	}
+	if q := e.queued.Load(); q != 0 {
+		t.Fatalf("with every chunk dropped the bound still counts %d bytes", q)
+	}
+
+	big := [2][]byte{make([]byte, 4097)}
+	seq := uint32(1)
+	for range maxQueued / slotSize {
+		c.store(seq, big, 4097, false)
+		seq += 5000
+	}
+	if len(c.queue) != maxQueued/slotSize || e.dropped.Load() != 0 {
+		t.Fatalf("%d chunks of 4,097 bytes held, %d dropped; want %d, 0", len(c.queue), e.dropped.Load(), maxQueued/slotSize)
+	}
+	c.store(seq, big, 4097, false)
+	if len(c.queue) != maxQueued/slotSize || e.dropped.Load() != 1 {
+		t.Errorf("past the bound: %d chunks held, %d dropped; want %d, 1", len(c.queue), e.dropped.Load(), maxQueued/slotSize)
+	}
+	for len(c.queue) > 0 {
+		c.dropChunk()
+	}
+	if q := e.queued.Load(); q != 0 {
+		t.Errorf("with every chunk dropped the bound still counts %d bytes", q)
+	}
+}

@@ -661,8 +661,8 @@ func (c *conn) store(seq uint32, parts [2][]byte, n int, fin bool) {
 			return // held already
 		}
 	}
-	if n > 0 && c.e.queued.Add(int64(n)) > maxQueued {
-		c.e.queued.Add(-int64(n))
+	if cost := chunkCost(n); cost > 0 && c.e.queued.Add(cost) > maxQueued {
+		c.e.queued.Add(-cost)
 		c.e.dropped.Add(1)
 		return
 	}
@@ -716,7 +716,7 @@ func (c *conn) flush() bool {
 func (c *conn) dropChunk() {
 	n := len(c.queue[0].data)
 	c.queued -= n
-	c.e.queued.Add(-int64(n))
+	c.e.queued.Add(-chunkCost(n))
 	putChunkBuf(c.queue[0].buf)
 	c.queue[0] = chunk{}
 	c.queue = c.queue[1:]

@@ -129,8 +129,9 @@ const (
 	DefaultHandshakeTimeout = 10 * time.Second
 )
 
-// maxQueued bounds the bytes all connections hold out of order or not yet
-// taken by their host socket (each connection also within its window).
+// maxQueued bounds the memory all connections' chunks take (chunkCost):
+// the bytes they hold out of order or not yet taken by their host socket,
+// each connection also within its window.
 const maxQueued = 64 << 20
 
 // Stats are the engine's counters.
