@@ -127,13 +127,7 @@ func resident(t *testing.T, b []byte) int {
 // it otherwise), and maps that still hold more than a quarter of their
 // most are left as they are, connections and all.
 func TestReleaseMemory(t *testing.T) {
-	dev, _ := taptest.Pipe(true, 16)
-	e, err := New(Config{Device: dev, MTU: 1500, MAC: fuzzEngineMAC, Dial: func(src, dst netip.AddrPort) (Host, error) {
-		return Host{}, errors.New("not dialled in this test")
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	e := idleEngine(t)
 	const burst = 10000
 	add := func(i int) *conn {
 		c := &conn{k: key{netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, 2, 100}), uint16(i)), netip.MustParseAddrPort("10.0.2.2:80")}, id: uint32(i)}
@@ -189,13 +183,7 @@ func TestReleaseMemory(t *testing.T) {
 // order cost a 2 KiB buffer each, a 4,097-byte one a 64 KiB slot, and
 // the 1,025th slot-sized chunk is past the bound and dropped.
 func TestQueuedBoundCountsMemory(t *testing.T) {
-	dev, _ := taptest.Pipe(true, 16)
-	e, err := New(Config{Device: dev, MTU: 1500, MAC: fuzzEngineMAC, Dial: func(src, dst netip.AddrPort) (Host, error) {
-		return Host{}, errors.New("not dialled in this test")
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	e := idleEngine(t)
 	c := &conn{e: e}
 	one := [2][]byte{{'x'}}
 	for i := range 100 {
@@ -230,4 +218,18 @@ func TestQueuedBoundCountsMemory(t *testing.T) {
 	if q := e.queued.Load(); q != 0 {
 		t.Errorf("with every chunk dropped the bound still counts %d bytes", q)
 	}
+}
+
+// idleEngine is an engine that is never started nor dialled: for tests of
+// its bookkeeping.
+func idleEngine(t *testing.T) *Engine {
+	t.Helper()
+	dev, _ := taptest.Pipe(true, 16)
+	e, err := New(Config{Device: dev, MTU: 1500, MAC: fuzzEngineMAC, Dial: func(src, dst netip.AddrPort) (Host, error) {
+		return Host{}, errors.New("not dialled in this test")
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e
 }
