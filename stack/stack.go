@@ -125,7 +125,10 @@ type Stack struct {
 	state int // 0 new, 1 started, 2 closed
 
 	fast *tcpfast.Engine // the TCP fast path; nil when off
-	loop bool            // the fast path's poller reads the link (Config.EventLoop)
+	// idleFast is fast for the idle hook, which the link can call from
+	// its own goroutine before Start has made fast.
+	idleFast atomic.Pointer[tcpfast.Engine]
+	loop     bool // the fast path's poller reads the link (Config.EventLoop)
 
 	listenMu  sync.Mutex
 	udpListen atomic.Pointer[map[netip.AddrPort]struct{}] // ListenUDP's addresses (fastUDP)
@@ -291,6 +294,7 @@ func (st *Stack) Start() error {
 			return fail(true, fmt.Errorf("stack: TCP fast path: %w", err))
 		}
 		st.fast = fast
+		st.idleFast.Store(fast)
 		if st.loop {
 			st.log.Debug("the TCP fast path's thread reads the TAP (event loop)", "busy-poll", st.cfg.BusyPoll)
 		}
@@ -349,8 +353,8 @@ func (st *Stack) idleWork() func() {
 		return onIdle
 	}
 	return func() {
-		if st.fast != nil {
-			st.fast.ReleaseMemory()
+		if fast := st.idleFast.Load(); fast != nil {
+			fast.ReleaseMemory()
 		}
 		if onIdle != nil {
 			onIdle()
