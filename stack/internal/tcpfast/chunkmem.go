@@ -37,6 +37,10 @@ var chunkBufs [2]sync.Pool
 
 const chunkClass0 = 11 // 2 KiB
 
+// smallClass is the pool of chunkBufs whose buffers fit a small chunk of
+// n bytes (0 < n <= smallChunk) with the least room to spare.
+func smallClass(n int) int { return max(bits.Len(uint(n-1))-chunkClass0, 0) }
+
 // chunkMem is the arena of all engines' large chunks.
 var chunkMem slotArena
 
@@ -56,7 +60,7 @@ func chunkBuf(n int) ([]byte, chunkHandle) {
 	case n == 0:
 		return nil, chunkHandle{} // a FIN alone
 	case n <= smallChunk:
-		class := max(bits.Len(uint(n-1))-chunkClass0, 0)
+		class := smallClass(n)
 		p, _ := chunkBufs[class].Get().(*[]byte)
 		if p == nil {
 			b := make([]byte, 1<<(chunkClass0+class))
@@ -81,7 +85,7 @@ func chunkCost(n int) int64 {
 	case n == 0:
 		return 0
 	case n <= smallChunk:
-		return 1 << (chunkClass0 + max(bits.Len(uint(n-1))-chunkClass0, 0))
+		return 1 << (chunkClass0 + smallClass(n))
 	case n <= slotSize:
 		return slotSize
 	}
@@ -101,7 +105,7 @@ type chunkHandle struct {
 func putChunkBuf(h chunkHandle) {
 	switch {
 	case h.pooled != nil:
-		chunkBufs[bits.Len(uint(cap(*h.pooled)-1))-chunkClass0].Put(h.pooled)
+		chunkBufs[smallClass(cap(*h.pooled))].Put(h.pooled)
 	case h.slot > 0:
 		chunkMem.put(h.slot - 1)
 	}
@@ -117,7 +121,7 @@ func putChunkBuf(h chunkHandle) {
 // room was whatever the busiest moment so far had made it.
 func (e *Engine) ReleaseMemory() {
 	e.mu.Lock()
-	if n := len(e.conns); n <= e.mostConn/4 {
+	if n := len(e.conns); e.mostConn > 0 && n <= e.mostConn/4 {
 		conns, byID := make(map[key]*conn, n), make(map[uint32]*conn, n)
 		for k, c := range e.conns {
 			conns[k], byID[c.id] = c, c
