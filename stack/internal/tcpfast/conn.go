@@ -84,9 +84,9 @@ type conn struct {
 	prev, next *conn // in the engine's half-open list
 	listed     bool
 
-	timer    *time.Timer
-	timerOn  bool
-	deadline time.Time // of the handshake
+	timerIdx [timerKinds]int32 // places in the engine's timers (guarded by their lock)
+	timerOn  bool              // the retransmission timer is set
+	deadline time.Time         // of the handshake
 
 	// The sandbox's data, towards the host socket.
 	rcvNxt   uint32    // next sequence number expected
@@ -100,8 +100,7 @@ type conn struct {
 	lastWnd  int       // the window last advertised, in bytes
 	roomEst  int       // the host socket's send room as last read, less what was written since
 	sndbuf   int       // the host socket's send buffer as last read
-	ackTimer *time.Timer
-	lastData bool // the last segment sent carried data: the sandbox's next data is likely a turn
+	lastData bool      // the last segment sent carried data: the sandbox's next data is likely a turn
 	// ackHeld names the ACK held (see ackDelay), 0 when none is: with
 	// Config.Link, the heldACKs entry whose gen it is. Atomic: the event
 	// loop reads it without c.mu to skip the entries of ACKs a segment
@@ -232,8 +231,8 @@ func (c *conn) register() bool {
 		c.reset(nil)
 		return false
 	}
-	c.timer = time.AfterFunc(time.Until(c.deadline), c.onTimer)
 	c.timerOn = true
+	e.timers.set(c, timerRetransmit, time.Until(c.deadline))
 	return true
 }
 
@@ -243,13 +242,13 @@ func (c *conn) arm(d time.Duration) {
 		return
 	}
 	c.timerOn = true
-	c.timer.Reset(d)
+	c.e.timers.set(c, timerRetransmit, d)
 }
 
 // disarm stops the timer.
 func (c *conn) disarm() {
 	if c.timerOn {
-		c.timer.Stop()
+		c.e.timers.stop(c, timerRetransmit)
 		c.timerOn = false
 	}
 }
@@ -444,11 +443,7 @@ func (c *conn) holdACK() {
 		return
 	}
 	c.markHeld()
-	if c.ackTimer == nil {
-		c.ackTimer = time.AfterFunc(ackDelay, c.onAckTimer)
-	} else {
-		c.ackTimer.Reset(ackDelay)
-	}
+	c.e.timers.set(c, timerAck, ackDelay)
 }
 
 // markHeld notes that an ACK is held, under a gen of its own. c.mu is held.
@@ -460,17 +455,6 @@ func (c *conn) markHeld() uint64 {
 
 // ackIsHeld reports whether an ACK is held. c.mu is held.
 func (c *conn) ackIsHeld() bool { return c.ackHeld.Load() != 0 }
-
-// onAckTimer sends a held ACK that no answer carried.
-func (c *conn) onAckTimer() {
-	if !c.e.begin() {
-		return
-	}
-	defer c.e.wg.Done()
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.sendHeldACK()
-}
 
 // sendHeldACK sends the ACK held, if it is still due.
 func (c *conn) sendHeldACK() {
@@ -825,8 +809,8 @@ func (c *conn) sent(data bool) {
 	c.lastData = data
 	if c.ackIsHeld() {
 		c.ackHeld.Store(0)
-		if c.ackTimer != nil {
-			c.ackTimer.Stop()
+		if c.e.cfg.Link == nil {
+			c.e.timers.stop(c, timerAck)
 		}
 	}
 }
@@ -1057,14 +1041,11 @@ func (c *conn) resend(t *tx, n int) {
 }
 
 // onTimer runs when the connection's timer fires: the handshake's
-// deadline, a retransmission, or a probe of a zero window.
+// deadline, a retransmission, or a probe of a zero window. c.mu is held.
 func (c *conn) onTimer() {
-	if !c.e.begin() {
-		return
+	if !c.timerOn {
+		return // stopped after it fell due
 	}
-	defer c.e.wg.Done()
-	c.mu.Lock()
-	defer c.mu.Unlock()
 	c.timerOn = false
 	now := time.Now()
 	switch c.state {
@@ -1151,9 +1132,7 @@ func (c *conn) close(abort bool) {
 	c.state = stClosed
 	c.disarm()
 	c.ackHeld.Store(0)
-	if c.ackTimer != nil {
-		c.ackTimer.Stop()
-	}
+	c.e.timers.stop(c, timerAck)
 	if c.fd >= 0 {
 		if abort {
 			abortClose(c.fd)

@@ -171,6 +171,7 @@ type Engine struct {
 	txPool sync.Pool
 	queued atomic.Int64 // bytes held by all connections' queues
 
+	timers   timers   // the connections' timers
 	acks     heldACKs // with Config.Link: the ACKs the loop sends when due
 	attached []func() // with Config.Link: the drain functions of Attach, by key - attachBase
 
@@ -213,6 +214,7 @@ func New(cfg Config) (*Engine, error) {
 	rand.Read(r[:])
 	e.tsOff = binary.BigEndian.Uint32(r[:])
 	e.txPool.New = func() any { return &tx{payload: make([]byte, maxPayload)} }
+	e.timers.init(fireTimer, e.begin, e.wg.Done)
 	return e, nil
 }
 
@@ -271,11 +273,22 @@ func (e *Engine) Close() error {
 		c.reset(nil)
 		c.mu.Unlock()
 	}
+	e.timers.close()
 	if started {
 		e.set.Close()
 	}
 	e.wg.Wait()
 	return nil
+}
+
+// fireTimer runs c's timer k, fallen due. c.mu is held.
+func fireTimer(c *conn, k timerKind) {
+	switch k {
+	case timerRetransmit:
+		c.onTimer()
+	case timerAck:
+		c.sendHeldACK()
+	}
 }
 
 // begin counts a callback (timer) that runs outside the poller; false once

@@ -1,0 +1,220 @@
+package tcpfast
+
+import (
+	"sync"
+	"time"
+)
+
+// A connection has two timers: the handshake's deadline, retransmission
+// and zero-window probes (timerRetransmit), and, without the event loop,
+// the ACK held for ackDelay (timerAck; the loop keeps its held ACKs in a
+// queue of its own, heldACKs).
+type timerKind uint8
+
+const (
+	timerRetransmit timerKind = iota
+	timerAck
+	timerKinds
+)
+
+// timers are the timers of all the engine's connections, in one heap
+// under one runtime timer. A runtime timer per connection (time.AfterFunc)
+// starts a goroutine each time it fires, and Go keeps the stacks of
+// finished goroutines, up to 63 per P, in a cache that collections do not
+// empty: its size at any moment is chance, and it grows with the number
+// of callbacks that were running at once. In a soak with the event loop
+// (three Ps), the network process's private memory at the quiet points
+// rose 90 KiB in 8 minutes in the Go heap's arena, and a test program
+// firing bursts of 200-1,600 such callbacks, with the same release after
+// each (one P, a collection, pages returned), kept 320-576 KiB of stacks
+// (docs/design.md, "Memory after traffic"). Here the callbacks run one
+// after the other on the one goroutine the runtime timer starts.
+type timers struct {
+	mu      sync.Mutex
+	heap    []timerEntry
+	t       *time.Timer
+	armedAt int64 // when t fires, on the engine's clock; 0: stopped
+	epoch   time.Time
+	fire    func(c *conn, k timerKind) // runs with c.mu held
+	begin   func() bool                // counts a callback in flight; false once closed
+	done    func()
+}
+
+type timerEntry struct {
+	at   int64 // on the engine's clock (now)
+	c    *conn
+	kind timerKind
+}
+
+// init sets up the heap; the runtime timer is made stopped.
+func (ts *timers) init(fire func(*conn, timerKind), begin func() bool, done func()) {
+	ts.epoch = time.Now()
+	ts.fire, ts.begin, ts.done = fire, begin, done
+	ts.t = time.AfterFunc(time.Hour, ts.run)
+	ts.t.Stop()
+}
+
+// now is the engine's clock: nanoseconds since init, monotonic.
+func (ts *timers) now() int64 { return int64(time.Since(ts.epoch)) }
+
+// set makes c's timer k fire in d, or in d from now if it is set already.
+// c.mu is held.
+func (ts *timers) set(c *conn, k timerKind, d time.Duration) {
+	at := ts.now() + int64(max(d, 0))
+	ts.mu.Lock()
+	if i := int(c.timerIdx[k]); i > 0 {
+		ts.heap[i-1].at = at
+		ts.fix(i - 1)
+	} else {
+		ts.heap = append(ts.heap, timerEntry{at: at, c: c, kind: k})
+		c.timerIdx[k] = int32(len(ts.heap))
+		ts.up(len(ts.heap) - 1)
+	}
+	ts.rearm()
+	ts.mu.Unlock()
+}
+
+// stop forgets c's timer k. c.mu is held.
+func (ts *timers) stop(c *conn, k timerKind) {
+	ts.mu.Lock()
+	if i := int(c.timerIdx[k]); i > 0 {
+		ts.remove(i - 1)
+		if len(ts.heap) == 0 && ts.armedAt > 0 {
+			ts.t.Stop() // no wake-up for nothing
+			ts.armedAt = 0
+		}
+	}
+	ts.mu.Unlock()
+}
+
+// close stops the runtime timer for good.
+func (ts *timers) close() {
+	ts.mu.Lock()
+	ts.t.Stop()
+	ts.armedAt = -1
+	ts.mu.Unlock()
+}
+
+// rearm points the runtime timer at the earliest entry when that is
+// sooner than it fires (a later one is dealt with when it fires: run
+// finds nothing due and points it further). ts.mu is held.
+func (ts *timers) rearm() {
+	if ts.armedAt < 0 || len(ts.heap) == 0 {
+		return
+	}
+	at := ts.heap[0].at
+	if ts.armedAt != 0 && ts.armedAt <= at {
+		return
+	}
+	ts.armedAt = at
+	ts.t.Reset(time.Duration(at - ts.now()))
+}
+
+// run is the runtime timer's callback: it fires what is due, each with its
+// connection locked, and points the runtime timer at what comes next.
+func (ts *timers) run() {
+	if !ts.begin() {
+		return
+	}
+	defer ts.done()
+	var buf [16]timerEntry
+	due := buf[:0]
+	ts.mu.Lock()
+	if ts.armedAt < 0 {
+		ts.mu.Unlock()
+		return
+	}
+	now := ts.now()
+	for len(ts.heap) > 0 && ts.heap[0].at <= now {
+		due = append(due, ts.heap[0])
+		ts.remove(0)
+	}
+	ts.armedAt = 0
+	ts.rearm()
+	ts.mu.Unlock()
+	for i := range due {
+		c := due[i].c
+		c.mu.Lock()
+		ts.fire(c, due[i].kind)
+		c.mu.Unlock()
+		due[i] = timerEntry{}
+	}
+}
+
+// len reports how many timers are set.
+func (ts *timers) len() int {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	return len(ts.heap)
+}
+
+// The heap: entry i's children are 2i+1 and 2i+2; an entry's connection
+// keeps its index plus one (0: not in the heap). ts.mu is held.
+
+func (ts *timers) remove(i int) {
+	e := ts.heap[i]
+	e.c.timerIdx[e.kind] = 0
+	last := len(ts.heap) - 1
+	if i != last {
+		ts.heap[i] = ts.heap[last]
+		ts.place(i)
+	}
+	ts.heap[last] = timerEntry{}
+	ts.heap = ts.heap[:last]
+	if i != last {
+		ts.fix(i)
+	}
+	if len(ts.heap) == 0 && cap(ts.heap) > minTimerCap {
+		ts.heap = nil // the room of a burst goes with it
+	}
+}
+
+// minTimerCap is the room the heap keeps when it empties.
+const minTimerCap = 64
+
+func (ts *timers) fix(i int) {
+	if !ts.up(i) {
+		ts.down(i)
+	}
+}
+
+func (ts *timers) place(i int) {
+	e := ts.heap[i]
+	e.c.timerIdx[e.kind] = int32(i + 1)
+}
+
+func (ts *timers) up(i int) bool {
+	moved := false
+	for i > 0 {
+		p := (i - 1) / 2
+		if ts.heap[p].at <= ts.heap[i].at {
+			break
+		}
+		ts.heap[p], ts.heap[i] = ts.heap[i], ts.heap[p]
+		ts.place(i)
+		i, moved = p, true
+	}
+	ts.place(i)
+	return moved
+}
+
+func (ts *timers) down(i int) {
+	n := len(ts.heap)
+	for {
+		l := 2*i + 1
+		if l >= n {
+			break
+		}
+		m := l
+		if r := l + 1; r < n && ts.heap[r].at < ts.heap[l].at {
+			m = r
+		}
+		if ts.heap[i].at <= ts.heap[m].at {
+			break
+		}
+		ts.heap[i], ts.heap[m] = ts.heap[m], ts.heap[i]
+		ts.place(i)
+		i = m
+	}
+	ts.place(i)
+}
