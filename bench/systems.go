@@ -152,9 +152,9 @@ func allSystems(t tools, euid int) []*system {
 		// gateway (10.0.2.1) is the host's loopback.
 		{name: "gvisor-tap-vsock", label: "rootlesskit v3 gvisor-tap-vsock", argv: rootlesskit(t.rootlesskit3, "gvisor-tap-vsock", ""), netProc: self, netName: "rootlesskit (parent)", target: targetGateway},
 		{name: "host", label: "host loopback (no namespace)", ref: true, argv: host, target: targetHost},
-		// The experimental event loop (the TAP and the host sockets read on
-		// one thread): beside gonetns, what it changes.
-		{name: "gonetns-loop", label: "gonetns --event-loop", optIn: true, argv: gonetnsWith("--event-loop"), netProc: self, netName: "gonetns (parent)", target: targetSlirp},
+		// Without the event loop (the TAP and the host sockets read on
+		// goroutines in Go's poller): beside gonetns, what the loop changes.
+		{name: "gonetns-noloop", label: "gonetns --event-loop=false", optIn: true, argv: gonetnsWith("--event-loop=false"), netProc: self, netName: "gonetns (parent)", target: targetSlirp},
 		// The event loop polling between events (--busy-poll): what it
 		// takes off a round trip, and what it costs in CPU.
 		{name: "gonetns-busy", label: "gonetns --busy-poll=50us", optIn: true, argv: gonetnsWith("--busy-poll=50us"), netProc: self, netName: "gonetns (parent)", target: targetSlirp},
@@ -191,7 +191,7 @@ func probeSystems(systems []*system, t tools, v versions) {
 	for _, s := range systems {
 		s.available = true
 		switch s.name {
-		case "gonetns", "gonetns-packet", "gonetns-netstack", "gonetns-port", "gonetns-unconfined", "gonetns-loop", "gonetns-busy":
+		case "gonetns", "gonetns-packet", "gonetns-netstack", "gonetns-port", "gonetns-unconfined", "gonetns-noloop", "gonetns-busy":
 			s.version = v.gonetns
 		case "slirp4netns", "rootlesskit-builtin", "rootlesskit-slirp4netns":
 			s.version = strings.TrimSpace("rootlesskit " + v.rootlesskit + ", slirp4netns " + v.slirp4netns)

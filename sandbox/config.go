@@ -104,21 +104,22 @@ type Config struct {
 	// (the TCP fast path, the default: faster round trips and new
 	// connections, less CPU).
 	DisableTCPFastPath bool
-	// EventLoop (--event-loop, experimental, off by default) reads the
-	// TAP on the TCP fast path's own thread, in one epoll set with the
-	// host sockets, instead of on a reader goroutine in Go's poller
-	// (docs/design.md, "The event loop"). While traffic flows, that
-	// thread holds a P as it sleeps in epoll_wait (once quiet it sleeps in
-	// Go's poller): the process needs GOMAXPROCS one above what it needs
-	// otherwise (cmd/gonetns adds it). Without the fast path, or
-	// with a device that is not the TAP itself (--pcap, --link=packet),
-	// it has no effect.
-	EventLoop bool
+	// DisableEventLoop (--event-loop=false) reads the TAP on a reader
+	// goroutine in Go's poller, and the fast path's host sockets on
+	// another, instead of both on the fast path's own thread in one epoll
+	// set (the event loop, the default: fewer system calls and less CPU
+	// per round trip and per new connection; docs/design.md, "The event
+	// loop"). While traffic flows, that thread holds a P as it sleeps in
+	// epoll_wait (once quiet it sleeps in Go's poller): the process needs
+	// GOMAXPROCS one above what it needs otherwise (cmd/gonetns adds it).
+	// Without the fast path, or with a device that is not the TAP itself
+	// (--pcap, --link=packet), there is no loop.
+	DisableEventLoop bool
 	// BusyPoll (--busy-poll, experimental, 0 by default: off) makes the
 	// event loop's thread poll for up to this long for the next event
 	// before it sleeps, adapting below it to the traffic (docs/design.md,
 	// "Busy polling"): shorter round trips for CPU time that would
-	// otherwise be idle. It implies EventLoop. At most MaxBusyPoll.
+	// otherwise be idle. It needs the event loop. At most MaxBusyPoll.
 	BusyPoll time.Duration
 	// DNSUpstreams are the servers the sandbox's resolver forwards to;
 	// none means the host's /etc/resolv.conf.
@@ -267,10 +268,9 @@ func (e *invalid) Is(target error) bool { return target == ErrInvalidConfig }
 func invalidf(format string, a ...any) error { return &invalid{fmt.Sprintf(format, a...)} }
 
 // RunsEventLoop reports whether the network reads its TAP on the fast
-// path's thread (EventLoop, or BusyPoll which implies it; never without
-// the fast path).
+// path's thread (unless DisableEventLoop; never without the fast path).
 func (c Config) RunsEventLoop() bool {
-	return (c.EventLoop || c.BusyPoll > 0) && !c.DisableTCPFastPath
+	return !c.DisableEventLoop && !c.DisableTCPFastPath
 }
 
 // withDefaults returns c with the zero fields given their defaults.
@@ -373,6 +373,9 @@ func (c Config) Validate() error {
 	}
 	if c.BusyPoll > 0 && c.DisableTCPFastPath {
 		return invalidf("--busy-poll needs the TCP fast path (it polls the fast path's event loop): leave out --tcp-fast-path=false, or --busy-poll")
+	}
+	if c.BusyPoll > 0 && c.DisableEventLoop {
+		return invalidf("--busy-poll needs the event loop (it is the loop that polls): leave out --event-loop=false, or --busy-poll")
 	}
 	if _, err := userns.ParsePropagation(c.Propagation); err != nil {
 		return &invalid{err.Error()}

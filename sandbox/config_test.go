@@ -29,6 +29,7 @@ func TestConfigValidate(t *testing.T) {
 		{"busy poll too long", Config{BusyPoll: 2 * time.Millisecond}, "invalid --busy-poll=2ms: use 0 (off) up to 1ms"},
 		{"busy poll negative", Config{BusyPoll: -time.Microsecond}, "invalid --busy-poll"},
 		{"busy poll without the fast path", Config{BusyPoll: 50 * time.Microsecond, DisableTCPFastPath: true}, "--busy-poll needs the TCP fast path"},
+		{"busy poll without the event loop", Config{BusyPoll: 50 * time.Microsecond, DisableEventLoop: true}, "--busy-poll needs the event loop"},
 		{"cidr v6", Config{CIDR: netip.MustParsePrefix("fd00::/64")}, "IPv4 subnet"},
 		{"cidr host bits", Config{CIDR: netip.MustParsePrefix("10.0.2.1/24")}, "did you mean 10.0.2.0/24"},
 		{"cidr too small", Config{CIDR: netip.MustParsePrefix("10.0.2.0/28")}, "/25 or shorter"},

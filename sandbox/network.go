@@ -106,7 +106,7 @@ const idleRelease = time.Second
 // parks until it ends and may come back on another P than the one
 // drainPageCache then empties. With the second P, the soak's quiet points
 // kept 0-248 KiB of free heap and moved 3.4-3.6 MiB in 5 minutes
-// (--event-loop); shrinking to one P flushes the other's caches.
+// (the event loop); shrinking to one P flushes the other's caches.
 func releaseMemory(log *slog.Logger) {
 	if n := runtime.GOMAXPROCS(0); n > 1 {
 		runtime.GOMAXPROCS(1)
@@ -540,12 +540,12 @@ func (n *network) startStack(files []*os.File, li linkInfo) error {
 	if err := n.st.Start(); err != nil {
 		return err
 	}
-	if n.cfg.RunsEventLoop() && !n.st.RunsEventLoop() {
-		n.log.Info("--event-loop and --busy-poll have no effect here: the event loop reads the TAP itself, and this link is not (the packet link, or --pcap's recorder in between); frames are read as without them")
+	if n.cfg.BusyPoll > 0 && !n.st.RunsEventLoop() {
+		n.log.Info("--busy-poll has no effect here: it is the event loop that polls, the event loop reads the TAP itself, and this link is not (the packet link, or --pcap's recorder in between); frames are read on a goroutine, as with --event-loop=false")
 	}
 	n.nat.Start()
 	n.log.Debug("netstack up", "link", li.Kind, "name", li.Name, "vnet_hdr", li.VNetHdr, "offload", li.Offload, "mtu", n.cfg.MTU,
-		"packet_sockets", li.Sockets, "packet_rcvbuf", li.RecvBuf)
+		"packet_sockets", li.Sockets, "packet_rcvbuf", li.RecvBuf, "event_loop", n.st.RunsEventLoop())
 	if n.policy != nil {
 		n.log.Debug("egress policy", "rules", fmt.Sprint(n.policy.Rules()), "default_allow", n.policy.DefaultAllow())
 	}

@@ -111,12 +111,12 @@ func parseFlags(args []string, who personality, name string, out io.Writer, log 
 // rawFlags are the flags whose values are not yet what sandbox.Config
 // holds: names to resolve, addresses and sizes to parse.
 type rawFlags struct {
-	net, portDriver, cidr, subid, pcapMaxSize, copyUpMode      string
-	dnsUpstreams, publish, allow, deny                         []string
-	sourceIPTransparent, tcpFastPath, killOrphans, debug, help bool
-	portTCPIdle                                                time.Duration
-	ignored                                                    []*string // ignoredFlags' values
-	who                                                        personality
+	net, portDriver, cidr, subid, pcapMaxSize, copyUpMode                 string
+	dnsUpstreams, publish, allow, deny                                    []string
+	sourceIPTransparent, tcpFastPath, eventLoop, killOrphans, debug, help bool
+	portTCPIdle                                                           time.Duration
+	ignored                                                               []*string // ignoredFlags' values
+	who                                                                   personality
 }
 
 // defineFlags defines the flags of the personality who on a new flag set:
@@ -146,8 +146,8 @@ func defineFlags(o *options, who personality, name string, out io.Writer) (*pfla
 	fs.BoolVar(&c.DisableHostLoopback, "disable-host-loopback", false, "refuse connections to the gateway address (the host's 127.0.0.1 and ::1)")
 	fs.BoolVar(&c.IPv6, "ipv6", false, "also IPv6: fd00::100/64 inside, gateway fd00::2 (the host's ::1), DNS fd00::3")
 	fs.BoolVar(&r.tcpFastPath, "tcp-fast-path", true, "mirror each TCP connection of the namespace onto its host socket, with no userspace TCP in between (faster round trips and new connections); false: through the netstack's TCP")
-	fs.BoolVar(&c.EventLoop, "event-loop", false, "experimental: read the namespace's TAP and the fast path's host sockets on one thread that sleeps in epoll_wait (fewer system calls per round trip; one more GOMAXPROCS)")
-	fs.DurationVar(&c.BusyPoll, "busy-poll", 0, "experimental: poll for the next frame or host event for up to this long before sleeping, adapting below it (shorter round trips for CPU time; implies --event-loop); 0 is off, at most 1ms")
+	fs.BoolVar(&r.eventLoop, "event-loop", true, "read the namespace's TAP and the fast path's host sockets on one thread that sleeps in epoll_wait (fewer system calls and less CPU per round trip; one more GOMAXPROCS); false: on goroutines in Go's poller")
+	fs.DurationVar(&c.BusyPoll, "busy-poll", 0, "experimental: the event loop polls for the next frame or host event for up to this long before sleeping, adapting below it (shorter round trips for CPU time); 0 is off, at most 1ms")
 	fs.StringArrayVar(&r.dnsUpstreams, "dns-upstream", nil, "DNS server the namespace's resolver forwards to, `IP[:PORT]` (repeatable; default: the host's /etc/resolv.conf)")
 	section(sectionNetwork)
 
@@ -259,6 +259,7 @@ func (r *rawFlags) apply(c *sandbox.Config, fs *pflag.FlagSet, log *slog.Logger)
 	}
 	c.DisableSourceIPTransparent = !r.sourceIPTransparent
 	c.DisableTCPFastPath = !r.tcpFastPath
+	c.DisableEventLoop = !r.eventLoop
 	switch {
 	case r.portTCPIdle < 0:
 		return fmt.Errorf("invalid --port-tcp-idle-timeout=%v: use a duration such as 1h, or 0 to keep idle connections for ever", r.portTCPIdle)

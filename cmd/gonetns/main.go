@@ -97,7 +97,7 @@ func runLauncher(args []string, who personality, name string) int {
 	if o.cfg.RunsEventLoop() && os.Getenv("GOMAXPROCS") == "" {
 		// The event loop's thread holds a P while it sleeps in
 		// epoll_wait between the frames of traffic that flows
-		// (sandbox.Config.EventLoop): one more for the rest.
+		// (sandbox.Config.DisableEventLoop): one more for the rest.
 		runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + 1)
 	}
 	log := newLogger(os.Stderr, o.cfg.Debug, name+": ")

@@ -790,9 +790,9 @@ func TestNetManyConnections(t *testing.T) {
 	cmd.Wait()
 }
 
-// TestNetEventLoop runs the network with --event-loop (the TAP and the fast
-// path's host sockets read on one thread), and with --busy-poll (that thread
-// polling between events): a large download, sha256-checked,
+// TestNetEventLoop runs the network with the event loop (the TAP and the
+// fast path's host sockets read on one thread: the default), and with
+// --busy-poll (that thread polling between events): a large download, sha256-checked,
 // at MTU 1500 and 65520; a 1 MB upload closed by a half-close; UDP, which
 // the loop reads from the TAP and hands to the stack, and whose answers it
 // reads from the host socket (the NAT's flows attached); and many short
@@ -804,28 +804,29 @@ func TestNetEventLoop(t *testing.T) {
 	halfClose := startHalfCloseServer(t)
 	udp := startUDPEcho(t, "127.0.0.1:0", "host:")
 	for _, tc := range []struct {
-		flag, says string
+		name, says string
+		flags      []string
 		mtu        int
 	}{
-		{"--event-loop", "busy-poll=0s", 1500},
-		{"--event-loop", "busy-poll=0s", 65520},
-		// --busy-poll implies the loop: the same traffic, with the loop
-		// polling between events.
-		{"--busy-poll=50us", "busy-poll=50µs", 1500},
-		{"--busy-poll=50us", "busy-poll=50µs", 65520},
+		{"default", "busy-poll=0s", nil, 1500},
+		{"default", "busy-poll=0s", nil, 65520},
+		// The same traffic, with the loop polling between events.
+		{"busy-poll=50us", "busy-poll=50µs", []string{"--busy-poll=50us"}, 1500},
+		{"busy-poll=50us", "busy-poll=50µs", []string{"--busy-poll=50us"}, 65520},
 	} {
-		t.Run(fmt.Sprintf("%s/mtu=%d", strings.TrimPrefix(tc.flag, "--"), tc.mtu), func(t *testing.T) {
+		t.Run(fmt.Sprintf("%s/mtu=%d", tc.name, tc.mtu), func(t *testing.T) {
 			script := fmt.Sprintf("curl -sS --fail http://10.0.2.2:%d/blob | sha256sum; %s; %s; for i in $(seq 200); do curl -sS --fail http://10.0.2.2:%d/; done | sort | uniq -c",
 				srv.port,
 				e2etest.HelperCmd(t, "tcp-halfclose", fmt.Sprintf("10.0.2.2:%d", halfClose), "1000000"),
 				e2etest.HelperCmd(t, "udp-echo", fmt.Sprintf("10.0.2.2:%d", udp), "datagram-1"),
 				srv.port)
-			res := r.MustRun(t, netTimeout, "--debug", tc.flag, fmt.Sprintf("--mtu=%d", tc.mtu), "sh", "-c", script)
-			if !strings.Contains(res.Stderr, "event loop") || !strings.Contains(res.Stderr, tc.says) {
-				t.Errorf("%s: the network did not say it runs the event loop with %s\n%s", tc.flag, tc.says, res)
+			args := append(append([]string{"--debug"}, tc.flags...), fmt.Sprintf("--mtu=%d", tc.mtu), "sh", "-c", script)
+			res := r.MustRun(t, netTimeout, args...)
+			if !strings.Contains(res.Stderr, "event loop") || !strings.Contains(res.Stderr, tc.says) || !strings.Contains(res.Stderr, "event_loop=true") {
+				t.Errorf("%s: the network did not say it runs the event loop with %s\n%s", tc.name, tc.says, res)
 			}
 			if !strings.Contains(res.Stderr, "udp: the host's answers are read on the event loop") {
-				t.Errorf("%s: the UDP flow's answers were not read on the event loop\n%s", tc.flag, res)
+				t.Errorf("%s: the UDP flow's answers were not read on the event loop\n%s", tc.name, res)
 			}
 			out := res.Stdout
 			for _, want := range []string{srv.sum, "host read 1000000 bytes", "host:datagram-1", "200 hello from the host"} {
@@ -849,7 +850,7 @@ func TestNetRoundTripsAllocateNothing(t *testing.T) {
 	e2etest.RequireTun(t)
 	r := e2etest.Unprivileged(t)
 	addr := fmt.Sprintf("10.0.2.2:%d", startTCPEcho(t))
-	for _, flag := range []string{"--tcp-fast-path=true", "--event-loop"} {
+	for _, flag := range []string{"--tcp-fast-path=true", "--event-loop=false"} {
 		t.Run(strings.TrimPrefix(flag, "--"), func(t *testing.T) {
 			// Each sleep outlasts the quiet spell a report waits for (1-2
 			// s without a frame); the first also the sandbox's own frames

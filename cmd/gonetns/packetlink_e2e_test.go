@@ -65,7 +65,7 @@ func TestPacketLink(t *testing.T) {
 		r := e2etest.Unprivileged(t)
 		srv := startHostHTTP(t)
 		res := r.MustRun(t, netTimeout, "--busy-poll=50us", "sh", "-c", fmt.Sprintf("curl -sS --fail http://10.0.2.2:%d/", srv.port))
-		if !strings.Contains(res.Stderr, "--event-loop and --busy-poll have no effect here") || !strings.Contains(res.Stdout, "hello from the host") {
+		if !strings.Contains(res.Stderr, "--busy-poll has no effect here") || !strings.Contains(res.Stdout, "hello from the host") {
 			t.Errorf("--busy-poll on the packet link:\n%s", res)
 		}
 	})
