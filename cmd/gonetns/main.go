@@ -43,11 +43,13 @@ const (
 )
 
 func main() {
-	// No heap profiling: gonetns has no way to ask for a heap profile, and
-	// the runtime's record of sampled allocations never shrinks (each new
-	// allocation site sampled takes a bucket and touches a page of a 1.4 MB
-	// hash table), which the soak saw as the network process's memory
-	// rising in 4 KiB steps at its quiet points for 30 minutes.
+	// No heap profiling: gonetns has no way to ask for a heap profile
+	// (runtime/pprof is linked for --cpuprofile, which keeps it on), and
+	// the runtime's record of sampled allocations never shrinks: each call
+	// stack sampled for the first time takes a record and touches a page
+	// of a 1.4 MB hash table, one source of the 4 KiB steps in which the
+	// network process's memory rose at a soak's quiet points
+	// (docs/design.md, "Memory after traffic").
 	runtime.MemProfileRate = 0
 	// In the re-executed child, this runs the child and exits.
 	sandbox.Init(sandbox.ChildLogger(func(debug bool) *slog.Logger {
