@@ -105,6 +105,7 @@ func newFastPair(t *testing.T, o fastOpts) *fastPair {
 	a, b := taptest.Pipe(o.vnet, 1024)
 	la, lb := taptest.Lossy(a, o.faults), taptest.Lossy(b, taptest.Faults{
 		Drop: o.faults.Drop, Duplicate: o.faults.Duplicate, Reorder: o.faults.Reorder, Seed: o.faults.Seed + 1,
+		DropIf: o.faults.DropIf,
 	})
 	routes := newRoutes()
 	check := &segmentCheck{Device: la, t: t, mtu: int(o.mtu)}
@@ -283,6 +284,54 @@ func TestFastPathHostSpeaksFirst(t *testing.T) {
 	if err != nil || line != "220 ready\r\n" {
 		t.Fatalf("banner = %q, %v", line, err)
 	}
+}
+
+// TestFastPathLostHandshakeACK loses the guest's ACK of the SYN-ACK, on a
+// connection to a host that speaks first: the guest, established, waits
+// for the banner and sends nothing; the fast path must send its SYN-ACK
+// again so that the guest acknowledges again, rather than hold the
+// connection half-open until the handshake's deadline (10 s) and reset it.
+func TestFastPathLostHandshakeACK(t *testing.T) {
+	var dropped atomic.Bool
+	p := newFastPair(t, fastOpts{faults: taptest.Faults{DropIf: func(f []byte) bool {
+		return pureACKTo(f, 25) && dropped.CompareAndSwap(false, true)
+	}}})
+	p.listen(t, 25, func(c *net.TCPConn) {
+		c.Write([]byte("220 ready\r\n"))
+		io.Copy(io.Discard, c)
+	})
+	start := time.Now()
+	c, err := p.guest.DialTCP(ctx(t), netip.AddrPortFrom(remote.Addr(), 25))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(8 * time.Second))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if !dropped.Load() {
+		t.Fatal("no ACK of the guest's was dropped: the test tests nothing")
+	}
+	if err != nil || line != "220 ready\r\n" {
+		t.Fatalf("banner = %q, %v, %v after the dial (the guest's ACK of the SYN-ACK was lost)", line, err, time.Since(start).Round(time.Millisecond))
+	}
+	t.Logf("the banner came %v after the dial, the guest's first ACK lost", time.Since(start).Round(time.Millisecond))
+}
+
+// pureACKTo reports whether f (an Ethernet frame) is a TCP segment to port
+// that carries an ACK and nothing else.
+func pureACKTo(f []byte, port uint16) bool {
+	if len(f) < header.EthernetMinimumSize+header.IPv4MinimumSize || header.Ethernet(f).Type() != header.IPv4ProtocolNumber {
+		return false
+	}
+	ip := header.IPv4(f[header.EthernetMinimumSize:])
+	if !ip.IsValid(len(ip)) || ip.Protocol() != uint8(header.TCPProtocolNumber) {
+		return false
+	}
+	tcp := header.TCP(ip.Payload())
+	if len(tcp) < header.TCPMinimumSize || int(tcp.DataOffset()) > len(tcp) {
+		return false
+	}
+	return tcp.DestinationPort() == port && tcp.Flags() == header.TCPFlagAck && len(tcp.Payload()) == 0
 }
 
 func TestFastPathRefused(t *testing.T) {

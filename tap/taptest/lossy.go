@@ -16,6 +16,11 @@ import (
 type Faults struct {
 	Drop, Duplicate, Reorder float64
 	Seed                     uint64
+	// DropIf, when set, drops every frame it returns true for, besides
+	// those Drop takes at random: a test's way to lose one frame it
+	// names. It sees the frame whole (with the virtio-net header, if the
+	// device has one).
+	DropIf func(frame []byte) bool
 }
 
 // LossyDevice is a device whose writes suffer Faults; it counts what it did.
@@ -44,6 +49,10 @@ func (l *LossyDevice) Write(bufs [][]byte) (int, error) {
 	}
 	n := len(frame)
 	l.Written.Add(1)
+	if l.f.DropIf != nil && l.f.DropIf(frame) {
+		l.Dropped.Add(1)
+		return n, nil
+	}
 	l.mu.Lock()
 	r := l.rng.Float64()
 	if r < l.f.Drop {

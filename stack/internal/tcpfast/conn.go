@@ -68,6 +68,14 @@ const (
 // (docs/design.md, "Timers on the event loop").
 const ackDelay = 2 * time.Millisecond
 
+// synAckRTO is how long the fast path waits for the sandbox's ACK of its
+// SYN-ACK before it sends the SYN-ACK again, then twice as long each
+// time until the handshake's deadline: RFC 6298's first retransmission
+// timeout, which the sandbox's kernel uses for its SYN too. Without it, a
+// lost ACK of the handshake held a connection to a host that speaks first
+// (SMTP, SSH, a download) half-open until the deadline, then reset it.
+const synAckRTO = time.Second
+
 // conn is one fast-path connection: the sandbox's TCP connection and the
 // host socket it mirrors. All fields are guarded by mu.
 type conn struct {
@@ -327,7 +335,7 @@ func (c *conn) connectDone() {
 	c.state = stSynAcked
 	c.deadline = time.Now().Add(c.e.cfg.HandshakeTimeout)
 	c.disarm()
-	c.arm(c.e.cfg.HandshakeTimeout)
+	c.arm(min(synAckRTO, c.e.cfg.HandshakeTimeout))
 	t := c.e.txPool.Get().(*tx)
 	c.sendSynAck(t)
 	c.e.txPool.Put(t)
@@ -495,6 +503,7 @@ func (c *conn) consumeAcked() error {
 // established completes the handshake.
 func (c *conn) established() {
 	c.state = stEstablished
+	c.backoff = 0
 	c.sndUna = c.iss + 1 // the SYN is acknowledged
 	c.rdSeq = c.sndUna
 	c.disarm()
@@ -1052,7 +1061,20 @@ func (c *conn) onTimer() {
 	case stClosed:
 		return
 	case stConnecting, stSynAcked:
-		if d := c.deadline.Sub(now); d > 0 {
+		d := c.deadline.Sub(now)
+		if d > 0 && c.state == stSynAcked {
+			// Our SYN-ACK, or the sandbox's ACK of it, was lost: a
+			// sandbox that waits for the host to speak first would
+			// send nothing more, and a SYN-ACK sent again makes it
+			// acknowledge again.
+			t := c.e.txPool.Get().(*tx)
+			c.sendSynAck(t)
+			c.e.txPool.Put(t)
+			c.backoff = min(c.backoff+1, maxBackoff)
+			c.arm(min(d, synAckRTO<<c.backoff))
+			return
+		}
+		if d > 0 {
 			c.arm(d)
 			return
 		}
