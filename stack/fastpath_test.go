@@ -270,18 +270,7 @@ func TestFastPathHalfClose(t *testing.T) {
 
 func TestFastPathHostSpeaksFirst(t *testing.T) {
 	p := newFastPair(t, fastOpts{})
-	p.listen(t, 25, func(c *net.TCPConn) {
-		c.Write([]byte("220 ready\r\n"))
-		io.Copy(io.Discard, c)
-	})
-	c, err := p.guest.DialTCP(ctx(t), netip.AddrPortFrom(remote.Addr(), 25))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	line, err := bufio.NewReader(c).ReadString('\n')
-	if err != nil || line != "220 ready\r\n" {
+	if line, err := bannerOf(t, p, 5*time.Second); err != nil || line != banner {
 		t.Fatalf("banner = %q, %v", line, err)
 	}
 }
@@ -296,25 +285,36 @@ func TestFastPathLostHandshakeACK(t *testing.T) {
 	p := newFastPair(t, fastOpts{faults: taptest.Faults{DropIf: func(f []byte) bool {
 		return pureACKTo(f, 25) && dropped.CompareAndSwap(false, true)
 	}}})
+	start := time.Now()
+	line, err := bannerOf(t, p, 8*time.Second)
+	if !dropped.Load() {
+		t.Fatal("no ACK of the guest's was dropped: the test tests nothing")
+	}
+	if err != nil || line != banner {
+		t.Fatalf("banner = %q, %v, %v after the dial (the guest's ACK of the SYN-ACK was lost)", line, err, time.Since(start).Round(time.Millisecond))
+	}
+	t.Logf("the banner came %v after the dial, the guest's first ACK lost", time.Since(start).Round(time.Millisecond))
+}
+
+// banner is what a host that speaks first (bannerOf's) says.
+const banner = "220 ready\r\n"
+
+// bannerOf starts a host server on port 25 that speaks first, as SMTP
+// does, dials it from the guest and reads its first line, for at most
+// wait.
+func bannerOf(t *testing.T, p *fastPair, wait time.Duration) (string, error) {
+	t.Helper()
 	p.listen(t, 25, func(c *net.TCPConn) {
-		c.Write([]byte("220 ready\r\n"))
+		c.Write([]byte(banner))
 		io.Copy(io.Discard, c)
 	})
-	start := time.Now()
 	c, err := p.guest.DialTCP(ctx(t), netip.AddrPortFrom(remote.Addr(), 25))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	c.SetReadDeadline(time.Now().Add(8 * time.Second))
-	line, err := bufio.NewReader(c).ReadString('\n')
-	if !dropped.Load() {
-		t.Fatal("no ACK of the guest's was dropped: the test tests nothing")
-	}
-	if err != nil || line != "220 ready\r\n" {
-		t.Fatalf("banner = %q, %v, %v after the dial (the guest's ACK of the SYN-ACK was lost)", line, err, time.Since(start).Round(time.Millisecond))
-	}
-	t.Logf("the banner came %v after the dial, the guest's first ACK lost", time.Since(start).Round(time.Millisecond))
+	c.SetReadDeadline(time.Now().Add(wait))
+	return bufio.NewReader(c).ReadString('\n')
 }
 
 // pureACKTo reports whether f (an Ethernet frame) is a TCP segment to port
