@@ -1061,8 +1061,13 @@ func (c *conn) onTimer() {
 	case stClosed:
 		return
 	case stConnecting, stSynAcked:
-		d := c.deadline.Sub(now)
-		if d > 0 && c.state == stSynAcked {
+		switch d := c.deadline.Sub(now); {
+		case d <= 0:
+			if c.state == stConnecting {
+				c.e.refused.Add(1)
+			}
+			c.reset(nil)
+		case c.state == stSynAcked:
 			// Our SYN-ACK, or the sandbox's ACK of it, was lost: a
 			// sandbox that waits for the host to speak first would
 			// send nothing more, and a SYN-ACK sent again makes it
@@ -1072,16 +1077,9 @@ func (c *conn) onTimer() {
 			c.e.txPool.Put(t)
 			c.backoff = min(c.backoff+1, maxBackoff)
 			c.arm(min(d, synAckRTO<<c.backoff))
-			return
+		default:
+			c.arm(d) // the host's connect is still under way
 		}
-		if d > 0 {
-			c.arm(d)
-			return
-		}
-		if c.state == stConnecting {
-			c.e.refused.Add(1)
-		}
-		c.reset(nil)
 		return
 	}
 	t := c.e.txPool.Get().(*tx)

@@ -141,13 +141,6 @@ func (ts *timers) run() {
 	}
 }
 
-// len reports how many timers are set.
-func (ts *timers) len() int {
-	ts.mu.Lock()
-	defer ts.mu.Unlock()
-	return len(ts.heap)
-}
-
 // The heap: entry i's children are 2i+1 and 2i+2; an entry's connection
 // keeps its index plus one (0: not in the heap). ts.mu is held.
 

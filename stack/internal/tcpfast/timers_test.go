@@ -90,10 +90,10 @@ func TestTimers(t *testing.T) {
 			t.Errorf("timer %d fired after one due %v later", i, at[fired[i-1]].Sub(at[c]))
 		}
 	}
-	if l := ts.len(); l != 0 {
+	ts.mu.Lock()
+	if l := len(ts.heap); l != 0 {
 		t.Errorf("%d timers left in the heap", l)
 	}
-	ts.mu.Lock()
 	if ts.armedAt != 0 {
 		t.Errorf("the runtime timer is still armed with nothing set")
 	}
