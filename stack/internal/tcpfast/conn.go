@@ -430,6 +430,10 @@ func (c *conn) input(s *segment) {
 			return
 		}
 	}
+	if err := c.consumeAcked(); err != nil {
+		c.reset(err)
+		return
+	}
 	sent := c.push(t)
 	if needAck && !sent && c.state == stEstablished {
 		if c.lastData && s.payloadLen > 0 && !s.has(flagFIN) && len(c.queue) == 0 && !c.wndSmall {
@@ -473,8 +477,13 @@ func (c *conn) sendHeldACK() {
 	}
 }
 
-// consumeAcked drops the acknowledged bytes from the host socket, at
-// once. Left there, they pin the kernel's buffers: a host socket's
+// consumeAcked drops the acknowledged bytes from the host socket. input
+// calls it once what the segment carried has gone to the host, so that a
+// round trip's request does not wait behind this syscall (a resend
+// before it reckons from rdSeq), and before the next push, whose peek
+// without SO_PEEK_OFF would copy the bytes again, and before a close,
+// which would turn unread bytes into a reset. Later than that, they pin
+// the kernel's buffers: a host socket's
 // receive memory is counted per buffer, a 64 KiB segment of the host's
 // stays whole until its last byte is read, and peeking does not grow the
 // buffer as reading does, so a few hundred acknowledged bytes left in two
@@ -542,10 +551,6 @@ func (c *conn) ackIn(s *segment, t *tx) bool {
 	c.sndWnd = wnd
 	if seqLT(c.sndNxt, ack) {
 		c.sndNxt = ack // past what a resend reached: those bytes arrived the first time
-	}
-	if err := c.consumeAcked(); err != nil {
-		c.reset(err)
-		return false
 	}
 	c.dupAcks = 0
 	c.backoff = 0
