@@ -17,9 +17,13 @@ type Receiver interface {
 	Receive(buf []byte)
 }
 
+// DatagramMax holds the largest UDP payload over IPv6 (65,527 bytes).
+const DatagramMax = 64 << 10
+
 // RecvBufSize is the size of the buffer the Poller lends each Receive:
-// the largest UDP payload over IPv6 (65,527 bytes) fits.
-const RecvBufSize = 64 << 10
+// two of the largest datagrams, for a Receive that reads two at a time
+// (see nat's), so that one read tells it the socket is empty.
+const RecvBufSize = 2 * DatagramMax
 
 // Poller reads the sockets of many flows on one goroutine: their
 // descriptors are in an epoll set (internal/epoll) whose descriptor Go's

@@ -7,6 +7,8 @@ package rawconn
 
 import (
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // A call through Calls allocates nothing once its pool holds a call: the
@@ -25,5 +27,27 @@ func TestCallsAllocs(t *testing.T) {
 	})
 	if allocs != 0 {
 		t.Errorf("a write and a read through Calls allocated %.1f objects; want 0", allocs)
+	}
+}
+
+// ReadBatch, once per datagram the host answers, allocates nothing.
+func TestReadBatchAllocs(t *testing.T) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fds[0])
+	defer unix.Close(fds[1])
+	bufs := [][]byte{make([]byte, 16), make([]byte, 16)}
+	lens := make([]int, 2)
+	x := []byte("x")
+	allocs := testing.AllocsPerRun(200, func() {
+		unix.Write(fds[0], x)
+		if n, err := ReadBatch(fds[1], bufs, lens); err != nil || n != 1 {
+			t.Fatalf("ReadBatch: %d, %v", n, err)
+		}
+	})
+	if allocs != 0 {
+		t.Errorf("ReadBatch allocated %.1f objects; want 0", allocs)
 	}
 }

@@ -99,6 +99,13 @@ func Discard(fd int, n int) (int, error) {
 	return result(r, e)
 }
 
+// recvmmsg receives up to n messages into hdrs[:n] from the
+// non-blocking socket fd (ReadBatch).
+func recvmmsg(fd int, hdrs *unix.Mmsghdr, n int) (int, error) {
+	r, _, e := syscall.RawSyscall6(unix.SYS_RECVMMSG, uintptr(fd), uintptr(unsafe.Pointer(hdrs)), uintptr(n), unix.MSG_DONTWAIT, 0, 0)
+	return result(r, e)
+}
+
 // EpollPoll returns the events of the epoll set epfd that are ready now,
 // without waiting (epoll_wait with a timeout of 0).
 func EpollPoll(epfd int, events []unix.EpollEvent) (int, error) {

@@ -40,6 +40,14 @@ func Recvmsg(fd int, bufs [][]byte, name []byte, flags int) (n, nameLen, msgFlag
 	return int(r), int(msg.Namelen), int(msg.Flags), nil
 }
 
+func recvmmsg(fd int, hdrs *unix.Mmsghdr, n int) (int, error) {
+	r, _, e := unix.Syscall6(unix.SYS_RECVMMSG, uintptr(fd), uintptr(unsafe.Pointer(hdrs)), uintptr(n), unix.MSG_DONTWAIT, 0, 0)
+	if e != 0 {
+		return 0, e
+	}
+	return int(r), nil
+}
+
 func Discard(fd int, n int) (int, error) {
 	r, _, e := unix.Syscall6(unix.SYS_RECVFROM, uintptr(fd), 0, uintptr(n), unix.MSG_TRUNC|unix.MSG_DONTWAIT, 0, 0)
 	if e != 0 {

@@ -146,6 +146,33 @@ func iovecs(iov []unix.Iovec, bufs [][]byte) []unix.Iovec {
 	return iov
 }
 
+// MaxBatch bounds ReadBatch's messages: its headers live on the stack.
+const MaxBatch = 8
+
+// ReadBatch reads up to len(bufs) datagrams (at most MaxBatch) from the
+// non-blocking socket fd with one recvmmsg, one into each buffer, and
+// sets lens[i] to the i-th one's length. A count short of len(bufs) says
+// the socket's queue was empty after it, which a caller that read one
+// datagram at a time learnt only from a last read that failed with
+// EAGAIN. An error comes only when no datagram was read (the kernel keeps
+// a later one for the next call).
+func ReadBatch(fd int, bufs [][]byte, lens []int) (int, error) {
+	var hdrs [MaxBatch]unix.Mmsghdr
+	var iov [MaxBatch]unix.Iovec
+	m := min(len(bufs), MaxBatch)
+	if m == 0 {
+		return 0, nil
+	}
+	for i := range m {
+		hdrs[i].Hdr = msghdr(iovecs(iov[i:i], bufs[i:i+1]), nil)
+	}
+	n, err := recvmmsg(fd, &hdrs[0], m)
+	for i := range n {
+		lens[i] = int(hdrs[i].Len)
+	}
+	return n, err
+}
+
 func msghdr(iov []unix.Iovec, name []byte) unix.Msghdr {
 	var msg unix.Msghdr
 	if len(iov) > 0 {

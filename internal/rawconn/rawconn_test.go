@@ -3,6 +3,7 @@ package rawconn
 import (
 	"errors"
 	"os"
+	"slices"
 	"sync"
 	"syscall"
 	"testing"
@@ -150,5 +151,40 @@ func TestClosedWhileWaiting(t *testing.T) {
 	}
 	if fd, err := FD(b); err != nil || fd < 0 {
 		t.Errorf("FD = %d, %v", fd, err)
+	}
+}
+
+// TestReadBatch: three datagrams waiting come as two and then one, each
+// whole and in order, and a count short of the buffers is what says the
+// queue is empty; then EAGAIN.
+func TestReadBatch(t *testing.T) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fds[0])
+	defer unix.Close(fds[1])
+	for _, d := range []string{"one", "second", "3"} {
+		if _, err := unix.Write(fds[0], []byte(d)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bufs := [][]byte{make([]byte, 16), make([]byte, 16)}
+	lens := make([]int, 2)
+	var got []string
+	for _, want := range []int{2, 1} {
+		n, err := ReadBatch(fds[1], bufs, lens)
+		if err != nil || n != want {
+			t.Fatalf("ReadBatch: %d, %v; want %d datagrams", n, err, want)
+		}
+		for i := range n {
+			got = append(got, string(bufs[i][:lens[i]]))
+		}
+	}
+	if want := []string{"one", "second", "3"}; !slices.Equal(got, want) {
+		t.Errorf("read %q; want %q", got, want)
+	}
+	if n, err := ReadBatch(fds[1], bufs, lens); !errors.Is(err, unix.EAGAIN) {
+		t.Errorf("ReadBatch of an empty socket: %d, %v; want EAGAIN", n, err)
 	}
 }
