@@ -69,10 +69,11 @@ type Config struct {
 	MaxTCPConns    int           // dialling or relayed; beyond it, new ones are reset
 	MaxEchoFlows   int
 
-	// Attach, when set, is offered the UDP flows' epoll set to read from
-	// an event loop of the caller's (stack.Stack.Attach); if it returns an
-	// error (no loop), the NAT reads them on a goroutine of its own.
-	Attach func(fd int, drain func()) error
+	// Loop, when set, returns the event loop to read the UDP flows'
+	// sockets on (a started stack.Stack), asked at the first flow; if the
+	// loop cannot take them (none runs), the NAT reads them on a
+	// goroutine of its own.
+	Loop func() flowtable.Loop
 
 	// Dialer dials host TCP; the zero value is a net.Dialer.
 	Dialer *net.Dialer

@@ -172,12 +172,12 @@ func (n *NAT) udpSocket(dst netip.AddrPort) (int, error) {
 }
 
 // udpPoller returns the NAT's poller, starting it with the first flow: on
-// the caller's event loop (Config.Attach) when it has one, else on a
+// the caller's event loop (Config.Loop) when it has one, else on a
 // goroutine of the NAT's.
 func (n *NAT) udpPoller() (*flowtable.Poller, error) {
 	n.udpPollOnce.Do(func() {
-		if n.cfg.Attach != nil {
-			p, err := flowtable.NewAttachedPoller(n.cfg.Attach)
+		if n.cfg.Loop != nil {
+			p, err := flowtable.NewAttachedPoller(n.cfg.Loop())
 			if err == nil {
 				n.udpPoll = p
 				n.log.Debug("udp: the host's answers are read on the event loop")

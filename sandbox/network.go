@@ -23,6 +23,7 @@ import (
 	"github.com/gonetns/gonetns/dns"
 	"github.com/gonetns/gonetns/implicit"
 	"github.com/gonetns/gonetns/internal/fdbudget"
+	"github.com/gonetns/gonetns/internal/flowtable"
 	"github.com/gonetns/gonetns/internal/route"
 	"github.com/gonetns/gonetns/internal/wire"
 	"github.com/gonetns/gonetns/nat"
@@ -504,7 +505,7 @@ func (n *network) startStack(files []*os.File, li linkInfo) error {
 		// The first UDP flow comes after the stack has started (n.st is
 		// set before Start): its answers are read on the event loop when
 		// there is one.
-		Attach: func(fd int, drain func()) error { return n.st.Attach(fd, drain) },
+		Loop:   func() flowtable.Loop { return n.st },
 		Logger: n.log,
 	})
 	if err != nil {

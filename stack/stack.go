@@ -489,19 +489,29 @@ func (st *Stack) DescribeFastTCP() string {
 // (Config.EventLoop, with the fast path on and a device that offers it).
 func (st *Stack) RunsEventLoop() bool { return st.loop }
 
-// ErrNoEventLoop is Attach's error when the stack runs no event loop
+// ErrNoEventLoop is AttachFlows's error when the stack runs no event loop
 // (Config.EventLoop off, the fast path off, or a device that is not the
 // TAP itself).
 var ErrNoEventLoop = tcpfast.ErrNoLoop
 
-// Attach watches fd from the event loop, after Start: drain runs on the
-// loop's thread whenever fd is readable (level-triggered), until fd is
-// closed. The NAT attaches the epoll set of its UDP flows' sockets, so
-// that the host's answers are read by the thread that reads the TAP.
-// ErrNoEventLoop when there is no loop: the caller reads fd itself.
-func (st *Stack) Attach(fd int, drain func()) error {
+// AttachFlows makes the event loop, after Start, the reader of the NAT's
+// UDP flows: receive runs on the loop's thread with the id of a flow whose
+// socket, put into the loop's epoll set by WatchFlow, is readable
+// (level-triggered), until the socket is closed; so the host's answers
+// are read by the thread that reads the TAP, in the same wait.
+// ErrNoEventLoop when there is no loop: the caller reads them itself.
+func (st *Stack) AttachFlows(receive func(id uint32)) error {
 	if st.fast == nil {
 		return ErrNoEventLoop
 	}
-	return st.fast.Attach(fd, drain) // ErrNoLoop itself when the loop does not run
+	return st.fast.AttachFlows(receive) // ErrNoLoop itself when the loop does not run
+}
+
+// WatchFlow puts a flow's socket into the event loop's epoll set under
+// id (below 2^31 - 2), after AttachFlows.
+func (st *Stack) WatchFlow(fd int, id uint32) error {
+	if st.fast == nil {
+		return ErrNoEventLoop
+	}
+	return st.fast.WatchFlow(fd, id)
 }

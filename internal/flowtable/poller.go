@@ -27,21 +27,35 @@ const RecvBufSize = 2 * DatagramMax
 
 // Poller reads the sockets of many flows on one goroutine: their
 // descriptors are in an epoll set (internal/epoll) whose descriptor Go's
-// poller watches, so Run sleeps until some flow's socket is readable. A
-// flow costs a descriptor and an entry here: no goroutine and no buffer
-// of its own.
+// poller watches, so Run sleeps until some flow's socket is readable. Or
+// an event loop of another's reads them (NewAttachedPoller). A flow costs
+// a descriptor and an entry here: no goroutine and no buffer of its own.
 type Poller struct {
-	set *epoll.Set
+	set  *epoll.Set // the Poller's own, without a Loop
+	loop Loop
 
-	// An attached poller's (NewAttachedPoller): what drain reads with,
-	// allocated by its first call (only the loop's thread calls it).
-	events []unix.EpollEvent
-	buf    []byte
+	buf []byte // an attached poller's, allocated by the loop's first call
 
-	mu    sync.Mutex
-	flows map[uint32]Receiver
-	next  uint32
+	mu     sync.Mutex
+	flows  map[uint32]Receiver
+	next   uint32
+	closed bool
 }
+
+// Loop is an event loop that reads a Poller's flows in its own epoll set
+// (stack.Stack's, when it runs one). AttachFlows hands it the function to
+// call on its thread with the id of each flow whose socket is readable,
+// for as long as the socket is (level-triggered), and fails if the loop
+// cannot take flows (then the Poller runs on its own); WatchFlow adds a
+// flow's socket to its set under the flow's id (below MaxID). Closing the
+// socket takes it out.
+type Loop interface {
+	AttachFlows(receive func(id uint32)) error
+	WatchFlow(fd int, id uint32) error
+}
+
+// MaxID bounds the ids of a Poller's flows.
+const MaxID = 1 << 30
 
 // NewPoller makes the epoll set. It starts nothing: run Run on a goroutine
 // of the caller's, and Close to end it.
@@ -53,36 +67,28 @@ func NewPoller() (*Poller, error) {
 	return &Poller{set: set, flows: make(map[uint32]Receiver)}, nil
 }
 
-// NewAttachedPoller makes a Poller read by an event loop of the caller's
-// instead of by Run: attach is given the descriptor of the Poller's epoll
-// set, to watch in the loop's own set, and the function the loop is to
-// call on its thread whenever that descriptor is readable; it reads what
-// is ready without waiting. The set is closed with Close (which also takes
-// it out of the loop's set); Run is not for it.
-func NewAttachedPoller(attach func(fd int, drain func()) error) (*Poller, error) {
-	set, err := epoll.NewBlocking("flows")
-	if err != nil {
-		return nil, err
-	}
-	p := &Poller{set: set, flows: make(map[uint32]Receiver)}
-	if err := attach(set.FD(), p.drain); err != nil {
-		set.Close()
+// NewAttachedPoller makes a Poller read by loop instead of by Run: each
+// flow's socket is in the loop's epoll set, and the loop calls the flow's
+// Receive on its thread. The flows' owner closes them, which takes them
+// out of the loop's set; after Close, the loop's calls for flows still
+// there do nothing. Run is not for it.
+func NewAttachedPoller(loop Loop) (*Poller, error) {
+	p := &Poller{loop: loop, flows: make(map[uint32]Receiver)}
+	if err := loop.AttachFlows(p.receive); err != nil {
 		return nil, err
 	}
 	return p, nil
 }
 
-// drain calls the Receive of the flows whose sockets are readable now.
-func (p *Poller) drain() {
-	if p.events == nil {
-		p.events = make([]unix.EpollEvent, 64)
+// receive is an attached poller's: the loop calls it with the id of a
+// flow whose socket is readable.
+func (p *Poller) receive(id uint32) {
+	if p.buf == nil {
 		p.buf = make([]byte, RecvBufSize)
 	}
-	n, err := p.set.Poll(p.events)
-	if err != nil {
-		return // closed
+	if r := p.lookup(id); r != nil {
+		r.Receive(p.buf)
 	}
-	p.dispatch(p.events[:n], p.buf)
 }
 
 // dispatch calls Receive for each flow of events.
@@ -99,8 +105,12 @@ func (p *Poller) dispatch(events []unix.EpollEvent, buf []byte) {
 // takes it out of the epoll set).
 func (p *Poller) Add(fd int, r Receiver) (uint32, error) {
 	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return 0, epoll.ErrClosed
+	}
 	for {
-		p.next++
+		p.next = (p.next + 1) % MaxID
 		if _, taken := p.flows[p.next]; !taken && p.next != 0 {
 			break
 		}
@@ -108,7 +118,13 @@ func (p *Poller) Add(fd int, r Receiver) (uint32, error) {
 	id := p.next
 	p.flows[id] = r
 	p.mu.Unlock()
-	if err := p.set.Add(fd, unix.EPOLLIN, id); err != nil {
+	var err error
+	if p.loop != nil {
+		err = p.loop.WatchFlow(fd, id)
+	} else {
+		err = p.set.Add(fd, unix.EPOLLIN, id)
+	}
+	if err != nil {
 		p.Remove(id)
 		return 0, err
 	}
@@ -143,8 +159,18 @@ func (p *Poller) Run() {
 	}
 }
 
-// Close ends Run (and the epoll set); the flows are closed by their owner.
-func (p *Poller) Close() error { return p.set.Close() }
+// Close ends Run (and the epoll set), or an attached poller's receiving;
+// the flows are closed by their owner.
+func (p *Poller) Close() error {
+	p.mu.Lock()
+	p.closed = true
+	clear(p.flows)
+	p.mu.Unlock()
+	if p.set == nil {
+		return nil
+	}
+	return p.set.Close()
+}
 
 // Len is the number of flows watched.
 func (p *Poller) Len() int {

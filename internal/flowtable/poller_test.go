@@ -45,32 +45,48 @@ func udpPair(t *testing.T) (fd int, peer *net.UDPConn) {
 	return fd, peer
 }
 
-// TestAttachedPoller: a poller read by another's event loop hands that
-// loop its set's descriptor, which becomes readable when a flow's socket
-// is; the drain it hands over calls that flow's Receive, and nothing after
-// Close. An attach that fails leaves no poller.
+// testLoop is a Loop: an epoll set of its own, the flows' ids its keys.
+type testLoop struct {
+	fd      int
+	receive func(id uint32)
+	refuse  error
+}
+
+func (l *testLoop) AttachFlows(receive func(id uint32)) error {
+	if l.refuse != nil {
+		return l.refuse
+	}
+	l.receive = receive
+	return nil
+}
+
+func (l *testLoop) WatchFlow(fd int, id uint32) error {
+	return unix.EpollCtl(l.fd, unix.EPOLL_CTL_ADD, fd, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(id)})
+}
+
+// TestAttachedPoller: a poller read by another's event loop puts each
+// flow's socket into the loop's set under the flow's id; the loop's call
+// with that id runs the flow's Receive, and nothing after Close. A loop
+// that refuses leaves no poller.
 func TestAttachedPoller(t *testing.T) {
-	if _, err := NewAttachedPoller(func(int, func()) error { return errors.New("no loop") }); err == nil {
-		t.Fatal("NewAttachedPoller succeeded though attach failed")
+	if _, err := NewAttachedPoller(&testLoop{refuse: errors.New("no loop")}); err == nil {
+		t.Fatal("NewAttachedPoller succeeded though the loop refused")
 	}
 
-	// The caller's loop: an epoll set of its own with the poller's set in it.
-	loop, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer unix.Close(loop)
-	var drain func()
-	p, err := NewAttachedPoller(func(fd int, d func()) error {
-		drain = d
-		return unix.EpollCtl(loop, unix.EPOLL_CTL_ADD, fd, &unix.EpollEvent{Events: unix.EPOLLIN})
-	})
+	defer unix.Close(epfd)
+	loop := &testLoop{fd: epfd}
+	p, err := NewAttachedPoller(loop)
 	if err != nil {
 		t.Fatal(err)
 	}
 	fd, peer := udpPair(t)
 	r := &recorder{fd: fd, got: make(chan string, 4)}
-	if _, err := p.Add(fd, r); err != nil {
+	id, err := p.Add(fd, r)
+	if err != nil {
 		t.Fatal(err)
 	}
 	local, _ := unix.Getsockname(fd)
@@ -78,30 +94,34 @@ func TestAttachedPoller(t *testing.T) {
 		t.Fatal(err)
 	}
 	events := make([]unix.EpollEvent, 1)
-	if n, err := unix.EpollWait(loop, events, 5000); err != nil || n != 1 {
-		t.Fatalf("the loop's set saw %d events (%v); want the poller's set readable", n, err)
+	if n, err := unix.EpollWait(epfd, events, 5000); err != nil || n != 1 || uint32(events[0].Fd) != id {
+		t.Fatalf("the loop's set saw %d events (%v, %+v); want flow %d readable", n, err, events[0], id)
 	}
-	drain()
+	loop.receive(id)
 	select {
 	case got := <-r.got:
 		if got != "answer" {
 			t.Errorf("Receive read %q", got)
 		}
 	case <-time.After(5 * time.Second):
-		t.Fatal("drain did not call the flow's Receive")
+		t.Fatal("the loop's call did not run the flow's Receive")
 	}
-	if n, _ := unix.EpollWait(loop, events, 0); n != 0 {
-		t.Error("the poller's set still readable after drain read everything")
+	if n, _ := unix.EpollWait(epfd, events, 0); n != 0 {
+		t.Error("the flow's socket still readable after Receive read everything")
 	}
+	loop.receive(id + 1) // no such flow: nothing happens
 
 	if err := p.Close(); err != nil {
 		t.Fatal(err)
 	}
 	peer.WriteToUDP([]byte("late"), &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: local.(*unix.SockaddrInet4).Port})
-	drain() // as a loop would for an event already on its way
+	loop.receive(id) // as the loop would while the owner has not closed the flow yet
 	select {
 	case got := <-r.got:
 		t.Errorf("Receive called after Close (read %q)", got)
 	case <-time.After(50 * time.Millisecond):
+	}
+	if _, err := p.Add(fd, r); err == nil {
+		t.Error("Add after Close succeeded")
 	}
 }

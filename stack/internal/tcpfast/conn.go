@@ -214,7 +214,7 @@ func (c *conn) register() bool {
 	}
 	for {
 		e.nextID++
-		if e.nextID >= attachBase {
+		if e.nextID >= flowBase {
 			e.nextID = 0
 			continue
 		}

@@ -99,16 +99,17 @@ type LinkReader struct {
 	BusyPoll time.Duration
 }
 
-// linkKey is the epoll key of the link's descriptor; below it are the keys
-// of the descriptors attached to the loop (Attach), and connections' ids
-// stay below those.
+// The event loop's epoll keys: connections' ids below flowBase; from it,
+// the flows of another owner the loop watches (WatchFlow), flowBase plus
+// their ids; the link's descriptor last.
 const (
-	linkKey     = epoll.ReservedKey - 1
-	maxAttached = 8
-	attachBase  = linkKey - maxAttached
+	flowBase = 1 << 31
+	linkKey  = epoll.ReservedKey - 1
+	// MaxFlowID bounds the ids of WatchFlow.
+	MaxFlowID = linkKey - flowBase
 )
 
-// ErrNoLoop is Attach's error when the engine does not read the link
+// ErrNoLoop is AttachFlows's error when the engine does not read the link
 // (Config.Link is nil).
 var ErrNoLoop = errors.New("the TCP fast path runs no event loop")
 
@@ -171,9 +172,9 @@ type Engine struct {
 	txPool sync.Pool
 	queued atomic.Int64 // bytes held by all connections' queues
 
-	timers   timers   // the connections' timers
-	acks     heldACKs // with Config.Link: the ACKs the loop sends when due
-	attached []func() // with Config.Link: the drain functions of Attach, by key - attachBase
+	timers   timers          // the connections' timers
+	acks     heldACKs        // with Config.Link: the ACKs the loop sends when due
+	flowRecv func(id uint32) // with Config.Link: AttachFlows's receive; under mu
 
 	opened, refused, evicted, retransmits, dropped atomic.Uint64
 }
@@ -489,8 +490,8 @@ func (e *Engine) loop() {
 			switch k := epoll.Key(ev); {
 			case k == linkKey:
 				linkReady = true
-			case k >= attachBase:
-				e.drain(k)
+			case k >= flowBase:
+				e.receiveFlow(k - flowBase)
 			default:
 				e.hostEvent(ev)
 			}
@@ -586,40 +587,52 @@ func (e *Engine) sleep(events []unix.EpollEvent, p *pace, bp *busyPoll) (int, er
 	return n, err
 }
 
-// Attach watches fd from the event loop: drain runs on the loop's thread
-// whenever fd is readable (level-triggered: until drain has read what
-// makes it so), until fd is closed. For the descriptors of other flows
-// that answer the sandbox (an epoll set of UDP sockets): their answers are
-// then read by the thread that also reads the TAP, without a goroutine
-// being woken. At most maxAttached; ErrNoLoop without Config.Link.
-func (e *Engine) Attach(fd int, drain func()) error {
+// AttachFlows makes the event loop the reader of another owner's sockets
+// (the UDP NAT's flows): receive runs on the loop's thread, with a flow's
+// id, whenever that flow's socket, put in the loop's epoll set by
+// WatchFlow, is readable (level-triggered: until receive has read what
+// makes it so), until the socket is closed. The host's answers are then
+// read by the thread that also reads the TAP, in the same wait, without a
+// goroutine being woken or a second epoll set being asked. One owner;
+// ErrNoLoop without Config.Link.
+func (e *Engine) AttachFlows(receive func(id uint32)) error {
 	if e.cfg.Link == nil {
 		return ErrNoLoop
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if len(e.attached) >= maxAttached {
-		return fmt.Errorf("TCP fast path: no room for a descriptor more in the event loop (%d attached)", maxAttached)
+	if e.flowRecv != nil {
+		return errors.New("TCP fast path: the event loop reads another owner's flows already")
 	}
-	// Under the lock: an event that comes at once waits in drain for the
-	// function to be there, and a failed Add takes no key.
-	if err := e.set.Add(fd, unix.EPOLLIN, attachBase+uint32(len(e.attached))); err != nil {
-		return fmt.Errorf("TCP fast path: attach a descriptor to the event loop: %w", err)
-	}
-	e.attached = append(e.attached, drain)
+	e.flowRecv = receive
 	return nil
 }
 
-// drain runs the drain function attached with key.
-func (e *Engine) drain(key uint32) {
-	e.mu.RLock()
-	var fn func()
-	if i := int(key - attachBase); i < len(e.attached) {
-		fn = e.attached[i]
+// WatchFlow puts fd into the event loop's epoll set as the flow id (below
+// MaxFlowID), after AttachFlows. Closing fd takes it out.
+func (e *Engine) WatchFlow(fd int, id uint32) error {
+	if id >= MaxFlowID {
+		return fmt.Errorf("TCP fast path: flow id %d out of range", id)
 	}
+	e.mu.RLock()
+	attached := e.flowRecv != nil
+	e.mu.RUnlock()
+	if !attached {
+		return errors.New("TCP fast path: WatchFlow before AttachFlows")
+	}
+	if err := e.set.Add(fd, unix.EPOLLIN, flowBase+id); err != nil {
+		return fmt.Errorf("TCP fast path: watch a flow's socket from the event loop: %w", err)
+	}
+	return nil
+}
+
+// receiveFlow runs AttachFlows's receive for the flow id.
+func (e *Engine) receiveFlow(id uint32) {
+	e.mu.RLock()
+	fn := e.flowRecv
 	e.mu.RUnlock()
 	if fn != nil {
-		fn()
+		fn(id)
 	}
 }
 
