@@ -270,16 +270,14 @@ func (c *conn) hostEvent(ev uint32) {
 		if ev&(unix.EPOLLOUT|unix.EPOLLERR|unix.EPOLLHUP) == 0 {
 			return
 		}
-		c.connectDone()
+		c.connectDone(ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0)
 		if c.state == stClosed {
 			return
 		}
 		// The event that says the connect is done may also say that
 		// the host has spoken (a server that greets at once: SSH,
 		// SMTP, MySQL). Edge-triggered, it is not said again: note it
-		// for when the handshake completes. (connectDone took the
-		// socket's error.)
-		ev &^= unix.EPOLLERR
+		// for when the handshake completes.
 	}
 	if ev&unix.EPOLLERR != 0 {
 		if err := socketError(c.fd); err != nil {
@@ -322,9 +320,17 @@ func (c *conn) hostEvent(ev uint32) {
 }
 
 // connectDone finishes the host side's connect: the sandbox gets its
-// SYN-ACK, or a reset if the connect failed.
-func (c *conn) connectDone() {
-	if err := socketError(c.fd); err != nil {
+// SYN-ACK, or a reset if the connect failed. The poll that said it is
+// done also says how: a socket that connected is writable (and readable
+// if the host spoke first), one that failed has an error or is hung up;
+// only then is the socket asked for its error, for the log (a getsockopt
+// less per connection).
+func (c *conn) connectDone(failed bool) {
+	if failed {
+		err := socketError(c.fd)
+		if err == nil {
+			err = unix.ECONNRESET // hung up: the host reset it at once
+		}
 		c.e.refused.Add(1)
 		if c.e.log.Enabled(context.Background(), slog.LevelDebug) {
 			c.e.log.Debug("tcp fast path: connect failed; resetting", "src", c.k.src, "dst", c.k.dst, "err", err)

@@ -396,8 +396,10 @@ func (e *Engine) open(s *segment) {
 	e.opened.Add(1)
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.state == stConnecting && connected(c.fd) {
-		c.connectDone()
+	if c.state == stConnecting {
+		if done, failed := connected(c.fd); done {
+			c.connectDone(failed)
+		}
 	}
 }
 

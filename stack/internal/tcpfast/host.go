@@ -124,12 +124,15 @@ func socketError(fd int) error {
 	return nil
 }
 
-// connected reports whether a non-blocking connect on fd has finished
-// (either way) without waiting.
-func connected(fd int) bool {
+// connected reports whether a non-blocking connect on fd has finished,
+// and whether it failed (see connectDone), without waiting.
+func connected(fd int) (done, failed bool) {
 	pfd := [1]unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
 	n, _, e := syscall.RawSyscall(unix.SYS_POLL, uintptr(unsafe.Pointer(&pfd[0])), 1, 0)
-	return e == 0 && n == 1 && pfd[0].Revents != 0
+	if e != 0 || n != 1 || pfd[0].Revents == 0 {
+		return false, false
+	}
+	return true, pfd[0].Revents&(unix.POLLERR|unix.POLLHUP) != 0
 }
 
 // abortClose closes fd so that its peer sees a reset.
