@@ -233,3 +233,44 @@ func idleEngine(t *testing.T) *Engine {
 	}
 	return e
 }
+
+// TestStoreBackwards: a sandbox that sends its segments backwards fills
+// the queue up to maxInserted chunks, then only appends and the segment
+// at rcvNxt are kept; the queue stays in order of sequence, and a resend
+// of a segment held is not held twice.
+func TestStoreBackwards(t *testing.T) {
+	e := idleEngine(t)
+	c := &conn{e: e}
+	one := [2][]byte{{'x'}}
+	const sent = 10000
+	for seq := uint32(sent); seq >= 1; seq-- {
+		c.store(seq, one, 1, false)
+	}
+	if len(c.queue) != maxInserted || e.dropped.Load() != sent-maxInserted {
+		t.Fatalf("%d chunks held, %d dropped; want %d, %d", len(c.queue), e.dropped.Load(), maxInserted, sent-maxInserted)
+	}
+	if first := c.queue[0].seq; first != sent-maxInserted+1 {
+		t.Errorf("the first chunk held starts at %d; want %d", first, sent-maxInserted+1)
+	}
+	c.store(0, one, 1, false)                // fills the hole at rcvNxt: kept past the bound
+	c.store(2*sent, one, 1, false)           // an append: kept
+	c.store(sent-1, one, 1, false)           // a resend of a chunk held
+	c.store(sent-maxInserted, one, 1, false) // inserted before the tail past the bound
+	if len(c.queue) != maxInserted+2 || e.dropped.Load() != sent-maxInserted+1 {
+		t.Errorf("%d chunks held, %d dropped; want %d, %d", len(c.queue), e.dropped.Load(), maxInserted+2, sent-maxInserted+1)
+	}
+	if c.queue[0].seq != 0 || c.queue[len(c.queue)-1].seq != 2*sent {
+		t.Errorf("the queue runs from %d to %d; want 0 to %d", c.queue[0].seq, c.queue[len(c.queue)-1].seq, 2*sent)
+	}
+	for i := 1; i < len(c.queue); i++ {
+		if !seqLT(c.queue[i-1].seq, c.queue[i].seq) {
+			t.Fatalf("chunk %d starts at %d, after chunk %d's %d", i, c.queue[i].seq, i-1, c.queue[i-1].seq)
+		}
+	}
+	for len(c.queue) > 0 {
+		c.dropChunk()
+	}
+	if q := e.queued.Load(); q != 0 {
+		t.Errorf("with every chunk dropped the bound still counts %d bytes", q)
+	}
+}
