@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -140,6 +141,15 @@ func (n *NAT) newUDPFlow(p *stack.UDPPacket, key udpKey) (*udpFlow, error) {
 	f.poll = poller
 	if old, evicted := n.udp.Add(key, f); evicted {
 		n.log.Debug("udp flow table full; evicted the idlest flow", "max", n.cfg.MaxUDPFlows, "evicted_last_active", old.LastActive())
+	}
+	n.mu.Lock()
+	closed := n.closed
+	n.mu.Unlock()
+	if closed {
+		// Close emptied the table before the flow joined it: nobody
+		// else closes it (Close's own emptying sees it otherwise).
+		f.Close()
+		return nil, net.ErrClosed
 	}
 	n.log.Debug("udp flow", "src", p.Src, "dst", p.Dst, "host", host)
 	return f, nil

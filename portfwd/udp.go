@@ -166,7 +166,7 @@ func (p *udpPort) stop() error {
 
 func (p *udpPort) serve() {
 	defer close(p.done)
-	buf := make([]byte, flowtable.RecvBufSize)
+	buf := make([]byte, flowtable.DatagramMax)
 	oob := make([]byte, pktinfoSpace)
 	retry := backoff.Backoff{Min: time.Millisecond, Max: 100 * time.Millisecond}
 	for {

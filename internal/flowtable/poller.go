@@ -102,7 +102,7 @@ func (p *Poller) dispatch(events []unix.EpollEvent, buf []byte) {
 
 // Add watches fd, calling r.Receive when it is readable, and returns the
 // id to Remove it by. fd must stay open until Remove (closing it also
-// takes it out of the epoll set).
+// takes it out of the epoll set); on an error, the caller closes it.
 func (p *Poller) Add(fd int, r Receiver) (uint32, error) {
 	p.mu.Lock()
 	if p.closed {
@@ -123,6 +123,16 @@ func (p *Poller) Add(fd int, r Receiver) (uint32, error) {
 		err = p.loop.WatchFlow(fd, id)
 	} else {
 		err = p.set.Add(fd, unix.EPOLLIN, id)
+	}
+	if err == nil {
+		p.mu.Lock()
+		if p.closed {
+			// Closed meanwhile: the caller closes fd, which takes it
+			// out of a loop's set that would otherwise keep calling
+			// for a flow nobody reads.
+			err = epoll.ErrClosed
+		}
+		p.mu.Unlock()
 	}
 	if err != nil {
 		p.Remove(id)

@@ -125,3 +125,38 @@ func TestAttachedPoller(t *testing.T) {
 		t.Error("Add after Close succeeded")
 	}
 }
+
+// closingLoop is a Loop whose WatchFlow sees the poller closed meanwhile.
+type closingLoop struct {
+	testLoop
+	p *Poller
+}
+
+func (l *closingLoop) WatchFlow(fd int, id uint32) error {
+	l.p.Close()
+	return l.testLoop.WatchFlow(fd, id)
+}
+
+// TestAttachedPollerClosedDuringAdd: a flow whose socket joined the loop's
+// set while the poller closed is refused, so that its owner closes the
+// socket and the loop is not left calling for a flow nobody reads.
+func TestAttachedPollerClosedDuringAdd(t *testing.T) {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(epfd)
+	loop := &closingLoop{testLoop: testLoop{fd: epfd}}
+	p, err := NewAttachedPoller(loop)
+	if err != nil {
+		t.Fatal(err)
+	}
+	loop.p = p
+	fd, _ := udpPair(t)
+	if _, err := p.Add(fd, &recorder{fd: fd}); err == nil {
+		t.Error("Add succeeded though the poller closed while it ran")
+	}
+	if n := p.Len(); n != 0 {
+		t.Errorf("%d flows left after the refused Add", n)
+	}
+}

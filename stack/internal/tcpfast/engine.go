@@ -616,11 +616,15 @@ func (e *Engine) WatchFlow(fd int, id uint32) error {
 	if id >= MaxFlowID {
 		return fmt.Errorf("TCP fast path: flow id %d out of range", id)
 	}
+	// Under the lock, as a connection's register: Close does not close
+	// the set (and its number go to another file) under the Add.
 	e.mu.RLock()
-	attached := e.flowRecv != nil
-	e.mu.RUnlock()
-	if !attached {
+	defer e.mu.RUnlock()
+	switch {
+	case e.flowRecv == nil:
 		return errors.New("TCP fast path: WatchFlow before AttachFlows")
+	case e.state != 1:
+		return epoll.ErrClosed
 	}
 	if err := e.set.Add(fd, unix.EPOLLIN, flowBase+id); err != nil {
 		return fmt.Errorf("TCP fast path: watch a flow's socket from the event loop: %w", err)

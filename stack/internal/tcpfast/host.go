@@ -132,7 +132,7 @@ func connected(fd int) (done, failed bool) {
 	if e != 0 || n != 1 || pfd[0].Revents == 0 {
 		return false, false
 	}
-	return true, pfd[0].Revents&(unix.POLLERR|unix.POLLHUP) != 0
+	return true, pfd[0].Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0
 }
 
 // abortClose closes fd so that its peer sees a reset.
