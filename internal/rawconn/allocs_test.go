@@ -32,12 +32,7 @@ func TestCallsAllocs(t *testing.T) {
 
 // ReadBatch, once per datagram the host answers, allocates nothing.
 func TestReadBatchAllocs(t *testing.T) {
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(fds[0])
-	defer unix.Close(fds[1])
+	fds := dgramPair(t)
 	bufs := [][]byte{make([]byte, 16), make([]byte, 16)}
 	lens := make([]int, 2)
 	x := []byte("x")

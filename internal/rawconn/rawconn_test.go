@@ -154,16 +154,23 @@ func TestClosedWhileWaiting(t *testing.T) {
 	}
 }
 
-// TestReadBatch: three datagrams waiting come as two and then one, each
-// whole and in order, and a count short of the buffers is what says the
-// queue is empty; then EAGAIN.
-func TestReadBatch(t *testing.T) {
+// dgramPair is a pair of connected, non-blocking datagram sockets, closed
+// at the end of the test.
+func dgramPair(t *testing.T) [2]int {
+	t.Helper()
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer unix.Close(fds[0])
-	defer unix.Close(fds[1])
+	t.Cleanup(func() { unix.Close(fds[0]); unix.Close(fds[1]) })
+	return fds
+}
+
+// TestReadBatch: three datagrams waiting come as two and then one, each
+// whole and in order, and a count short of the buffers is what says the
+// queue is empty; then EAGAIN.
+func TestReadBatch(t *testing.T) {
+	fds := dgramPair(t)
 	for _, d := range []string{"one", "second", "3"} {
 		if _, err := unix.Write(fds[0], []byte(d)); err != nil {
 			t.Fatal(err)
