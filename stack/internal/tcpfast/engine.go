@@ -172,9 +172,9 @@ type Engine struct {
 	txPool sync.Pool
 	queued atomic.Int64 // bytes held by all connections' queues
 
-	timers   timers          // the connections' timers
-	acks     heldACKs        // with Config.Link: the ACKs the loop sends when due
-	flowRecv func(id uint32) // with Config.Link: AttachFlows's receive; under mu
+	timers   timers                          // the connections' timers
+	acks     heldACKs                        // with Config.Link: the ACKs the loop sends when due
+	flowRecv atomic.Pointer[func(id uint32)] // with Config.Link: AttachFlows's receive, set once
 
 	opened, refused, evicted, retransmits, dropped atomic.Uint64
 }
@@ -601,12 +601,9 @@ func (e *Engine) AttachFlows(receive func(id uint32)) error {
 	if e.cfg.Link == nil {
 		return ErrNoLoop
 	}
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if e.flowRecv != nil {
+	if !e.flowRecv.CompareAndSwap(nil, &receive) {
 		return errors.New("TCP fast path: the event loop reads another owner's flows already")
 	}
-	e.flowRecv = receive
 	return nil
 }
 
@@ -621,7 +618,7 @@ func (e *Engine) WatchFlow(fd int, id uint32) error {
 	e.mu.RLock()
 	defer e.mu.RUnlock()
 	switch {
-	case e.flowRecv == nil:
+	case e.flowRecv.Load() == nil:
 		return errors.New("TCP fast path: WatchFlow before AttachFlows")
 	case e.state != 1:
 		return epoll.ErrClosed
@@ -632,13 +629,12 @@ func (e *Engine) WatchFlow(fd int, id uint32) error {
 	return nil
 }
 
-// receiveFlow runs AttachFlows's receive for the flow id.
+// receiveFlow runs AttachFlows's receive for the flow id: once per
+// answer from the host, without the engine's lock (the function is set
+// once, before any flow is watched).
 func (e *Engine) receiveFlow(id uint32) {
-	e.mu.RLock()
-	fn := e.flowRecv
-	e.mu.RUnlock()
-	if fn != nil {
-		fn(id)
+	if fn := e.flowRecv.Load(); fn != nil {
+		(*fn)(id)
 	}
 }
 
