@@ -124,13 +124,16 @@ func releaseMemory(log *slog.Logger) {
 	// process's memory (--debug); and how much the traffic allocated
 	// since the start, and how many collections that took (the packet
 	// path allocates nothing per frame: allocations per round trip show
-	// if it does again).
-	samples := make([]metrics.Sample, len(memoryClasses), len(memoryClasses)+2)
+	// if it does again), and how many goroutines it started (the packet
+	// path starts none: a goroutine started afresh may take a stack whose
+	// pages are new).
+	samples := make([]metrics.Sample, len(memoryClasses), len(memoryClasses)+3)
 	for i, name := range memoryClasses {
 		samples[i].Name = "/memory/classes/" + name + ":bytes"
 	}
-	samples = append(samples, metrics.Sample{Name: "/gc/heap/allocs:objects"}, metrics.Sample{Name: "/gc/cycles/total:gc-cycles"})
-	counterNames := [...]string{"allocations", "collections"}
+	samples = append(samples, metrics.Sample{Name: "/gc/heap/allocs:objects"}, metrics.Sample{Name: "/gc/cycles/total:gc-cycles"},
+		metrics.Sample{Name: "/sched/goroutines-created:goroutines"})
+	counterNames := [...]string{"allocations", "collections", "goroutines"}
 	metrics.Read(samples)
 	attrs := make([]any, 0, 2*len(samples))
 	for i, sm := range samples {
@@ -143,7 +146,7 @@ func releaseMemory(log *slog.Logger) {
 			attrs = append(attrs, counterNames[i-len(memoryClasses)], sm.Value.Uint64())
 		}
 	}
-	log.Debug("the network is quiet: memory given back (KiB by class), allocations and collections since the start", attrs...)
+	log.Debug("the network is quiet: memory given back (KiB by class), allocations, collections and goroutines started since the start", attrs...)
 }
 
 // drainPageCache empties the page cache of the P it runs on, so that the

@@ -10,6 +10,14 @@ import (
 // while: after traffic stops, not while it flows, and never again until a
 // frame comes. Each frame costs two atomic loads; while frames flow the
 // timer fires once a period, and when they have stopped, never.
+//
+// The timer is served by one goroutine for the endpoint's life, not by a
+// goroutine per firing (time.AfterFunc): the function is the network
+// process's release of memory, which shrinks Go to one P and so frees the
+// stacks of the other Ps' finished goroutines, and a goroutine made
+// afresh after it took a stack whose pages were often new (pages of the Go
+// heap's arena that became resident at a soak's quiet points held this
+// goroutine's frames; see timers in stack/internal/tcpfast).
 type idleWatch struct {
 	after time.Duration
 	fn    func()
@@ -17,10 +25,11 @@ type idleWatch struct {
 	active atomic.Bool // a frame came since the timer last fired
 	armed  atomic.Bool // the timer is set; the next frame need not set it
 
-	mu      sync.Mutex
 	timer   *time.Timer
-	stop    bool
-	running sync.WaitGroup // a call of fn
+	quit    chan struct{} // closed by close
+	stop    sync.Once
+	started atomic.Bool   // serve runs, or is about to (Attach)
+	served  chan struct{} // closed when serve returns
 }
 
 // SetIdle makes the endpoint call fn, on a goroutine of its own, once no
@@ -29,7 +38,10 @@ type idleWatch struct {
 // attaching. Once the device is read no more (ReaderDone), fn is not
 // called again, and a call in progress is waited for.
 func (e *Endpoint) SetIdle(after time.Duration, fn func()) {
-	e.idle = &idleWatch{after: after, fn: fn}
+	w := &idleWatch{after: after, fn: fn, timer: time.NewTimer(after),
+		quit: make(chan struct{}), served: make(chan struct{})}
+	w.timer.Stop()
+	e.idle = w
 }
 
 // frame notes a frame from the device.
@@ -40,45 +52,39 @@ func (w *idleWatch) frame() {
 	if w.armed.Load() || !w.armed.CompareAndSwap(false, true) {
 		return
 	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if w.stop {
-		return
-	}
-	if w.timer == nil {
-		w.timer = time.AfterFunc(w.after, w.fire)
-	} else {
-		w.timer.Reset(w.after)
+	w.timer.Reset(w.after)
+}
+
+// serve waits for the timer until close: it calls fn if no frame came in
+// the last period, else sets the timer again.
+func (w *idleWatch) serve() {
+	defer close(w.served)
+	for {
+		select {
+		case <-w.quit:
+			return
+		case <-w.timer.C:
+		}
+		select {
+		case <-w.quit:
+			return
+		default:
+		}
+		if w.active.Swap(false) {
+			w.timer.Reset(w.after)
+			continue
+		}
+		w.armed.Store(false)
+		w.fn()
 	}
 }
 
-// fire runs when the timer fires: fn if no frame came in the last period,
-// else the timer is set again.
-func (w *idleWatch) fire() {
-	w.mu.Lock()
-	if w.stop {
-		w.mu.Unlock()
-		return
-	}
-	if w.active.Swap(false) {
-		w.timer.Reset(w.after)
-		w.mu.Unlock()
-		return
-	}
-	w.armed.Store(false)
-	w.running.Add(1)
-	w.mu.Unlock()
-	defer w.running.Done()
-	w.fn()
-}
-
-// close stops the timer and waits for a call of fn in progress.
+// close stops the timer and serve, and waits for a call of fn in
+// progress.
 func (w *idleWatch) close() {
-	w.mu.Lock()
-	w.stop = true
-	if w.timer != nil {
-		w.timer.Stop()
+	w.stop.Do(func() { close(w.quit) })
+	w.timer.Stop()
+	if w.started.Load() {
+		<-w.served
 	}
-	w.mu.Unlock()
-	w.running.Wait()
 }

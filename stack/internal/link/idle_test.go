@@ -1,6 +1,8 @@
 package link
 
 import (
+	"runtime"
+	"runtime/metrics"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -8,7 +10,8 @@ import (
 
 // TestIdleCalledOnceTrafficStops: the idle function runs once the device
 // has been quiet for a period, not while frames flow, once per quiet
-// spell, and never after the device is read no more.
+// spell, and never after the device is read no more; the timer, which
+// fires once a period while frames flow, starts no goroutine.
 func TestIdleCalledOnceTrafficStops(t *testing.T) {
 	const after = 50 * time.Millisecond
 	dev := &fakeDevice{frames: make(chan []byte, 1)}
@@ -23,7 +26,12 @@ func TestIdleCalledOnceTrafficStops(t *testing.T) {
 			time.Sleep(after / 5)
 		}
 	}
+	runtime.GC() // the collector's own goroutines start at its first cycle
+	started := goroutinesStarted()
 	send(5 * after)
+	if d := goroutinesStarted() - started; d > 1 {
+		t.Errorf("%d goroutines started while frames flowed; want none", d)
+	}
 	if n := calls.Load(); n != 0 {
 		t.Errorf("idle called %d times while frames flowed", n)
 	}
@@ -53,4 +61,11 @@ func TestIdleCalledOnceTrafficStops(t *testing.T) {
 	if n := calls.Load(); n != 2 {
 		t.Errorf("idle called after the device was read no more (%d calls, want 2)", n)
 	}
+}
+
+// goroutinesStarted is how many goroutines the process has started.
+func goroutinesStarted() uint64 {
+	s := []metrics.Sample{{Name: "/sched/goroutines-created:goroutines"}}
+	metrics.Read(s)
+	return s[0].Value.Uint64()
 }

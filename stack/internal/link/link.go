@@ -144,9 +144,10 @@ func (e *Endpoint) SupportedGSO() stack.SupportedGSO {
 }
 
 // Attach starts (or, with nil, stops delivering from) the reader
-// goroutine (unless SetExternalReader) and the writer of deferred frames.
-// The reader ends when the device is closed, the writer when the device is
-// read no more (ReaderDone); Wait waits for them.
+// goroutine (unless SetExternalReader), the writer of deferred frames and
+// the idle watch's goroutine (SetIdle). The reader ends when the device is
+// closed, the others when the device is read no more (ReaderDone); Wait
+// waits for them.
 func (e *Endpoint) Attach(d stack.NetworkDispatcher) {
 	e.mu.Lock()
 	old := e.dispatcher
@@ -165,6 +166,13 @@ func (e *Endpoint) Attach(d stack.NetworkDispatcher) {
 			defer e.wg.Done()
 			e.later.run(e.writeFrame)
 		}()
+		if e.idle != nil && !e.idle.started.Swap(true) {
+			e.wg.Add(1)
+			go func() {
+				defer e.wg.Done()
+				e.idle.serve()
+			}()
+		}
 	}
 }
 

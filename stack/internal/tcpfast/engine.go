@@ -215,7 +215,7 @@ func New(cfg Config) (*Engine, error) {
 	rand.Read(r[:])
 	e.tsOff = binary.BigEndian.Uint32(r[:])
 	e.txPool.New = func() any { return &tx{payload: make([]byte, maxPayload)} }
-	e.timers.init(fireTimer, e.begin, e.wg.Done)
+	e.timers.init(fireTimer)
 	return e, nil
 }
 
@@ -244,7 +244,11 @@ func (e *Engine) Start() error {
 	}
 	e.set = set
 	e.state = 1
-	e.wg.Add(1)
+	e.wg.Add(2)
+	go func() {
+		defer e.wg.Done()
+		e.timers.serve()
+	}()
 	if e.cfg.Link != nil {
 		go e.loop()
 	} else {
@@ -290,18 +294,6 @@ func fireTimer(c *conn, k timerKind) {
 	case timerAck:
 		c.sendHeldACK()
 	}
-}
-
-// begin counts a callback (timer) that runs outside the poller; false once
-// the engine is closed.
-func (e *Engine) begin() bool {
-	e.mu.RLock()
-	defer e.mu.RUnlock()
-	if e.state != 1 {
-		return false
-	}
-	e.wg.Add(1)
-	return true
 }
 
 // Stats returns the engine's counters.

@@ -18,17 +18,23 @@ const (
 )
 
 // timers are the timers of all the engine's connections, in one heap
-// under one runtime timer. A runtime timer per connection (time.AfterFunc)
-// starts a goroutine each time it fires, and Go keeps the stacks of
-// finished goroutines, up to 63 per P, in a cache that collections do not
-// empty: its size at any moment is chance, and it grows with the number
-// of callbacks that were running at once. In a soak with the event loop
-// (three Ps), the network process's private memory at the quiet points
-// rose 90 KiB in 8 minutes in the Go heap's arena, and a test program
-// firing bursts of 200-1,600 such callbacks, with the same release after
-// each (one P, a collection, pages returned), kept 320-576 KiB of stacks
-// (docs/design.md, "Memory after traffic"). Here the callbacks run one
-// after the other on the one goroutine the runtime timer starts.
+// under one runtime timer, whose callbacks run one after the other on one
+// goroutine that lives as long as the engine (serve). A runtime timer per
+// connection (time.AfterFunc) starts a goroutine each time it fires, and
+// Go keeps the stacks of finished goroutines, up to 63 per P, in a cache
+// that collections do not empty: its size at any moment is chance, and it
+// grows with the number of callbacks that were running at once. In a soak
+// with the event loop (three Ps), the network process's private memory at
+// the quiet points rose 90 KiB in 8 minutes in the Go heap's arena, and a
+// test program firing bursts of 200-1,600 such callbacks, with the same
+// release after each (one P, a collection, pages returned), kept 320-576
+// KiB of stacks (docs/design.md, "Memory after traffic"). One goroutine
+// per firing of the one runtime timer (AfterFunc) still made a stack
+// afresh now and then: the release shrinks Go to one P, which hands the
+// other Ps' finished goroutines to a list whose stacks the collection
+// frees, and the pages of the next stack were more often new than not
+// (pages of the Go heap's arena that became resident at a soak's quiet
+// points held these goroutines' frames).
 type timers struct {
 	mu      sync.Mutex
 	heap    []timerEntry
@@ -36,8 +42,7 @@ type timers struct {
 	armedAt int64 // when t fires, on the engine's clock; 0: stopped
 	epoch   time.Time
 	fire    func(c *conn, k timerKind) // runs with c.mu held
-	begin   func() bool                // counts a callback in flight; false once closed
-	done    func()
+	quit    chan struct{}              // closed by close: serve returns
 }
 
 type timerEntry struct {
@@ -47,11 +52,24 @@ type timerEntry struct {
 }
 
 // init sets up the heap; the runtime timer is made stopped.
-func (ts *timers) init(fire func(*conn, timerKind), begin func() bool, done func()) {
+func (ts *timers) init(fire func(*conn, timerKind)) {
 	ts.epoch = time.Now()
-	ts.fire, ts.begin, ts.done = fire, begin, done
-	ts.t = time.AfterFunc(time.Hour, ts.run)
+	ts.fire = fire
+	ts.quit = make(chan struct{})
+	ts.t = time.NewTimer(time.Hour)
 	ts.t.Stop()
+}
+
+// serve runs the callbacks as the runtime timer falls due, until close.
+func (ts *timers) serve() {
+	for {
+		select {
+		case <-ts.quit:
+			return
+		case <-ts.t.C:
+			ts.run()
+		}
+	}
 }
 
 // now is the engine's clock: nanoseconds since init, monotonic.
@@ -87,12 +105,13 @@ func (ts *timers) stop(c *conn, k timerKind) {
 	ts.mu.Unlock()
 }
 
-// close stops the runtime timer for good.
+// close stops the runtime timer for good, and serve. Once.
 func (ts *timers) close() {
 	ts.mu.Lock()
 	ts.t.Stop()
 	ts.armedAt = -1
 	ts.mu.Unlock()
+	close(ts.quit)
 }
 
 // rearm points the runtime timer at the earliest entry when that is
@@ -110,13 +129,9 @@ func (ts *timers) rearm() {
 	ts.t.Reset(time.Duration(at - ts.now()))
 }
 
-// run is the runtime timer's callback: it fires what is due, each with its
-// connection locked, and points the runtime timer at what comes next.
+// run fires what is due, each with its connection locked, and points the
+// runtime timer at what comes next.
 func (ts *timers) run() {
-	if !ts.begin() {
-		return
-	}
-	defer ts.done()
 	var buf [16]timerEntry
 	due := buf[:0]
 	ts.mu.Lock()

@@ -2,6 +2,8 @@ package tcpfast
 
 import (
 	"math/rand/v2"
+	"runtime"
+	"runtime/metrics"
 	"sync"
 	"testing"
 	"time"
@@ -9,14 +11,14 @@ import (
 
 // TestTimers sets, moves and stops the timers of many connections and
 // checks that each fires once, not before it is due, in the order of
-// their deadlines, that a stopped one never fires, and that the heap
-// empties and the runtime timer stops when nothing is set.
+// their deadlines, that a stopped one never fires, that the heap
+// empties and the runtime timer stops when nothing is set, and that the
+// firings start no goroutine (they run on serve's).
 func TestTimers(t *testing.T) {
 	var (
 		mu    sync.Mutex
 		fired []*conn
 		at    = map[*conn]time.Time{}
-		wg    sync.WaitGroup
 	)
 	var ts timers
 	ts.init(func(c *conn, k timerKind) {
@@ -29,8 +31,15 @@ func TestTimers(t *testing.T) {
 			t.Errorf("a timer fired %v early", at[c].Sub(now))
 		}
 		fired = append(fired, c)
-	}, func() bool { wg.Add(1); return true }, wg.Done)
+	})
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		ts.serve()
+	}()
 
+	runtime.GC() // the collector's own goroutines start at its first cycle
+	started := goroutinesStarted()
 	const n = 300
 	conns := make([]*conn, n)
 	stopped := map[*conn]bool{}
@@ -71,7 +80,14 @@ func TestTimers(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	time.Sleep(20 * time.Millisecond) // room for a wrong one more
-	wg.Wait()
+	if d := goroutinesStarted() - started; d > 2 {
+		t.Errorf("%d goroutines started while the timers fired; want none", d)
+	}
+	ts.mu.Lock()
+	armed := ts.armedAt
+	ts.mu.Unlock()
+	ts.close()
+	<-served // and serve returns
 	mu.Lock()
 	defer mu.Unlock()
 	if len(fired) != n-len(stopped) {
@@ -94,7 +110,7 @@ func TestTimers(t *testing.T) {
 	if l := len(ts.heap); l != 0 {
 		t.Errorf("%d timers left in the heap", l)
 	}
-	if ts.armedAt != 0 {
+	if armed != 0 {
 		t.Errorf("the runtime timer is still armed with nothing set")
 	}
 	ts.mu.Unlock()
@@ -109,7 +125,7 @@ func TestTimers(t *testing.T) {
 // random sets, moves and stops, without the runtime timer firing.
 func TestTimersHeap(t *testing.T) {
 	var ts timers
-	ts.init(func(*conn, timerKind) {}, func() bool { return false }, func() {})
+	ts.init(func(*conn, timerKind) {})
 	defer ts.close()
 	conns := make([]*conn, 500)
 	for i := range conns {
@@ -142,4 +158,11 @@ func checkHeap(t *testing.T, ts *timers) {
 			t.Fatalf("entry %d is due before its parent", i)
 		}
 	}
+}
+
+// goroutinesStarted is how many goroutines the process has started.
+func goroutinesStarted() uint64 {
+	s := []metrics.Sample{{Name: "/sched/goroutines-created:goroutines"}}
+	metrics.Read(s)
+	return s[0].Value.Uint64()
 }
