@@ -28,6 +28,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 
+	"github.com/gonetns/gonetns/internal/flowtable"
 	"github.com/gonetns/gonetns/stack/internal/link"
 	"github.com/gonetns/gonetns/stack/internal/tcpfast"
 	"github.com/gonetns/gonetns/tap"
@@ -489,6 +490,14 @@ func (st *Stack) DescribeFastTCP() string {
 // (Config.EventLoop, with the fast path on and a device that offers it).
 func (st *Stack) RunsEventLoop() bool { return st.loop }
 
+// A Stack is the event loop a flowtable.Poller's flows are read on
+// (nat.Config.Loop), and every id such a poller hands out has a key in
+// the loop's epoll set: the build fails if the one bound outgrows the
+// other.
+var _ flowtable.Loop = (*Stack)(nil)
+
+const _ = uint32(tcpfast.MaxFlowID - flowtable.MaxID)
+
 // ErrNoEventLoop is AttachFlows's error when the stack runs no event loop
 // (Config.EventLoop off, the fast path off, or a device that is not the
 // TAP itself).
@@ -508,7 +517,7 @@ func (st *Stack) AttachFlows(receive func(id uint32)) error {
 }
 
 // WatchFlow puts a flow's socket into the event loop's epoll set under
-// id (below 2^31 - 2), after AttachFlows.
+// id (below flowtable.MaxID), after AttachFlows.
 func (st *Stack) WatchFlow(fd int, id uint32) error {
 	if st.fast == nil {
 		return ErrNoEventLoop

@@ -380,10 +380,6 @@ func pwait2(fd int, events []unix.EpollEvent, timeout time.Duration) (int, error
 	return unix.EpollWait(fd, events, ms)
 }
 
-// FD is the set's descriptor, to watch the set from another set: it is
-// readable while a member is ready. The set stays its owner (Close).
-func (s *Set) FD() int { return s.fd }
-
 // Wake makes a WaitFor in progress (or the next one) return at once.
 func (s *Set) Wake() {
 	one := [8]byte{1}
