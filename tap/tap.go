@@ -153,8 +153,9 @@ type Pollable interface {
 	// must no longer be waiting on FD for (an epoll set keeps reporting a
 	// closed descriptor whose file lives on).
 	FD() int
-	// ReadNow reads one frame like Read, without waiting: an error
-	// wrapping unix.EAGAIN when none is there.
+	// ReadNow reads one frame like Read, without waiting: unix.EAGAIN
+	// itself, unwrapped, when none is there (the loop meets it at the end
+	// of every drain, so it costs no allocation).
 	ReadNow(bufs [][]byte) (int, error)
 }
 
@@ -255,13 +256,15 @@ func (d *fileDevice) ReadNow(bufs [][]byte) (int, error) {
 	}
 	for {
 		n, err := rawconn.Readv(d.fd, bufs)
-		if err == unix.EINTR {
+		switch err {
+		case nil:
+			return n, nil
+		case unix.EINTR:
 			continue
+		case unix.EAGAIN:
+			return 0, err
 		}
-		if err != nil {
-			return 0, d.ioErr("read", err)
-		}
-		return n, nil
+		return 0, d.ioErr("read", err)
 	}
 }
 
