@@ -109,6 +109,10 @@ type NAT struct {
 	tcpWork   chan *stack.TCPRequest
 	idleTCP   atomic.Int32 // goroutines waiting on tcpWork
 	tcpFull   atomic.Int64 // unix time of the last "too many" warning
+	// tcpDone is the Done of every DialTCP's socket, made once: a
+	// closure per connection was two of the five allocations a new
+	// connection cost the network process.
+	tcpDone func()
 
 	udp  *flowtable.Table[udpKey, *udpFlow]
 	echo *flowtable.Table[echoKey, *echoFlow]
@@ -160,6 +164,7 @@ func New(cfg Config) (*NAT, error) {
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)
 	}
+	n.tcpDone = n.doneTCP
 	if n.dialer == nil {
 		n.dialer = &net.Dialer{}
 	}

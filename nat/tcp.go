@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -170,19 +169,22 @@ func (n *NAT) DialTCP(src, dst netip.AddrPort) (stack.HostTCP, error) {
 		}
 		return stack.HostTCP{}, errTooMany
 	}
-	release := func() {
-		n.tcpActive.Add(-1)
-		n.wg.Done()
-	}
 	fd, err := n.dialTCP(dst)
 	if err != nil {
-		release()
+		n.doneTCP()
 		if n.log.Enabled(n.ctx, slog.LevelDebug) {
 			n.log.Debug("tcp refused", "src", src, "dst", dst, "err", err)
 		}
 		return stack.HostTCP{}, err
 	}
-	return stack.HostTCP{FD: fd, ConnectTimeout: n.cfg.DialTimeout, Done: sync.OnceFunc(release)}, nil
+	return stack.HostTCP{FD: fd, ConnectTimeout: n.cfg.DialTimeout, Done: n.tcpDone}, nil
+}
+
+// doneTCP ends what DialTCP began for one connection; the stack calls it
+// once per socket DialTCP gave it (stack.HostTCP.Done).
+func (n *NAT) doneTCP() {
+	n.tcpActive.Add(-1)
+	n.wg.Done()
 }
 
 var errTooMany = errors.New("nat: too many TCP connections")

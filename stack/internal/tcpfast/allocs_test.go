@@ -42,3 +42,24 @@ func TestHeldACKsAllocs(t *testing.T) {
 		t.Errorf("100 round trips' held ACKs allocated %.1f objects; want 0", allocs)
 	}
 }
+
+// A connection's frames take the sandbox's MAC without a string of their
+// own (one was allocated for every new connection), and a new MAC, should
+// the sandbox change it, is taken.
+func TestRemoteMACAllocs(t *testing.T) {
+	var e Engine
+	s := segment{srcMAC: [6]byte{2, 0, 0, 0, 0, 1}}
+	first := e.remoteMAC(&s)
+	allocs := testing.AllocsPerRun(100, func() {
+		if m := e.remoteMAC(&s); m != first {
+			t.Fatalf("remoteMAC: %v, then %v", first, m)
+		}
+	})
+	if allocs != 0 {
+		t.Errorf("remoteMAC allocated %.1f objects per connection; want 0", allocs)
+	}
+	s.srcMAC[5] = 2
+	if m := e.remoteMAC(&s); m != s.remoteMAC() {
+		t.Errorf("after the sandbox's MAC changed, remoteMAC gave %v; want %v", m, s.remoteMAC())
+	}
+}

@@ -161,7 +161,7 @@ func (e *Engine) newConn(s *segment, h Host) *conn {
 	c := &conn{
 		e:    e,
 		k:    key{s.src, s.dst},
-		ends: ends{v6: s.v6, local: s.dst, remote: s.src, mac: e.cfg.MAC, remoteMAC: s.remoteMAC()},
+		ends: ends{v6: s.v6, local: s.dst, remote: s.src, mac: e.cfg.MAC, remoteMAC: e.remoteMAC(s)},
 		done: h.Done,
 		fd:   h.FD,
 
@@ -209,6 +209,7 @@ func (c *conn) register() bool {
 		c.fd = -1
 		if c.done != nil {
 			c.done()
+			c.done = nil
 		}
 		return false
 	}

@@ -154,6 +154,9 @@ type Engine struct {
 	mss4    int // the MSS the engine offers, from the MTU
 	mss6    int
 	peekOff atomic.Int32 // 0 unknown, 1 the kernel has SO_PEEK_OFF for TCP, -1 it has not
+	// sandboxMAC is the source MAC of the last SYN: the sandbox has one,
+	// and each connection's frames take it without a string of their own.
+	sandboxMAC atomic.Pointer[tcpip.LinkAddress]
 
 	set *epoll.Set
 
@@ -395,6 +398,17 @@ func (e *Engine) open(s *segment) {
 	}
 }
 
+// remoteMAC is s's source MAC as the address of the frames that answer
+// it; a new one is allocated only when the sandbox's MAC changes.
+func (e *Engine) remoteMAC(s *segment) tcpip.LinkAddress {
+	if m := e.sandboxMAC.Load(); m != nil && string(*m) == string(s.srcMAC[:]) {
+		return *m
+	}
+	m := s.remoteMAC()
+	e.sandboxMAC.Store(&m)
+	return m
+}
+
 // appendTS appends a timestamp option (with two NOPs before it) that
 // echoes ecr.
 func (e *Engine) appendTS(o []byte, ecr uint32) []byte {
@@ -406,7 +420,7 @@ func (e *Engine) appendTS(o []byte, ecr uint32) []byte {
 
 // resetFor answers s, a segment of no connection, with a reset.
 func (e *Engine) resetFor(s *segment) {
-	ep := ends{v6: s.v6, local: s.dst, remote: s.src, mac: e.cfg.MAC, remoteMAC: s.remoteMAC()}
+	ep := ends{v6: s.v6, local: s.dst, remote: s.src, mac: e.cfg.MAC, remoteMAC: e.remoteMAC(s)}
 	f := fields{flags: flagRST | flagACK, ack: s.end()}
 	if s.has(flagACK) {
 		f = fields{flags: flagRST, seq: s.ack}
