@@ -43,6 +43,63 @@ func TestHeldACKsAllocs(t *testing.T) {
 	}
 }
 
+// A queue that never empties (an upload waiting on a slow host socket:
+// a chunk taken from the front as one is added at the end) keeps its
+// array, in order; an emptied queue keeps a small array for the next
+// burst and lets a large one go.
+func TestQueueKeepsItsArray(t *testing.T) {
+	var c conn
+	next, first := uint32(0), uint32(0)
+	data := []byte("x")
+	add := func() {
+		c.queueSlot()
+		c.queue[len(c.queue)-1] = chunk{seq: next, data: data}
+		next++
+	}
+	for range 8 {
+		add()
+	}
+	allocs := testing.AllocsPerRun(100, func() {
+		for range 10 {
+			add()
+			c.queuePop()
+			first++
+		}
+	})
+	if allocs != 0 {
+		t.Errorf("a queue of 8 sliding along its array allocated %.1f times per 10 chunks; want 0", allocs)
+	}
+	for i, k := range c.queue {
+		if k.seq != first+uint32(i) {
+			t.Fatalf("queue[%d] is chunk %d; want %d (the queue: %d chunks from %d)", i, k.seq, first+uint32(i), len(c.queue), c.queue[0].seq)
+		}
+	}
+	if len(c.queue) != 8 {
+		t.Fatalf("%d chunks queued; want 8", len(c.queue))
+	}
+	// What slid off the array's front holds no buffer any more.
+	for i, k := range c.qbuf[:cap(c.qbuf)] {
+		if k.data != nil && (k.seq < first || k.seq >= next) {
+			t.Errorf("the array's slot %d still holds chunk %d, taken off the queue", i, k.seq)
+		}
+	}
+	for len(c.queue) > 0 {
+		c.queuePop()
+	}
+	if c.qbuf == nil || cap(c.queue) == 0 {
+		t.Errorf("an emptied queue of %d chunks' room let its array go; want it kept", cap(c.qbuf))
+	}
+	for range maxKeptQueue + 1 {
+		add()
+	}
+	for len(c.queue) > 0 {
+		c.queuePop()
+	}
+	if c.qbuf != nil || c.queue != nil {
+		t.Errorf("an emptied queue kept an array of %d chunks; want one of at most %d kept", cap(c.qbuf), maxKeptQueue)
+	}
+}
+
 // A connection's frames take the sandbox's MAC without a string of their
 // own (one was allocated for every new connection), and a new MAC, should
 // the sandbox change it, is taken.

@@ -101,6 +101,7 @@ type conn struct {
 	rcvRight uint32    // the right edge of the window advertised (never moves back)
 	sndWSOK  bool      // window scaling is on (both offered it)
 	queue    []chunk   // data not yet written to the host socket, by sequence
+	qbuf     []chunk   // queue's array (length 0): queue is a part of it (queueSlot)
 	queued   int       // bytes in queue
 	dsack    sackBlock // a duplicate received, reported once (RFC 2883); empty when none
 	finRcvd  bool      // the sandbox's FIN is taken: the host socket's writing is shut
@@ -698,7 +699,7 @@ func (c *conn) store(seq uint32, parts [2][]byte, n int, fin bool) {
 	data = append(append(data, parts[0]...), parts[1]...)
 	data = data[:n]
 	c.queued += n
-	c.queue = append(c.queue, chunk{})
+	c.queueSlot()
 	copy(c.queue[i+1:], c.queue[i:])
 	c.queue[i] = chunk{seq: seq, data: data, buf: buf, fin: fin}
 }
@@ -750,12 +751,45 @@ func (c *conn) dropChunk() {
 	c.queued -= n
 	c.e.queued.Add(-chunkCost(n))
 	putChunkBuf(c.queue[0].buf)
+	c.queuePop()
+}
+
+// queuePop takes the first chunk off the queue.
+func (c *conn) queuePop() {
 	c.queue[0] = chunk{}
 	c.queue = c.queue[1:]
 	if len(c.queue) == 0 {
-		c.queue = nil
+		c.queue = c.qbuf[:0]
+		if cap(c.qbuf) > maxKeptQueue {
+			c.queue, c.qbuf = nil, nil
+		}
 	}
 }
+
+// queueSlot adds a zero chunk at the end of the queue. The queue takes
+// from its front (queuePop) and adds at its end; when it reaches the end
+// of its array it moves back to the front if there is room there, and an
+// empty queue starts again at the front, so that an upload whose chunks
+// wait for the host socket keeps one array instead of growing a new one
+// each time the queue slides to its end (most of what a connection
+// allocated besides itself, in the soak's uploads).
+func (c *conn) queueSlot() {
+	if len(c.queue) == cap(c.queue) && len(c.queue) < cap(c.qbuf) {
+		n := copy(c.qbuf[:cap(c.qbuf)], c.queue)
+		clear(c.qbuf[n:cap(c.qbuf)])
+		c.queue = c.qbuf[:n]
+	}
+	grows := len(c.queue) == cap(c.queue)
+	c.queue = append(c.queue, chunk{})
+	if grows {
+		c.qbuf = c.queue[:0]
+	}
+}
+
+// maxKeptQueue is the longest queue array (in chunks) an emptied queue
+// keeps for the connection's next bytes: an idle connection holds no more
+// than this (3.5 KiB) for a burst long past.
+const maxKeptQueue = 64
 
 // takeFIN passes the sandbox's FIN on: the host socket's writing is shut.
 func (c *conn) takeFIN() {
