@@ -451,7 +451,7 @@ func runSlirp4netns(args []string, name string) int {
 	for _, w := range o.warnings {
 		fmt.Println(w)
 	}
-	setProcs()
+	tuneRuntime()
 	// The descriptors the caller passed for us alone must not reach the
 	// namespace helper (a ready pipe held open there would hide our exit
 	// from a caller waiting for "1").
