@@ -208,19 +208,20 @@ func tuneRuntime() {
 // gcPercent is the collector's GOGC for the network process: a collection
 // when the heap has grown by a quarter of what it held live, not doubled.
 // Its live heap is small (0.7 MiB of objects at rest, the netstack's
-// included) and traffic leaves
-// little garbage (a connection's state; frames and queued bytes are
-// pooled or outside the heap), so collections stay cheap, and what the
-// heap reaches under traffic is lower and the same from one burst to the
-// next. At 100, a soak's heap grew to wherever each burst's garbage took
-// it, and each new high left the runtime's bookkeeping for it behind for
-// good: at the quiet points of 8-minute soaks (scripts/soak.sh), 3.29 MiB
-// of private memory in the first minute and 3.34 after it, 9 runtime pages
-// added after the first minute, against 3.33 and 3.34 and 4 pages at 25;
-// under traffic 9.1 and 8.3 MiB at its peaks against 6.0 and 7.9. Small
-// traffic costs no more (4 interleaved pairs, MTU 65520: new connections
-// 2,764-3,258 per second against 2,883-3,421, 1-byte round trips p50
-// 78-85 against 81-90 µs). GOGC in the environment overrides it.
+// included) and traffic leaves little garbage (a new connection's state;
+// frames and queued bytes are pooled or outside the heap), so collections
+// stay cheap, and what the heap reaches under traffic is lower and the
+// same from one burst to the next. At 100, each new high of the heap left
+// the runtime's bookkeeping for it (span sets, span structs, the
+// collector's work buffers) resident for good: in 8-minute soaks
+// (scripts/soak.sh), 9 pages of it added at the quiet points after the
+// first minute against 4 at 25, and peaks under traffic of 9.1 and 8.3
+// MiB in and after the first minute against 6.0 and 7.9 (docs/design.md,
+// "Memory after traffic"). Small traffic costs no more (4 interleaved
+// pairs, MTU 65520: new connections 2,764-3,258 per second at 100 against
+// 2,883-3,421, 1-byte round trips p50 78-85 against 81-90 µs); 10,000 new
+// connections take 14 collections against 6. GOGC in the environment
+// overrides it.
 const gcPercent = 25
 
 // startCPUProfile profiles the parent until stop is called.

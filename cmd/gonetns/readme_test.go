@@ -31,6 +31,7 @@ var otherFlags = map[string]string{
 	"outbound-if4":         "pasta",
 	"outbound-if6":         "pasta",
 	"network":              "podman run",
+	"call-graph":           "perf record",
 }
 
 // docFlag finds long flags in prose and command lines: --name, not
