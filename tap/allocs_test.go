@@ -15,17 +15,7 @@ import (
 // it at the end of every drain of the device (its error was wrapped anew
 // each time, three allocations, before).
 func TestReadNowEmptyAllocs(t *testing.T) {
-	inNewNetns(t, func() {
-		d := openDevice(t, "gtest3")
-		if d == nil {
-			return
-		}
-		defer d.Close()
-		p, ok := d.(Pollable)
-		if !ok {
-			t.Error("the TAP device is not Pollable")
-			return
-		}
+	withPollable(t, "gtest3", func(_ Device, p Pollable) {
 		bufs := [][]byte{make([]byte, 2048)}
 		var err error
 		allocs := testing.AllocsPerRun(100, func() { _, err = p.ReadNow(bufs) })

@@ -253,13 +253,11 @@ func txQueueLen(name string) (int, error) {
 	return int(ifr.Uint32()), nil
 }
 
-// TestReadNowFromAnEventLoop reads the device as the fast path's event loop
-// does: the descriptor waited on in an epoll set of the caller's, frames
-// read with ReadNow, EAGAIN when none is there; Close then leaves ReadNow
-// and Write with os.ErrClosed.
-func TestReadNowFromAnEventLoop(t *testing.T) {
+// withPollable runs f in a network namespace of its own with the TAP
+// device name open, as a Pollable.
+func withPollable(t *testing.T, name string, f func(d Device, p Pollable)) {
 	inNewNetns(t, func() {
-		d := openDevice(t, "gtest2")
+		d := openDevice(t, name)
 		if d == nil {
 			return
 		}
@@ -269,6 +267,16 @@ func TestReadNowFromAnEventLoop(t *testing.T) {
 			t.Error("the TAP device is not Pollable")
 			return
 		}
+		f(d, p)
+	})
+}
+
+// TestReadNowFromAnEventLoop reads the device as the fast path's event loop
+// does: the descriptor waited on in an epoll set of the caller's, frames
+// read with ReadNow, EAGAIN when none is there; Close then leaves ReadNow
+// and Write with os.ErrClosed.
+func TestReadNowFromAnEventLoop(t *testing.T) {
+	withPollable(t, "gtest2", func(d Device, p Pollable) {
 		b := make([]byte, 2048)
 		if _, err := p.ReadNow([][]byte{b}); !errors.Is(err, unix.EAGAIN) {
 			t.Errorf("ReadNow with nothing sent: %v, want EAGAIN", err)
