@@ -109,9 +109,8 @@ type NAT struct {
 	tcpWork   chan *stack.TCPRequest
 	idleTCP   atomic.Int32 // goroutines waiting on tcpWork
 	tcpFull   atomic.Int64 // unix time of the last "too many" warning
-	// tcpDone is the Done of every DialTCP's socket, made once: a
-	// closure per connection was two of the five allocations a new
-	// connection cost the network process.
+	// tcpDone is the Done of every DialTCP's socket, made once (a
+	// closure and sync.OnceFunc's two objects per connection, before).
 	tcpDone func()
 
 	udp  *flowtable.Table[udpKey, *udpFlow]
