@@ -229,9 +229,10 @@ func (n *NAT) dialTCP(dst netip.AddrPort) (int, error) {
 	return fd, nil
 }
 
-// connect starts fd's connect to to. It is unix.Connect without the
-// allocation of its address (an interface, so it escapes): one of the
-// objects each new connection of the sandbox cost.
+// connect starts fd's connect to to (a TCP connection's, a UDP flow's).
+// It is unix.Connect without the allocation of its address (an
+// interface, so it escapes): one of the objects each new connection of
+// the sandbox cost.
 func connect(fd int, to netip.AddrPort) error {
 	var (
 		sa4 unix.RawSockaddrInet4

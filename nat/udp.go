@@ -158,13 +158,10 @@ func (n *NAT) newUDPFlow(p *stack.UDPPacket, key udpKey) (*udpFlow, error) {
 // udpSocket opens a non-blocking UDP socket connected to dst, from the
 // outbound address when one applies (--outbound-addr).
 func (n *NAT) udpSocket(dst netip.AddrPort) (int, error) {
+	to := netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
 	family := unix.AF_INET
-	var sa unix.Sockaddr
-	if a := dst.Addr().Unmap(); a.Is4() {
-		sa = &unix.SockaddrInet4{Addr: a.As4(), Port: int(dst.Port())}
-	} else {
+	if to.Addr().Is6() {
 		family = unix.AF_INET6
-		sa = &unix.SockaddrInet6{Addr: a.As16(), Port: int(dst.Port())}
 	}
 	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -174,7 +171,7 @@ func (n *NAT) udpSocket(dst netip.AddrPort) (int, error) {
 		unix.Close(fd)
 		return -1, fmt.Errorf("udp: %w", err)
 	}
-	if err := unix.Connect(fd, sa); err != nil {
+	if err := connect(fd, to); err != nil {
 		unix.Close(fd)
 		return -1, fmt.Errorf("udp connect %v: %w", dst, err)
 	}
