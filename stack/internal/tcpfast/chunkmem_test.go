@@ -130,7 +130,8 @@ func TestReleaseMemory(t *testing.T) {
 	e := idleEngine(t)
 	const burst = 10000
 	add := func(i int) *conn {
-		c := &conn{k: key{netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, 2, 100}), uint16(i)), netip.MustParseAddrPort("10.0.2.2:80")}, id: uint32(i)}
+		c := &conn{}
+		c.k, c.id = key{netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, 2, 100}), uint16(i)), netip.MustParseAddrPort("10.0.2.2:80")}, uint32(i)
 		e.mu.Lock()
 		e.conns[c.k], e.byID[c.id] = c, c
 		e.mostConn = max(e.mostConn, len(e.conns))

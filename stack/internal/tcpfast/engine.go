@@ -167,6 +167,7 @@ type Engine struct {
 	mostConn int // the most connections the maps held since ReleaseMemory
 	nextID   uint32
 	halfOpen connList // oldest first
+	spare    []*conn  // closed conns for the next connections (maxSpare)
 	wg       sync.WaitGroup
 
 	tsBase time.Time // the clock of the timestamps we send: milliseconds since tsBase, plus tsOff
@@ -271,6 +272,7 @@ func (e *Engine) Close() error {
 	}
 	started := e.state == 1
 	e.state = 2
+	e.spare = nil
 	all := make([]*conn, 0, len(e.conns))
 	for _, c := range e.conns {
 		all = append(all, c)
@@ -452,11 +454,14 @@ func (e *Engine) poll() {
 // hostEvent hands a host socket's event to its connection.
 func (e *Engine) hostEvent(ev *unix.EpollEvent) {
 	e.mu.RLock()
-	c := e.byID[epoll.Key(ev)]
+	id := epoll.Key(ev)
+	c := e.byID[id]
 	e.mu.RUnlock()
 	if c != nil {
 		c.mu.Lock()
-		c.hostEvent(ev.Events)
+		if c.id == id { // else c has become another connection since
+			c.hostEvent(ev.Events)
+		}
 		c.mu.Unlock()
 	}
 }

@@ -49,6 +49,7 @@ type timerEntry struct {
 	at   int64 // on the engine's clock (now)
 	c    *conn
 	kind timerKind
+	gen  uint32 // c.gen when set: run fires it only for that connection
 }
 
 // init sets up the heap; the runtime timer is made stopped.
@@ -81,10 +82,10 @@ func (ts *timers) set(c *conn, k timerKind, d time.Duration) {
 	at := ts.now() + int64(max(d, 0))
 	ts.mu.Lock()
 	if i := int(c.timerIdx[k]); i > 0 {
-		ts.heap[i-1].at = at
+		ts.heap[i-1].at, ts.heap[i-1].gen = at, c.gen
 		ts.fix(i - 1)
 	} else {
-		ts.heap = append(ts.heap, timerEntry{at: at, c: c, kind: k})
+		ts.heap = append(ts.heap, timerEntry{at: at, c: c, kind: k, gen: c.gen})
 		c.timerIdx[k] = int32(len(ts.heap))
 		ts.up(len(ts.heap) - 1)
 	}
@@ -150,7 +151,9 @@ func (ts *timers) run() {
 	for i := range due {
 		c := due[i].c
 		c.mu.Lock()
-		ts.fire(c, due[i].kind)
+		if c.gen == due[i].gen { // else c was closed and is another connection now
+			ts.fire(c, due[i].kind)
+		}
 		c.mu.Unlock()
 		due[i] = timerEntry{}
 	}
