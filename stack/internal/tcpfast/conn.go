@@ -221,7 +221,7 @@ func (e *Engine) newConn(s *segment, h Host) *conn {
 }
 
 // maxSpare is how many closed conns the engine keeps for its next
-// connections. A conn is the only thing a new connection allocated (728
+// connections. A conn is the only thing a new connection allocated (704
 // bytes); in the soak (scripts/soak.sh) conns were 25,575 of the 32,744
 // objects and 19.6 of the 27.4 MB the network process allocated in 3
 // minutes, and with GOGC at 25 they set the pace of its collections. A
