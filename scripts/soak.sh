@@ -7,7 +7,9 @@
 # every 30 s (SOAK_SAMPLE) under traffic and again at a quiet point (the
 # traffic paused, no connection open); the run fails if, at the quiet
 # points, private memory or descriptors grow beyond the first minute's
-# peak, or if a transfer goes wrong. Extra gonetns flags: SOAK_FLAGS (e.g.
+# peak, or if a transfer goes wrong; it also says when private memory at
+# the quiet points last rose and how many quiet points held since (a leak
+# rises to the end). Extra gonetns flags: SOAK_FLAGS (e.g.
 # --tcp-fast-path=false to soak the netstack's TCP). Not part of make
 # test. Needs root (it switches users); run scripts/test-setup.sh first.
 set -euo pipefail

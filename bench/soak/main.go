@@ -190,6 +190,10 @@ func harness() int {
 		}
 		fmt.Println()
 	}
+	if quiet.high > 0 {
+		fmt.Printf("at the quiet points: private memory last rose at %v, to %.2f MiB; %d quiet point(s) since, none higher\n",
+			quiet.highAt.Round(time.Second), float64(quiet.high)/1024, quiet.samplesSince)
+	}
 	grew := quiet.after.anonKB > quiet.first.anonKB || quiet.after.fds > quiet.first.fds
 	if grew {
 		fmt.Println("result: FAIL: at the quiet points, private memory or descriptors grew beyond the first minute's peak")
@@ -225,9 +229,21 @@ type series struct {
 	window, duration time.Duration
 	first, after     usageSample
 	windows          [][]int64
+	// The last time private memory rose above every sample before it,
+	// and how many samples have come since: a leak keeps rising to the
+	// end, a process whose runtime fills in its bookkeeping for a while
+	// rises in steps and then holds.
+	high         int64
+	highAt       time.Duration
+	samplesSince int
 }
 
 func (s *series) add(u usageSample, el time.Duration, inFirst bool) {
+	if u.anonKB > s.high {
+		s.high, s.highAt, s.samplesSince = u.anonKB, el, 0
+	} else {
+		s.samplesSince++
+	}
 	if inFirst {
 		s.first = s.first.peak(u)
 	} else {
