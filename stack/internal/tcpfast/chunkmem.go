@@ -114,8 +114,8 @@ func putChunkBuf(h chunkHandle) {
 // ReleaseMemory gives back what the traffic left behind, for a caller
 // that knows the network is quiet: the pages of the chunk arena's free
 // slots (a slot used again takes its pages afresh, a page fault each),
-// the spare conns, and the room of the connection maps when they hold a quarter or less of
-// the most they held since the last call. Go's maps never shrink: after a
+// the spare conns, and the room of the connection maps when they hold a
+// quarter or less of the most they held since the last call. Go's maps never shrink: after a
 // burst of connections they kept its room for good (1.5 MiB after 10,000
 // connections, TestReleaseMemory), and at a soak's quiet points that
 // room was whatever the busiest moment so far had made it.
