@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/gonetns/gonetns/internal/rawconn"
+	"github.com/gonetns/gonetns/internal/sockaddr"
 	"github.com/gonetns/gonetns/stack"
 )
 
@@ -142,13 +143,11 @@ func (f *echoFlow) send(r *stack.EchoRequest) error {
 	}
 	msg[6], msg[7] = byte(r.Seq>>8), byte(r.Seq)
 	copy(msg[8:], r.Data)
-	var sa unix.Sockaddr
-	if f.host.Is4() {
-		sa = &unix.SockaddrInet4{Addr: f.host.As4()}
-	} else {
-		sa = &unix.SockaddrInet6{Addr: f.host.As16()}
+	sa, err := sockaddr.Of(netip.AddrPortFrom(f.host, 0))
+	if err != nil {
+		return err
 	}
-	_, err := rawconn.Write(f.rc, func(fd int) (int, error) { return 0, unix.Sendto(fd, msg, 0, sa) })
+	_, err = rawconn.Write(f.rc, func(fd int) (int, error) { return 0, unix.Sendto(fd, msg, 0, sa) })
 	return err
 }
 

@@ -6,6 +6,8 @@ import (
 	"net/netip"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gonetns/gonetns/internal/sockaddr"
 )
 
 // outbound chooses the source address of host sockets (--outbound-addr,
@@ -98,11 +100,9 @@ func (o *outbound) bind(fd int, host netip.Addr) error {
 	if !src.IsValid() {
 		return nil
 	}
-	var sa unix.Sockaddr
-	if src.Is4() {
-		sa = &unix.SockaddrInet4{Addr: src.As4()}
-	} else {
-		sa = &unix.SockaddrInet6{Addr: src.As16()}
+	sa, err := sockaddr.Of(netip.AddrPortFrom(src, 0))
+	if err != nil {
+		return fmt.Errorf("the outbound address %v: %w", src, err)
 	}
 	if err := unix.Bind(fd, sa); err != nil {
 		return fmt.Errorf("bind to the outbound address %v: %w", src, err)

@@ -2,17 +2,16 @@ package nat
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/gonetns/gonetns/internal/sockaddr"
 	"github.com/gonetns/gonetns/relay"
 	"github.com/gonetns/gonetns/stack"
 )
@@ -222,41 +221,9 @@ func (n *NAT) dialTCP(dst netip.AddrPort) (int, error) {
 		unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 15)
 		unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 15)
 	}
-	if err := connect(fd, netip.AddrPortFrom(host, dst.Port())); err != nil && err != unix.EINPROGRESS {
+	if err := sockaddr.Connect(fd, netip.AddrPortFrom(host, dst.Port())); err != nil && err != unix.EINPROGRESS {
 		unix.Close(fd)
 		return -1, fmt.Errorf("tcp connect %v: %w", netip.AddrPortFrom(host, dst.Port()), err)
 	}
 	return fd, nil
-}
-
-// connect starts fd's connect to to (a TCP connection's, a UDP flow's).
-// It is unix.Connect without the allocation of its address (an
-// interface, so it escapes): one of the objects each new connection of
-// the sandbox cost.
-func connect(fd int, to netip.AddrPort) error {
-	var (
-		sa4 unix.RawSockaddrInet4
-		sa6 unix.RawSockaddrInet6
-		sa  unsafe.Pointer
-		n   uintptr
-	)
-	if to.Addr().Is4() {
-		sa4.Family, sa4.Addr = unix.AF_INET, to.Addr().As4()
-		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa4.Port))[:], to.Port())
-		sa, n = unsafe.Pointer(&sa4), unix.SizeofSockaddrInet4
-	} else {
-		sa6.Family, sa6.Addr = unix.AF_INET6, to.Addr().As16()
-		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa6.Port))[:], to.Port())
-		sa, n = unsafe.Pointer(&sa6), unix.SizeofSockaddrInet6
-	}
-	_, _, errno := unix.Syscall(unix.SYS_CONNECT, uintptr(fd), uintptr(sa), n)
-	switch errno {
-	case 0:
-		return nil
-	case unix.EINTR:
-		// The connect goes on without the call, as after EINPROGRESS
-		// (Go's net package takes it so too).
-		return unix.EINPROGRESS
-	}
-	return errno
 }

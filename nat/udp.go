@@ -14,6 +14,7 @@ import (
 
 	"github.com/gonetns/gonetns/internal/flowtable"
 	"github.com/gonetns/gonetns/internal/rawconn"
+	"github.com/gonetns/gonetns/internal/sockaddr"
 	"github.com/gonetns/gonetns/stack"
 )
 
@@ -171,7 +172,7 @@ func (n *NAT) udpSocket(dst netip.AddrPort) (int, error) {
 		unix.Close(fd)
 		return -1, fmt.Errorf("udp: %w", err)
 	}
-	if err := connect(fd, to); err != nil {
+	if err := sockaddr.Connect(fd, to); err != nil {
 		unix.Close(fd)
 		return -1, fmt.Errorf("udp connect %v: %w", dst, err)
 	}

@@ -4,13 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
-	"strconv"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gonetns/gonetns/internal/sockaddr"
 )
 
 // The child's sockets. Each is created through the child's InNetNS hook, so
@@ -34,7 +34,7 @@ func openSocket(inNS func(func() error) error, to netip.AddrPort, o socketOpts) 
 	var sa unix.Sockaddr
 	err := inNS(func() error {
 		var err error
-		if sa, err = sockaddrOf(to); err != nil { // a zone names an interface of the namespace
+		if sa, err = sockaddr.Of(to); err != nil { // a zone names an interface of the namespace
 			return err
 		}
 		family := unix.AF_INET
@@ -83,7 +83,7 @@ func prepareTransparent(fd, family int, o socketOpts) error {
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
 		return os.NewSyscallError("setsockopt SO_REUSEADDR", err)
 	}
-	sa, err := sockaddrOf(netip.AddrPortFrom(o.from.Addr().Unmap(), o.from.Port()))
+	sa, err := sockaddr.Of(netip.AddrPortFrom(o.from.Addr().Unmap(), o.from.Port()))
 	if err != nil {
 		return err
 	}
@@ -91,26 +91,6 @@ func prepareTransparent(fd, family int, o socketOpts) error {
 		return os.NewSyscallError("bind", err)
 	}
 	return nil
-}
-
-func sockaddrOf(ap netip.AddrPort) (unix.Sockaddr, error) {
-	a := ap.Addr()
-	if a.Is4() {
-		return &unix.SockaddrInet4{Port: int(ap.Port()), Addr: a.As4()}, nil
-	}
-	sa := &unix.SockaddrInet6{Port: int(ap.Port()), Addr: a.As16()}
-	if z := a.Zone(); z != "" {
-		if n, err := strconv.ParseUint(z, 10, 32); err == nil {
-			sa.ZoneId = uint32(n)
-		} else {
-			ifi, err := net.InterfaceByName(z)
-			if err != nil {
-				return nil, fmt.Errorf("zone of %s: %w", a, err)
-			}
-			sa.ZoneId = uint32(ifi.Index)
-		}
-	}
-	return sa, nil
 }
 
 // connectSocket connects fd (which it owns from now on, also on error) to

@@ -14,7 +14,7 @@ const module = "github.com/gonetns/gonetns/"
 // packages of lower layers only: not its own layer's, not a higher one's.
 var layers = [][]string{
 	// Plumbing that knows nothing of gonetns.
-	{"internal/rawconn", "internal/backoff", "internal/limitlog", "internal/netlink", "internal/e2etest/e2etool", "internal/layers", "confine"},
+	{"internal/rawconn", "internal/sockaddr", "internal/backoff", "internal/limitlog", "internal/netlink", "internal/e2etest/e2etool", "internal/layers", "confine"},
 	// Vocabulary and devices: message framing, routes, conntrack, epoll
 	// sets, the port vocabulary, the TCP relay, the layer-2 device.
 	{"internal/wire", "internal/route", "internal/conntrack", "internal/epoll", "port", "relay", "tap", "internal/e2etest"},
