@@ -53,8 +53,9 @@ const (
 // answers in 30-200 µs through the host's loopback here; a sender held
 // back by Nagle waits at most this long for the ACK (the kernel's own
 // delayed ACK is 40 ms; libslirp, behind slirp4netns, sends its delayed
-// ACKs every 2 ms). Bulk transfers (we send nothing but ACKs), duplicate
-// ACKs and window updates go out at once.
+// ACKs every 2 ms). A bulk transfer's ACKs (we send nothing but ACKs) go
+// out once per two segments, or at the end of the event loop's read burst
+// (heldACKs.holdBurst); duplicate ACKs and window updates at once.
 //
 // Why 2 ms and not less: the event loop sleeps in epoll_pwait2 until the
 // oldest ACK held is due, and on this project's 2-CPU virtual machine a
@@ -481,7 +482,9 @@ func (c *conn) input(s *segment) {
 	if !c.ackIn(s, t) {
 		return
 	}
-	needAck := false
+	// In order, with nothing queued before it: a segment that fills a
+	// hole is acknowledged at once, as the sender is in recovery.
+	needAck, inOrder := false, s.seq == c.rcvNxt && len(c.queue) == 0
 	if s.payloadLen > 0 || s.has(flagFIN) {
 		needAck = c.dataIn(s)
 		if c.state == stClosed {
@@ -494,9 +497,13 @@ func (c *conn) input(s *segment) {
 	}
 	sent := c.push(t)
 	if needAck && !sent && c.state == stEstablished {
-		if c.lastData && s.payloadLen > 0 && !s.has(flagFIN) && len(c.queue) == 0 && !c.wndSmall {
+		plain := s.payloadLen > 0 && !s.has(flagFIN) && len(c.queue) == 0 && !c.wndSmall
+		switch {
+		case plain && c.lastData:
 			c.holdACK()
-		} else {
+		case plain && inOrder && c.e.pumping && !c.ackIsHeld():
+			c.e.acks.holdBurst(c)
+		default:
 			c.sendACK(t)
 		}
 	}

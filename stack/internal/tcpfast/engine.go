@@ -178,6 +178,7 @@ type Engine struct {
 
 	timers   timers                          // the connections' timers
 	acks     heldACKs                        // with Config.Link: the ACKs the loop sends when due
+	pumping  bool                            // the loop is reading the link (the loop's goroutine only)
 	flowRecv atomic.Pointer[func(id uint32)] // with Config.Link: AttachFlows's receive, set once
 
 	opened, refused, evicted, retransmits, dropped atomic.Uint64
@@ -513,7 +514,11 @@ func (e *Engine) loop() {
 			// A lone frame (a request, its ACK) is read alone, so that
 			// no read is made in vain; frames that keep coming (a bulk
 			// upload, a flood) are read in growing bursts.
-			if _, err := link.Pump(min(1<<min(streak, 16), maxPump)); err != nil {
+			e.pumping = true
+			_, err := link.Pump(min(1<<min(streak, 16), maxPump))
+			e.pumping = false
+			e.acks.endBurst()
+			if err != nil {
 				linkOpen = false
 				e.set.Delete(link.FD)
 				done()
@@ -713,9 +718,10 @@ func (b *busyPoll) slept(d time.Duration) {
 // reaches the end, rather than growing a new array (one allocation every
 // few round trips, before).
 type heldACKs struct {
-	mu   sync.Mutex
-	q    []heldACK // q[head:] are held, or were
-	head int
+	mu    sync.Mutex
+	q     []heldACK // q[head:] are held, or were
+	head  int
+	burst []heldACK // held until the end of the loop's read burst (holdBurst); the loop's goroutine only
 }
 
 type heldACK struct {
@@ -738,6 +744,29 @@ func (h *heldACKs) hold(c *conn) {
 	}
 	h.q = append(h.q, heldACK{c, gen, time.Now().Add(ackDelay)})
 	h.mu.Unlock()
+}
+
+// holdBurst holds c's ACK of in-order data until the loop has read the
+// frames ready on the link (endBurst) or the connection's next segment
+// comes, whichever is first: one ACK for two segments of a bulk upload, as
+// the sandbox's own kernel acknowledges, rather than one per segment.
+// c.mu is held.
+func (h *heldACKs) holdBurst(c *conn) {
+	h.burst = append(h.burst, heldACK{c: c, gen: c.markHeld()})
+}
+
+// endBurst sends the ACKs holdBurst held that no segment carried since.
+func (h *heldACKs) endBurst() {
+	for i := range h.burst {
+		a := &h.burst[i]
+		a.c.mu.Lock()
+		if a.live() {
+			a.c.sendHeldACK()
+		}
+		a.c.mu.Unlock()
+	}
+	clear(h.burst)
+	h.burst = h.burst[:0]
 }
 
 // wait is how long the loop may sleep before the next ACK still held is

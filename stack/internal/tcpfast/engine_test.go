@@ -105,3 +105,73 @@ func roundTrips(h *heldACKs, conns *[heldInFlight + 1]conn, n int, check func(i,
 		}
 	}
 }
+
+// TestBurstACKs: while the event loop reads a burst of frames, in-order
+// data is acknowledged once per two segments, and the burst's end sends
+// an ACK still held; data out of order and data outside a burst are
+// acknowledged at once.
+func TestBurstACKs(t *testing.T) {
+	h := newFuzzHarness(t)
+	defer h.close()
+	c := h.waitConn(func(c *conn) bool { return c.state == stEstablished })
+	if c == nil {
+		t.Fatal("no connection")
+	}
+	held := func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.ackIsHeld()
+	}
+	acks := func(want int64) {
+		t.Helper()
+		if !waitFor(func() bool { return h.pureACKs.Load() >= want }) || h.pureACKs.Load() != want {
+			t.Fatalf("%d ACKs sent, want %d", h.pureACKs.Load(), want)
+		}
+	}
+	base := h.pureACKs.Load()
+	seq := h.irs + 1
+	data := func() {
+		h.send(flagACK, seq, h.iss+1, 1000, 100, false)
+		seq += 100
+	}
+
+	h.e.pumping = true // as the loop does around the link's Pump
+	data()
+	if !held() {
+		t.Fatal("the first segment of a burst was acknowledged at once")
+	}
+	data()
+	if held() {
+		t.Fatal("the second segment left its ACK held")
+	}
+	acks(base + 1)
+	data()
+	h.e.pumping = false
+	h.e.acks.endBurst()
+	if held() {
+		t.Fatal("the burst's end left an ACK held")
+	}
+	acks(base + 2)
+
+	// Out of order, inside a burst: a duplicate ACK at once.
+	h.e.pumping = true
+	h.send(flagACK, seq+100, h.iss+1, 1000, 100, false)
+	if held() {
+		t.Fatal("data out of order was not acknowledged at once")
+	}
+	acks(base + 3)
+	data() // fills the hole: the ACK of both goes at once
+	acks(base + 4)
+	h.e.pumping = false
+	h.e.acks.endBurst()
+
+	// Outside a burst (no event loop, or a frame handed in on its own).
+	data()
+	if held() {
+		t.Fatal("data outside a burst was not acknowledged at once")
+	}
+	acks(base + 5)
+	if !waitFor(func() bool { return h.received.Load() == int64(seq-h.irs-1) }) {
+		t.Fatalf("the host got %d bytes of %d", h.received.Load(), seq-h.irs-1)
+	}
+}

@@ -81,6 +81,7 @@ type fuzzHarness struct {
 	sinkDone  chan struct{}
 	violation atomic.Value // string
 	received  atomic.Int64 // bytes the sink read
+	pureACKs  atomic.Int64 // segments without data or flags but ACK the engine sent
 	wg        sync.WaitGroup
 }
 
@@ -181,6 +182,9 @@ func newHarnessGreeted(t *testing.T, greeting []byte, greetedFirst bool) *fuzzHa
 				return
 			}
 			f := buf[tap.VNetHdrLen:n]
+			if len(f) >= 54 && header.TCP(f[34:]).Flags()&^flagPSH == flagACK && int(header.IPv4(f[14:]).TotalLength()) == 20+int(header.TCP(f[34:]).DataOffset()) {
+				h.pureACKs.Add(1)
+			}
 			if len(f) >= 54 && header.TCP(f[34:]).Flags() == flagSYN|flagACK {
 				select {
 				case synAck <- header.TCP(f[34:]).SequenceNumber():
