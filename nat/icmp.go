@@ -34,6 +34,7 @@ type echoFlow struct {
 	sock *os.File
 	rc   syscall.RawConn
 	host netip.Addr
+	to   unix.Sockaddr // host, as sendto takes it
 	now  func() time.Time
 	last atomic.Int64
 	once sync.Once
@@ -109,6 +110,11 @@ func (n *NAT) newEchoFlow(r *stack.EchoRequest, host netip.Addr) (*echoFlow, err
 		unix.Close(fd)
 		return nil, err
 	}
+	to, err := sockaddr.Of(netip.AddrPortFrom(host, 0))
+	if err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
 	sock := os.NewFile(uintptr(fd), "ping")
 	rc, err := sock.SyscallConn()
 	if err != nil {
@@ -119,7 +125,7 @@ func (n *NAT) newEchoFlow(r *stack.EchoRequest, host netip.Addr) (*echoFlow, err
 		sock.Close()
 		return nil, net.ErrClosed
 	}
-	f := &echoFlow{req: r, sock: sock, rc: rc, host: host, now: n.cfg.Now}
+	f := &echoFlow{req: r, sock: sock, rc: rc, host: host, to: to, now: n.cfg.Now}
 	f.last.Store(n.cfg.Now().UnixNano())
 	key := echoKey{r.Src, r.Dst, r.ID}
 	n.echo.Add(key, f)
@@ -143,11 +149,7 @@ func (f *echoFlow) send(r *stack.EchoRequest) error {
 	}
 	msg[6], msg[7] = byte(r.Seq>>8), byte(r.Seq)
 	copy(msg[8:], r.Data)
-	sa, err := sockaddr.Of(netip.AddrPortFrom(f.host, 0))
-	if err != nil {
-		return err
-	}
-	_, err = rawconn.Write(f.rc, func(fd int) (int, error) { return 0, unix.Sendto(fd, msg, 0, sa) })
+	_, err := rawconn.Write(f.rc, func(fd int) (int, error) { return 0, unix.Sendto(fd, msg, 0, f.to) })
 	return err
 }
 

@@ -115,10 +115,11 @@ func putChunkBuf(h chunkHandle) {
 // that knows the network is quiet: the pages of the chunk arena's free
 // slots (a slot used again takes its pages afresh, a page fault each),
 // the spare conns, and the room of the connection maps when they hold a
-// quarter or less of the most they held since the last call. Go's maps never shrink: after a
-// burst of connections they kept its room for good (1.5 MiB after 10,000
-// connections, TestReleaseMemory), and at a soak's quiet points that
-// room was whatever the busiest moment so far had made it.
+// quarter or less of the most they held since the last call. Go's maps
+// never shrink: after a burst of connections they kept its room for good
+// (1.5 MiB after 10,000 connections, TestReleaseMemory), and at a soak's
+// quiet points that room was whatever the busiest moment so far had made
+// it.
 func (e *Engine) ReleaseMemory() {
 	e.mu.Lock()
 	if n := len(e.conns); e.mostConn > 0 && n <= e.mostConn/4 {

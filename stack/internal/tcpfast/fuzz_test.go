@@ -182,12 +182,16 @@ func newHarnessGreeted(t *testing.T, greeting []byte, greetedFirst bool) *fuzzHa
 				return
 			}
 			f := buf[tap.VNetHdrLen:n]
-			if len(f) >= 54 && header.TCP(f[34:]).Flags()&^flagPSH == flagACK && int(header.IPv4(f[14:]).TotalLength()) == 20+int(header.TCP(f[34:]).DataOffset()) {
+			if len(f) < 54 {
+				continue
+			}
+			tcp := header.TCP(f[34:])
+			if tcp.Flags()&^flagPSH == flagACK && int(header.IPv4(f[14:]).TotalLength()) == 20+int(tcp.DataOffset()) {
 				h.pureACKs.Add(1)
 			}
-			if len(f) >= 54 && header.TCP(f[34:]).Flags() == flagSYN|flagACK {
+			if tcp.Flags() == flagSYN|flagACK {
 				select {
-				case synAck <- header.TCP(f[34:]).SequenceNumber():
+				case synAck <- tcp.SequenceNumber():
 				default:
 				}
 			}
