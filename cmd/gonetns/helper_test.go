@@ -92,6 +92,28 @@ func runHelper(mode string, args []string) int {
 		}
 		c.Close()
 		fmt.Printf("connected after %dms\n", ms)
+	case "tcp-keepalive": // ADDR IDLE: probes from 1 s idle on, every second, 2 unanswered end it; idle IDLE, then a byte echoed
+		d := net.Dialer{Timeout: 5 * time.Second,
+			KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: time.Second, Interval: time.Second, Count: 2}}
+		c, err := d.Dial("tcp", args[0])
+		if err != nil {
+			return fail("%v", err)
+		}
+		defer c.Close()
+		idle, err := time.ParseDuration(args[1])
+		if err != nil {
+			return fail("%v", err)
+		}
+		time.Sleep(idle)
+		b := []byte{'k'}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Write(b); err != nil {
+			return fail("after %v idle: %v", idle, err)
+		}
+		if _, err := io.ReadFull(c, b); err != nil {
+			return fail("after %v idle: %v", idle, err)
+		}
+		fmt.Printf("alive after %v idle\n", idle)
 	case "tcp-conc": // ADDR N: open N connections at once, 1 byte echoed on each, hold them until a line on stdin
 		n, _ := strconv.Atoi(args[1])
 		held, refused, failed := tcpConc(args[0], n)

@@ -476,6 +476,10 @@ func (c *conn) input(s *segment) {
 		c.sendACK(t) // a challenge: the sandbox resets if it lost this connection
 		return
 	}
+	if c.probe(s) {
+		c.sendACK(t)
+		return
+	}
 	if s.ts && c.tsOK && seqLEQ(s.seq, c.rcvNxt) && !seqLT(s.tsVal, c.tsRecent) {
 		c.tsRecent = s.tsVal // RFC 7323, 4.3
 	}
@@ -508,6 +512,21 @@ func (c *conn) input(s *segment) {
 		}
 	}
 	c.maybeFinish()
+}
+
+// probe reports whether s is a segment without data that falls outside
+// the window, which is answered with an ACK and otherwise ignored (RFC
+// 9293, 3.10.7.4). The sandbox's kernel sends such a segment, one below
+// what it knows was received, as a keepalive probe of an idle connection
+// and as its probe of a zero window; left unanswered, it takes the
+// connection for dead after its keepalive probes (a program that sets
+// TCP_KEEPIDLE, and Go's dialer by default) and after its zero-window
+// probes (a host server that stops reading for minutes), and ends it.
+func (c *conn) probe(s *segment) bool {
+	if s.payloadLen > 0 || s.has(flagFIN) || s.seq == c.rcvNxt {
+		return false
+	}
+	return seqLT(s.seq, c.rcvNxt) || !seqLT(s.seq, c.rcvRight)
 }
 
 // holdACK delays the ACK due (see ackDelay).

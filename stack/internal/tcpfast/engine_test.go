@@ -1,6 +1,7 @@
 package tcpfast
 
 import (
+	"fmt"
 	"testing"
 	"time"
 )
@@ -103,6 +104,51 @@ func roundTrips(h *heldACKs, conns *[heldInFlight + 1]conn, n int, check func(i,
 		if check != nil {
 			check(i, len(h.q)-h.head)
 		}
+	}
+}
+
+// TestProbesAnswered: a segment without data outside the window (the
+// sandbox's keepalive probe and its zero-window probe, one below what it
+// knows was received) gets an ACK at once; before, it got none, and the
+// sandbox's kernel ended idle connections whose programs ask for
+// keepalive probes as dead (ETIMEDOUT). A pure ACK in the window gets
+// none.
+func TestProbesAnswered(t *testing.T) {
+	h := newFuzzHarness(t)
+	defer h.close()
+	if c := h.waitConn(func(c *conn) bool { return c.state == stEstablished }); c == nil {
+		t.Fatal("no connection")
+	}
+	seq := h.irs + 1
+	h.send(flagACK, seq, h.iss+1, 1000, 100, false)
+	seq += 100
+	if !waitFor(func() bool { return h.received.Load() == 100 }) {
+		t.Fatalf("the host got %d bytes of 100", h.received.Load())
+	}
+	answered := func(what string, probeSeq uint32) {
+		t.Helper()
+		base := h.pureACKs.Load()
+		h.send(flagACK, probeSeq, h.iss+1, 1000, 0, false)
+		if !waitFor(func() bool { return h.pureACKs.Load() > base }) {
+			t.Fatalf("%s was not answered", what)
+		}
+		if got := h.lastACK.Load(); got != seq {
+			t.Fatalf("%s was answered with ACK %d, want %d", what, got-h.irs, seq-h.irs)
+		}
+	}
+	if !waitFor(func() bool { return h.lastACK.Load() == seq }) {
+		t.Fatal("the data was not acknowledged")
+	}
+	for i := range 3 { // each probe of a run
+		answered(fmt.Sprintf("keepalive probe %d", i+1), seq-1)
+	}
+	answered("a segment beyond the window", seq+1<<30)
+
+	base := h.pureACKs.Load()
+	h.send(flagACK, seq, h.iss+1, 1000, 0, false)
+	time.Sleep(100 * time.Millisecond)
+	if n := h.pureACKs.Load() - base; n != 0 {
+		t.Fatalf("a pure ACK in the window got %d ACKs back", n)
 	}
 }
 

@@ -79,9 +79,10 @@ type fuzzHarness struct {
 	src, dst  netip.AddrPort
 	sink      net.Listener
 	sinkDone  chan struct{}
-	violation atomic.Value // string
-	received  atomic.Int64 // bytes the sink read
-	pureACKs  atomic.Int64 // segments without data or flags but ACK the engine sent
+	violation atomic.Value  // string
+	received  atomic.Int64  // bytes the sink read
+	pureACKs  atomic.Int64  // segments without data or flags but ACK the engine sent
+	lastACK   atomic.Uint32 // the acknowledgement number of the last of them
 	wg        sync.WaitGroup
 }
 
@@ -187,6 +188,7 @@ func newHarnessGreeted(t *testing.T, greeting []byte, greetedFirst bool) *fuzzHa
 			}
 			tcp := header.TCP(f[34:])
 			if tcp.Flags()&^flagPSH == flagACK && int(header.IPv4(f[14:]).TotalLength()) == 20+int(tcp.DataOffset()) {
+				h.lastACK.Store(tcp.AckNumber())
 				h.pureACKs.Add(1)
 			}
 			if tcp.Flags() == flagSYN|flagACK {
