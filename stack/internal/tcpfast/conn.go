@@ -522,11 +522,14 @@ func (c *conn) input(s *segment) {
 // connection for dead after its keepalive probes (a program that sets
 // TCP_KEEPIDLE, and Go's dialer by default) and after its zero-window
 // probes (a host server that stops reading for minutes), and ends it.
+// The right edge itself is in the window, as Linux takes it: a pure ACK
+// sent after data that filled the window, which the engine could not
+// keep, still carries its acknowledgement.
 func (c *conn) probe(s *segment) bool {
-	if s.payloadLen > 0 || s.has(flagFIN) || s.seq == c.rcvNxt {
+	if s.payloadLen > 0 || s.has(flagFIN) {
 		return false
 	}
-	return seqLT(s.seq, c.rcvNxt) || !seqLT(s.seq, c.rcvRight)
+	return seqLT(s.seq, c.rcvNxt) || seqLT(c.rcvRight, s.seq)
 }
 
 // holdACK delays the ACK due (see ackDelay).

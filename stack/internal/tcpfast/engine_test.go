@@ -144,11 +144,17 @@ func TestProbesAnswered(t *testing.T) {
 	}
 	answered("a segment beyond the window", seq+1<<30)
 
-	base := h.pureACKs.Load()
-	h.send(flagACK, seq, h.iss+1, 1000, 0, false)
-	time.Sleep(100 * time.Millisecond)
-	if n := h.pureACKs.Load() - base; n != 0 {
-		t.Fatalf("a pure ACK in the window got %d ACKs back", n)
+	c := h.waitConn(func(*conn) bool { return true })
+	c.mu.Lock()
+	right := c.rcvRight
+	c.mu.Unlock()
+	for _, s := range []uint32{seq, right} { // its left edge, and its right (as Linux takes it)
+		base := h.pureACKs.Load()
+		h.send(flagACK, s, h.iss+1, 1000, 0, false)
+		time.Sleep(100 * time.Millisecond)
+		if n := h.pureACKs.Load() - base; n != 0 {
+			t.Fatalf("a pure ACK in the window (%d past what was received) got %d ACKs back", s-seq, n)
+		}
 	}
 }
 
