@@ -407,6 +407,42 @@ func TestUDPRoundTrip(t *testing.T) {
 	}
 }
 
+// TestUDPEmptyDatagram: a datagram without payload goes through both
+// ways, as the kernel sends and delivers one (a NAT keepalive, a probe).
+// Before, the sandbox's was written to the host socket with writev, which
+// sends nothing for no bytes.
+func TestUDPEmptyDatagram(t *testing.T) {
+	f := newFixture(t, Config{HostLoopback: true})
+	srv, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	c, err := f.guest.DialUDP(viaGateway(srv.LocalAddr().(*net.UDPAddr).AddrPort()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	buf := make([]byte, 100)
+	for i := range 2 { // the flow's first datagram, and one on the flow
+		if _, err := c.Write(nil); err != nil {
+			t.Fatal(err)
+		}
+		srv.SetReadDeadline(time.Now().Add(5 * time.Second))
+		n, from, err := srv.ReadFromUDPAddrPort(buf)
+		if err != nil || n != 0 {
+			t.Fatalf("datagram %d: the host got %d bytes, %v; want an empty datagram", i+1, n, err)
+		}
+		if _, err := srv.WriteToUDPAddrPort(nil, from); err != nil {
+			t.Fatal(err)
+		}
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if n, err := c.Read(buf); err != nil || n != 0 {
+			t.Fatalf("datagram %d: the sandbox got %d bytes, %v; want the host's empty answer", i+1, n, err)
+		}
+	}
+}
+
 // Expiry runs on an injected clock: no sleeping for 240 s.
 func TestUDPFlowExpiry(t *testing.T) {
 	var mu sync.Mutex

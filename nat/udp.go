@@ -74,11 +74,12 @@ func (f *udpFlow) Close() {
 // send writes one datagram from the sandbox to the host. A socket that
 // cannot take it now, or an ICMP error from an earlier datagram (which a
 // connected socket reports on the next call), loses that datagram only,
-// as a network would.
+// as a network would. sendmsg, not writev: writev of no bytes sends
+// nothing, and an empty datagram is a datagram too.
 func (f *udpFlow) send(payload [][]byte) {
 	f.mu.RLock()
 	if f.fd >= 0 {
-		rawconn.Writev(f.fd, payload)
+		rawconn.Send(f.fd, payload, 0)
 	}
 	f.mu.RUnlock()
 }
