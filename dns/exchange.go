@@ -71,7 +71,9 @@ func (e *hostExchanger) exchange(ctx context.Context, network string, upstream n
 	var reply []byte
 	switch network {
 	case "udp":
+		stopResend := resendUDP(ctx, conn, query)
 		reply, err = exchangeUDP(conn, h.id, *q, query)
+		stopResend()
 	case "tcp":
 		reply, err = exchangeTCP(conn, query)
 	default:
@@ -103,6 +105,46 @@ func exchangeUDP(conn net.Conn, id uint16, q mdns.Question, query []byte) ([]byt
 			continue
 		}
 		return append([]byte(nil), buf[:n]...), nil
+	}
+}
+
+// resendUDP sends query on conn again while no answer has come, at a
+// quarter and at three quarters of the time ctx leaves (1 s and 3 s into
+// the default budget), as a stub resolver resends: a datagram lost on the
+// way to the upstream or back costs a second, not the whole budget and a
+// SERVFAIL. The client's own resends do not reach the upstream (see
+// Server.serveUDP). An answer to any copy answers the query (one socket,
+// one ID). The returned stop ends the resending; once it returns nothing
+// is left running.
+func resendUDP(ctx context.Context, conn net.Conn, query []byte) (stop func()) {
+	dl, ok := ctx.Deadline()
+	if !ok {
+		return func() {}
+	}
+	left := time.Until(dl)
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		t := time.NewTimer(left / 4)
+		defer t.Stop()
+		for _, next := range []time.Duration{left / 2, 0} {
+			select {
+			case <-t.C:
+			case <-done:
+				return
+			}
+			conn.Write(query)
+			if next == 0 {
+				return
+			}
+			t.Reset(next)
+		}
+	}()
+	return func() {
+		close(done)
+		wg.Wait()
 	}
 }
 

@@ -29,8 +29,14 @@ import (
 // concurrent queries (each holding at most two 64 KiB messages) and
 // maxTCPConns connections.
 const (
-	// DefaultTimeout is the budget for one query across all upstreams.
-	DefaultTimeout = 2 * time.Second
+	// DefaultTimeout is the budget for one query across all upstreams:
+	// long enough for an upstream resolving a name it has not cached
+	// (seconds, for a slow authority or DNSSEC), and for the datagrams
+	// resent to it (resendAfter), short of the 5 s a glibc client waits
+	// per try (resolv.conf's timeout), so that the client gets SERVFAIL
+	// rather than silence. At 2 s an upstream that answered in 3 s failed
+	// names that resolved on the host and through slirp4netns and pasta.
+	DefaultTimeout = 4 * time.Second
 
 	// maxInFlight bounds queries being forwarded at once, UDP and TCP
 	// together. A UDP query beyond it is dropped (the client retransmits
@@ -82,6 +88,9 @@ type Server struct {
 	closed  bool
 	closers []io.Closer           // sockets handed to Start
 	conns   map[net.Conn]struct{} // open TCP client connections
+	// udpInFlight are the UDP queries being answered (inFlight), at
+	// most maxInFlight.
+	udpInFlight map[string]struct{}
 
 	closeOnce sync.Once
 	closeErr  error
@@ -122,6 +131,8 @@ func New(cfg Config) (*Server, error) {
 		sem:    make(chan struct{}, maxInFlight),
 		tcpSem: make(chan struct{}, maxTCPConns),
 		conns:  make(map[net.Conn]struct{}),
+
+		udpInFlight: make(map[string]struct{}),
 	}, nil
 }
 
@@ -221,10 +232,18 @@ func (s *Server) serveUDP(pc net.PacketConn) {
 			continue
 		}
 		query := append([]byte(nil), buf[:n]...)
+		key := addr.String() + string(query[:2]) + string(query[headerLen:])
+		if !s.inFlight(key) {
+			<-s.sem
+			s.log.LogAttrs(s.ctx, slog.LevelDebug, "dns: the client resent a query still in flight; its answer answers both",
+				slog.String("client", addr.String()))
+			continue
+		}
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
 			defer func() { <-s.sem }()
+			defer s.landed(key)
 			resp := s.fwd.handle(s.ctx, query, udp)
 			if resp == nil {
 				return
@@ -235,6 +254,30 @@ func (s *Server) serveUDP(pc net.PacketConn) {
 			}
 		}()
 	}
+}
+
+// inFlight notes a UDP query (its client, ID and the rest after the
+// header) as in flight and reports true, or reports false when the same
+// one already is: the client resent it (glibc after 5 s, musl every 2.5
+// s) while the upstream has not answered yet. Asking the upstream again
+// would start the budget afresh and, when it runs out, answer SERVFAIL
+// to the first copy while the second still waits; the answer to the
+// first answers the client, whose copies carry the same ID.
+func (s *Server) inFlight(key string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.udpInFlight[key]; ok {
+		return false
+	}
+	s.udpInFlight[key] = struct{}{}
+	return true
+}
+
+// landed notes that the query of key has its answer (or none will come).
+func (s *Server) landed(key string) {
+	s.mu.Lock()
+	delete(s.udpInFlight, key)
+	s.mu.Unlock()
 }
 
 func (s *Server) serveTCP(ln net.Listener) {

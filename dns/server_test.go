@@ -11,6 +11,7 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -217,14 +218,14 @@ func TestUpstreamDown(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			logs := &recordHandler{}
-			srv := startServer(t, Config{Upstreams: []netip.AddrPort{tt.upstream}, Logger: slog.New(logs)})
+			srv := startServer(t, Config{Upstreams: []netip.AddrPort{tt.upstream}, Timeout: time.Second, Logger: slog.New(logs)})
 			for _, network := range []string{"udp", "tcp"} {
 				addr := srv.udp
 				if network == "tcp" {
 					addr = srv.tcp
 				}
-				// The budget (Config.Timeout, 2 s by default) ends the
-				// wait: the answer comes, rather than the client's timeout.
+				// The budget (Config.Timeout) ends the wait: the answer
+				// comes, rather than the client's timeout.
 				r := exchange(t, network, addr, query("a.example.", mdns.TypeA))
 				if r.Rcode != mdns.RcodeServerFailure {
 					t.Fatalf("%s: rcode %s, want SERVFAIL", network, rcodeString(r.Rcode))
@@ -237,6 +238,89 @@ func TestUpstreamDown(t *testing.T) {
 				t.Errorf("%d warnings for two failed queries, want exactly 1", n)
 			}
 		})
+	}
+}
+
+// TestSlowUpstream: an upstream that answers in 2.5 s (a name it had to
+// resolve) is waited for within the default budget; at 2 s the client got
+// SERVFAIL for a name that resolved on the host.
+func TestSlowUpstream(t *testing.T) {
+	const delay = 2500 * time.Millisecond
+	up := startUpstream(t, func(w mdns.ResponseWriter, r *mdns.Msg) {
+		time.Sleep(delay)
+		zone(w, r)
+	})
+	srv := startServer(t, Config{Upstreams: []netip.AddrPort{up.addr}})
+	start := time.Now()
+	r := exchange(t, "udp", srv.udp, query("a.example.", mdns.TypeA))
+	if r.Rcode != mdns.RcodeSuccess || len(r.Answer) != 1 {
+		t.Fatalf("after %v: %v, want the upstream's A answer", time.Since(start).Round(time.Millisecond), r)
+	}
+}
+
+// TestUDPResend: a query whose datagram the upstream lost is sent again
+// within the budget (at a quarter of it), so the loss costs that quarter,
+// not a SERVFAIL.
+func TestUDPResend(t *testing.T) {
+	var mu sync.Mutex
+	seen := map[uint16]int{}
+	up := startUpstream(t, func(w mdns.ResponseWriter, r *mdns.Msg) {
+		mu.Lock()
+		seen[r.Id]++
+		first := seen[r.Id] == 1
+		mu.Unlock()
+		if !first { // the first copy of each query is lost
+			zone(w, r)
+		}
+	})
+	srv := startServer(t, Config{Upstreams: []netip.AddrPort{up.addr}, Timeout: 2 * time.Second})
+	start := time.Now()
+	r := exchange(t, "udp", srv.udp, query("a.example.", mdns.TypeA))
+	took := time.Since(start)
+	if r.Rcode != mdns.RcodeSuccess || len(r.Answer) != 1 {
+		t.Fatalf("after %v: %v, want the A answer to the resent query", took.Round(time.Millisecond), r)
+	}
+	if took < 400*time.Millisecond {
+		t.Errorf("answered after %v: the resend came before a quarter of the 2 s budget", took)
+	}
+}
+
+// TestClientResendJoins: a client that resends its query (same socket,
+// same ID) while the upstream has not answered gets one answer, and the
+// upstream is asked once.
+func TestClientResendJoins(t *testing.T) {
+	up := startUpstream(t, func(w mdns.ResponseWriter, r *mdns.Msg) {
+		time.Sleep(600 * time.Millisecond)
+		zone(w, r)
+	})
+	srv := startServer(t, Config{Upstreams: []netip.AddrPort{up.addr}})
+	c, err := net.Dial("udp", srv.udp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	q, err := query("a.example.", mdns.TypeA).Pack()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		c.Write(q)
+		time.Sleep(100 * time.Millisecond)
+	}
+	answers := 0
+	buf := make([]byte, 65535)
+	c.SetReadDeadline(time.Now().Add(1500 * time.Millisecond))
+	for {
+		if _, err := c.Read(buf); err != nil {
+			break
+		}
+		answers++
+	}
+	if answers != 1 {
+		t.Errorf("the client got %d answers to one query sent three times, want 1", answers)
+	}
+	if n := len(up.queries()); n != 1 {
+		t.Errorf("the upstream was asked %d times, want once", n)
 	}
 }
 
