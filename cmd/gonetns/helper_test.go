@@ -114,6 +114,24 @@ func runHelper(mode string, args []string) int {
 			return fail("after %v idle: %v", idle, err)
 		}
 		fmt.Printf("alive after %v idle\n", idle)
+	case "tcp-reply-reset": // ADDR N: N times, send a 5020-byte request and read the answer to its end; count answers read before a reset
+		n, _ := strconv.Atoi(args[1])
+		got := 0
+		for i := range n {
+			c, err := net.DialTimeout("tcp", args[0], 5*time.Second)
+			if err != nil {
+				return fail("%v", err)
+			}
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			c.Write(make([]byte, 5020))
+			b, err := io.ReadAll(c)
+			c.Close()
+			fmt.Printf("connection %d: %d bytes, then %v\n", i+1, len(b), err)
+			if len(b) > 0 && errors.Is(err, syscall.ECONNRESET) {
+				got++
+			}
+		}
+		fmt.Printf("the answer, then the reset: %d of %d\n", got, n)
 	case "tcp-conc": // ADDR N: open N connections at once, 1 byte echoed on each, hold them until a line on stdin
 		n, _ := strconv.Atoi(args[1])
 		held, refused, failed := tcpConc(args[0], n)

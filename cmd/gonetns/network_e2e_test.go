@@ -158,6 +158,33 @@ func startTCPServer(t *testing.T, serve func(net.Conn)) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
+// TestNetReplyBeforeReset: a host server that answers and closes with
+// the request unread (an HTTP server refusing an upload: its kernel sends
+// the answer, then a reset) reaches the sandbox as it would a local
+// client: the answer, then ECONNRESET. Before, when the answer and the
+// reset came to the fast path in one poll, the reset went out alone.
+func TestNetReplyBeforeReset(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	const reply = "HTTP/1.1 413 Payload Too Large\r\n\r\n"
+	port := startTCPServer(t, func(c net.Conn) {
+		io.ReadFull(c, make([]byte, 10))
+		time.Sleep(100 * time.Millisecond) // the rest of the request arrives, unread
+		c.Write([]byte(reply))
+	}) // Close with bytes unread: the kernel resets the connection
+	for _, flag := range []string{"--tcp-fast-path=true", "--event-loop=false", "--tcp-fast-path=false"} {
+		t.Run(strings.TrimPrefix(flag, "--"), func(t *testing.T) {
+			res := r.MustRun(t, netTimeout, flag, "sh", "-c", e2etest.HelperCmd(t, "tcp-reply-reset", fmt.Sprintf("10.0.2.2:%d", port), "10"))
+			if !strings.Contains(res.Stdout, "the answer, then the reset: 10 of 10") {
+				t.Errorf("the host's answer did not come before its reset\n%s", res)
+			}
+			if !strings.Contains(res.Stdout, fmt.Sprintf(": %d bytes, then", len(reply))) {
+				t.Errorf("no connection read the %d-byte answer\n%s", len(reply), res)
+			}
+		})
+	}
+}
+
 func TestNetHalfClose(t *testing.T) {
 	e2etest.RequireTun(t)
 	r := e2etest.Unprivileged(t)

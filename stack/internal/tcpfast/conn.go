@@ -152,6 +152,7 @@ type connState struct {
 	peekOff      bool   // the socket's SO_PEEK_OFF is on and tracks sndNxt
 	hostReadable bool   // the socket may have bytes not sent yet
 	rdhup        bool   // the host has shut its writing (FIN seen by the kernel)
+	hostErr      error  // the host socket's error (its peer's reset): the sandbox gets it after the bytes before it
 	hostEOF      bool   // every byte up to finSeq is known: finSeq is the FIN's
 	finSeq       uint32
 	dupAcks      int
@@ -334,8 +335,18 @@ func (c *conn) hostEvent(ev uint32) {
 	}
 	if ev&unix.EPOLLERR != 0 {
 		if err := socketError(c.fd); err != nil {
-			c.reset(err)
-			return
+			if c.state != stEstablished {
+				c.reset(err)
+				return
+			}
+			// What the host sent before its reset is still in the
+			// socket's queue, ahead of the error, as its kernel would
+			// deliver it to a local reader: a server that answers and
+			// closes with the request unread (an HTTP server refusing
+			// an upload) resets right after its answer. The sandbox
+			// gets the answer, then the reset (below, after push).
+			c.hostErr = err
+			c.hostReadable = true
 		}
 	}
 	if ev&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP) != 0 {
@@ -366,6 +377,12 @@ func (c *conn) hostEvent(ev uint32) {
 		}
 	}
 	sent := c.push(t)
+	if c.hostErr != nil {
+		// What the sandbox's window did not take now is lost, as the
+		// host's kernel drops what is unsent when its peer resets.
+		c.reset(c.hostErr)
+		return
+	}
 	if ack && !sent && c.state == stEstablished {
 		c.sendACK(t)
 	}
@@ -1092,6 +1109,8 @@ func (c *conn) push(t *tx) bool {
 		}
 		n, err := peek(c.fd, t.payload[:want], skip, c.peekOff)
 		switch {
+		case c.hostErr != nil && (n == 0 || errors.Is(err, unix.EAGAIN)):
+			return sent // the stream ends in the host's reset, not a FIN
 		case errors.Is(err, unix.EAGAIN):
 			if c.rdhup && !resend {
 				// Nothing new, and the host's FIN has come: the
