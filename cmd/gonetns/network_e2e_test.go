@@ -185,6 +185,31 @@ func TestNetReplyBeforeReset(t *testing.T) {
 	}
 }
 
+// TestNetUploadToPausedReader: an upload to a host server that stops
+// reading for longer than the sandbox's kernel retransmits before giving
+// up (tcp_retries2 set to 5 inside: some 15 s) completes once the server
+// reads again. Before, the bytes the host socket refused were held
+// unacknowledged under an open window: the sandbox resent them as lost
+// and ended the connection with ETIMEDOUT (at the default tcp_retries2,
+// after some 15 minutes); now the window closes and the sandbox probes
+// it, as with a local peer that stops reading.
+func TestNetUploadToPausedReader(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	const pause, size = 30 * time.Second, 20_000_000
+	port := startTCPServer(t, func(c net.Conn) {
+		time.Sleep(pause)
+		n, _ := io.Copy(io.Discard, c)
+		fmt.Fprintf(c, "host read %d bytes", n)
+	})
+	script := "echo 5 > /proc/sys/net/ipv4/tcp_retries2 && " +
+		e2etest.HelperCmd(t, "tcp-halfclose", fmt.Sprintf("10.0.2.2:%d", port), strconv.Itoa(size))
+	res := r.MustRun(t, netTimeout+pause, "sh", "-c", script)
+	if want := fmt.Sprintf("host read %d bytes", size); strings.TrimSpace(res.Stdout) != want {
+		t.Errorf("the upload to a server that paused for %v: want %q\n%s", pause, want, res)
+	}
+}
+
 func TestNetHalfClose(t *testing.T) {
 	e2etest.RequireTun(t)
 	r := e2etest.Unprivileged(t)

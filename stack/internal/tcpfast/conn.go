@@ -153,6 +153,7 @@ type connState struct {
 	hostReadable bool   // the socket may have bytes not sent yet
 	rdhup        bool   // the host has shut its writing (FIN seen by the kernel)
 	hostErr      error  // the host socket's error (its peer's reset): the sandbox gets it after the bytes before it
+	stalled      bool   // the sandbox resent bytes the host socket refuses: the window is 0 until it takes them
 	hostEOF      bool   // every byte up to finSeq is known: finSeq is the FIN's
 	finSeq       uint32
 	dupAcks      int
@@ -708,6 +709,11 @@ func (c *conn) dataIn(s *segment) bool {
 			return true
 		}
 	}
+	if seq == c.rcvNxt && len(c.queue) > 0 && !seqLT(c.rcvNxt, c.queue[0].seq) {
+		// Bytes the host socket refused, sent again: the sandbox
+		// waited for their ACK. See window.
+		c.stalled = true
+	}
 	if seq != c.rcvNxt || len(c.queue) > 0 {
 		c.store(seq, parts, n, fin)
 		if seq == c.rcvNxt {
@@ -826,6 +832,7 @@ func (c *conn) flush() bool {
 			}
 			if w > 0 {
 				c.rcvNxt += uint32(w)
+				c.stalled = false
 				moved = true
 			}
 			if w < len(k.data)-skip {
@@ -949,6 +956,18 @@ func (c *conn) room(fresh bool) int {
 // (Linux) would wait for a zero window to open while we wait for the
 // hole.
 func (c *conn) window() uint16 {
+	if c.stalled && len(c.queue) > 0 && !seqLT(c.rcvNxt, c.queue[0].seq) {
+		// The host has stopped taking bytes and the sandbox resends
+		// them: a window left open made it count every resend towards
+		// giving the connection up (ETIMEDOUT after tcp_retries2, some
+		// 15 minutes), while a zero window makes it probe for as long as
+		// it is answered, as when a local peer stops reading. The edge
+		// stays (what the sandbox sent inside it is kept), the window
+		// shrinks to nothing until the socket takes bytes again
+		// (hostEvent's EPOLLOUT: flush, then the window's update).
+		c.lastWnd = 0
+		return 0
+	}
 	ws := uint(0)
 	if c.sndWSOK {
 		ws = rcvWS
