@@ -1,6 +1,7 @@
 package main
 
 import (
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -132,6 +133,19 @@ func runHelper(mode string, args []string) int {
 			}
 		}
 		fmt.Printf("the answer, then the reset: %d of %d\n", got, n)
+	case "tcp-sum": // ADDR: read to the end, print the count and sha256 of what came
+		c, err := net.DialTimeout("tcp", args[0], 5*time.Second)
+		if err != nil {
+			return fail("%v", err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		h := sha256.New()
+		n, err := io.Copy(h, c)
+		if err != nil {
+			return fail("after %d bytes: %v", n, err)
+		}
+		fmt.Printf("%d bytes, sha256 %x\n", n, h.Sum(nil))
 	case "tcp-conc": // ADDR N: open N connections at once, 1 byte echoed on each, hold them until a line on stdin
 		n, _ := strconv.Atoi(args[1])
 		held, refused, failed := tcpConc(args[0], n)

@@ -253,6 +253,7 @@ func (c *conn) register() bool {
 	e := c.e
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	oobInline(c.fd)
 	c.peekOff = e.peekOff.Load() >= 0 && enablePeekOff(c.fd)
 	if !c.peekOff && e.peekOff.Load() == 0 {
 		e.peekOff.Store(-1)

@@ -27,6 +27,16 @@ func enablePeekOff(fd int) bool {
 	return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_PEEK_OFF, 0) == nil
 }
 
+// oobInline keeps the host's urgent byte (MSG_OOB) in the stream, where
+// a peek returns it and a MSG_TRUNC read drops it like any other: the
+// engine counts the socket's bytes one for one as sequence numbers.
+// Otherwise a peek skips that byte while the peek offset lags one behind
+// it, so the last byte went to the sandbox twice and the drop of the
+// acknowledged bytes came up one short (found it empty: a reset).
+func oobInline(fd int) {
+	unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_OOBINLINE, 1)
+}
+
 // setPeekOff moves the socket's peek offset (with SO_PEEK_OFF on).
 func setPeekOff(fd int, off uint32) error {
 	return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_PEEK_OFF, int(off))
