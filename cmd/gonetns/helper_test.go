@@ -115,8 +115,12 @@ func runHelper(mode string, args []string) int {
 			return fail("after %v idle: %v", idle, err)
 		}
 		fmt.Printf("alive after %v idle\n", idle)
-	case "tcp-reply-reset": // ADDR N: N times, send a 5020-byte request and read the answer to its end; count answers read before a reset
+	case "tcp-reply-reset": // ADDR N [WAIT]: N times, send a 5020-byte request, wait, read the answer to its end; count answers read before a reset
 		n, _ := strconv.Atoi(args[1])
+		var wait time.Duration
+		if len(args) > 2 {
+			wait, _ = time.ParseDuration(args[2])
+		}
 		got := 0
 		for i := range n {
 			c, err := net.DialTimeout("tcp", args[0], 5*time.Second)
@@ -125,6 +129,7 @@ func runHelper(mode string, args []string) int {
 			}
 			c.SetDeadline(time.Now().Add(10 * time.Second))
 			c.Write(make([]byte, 5020))
+			time.Sleep(wait)
 			b, err := io.ReadAll(c)
 			c.Close()
 			fmt.Printf("connection %d: %d bytes, then %v\n", i+1, len(b), err)

@@ -184,6 +184,28 @@ func TestNetReplyBeforeReset(t *testing.T) {
 			}
 		})
 	}
+	// An answer larger than the sandbox's first window, which the host
+	// socket has taken whole before the reset, read late: the rest goes
+	// as the sandbox reads, then the reset, as a local client, reading as
+	// late, gets it all (checked first). Before, what the window had not
+	// taken when the reset came was lost (some 64 KiB of 100,000 bytes).
+	const large = 100_000
+	port = startTCPServer(t, func(c net.Conn) {
+		io.ReadFull(c, make([]byte, 10))
+		time.Sleep(100 * time.Millisecond)
+		c.Write(make([]byte, large))
+	})
+	t.Run("larger than the window", func(t *testing.T) {
+		want := fmt.Sprintf(": %d bytes, then", large)
+		local, err := exec.Command("sh", "-c", e2etest.HelperCmd(t, "tcp-reply-reset", fmt.Sprintf("127.0.0.1:%d", port), "3", "500ms")).Output()
+		if strings.Count(string(local), want) != 3 {
+			t.Fatalf("a local client reading 500 ms late did not get all %d bytes before the reset either (%v): this kernel's buffers differ from what the test assumes\n%s", large, err, local)
+		}
+		res := r.MustRun(t, netTimeout, "sh", "-c", e2etest.HelperCmd(t, "tcp-reply-reset", fmt.Sprintf("10.0.2.2:%d", port), "3", "500ms"))
+		if strings.Count(res.Stdout, want) != 3 || !strings.Contains(res.Stdout, "the answer, then the reset: 3 of 3") {
+			t.Errorf("want all %d bytes of each answer, then the reset, as a local client gets them\n%s", large, res)
+		}
+	})
 }
 
 // TestNetUploadToPausedReader: an upload to a host server that stops

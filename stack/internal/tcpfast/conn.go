@@ -337,16 +337,14 @@ func (c *conn) hostEvent(ev uint32) {
 	}
 	if ev&unix.EPOLLERR != 0 {
 		if err := socketError(c.fd); err != nil {
-			if c.state != stEstablished {
-				c.reset(err)
-				return
-			}
 			// What the host sent before its reset is still in the
 			// socket's queue, ahead of the error, as its kernel would
 			// deliver it to a local reader: a server that answers and
 			// closes with the request unread (an HTTP server refusing
-			// an upload) resets right after its answer. The sandbox
-			// gets the answer, then the reset (below, after push).
+			// an upload) resets right after its answer, and one that
+			// turns a client away greets and resets at once (MySQL's
+			// "too many connections"). The sandbox gets those bytes,
+			// as its window takes them, then the reset (push).
 			c.hostErr = err
 			c.hostReadable = true
 		}
@@ -379,12 +377,6 @@ func (c *conn) hostEvent(ev uint32) {
 		}
 	}
 	sent := c.push(t)
-	if c.hostErr != nil {
-		// What the sandbox's window did not take now is lost, as the
-		// host's kernel drops what is unsent when its peer resets.
-		c.reset(c.hostErr)
-		return
-	}
 	if ack && !sent && c.state == stEstablished {
 		c.sendACK(t)
 	}
@@ -398,11 +390,20 @@ func (c *conn) hostEvent(ev uint32) {
 // only then is the socket asked for its error, for the log (a getsockopt
 // less per connection).
 func (c *conn) connectDone(failed bool) {
+	var err error
 	if failed {
-		err := socketError(c.fd)
-		if err == nil {
-			err = unix.ECONNRESET // hung up: the host reset it at once
+		err = socketError(c.fd)
+		if err == nil || errors.Is(err, unix.ECONNRESET) {
+			// Connected, then reset by the host at once (its greeting,
+			// if it sent one, waits in the socket): the sandbox's
+			// connect succeeds, then it reads what came and the reset,
+			// as a local client would, rather than "refused".
+			c.hostErr = unix.ECONNRESET
+			c.hostReadable = true
+			failed = false
 		}
+	}
+	if failed {
 		c.e.refused.Add(1)
 		if c.e.log.Enabled(context.Background(), slog.LevelDebug) {
 			c.e.log.Debug("tcp fast path: connect failed; resetting", "src", c.k.src, "dst", c.k.dst, "err", err)
@@ -1130,7 +1131,10 @@ func (c *conn) push(t *tx) bool {
 		n, err := peek(c.fd, t.payload[:want], skip, c.peekOff)
 		switch {
 		case c.hostErr != nil && (n == 0 || errors.Is(err, unix.EAGAIN)):
-			return sent // the stream ends in the host's reset, not a FIN
+			// Every byte the host sent is out: the stream ends in
+			// the host's reset, not a FIN.
+			c.reset(c.hostErr)
+			return sent
 		case errors.Is(err, unix.EAGAIN):
 			if c.rdhup && !resend {
 				// Nothing new, and the host's FIN has come: the
@@ -1153,7 +1157,7 @@ func (c *conn) push(t *tx) bool {
 			flags |= flagPSH
 			// The queue is drained: the next byte to arrive raises a
 			// new edge. (Unless the FIN is there: the next peek says so.)
-			if !resend && !c.rdhup {
+			if !resend && !c.rdhup && c.hostErr == nil {
 				c.hostReadable = false
 			}
 		}
