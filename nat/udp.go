@@ -73,8 +73,9 @@ func (f *udpFlow) Close() {
 
 // send writes one datagram from the sandbox to the host. A socket that
 // cannot take it now, or an ICMP error from an earlier datagram (which a
-// connected socket reports on the next call), loses that datagram only,
-// as a network would. sendmsg, not writev: writev of no bytes sends
+// connected socket reports on the next call, as well as on the read that
+// Receive passes on to the sandbox), loses that datagram only, as a
+// network would. sendmsg, not writev: writev of no bytes sends
 // nothing, and an empty datagram is a datagram too.
 func (f *udpFlow) send(payload [][]byte) {
 	f.mu.RLock()
@@ -242,7 +243,11 @@ func (f *udpFlow) Receive(buf []byte) {
 			if errors.Is(err, unix.EAGAIN) {
 				return
 			}
-			continue // an ICMP error about an earlier datagram
+			// An ICMP error about an earlier datagram (nothing listens
+			// there, or no route): the sandbox is told as the host's
+			// kernel told us, so that its socket fails as it would.
+			f.path.Unreachable(err)
+			continue
 		}
 		f.touch()
 		for i := range n {

@@ -8,6 +8,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
@@ -305,6 +306,100 @@ func (u *UDPPath) Write(b []byte) (int, error) {
 }
 
 var errTooLong = errors.New("too long for UDP")
+
+// Unreachable tells the sandbox that a datagram of this path did not get
+// through, for the error err the host's socket reported for it:
+// ECONNREFUSED (nothing listens: the host's kernel answered with ICMP port
+// unreachable), EHOSTUNREACH or ENETUNREACH. It sends ICMP (ICMPv6)
+// destination unreachable with the matching code, quoting the flow's own
+// IP and UDP headers, by which the sandbox's kernel finds the socket: a
+// connected one then fails with the same error, as it would talking to
+// the host directly, rather than waiting for an answer that cannot come.
+// Any other err sends nothing and is returned.
+func (u *UDPPath) Unreachable(err error) error {
+	v4 := u.remote.Addr().Is4()
+	var code byte
+	switch {
+	case errors.Is(err, unix.ECONNREFUSED) && v4:
+		code = byte(header.ICMPv4PortUnreachable)
+	case errors.Is(err, unix.ECONNREFUSED):
+		code = byte(header.ICMPv6PortUnreachable)
+	case errors.Is(err, unix.EHOSTUNREACH) && v4:
+		code = byte(header.ICMPv4HostUnreachable)
+	case errors.Is(err, unix.EHOSTUNREACH):
+		code = byte(header.ICMPv6AddressUnreachable)
+	case errors.Is(err, unix.ENETUNREACH) && v4:
+		code = byte(header.ICMPv4NetUnreachable)
+	case errors.Is(err, unix.ENETUNREACH):
+		code = byte(header.ICMPv6NetworkUnreachable)
+	default:
+		return err
+	}
+	u.mu.Lock()
+	r := u.route
+	if r == nil {
+		u.mu.Unlock()
+		return errPathClosed
+	}
+	r.Acquire()
+	u.mu.Unlock()
+	defer r.Release()
+
+	// The quoted datagram: what the sandbox sent, from remote to local,
+	// as far as its UDP header (its payload is not needed to find the
+	// socket, and the host's kernel did not give it back).
+	var msg []byte
+	var proto tcpip.TransportProtocolNumber
+	if v4 {
+		proto = header.ICMPv4ProtocolNumber
+		msg = make([]byte, header.ICMPv4MinimumSize+header.IPv4MinimumSize+header.UDPMinimumSize)
+		ip := header.IPv4(msg[header.ICMPv4MinimumSize:])
+		ip.Encode(&header.IPv4Fields{
+			TotalLength: header.IPv4MinimumSize + header.UDPMinimumSize,
+			TTL:         64,
+			Protocol:    uint8(udp.ProtocolNumber),
+			SrcAddr:     tcpip.AddrFrom4(u.remote.Addr().As4()),
+			DstAddr:     tcpip.AddrFrom4(u.local.Addr().As4()),
+		})
+		ip.SetChecksum(^ip.CalculateChecksum())
+		header.UDP(msg[header.ICMPv4MinimumSize+header.IPv4MinimumSize:]).Encode(&header.UDPFields{
+			SrcPort: u.remote.Port(), DstPort: u.local.Port(), Length: header.UDPMinimumSize})
+		icmp := header.ICMPv4(msg)
+		icmp.SetType(header.ICMPv4DstUnreachable)
+		icmp.SetCode(header.ICMPv4Code(code))
+		icmp.SetChecksum(^checksum.Checksum(icmp, 0))
+	} else {
+		proto = header.ICMPv6ProtocolNumber
+		msg = make([]byte, header.ICMPv6DstUnreachableMinimumSize+header.IPv6MinimumSize+header.UDPMinimumSize)
+		quoted := msg[header.ICMPv6DstUnreachableMinimumSize:]
+		header.IPv6(quoted).Encode(&header.IPv6Fields{
+			PayloadLength:     header.UDPMinimumSize,
+			TransportProtocol: udp.ProtocolNumber,
+			HopLimit:          64,
+			SrcAddr:           tcpip.AddrFrom16(u.remote.Addr().As16()),
+			DstAddr:           tcpip.AddrFrom16(u.local.Addr().As16()),
+		})
+		header.UDP(quoted[header.IPv6MinimumSize:]).Encode(&header.UDPFields{
+			SrcPort: u.remote.Port(), DstPort: u.local.Port(), Length: header.UDPMinimumSize})
+		icmp := header.ICMPv6(msg)
+		icmp.SetType(header.ICMPv6DstUnreachable)
+		icmp.SetCode(header.ICMPv6Code(code))
+		icmp.SetChecksum(header.ICMPv6Checksum(header.ICMPv6ChecksumParams{
+			Header: icmp[:header.ICMPv6DstUnreachableMinimumSize],
+			Src:    tcpip.AddrFrom16(u.local.Addr().As16()), Dst: tcpip.AddrFrom16(u.remote.Addr().As16()),
+			PayloadCsum: checksum.Checksum(quoted, 0), PayloadLen: len(quoted)}))
+	}
+	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{
+		ReserveHeaderBytes: int(r.MaxHeaderLength()),
+		Payload:            buffer.MakeWithData(msg),
+	})
+	defer pkt.DecRef()
+	pkt.TransportProtocolNumber = proto
+	if terr := r.WritePacket(stack.NetworkHeaderParams{Protocol: proto, TTL: r.DefaultTTL()}, pkt); terr != nil {
+		return Err(terr)
+	}
+	return nil
+}
 
 // Close releases the path; Write then fails. Idempotent.
 func (u *UDPPath) Close() error {

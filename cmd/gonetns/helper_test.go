@@ -151,6 +151,23 @@ func runHelper(mode string, args []string) int {
 			return fail("after %d bytes: %v", n, err)
 		}
 		fmt.Printf("%d bytes, sha256 %x\n", n, h.Sum(nil))
+	case "udp-refused": // ADDR: one datagram on a connected socket, then how the read ends
+		c, err := net.Dial("udp", args[0])
+		if err != nil {
+			return fail("%v", err)
+		}
+		defer c.Close()
+		c.Write([]byte("anyone?"))
+		c.SetReadDeadline(time.Now().Add(3 * time.Second))
+		_, err = c.Read(make([]byte, 100))
+		switch {
+		case errors.Is(err, syscall.ECONNREFUSED):
+			fmt.Println("refused")
+		case err != nil:
+			fmt.Printf("read: %v\n", err)
+		default:
+			fmt.Println("an answer")
+		}
 	case "tcp-conc": // ADDR N: open N connections at once, 1 byte echoed on each, hold them until a line on stdin
 		n, _ := strconv.Atoi(args[1])
 		held, refused, failed := tcpConc(args[0], n)

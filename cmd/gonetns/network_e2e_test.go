@@ -262,6 +262,25 @@ func TestNetUrgentFromHost(t *testing.T) {
 	}
 }
 
+// TestNetUDPPortUnreachable: a datagram to a host port where nothing
+// listens makes the sandbox's connected UDP socket fail with
+// ECONNREFUSED, over IPv4 and IPv6, as on the host: the flow's socket
+// reports the host's ICMP port unreachable and the NAT passes it on.
+// Before, the program waited for an answer that could not come.
+func TestNetUDPPortUnreachable(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	port := freePort(t, "udp")
+	script := fmt.Sprintf("%s && %s", e2etest.HelperCmd(t, "udp-refused", fmt.Sprintf("10.0.2.2:%d", port)),
+		e2etest.HelperCmd(t, "udp-refused", fmt.Sprintf("[fd00::2]:%d", port)))
+	for _, flag := range []string{"--event-loop=true", "--event-loop=false"} {
+		res := r.MustRun(t, netTimeout, flag, "--ipv6", "sh", "-c", script)
+		if got := strings.Fields(res.Stdout); len(got) != 2 || got[0] != "refused" || got[1] != "refused" {
+			t.Errorf("%s: want the IPv4 and the IPv6 datagram refused\n%s", flag, res)
+		}
+	}
+}
+
 func TestNetHalfClose(t *testing.T) {
 	e2etest.RequireTun(t)
 	r := e2etest.Unprivileged(t)
