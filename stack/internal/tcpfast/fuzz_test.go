@@ -79,10 +79,12 @@ type fuzzHarness struct {
 	src, dst  netip.AddrPort
 	sink      net.Listener
 	sinkDone  chan struct{}
-	violation atomic.Value  // string
-	received  atomic.Int64  // bytes the sink read
-	pureACKs  atomic.Int64  // segments without data or flags but ACK the engine sent
-	lastACK   atomic.Uint32 // the acknowledgement number of the last of them
+	violation atomic.Value                // string
+	received  atomic.Int64                // bytes the sink read
+	pureACKs  atomic.Int64                // segments without data or flags but ACK the engine sent
+	lastACK   atomic.Uint32               // the acknowledgement number of the last of them
+	resets    atomic.Int64                // RST segments the engine sent
+	sinkConn  atomic.Pointer[net.TCPConn] // the host's end, once accepted
 	wg        sync.WaitGroup
 }
 
@@ -123,6 +125,7 @@ func newHarnessGreeted(t *testing.T, greeting []byte, greetedFirst bool) *fuzzHa
 			return
 		}
 		defer c.Close()
+		h.sinkConn.Store(c.(*net.TCPConn))
 		c.Write(greeting)
 		buf := make([]byte, 64<<10)
 		seq := h.irs + 1
@@ -190,6 +193,9 @@ func newHarnessGreeted(t *testing.T, greeting []byte, greetedFirst bool) *fuzzHa
 			if tcp.Flags()&^flagPSH == flagACK && int(header.IPv4(f[14:]).TotalLength()) == 20+int(tcp.DataOffset()) {
 				h.lastACK.Store(tcp.AckNumber())
 				h.pureACKs.Add(1)
+			}
+			if tcp.Flags()&flagRST != 0 {
+				h.resets.Add(1)
 			}
 			if tcp.Flags() == flagSYN|flagACK {
 				select {
@@ -374,6 +380,59 @@ func TestGreetingWithTheConnect(t *testing.T) {
 		return c.sndMax == c.iss+1+uint32(len(greeting))
 	}) {
 		t.Fatal("the greeting that came with the connect never went to the sandbox")
+	}
+}
+
+// TestGreetingThenReset: a host that greets and resets at once (a server
+// turning a client away: "421 too busy") completes its connect and fails
+// it in one poll; the sandbox gets its SYN-ACK, then the greeting, then
+// the reset, as a local client would, not a refused connect.
+func TestGreetingThenReset(t *testing.T) {
+	greeting := []byte("421 too busy\r\n")
+	h := newHarnessGreeted(t, greeting, true)
+	defer h.close()
+	c := h.waitConn(func(c *conn) bool { return c.state == stSynAcked && c.hostReadable })
+	if c == nil {
+		t.Fatal("the connection never got to its SYN-ACK with the greeting noted")
+	}
+	sink := h.sinkConn.Load()
+	sink.SetLinger(0)
+	sink.Close() // a reset to the engine's host socket, during the handshake
+	var closed bool
+	if !waitFor(func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		closed = c.state == stClosed
+		return closed || c.hostErr != nil
+	}) {
+		t.Fatal("the host's reset never reached the engine")
+	}
+	if closed {
+		t.Fatal("the host's reset during the handshake reset the sandbox before it got the greeting")
+	}
+	// As if connect, greeting and reset had come in one poll (the error
+	// read already: a hang-up without one).
+	c.mu.Lock()
+	c.state, c.hostReadable, c.hostErr = stConnecting, false, nil
+	c.hostEvent(unix.EPOLLOUT | unix.EPOLLIN | unix.EPOLLERR | unix.EPOLLHUP)
+	refused := c.state == stClosed
+	c.mu.Unlock()
+	if refused {
+		t.Fatal("a connect that completed before the host's reset was refused")
+	}
+	h.send(flagACK, h.irs+1, h.iss+1, 65535, 0, false) // the handshake completes
+	if !waitFor(func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.state == stClosed
+	}) {
+		t.Fatal("the host's reset never reached the sandbox")
+	}
+	if c.sndMax != c.iss+1+uint32(len(greeting)) {
+		t.Errorf("%d bytes went to the sandbox before the reset, want the %d of the greeting", c.sndMax-c.iss-1, len(greeting))
+	}
+	if !waitFor(func() bool { return h.resets.Load() == 1 }) {
+		t.Errorf("%d resets sent, want 1", h.resets.Load())
 	}
 }
 
