@@ -123,7 +123,10 @@ func parse(s *segment, mac tcpip.LinkAddress, vnetHdr, head, tail []byte) bool {
 		}
 		src, dst := ip.SourceAddress().As16(), ip.DestinationAddress().As16()
 		srcIP, dstIP := netip.AddrFrom16(src), netip.AddrFrom16(dst)
-		if !unicast(srcIP) || !unicast(dstIP) || srcIP.IsLinkLocalUnicast() || dstIP.IsLinkLocalUnicast() {
+		// An IPv4-mapped address has no place on an IPv6 link (RFC
+		// 4291, 2.5.5.2; Linux drops such packets): taken, a crafted
+		// SYN to ::ffff:10.0.2.2 was dialled as the IPv4 gateway.
+		if !unicast(srcIP) || !unicast(dstIP) || srcIP.IsLinkLocalUnicast() || dstIP.IsLinkLocalUnicast() || srcIP.Is4In6() || dstIP.Is4In6() {
 			return false
 		}
 		s.v6 = true

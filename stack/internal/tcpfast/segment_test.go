@@ -140,6 +140,14 @@ func TestParse(t *testing.T) {
 		{name: "bad TCP checksum, the kernel's to check", vnet: true, ok: true, frame: testFrame{flags: flagSYN, payload: []byte("x"), keepSums: true, edit: func(f []byte, l3 int) { f[len(f)-1] ^= 0xff }}},
 		{name: "IPv6 extension header", frame: testFrame{v6: true, flags: flagSYN, edit: func(f []byte, _ int) { f[14+6] = 0 }}},
 		{name: "IPv6 link-local", frame: testFrame{v6: true, flags: flagSYN, edit: func(f []byte, _ int) { f[14+8], f[14+9] = 0xfe, 0x80 }}},
+		{name: "IPv6 to an IPv4-mapped address", frame: testFrame{v6: true, flags: flagSYN, edit: func(f []byte, _ int) {
+			a := netip.MustParseAddr("::ffff:10.0.2.2").As16()
+			copy(f[14+24:], a[:])
+		}}},
+		{name: "IPv6 from an IPv4-mapped address", frame: testFrame{v6: true, flags: flagSYN, edit: func(f []byte, _ int) {
+			a := netip.MustParseAddr("::ffff:10.0.2.100").As16()
+			copy(f[14+8:], a[:])
+		}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := tc.frame.build()
