@@ -56,6 +56,11 @@ func (tf testFrame) build() []byte {
 			ip.SetChecksum(0)
 			ip.SetChecksum(^ip.CalculateChecksum())
 		}
+		// The addresses the frame holds now: an edit may have changed them.
+		src, dst := header.IPv4(f[l2:]).SourceAddress(), header.IPv4(f[l2:]).DestinationAddress()
+		if tf.v6 {
+			src, dst = header.IPv6(f[l2:]).SourceAddress(), header.IPv6(f[l2:]).DestinationAddress()
+		}
 		tcp.SetChecksum(0)
 		sum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, src, dst, uint16(l4+len(tf.payload)))
 		sum = checksum.Checksum(f[l2+l3:l2+l3+l4+len(tf.payload)], sum)
