@@ -168,6 +168,18 @@ func runHelper(mode string, args []string) int {
 		default:
 			fmt.Println("an answer")
 		}
+	case "tcp-send-reset": // ADDR N: N connections, one at a time, each sends 100 bytes and closes with a reset
+		n, _ := strconv.Atoi(args[1])
+		for range n {
+			c, err := net.DialTimeout("tcp", args[0], 5*time.Second)
+			if err != nil {
+				return fail("%v", err)
+			}
+			c.Write(make([]byte, 100))
+			c.(*net.TCPConn).SetLinger(0)
+			c.Close()
+		}
+		fmt.Printf("%d connections reset\n", n)
 	case "tcp-conc": // ADDR N: open N connections at once, 1 byte echoed on each, hold them until a line on stdin
 		n, _ := strconv.Atoi(args[1])
 		held, refused, failed := tcpConc(args[0], n)
