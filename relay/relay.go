@@ -4,7 +4,9 @@
 //   - EOF on one side becomes a half-close (FIN, CloseWrite) on the other,
 //     while the other direction keeps flowing;
 //   - an error on either side (a reset, a broken pipe) resets both (RST to
-//     both peers);
+//     both peers), each socket once what it had already taken for its
+//     peer has gone out (drain), as the peer's own kernel would deliver
+//     those bytes before the reset;
 //   - Abort or Close from outside (a manager shutting down) resets both,
 //     and Close waits for the relay to end;
 //   - the bytes moved in each direction and the first error are counted
@@ -25,6 +27,9 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // ErrAborted is the Result's error when Abort or Close ended the relay.
@@ -60,13 +65,15 @@ type Result struct {
 // end is one side: what the rules need to do to it.
 type end struct {
 	closeWrite func() error
-	reset      func() // RST, and make its copies return
+	drain      func(stop <-chan struct{}) // wait until what was written has gone out; nil: nothing to wait for
+	reset      func()                     // RST, and make its copies return
 	close      func() error
 }
 
 func socketEnd(c *net.TCPConn) end {
 	return end{
 		closeWrite: c.CloseWrite,
+		drain:      func(stop <-chan struct{}) { drainSendQueue(c, stop) },
 		reset:      func() { Reset(c) },
 		close:      c.Close,
 	}
@@ -74,6 +81,67 @@ func socketEnd(c *net.TCPConn) end {
 
 func streamEnd(s Stream) end {
 	return end{closeWrite: s.CloseWrite, reset: s.Abort, close: s.Close}
+}
+
+// drainStall is how long drainSendQueue waits for a peer that takes none
+// of the bytes still queued for it before the reset goes anyway.
+const drainStall = 5 * time.Second
+
+// drainPoll is how often drainSendQueue looks at the send queue.
+const drainPoll = 10 * time.Millisecond
+
+// drainSendQueue waits until c's send queue is empty (its peer has
+// acknowledged every byte the relay wrote), for as long as the peer keeps
+// taking them, or until stop. A reset (SO_LINGER 0) discards what is
+// queued: without this, when one peer reset, the bytes it had sent the
+// other just before, already taken by the relay, were lost with the
+// other side's reset (4 MiB and then a reset from a server inside: the
+// client read 1.5-3.5 MiB, where a direct client reads all of it, then
+// ECONNRESET). A socket that can no longer send (its own peer reset it:
+// the kernel dropped its queue) has nothing to wait for.
+func drainSendQueue(c *net.TCPConn, stop <-chan struct{}) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return
+	}
+	queued := func() (n int) {
+		rc.Control(func(fd uintptr) {
+			info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+			if err != nil || !sending(info.State) {
+				return
+			}
+			if q, err := unix.IoctlGetInt(int(fd), unix.SIOCOUTQ); err == nil {
+				n = q
+			}
+		})
+		return n
+	}
+	last, stalled := -1, time.Now().Add(drainStall)
+	t := time.NewTimer(drainPoll)
+	defer t.Stop()
+	for n := queued(); n > 0; n = queued() {
+		if last < 0 || n < last {
+			last, stalled = n, time.Now().Add(drainStall)
+		} else if time.Now().After(stalled) {
+			return
+		}
+		t.Reset(drainPoll)
+		select {
+		case <-t.C:
+		case <-stop:
+			return
+		}
+	}
+}
+
+// sending reports whether a TCP socket in state (TCP_INFO's) can still
+// deliver what it has queued.
+func sending(state uint8) bool {
+	switch state {
+	case 1, 4, 8, 9, 11: // ESTABLISHED, FIN_WAIT1, CLOSE_WAIT, LAST_ACK, CLOSING
+		return true
+	}
+	return false
 }
 
 // Reset closes c with an RST instead of a FIN: SO_LINGER with a zero
@@ -94,13 +162,14 @@ type Relay struct {
 
 	mu      sync.Mutex
 	started bool
-	reset   bool  // both sides have been reset
-	err     error // the first error
+	reset   bool          // both sides have been reset, or are being
+	aborted chan struct{} // closed by Abort: resets go at once
+	err     error         // the first error
 	done    chan struct{}
 }
 
 func newRelay(a, b end, aToB, bToA func() (int64, error)) *Relay {
-	return &Relay{a: a, b: b, aToB: aToB, bToA: bToA, done: make(chan struct{})}
+	return &Relay{a: a, b: b, aToB: aToB, bToA: bToA, done: make(chan struct{}), aborted: make(chan struct{})}
 }
 
 // Sockets relays between two kernel TCP sockets with splice(2): each
@@ -180,7 +249,8 @@ func (r *Relay) direction(dst end, copy func() (int64, error)) int64 {
 	return n
 }
 
-// fail records err if it is the first and resets both sides once.
+// fail records err if it is the first and resets both sides once, each
+// once drained (unless the relay is aborted: then at once).
 func (r *Relay) fail(err error) {
 	r.mu.Lock()
 	if r.err == nil {
@@ -188,8 +258,20 @@ func (r *Relay) fail(err error) {
 	}
 	first := !r.reset
 	r.reset = true
+	if err == ErrAborted {
+		select {
+		case <-r.aborted:
+		default:
+			close(r.aborted)
+		}
+	}
 	r.mu.Unlock()
 	if first {
+		for _, e := range []end{r.a, r.b} {
+			if e.drain != nil {
+				e.drain(r.aborted)
+			}
+		}
 		r.a.reset()
 		r.b.reset()
 	}

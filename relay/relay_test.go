@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // pair is a relayed connection in a test: the relay between the accepted
@@ -143,6 +145,39 @@ func TestSocketsResetPropagates(t *testing.T) {
 	Reset(p.peerB)
 	if _, err := readAll(t, p.peerA); !isReset(err) {
 		t.Fatalf("A's peer read %v after B's peer reset; want ECONNRESET", err)
+	}
+	if res := p.result(t); !isReset(res.Err) {
+		t.Fatalf("result error %v; want the reset", res.Err)
+	}
+}
+
+// TestSocketsResetAfterData: a peer that sends and then resets has every
+// byte it sent reach the other peer before the reset, as a direct client
+// would read them; before, the reset of the other side discarded what
+// the relay still had queued for it (a slow reader got part of it).
+func TestSocketsResetAfterData(t *testing.T) {
+	pool := NewPipePool(4, 2)
+	defer pool.Close()
+	p := startSockets(t, pool)
+	data := pattern(4 << 20)
+	go func() {
+		p.peerA.Write(data)
+		// Once the relay has taken every byte (acknowledged), reset.
+		rc, _ := p.peerA.SyscallConn()
+		for range 2000 {
+			n := -1
+			rc.Control(func(fd uintptr) { n, _ = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ) })
+			if n == 0 {
+				break
+			}
+			time.Sleep(time.Millisecond)
+		}
+		Reset(p.peerA)
+	}()
+	time.Sleep(300 * time.Millisecond) // a reader that comes late
+	got, err := readAll(t, p.peerB)
+	if !bytes.Equal(got, data) || !isReset(err) {
+		t.Fatalf("B's peer read %d bytes (equal: %v), then %v; want the %d sent, then the reset", len(got), bytes.Equal(got, data), err, len(data))
 	}
 	if res := p.result(t); !isReset(res.Err) {
 		t.Fatalf("result error %v; want the reset", res.Err)
