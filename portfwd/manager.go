@@ -230,7 +230,7 @@ func listenError(spec port.Spec, err error, unprivStart int) error {
 	addr := hostPort(spec.ListenAddr())
 	switch {
 	case errors.Is(err, syscall.EADDRINUSE):
-		return fmt.Errorf("publish %s: host address %s is already in use: another program listens there; stop it or choose another parent port: %w", spec, addr, err)
+		return fmt.Errorf("publish %s: host address %s is already in use: a program listens there, or a connection holds it as its local port (ss -tanp shows which); stop it or choose another parent port, outside net.ipv4.ip_local_port_range: %w", spec, addr, err)
 	case errors.Is(err, syscall.EADDRNOTAVAIL):
 		return fmt.Errorf("publish %s: host address %s is not an address of this host; choose one that is, or leave PARENTIP out: %w", spec, addr, err)
 	case errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM):

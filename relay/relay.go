@@ -5,7 +5,7 @@
 //     while the other direction keeps flowing;
 //   - an error on either side (a reset, a broken pipe) resets both (RST to
 //     both peers), each socket once what it had already taken for its
-//     peer has gone out (drain), as the peer's own kernel would deliver
+//     peer has gone out (drainSendQueue), as the peer's own kernel would deliver
 //     those bytes before the reset;
 //   - Abort or Close from outside (a manager shutting down) resets both,
 //     and Close waits for the relay to end;
