@@ -146,6 +146,13 @@ func startTCPServer(t *testing.T, serve func(net.Conn)) int {
 	if err != nil {
 		t.Fatal(err)
 	}
+	serveTCP(t, l, serve)
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// serveTCP serves each connection l accepts with serve, then closes it,
+// until the test ends.
+func serveTCP(t *testing.T, l net.Listener, serve func(net.Conn)) {
 	t.Cleanup(func() { l.Close() })
 	go func() {
 		for {
@@ -159,7 +166,6 @@ func startTCPServer(t *testing.T, serve func(net.Conn)) int {
 			}()
 		}
 	}()
-	return l.Addr().(*net.TCPAddr).Port
 }
 
 // TestNetReplyBeforeReset: a host server that answers and closes with
@@ -306,29 +312,19 @@ func TestNetSandboxResets(t *testing.T) {
 		t.Fatalf("listen on ::1 at the IPv4 listener's port: %v", err)
 	}
 	for _, l := range []net.Listener{l, l6} {
-		t.Cleanup(func() { l.Close() })
-		go func() {
-			for {
-				c, err := l.Accept()
-				if err != nil {
-					return
-				}
-				go func() {
-					defer c.Close()
-					c.SetDeadline(time.Now().Add(20 * time.Second))
-					_, err := io.Copy(io.Discard, c)
-					end := "EOF"
-					if errors.Is(err, syscall.ECONNRESET) {
-						end = "reset"
-					} else if err != nil {
-						end = err.Error()
-					}
-					mu.Lock()
-					ends[end]++
-					mu.Unlock()
-				}()
+		serveTCP(t, l, func(c net.Conn) {
+			c.SetDeadline(time.Now().Add(20 * time.Second))
+			_, err := io.Copy(io.Discard, c)
+			end := "EOF"
+			if errors.Is(err, syscall.ECONNRESET) {
+				end = "reset"
+			} else if err != nil {
+				end = err.Error()
 			}
-		}()
+			mu.Lock()
+			ends[end]++
+			mu.Unlock()
+		})
 	}
 	for _, flag := range []string{"--tcp-fast-path=true", "--tcp-fast-path=false"} {
 		for _, addr := range []string{fmt.Sprintf("10.0.2.2:%d", port), fmt.Sprintf("[fd00::2]:%d", port)} {
