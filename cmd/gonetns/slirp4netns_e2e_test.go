@@ -450,8 +450,21 @@ exec %s`, host.port, e2etest.HelperCmd(t, "peer-serve", "tcp4,0.0.0.0:8000"))
 				}
 			}
 			// RootlessKit's auto-detection found the flags in the help.
-			if procs := strings.Join(gonetnsProcesses(t, r, slirp), "\n"); !strings.Contains(procs, "--enable-sandbox --enable-seccomp") || !strings.Contains(procs, "-r 3") {
-				t.Errorf("gonetns as RootlessKit runs it:\n%s", procs)
+			procs := gonetnsProcesses(t, r, slirp)
+			if all := strings.Join(procs, "\n"); !strings.Contains(all, "--enable-sandbox --enable-seccomp") || !strings.Contains(all, "-r 3") {
+				t.Errorf("gonetns as RootlessKit runs it:\n%s", all)
+			}
+			// And the network process confines itself as asked.
+			confined := false
+			for _, p := range procs {
+				pid, cmdline, _ := strings.Cut(p, ": ")
+				status, _ := os.ReadFile("/proc/" + pid + "/status")
+				if strings.Contains(cmdline, "--enable-seccomp") && strings.Contains(string(status), "Seccomp:\t2\n") && strings.Contains(string(status), "NoNewPrivs:\t1\n") {
+					confined = true
+				}
+			}
+			if !confined {
+				t.Errorf("no gonetns process run with --enable-sandbox --enable-seccomp has a seccomp filter:\n%s", strings.Join(procs, "\n"))
 			}
 			cmd.Process.Signal(syscall.SIGTERM)
 			cmd.Wait()
