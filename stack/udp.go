@@ -271,14 +271,10 @@ func (u *UDPPath) Write(b []byte) (int, error) {
 	if len(b) > MaxPayload {
 		return 0, fmt.Errorf("stack: %d-byte datagram: %w", len(b), errTooLong)
 	}
-	u.mu.Lock()
-	r := u.route
-	if r == nil {
-		u.mu.Unlock()
-		return 0, errPathClosed
+	r, err := u.acquire()
+	if err != nil {
+		return 0, err
 	}
-	r.Acquire()
-	u.mu.Unlock()
 	defer r.Release()
 
 	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{
@@ -306,6 +302,18 @@ func (u *UDPPath) Write(b []byte) (int, error) {
 }
 
 var errTooLong = errors.New("too long for UDP")
+
+// acquire returns the path's route, held for the caller to Release, or
+// errPathClosed after Close.
+func (u *UDPPath) acquire() (*stack.Route, error) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.route == nil {
+		return nil, errPathClosed
+	}
+	u.route.Acquire()
+	return u.route, nil
+}
 
 // Unreachable tells the sandbox that a datagram of this path did not get
 // through, for the error err the host's socket reported for it:
@@ -335,14 +343,10 @@ func (u *UDPPath) Unreachable(err error) error {
 	default:
 		return err
 	}
-	u.mu.Lock()
-	r := u.route
-	if r == nil {
-		u.mu.Unlock()
-		return errPathClosed
+	r, err := u.acquire()
+	if err != nil {
+		return err
 	}
-	r.Acquire()
-	u.mu.Unlock()
 	defer r.Release()
 
 	// The quoted datagram: what the sandbox sent, from remote to local,

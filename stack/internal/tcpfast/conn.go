@@ -552,6 +552,12 @@ func (c *conn) probe(s *segment) bool {
 	return seqLT(s.seq, c.rcvNxt) || seqLT(c.rcvRight, s.seq)
 }
 
+// refusedHeld reports whether the queue holds in-order bytes, the next the
+// host socket is to take: bytes it refused (only they wait in order).
+func (c *conn) refusedHeld() bool {
+	return len(c.queue) > 0 && !seqLT(c.rcvNxt, c.queue[0].seq)
+}
+
 // holdACK delays the ACK due (see ackDelay).
 func (c *conn) holdACK() {
 	if c.ackIsHeld() {
@@ -711,7 +717,7 @@ func (c *conn) dataIn(s *segment) bool {
 			return true
 		}
 	}
-	if seq == c.rcvNxt && len(c.queue) > 0 && !seqLT(c.rcvNxt, c.queue[0].seq) {
+	if seq == c.rcvNxt && c.refusedHeld() {
 		// Bytes the host socket refused, sent again: the sandbox
 		// waited for their ACK. See window.
 		c.stalled = true
@@ -958,7 +964,7 @@ func (c *conn) room(fresh bool) int {
 // (Linux) would wait for a zero window to open while we wait for the
 // hole.
 func (c *conn) window() uint16 {
-	if c.stalled && len(c.queue) > 0 && !seqLT(c.rcvNxt, c.queue[0].seq) {
+	if c.stalled && c.refusedHeld() {
 		// The host has stopped taking bytes and the sandbox resends
 		// them: a window left open made it count every resend towards
 		// giving the connection up (ETIMEDOUT after tcp_retries2, some
