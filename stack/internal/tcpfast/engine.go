@@ -866,13 +866,13 @@ func (e *Engine) Describe() string {
 		if !c.lastProgress.IsZero() {
 			progress = time.Since(c.lastProgress).Round(time.Millisecond).String() + " ago"
 		}
-		fmt.Fprintf(&b, "%v -> %v: %s fd %d; from the sandbox: rcvNxt %d rcvRight +%d queued %d in %d chunks finRcvd %t wndSmall %t lastWnd %d roomEst %d sndbuf %d ackDue %t; to the sandbox: sndUna %d sndNxt +%d sndMax +%d sndWnd %d rdSeq -%d readable %t rdhup %t hostEOF %t finSeq +%d dupAcks %d inRecovery %t backoff %d timerOn %t; last progress %s\n",
+		fmt.Fprintf(&b, "%v -> %v: %s fd %d; from the sandbox: rcvNxt %d wrNxt -%d rcvRight +%d queued %d in %d chunks finRcvd %t wndSmall %t lastWnd %d roomEst %d sndbuf %d ackDue %t; to the sandbox: sndUna %d sndNxt +%d sndMax +%d sndWnd %d rdSeq -%d readable %t rdhup %t hostEOF %t finSeq +%d dupAcks %d inRecovery %t backoff %d timerOn %t; last progress %s\n",
 			c.k.src, c.k.dst, stateNames[c.state], c.fd,
-			c.rcvNxt, c.rcvRight-c.rcvNxt, c.queued, len(c.queue), c.finRcvd, c.wndSmall, c.lastWnd, c.roomEst, c.sndbuf, c.ackIsHeld(),
+			c.rcvNxt, c.rcvNxt-c.wrNxt, c.rcvRight-c.rcvNxt, c.queued, len(c.queue), c.finRcvd, c.wndSmall, c.lastWnd, c.roomEst, c.sndbuf, c.ackIsHeld(),
 			c.sndUna, c.sndNxt-c.sndUna, c.sndMax-c.sndUna, c.sndWnd, c.sndUna-c.rdSeq, c.hostReadable, c.rdhup, c.hostEOF, c.finSeq-c.sndUna,
 			c.dupAcks, c.inRecovery, c.backoff, c.timerOn, progress)
 		for _, k := range c.queue {
-			fmt.Fprintf(&b, "\tchunk +%d..+%d fin %t\n", k.seq-c.rcvNxt, k.end()-c.rcvNxt, k.fin)
+			fmt.Fprintf(&b, "\tchunk %+d..%+d fin %t\n", int32(k.seq-c.rcvNxt), int32(k.end()-c.rcvNxt), k.fin)
 		}
 		c.mu.Unlock()
 	}

@@ -83,6 +83,9 @@ type fuzzHarness struct {
 	received  atomic.Int64                // bytes the sink read
 	pureACKs  atomic.Int64                // segments without data or flags but ACK the engine sent
 	lastACK   atomic.Uint32               // the acknowledgement number of the last of them
+	lastWnd   atomic.Uint32               // and its window field
+	repeats   atomic.Int64                // pure ACKs the same as the one before them (acknowledgement and window)
+	paused    atomic.Bool                 // the sink does not read while set
 	resets    atomic.Int64                // RST segments the engine sent
 	sinkConn  atomic.Pointer[net.TCPConn] // the host's end, once accepted
 	wg        sync.WaitGroup
@@ -130,6 +133,9 @@ func newHarnessGreeted(t *testing.T, greeting []byte, greetedFirst bool) *fuzzHa
 		buf := make([]byte, 64<<10)
 		seq := h.irs + 1
 		for {
+			for h.paused.Load() {
+				time.Sleep(time.Millisecond)
+			}
 			n, err := c.Read(buf)
 			h.received.Add(int64(n))
 			for _, b := range buf[:n] {
@@ -180,6 +186,8 @@ func newHarnessGreeted(t *testing.T, greeting []byte, greetedFirst bool) *fuzzHa
 	go func() { // what the engine sends: the SYN-ACK's number, then nothing of interest
 		defer h.wg.Done()
 		buf := make([]byte, 70000)
+		var prevACK uint32
+		var prevWnd uint16
 		for {
 			n, err := sandboxSide.Read([][]byte{buf})
 			if err != nil {
@@ -191,7 +199,12 @@ func newHarnessGreeted(t *testing.T, greeting []byte, greetedFirst bool) *fuzzHa
 			}
 			tcp := header.TCP(f[34:])
 			if tcp.Flags()&^flagPSH == flagACK && int(header.IPv4(f[14:]).TotalLength()) == 20+int(tcp.DataOffset()) {
+				if h.pureACKs.Load() > 0 && tcp.AckNumber() == prevACK && tcp.WindowSize() == prevWnd {
+					h.repeats.Add(1)
+				}
+				prevACK, prevWnd = tcp.AckNumber(), tcp.WindowSize()
 				h.lastACK.Store(tcp.AckNumber())
+				h.lastWnd.Store(uint32(tcp.WindowSize()))
 				h.pureACKs.Add(1)
 			}
 			if tcp.Flags()&flagRST != 0 {
@@ -282,6 +295,7 @@ func (h *fuzzHarness) waitConn(cond func(*conn) bool) *conn {
 }
 
 func (h *fuzzHarness) close() {
+	h.paused.Store(false)
 	h.e.Close()
 	h.sink.Close()
 	h.sandbox.Close()
@@ -487,4 +501,66 @@ func TestOutOfOrderFINIsSACKed(t *testing.T) {
 	if got := sack(); len(got) != 0 {
 		t.Errorf("SACK blocks once nothing is held: %v", got)
 	}
+}
+
+// TestHeldBytesAcknowledged: bytes the host socket has no room for (its
+// reader paused) are kept and acknowledged at once, so that the sandbox
+// does not send them again as lost; the window closes by what is kept,
+// the FIN behind them is acknowledged too, and once the host reads again
+// it gets every byte in order, then the FIN, with no window update that
+// repeats the one before it (a duplicate ACK to the sandbox).
+func TestHeldBytesAcknowledged(t *testing.T) {
+	h := newFuzzHarness(t)
+	defer h.close()
+	h.paused.Store(true)
+	c := h.waitConn(func(c *conn) bool { return c.state == stEstablished })
+	if c == nil {
+		t.Fatal("no connection")
+	}
+	locked := func(f func()) {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		f()
+	}
+	seq := h.irs + 1
+	for range 64 << 20 / 1400 {
+		var right uint32
+		locked(func() { right = c.rcvRight })
+		if !seqLT(seq, right) {
+			break
+		}
+		n := min(1400, int(right-seq))
+		h.send(flagACK|flagPSH, seq, h.iss+1, 65535, n, false)
+		seq += uint32(n)
+	}
+	sent := int64(seq - h.irs - 1)
+	if !waitFor(func() bool { return h.lastACK.Load() == seq }) {
+		t.Fatalf("%d of %d bytes acknowledged; want all: the engine kept them", h.lastACK.Load()-h.irs-1, sent)
+	}
+	var held uint32
+	locked(func() { held = uint32(c.queued) })
+	if held == 0 {
+		t.Fatalf("the host socket took all %d bytes: the test held none back", sent)
+	}
+	if w := h.lastWnd.Load(); w != 0 {
+		t.Errorf("window %d with the sandbox's bytes filling it; want 0", w)
+	}
+	h.send(flagACK|flagFIN, seq, h.iss+1, 65535, 0, false)
+	if !waitFor(func() bool { return h.lastACK.Load() == seq+1 }) {
+		t.Fatalf("the FIN behind %d held bytes is not acknowledged (ACK %d of %d)", held, h.lastACK.Load()-h.irs-1, sent+1)
+	}
+	repeats := h.repeats.Load()
+	h.paused.Store(false)
+	select {
+	case <-h.sinkDone:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the host read %d of %d bytes and no FIN", h.received.Load(), sent)
+	}
+	if got := h.received.Load(); got != sent {
+		t.Fatalf("the host got %d bytes; want %d", got, sent)
+	}
+	if r := h.repeats.Load() - repeats; r > 0 {
+		t.Errorf("%d window updates repeated the ACK before them while the queue drained", r)
+	}
+	t.Logf("%d bytes sent, %d of them held when the window closed", sent, held)
 }
