@@ -149,14 +149,15 @@ type connState struct {
 	sndWS        uint8
 	mss          int
 	sackOK       bool
-	tsOK         bool   // timestamps (RFC 7323) on: every segment carries one
-	tsRecent     uint32 // the sandbox's timestamp to echo
-	peekOff      bool   // the socket's SO_PEEK_OFF is on and tracks sndNxt
-	hostReadable bool   // the socket may have bytes not sent yet
-	rdhup        bool   // the host has shut its writing (FIN seen by the kernel)
-	hostErr      error  // the host socket's error (its peer's reset): the sandbox gets it after the bytes before it
-	stalled      bool   // in-order bytes found no room in the queue while the host socket refuses bytes: the window is 0 until it takes them
-	hostEOF      bool   // every byte up to finSeq is known: finSeq is the FIN's
+	tsOK         bool      // timestamps (RFC 7323) on: every segment carries one
+	tsRecent     uint32    // the sandbox's timestamp to echo
+	peekOff      bool      // the socket's SO_PEEK_OFF is on and tracks sndNxt
+	hostReadable bool      // the socket may have bytes not sent yet
+	rdhup        bool      // the host has shut its writing (FIN seen by the kernel)
+	hostErr      error     // the host socket's error (its peer's reset): the sandbox gets it after the bytes before it
+	resetAt      time.Time // a host reset waits until then: earlyResetHold after the handshake
+	stalled      bool      // in-order bytes found no room in the queue while the host socket refuses bytes: the window is 0 until it takes them
+	hostEOF      bool      // every byte up to finSeq is known: finSeq is the FIN's
 	finSeq       uint32
 	dupAcks      int
 	inRecovery   bool
@@ -632,9 +633,37 @@ func (c *conn) established() {
 	c.sndUna = c.iss + 1 // the SYN is acknowledged
 	c.rdSeq = c.sndUna
 	c.disarm()
+	c.resetAt = time.Now().Add(earlyResetHold)
 	c.e.mu.Lock()
 	c.e.halfOpen.remove(c)
 	c.e.mu.Unlock()
+}
+
+// earlyResetHold is how soon after the handshake a host's reset may reach
+// the sandbox. Dialling first, the engine completes the sandbox's
+// handshake only once the host has accepted, and a server that turns a
+// client away (MySQL's "too many connections", "421 too busy") greets and
+// resets by then or just after: sent at once, the reset reached the
+// sandbox's kernel before its program returned from connect, which then
+// failed with ECONNRESET, where a local client's connect succeeds and its
+// read gets the greeting, then the reset (a blocking connect against a
+// server that accepts, greets and resets, 30 tries: 2-10 failed in the
+// sandbox, none on the host). Across a network the reset comes a round
+// trip after the handshake at least.
+const earlyResetHold = 10 * time.Millisecond
+
+// holdReset reports whether the host's reset is to wait (resetAt), and
+// sets the timer for it.
+func (c *conn) holdReset() bool {
+	if c.resetAt.IsZero() {
+		return false
+	}
+	d := time.Until(c.resetAt)
+	if d <= 0 {
+		return false
+	}
+	c.arm(d)
+	return true
 }
 
 // ackIn processes the acknowledgement and window of s; false if s is to
@@ -1184,10 +1213,18 @@ func (c *conn) push(t *tx) bool {
 			c.sendData(t, c.sndNxt, nil, flagFIN|flagACK)
 			c.sndNxt++
 			c.sndMax = seqMax(c.sndMax, c.sndNxt)
-			return true
+			sent = true
+			continue // a reset behind it
 		}
 		if c.hostEOF && seqLT(c.finSeq, c.sndNxt) {
-			return sent // everything, the FIN too, is out
+			// Everything, the FIN too, is out. A host that resets after
+			// its FIN (it closed, then got bytes: its kernel resets)
+			// resets the sandbox too, which would otherwise end in a
+			// clean close, its last bytes lost without an error.
+			if c.hostErr != nil && !c.holdReset() {
+				c.reset(c.hostErr)
+			}
+			return sent
 		}
 		resend := seqLT(c.sndNxt, c.sndMax)
 		if !c.hostReadable && !resend {
@@ -1223,7 +1260,9 @@ func (c *conn) push(t *tx) bool {
 		case c.hostErr != nil && (n == 0 || errors.Is(err, unix.EAGAIN)):
 			// Every byte the host sent is out: the stream ends in
 			// the host's reset, not a FIN.
-			c.reset(c.hostErr)
+			if !c.holdReset() {
+				c.reset(c.hostErr)
+			}
 			return sent
 		case errors.Is(err, unix.EAGAIN):
 			if c.rdhup && !resend {
@@ -1389,6 +1428,10 @@ func (c *conn) onTimer() {
 		c.e.write(t, &c.ends, fields{flags: flagACK, seq: c.sndUna - 1, ack: c.rcvNxt, wnd: c.window(), opts: c.options(t)}, nil, c.mss)
 		c.backoff = min(c.backoff+1, maxBackoff)
 		c.arm(c.rto())
+		return
+	}
+	if c.hostErr != nil {
+		c.push(t) // the host's reset, held (holdReset)
 	}
 }
 

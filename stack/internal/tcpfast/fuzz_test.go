@@ -435,12 +435,16 @@ func TestGreetingThenReset(t *testing.T) {
 		t.Fatal("a connect that completed before the host's reset was refused")
 	}
 	h.send(flagACK, h.irs+1, h.iss+1, 65535, 0, false) // the handshake completes
+	acked := time.Now()
 	if !waitFor(func() bool {
 		c.mu.Lock()
 		defer c.mu.Unlock()
 		return c.state == stClosed
 	}) {
 		t.Fatal("the host's reset never reached the sandbox")
+	}
+	if d := time.Since(acked); d < earlyResetHold {
+		t.Errorf("the reset went %v after the handshake; want it held %v, so that the sandbox's program returns from connect first", d, earlyResetHold)
 	}
 	if c.sndMax != c.iss+1+uint32(len(greeting)) {
 		t.Errorf("%d bytes went to the sandbox before the reset, want the %d of the greeting", c.sndMax-c.iss-1, len(greeting))
@@ -563,4 +567,42 @@ func TestHeldBytesAcknowledged(t *testing.T) {
 		t.Errorf("%d window updates repeated the ACK before them while the queue drained", r)
 	}
 	t.Logf("%d bytes sent, %d of them held when the window closed", sent, held)
+}
+
+// TestResetAfterFIN: a host that resets after its FIN (it closed, then got
+// bytes, and its kernel reset them) resets the sandbox too, once the FIN
+// is out, rather than leaving it a clean close with its last bytes lost;
+// also when the FIN and the reset come in one poll.
+func TestResetAfterFIN(t *testing.T) {
+	for _, together := range []bool{false, true} {
+		h := newFuzzHarness(t)
+		c := h.waitConn(func(c *conn) bool { return c.state == stEstablished })
+		if c == nil || !waitFor(func() bool { return h.sinkConn.Load() != nil }) {
+			h.close()
+			t.Fatal("no connection")
+		}
+		sink := h.sinkConn.Load()
+		sink.Write([]byte("bye"))
+		sink.CloseWrite()
+		if !together && !waitFor(func() bool {
+			c.mu.Lock()
+			defer c.mu.Unlock()
+			return c.hostEOF && seqLT(c.finSeq, c.sndNxt)
+		}) {
+			h.close()
+			t.Fatal("the host's FIN never went to the sandbox")
+		}
+		sink.SetLinger(0)
+		sink.Close()
+		if !waitFor(func() bool { return h.resets.Load() == 1 }) {
+			t.Errorf("together %t: %d resets sent after the host's FIN and reset; want 1", together, h.resets.Load())
+		}
+		c.mu.Lock()
+		fin := c.hostEOF && seqLT(c.finSeq, c.sndNxt)
+		c.mu.Unlock()
+		if !fin {
+			t.Errorf("together %t: the reset went without the FIN before it", together)
+		}
+		h.close()
+	}
 }
