@@ -486,16 +486,23 @@ func (c *conn) input(s *segment) {
 		c.established()
 	}
 
+	t := c.e.txPool.Get().(*tx)
+	defer c.e.txPool.Put(t)
 	if s.has(flagRST) {
-		// In the window is enough: the sandbox's kernel is the only
-		// one on this link.
-		if seqLEQ(c.rcvNxt, s.seq) && seqLT(s.seq, c.rcvRight+1) {
+		// RFC 5961, 3.2, as Linux: a reset at the next sequence number
+		// ends the connection; one elsewhere in the window gets a
+		// challenge ACK, which the sandbox's kernel answers with a
+		// reset at the number it acknowledges, if it has indeed lost
+		// the connection. Any reset in the window used to end it: one
+		// frame with a guessed number reset a live connection.
+		switch {
+		case s.seq == c.rcvNxt:
 			c.close(true)
+		case seqLT(c.rcvNxt, s.seq) && seqLEQ(s.seq, c.rcvRight):
+			c.sendACK(t)
 		}
 		return
 	}
-	t := c.e.txPool.Get().(*tx)
-	defer c.e.txPool.Put(t)
 	if s.has(flagSYN) || !s.has(flagACK) {
 		c.sendACK(t) // a challenge: the sandbox resets if it lost this connection
 		return
@@ -1461,6 +1468,12 @@ func (c *conn) reset(err error) {
 	if err != nil && c.e.log.Enabled(context.Background(), slog.LevelDebug) {
 		c.e.log.Debug("tcp fast path: connection reset", "src", c.k.src, "dst", c.k.dst, "err", err)
 	}
+	c.sendReset()
+	c.close(true)
+}
+
+// sendReset sends the sandbox a reset of the connection.
+func (c *conn) sendReset() {
 	t := c.e.txPool.Get().(*tx)
 	f := fields{flags: flagRST | flagACK, seq: c.sndNxt, ack: c.rcvNxt}
 	if c.state == stConnecting {
@@ -1468,7 +1481,6 @@ func (c *conn) reset(err error) {
 	}
 	c.e.write(t, &c.ends, f, nil, c.mss)
 	c.e.txPool.Put(t)
-	c.close(true)
 }
 
 // close releases the connection: the host socket is closed (with a reset
@@ -1507,6 +1519,34 @@ func (c *conn) close(abort bool) {
 		c.done()
 		c.done = nil
 	}
+}
+
+// closeOnExit ends the connection as the engine stops (the sandbox's
+// command has exited, or the network process is told to stop). What the
+// sandbox sent and was acknowledged is the host's to get, as a local
+// program's bytes are when it exits: an established connection whose
+// queue the host socket takes whole is closed as an exiting program's
+// socket is, its kernel sending what is left, then a FIN (a reset, should
+// the host's unread bytes still be there: they are dropped first). The
+// rest are reset. Every connection used to be reset: a program inside
+// that wrote 2 MB to a server reading late, closed and exited had its
+// bytes dropped from the host socket's queue (the server got some 128
+// KB, then ECONNRESET). The sandbox gets a reset either way.
+func (c *conn) closeOnExit() {
+	if c.state == stEstablished && len(c.queue) > 0 {
+		c.flush()
+	}
+	if c.state != stEstablished || len(c.queue) > 0 {
+		c.reset(nil)
+		return
+	}
+	for {
+		if n, err := rawconn.Discard(c.fd, 1<<30); n <= 0 || err != nil {
+			break
+		}
+	}
+	c.sendReset()
+	c.close(false)
 }
 
 // trimParts drops the first n bytes of parts.

@@ -3,6 +3,7 @@ package tcpfast
 import (
 	"encoding/binary"
 	"errors"
+	"io"
 	"net"
 	"net/netip"
 	"slices"
@@ -86,6 +87,7 @@ type fuzzHarness struct {
 	lastWnd   atomic.Uint32               // and its window field
 	repeats   atomic.Int64                // pure ACKs the same as the one before them (acknowledgement and window)
 	paused    atomic.Bool                 // the sink does not read while set
+	sinkErr   atomic.Value                // error: how the sink's reading ended (io.EOF for a FIN)
 	resets    atomic.Int64                // RST segments the engine sent
 	sinkConn  atomic.Pointer[net.TCPConn] // the host's end, once accepted
 	wg        sync.WaitGroup
@@ -145,6 +147,7 @@ func newHarnessGreeted(t *testing.T, greeting []byte, greetedFirst bool) *fuzzHa
 				seq++
 			}
 			if err != nil {
+				h.sinkErr.Store(err)
 				return
 			}
 		}
@@ -245,7 +248,7 @@ func (h *fuzzHarness) segment(cmd []byte) {
 // send writes a TCP segment from the sandbox to the engine, with the
 // virtio-net header (so checksums are the kernel's business) and waits
 // until the engine has handled it.
-func (h *fuzzHarness) send(flags header.TCPFlags, seq, ack uint32, wnd uint16, n int, opts bool) {
+func (h *fuzzHarness) send(flags header.TCPFlags, seq, ack uint32, wnd uint16, n int, opts bool) (taken bool) {
 	var o []byte
 	if flags&flagSYN != 0 {
 		o = []byte{header.TCPOptionMSS, 4, 5, 0xb4, header.TCPOptionNOP, header.TCPOptionWS, 3, 7,
@@ -272,7 +275,7 @@ func (h *fuzzHarness) send(flags header.TCPFlags, seq, ack uint32, wnd uint16, n
 	}
 	// The engine handles the frame on the caller's goroutine, as on the
 	// reader's: when Handle returns, it is done with it.
-	h.e.Handle(frame[:tap.VNetHdrLen], b, nil)
+	return h.e.Handle(frame[:tap.VNetHdrLen], b, nil)
 }
 
 // waitConn waits until the harness's connection exists and cond, called
@@ -607,5 +610,91 @@ func TestResetAfterFIN(t *testing.T) {
 			t.Errorf("together %t: the reset went without the FIN before it", together)
 		}
 		h.close()
+	}
+}
+
+// TestSYNWithFINOrRSTDropped: a SYN with a FIN or a reset, which no TCP
+// sends, is dropped, neither dialled nor handed to the stack (whose
+// forwarder dialled it as a SYN, past the cap of half-open connections).
+func TestSYNWithFINOrRSTDropped(t *testing.T) {
+	h := newFuzzHarness(t)
+	defer h.close()
+	opened := h.e.Stats().Opened
+	for i, flags := range []header.TCPFlags{flagSYN | flagFIN, flagSYN | flagRST, flagSYN | flagFIN | flagACK} {
+		h.src = netip.AddrPortFrom(h.src.Addr(), uint16(41000+i))
+		if !h.send(flags, 5000, 0, 65535, 0, false) {
+			t.Errorf("%v went on to the stack; want it dropped", flags)
+		}
+		if h.e.lookup(key{h.src, h.dst}) != nil {
+			t.Errorf("%v opened a connection", flags)
+		}
+	}
+	if o := h.e.Stats().Opened; o != opened {
+		t.Errorf("%d connections opened; want none", o-opened)
+	}
+}
+
+// TestResetOutOfPlace: a reset in the window but not at the next
+// sequence number gets a challenge ACK and leaves the connection be
+// (RFC 5961, 3.2); one at the next sequence number ends it.
+func TestResetOutOfPlace(t *testing.T) {
+	h := newFuzzHarness(t)
+	defer h.close()
+	c := h.waitConn(func(c *conn) bool { return c.state == stEstablished })
+	if c == nil {
+		t.Fatal("no connection")
+	}
+	state := func() int {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.state
+	}
+	acks := h.pureACKs.Load()
+	h.send(flagRST|flagACK, h.irs+1+1000, h.iss+1, 65535, 0, false)
+	if state() == stClosed {
+		t.Fatal("a reset 1000 past the next sequence number ended the connection")
+	}
+	if !waitFor(func() bool { return h.pureACKs.Load() == acks+1 }) || h.lastACK.Load() != h.irs+1 {
+		t.Errorf("no challenge ACK of %d for the reset out of place (%d ACKs, the last of %d)", h.irs+1, h.pureACKs.Load()-acks, h.lastACK.Load())
+	}
+	h.send(flagRST, h.irs+1, 0, 65535, 0, false)
+	if state() != stClosed {
+		t.Error("a reset at the next sequence number left the connection open")
+	}
+}
+
+// TestEngineCloseDeliversAcknowledged: as the engine stops (the sandbox's
+// command has exited), bytes it acknowledged to the sandbox and wrote to
+// the host socket still reach the host, then a FIN, as a local program's
+// do when it exits; they were dropped with a reset.
+func TestEngineCloseDeliversAcknowledged(t *testing.T) {
+	h := newFuzzHarness(t)
+	defer h.close()
+	c := h.waitConn(func(c *conn) bool { return c.state == stEstablished })
+	if c == nil {
+		t.Fatal("no connection")
+	}
+	h.paused.Store(true)
+	seq := h.irs + 1
+	for range 100 {
+		h.send(flagACK|flagPSH, seq, h.iss+1, 65535, 1000, false)
+		seq += 1000
+	}
+	sent := int64(seq - h.irs - 1)
+	if !waitFor(func() bool { return h.lastACK.Load() == seq }) {
+		t.Fatalf("%d of %d bytes acknowledged", h.lastACK.Load()-h.irs-1, sent)
+	}
+	h.e.Close()
+	h.paused.Store(false)
+	select {
+	case <-h.sinkDone:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the host read %d of %d bytes and no end", h.received.Load(), sent)
+	}
+	if got := h.received.Load(); got != sent {
+		t.Errorf("the host got %d of the %d bytes acknowledged", got, sent)
+	}
+	if err, _ := h.sinkErr.Load().(error); err != io.EOF {
+		t.Errorf("the host's reading ended with %v; want EOF (a FIN)", err)
 	}
 }
