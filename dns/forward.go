@@ -37,6 +37,9 @@ type forwarder struct {
 	// down is set once every upstream has failed a query and the warning
 	// has been logged, so it is logged once per outage, not per query.
 	down atomic.Bool
+	// refusedSaid is set once an answer REFUSED by every upstream that
+	// answered has been passed on and noted in the log (once per run).
+	refusedSaid atomic.Bool
 }
 
 // handle answers query, which arrived on transport tr (udp or tcp). It
@@ -149,10 +152,14 @@ type result struct {
 // next one runs, and the first good answer wins. NXDOMAIN, NODATA and
 // every other rcode count as answers.
 //
-// When no upstream gave a usable answer, the client gets SERVFAIL: the
-// last upstream SERVFAIL as is if there was one (it may carry an extended
-// DNS error), else an error from resolve, which the caller turns into its
-// own SERVFAIL.
+// When no upstream gave a usable answer, the client gets the last
+// upstream SERVFAIL as is if there was one (it may carry an extended DNS
+// error), else the last REFUSED as is (a resolver that refuses a name, a
+// class or a kind of query: the client sees what a program on the host
+// sees, not SERVFAIL), else an error from resolve, which the caller turns
+// into its own SERVFAIL. Only that last case is an outage (markDown): a
+// REFUSED used to count as one, so that each refused name logged a
+// warning that every name would fail, and the next answer its end.
 func (f *forwarder) resolve(ctx context.Context, query []byte, q mdns.Question, tr string) ([]byte, header, netip.AddrPort, error) {
 	parent := ctx
 	ctx, cancel := context.WithTimeout(ctx, f.timeout)
@@ -182,6 +189,7 @@ func (f *forwarder) resolve(ctx context.Context, query []byte, q mdns.Question, 
 
 	var (
 		servfail *result // the last SERVFAIL answer
+		refused  *result // the last REFUSED answer
 		errs     []error
 	)
 wait:
@@ -194,7 +202,7 @@ wait:
 				case mdns.RcodeServerFailure:
 					servfail = &r
 				case mdns.RcodeRefused:
-					errs = append(errs, fmt.Errorf("%s: answered REFUSED", r.upstream))
+					refused = &r
 				default:
 					f.markUp()
 					return r.reply, r.hdr, r.upstream, nil
@@ -218,6 +226,15 @@ wait:
 	if servfail != nil {
 		f.markUp() // reachable, if unhelpful
 		return servfail.reply, servfail.hdr, servfail.upstream, nil
+	}
+	if refused != nil {
+		f.markUp()
+		if f.refusedSaid.CompareAndSwap(false, true) {
+			f.log.Info("dns: the upstream resolvers refused a query; the sandbox gets their REFUSED as a program on the host would. "+
+				"If they refuse every query from this host, choose others with --dns-upstream=IP[:PORT]",
+				slog.String("upstream", refused.upstream.String()), slog.String("name", q.Name))
+		}
+		return refused.reply, refused.hdr, refused.upstream, nil
 	}
 	if parent.Err() != nil {
 		return nil, header{}, netip.AddrPort{}, parent.Err()
@@ -265,15 +282,14 @@ func (f *forwarder) try(ctx context.Context, up netip.AddrPort, query []byte, q 
 	return reply, h, nil
 }
 
-// markDown logs, once per outage, that no upstream answers (or every one
-// refuses).
+// markDown logs, once per outage, that no upstream answers.
 func (f *forwarder) markDown(err error) {
 	if f.down.CompareAndSwap(false, true) {
 		ups := make([]string, len(f.upstreams))
 		for i, u := range f.upstreams {
 			ups[i] = u.String()
 		}
-		f.log.Warn("dns: no upstream resolver answered (or all refused); the sandbox gets SERVFAIL for every name until one does. "+
+		f.log.Warn("dns: no upstream resolver answered; the sandbox gets SERVFAIL for every name until one does. "+
 			"Check that these resolvers are reachable from the host, or choose others with --dns-upstream=IP[:PORT]",
 			slog.Any("upstreams", ups), slog.Duration("budget", f.timeout), slog.Any("error", err))
 	}

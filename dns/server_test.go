@@ -370,12 +370,20 @@ func TestFailover(t *testing.T) {
 		b := startUpstream(t, rcodeHandler(mdns.RcodeRefused))
 		logs := &recordHandler{}
 		srv := startServer(t, Config{Upstreams: []netip.AddrPort{a.addr, b.addr}, Logger: slog.New(logs)})
-		r := exchange(t, "udp", srv.udp, query("a.example.", mdns.TypeA))
-		if r.Rcode != mdns.RcodeServerFailure {
-			t.Fatalf("rcode %s, want SERVFAIL", rcodeString(r.Rcode))
+		for range 3 {
+			r := exchange(t, "udp", srv.udp, query("a.example.", mdns.TypeA))
+			if r.Rcode != mdns.RcodeRefused {
+				t.Fatalf("rcode %s, want their REFUSED, as a program on the host gets", rcodeString(r.Rcode))
+			}
 		}
-		if n := logs.count(slog.LevelWarn); n != 1 {
-			t.Errorf("%d warnings, want 1 naming the refusing upstreams", n)
+		if len(a.queries()) != 3 || len(b.queries()) != 3 {
+			t.Errorf("upstreams saw %d and %d queries, want 3 each", len(a.queries()), len(b.queries()))
+		}
+		if n := logs.count(slog.LevelWarn); n != 0 {
+			t.Errorf("%d warnings of an outage; want none: the upstreams answer", n)
+		}
+		if n := logs.count(slog.LevelInfo); n != 1 {
+			t.Errorf("%d notes of the refusal, want 1 for the run", n)
 		}
 	})
 }
