@@ -1,6 +1,7 @@
 package stack
 
 import (
+	"encoding/binary"
 	"errors"
 	"math/rand/v2"
 	"net/netip"
@@ -127,8 +128,70 @@ func (r *EchoRequest) Reply(seq uint16, data []byte) error {
 		copy(icmp.Payload(), data)
 		icmp.SetChecksum(header.ICMPv6Checksum(header.ICMPv6ChecksumParams{Header: icmp[:header.ICMPv6EchoMinimumSize], Src: src, Dst: dst, PayloadCsum: checksum.Checksum(data, 0), PayloadLen: len(data)}))
 	}
-	if terr := s.WritePacketToRemote(nicID, r.srcMAC, proto, buffer.MakeWithData(pkt)); terr != nil {
-		return Err(terr)
+	for _, f := range fragments(pkt, int(r.st.cfg.MTU), r.Src.Is4()) {
+		if terr := s.WritePacketToRemote(nicID, r.srcMAC, proto, buffer.MakeWithData(f)); terr != nil {
+			return Err(terr)
+		}
 	}
 	return nil
+}
+
+// fragments splits the IP packet pkt (IPv4 when v4, else IPv6; a header
+// without options or extensions) into fragments that fit mtu, as a host
+// sends an echo reply larger than its link's MTU. Whole, such a reply
+// reached the sandbox over a TAP, whose kernel takes a frame past the
+// MTU, but never over the packet link's veth, which drops it: a ping of
+// 1473 bytes or more at MTU 1500 lost every reply there, with no error.
+func fragments(pkt []byte, mtu int, v4 bool) [][]byte {
+	if len(pkt) <= mtu {
+		return [][]byte{pkt}
+	}
+	hl := header.IPv6MinimumSize
+	if v4 {
+		hl = header.IPv4MinimumSize
+	}
+	payload := pkt[hl:]
+	most := (mtu - hl) &^ 7
+	if !v4 {
+		most = (mtu - hl - header.IPv6FragmentHeaderSize) &^ 7
+	}
+	id := rand.Uint32()
+	var out [][]byte
+	for off := 0; off < len(payload); off += most {
+		chunk := payload[off:min(off+most, len(payload))]
+		more := off+len(chunk) < len(payload)
+		if v4 {
+			f := make([]byte, hl+len(chunk))
+			copy(f, pkt[:hl])
+			copy(f[hl:], chunk)
+			ip := header.IPv4(f)
+			ip.SetTotalLength(uint16(len(f)))
+			flags := uint8(0)
+			if more {
+				flags = header.IPv4FlagMoreFragments
+			}
+			ip.SetFlagsFragmentOffset(flags, uint16(off))
+			ip.SetChecksum(0)
+			ip.SetChecksum(^ip.CalculateChecksum())
+			out = append(out, f)
+			continue
+		}
+		f := make([]byte, hl+header.IPv6FragmentHeaderSize+len(chunk))
+		copy(f, pkt[:hl])
+		ip := header.IPv6(f)
+		ip.SetNextHeader(uint8(header.IPv6FragmentHeader))
+		ip.SetPayloadLength(uint16(header.IPv6FragmentHeaderSize + len(chunk)))
+		fh := f[hl : hl+header.IPv6FragmentHeaderSize]
+		fh[0] = uint8(header.ICMPv6ProtocolNumber)
+		fh[1] = 0
+		m := uint16(0)
+		if more {
+			m = 1
+		}
+		binary.BigEndian.PutUint16(fh[2:], uint16(off)|m) // offset in 8-byte units, shifted by 3
+		binary.BigEndian.PutUint32(fh[4:], id)
+		copy(f[hl+header.IPv6FragmentHeaderSize:], chunk)
+		out = append(out, f)
+	}
+	return out
 }

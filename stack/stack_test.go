@@ -12,12 +12,14 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/gonetns/gonetns/stack"
 	"github.com/gonetns/gonetns/stack/stacktest"
+	"github.com/gonetns/gonetns/tap"
 	"github.com/gonetns/gonetns/tap/taptest"
 )
 
@@ -314,6 +316,58 @@ func TestEcho(t *testing.T) {
 	if got, err := p.guest.Ping(short, netip.MustParseAddr("198.51.100.1"), 9, []byte("x")); err == nil {
 		t.Errorf("got a reply %q for an address nobody answered for", got)
 	}
+}
+
+// TestEchoReplyFragmented: a forwarded echo reply larger than the MTU goes
+// to the sandbox in fragments that fit it (a veth, the packet link's,
+// drops a frame past its MTU), which the sandbox puts back together.
+func TestEchoReplyFragmented(t *testing.T) {
+	a, b := taptest.Pipe(false, 1024)
+	st, err := stack.New(stack.Config{Device: a, MTU: 1500,
+		Addresses: []netip.Prefix{netip.PrefixFrom(gateway, 24)},
+		Echo: func(r *stack.EchoRequest) bool {
+			go r.Reply(r.Seq, r.Data)
+			return true
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Start(); err != nil {
+		t.Fatal(err)
+	}
+	seen := &largestFrame{Device: b}
+	g, err := stacktest.NewGuest(seen, guestIP, gateway, 1500)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		st.Close()
+		g.Close()
+	})
+	for _, size := range []int{1472, 1473, 8000, 65000} {
+		data := bytes.Repeat([]byte{byte(size)}, size)
+		got, err := g.Ping(ctx(t), remote.Addr(), uint16(size), data)
+		if err != nil || !bytes.Equal(got, data) {
+			t.Errorf("%d bytes: reply of %d bytes, %v", size, len(got), err)
+		}
+	}
+	if m := seen.most.Load(); m > 1500+14 {
+		t.Errorf("a frame of %d bytes went to the sandbox; want at most the MTU, 1500, and the Ethernet header", m)
+	}
+}
+
+// largestFrame notes the longest frame read from the device.
+type largestFrame struct {
+	tap.Device
+	most atomic.Int64
+}
+
+func (l *largestFrame) Read(bufs [][]byte) (int, error) {
+	n, err := l.Device.Read(bufs)
+	if int64(n) > l.most.Load() {
+		l.most.Store(int64(n))
+	}
+	return n, err
 }
 
 // A UDP socket of the stack gets its datagrams even though Config.UDP
