@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"golang.org/x/sys/unix"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -255,6 +256,40 @@ func TestOutboundAddrLoopback(t *testing.T) {
 	n, err := u.Read(buf)
 	if err != nil || !strings.HasPrefix(string(buf[:n]), "127.0.0.2:") {
 		t.Errorf("UDP reply %q, %v: want it from a socket at 127.0.0.2", buf[:n], err)
+	}
+}
+
+// A TCP socket bound to the outbound address takes its port at connect
+// (IP_BIND_ADDRESS_NO_PORT), on both TCP paths, so that ports a
+// connection in TIME_WAIT holds stay usable for other peers.
+func TestOutboundPortAtConnect(t *testing.T) {
+	f := newFixture(t, Config{HostLoopback: true, OutboundAddr: netip.MustParseAddr("127.0.0.2")})
+	addr := listen(t, func(c *net.TCPConn) { c.Close() })
+	noPort := func(fd int) int {
+		v, err := unix.GetsockoptInt(fd, unix.IPPROTO_IP, unix.IP_BIND_ADDRESS_NO_PORT)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	fd, err := f.nat.dialTCP(viaGateway(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if noPort(fd) != 1 {
+		t.Error("the fast path's socket took its port at bind")
+	}
+	c, err := f.nat.out.tcpDialer(addr.Addr()).Dial("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	rc, _ := c.(*net.TCPConn).SyscallConn()
+	var v int
+	rc.Control(func(fd uintptr) { v = noPort(int(fd)) })
+	if v != 1 {
+		t.Error("the netstack path's socket took its port at bind")
 	}
 }
 
