@@ -557,15 +557,7 @@ func TestHeldBytesAcknowledged(t *testing.T) {
 		t.Fatalf("the FIN behind %d held bytes is not acknowledged (ACK %d of %d)", held, h.lastACK.Load()-h.irs-1, sent+1)
 	}
 	repeats := h.repeats.Load()
-	h.paused.Store(false)
-	select {
-	case <-h.sinkDone:
-	case <-time.After(10 * time.Second):
-		t.Fatalf("the host read %d of %d bytes and no FIN", h.received.Load(), sent)
-	}
-	if got := h.received.Load(); got != sent {
-		t.Fatalf("the host got %d bytes; want %d", got, sent)
-	}
+	h.resumeSink(sent)
 	if r := h.repeats.Load() - repeats; r > 0 {
 		t.Errorf("%d window updates repeated the ACK before them while the queue drained", r)
 	}
@@ -685,16 +677,23 @@ func TestEngineCloseDeliversAcknowledged(t *testing.T) {
 		t.Fatalf("%d of %d bytes acknowledged", h.lastACK.Load()-h.irs-1, sent)
 	}
 	h.e.Close()
+	h.resumeSink(sent)
+}
+
+// resumeSink lets the paused sink read again, and checks that it gets the
+// sent bytes, then the FIN.
+func (h *fuzzHarness) resumeSink(sent int64) {
+	h.t.Helper()
 	h.paused.Store(false)
 	select {
 	case <-h.sinkDone:
 	case <-time.After(10 * time.Second):
-		t.Fatalf("the host read %d of %d bytes and no end", h.received.Load(), sent)
+		h.t.Fatalf("the host read %d of %d bytes and no end", h.received.Load(), sent)
 	}
 	if got := h.received.Load(); got != sent {
-		t.Errorf("the host got %d of the %d bytes acknowledged", got, sent)
+		h.t.Errorf("the host got %d of the %d bytes acknowledged", got, sent)
 	}
 	if err, _ := h.sinkErr.Load().(error); err != io.EOF {
-		t.Errorf("the host's reading ended with %v; want EOF (a FIN)", err)
+		h.t.Errorf("the host's reading ended with %v; want EOF (a FIN)", err)
 	}
 }
