@@ -36,7 +36,8 @@ type Info struct {
 // LimitInfo is one of gonetns's caps (docs/limits.md has the rules).
 type LimitInfo struct {
 	// Name says what is capped: "api.connections",
-	// "ports.tcp.connections" or "ports.udp.flows".
+	// "ports.tcp.connections", "ports.udp.flows", or the sandbox's own
+	// "nat.tcp.connections", "nat.udp.flows", "nat.ping.sessions".
 	Name string `json:"name"`
 	// Max is the cap; InUse what is held now; Peak the most held at once,
 	// where it is kept.
@@ -51,7 +52,8 @@ type LimitInfo struct {
 	IdleTimeout string `json:"idleTimeout,omitempty"`
 	// Events counts what the limit did since start, by kind: "closed",
 	// "waited" (api.connections), "reset", "preempted", "idleTimeout"
-	// (ports.tcp.connections), "evicted", "idleTimeout" (ports.udp.flows).
+	// (ports.tcp.connections), "evicted", "idleTimeout" (ports.udp.flows,
+	// nat.udp.flows, nat.ping.sessions), "reset" (nat.tcp.connections).
 	Events map[string]uint64 `json:"events,omitempty"`
 }
 

@@ -105,7 +105,9 @@ type NAT struct {
 	tcp    map[*relay.Relay]struct{}
 	wg     sync.WaitGroup
 
-	tcpActive atomic.Int64 // connections being dialled or relayed
+	tcpActive atomic.Int64  // connections being dialled or relayed
+	tcpPeak   atomic.Int64  // the most at once
+	tcpReset  atomic.Uint64 // new connections reset at the cap
 	tcpWork   chan *stack.TCPRequest
 	idleTCP   atomic.Int32 // goroutines waiting on tcpWork
 	tcpFull   atomic.Int64 // unix time of the last "too many" warning

@@ -562,6 +562,10 @@ func TestTCPConnLimit(t *testing.T) {
 	if _, err := f.guest.DialTCP(testCtx(t), viaGateway(addr)); !errors.Is(err, syscall.ECONNREFUSED) {
 		t.Errorf("third connection over a limit of 2: %v, want ECONNREFUSED", err)
 	}
+	// What GET /v1/info reports of it.
+	if st, _, _ := f.nat.Stats(); st != (TCPStats{Max: 2, Open: 2, Peak: 2, Reset: 1}) {
+		t.Errorf("Stats: %+v, want 2 of 2 open, peak 2, 1 reset", st)
+	}
 	conns[0].Close()
 	if !stacktest.WaitFor(5*time.Second, func() bool { return f.nat.tcpActive.Load() < 2 }) {
 		t.Fatal("a closed connection still counts")

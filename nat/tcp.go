@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/gonetns/gonetns/internal/flowtable"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -91,12 +92,8 @@ func (n *NAT) forwardTCP(r *stack.TCPRequest) {
 		return
 	}
 	defer n.wg.Done()
-	if n.tcpActive.Add(1) > int64(n.cfg.MaxTCPConns) {
-		n.tcpActive.Add(-1)
+	if !n.takeTCP() {
 		r.Refuse()
-		if now := time.Now().Unix(); n.tcpFull.Swap(now) < now-10 {
-			n.log.Warn("the sandbox has too many TCP connections open; resetting new ones", "limit", n.cfg.MaxTCPConns)
-		}
 		return
 	}
 	defer n.tcpActive.Add(-1)
@@ -167,12 +164,8 @@ func (n *NAT) DialTCP(src, dst netip.AddrPort) (stack.HostTCP, error) {
 	if !n.begin() {
 		return stack.HostTCP{}, net.ErrClosed
 	}
-	if n.tcpActive.Add(1) > int64(n.cfg.MaxTCPConns) {
-		n.tcpActive.Add(-1)
+	if !n.takeTCP() {
 		n.wg.Done()
-		if now := time.Now().Unix(); n.tcpFull.Swap(now) < now-10 {
-			n.log.Warn("the sandbox has too many TCP connections open; resetting new ones", "limit", n.cfg.MaxTCPConns)
-		}
 		return stack.HostTCP{}, errTooMany
 	}
 	fd, err := n.dialTCP(dst)
@@ -184,6 +177,38 @@ func (n *NAT) DialTCP(src, dst netip.AddrPort) (stack.HostTCP, error) {
 		return stack.HostTCP{}, err
 	}
 	return stack.HostTCP{FD: fd, ConnectTimeout: n.cfg.DialTimeout, Done: n.tcpDone}, nil
+}
+
+// takeTCP takes a place for a new connection under MaxTCPConns, on either
+// TCP path; false at the cap, where the connection is reset (counted, and
+// said in the log at most every 10 s).
+func (n *NAT) takeTCP() bool {
+	v := n.tcpActive.Add(1)
+	if v > int64(n.cfg.MaxTCPConns) {
+		n.tcpActive.Add(-1)
+		n.tcpReset.Add(1)
+		if now := time.Now().Unix(); n.tcpFull.Swap(now) < now-10 {
+			n.log.Warn("the sandbox has too many TCP connections open; resetting new ones", "limit", n.cfg.MaxTCPConns)
+		}
+		return false
+	}
+	for p := n.tcpPeak.Load(); v > p && !n.tcpPeak.CompareAndSwap(p, v); p = n.tcpPeak.Load() {
+	}
+	return true
+}
+
+// TCPStats is the cap on the sandbox's TCP connections through the NAT
+// and what it did.
+type TCPStats struct {
+	Max, Open, Peak int
+	Reset           uint64 // new connections reset at the cap
+}
+
+// Stats returns the NAT's caps and their counters, for GET /v1/info: the
+// sandbox's TCP connections, UDP flows and ping sessions.
+func (n *NAT) Stats() (tcp TCPStats, udp, echo flowtable.Stats) {
+	tcp = TCPStats{Max: n.cfg.MaxTCPConns, Open: int(n.tcpActive.Load()), Peak: int(n.tcpPeak.Load()), Reset: n.tcpReset.Load()}
+	return tcp, n.udp.Stats(), n.echo.Stats()
 }
 
 // doneTCP ends what DialTCP began for one connection; the stack calls it

@@ -644,7 +644,8 @@ func (n *network) info() api.Info {
 }
 
 // limits are the caps on what clients hold open, with their counters:
-// the API's connections and the published ports' connections and flows.
+// the API's connections, the published ports' connections and flows, and
+// the sandbox's own connections, flows and ping sessions through the NAT.
 func (n *network) limits() []api.LimitInfo {
 	var l []api.LimitInfo
 	if n.api != nil {
@@ -662,6 +663,16 @@ func (n *network) limits() []api.LimitInfo {
 			IdleTimeout: cmp.Or(n.cfg.PortUDPIdleTimeout, portfwd.DefaultUDPIdleTimeout).String(),
 			Events:      map[string]uint64{"evicted": us.Evicted, "idleTimeout": us.Expired}}
 		l = append(l, tcp, udp)
+	}
+	if n.nat != nil {
+		tcp, udp, echo := n.nat.Stats()
+		l = append(l,
+			api.LimitInfo{Name: "nat.tcp.connections", Max: tcp.Max, InUse: tcp.Open, Peak: tcp.Peak,
+				Events: map[string]uint64{"reset": tcp.Reset}},
+			api.LimitInfo{Name: "nat.udp.flows", Max: udp.Max, InUse: udp.Flows, Peak: udp.Peak,
+				Events: map[string]uint64{"evicted": udp.Evicted, "idleTimeout": udp.Expired}},
+			api.LimitInfo{Name: "nat.ping.sessions", Max: echo.Max, InUse: echo.Flows, Peak: echo.Peak,
+				Events: map[string]uint64{"evicted": echo.Evicted, "idleTimeout": echo.Expired}})
 	}
 	return l
 }
