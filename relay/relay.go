@@ -2,7 +2,9 @@
 // every relay of gonetns follows:
 //
 //   - EOF on one side becomes a half-close (FIN, CloseWrite) on the other,
-//     while the other direction keeps flowing;
+//     while the other direction keeps flowing; a kernel socket whose EOF
+//     was read is watched for an error until then (its peer's reset after
+//     its FIN), which resets both as below;
 //   - an error on either side (a reset, a broken pipe) resets both (RST to
 //     both peers), each socket once what it had already taken for its
 //     peer has gone out (drainSendQueue), as the peer's own kernel would deliver
@@ -68,6 +70,9 @@ type end struct {
 	drain      func(stop <-chan struct{}) // wait until what was written has gone out; nil: nothing to wait for
 	reset      func()                     // RST, and make its copies return
 	close      func() error
+	// watch waits, once this side's stream has ended (EOF), for an error
+	// it reports (its peer's reset) or for stop; nil: nothing to watch.
+	watch func(stop <-chan struct{}) error
 }
 
 func socketEnd(c *net.TCPConn) end {
@@ -76,7 +81,44 @@ func socketEnd(c *net.TCPConn) end {
 		drain:      func(stop <-chan struct{}) { drainSendQueue(c, stop) },
 		reset:      func() { Reset(c) },
 		close:      c.Close,
+		watch:      func(stop <-chan struct{}) error { return watchError(c, stop) },
 	}
+}
+
+// watchError waits until c, whose peer has sent its FIN, reports an error,
+// and returns it, or until stop closes (nil). A peer that closes and then
+// resets (its kernel resets bytes that come after its close) resets the
+// relay's other side too; once its EOF was read nothing read c again, and
+// the other side's connection ended cleanly, its last bytes lost without
+// an error.
+func watchError(c *net.TCPConn, stop <-chan struct{}) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		select {
+		case <-stop:
+			c.SetReadDeadline(time.Unix(1, 0)) // wakes the wait below
+		case <-done:
+		}
+	}()
+	var sockErr error
+	rc.Read(func(fd uintptr) bool {
+		if v, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR); err == nil && v != 0 {
+			sockErr = unix.Errno(v)
+			return true
+		}
+		select {
+		case <-stop:
+			return true
+		default:
+			return false // wait for the socket's next event
+		}
+	})
+	return sockErr
 }
 
 func streamEnd(s Stream) end {
@@ -224,8 +266,9 @@ func (r *Relay) Run() Result {
 	var res Result
 	if !aborted { // else Abort has reset both already
 		var wg sync.WaitGroup
-		wg.Go(func() { res.AToB = r.direction(r.b, r.aToB) })
-		res.BToA = r.direction(r.a, r.bToA)
+		aDone, bDone := make(chan struct{}), make(chan struct{})
+		wg.Go(func() { res.AToB = r.direction(r.a, r.b, r.aToB, aDone, bDone) })
+		res.BToA = r.direction(r.b, r.a, r.bToA, bDone, aDone)
 		wg.Wait()
 	}
 	r.a.close()
@@ -236,12 +279,18 @@ func (r *Relay) Run() Result {
 	return res
 }
 
-// direction runs one copy and applies the rules to its outcome: EOF
-// half-closes dst, an error resets both sides.
-func (r *Relay) direction(dst end, copy func() (int64, error)) int64 {
+// direction runs one copy from src to dst and applies the rules to its
+// outcome: EOF half-closes dst, and src is watched for an error until the
+// other direction ends (done is this one's end, other the other's); an
+// error resets both sides.
+func (r *Relay) direction(src, dst end, copy func() (int64, error), done, other chan struct{}) int64 {
 	n, err := copy()
 	if err == nil {
 		err = dst.closeWrite()
+	}
+	close(done)
+	if err == nil && src.watch != nil {
+		err = src.watch(other)
 	}
 	if err != nil {
 		r.fail(err)

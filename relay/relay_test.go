@@ -184,6 +184,37 @@ func TestSocketsResetAfterData(t *testing.T) {
 	}
 }
 
+// TestSocketsResetAfterFIN: a peer that closes and then resets (its
+// kernel resets bytes that come after its close) resets the other peer
+// too, after the FIN, while the other peer still has its side open; the
+// relay used to leave it a clean close.
+func TestSocketsResetAfterFIN(t *testing.T) {
+	pool := NewPipePool(4, 2)
+	defer pool.Close()
+	p := startSockets(t, pool)
+	p.peerB.Write([]byte("bye"))
+	p.peerB.CloseWrite()
+	if got, err := readAll(t, p.peerA); string(got) != "bye" || err != nil {
+		t.Fatalf("A's peer read %q, %v; want bye, then EOF", got, err)
+	}
+	Reset(p.peerB)
+	rc, _ := p.peerA.SyscallConn()
+	var soErr int
+	for range 500 {
+		rc.Control(func(fd uintptr) { soErr, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR) })
+		if soErr != 0 {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if !isReset(syscall.Errno(soErr)) {
+		t.Errorf("A's peer's socket error %v after B's peer's FIN and reset; want the reset", syscall.Errno(soErr))
+	}
+	if res := p.result(t); !isReset(res.Err) {
+		t.Errorf("result error %v; want the reset", res.Err)
+	}
+}
+
 // TestSocketsCloseResetsBoth: Close from outside resets both peers and
 // waits for the relay.
 func TestSocketsCloseResetsBoth(t *testing.T) {
