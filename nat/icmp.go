@@ -106,7 +106,7 @@ func (n *NAT) newEchoFlow(r *stack.EchoRequest, host netip.Addr) (*echoFlow, err
 	if err != nil {
 		return nil, fmt.Errorf("ping socket: %w", err)
 	}
-	if err := n.out.bind(fd, host); err != nil {
+	if err := n.out.bind(fd, host, false); err != nil {
 		unix.Close(fd)
 		return nil, err
 	}

@@ -116,11 +116,15 @@ func portAtConnect(fd int) {
 
 // bind binds fd, a socket that will send to host, to the source address
 // (the fast path's TCP sockets, UDP and ping sockets; the netstack path's
-// TCP is bound by its dialer).
-func (o *outbound) bind(fd int, host netip.Addr) error {
+// TCP is bound by its dialer); a TCP socket (tcp) takes its port at
+// connect (portAtConnect).
+func (o *outbound) bind(fd int, host netip.Addr, tcp bool) error {
 	src := o.source(host)
 	if !src.IsValid() {
 		return nil
+	}
+	if tcp {
+		portAtConnect(fd)
 	}
 	sa, err := sockaddr.Of(netip.AddrPortFrom(src, 0))
 	if err != nil {

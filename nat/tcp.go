@@ -238,8 +238,7 @@ func (n *NAT) dialTCP(dst netip.AddrPort) (int, error) {
 	if err != nil {
 		return -1, fmt.Errorf("tcp socket: %w", err)
 	}
-	portAtConnect(fd)
-	if err := n.out.bind(fd, host); err != nil {
+	if err := n.out.bind(fd, host, true); err != nil {
 		unix.Close(fd)
 		return -1, err
 	}

@@ -170,7 +170,7 @@ func (n *NAT) udpSocket(dst netip.AddrPort) (int, error) {
 	if err != nil {
 		return -1, fmt.Errorf("udp socket: %w", err)
 	}
-	if err := n.out.bind(fd, dst.Addr()); err != nil {
+	if err := n.out.bind(fd, dst.Addr(), false); err != nil {
 		unix.Close(fd)
 		return -1, fmt.Errorf("udp: %w", err)
 	}

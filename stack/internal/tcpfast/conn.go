@@ -666,9 +666,6 @@ const earlyResetHold = 2 * time.Millisecond
 // holdReset reports whether the host's reset is to wait (resetAt), and
 // sets the timer for it.
 func (c *conn) holdReset() bool {
-	if c.resetAt.IsZero() {
-		return false
-	}
 	d := time.Until(c.resetAt)
 	if d <= 0 {
 		return false
@@ -1544,11 +1541,7 @@ func (c *conn) closeOnExit() {
 		c.reset(nil)
 		return
 	}
-	for {
-		if n, err := rawconn.Discard(c.fd, 1<<30); n <= 0 || err != nil {
-			break
-		}
-	}
+	consume(c.fd, ^uint32(0)) // until EAGAIN or the FIN
 	c.sendReset()
 	c.close(false)
 }
