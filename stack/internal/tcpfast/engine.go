@@ -255,7 +255,11 @@ func (e *Engine) Start() error {
 		e.timers.serve()
 	}()
 	if e.cfg.Link != nil {
-		go e.loop()
+		demand := cpuDemand{fd: -1}
+		if e.cfg.Link.BusyPoll > 0 {
+			demand = openCPUDemand()
+		}
+		go e.loop(demand)
 	} else {
 		go e.poll()
 	}
@@ -477,8 +481,9 @@ func (e *Engine) hostEvent(ev *unix.EpollEvent) {
 
 // loop is the poller when the engine reads the link too (Config.Link): it
 // sleeps in epoll_wait until the TAP or a host socket is ready, or until
-// the oldest ACK held is due.
-func (e *Engine) loop() {
+// the oldest ACK held is due; with Link.BusyPoll it polls first while no
+// other thread wants a CPU (demand, which it closes).
+func (e *Engine) loop(demand cpuDemand) {
 	defer e.wg.Done()
 	link := e.cfg.Link
 	linkOpen := true
@@ -490,12 +495,13 @@ func (e *Engine) loop() {
 	events := make([]unix.EpollEvent, 128)
 	streak := 0 // loop turns in a row that found the link ready
 	bp := busyPoll{max: link.BusyPoll}
+	defer demand.close()
 	p := pace{quiet: true}
 	for {
 		p.yield()
 		n, err := 0, error(nil)
-		if w := bp.window(); w > 0 {
-			n, err = e.spin(events, w)
+		if w := bp.window(); w > 0 && !demand.saturated(time.Now()) {
+			n, err = e.spin(events, w, &bp)
 		}
 		if err == nil && n == 0 {
 			n, err = e.sleep(events, &p, &bp)
@@ -606,7 +612,8 @@ func (e *Engine) sleep(events []unix.EpollEvent, p *pace, bp *busyPoll) (int, er
 	n, err := e.set.WaitBrief(events, w)
 	switch {
 	case n > 0 && bp.max > 0:
-		bp.slept(time.Since(start))
+		now := time.Now()
+		bp.slept(now.Sub(start), now)
 	case n == 0 && err == nil && due < 0 && time.Since(start) >= quietAfter:
 		p.quiet = true
 	}
@@ -659,62 +666,6 @@ func (e *Engine) WatchFlow(fd int, id uint32) error {
 func (e *Engine) receiveFlow(id uint32) {
 	if fn := e.flowRecv.Load(); fn != nil {
 		(*fn)(id)
-	}
-}
-
-// spin polls the set for up to w, or until the oldest ACK held is due,
-// without sleeping; 0 events if none came.
-func (e *Engine) spin(events []unix.EpollEvent, w time.Duration) (int, error) {
-	now := time.Now()
-	if due := e.acks.wait(now); due >= 0 {
-		w = min(w, due)
-	}
-	until := now.Add(w)
-	for {
-		n, err := e.set.Poll(events)
-		if n > 0 || err != nil || !time.Now().Before(until) {
-			return n, err
-		}
-	}
-}
-
-// busyPoll is how long the event loop polls for the next event before it
-// sleeps (--busy-poll), adapting as the guest kernel's haltpoll does: a
-// thread that sleeps in epoll_wait and is woken microseconds later pays
-// for two context switches and, on an idle CPU, for the wake-up of the CPU
-// itself (an interrupt between CPUs, and on a virtual machine an exit to
-// the hypervisor). A round trip wakes the loop twice, once for the
-// request and once for the answer. The window grows while the loop keeps
-// being woken soon after it went to sleep (an event a longer poll would
-// have caught), shrinks when it sleeps longer than max (a poll would have
-// been in vain), and stays while polls find events. Measured on a 2-CPU
-// virtual machine (docs/design.md, "Busy polling").
-type busyPoll struct {
-	max, cur time.Duration
-}
-
-// busyPollStart is the window's first step when it grows from nothing,
-// and the least it shrinks to before it is off: a poll shorter than this
-// would not outlast a host's answer over loopback.
-const busyPollStart = 10 * time.Microsecond
-
-// window is how long to poll before the next sleep.
-func (b *busyPoll) window() time.Duration { return b.cur }
-
-// slept notes that the loop, having polled in vain for window, slept d
-// before an event came.
-func (b *busyPoll) slept(d time.Duration) {
-	if b.max <= 0 {
-		return
-	}
-	switch {
-	case d > b.max:
-		b.cur /= 2
-		if b.cur < busyPollStart {
-			b.cur = 0
-		}
-	case b.cur < b.max:
-		b.cur = min(b.max, max(2*b.cur, busyPollStart))
 	}
 }
 

@@ -2,8 +2,12 @@ package tcpfast
 
 import (
 	"fmt"
+	"runtime"
 	"testing"
 	"time"
+
+	"github.com/gonetns/gonetns/internal/epoll"
+	"golang.org/x/sys/unix"
 )
 
 // TestBusyPollWindow: the window grows from nothing while the loop is
@@ -27,12 +31,54 @@ func TestBusyPollWindow(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			b := busyPoll{max: tc.max}
 			for i, d := range tc.slept {
-				b.slept(d)
+				b.slept(d, time.Now())
 				if got := b.window(); got != tc.want[i] {
 					t.Fatalf("after sleeps %v: window %v, want %v", tc.slept[:i+1], got, tc.want[i])
 				}
 			}
 		})
+	}
+}
+
+// TestBusyPollContended: a contended spin shuts the window for a rest that
+// doubles while spins keep being contended, up to maxContendedRest; sleeps
+// in the rest do not open it; after the rest it grows again, and a spin
+// that finds its event uncontended starts the rest over.
+func TestBusyPollContended(t *testing.T) {
+	const us = time.Microsecond
+	b := busyPoll{max: 50 * us}
+	t0 := time.Now()
+	b.slept(us, t0)
+	b.slept(us, t0)
+	if b.window() != 20*us {
+		t.Fatalf("before contention: window %v, want 20µs", b.window())
+	}
+	at := t0
+	for i, want := range []time.Duration{contendedRest, 2 * contendedRest, 4 * contendedRest} {
+		b.contended(at)
+		if b.window() != 0 {
+			t.Fatalf("contention %d: window %v, want 0", i+1, b.window())
+		}
+		b.slept(us, at.Add(want-us))
+		if b.window() != 0 {
+			t.Fatalf("contention %d: a sleep within the rest of %v opened the window to %v", i+1, want, b.window())
+		}
+		at = at.Add(want)
+		b.slept(us, at)
+		if b.window() != busyPollStart {
+			t.Fatalf("contention %d: after the rest of %v, window %v, want %v", i+1, want, b.window(), busyPollStart)
+		}
+	}
+	for range 20 {
+		b.contended(at)
+	}
+	if b.rest != maxContendedRest {
+		t.Errorf("after many contended spins: rest %v, want the bound %v", b.rest, maxContendedRest)
+	}
+	b.found()
+	b.contended(at)
+	if b.rest != contendedRest {
+		t.Errorf("contended after an uncontended spin: rest %v, want %v again", b.rest, contendedRest)
 	}
 }
 
@@ -225,5 +271,133 @@ func TestBurstACKs(t *testing.T) {
 	acks(base + 5)
 	if !waitFor(func() bool { return h.received.Load() == int64(seq-h.irs-1) }) {
 		t.Fatalf("the host got %d bytes of %d", h.received.Load(), seq-h.irs-1)
+	}
+}
+
+// TestSpinStandsDownForAWantedCPU: a spin that shares its CPU with a
+// thread that wants it (pinned together, as a build's compiler and the
+// loop can be) yields to it, sees the yield come back late, ends before
+// its window and shuts the window; alone on its CPU it polls its whole
+// window, yielding between the polls.
+func TestSpinStandsDownForAWantedCPU(t *testing.T) {
+	set, err := epoll.NewBlocking("test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer set.Close()
+	e := &Engine{set: set}
+	events := make([]unix.EpollEvent, 4)
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	var cpus unix.CPUSet
+	cpus.Set(0)
+	if err := unix.SchedSetaffinity(0, &cpus); err != nil {
+		t.Fatalf("pin the test's thread to CPU 0: %v", err)
+	}
+
+	// Alone (a yield that comes back at once): the spin polls its whole
+	// window and keeps it. The machine may still take the CPU from the
+	// test (other tests run beside it): one spin of many will do.
+	yields := 0
+	realYield := yieldCPU
+	yieldCPU = func() { yields++ }
+	const window = 200 * time.Microsecond
+	var bp busyPoll
+	var spun time.Duration
+	for range 100 {
+		yields = 0
+		bp = busyPoll{max: window, cur: window}
+		start := time.Now()
+		if n, err := e.spin(events, window, &bp); n != 0 || err != nil {
+			t.Fatalf("alone: spin = %d, %v", n, err)
+		}
+		if spun = time.Since(start); spun >= window && bp.window() == window {
+			break
+		}
+	}
+	yieldCPU = realYield
+	if spun < window || bp.window() != window || yields == 0 {
+		t.Fatalf("alone on its CPU: the last spin of 100 took %v with %d yields, window %v after; want the whole %v, yields between the polls and the window kept", spun, yields, bp.window(), window)
+	}
+
+	stop := make(chan struct{})
+	hogging := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		var cpus unix.CPUSet
+		cpus.Set(0)
+		hogging <- unix.SchedSetaffinity(0, &cpus)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+		}
+	}()
+	defer close(stop)
+	if err := <-hogging; err != nil {
+		t.Fatalf("pin the hog to CPU 0: %v", err)
+	}
+	const long = 2 * time.Second
+	bp = busyPoll{max: long, cur: long}
+	start := time.Now()
+	if n, err := e.spin(events, long, &bp); n != 0 || err != nil {
+		t.Fatalf("beside a hog: spin = %d, %v", n, err)
+	}
+	if d := time.Since(start); d >= long || bp.window() != 0 || bp.rest != contendedRest {
+		t.Fatalf("beside a thread that wants the CPU: spun %v of %v, window %v, rest %v; want the spin ended early, window 0, rest %v", d, long, bp.window(), bp.rest, contendedRest)
+	}
+}
+
+// TestLoadavgRunning: the runnable threads of /proc/loadavg, and nothing
+// from a line that is not one.
+func TestLoadavgRunning(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want int
+		ok   bool
+	}{
+		{"0.52 0.58 0.59 3/412 12345\n", 3, true},
+		{"12.00 11.50 9.10 17/2048 99\n", 17, true},
+		{"0.00 0.00 0.00 1/1 1", 1, true},
+		{"0.52 0.58 0.59 /412 12345\n", 0, false},
+		{"0.52 0.58 0.59 3 12345\n", 0, false},
+		{"0.52 0.58 0.59 x/412 1\n", 0, false},
+		{"0.52 0.58\n", 0, false},
+		{"", 0, false},
+	} {
+		n, ok := loadavgRunning([]byte(tc.in))
+		if n != tc.want || ok != tc.ok {
+			t.Errorf("loadavgRunning(%q) = %d, %v; want %d, %v", tc.in, n, ok, tc.want, tc.ok)
+		}
+	}
+}
+
+// TestCPUDemand: the count is read from /proc/loadavg, at most every
+// demandRecheck, and a machine with a thread ready for every CPU but the
+// loop's own is saturated.
+func TestCPUDemand(t *testing.T) {
+	d := openCPUDemand()
+	defer d.close()
+	if d.fd < 0 {
+		t.Fatal("cannot open /proc/loadavg: busy polling would rely on its yields alone")
+	}
+	now := time.Now()
+	d.saturated(now)
+	if d.checked != now {
+		t.Fatalf("first call: not read")
+	}
+	d.cpus = 0 // every runnable thread, the test's own included, is more than the CPUs
+	if got := d.saturated(now.Add(demandRecheck)); !got {
+		t.Errorf("with no CPU for the running test: saturated = false, want true")
+	}
+	d.cpus = 1 << 20
+	if got := d.saturated(now.Add(demandRecheck + demandRecheck/2)); !got {
+		t.Errorf("within demandRecheck of the last read: answer changed, want the last (true)")
+	}
+	if got := d.saturated(now.Add(3 * demandRecheck)); got {
+		t.Errorf("with a CPU for every thread: saturated = true, want false")
 	}
 }
