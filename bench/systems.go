@@ -155,9 +155,10 @@ func allSystems(t tools, euid int) []*system {
 		// Without the event loop (the TAP and the host sockets read on
 		// goroutines in Go's poller): beside gonetns, what the loop changes.
 		{name: "gonetns-noloop", label: "gonetns --event-loop=false", optIn: true, argv: gonetnsWith("--event-loop=false"), netProc: self, netName: "gonetns (parent)", target: targetSlirp},
-		// The event loop polling between events (--busy-poll): what it
-		// takes off a round trip, and what it costs in CPU.
-		{name: "gonetns-busy", label: "gonetns --busy-poll=50us", optIn: true, argv: gonetnsWith("--busy-poll=50us"), netProc: self, netName: "gonetns (parent)", target: targetSlirp},
+		// The event loop never polling between events (--busy-poll=0;
+		// the default, auto, polls where idle CPUs halt at once): what
+		// polling takes off a round trip there, and what it costs in CPU.
+		{name: "gonetns-nopoll", label: "gonetns --busy-poll=0", optIn: true, argv: gonetnsWith("--busy-poll=0"), netProc: self, netName: "gonetns (parent)", target: targetSlirp},
 		// gonetns whose network process does not confine itself: beside
 		// gonetns, what Landlock and the seccomp filter cost.
 		{name: "gonetns-unconfined", label: "gonetns --confine-network-process=false", optIn: true, argv: gonetnsWith("--confine-network-process=false"), netProc: self, netName: "gonetns (parent)", target: targetSlirp},
@@ -191,7 +192,7 @@ func probeSystems(systems []*system, t tools, v versions) {
 	for _, s := range systems {
 		s.available = true
 		switch s.name {
-		case "gonetns", "gonetns-packet", "gonetns-netstack", "gonetns-port", "gonetns-unconfined", "gonetns-noloop", "gonetns-busy":
+		case "gonetns", "gonetns-packet", "gonetns-netstack", "gonetns-port", "gonetns-unconfined", "gonetns-noloop", "gonetns-nopoll":
 			s.version = v.gonetns
 		case "slirp4netns", "rootlesskit-builtin", "rootlesskit-slirp4netns":
 			s.version = strings.TrimSpace("rootlesskit " + v.rootlesskit + ", slirp4netns " + v.slirp4netns)

@@ -69,6 +69,9 @@ const (
 	// any answer worth waiting for awake (a host's server over loopback
 	// answers in tens of microseconds), and each one costs as much CPU.
 	MaxBusyPoll = time.Millisecond
+	// DefaultBusyPoll is --busy-poll=auto's poll where it polls: it
+	// covers a round trip to a server on the host's loopback.
+	DefaultBusyPoll = 50 * time.Microsecond
 )
 
 // Config describes a sandbox. Its fields mirror gonetns's command-line
@@ -115,12 +118,17 @@ type Config struct {
 	// Without the fast path, or with a device that is not the TAP itself
 	// (--pcap, --link=packet), there is no loop.
 	DisableEventLoop bool
-	// BusyPoll (--busy-poll, experimental, 0 by default: off) makes the
-	// event loop's thread poll for up to this long for the next event
-	// before it sleeps, adapting below it to the traffic (docs/design.md,
-	// "Busy polling"): shorter round trips for CPU time that would
-	// otherwise be idle. It needs the event loop. At most MaxBusyPoll.
+	// BusyPoll (--busy-poll) makes the event loop's thread poll for up to
+	// this long for the next event before it sleeps, adapting below it to
+	// the traffic, and only while no other thread wants a CPU
+	// (docs/design.md, "Busy polling"): shorter round trips for CPU time
+	// that would otherwise be idle. At most MaxBusyPoll; one set needs the
+	// event loop. Zero (--busy-poll=auto) decides for the machine:
+	// DefaultBusyPoll where an idle CPU halts without polling first (most
+	// virtual machines), and where the loop runs; else none.
 	BusyPoll time.Duration
+	// DisableBusyPoll (--busy-poll=0) never polls.
+	DisableBusyPoll bool
 	// DNSUpstreams are the servers the sandbox's resolver forwards to;
 	// none means the host's /etc/resolv.conf.
 	DNSUpstreams []netip.AddrPort
@@ -273,6 +281,24 @@ func (c Config) RunsEventLoop() bool {
 	return !c.DisableEventLoop && !c.DisableTCPFastPath
 }
 
+// busyPoll is the event loop's poll (BusyPoll, or what auto decides for
+// this machine), with why, for the log.
+func (c Config) busyPoll() (time.Duration, string) {
+	switch {
+	case c.DisableBusyPoll:
+		return 0, "--busy-poll=0"
+	case c.BusyPoll > 0:
+		return c.BusyPoll, "--busy-poll"
+	case !c.RunsEventLoop():
+		return 0, "auto: no event loop"
+	}
+	halts, why := idleCPUsHalt()
+	if !halts {
+		return 0, "auto: " + why
+	}
+	return DefaultBusyPoll, "auto: " + why
+}
+
 // withDefaults returns c with the zero fields given their defaults.
 func (c Config) withDefaults() Config {
 	if c.Net == "" {
@@ -369,7 +395,10 @@ func (c Config) Validate() error {
 		return invalidf("invalid --port-udp-idle-timeout=%v: use at least 1s (UDP has no end of its own: a flow ends only by its timeout)", c.PortUDPIdleTimeout)
 	}
 	if c.BusyPoll < 0 || c.BusyPoll > MaxBusyPoll {
-		return invalidf("invalid --busy-poll=%v: use 0 (off) up to %v; 50us covers a round trip to a server on the host's loopback", c.BusyPoll, MaxBusyPoll)
+		return invalidf("invalid --busy-poll=%v: use auto, 0 (off) or up to %v; 50us covers a round trip to a server on the host's loopback", c.BusyPoll, MaxBusyPoll)
+	}
+	if c.BusyPoll > 0 && c.DisableBusyPoll {
+		return invalidf("BusyPoll %v and DisableBusyPoll: set one of them", c.BusyPoll)
 	}
 	if c.BusyPoll > 0 && c.DisableTCPFastPath {
 		return invalidf("--busy-poll needs the TCP fast path (it polls the fast path's event loop): leave out --tcp-fast-path=false, or --busy-poll")

@@ -26,7 +26,10 @@ func TestConfigValidate(t *testing.T) {
 		{"mtu max", Config{MTU: 65521}, ""},
 		{"busy poll", Config{BusyPoll: 50 * time.Microsecond}, ""},
 		{"busy poll max", Config{BusyPoll: MaxBusyPoll}, ""},
-		{"busy poll too long", Config{BusyPoll: 2 * time.Millisecond}, "invalid --busy-poll=2ms: use 0 (off) up to 1ms"},
+		{"busy poll too long", Config{BusyPoll: 2 * time.Millisecond}, "invalid --busy-poll=2ms: use auto, 0 (off) or up to 1ms"},
+		{"busy poll set and off", Config{BusyPoll: 50 * time.Microsecond, DisableBusyPoll: true}, "set one of them"},
+		{"busy poll off", Config{DisableBusyPoll: true}, ""},
+		{"busy poll auto without the fast path", Config{DisableTCPFastPath: true}, ""},
 		{"busy poll negative", Config{BusyPoll: -time.Microsecond}, "invalid --busy-poll"},
 		{"busy poll without the fast path", Config{BusyPoll: 50 * time.Microsecond, DisableTCPFastPath: true}, "--busy-poll needs the TCP fast path"},
 		{"busy poll without the event loop", Config{BusyPoll: 50 * time.Microsecond, DisableEventLoop: true}, "--busy-poll needs the event loop"},
@@ -110,6 +113,55 @@ func TestFreeSubnet(t *testing.T) {
 		got, _ := freeSubnet(c.bits, c.taken)
 		if got.String() != c.want {
 			t.Errorf("freeSubnet(%d, %v) = %v, want %s", c.bits, c.taken, got, c.want)
+		}
+	}
+}
+
+// TestBusyPollResolved: --busy-poll=0 and a duration are what they say;
+// auto polls where idle CPUs halt at once and the event loop runs, and
+// says why.
+func TestBusyPollResolved(t *testing.T) {
+	halts, _ := idleCPUsHalt()
+	auto := time.Duration(0)
+	if halts {
+		auto = DefaultBusyPoll
+	}
+	for _, tc := range []struct {
+		name string
+		cfg  Config
+		want time.Duration
+		why  string
+	}{
+		{"off", Config{DisableBusyPoll: true}, 0, "--busy-poll=0"},
+		{"set", Config{BusyPoll: 20 * time.Microsecond}, 20 * time.Microsecond, "--busy-poll"},
+		{"auto", Config{}, auto, "auto: "},
+		{"auto without the fast path", Config{DisableTCPFastPath: true}, 0, "auto: no event loop"},
+		{"auto without the event loop", Config{DisableEventLoop: true}, 0, "auto: no event loop"},
+	} {
+		got, why := tc.cfg.busyPoll()
+		if got != tc.want || !strings.HasPrefix(why, tc.why) {
+			t.Errorf("%s: %v (%s), want %v (%s...)", tc.name, got, why, tc.want, tc.why)
+		}
+	}
+}
+
+// TestHaltsWithoutPolling: the cpuidle drivers under which an idle CPU
+// halts at once, and those that choose or poll.
+func TestHaltsWithoutPolling(t *testing.T) {
+	for _, tc := range []struct {
+		driver, pollNS string
+		want           bool
+	}{
+		{"none", "", true},
+		{"", "", true},
+		{"haltpoll", "0", true},
+		{"haltpoll", "200000", false},
+		{"intel_idle", "", false},
+		{"acpi_idle", "", false},
+		{"psci_idle", "", false},
+	} {
+		if got, why := haltsWithoutPolling(tc.driver, tc.pollNS); got != tc.want || why == "" {
+			t.Errorf("haltsWithoutPolling(%q, %q) = %v (%q), want %v", tc.driver, tc.pollNS, got, why, tc.want)
 		}
 	}
 }

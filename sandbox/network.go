@@ -519,6 +519,7 @@ func (n *network) startStack(files []*os.File, li linkInfo) error {
 	if !n.cfg.DisableTCPFastPath {
 		dialTCP = n.nat.DialTCP
 	}
+	busyPoll, busyWhy := n.cfg.busyPoll()
 	n.st, err = stack.New(stack.Config{
 		Device:    dev,
 		MTU:       uint32(n.cfg.MTU),
@@ -526,7 +527,7 @@ func (n *network) startStack(files []*os.File, li linkInfo) error {
 		TCP:       n.nat.HandleTCP,
 		DialTCP:   dialTCP,
 		EventLoop: n.cfg.RunsEventLoop(),
-		BusyPoll:  n.cfg.BusyPoll,
+		BusyPoll:  busyPoll,
 		OnIdle:    func() { releaseMemory(n.log) },
 		IdleAfter: idleRelease,
 		// Half-open connections hold a host socket each: at most half
@@ -544,12 +545,16 @@ func (n *network) startStack(files []*os.File, li linkInfo) error {
 	if err := n.st.Start(); err != nil {
 		return err
 	}
+	if !n.st.RunsEventLoop() {
+		busyPoll, busyWhy = 0, "no event loop on this link"
+	}
 	if n.cfg.BusyPoll > 0 && !n.st.RunsEventLoop() {
 		n.log.Info("--busy-poll has no effect here: it is the event loop that polls, the event loop reads the TAP itself, and this link is not (the packet link, or --pcap's recorder in between); frames are read on a goroutine, as with --event-loop=false")
 	}
 	n.nat.Start()
 	n.log.Debug("netstack up", "link", li.Kind, "name", li.Name, "vnet_hdr", li.VNetHdr, "offload", li.Offload, "mtu", n.cfg.MTU,
-		"packet_sockets", li.Sockets, "packet_rcvbuf", li.RecvBuf, "event_loop", n.st.RunsEventLoop())
+		"packet_sockets", li.Sockets, "packet_rcvbuf", li.RecvBuf, "event_loop", n.st.RunsEventLoop(),
+		"busy_poll", busyPoll, "busy_poll_why", busyWhy)
 	if n.policy != nil {
 		n.log.Debug("egress policy", "rules", fmt.Sprint(n.policy.Rules()), "default_allow", n.policy.DefaultAllow())
 	}

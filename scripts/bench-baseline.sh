@@ -7,7 +7,7 @@
 # project's kind; then look at the figures, edit README.md's table and
 # commit bench/results. BENCH_* variables pass through (e.g. BENCH_RUNS=1
 # for a rehearsal), as does RESULTS=DIR to write elsewhere; the committed
-# one names every default system and gonetns-busy in BENCH_SYSTEMS.
+# one names every default system and gonetns-nopoll in BENCH_SYSTEMS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 results=${RESULTS:-bench/results}
@@ -43,8 +43,9 @@ cp "$dir/out/$name".{md,json,svg} "$results/"
 	echo
 	echo "Round trips and new connections: what stands between them and the peers on this"
 	echo "machine is measured in [docs/design.md](../../docs/design.md#the-tcp-fast-path) (the"
-	echo "profile, the event loop, busy polling); \`gonetns --busy-poll=50us\` is in the tables"
-	echo "when \`BENCH_SYSTEMS\` names \`gonetns-busy\`."
+	echo "profile, the event loop, busy polling); \`gonetns --busy-poll=0\` (the loop never"
+	echo "polling; by default it polls on this machine) is in the tables when \`BENCH_SYSTEMS\`"
+	echo "names \`gonetns-nopoll\`."
 	echo
 	tail -n +2 "$md"
 } >"$results/README.md"

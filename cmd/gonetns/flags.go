@@ -111,7 +111,7 @@ func parseFlags(args []string, who personality, name string, out io.Writer, log 
 // rawFlags are the flags whose values are not yet what sandbox.Config
 // holds: names to resolve, addresses and sizes to parse.
 type rawFlags struct {
-	net, portDriver, cidr, subid, pcapMaxSize, copyUpMode                 string
+	net, portDriver, cidr, subid, pcapMaxSize, copyUpMode, busyPoll       string
 	dnsUpstreams, publish, allow, deny                                    []string
 	sourceIPTransparent, tcpFastPath, eventLoop, killOrphans, debug, help bool
 	portTCPIdle                                                           time.Duration
@@ -147,7 +147,7 @@ func defineFlags(o *options, who personality, name string, out io.Writer) (*pfla
 	fs.BoolVar(&c.IPv6, "ipv6", false, "also IPv6: fd00::100/64 inside, gateway fd00::2 (the host's ::1), DNS fd00::3")
 	fs.BoolVar(&r.tcpFastPath, "tcp-fast-path", true, "mirror each TCP connection of the namespace onto its host socket, with no userspace TCP in between (faster round trips and new connections); false: through the netstack's TCP")
 	fs.BoolVar(&r.eventLoop, "event-loop", true, "read the namespace's TAP and the fast path's host sockets on one thread that sleeps in epoll_wait (fewer system calls and less CPU per round trip; one more GOMAXPROCS); false: on goroutines in Go's poller")
-	fs.DurationVar(&c.BusyPoll, "busy-poll", 0, "experimental: the event loop polls for the next frame or host event for up to this long before sleeping, adapting below it (shorter round trips for CPU time); 0 is off, at most 1ms")
+	fs.StringVar(&r.busyPoll, "busy-poll", "auto", "the event loop polls for the next frame or host event for up to this long before sleeping, adapting below it, while no other thread wants a CPU (shorter round trips for CPU time nothing else uses): `auto|DURATION`; auto is 50us where idle CPUs halt without polling first (most virtual machines), else off; 0 is off, at most 1ms")
 	fs.StringArrayVar(&r.dnsUpstreams, "dns-upstream", nil, "DNS server the namespace's resolver forwards to, `IP[:PORT]` (repeatable; default: the host's /etc/resolv.conf)")
 	section(sectionNetwork)
 
@@ -260,6 +260,9 @@ func (r *rawFlags) apply(c *sandbox.Config, fs *pflag.FlagSet, log *slog.Logger)
 	c.DisableSourceIPTransparent = !r.sourceIPTransparent
 	c.DisableTCPFastPath = !r.tcpFastPath
 	c.DisableEventLoop = !r.eventLoop
+	if err := parseBusyPoll(r.busyPoll, c); err != nil {
+		return err
+	}
 	switch {
 	case r.portTCPIdle < 0:
 		return fmt.Errorf("invalid --port-tcp-idle-timeout=%v: use a duration such as 1h, or 0 to keep idle connections for ever", r.portTCPIdle)
@@ -273,6 +276,27 @@ func (r *rawFlags) apply(c *sandbox.Config, fs *pflag.FlagSet, log *slog.Logger)
 		return fmt.Errorf("invalid --copy-up-mode=%s: only tmpfs+symlink is supported", r.copyUpMode)
 	}
 	c.SubIDSource = sandbox.SubIDSource(r.subid)
+	return nil
+}
+
+// parseBusyPoll sets c's busy poll from --busy-poll: auto (the zero
+// value), 0 or off, or a duration (its bounds are Config's to check).
+func parseBusyPoll(v string, c *sandbox.Config) error {
+	switch v {
+	case "auto":
+		return nil
+	case "0", "off":
+		c.DisableBusyPoll = true
+		return nil
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		return fmt.Errorf("invalid --busy-poll=%s: use auto, 0 (off), or a duration up to %v such as 50us", v, sandbox.MaxBusyPoll)
+	}
+	if d == 0 {
+		c.DisableBusyPoll = true
+	}
+	c.BusyPoll = d
 	return nil
 }
 

@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/gonetns/gonetns/sandbox"
+	"time"
 )
 
 // logLines collects what parsing logs.
@@ -104,6 +105,37 @@ func TestParseFlags(t *testing.T) {
 				t.Error("--source-ip-transparent=false did not turn it off")
 			}
 		}},
+		{name: "busy poll auto by default", args: []string{"x"}, check: func(t *testing.T, o *options, _ []string) {
+			if o.cfg.BusyPoll != 0 || o.cfg.DisableBusyPoll {
+				t.Errorf("busy poll %v, disabled %v; want 0 (auto) and false", o.cfg.BusyPoll, o.cfg.DisableBusyPoll)
+			}
+		}},
+		{name: "busy poll auto", args: []string{"--busy-poll=50us", "--busy-poll=auto", "x"}, check: func(t *testing.T, o *options, _ []string) {
+			if o.cfg.BusyPoll != 0 || o.cfg.DisableBusyPoll {
+				t.Errorf("busy poll %v, disabled %v; want 0 (auto) and false", o.cfg.BusyPoll, o.cfg.DisableBusyPoll)
+			}
+		}},
+		{name: "busy poll 50us", args: []string{"--busy-poll=50us", "x"}, check: func(t *testing.T, o *options, _ []string) {
+			if o.cfg.BusyPoll != 50*time.Microsecond || o.cfg.DisableBusyPoll {
+				t.Errorf("busy poll %v, disabled %v", o.cfg.BusyPoll, o.cfg.DisableBusyPoll)
+			}
+		}},
+		{name: "busy poll 0", args: []string{"--busy-poll=0", "x"}, check: func(t *testing.T, o *options, _ []string) {
+			if o.cfg.BusyPoll != 0 || !o.cfg.DisableBusyPoll {
+				t.Errorf("busy poll %v, disabled %v; want off", o.cfg.BusyPoll, o.cfg.DisableBusyPoll)
+			}
+		}},
+		{name: "busy poll 0s", args: []string{"--busy-poll=0s", "x"}, check: func(t *testing.T, o *options, _ []string) {
+			if !o.cfg.DisableBusyPoll {
+				t.Error("--busy-poll=0s did not turn it off")
+			}
+		}},
+		{name: "busy poll off", args: []string{"--busy-poll=off", "x"}, check: func(t *testing.T, o *options, _ []string) {
+			if !o.cfg.DisableBusyPoll {
+				t.Error("--busy-poll=off did not turn it off")
+			}
+		}},
+		{name: "busy poll garbage", args: []string{"--busy-poll=fast", "x"}, err: "invalid --busy-poll=fast: use auto, 0 (off), or a duration up to 1ms such as 50us"},
 		{name: "kill orphans off", args: []string{"--kill-orphans=false", "x"}, check: func(t *testing.T, o *options, _ []string) {
 			if !o.cfg.LeaveOrphans {
 				t.Error("--kill-orphans=false did not keep orphans")

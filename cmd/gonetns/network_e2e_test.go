@@ -987,8 +987,9 @@ func TestNetManyConnections(t *testing.T) {
 }
 
 // TestNetEventLoop runs the network with the event loop (the TAP and the
-// fast path's host sockets read on one thread: the default), and with
-// --busy-poll (that thread polling between events): a large download, sha256-checked,
+// fast path's host sockets read on one thread: the default), with
+// --busy-poll=auto (the default), 0 and 50us (that thread polling between
+// events): a large download, sha256-checked,
 // at MTU 1500 and 65520; a 1 MB upload closed by a half-close; UDP, which
 // the loop reads from the TAP and hands to the stack, and whose answers it
 // reads from the host socket (the NAT's flows attached); and many short
@@ -1004,9 +1005,13 @@ func TestNetEventLoop(t *testing.T) {
 		flags      []string
 		mtu        int
 	}{
-		{"default", "busy-poll=0s", nil, 1500},
-		{"default", "busy-poll=0s", nil, 65520},
-		// The same traffic, with the loop polling between events.
+		// --busy-poll=auto: the loop polls or not as this machine's idle
+		// CPUs wait, and says why.
+		{"default", `busy_poll_why="auto: `, nil, 1500},
+		{"default", `busy_poll_why="auto: `, nil, 65520},
+		// The same traffic, the loop never polling, and polling between
+		// events whatever the machine.
+		{"busy-poll=0", "busy-poll=0s", []string{"--busy-poll=0"}, 65520},
 		{"busy-poll=50us", "busy-poll=50µs", []string{"--busy-poll=50us"}, 1500},
 		{"busy-poll=50us", "busy-poll=50µs", []string{"--busy-poll=50us"}, 65520},
 	} {
