@@ -228,6 +228,21 @@ func TestScheduleInterleaves(t *testing.T) {
 	if !slices.Equal(order, []string{"gonetns", "gonetns-packet", "gonetns-netstack", "slirp4netns", "pasta", "host"}) {
 		t.Errorf("first jobs %v, want every system in turn", order)
 	}
+	// The next run starts each group one system further on.
+	var run1, run2 []string
+	for _, j := range jobs {
+		if j.kind == kindC2H && j.mtu != 65520 {
+			switch j.run {
+			case 1:
+				run1 = append(run1, j.sys.name)
+			case 2:
+				run2 = append(run2, j.sys.name)
+			}
+		}
+	}
+	if want := append(slices.Clone(run1[1:]), run1[0]); !slices.Equal(run2, want) {
+		t.Errorf("run 2's first group %v, want run 1's %v from its second system on", run2, run1)
+	}
 	count := map[string]int{}
 	for _, j := range jobs {
 		count[j.sys.name+"/"+j.kind]++

@@ -379,8 +379,9 @@ type job struct {
 }
 
 // schedule interleaves the systems: for each run, each MTU and each
-// measurement, every system in turn (A B C A B C ...), so that drift of
-// the machine hits all of them alike. The reference (host loopback, no
+// measurement, every system in turn, each run starting one system further
+// on (A B C, B C A, C A B), so that drift of the machine hits all of them
+// alike. The reference (host loopback, no
 // MTU) runs once per run, with the first MTU; so does the UDP flood, whose
 // datagrams fit any MTU; the published-port systems run once per run, at
 // the largest MTU.
@@ -391,6 +392,7 @@ func schedule(cfg config, systems []*system) []job {
 	for run := 1; run <= cfg.runs; run++ {
 		for i, mtu := range cfg.mtus {
 			for _, k := range kinds {
+				var group []job
 				for _, sys := range systems {
 					if !sys.available || !slices.Contains(kindsFor(sys), k) {
 						continue
@@ -407,20 +409,37 @@ func schedule(cfg config, systems []*system) []job {
 					if sys.ref {
 						m = 0
 					}
-					jobs = append(jobs, job{run: run, mtu: m, kind: k, sys: sys})
+					group = append(group, job{run: run, mtu: m, kind: k, sys: sys})
 				}
+				jobs = append(jobs, rotate(group, run-1)...)
 			}
 		}
 		for _, k := range kinds {
 			if k != kindPortIn && k != kindPortOut {
 				continue
 			}
+			var group []job
 			for _, sys := range systems {
 				if sys.available && sys.port {
-					jobs = append(jobs, job{run: run, mtu: portMTU, kind: k, sys: sys})
+					group = append(group, job{run: run, mtu: portMTU, kind: k, sys: sys})
 				}
 			}
+			jobs = append(jobs, rotate(group, run-1)...)
 		}
 	}
 	return jobs
+}
+
+// rotate starts a group of jobs (every system, one measurement) n places
+// further on each run: no system is always the first after another kind
+// of measurement (the first probe after the UDP flood, say) or always the
+// last, so that whatever the machine still does after one group, or
+// drifts to within one, is spread over the systems rather than charged
+// to the same one in every run.
+func rotate(group []job, n int) []job {
+	if len(group) == 0 {
+		return group
+	}
+	n %= len(group)
+	return append(group[n:], group[:n]...)
 }
