@@ -5,7 +5,8 @@
 # gonetns parent's CPU time (utime+stime of /proc/PID/stat) and the times
 # its threads were scheduled (/proc/PID/task/*/schedstat) are read at the
 # start and the end of the quiet period, with the TCP fast path on (with
-# its event loop, the default, and without) and off,
+# its event loop, the default, with and without busy polling, and
+# without the loop) and off,
 # as the unprivileged test user. An idle connection should cost nothing:
 # no timer, no wake-up. Not part of make test. Needs root (it switches
 # users); run scripts/test-setup.sh first.
@@ -78,7 +79,7 @@ cpu() { # utime+stime of $1 in clock ticks, and the times its threads ran
 
 hz=$(getconf CLK_TCK)
 printf '%-26s %12s %14s %10s\n' "gonetns" "CPU ms/${secs}s" "wake-ups/${secs}s" "RSS MB"
-for flags in "--tcp-fast-path=true" "--event-loop=false" "--tcp-fast-path=false"; do
+for flags in "--tcp-fast-path=true" "--busy-poll=0" "--event-loop=false" "--tcp-fast-path=false"; do
 	fifo="$dir/out$RANDOM"
 	mkfifo "$fifo"
 	chmod 0666 "$fifo"

@@ -93,6 +93,15 @@ func (b *busyPoll) contended(now time.Time) {
 	b.shutUntil = now.Add(b.rest)
 }
 
+// quiet closes the window when the loop goes quiet (nothing came for
+// quietAfter): it sleeps in Go's poller from then on, where sleeps do not
+// shrink the window, and each lone frame that woke it there (neighbour
+// discovery, a keepalive) would be followed by a spin in vain. Measured
+// with 1,000 idle connections over 30 s (scripts/idle-cost.sh): the
+// network process scheduled 231-290 times and used 20 ms of CPU with
+// the window left open, 146-192 and 0-10 ms without polling.
+func (b *busyPoll) quiet() { b.cur = 0 }
+
 // found notes a spin that found its event uncontended.
 func (b *busyPoll) found() { b.rest = 0 }
 

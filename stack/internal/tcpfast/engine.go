@@ -616,6 +616,7 @@ func (e *Engine) sleep(events []unix.EpollEvent, p *pace, bp *busyPoll) (int, er
 		bp.slept(now.Sub(start), now)
 	case n == 0 && err == nil && due < 0 && time.Since(start) >= quietAfter:
 		p.quiet = true
+		bp.quiet()
 	}
 	return n, err
 }

@@ -38,6 +38,17 @@ func TestBusyPollWindow(t *testing.T) {
 			}
 		})
 	}
+	// A loop gone quiet polls no more, until traffic opens the window again.
+	b := busyPoll{max: 50 * us}
+	b.slept(us, time.Now())
+	b.quiet()
+	if b.window() != 0 {
+		t.Errorf("quiet: window %v, want 0", b.window())
+	}
+	b.slept(us, time.Now())
+	if b.window() != busyPollStart {
+		t.Errorf("woken soon after going quiet: window %v, want %v", b.window(), busyPollStart)
+	}
 }
 
 // TestBusyPollContended: a contended spin shuts the window for a rest that
