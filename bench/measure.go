@@ -441,5 +441,5 @@ func rotate(group []job, n int) []job {
 		return group
 	}
 	n %= len(group)
-	return append(group[n:], group[:n]...)
+	return slices.Concat(group[n:], group[:n])
 }

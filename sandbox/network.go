@@ -548,7 +548,7 @@ func (n *network) startStack(files []*os.File, li linkInfo) error {
 	if !n.st.RunsEventLoop() {
 		busyPoll, busyWhy = 0, "no event loop on this link"
 	}
-	if n.cfg.BusyPoll > 0 && !n.st.RunsEventLoop() {
+	if n.cfg.BusyPoll > 0 && busyPoll == 0 {
 		n.log.Info("--busy-poll has no effect here: it is the event loop that polls, the event loop reads the TAP itself, and this link is not (the packet link, or --pcap's recorder in between); frames are read on a goroutine, as with --event-loop=false")
 	}
 	n.nat.Start()
