@@ -138,6 +138,29 @@ func runHelper(mode string, args []string) int {
 			}
 		}
 		fmt.Printf("the answer, then the reset: %d of %d\n", got, n)
+	case "tcp-read-end": // ADDR N WAIT: N times, connect, wait, read to the end; count ends of stream and resets
+		n, _ := strconv.Atoi(args[1])
+		wait, _ := time.ParseDuration(args[2])
+		eof, reset := 0, 0
+		for range n {
+			c, err := net.DialTimeout("tcp", args[0], 5*time.Second)
+			if err != nil {
+				return fail("%v", err)
+			}
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			time.Sleep(wait)
+			b, err := io.ReadAll(c)
+			c.Close()
+			switch {
+			case err == nil && len(b) > 0:
+				eof++
+			case errors.Is(err, syscall.ECONNRESET) && len(b) > 0:
+				reset++
+			default:
+				return fail("after %d bytes: %v", len(b), err)
+			}
+		}
+		fmt.Printf("the answer, then the end of the stream: %d; then a reset: %d\n", eof, reset)
 	case "tcp-sum": // ADDR: read to the end, print the count and sha256 of what came
 		c, err := net.DialTimeout("tcp", args[0], 5*time.Second)
 		if err != nil {

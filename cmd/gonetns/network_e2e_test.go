@@ -217,6 +217,38 @@ func TestNetReplyBeforeReset(t *testing.T) {
 	})
 }
 
+// TestNetFINThenReset: a host server that answers, shuts its side and then
+// resets (SO_LINGER 0) reaches a sandbox reader that reads late as it
+// reaches a local one: the answer, then the end of the stream. Before, when
+// the FIN and the reset came to the fast path in one poll, the FIN was not
+// passed on and the reader got ECONNRESET (8 of this test's 20
+// connections, with and without the event loop).
+func TestNetFINThenReset(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	port := startTCPServer(t, func(c net.Conn) {
+		tc := c.(*net.TCPConn)
+		time.Sleep(10 * time.Millisecond) // the client's connect has returned (else Go's dialer reads EPIPE)
+		tc.Write([]byte("bye"))
+		tc.CloseWrite()
+		tc.SetLinger(0)
+	}) // Close with linger 0: the reset behind the FIN
+	const n = 20
+	want := fmt.Sprintf("the answer, then the end of the stream: %d; then a reset: 0", n)
+	local, err := exec.Command("sh", "-c", e2etest.HelperCmd(t, "tcp-read-end", fmt.Sprintf("127.0.0.1:%d", port), strconv.Itoa(n), "50ms")).Output()
+	if strings.TrimSpace(string(local)) != want {
+		t.Fatalf("a local client reading 50 ms late did not get the answer and the end of the stream every time (%v): this kernel differs from what the test assumes\n%s", err, local)
+	}
+	for _, flag := range []string{"--tcp-fast-path=true", "--event-loop=false", "--tcp-fast-path=false"} {
+		t.Run(strings.TrimPrefix(flag, "--"), func(t *testing.T) {
+			res := r.MustRun(t, netTimeout, flag, "sh", "-c", e2etest.HelperCmd(t, "tcp-read-end", fmt.Sprintf("10.0.2.2:%d", port), strconv.Itoa(n), "50ms"))
+			if strings.TrimSpace(res.Stdout) != want {
+				t.Errorf("want %q, as a local client gets\n%s", want, res)
+			}
+		})
+	}
+}
+
 // TestNetUploadToPausedReader: an upload to a host server that stops
 // reading for longer than the sandbox's kernel retransmits before giving
 // up (tcp_retries2 set to 5 inside: some 15 s) completes once the server

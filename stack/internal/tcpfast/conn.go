@@ -1266,6 +1266,16 @@ func (c *conn) push(t *tx) bool {
 		n, err := peek(c.fd, t.payload[:want], skip, c.peekOff)
 		switch {
 		case c.hostErr != nil && (n == 0 || errors.Is(err, unix.EAGAIN)):
+			if errors.Is(c.hostErr, unix.EPIPE) && !c.hostEOF {
+				// The reset came after the host's FIN (Linux says
+				// EPIPE for a reset that finds its socket in
+				// CLOSE_WAIT): the FIN goes first, then the reset, as
+				// when they come in separate polls, and the
+				// sandbox's reader gets the end of the stream, as a
+				// local one does.
+				c.hostEOF, c.finSeq = true, c.sndNxt
+				continue
+			}
 			// Every byte the host sent is out: the stream ends in
 			// the host's reset, not a FIN.
 			if !c.holdReset() {
