@@ -84,6 +84,7 @@ type fuzzHarness struct {
 	received  atomic.Int64                // bytes the sink read
 	pureACKs  atomic.Int64                // segments without data or flags but ACK the engine sent
 	lastACK   atomic.Uint32               // the acknowledgement number of the last of them
+	lastACKAt atomic.Int64                // when it came (UnixNano)
 	lastWnd   atomic.Uint32               // and its window field
 	repeats   atomic.Int64                // pure ACKs the same as the one before them (acknowledgement and window)
 	paused    atomic.Bool                 // the sink does not read while set
@@ -207,6 +208,7 @@ func newHarnessGreeted(t *testing.T, greeting []byte, greetedFirst bool) *fuzzHa
 				}
 				prevACK, prevWnd = tcp.AckNumber(), tcp.WindowSize()
 				h.lastACK.Store(tcp.AckNumber())
+				h.lastACKAt.Store(time.Now().UnixNano())
 				h.lastWnd.Store(uint32(tcp.WindowSize()))
 				h.pureACKs.Add(1)
 			}
@@ -598,6 +600,45 @@ func TestResetAfterFIN(t *testing.T) {
 		c.mu.Unlock()
 		if !fin {
 			t.Errorf("together %t: the reset went without the FIN before it", together)
+		}
+		h.close()
+	}
+}
+
+// TestFINAcknowledgedWithTheHostsFIN: the sandbox's FIN is acknowledged
+// by the host's FIN when the host closes within ackDelay, as Linux delays
+// the ACK of a FIN that finds its socket open; a host that does not
+// close gets the FIN acknowledged alone after ackDelay, never sooner.
+func TestFINAcknowledgedWithTheHostsFIN(t *testing.T) {
+	for _, hostCloses := range []bool{true, false} {
+		h := newFuzzHarness(t)
+		c := h.waitConn(func(c *conn) bool { return c.state == stEstablished })
+		if c == nil {
+			h.close()
+			t.Fatal("no connection")
+		}
+		h.paused.Store(!hostCloses) // a paused sink never reads the end, so never closes
+		sent := time.Now()
+		h.send(flagFIN|flagACK, h.irs+1, h.iss+1, 65535, 0, false)
+		finACK := h.irs + 2
+		if hostCloses {
+			if h.waitConn(func(c *conn) bool { return c.hostEOF && seqLT(c.finSeq, c.sndNxt) }) == nil {
+				t.Error("the host's FIN never went to the sandbox")
+			}
+			// The host's FIN carried the ACK; a pure ACK of the FIN is
+			// right only if the host took longer than ackDelay.
+			if h.lastACK.Load() == finACK {
+				if d := time.Duration(h.lastACKAt.Load() - sent.UnixNano()); d < ackDelay {
+					t.Errorf("the FIN was acknowledged alone after %v, before the host's FIN and sooner than %v", d, ackDelay)
+				}
+			}
+		} else {
+			if !waitFor(func() bool { return h.lastACK.Load() == finACK }) {
+				t.Fatal("the FIN was never acknowledged")
+			}
+			if d := time.Duration(h.lastACKAt.Load() - sent.UnixNano()); d < ackDelay {
+				t.Errorf("the FIN was acknowledged after %v, sooner than %v, with the host's end still open", d, ackDelay)
+			}
 		}
 		h.close()
 	}
