@@ -87,7 +87,7 @@ type fuzzHarness struct {
 	lastACKAt atomic.Int64                // when it came (UnixNano)
 	lastWnd   atomic.Uint32               // and its window field
 	repeats   atomic.Int64                // pure ACKs the same as the one before them (acknowledgement and window)
-	paused    atomic.Bool                 // the sink does not read while set
+	paused    atomic.Bool                 // the sink does not read, nor close, while set
 	sinkErr   atomic.Value                // error: how the sink's reading ended (io.EOF for a FIN)
 	resets    atomic.Int64                // RST segments the engine sent
 	sinkConn  atomic.Pointer[net.TCPConn] // the host's end, once accepted
@@ -148,6 +148,9 @@ func newHarnessGreeted(t *testing.T, greeting []byte, greetedFirst bool) *fuzzHa
 				seq++
 			}
 			if err != nil {
+				for h.paused.Load() { // nor does it close: a read blocked as it was paused may end in EOF
+					time.Sleep(time.Millisecond)
+				}
 				h.sinkErr.Store(err)
 				return
 			}
