@@ -59,6 +59,7 @@ func FuzzSegments(f *testing.F) {
 			return
 		}
 		h := newFuzzHarness(t)
+		h.abortive.Store(true)
 		defer h.close()
 		for len(prog) >= 9 {
 			h.segment(prog[:9])
@@ -91,6 +92,7 @@ type fuzzHarness struct {
 	sinkErr   atomic.Value                // error: how the sink's reading ended (io.EOF for a FIN)
 	resets    atomic.Int64                // RST segments the engine sent
 	sinkConn  atomic.Pointer[net.TCPConn] // the host's end, once accepted
+	abortive  atomic.Bool                 // the sink ends its connection with a reset, not a FIN
 	wg        sync.WaitGroup
 }
 
@@ -130,7 +132,12 @@ func newHarnessGreeted(t *testing.T, greeting []byte, greetedFirst bool) *fuzzHa
 		if err != nil {
 			return
 		}
-		defer c.Close()
+		defer func() {
+			if h.abortive.Load() {
+				c.(*net.TCPConn).SetLinger(0)
+			}
+			c.Close()
+		}()
 		h.sinkConn.Store(c.(*net.TCPConn))
 		c.Write(greeting)
 		buf := make([]byte, 64<<10)
