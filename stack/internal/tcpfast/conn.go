@@ -1281,7 +1281,7 @@ func (c *conn) push(t *tx) bool {
 				// when they come in separate polls, and the
 				// sandbox's reader gets the end of the stream, as a
 				// local one does.
-				c.hostEOF, c.finSeq = true, c.sndNxt
+				c.hostEnds()
 				continue
 			}
 			// Every byte the host sent is out: the stream ends in
@@ -1295,7 +1295,7 @@ func (c *conn) push(t *tx) bool {
 				// Nothing new, and the host's FIN has come: the
 				// stream ends here (the path without SO_PEEK_OFF
 				// never reads 0 while bytes are in flight).
-				c.hostEOF, c.finSeq = true, c.sndNxt
+				c.hostEnds()
 				continue
 			}
 			c.hostReadable = false
@@ -1304,7 +1304,7 @@ func (c *conn) push(t *tx) bool {
 			c.reset(err)
 			return sent
 		case n == 0:
-			c.hostEOF, c.finSeq = true, c.sndNxt
+			c.hostEnds()
 			continue
 		}
 		flags := flagACK
@@ -1322,6 +1322,10 @@ func (c *conn) push(t *tx) bool {
 		sent = true
 	}
 }
+
+// hostEnds notes that the host's stream ends where the engine has read it
+// to: its FIN is the next sequence number to send.
+func (c *conn) hostEnds() { c.hostEOF, c.finSeq = true, c.sndNxt }
 
 // sendData sends a segment of the host's data (or the FIN) at seq and
 // starts the retransmission timer if nothing was in flight.
