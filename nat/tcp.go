@@ -120,6 +120,7 @@ func (n *NAT) forwardTCP(r *stack.TCPRequest) {
 		r.Refuse()
 		return
 	}
+	oobInline(hc.(*net.TCPConn))
 	gc, err := r.Accept()
 	if err != nil {
 		// The sandbox reset the connection before the stack took it (a
@@ -256,4 +257,14 @@ func (n *NAT) dialTCP(dst netip.AddrPort) (int, error) {
 		return -1, fmt.Errorf("tcp connect %v: %w", netip.AddrPortFrom(host, dst.Port()), err)
 	}
 	return fd, nil
+}
+
+// oobInline keeps the host's urgent byte (MSG_OOB) in the stream, where
+// the relay reads it and the sandbox gets it as an ordinary byte, as the
+// fast path gives it: without, the relay's reads skipped it, and of "ab",
+// an urgent "U", then "cd" the sandbox read "abcd".
+func oobInline(c *net.TCPConn) {
+	if rc, err := c.SyscallConn(); err == nil {
+		rc.Control(func(fd uintptr) { unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_OOBINLINE, 1) })
+	}
 }

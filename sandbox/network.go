@@ -699,6 +699,14 @@ func (n *network) egressInfo() *api.EgressInfo {
 }
 
 // Close stops everything start started, API first, netstack last.
+// settleMax bounds how long Close waits for the sandbox's kernel to send
+// what its closed sockets still hold (stack.Settle) before the rest are
+// reset: gonetns returns that much later at most, and only while such
+// bytes still move. A local program's kernel keeps at it for minutes; a
+// server reading 800 KB a second takes 10 s for the 8 MB a socket may
+// hold.
+const settleMax = 10 * time.Second
+
 func (n *network) Close() error {
 	n.closeOnce.Do(func() {
 		// With --debug, what each limit did over the run.
@@ -728,6 +736,14 @@ func (n *network) Close() error {
 		}
 		if n.dns != nil {
 			n.dns.Close()
+		}
+		// The sandbox's kernel first finishes what the fast path's
+		// connections still have to send (a program that closed and
+		// exited), for at most settleMax.
+		if n.st != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), settleMax)
+			n.st.Settle(ctx)
+			cancel()
 		}
 		// The stack before the NAT: closing it aborts handshakes still
 		// in progress (which the NAT would otherwise wait for, up to the

@@ -386,6 +386,41 @@ func TestNetSandboxResets(t *testing.T) {
 	}
 }
 
+// A host server's urgent byte (MSG_OOB) reaches the sandbox in the
+// stream, where it was sent, on either TCP path: the netstack path's
+// relay read past it ("abcd" for "ab", urgent "U", "cd").
+func TestNetUrgentByteInline(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte("ab"))
+			time.Sleep(50 * time.Millisecond)
+			if rc, err := c.(*net.TCPConn).SyscallConn(); err == nil {
+				rc.Control(func(fd uintptr) { unix.Sendto(int(fd), []byte("U"), unix.MSG_OOB, nil) })
+			}
+			time.Sleep(50 * time.Millisecond)
+			c.Write([]byte("cd"))
+			c.Close()
+		}
+	}()
+	for _, flag := range []string{"--tcp-fast-path=true", "--tcp-fast-path=false"} {
+		res := r.MustRun(t, netTimeout, flag, "bash", "-c", fmt.Sprintf("exec 3<>/dev/tcp/10.0.2.2/%d; cat <&3", l.Addr().(*net.TCPAddr).Port))
+		if res.Stdout != "abUcd" {
+			t.Errorf("%s: the sandbox read %q; want \"abUcd\"", flag, res.Stdout)
+		}
+	}
+}
+
 func TestNetHalfClose(t *testing.T) {
 	e2etest.RequireTun(t)
 	r := e2etest.Unprivileged(t)
@@ -573,6 +608,53 @@ func TestNetHostSocketsCloseOnExit(t *testing.T) {
 		t.Error("the host side of the connection stayed open after gonetns exited")
 	}
 	killSleep(marker)
+}
+
+// A program inside that writes to a server reading late, closes and exits
+// at once leaves the rest of its bytes, and its FIN, to its kernel, as it
+// would on the host: the server gets them all, then the end of the
+// stream, and gonetns returns once they are through. The server got part
+// of them and a reset, or (the command's kernel still holding bytes) part
+// of them and a clean end of stream.
+func TestNetBytesLeftAtExitDelivered(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	const size = 8 << 20
+	type result struct {
+		n   int64
+		err error
+	}
+	for i := range 3 {
+		got := make(chan result, 1)
+		go func() {
+			c, err := l.Accept()
+			if err != nil {
+				got <- result{0, err}
+				return
+			}
+			defer c.Close()
+			time.Sleep(1500 * time.Millisecond)
+			n, err := io.Copy(io.Discard, c)
+			got <- result{n, err}
+		}()
+		start := time.Now()
+		r.MustRun(t, netTimeout, "bash", "-c", fmt.Sprintf("exec 3<>/dev/tcp/10.0.2.2/%d; head -c %d /dev/zero >&3; exec 3>&-; exit 0", l.Addr().(*net.TCPAddr).Port, size))
+		took := time.Since(start)
+		select {
+		case res := <-got:
+			if res.n != size || res.err != nil {
+				t.Errorf("run %d: the host read %d of %d bytes, then %v; want all, then the end of the stream", i, res.n, size, res.err)
+			}
+		case <-time.After(15 * time.Second):
+			t.Fatalf("run %d: the host's reading did not end", i)
+		}
+		t.Logf("run %d: gonetns returned after %v", i, took.Round(time.Millisecond))
+	}
 }
 
 func killSleep(marker string) {

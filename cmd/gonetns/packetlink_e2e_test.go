@@ -29,6 +29,7 @@ var packetLinkSuite = []struct {
 	{"NetDNS", TestNetDNS},
 	{"NetDisableHostLoopback", TestNetDisableHostLoopback},
 	{"NetHostSocketsCloseOnExit", TestNetHostSocketsCloseOnExit},
+	{"NetBytesLeftAtExitDelivered", TestNetBytesLeftAtExitDelivered},
 	{"NetIPv6", TestNetIPv6},
 	{"NetSlowReadersDoNotStall", TestNetSlowReadersDoNotStall},
 	{"PortsPublishAndAPI", TestPortsPublishAndAPI},

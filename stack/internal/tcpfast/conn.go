@@ -138,6 +138,7 @@ type connState struct {
 	roomEst  int       // the host socket's send room as last read, less what was written since
 	sndbuf   int       // the host socket's send buffer as last read
 	lastData bool      // the last segment sent carried data: the sandbox's next data is likely a turn
+	dataSegs uint32    // segments with data or a FIN taken from the sandbox: Settle tells a sender from an idle end by it
 
 	// The host's data, towards the sandbox.
 	iss          uint32
@@ -1545,21 +1546,25 @@ func (c *conn) close(abort bool) {
 }
 
 // closeOnExit ends the connection as the engine stops (the sandbox's
-// command has exited, or the network process is told to stop). What the
-// sandbox sent and was acknowledged is the host's to get, as a local
-// program's bytes are when it exits: an established connection whose
-// queue the host socket takes whole is closed as an exiting program's
-// socket is, its kernel sending what is left, then a FIN (a reset, should
-// the host's unread bytes still be there: they are dropped first). The
-// rest are reset. Every connection used to be reset: a program inside
+// command has exited, or the network process is told to stop; Settle has
+// given the sandbox's kernel its time to finish). A connection whose
+// stream from the sandbox is complete (its FIN came, and the host socket
+// took the queue whole) is closed as an exiting program's socket is, its
+// kernel sending what is left, then a FIN (a reset, should the host's
+// unread bytes still be there: they are dropped first): a program inside
 // that wrote 2 MB to a server reading late, closed and exited had its
-// bytes dropped from the host socket's queue (the server got some 128
-// KB, then ECONNRESET). The sandbox gets a reset either way.
+// bytes dropped from the host socket's queue when every connection was
+// reset (the server got some 128 KB, then ECONNRESET). Any other is
+// reset: the sandbox had not ended its stream, and a FIN would tell the
+// host it had. A program that closed with 10 MiB still in its kernel for
+// a server reading 800 KB a second, and exited, had the host read 7.5-8.1
+// MiB and a clean end of stream in 4 runs of 7. The sandbox gets a reset
+// either way.
 func (c *conn) closeOnExit() {
 	if c.state == stEstablished && len(c.queue) > 0 {
 		c.flush()
 	}
-	if c.state != stEstablished || len(c.queue) > 0 {
+	if c.state != stEstablished || len(c.queue) > 0 || !c.finRcvd {
 		c.reset(nil)
 		return
 	}

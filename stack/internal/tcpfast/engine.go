@@ -16,6 +16,7 @@
 package tcpfast
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
@@ -266,8 +267,87 @@ func (e *Engine) Start() error {
 	return nil
 }
 
-// Close resets every connection (both ways) and stops the poller; it waits
-// for the engine's goroutines and timers in flight. Idempotent.
+// Settle waits, until ctx ends, for the sandbox to finish what its
+// connections still have to send, as the engine is about to stop (the
+// sandbox's command has exited): a program that closed its socket and
+// exited leaves the rest of its bytes, and its FIN, to its kernel, which
+// keeps sending them through the TAP (the namespace lives as long as the
+// TAP's descriptor) as it would to a peer on its own machine. A
+// connection is waited for while it has bytes the host socket has not
+// taken, or its window is shut for want of room in the host socket (the
+// sandbox's bytes wait behind it), or, its FIN not come, a segment with
+// data came from the sandbox within settleIdle; a connection whose end is
+// still open (a process left behind holds it) and sends nothing, or only
+// acknowledges what the host sends, is not. It returns at once when
+// nothing is to be waited for, the usual case.
+func (e *Engine) Settle(ctx context.Context) {
+	type seen struct {
+		gen, segs uint32
+		at        time.Time // when segs last moved
+	}
+	last := map[*conn]seen{}
+	var all []*conn
+	for {
+		now := time.Now()
+		e.mu.RLock()
+		all = all[:0]
+		for _, c := range e.conns {
+			all = append(all, c)
+		}
+		e.mu.RUnlock()
+		busy := false
+		for _, c := range all {
+			c.mu.Lock()
+			st, gen, segs := c.state, c.gen, c.dataSegs
+			sending := len(c.queue) > 0 || !c.finRcvd && (c.wndSmall || c.stalled)
+			open := !c.finRcvd
+			c.mu.Unlock()
+			if st != stEstablished || !sending && !open {
+				continue
+			}
+			if sending {
+				busy = true
+				continue
+			}
+			l, ok := last[c]
+			switch {
+			case !ok || l.gen != gen:
+				// Not seen yet: one more look tells whether it moves.
+				last[c] = seen{gen, segs, now.Add(-settleIdle)}
+				busy = true
+			case l.segs != segs:
+				last[c] = seen{gen, segs, now}
+				busy = true
+			case now.Sub(l.at) < settleIdle:
+				busy = true
+			}
+		}
+		if !busy {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(settlePoll):
+		}
+	}
+}
+
+// settleIdle is how long a connection's sandbox end may stay silent, its
+// FIN not come, before Settle stops waiting for it: a kernel sending the
+// rest of a closed socket's bytes sends a segment every round trip, or,
+// the window shut, a probe at its retransmission timeout, which starts
+// at 200 ms and is covered by the window test; settlePoll is how often it
+// looks.
+const (
+	settleIdle = 250 * time.Millisecond
+	settlePoll = 20 * time.Millisecond
+)
+
+// Close ends every connection (closeOnExit: with a FIN where the
+// sandbox's stream is complete, else a reset, both ways) and stops the
+// poller; it waits for the engine's goroutines and timers in flight.
+// Idempotent.
 func (e *Engine) Close() error {
 	e.mu.Lock()
 	if e.state == 2 {
@@ -346,6 +426,9 @@ func (e *Engine) Handle(vnetHdr, head, tail []byte) bool {
 	}
 	if c := e.lookup(key{s.src, s.dst}); c != nil {
 		c.mu.Lock()
+		if s.payloadLen > 0 || s.has(flagFIN) {
+			c.dataSegs++
+		}
 		c.input(&s)
 		c.mu.Unlock()
 		return true

@@ -1,8 +1,10 @@
 package tcpfast
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -10,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -705,28 +708,51 @@ func TestResetOutOfPlace(t *testing.T) {
 }
 
 // TestEngineCloseDeliversAcknowledged: as the engine stops (the sandbox's
-// command has exited), bytes it acknowledged to the sandbox and wrote to
-// the host socket still reach the host, then a FIN, as a local program's
-// do when it exits; they were dropped with a reset.
+// command has exited), a stream the sandbox ended (its FIN came) reaches
+// the host whole, the bytes acknowledged and waiting in the host socket,
+// then a FIN, as a local program's do when it exits (they were dropped
+// with a reset); a stream the sandbox had not ended ends with a reset,
+// never with the FIN that would tell the host it was whole (the host
+// read a clean end after 7.5-8.1 of 10 MiB).
 func TestEngineCloseDeliversAcknowledged(t *testing.T) {
-	h := newFuzzHarness(t)
-	defer h.close()
-	c := h.waitConn(func(c *conn) bool { return c.state == stEstablished })
-	if c == nil {
-		t.Fatal("no connection")
+	for _, fin := range []bool{true, false} {
+		t.Run(fmt.Sprintf("fin=%v", fin), func(t *testing.T) {
+			h := newFuzzHarness(t)
+			defer h.close()
+			c := h.waitConn(func(c *conn) bool { return c.state == stEstablished })
+			if c == nil {
+				t.Fatal("no connection")
+			}
+			h.paused.Store(true)
+			seq := h.irs + 1
+			for range 100 {
+				h.send(flagACK|flagPSH, seq, h.iss+1, 65535, 1000, false)
+				seq += 1000
+			}
+			sent := int64(seq - h.irs - 1)
+			if fin {
+				h.send(flagACK|flagFIN, seq, h.iss+1, 65535, 0, false)
+				seq++
+			}
+			if !waitFor(func() bool { return h.lastACK.Load() == seq }) {
+				t.Fatalf("%d of %d bytes acknowledged", h.lastACK.Load()-h.irs-1, sent)
+			}
+			h.e.Close()
+			if fin {
+				h.resumeSink(sent)
+				return
+			}
+			h.paused.Store(false)
+			select {
+			case <-h.sinkDone:
+			case <-time.After(10 * time.Second):
+				t.Fatalf("the host read %d of %d bytes and no end", h.received.Load(), sent)
+			}
+			if err, _ := h.sinkErr.Load().(error); !errors.Is(err, syscall.ECONNRESET) {
+				t.Errorf("the host's reading of a stream the sandbox had not ended ended with %v; want ECONNRESET", err)
+			}
+		})
 	}
-	h.paused.Store(true)
-	seq := h.irs + 1
-	for range 100 {
-		h.send(flagACK|flagPSH, seq, h.iss+1, 65535, 1000, false)
-		seq += 1000
-	}
-	sent := int64(seq - h.irs - 1)
-	if !waitFor(func() bool { return h.lastACK.Load() == seq }) {
-		t.Fatalf("%d of %d bytes acknowledged", h.lastACK.Load()-h.irs-1, sent)
-	}
-	h.e.Close()
-	h.resumeSink(sent)
 }
 
 // resumeSink lets the paused sink read again, and checks that it gets the
@@ -745,4 +771,44 @@ func (h *fuzzHarness) resumeSink(sent int64) {
 	if err, _ := h.sinkErr.Load().(error); err != io.EOF {
 		h.t.Errorf("the host's reading ended with %v; want EOF (a FIN)", err)
 	}
+}
+
+// TestSettleWaitsForTheSandboxsEnd: Settle returns at once for an idle
+// connection whose end the sandbox holds open, and waits for one whose
+// sandbox still sends, until its FIN; Close then gives the host the whole
+// stream and a FIN.
+func TestSettleWaitsForTheSandboxsEnd(t *testing.T) {
+	h := newFuzzHarness(t)
+	defer h.close()
+	if h.waitConn(func(c *conn) bool { return c.state == stEstablished }) == nil {
+		t.Fatal("no connection")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	start := time.Now()
+	h.e.Settle(ctx)
+	if d := time.Since(start); d > settleIdle+10*settlePoll {
+		t.Errorf("Settle waited %v for an idle connection; want at most about %v", d, settleIdle+settlePoll)
+	}
+	var finSent atomic.Bool
+	seq := h.irs + 1
+	go func() {
+		for range 25 {
+			h.send(flagACK|flagPSH, seq, h.iss+1, 65535, 1000, false)
+			seq += 1000
+			time.Sleep(settleIdle / 10)
+		}
+		finSent.Store(true)
+		h.send(flagACK|flagFIN, seq, h.iss+1, 65535, 0, false)
+	}()
+	start = time.Now()
+	h.e.Settle(ctx)
+	if !finSent.Load() {
+		t.Fatalf("Settle returned after %v, while the sandbox still sent", time.Since(start))
+	}
+	if ctx.Err() != nil {
+		t.Fatal("Settle waited until its deadline")
+	}
+	h.e.Close()
+	h.resumeSink(25 * 1000)
 }
