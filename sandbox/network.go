@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
@@ -16,6 +17,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/gonetns/gonetns/api"
@@ -739,9 +741,18 @@ func (n *network) Close() error {
 		}
 		// The sandbox's kernel first finishes what the fast path's
 		// connections still have to send (a program that closed and
-		// exited), for at most settleMax.
+		// exited), for at most settleMax. Relaying signals, the sandbox
+		// owns HUP, INT and TERM: one of them (a Ctrl-C) cuts the wait
+		// short, the unfinished streams then reset as the wait's end
+		// would, where the signal's default action killed the process
+		// and its kernel ended every host socket with a FIN.
 		if n.st != nil {
 			ctx, cancel := context.WithTimeout(context.Background(), settleMax)
+			if n.cfg.ForwardSignals {
+				var stop context.CancelFunc
+				ctx, stop = signal.NotifyContext(ctx, syscall.SIGHUP, syscall.SIGINT, syscall.SIGTERM)
+				defer stop()
+			}
 			n.st.Settle(ctx)
 			cancel()
 		}

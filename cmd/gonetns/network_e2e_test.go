@@ -670,6 +670,58 @@ func killSleep(marker string) {
 	}
 }
 
+// The wait at exit for bytes the sandbox's kernel still holds (above)
+// ends at a Ctrl-C: gonetns returns at once, and the host's unfinished
+// stream ends with a reset, not the FIN that the signal's default action
+// (the network process killed, its kernel closing every socket) gave it.
+func TestNetSettleEndsOnInterrupt(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		if c, err := l.Accept(); err == nil {
+			accepted <- c
+		}
+	}()
+	// The server reads nothing: the command's 32 MiB cannot all leave its
+	// kernel, and gonetns waits for them when the command has exited.
+	cmd := r.Command(context.Background(), "bash", "-c", fmt.Sprintf("exec 3<>/dev/tcp/10.0.2.2/%d; (head -c %d /dev/zero >&3 &); sleep 1; echo exiting", l.Addr().(*net.TCPAddr).Port, 32<<20))
+	out, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	var c net.Conn
+	select {
+	case c = <-accepted:
+	case <-time.After(netTimeout):
+		t.Fatal("the sandbox's connection never came")
+	}
+	defer c.Close()
+	if line, _ := bufio.NewReader(out).ReadString('\n'); line != "exiting\n" {
+		t.Fatalf("the command said %q", line)
+	}
+	time.Sleep(500 * time.Millisecond) // the command has exited; gonetns waits
+	signaled := time.Now()
+	cmd.Process.Signal(os.Interrupt)
+	werr := cmd.Wait()
+	if took := time.Since(signaled); took > 3*time.Second {
+		t.Errorf("gonetns returned %v after the Ctrl-C; want at once (the wait alone lasts up to %v)", took.Round(time.Millisecond), 10*time.Second)
+	}
+	if werr != nil {
+		t.Errorf("gonetns: %v; want the command's status, 0", werr)
+	}
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.Copy(io.Discard, c); !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("the host's reading of the unfinished stream ended with %v; want ECONNRESET", err)
+	}
+}
+
 // Without access to /dev/net/tun (a node of mode 0600, as many
 // distributions ship it, in a mount namespace of the run's own: the
 // machine's node stays as it is), gonetns takes the packet link and says
