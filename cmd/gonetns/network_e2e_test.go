@@ -392,11 +392,7 @@ func TestNetSandboxResets(t *testing.T) {
 func TestNetUrgentByteInline(t *testing.T) {
 	e2etest.RequireTun(t)
 	r := e2etest.Unprivileged(t)
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	l := hostListener(t)
 	go func() {
 		for {
 			c, err := l.Accept()
@@ -584,11 +580,7 @@ func TestNetDisableHostLoopback(t *testing.T) {
 func TestNetHostSocketsCloseOnExit(t *testing.T) {
 	e2etest.RequireTun(t)
 	r := e2etest.Unprivileged(t)
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	l := hostListener(t)
 	ended := make(chan error, 1)
 	go func() {
 		c, err := l.Accept()
@@ -619,11 +611,7 @@ func TestNetHostSocketsCloseOnExit(t *testing.T) {
 func TestNetBytesLeftAtExitDelivered(t *testing.T) {
 	e2etest.RequireTun(t)
 	r := e2etest.Unprivileged(t)
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	l := hostListener(t)
 	const size = 8 << 20
 	type result struct {
 		n   int64
@@ -677,11 +665,7 @@ func killSleep(marker string) {
 func TestNetSettleEndsOnInterrupt(t *testing.T) {
 	e2etest.RequireTun(t)
 	r := e2etest.Unprivileged(t)
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	l := hostListener(t)
 	accepted := make(chan net.Conn, 1)
 	go func() {
 		if c, err := l.Accept(); err == nil {
@@ -996,11 +980,7 @@ func TestNetSlowReadersDoNotStall(t *testing.T) {
 	e2etest.RequireTun(t)
 	r := e2etest.Unprivileged(t)
 	const size = 16 << 20
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	l := hostListener(t)
 	got := make(chan int64, 1)
 	go func() {
 		for {
@@ -1279,4 +1259,16 @@ func TestNetRoundTripsAllocateNothing(t *testing.T) {
 			}
 		})
 	}
+}
+
+// hostListener listens on the host's 127.0.0.1, on a port of the
+// kernel's choice, until the test ends.
+func hostListener(t *testing.T) *net.TCPListener {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	return l.(*net.TCPListener)
 }
