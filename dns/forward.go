@@ -37,6 +37,10 @@ type forwarder struct {
 	// down is set once every upstream has failed a query and the warning
 	// has been logged, so it is logged once per outage, not per query.
 	down atomic.Bool
+	// answered is when an upstream last answered (Unix nanoseconds; 0:
+	// never): a query no upstream answers is an outage only when none
+	// has answered anything for outageQuiet.
+	answered atomic.Int64
 	// refusedSaid is set once an answer REFUSED by every upstream that
 	// answered has been passed on and noted in the log (once per run).
 	refusedSaid atomic.Bool
@@ -243,7 +247,7 @@ wait:
 		errs = append(errs, fmt.Errorf("%d upstream(s) silent until the %v budget ran out", pending, f.timeout))
 	}
 	err := fmt.Errorf("%w: %w", errNoAnswer, errors.Join(errs...))
-	f.markDown(err)
+	f.markDown(q, err)
 	return nil, header{}, netip.AddrPort{}, err
 }
 
@@ -282,8 +286,23 @@ func (f *forwarder) try(ctx context.Context, up netip.AddrPort, query []byte, q 
 	return reply, h, nil
 }
 
-// markDown logs, once per outage, that no upstream answers.
-func (f *forwarder) markDown(err error) {
+// outageQuiet is how long the upstreams must have answered nothing for a
+// query they leave unanswered to count as an outage. A resolver that
+// never answers one name (its authoritative servers silent) while it
+// answers every other is no outage: each such query warned that every
+// name would get SERVFAIL and told the user to change --dns-upstream, and
+// the next answer said the resolvers answered again (two lines per
+// query, 10 for 5 queries of that name between good ones).
+const outageQuiet = 30 * time.Second
+
+// markDown logs, once per outage, that no upstream answers; a query left
+// unanswered while the upstreams answer others is said at debug level.
+func (f *forwarder) markDown(q mdns.Question, err error) {
+	if last := f.answered.Load(); last != 0 && time.Since(time.Unix(0, last)) < outageQuiet {
+		f.log.Debug("dns: no upstream resolver answered this name, though they answer others; the sandbox gets SERVFAIL for it",
+			slog.String("name", q.Name), slog.Any("error", err))
+		return
+	}
 	if f.down.CompareAndSwap(false, true) {
 		ups := make([]string, len(f.upstreams))
 		for i, u := range f.upstreams {
@@ -297,6 +316,7 @@ func (f *forwarder) markDown(err error) {
 
 // markUp notes that an upstream answered, ending an outage.
 func (f *forwarder) markUp() {
+	f.answered.Store(time.Now().UnixNano())
 	if f.down.CompareAndSwap(true, false) {
 		f.log.Info("dns: an upstream resolver answers again")
 	}

@@ -241,6 +241,34 @@ func TestUpstreamDown(t *testing.T) {
 	}
 }
 
+// TestOneSilentNameIsNoOutage: an upstream that answers every name but
+// one it leaves unanswered (its authoritative servers silent) is no
+// outage: the sandbox gets SERVFAIL for that name and answers for the
+// others, and nothing is said above debug level. Each such query warned
+// that every name would fail, and the next answer that the upstreams
+// answered again.
+func TestOneSilentNameIsNoOutage(t *testing.T) {
+	up := startUpstream(t, func(w mdns.ResponseWriter, r *mdns.Msg) {
+		if len(r.Question) == 1 && r.Question[0].Name == "silent.example." {
+			return
+		}
+		zone(w, r)
+	})
+	logs := &recordHandler{}
+	srv := startServer(t, Config{Upstreams: []netip.AddrPort{up.addr}, Timeout: 300 * time.Millisecond, Logger: slog.New(logs)})
+	for range 3 {
+		if r := exchange(t, "udp", srv.udp, query("a.example.", mdns.TypeA)); r.Rcode != mdns.RcodeSuccess {
+			t.Fatalf("a.example.: rcode %s, want NOERROR", rcodeString(r.Rcode))
+		}
+		if r := exchange(t, "udp", srv.udp, query("silent.example.", mdns.TypeA)); r.Rcode != mdns.RcodeServerFailure {
+			t.Fatalf("silent.example.: rcode %s, want SERVFAIL", rcodeString(r.Rcode))
+		}
+	}
+	if w, i := logs.count(slog.LevelWarn), logs.count(slog.LevelInfo); w != 0 || i != 0 {
+		t.Errorf("%d warnings and %d notes for one name left unanswered among answers; want none", w, i)
+	}
+}
+
 // TestSlowUpstream: an upstream that answers in 2.5 s (a name it had to
 // resolve) is waited for within the default budget; at 2 s the client got
 // SERVFAIL for a name that resolved on the host.
