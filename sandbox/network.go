@@ -742,15 +742,15 @@ func (n *network) Close() error {
 		// The sandbox's kernel first finishes what the fast path's
 		// connections still have to send (a program that closed and
 		// exited), for at most settleMax. Relaying signals, the sandbox
-		// owns HUP, INT and TERM: one of them (a Ctrl-C) cuts the wait
-		// short, the unfinished streams then reset as the wait's end
-		// would, where the signal's default action killed the process
-		// and its kernel ended every host socket with a FIN.
+		// owns HUP, INT, QUIT and TERM: one of them (a Ctrl-C) cuts the
+		// wait short, the unfinished streams then reset as the wait's
+		// end would, where the signal's default action killed the
+		// process (QUIT with a dump of its goroutines, status 2).
 		if n.st != nil {
 			ctx, cancel := context.WithTimeout(context.Background(), settleMax)
 			if n.cfg.ForwardSignals {
 				var stop context.CancelFunc
-				ctx, stop = signal.NotifyContext(ctx, syscall.SIGHUP, syscall.SIGINT, syscall.SIGTERM)
+				ctx, stop = signal.NotifyContext(ctx, syscall.SIGHUP, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGTERM)
 				defer stop()
 			}
 			n.st.Settle(ctx)

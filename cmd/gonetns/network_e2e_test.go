@@ -20,6 +20,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -663,6 +664,14 @@ func killSleep(marker string) {
 // stream ends with a reset, not the FIN that the signal's default action
 // (the network process killed, its kernel closing every socket) gave it.
 func TestNetSettleEndsOnInterrupt(t *testing.T) {
+	for _, sig := range []syscall.Signal{syscall.SIGINT, syscall.SIGQUIT} {
+		t.Run(sig.String(), func(t *testing.T) { testSettleEndsOn(t, sig) })
+	}
+}
+
+// testSettleEndsOn: a SIGQUIT ended gonetns with a dump of its
+// goroutines and status 2.
+func testSettleEndsOn(t *testing.T, sig syscall.Signal) {
 	e2etest.RequireTun(t)
 	r := e2etest.Unprivileged(t)
 	l := hostListener(t)
@@ -692,7 +701,7 @@ func TestNetSettleEndsOnInterrupt(t *testing.T) {
 	}
 	time.Sleep(500 * time.Millisecond) // the command has exited; gonetns waits
 	signaled := time.Now()
-	cmd.Process.Signal(os.Interrupt)
+	cmd.Process.Signal(sig)
 	werr := cmd.Wait()
 	if took := time.Since(signaled); took > 3*time.Second {
 		t.Errorf("gonetns returned %v after the Ctrl-C; want at once (the wait alone lasts up to %v)", took.Round(time.Millisecond), 10*time.Second)
@@ -703,6 +712,64 @@ func TestNetSettleEndsOnInterrupt(t *testing.T) {
 	c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if _, err := io.Copy(io.Discard, c); !errors.Is(err, syscall.ECONNRESET) {
 		t.Errorf("the host's reading of the unfinished stream ended with %v; want ECONNRESET", err)
+	}
+}
+
+// gonetns killed (SIGKILL) while the sandbox sends: the host's stream,
+// unfinished, ends with a reset, not the FIN that the kernel's close of a
+// dead process's sockets gave it.
+func TestNetKilledMidStreamResets(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	l := hostListener(t)
+	type result struct {
+		n   int64
+		err error
+	}
+	got := make(chan result, 1)
+	var read atomic.Int64
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			got <- result{0, err}
+			return
+		}
+		defer c.Close()
+		c.SetReadDeadline(time.Now().Add(netTimeout))
+		b := make([]byte, 64<<10)
+		for {
+			n, err := c.Read(b)
+			read.Add(int64(n))
+			if err != nil {
+				if err == io.EOF {
+					err = nil
+				}
+				got <- result{read.Load(), err}
+				return
+			}
+			time.Sleep(time.Millisecond) // a reader slower than the sender
+		}
+	}()
+	cmd := r.Command(context.Background(), "bash", "-c", fmt.Sprintf("exec 3<>/dev/tcp/10.0.2.2/%d; head -c %d /dev/zero >&3", l.Addr().(*net.TCPAddr).Port, 256<<20))
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(netTimeout); read.Load() < 1<<20; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			cmd.Process.Kill()
+			cmd.Wait()
+			t.Fatal("the sandbox's bytes never came")
+		}
+	}
+	cmd.Process.Kill()
+	cmd.Wait()
+	select {
+	case res := <-got:
+		if !errors.Is(res.err, syscall.ECONNRESET) {
+			t.Errorf("the host read %d bytes, then %v; want ECONNRESET for a stream cut short", res.n, res.err)
+		}
+	case <-time.After(netTimeout):
+		t.Fatal("the host's reading did not end")
 	}
 }
 

@@ -138,7 +138,7 @@ type connState struct {
 	roomEst  int       // the host socket's send room as last read, less what was written since
 	sndbuf   int       // the host socket's send buffer as last read
 	lastData bool      // the last segment sent carried data: the sandbox's next data is likely a turn
-	dataSegs uint32    // segments with data or a FIN taken from the sandbox: Settle tells a sender from an idle end by it
+	dataAt   int64     // when a segment with data or a FIN last came from the sandbox (the timers' clock): Settle tells a sender from an idle end by it
 
 	// The host's data, towards the sandbox.
 	iss          uint32
@@ -259,6 +259,13 @@ func (c *conn) register() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	oobInline(c.fd)
+	// Until the sandbox's FIN (takeFIN), the stream the host reads is
+	// unfinished: should the network process die (SIGKILL, a crash), its
+	// kernel ends the connection with a reset, not with the FIN that
+	// would tell the host the stream was whole (killed during the wait
+	// at exit, the host read 4,291,584 of 8,908,612 bytes and a clean
+	// end). Two system calls per connection.
+	resetOnClose(c.fd, true)
 	c.peekOff = e.peekOff.Load() >= 0 && enablePeekOff(c.fd)
 	if !c.peekOff && e.peekOff.Load() == 0 {
 		e.peekOff.Store(-1)
@@ -1015,6 +1022,7 @@ func (c *conn) ackFIN() {
 // written: the host socket's writing is shut.
 func (c *conn) takeFIN() {
 	c.ackFIN()
+	resetOnClose(c.fd, false)
 	unix.Shutdown(c.fd, unix.SHUT_WR)
 }
 

@@ -281,14 +281,9 @@ func (e *Engine) Start() error {
 // acknowledges what the host sends, is not. It returns at once when
 // nothing is to be waited for, the usual case.
 func (e *Engine) Settle(ctx context.Context) {
-	type seen struct {
-		gen, segs uint32
-		at        time.Time // when segs last moved
-	}
-	last := map[*conn]seen{}
 	var all []*conn
 	for {
-		now := time.Now()
+		now := e.timers.now()
 		e.mu.RLock()
 		all = all[:0]
 		for _, c := range e.conns {
@@ -298,28 +293,11 @@ func (e *Engine) Settle(ctx context.Context) {
 		busy := false
 		for _, c := range all {
 			c.mu.Lock()
-			st, gen, segs := c.state, c.gen, c.dataSegs
-			sending := len(c.queue) > 0 || !c.finRcvd && (c.wndSmall || c.stalled)
-			open := !c.finRcvd
+			busy = c.state == stEstablished && (len(c.queue) > 0 ||
+				!c.finRcvd && (c.wndSmall || c.stalled || now-c.dataAt < int64(settleIdle)))
 			c.mu.Unlock()
-			if st != stEstablished || !sending && !open {
-				continue
-			}
-			if sending {
-				busy = true
-				continue
-			}
-			l, ok := last[c]
-			switch {
-			case !ok || l.gen != gen:
-				// Not seen yet: one more look tells whether it moves.
-				last[c] = seen{gen, segs, now.Add(-settleIdle)}
-				busy = true
-			case l.segs != segs:
-				last[c] = seen{gen, segs, now}
-				busy = true
-			case now.Sub(l.at) < settleIdle:
-				busy = true
+			if busy {
+				break
 			}
 		}
 		if !busy {
@@ -427,7 +405,7 @@ func (e *Engine) Handle(vnetHdr, head, tail []byte) bool {
 	if c := e.lookup(key{s.src, s.dst}); c != nil {
 		c.mu.Lock()
 		if s.payloadLen > 0 || s.has(flagFIN) {
-			c.dataSegs++
+			c.dataAt = e.timers.now()
 		}
 		c.input(&s)
 		c.mu.Unlock()

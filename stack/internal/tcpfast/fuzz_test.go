@@ -796,11 +796,17 @@ func TestSettleWaitsForTheSandboxsEnd(t *testing.T) {
 	}
 	var finSent atomic.Bool
 	seq := h.irs + 1
+	h.send(flagACK|flagPSH, seq, h.iss+1, 65535, 1000, false) // the sandbox sends
+	seq += 1000
 	go func() {
-		for range 25 {
+		// Gaps of 100 ms, longer than Settle's look and shorter than
+		// settleIdle: it counted a connection silent for one look as
+		// idle (gaps of 100 ms: it returned at once and the stream was
+		// reset; of 5 ms: it waited).
+		for range 8 {
+			time.Sleep(settleIdle * 2 / 5)
 			h.send(flagACK|flagPSH, seq, h.iss+1, 65535, 1000, false)
 			seq += 1000
-			time.Sleep(settleIdle / 10)
 		}
 		finSent.Store(true)
 		h.send(flagACK|flagFIN, seq, h.iss+1, 65535, 0, false)
@@ -814,5 +820,5 @@ func TestSettleWaitsForTheSandboxsEnd(t *testing.T) {
 		t.Fatal("Settle waited until its deadline")
 	}
 	h.e.Close()
-	h.resumeSink(25 * 1000)
+	h.resumeSink(9 * 1000)
 }

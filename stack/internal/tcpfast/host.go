@@ -147,6 +147,17 @@ func connected(fd int) (done, failed bool) {
 
 // abortClose closes fd so that its peer sees a reset.
 func abortClose(fd int) {
-	unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+	resetOnClose(fd, true)
 	unix.Close(fd)
+}
+
+// resetOnClose makes the close of fd, whoever closes it (the kernel, when
+// the process dies), end its connection with a reset while on (SO_LINGER
+// 0), with its queued bytes and a FIN once off.
+func resetOnClose(fd int, on bool) {
+	l := unix.Linger{}
+	if on {
+		l.Onoff = 1
+	}
+	unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &l)
 }
