@@ -614,23 +614,8 @@ func TestNetBytesLeftAtExitDelivered(t *testing.T) {
 	r := e2etest.Unprivileged(t)
 	l := hostListener(t)
 	const size = 8 << 20
-	type result struct {
-		n   int64
-		err error
-	}
 	for i := range 3 {
-		got := make(chan result, 1)
-		go func() {
-			c, err := l.Accept()
-			if err != nil {
-				got <- result{0, err}
-				return
-			}
-			defer c.Close()
-			time.Sleep(1500 * time.Millisecond)
-			n, err := io.Copy(io.Discard, c)
-			got <- result{n, err}
-		}()
+		got := readOne(l, 1500*time.Millisecond, 0, new(atomic.Int64))
 		start := time.Now()
 		r.MustRun(t, netTimeout, "bash", "-c", fmt.Sprintf("exec 3<>/dev/tcp/10.0.2.2/%d; head -c %d /dev/zero >&3; exec 3>&-; exit 0", l.Addr().(*net.TCPAddr).Port, size))
 		took := time.Since(start)
@@ -722,34 +707,8 @@ func TestNetKilledMidStreamResets(t *testing.T) {
 	e2etest.RequireTun(t)
 	r := e2etest.Unprivileged(t)
 	l := hostListener(t)
-	type result struct {
-		n   int64
-		err error
-	}
-	got := make(chan result, 1)
 	var read atomic.Int64
-	go func() {
-		c, err := l.Accept()
-		if err != nil {
-			got <- result{0, err}
-			return
-		}
-		defer c.Close()
-		c.SetReadDeadline(time.Now().Add(netTimeout))
-		b := make([]byte, 64<<10)
-		for {
-			n, err := c.Read(b)
-			read.Add(int64(n))
-			if err != nil {
-				if err == io.EOF {
-					err = nil
-				}
-				got <- result{read.Load(), err}
-				return
-			}
-			time.Sleep(time.Millisecond) // a reader slower than the sender
-		}
-	}()
+	got := readOne(l, 0, time.Millisecond, &read) // a reader slower than the sender
 	cmd := r.Command(context.Background(), "bash", "-c", fmt.Sprintf("exec 3<>/dev/tcp/10.0.2.2/%d; head -c %d /dev/zero >&3", l.Addr().(*net.TCPAddr).Port, 256<<20))
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -1338,4 +1297,40 @@ func hostListener(t *testing.T) *net.TCPListener {
 	}
 	t.Cleanup(func() { l.Close() })
 	return l.(*net.TCPListener)
+}
+
+// readEnd is how a host server's reading of one connection ended.
+type readEnd struct {
+	n   int64
+	err error // nil: the end of the stream
+}
+
+// readOne accepts one connection on l and reads it to its end, from wait
+// on, pausing pause after each read; read counts the bytes as they come.
+func readOne(l net.Listener, wait, pause time.Duration, read *atomic.Int64) <-chan readEnd {
+	got := make(chan readEnd, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			got <- readEnd{0, err}
+			return
+		}
+		defer c.Close()
+		c.SetReadDeadline(time.Now().Add(wait + netTimeout))
+		time.Sleep(wait)
+		b := make([]byte, 64<<10)
+		for {
+			n, err := c.Read(b)
+			read.Add(int64(n))
+			if err != nil {
+				if err == io.EOF {
+					err = nil
+				}
+				got <- readEnd{read.Load(), err}
+				return
+			}
+			time.Sleep(pause)
+		}
+	}()
+	return got
 }
