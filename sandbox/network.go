@@ -700,7 +700,6 @@ func (n *network) egressInfo() *api.EgressInfo {
 	return e
 }
 
-// Close stops everything start started, API first, netstack last.
 // settleMax bounds how long Close waits for the sandbox's kernel to send
 // what its closed sockets still hold (stack.Settle) before the rest are
 // reset: gonetns returns that much later at most, and only while such
@@ -709,6 +708,7 @@ func (n *network) egressInfo() *api.EgressInfo {
 // hold.
 const settleMax = 10 * time.Second
 
+// Close stops everything start started, API first, netstack last.
 func (n *network) Close() error {
 	n.closeOnce.Do(func() {
 		// With --debug, what each limit did over the run.
