@@ -4,6 +4,8 @@ import (
 	"net/netip"
 	"sync"
 	"time"
+
+	"github.com/gonetns/gonetns/relay"
 )
 
 // The published ports' TCP connections: one budget for all ports
@@ -220,6 +222,23 @@ func (t *tcpTable) sweep() []*tcpRelay {
 	}
 	t.stats.IdleClosed += uint64(len(idle))
 	return idle
+}
+
+// busy reports whether a relay in the table has moved bytes within quiet
+// of now (each looked at now), or holds bytes its client has not yet
+// acknowledged: Manager.Settle waits for them.
+func (t *tcpTable) busy(now time.Time, quiet time.Duration) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, c := range t.clients {
+		for r := range c.relays {
+			t.lookLocked(r, now)
+			if now.Sub(r.slot.active) < quiet || relay.Unsent(r.outer) > 0 {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // close stops admitting and returns every relay, for Close to reset.

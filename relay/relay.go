@@ -142,26 +142,10 @@ const drainPoll = 10 * time.Millisecond
 // ECONNRESET). A socket that can no longer send (its own peer reset it:
 // the kernel dropped its queue) has nothing to wait for.
 func drainSendQueue(c *net.TCPConn, stop <-chan struct{}) {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return
-	}
-	queued := func() (n int) {
-		rc.Control(func(fd uintptr) {
-			info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
-			if err != nil || !sending(info.State) {
-				return
-			}
-			if q, err := unix.IoctlGetInt(int(fd), unix.SIOCOUTQ); err == nil {
-				n = q
-			}
-		})
-		return n
-	}
 	last, stalled := -1, time.Now().Add(drainStall)
 	t := time.NewTimer(drainPoll)
 	defer t.Stop()
-	for n := queued(); n > 0; n = queued() {
+	for n := Unsent(c); n > 0; n = Unsent(c) {
 		if last < 0 || n < last {
 			last, stalled = n, time.Now().Add(drainStall)
 		} else if time.Now().After(stalled) {
@@ -174,6 +158,26 @@ func drainSendQueue(c *net.TCPConn, stop <-chan struct{}) {
 			return
 		}
 	}
+}
+
+// Unsent returns the bytes c's kernel holds for its peer and has not had
+// acknowledged (SIOCOUTQ); 0 when it can no longer deliver them (its peer
+// reset it) or c is closed.
+func Unsent(c *net.TCPConn) (n int) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	rc.Control(func(fd uintptr) {
+		info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+		if err != nil || !sending(info.State) {
+			return
+		}
+		if q, err := unix.IoctlGetInt(int(fd), unix.SIOCOUTQ); err == nil {
+			n = q
+		}
+	})
+	return n
 }
 
 // sending reports whether a TCP socket in state (TCP_INFO's) can still

@@ -708,6 +708,32 @@ func (n *network) egressInfo() *api.EgressInfo {
 // hold.
 const settleMax = 10 * time.Second
 
+// settle lets the sandbox's kernel finish what its connections still have
+// to send (a program that closed and exited), the published ports' and
+// the fast path's, for at most settleMax, before Close resets the rest.
+// Relaying signals, the sandbox owns HUP, INT, QUIT and TERM: one of them
+// (a Ctrl-C) cuts the wait short, the unfinished streams then reset as
+// the wait's end would, where the signal's default action killed the
+// process (QUIT with a dump of its goroutines, status 2).
+func (n *network) settle() {
+	if n.st == nil && n.ports == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), settleMax)
+	defer cancel()
+	if n.cfg.ForwardSignals {
+		var stop context.CancelFunc
+		ctx, stop = signal.NotifyContext(ctx, syscall.SIGHUP, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGTERM)
+		defer stop()
+	}
+	if n.ports != nil {
+		n.ports.Settle(ctx)
+	}
+	if n.st != nil {
+		n.st.Settle(ctx)
+	}
+}
+
 // Close stops everything start started, API first, netstack last.
 func (n *network) Close() error {
 	n.closeOnce.Do(func() {
@@ -715,6 +741,7 @@ func (n *network) Close() error {
 		for _, l := range n.limits() {
 			n.log.Debug("limit", "name", l.Name, "max", l.Max, "peak", l.Peak, "events", fmt.Sprint(l.Events))
 		}
+		n.settle()
 		if n.api != nil {
 			n.api.Close()
 		}
@@ -738,23 +765,6 @@ func (n *network) Close() error {
 		}
 		if n.dns != nil {
 			n.dns.Close()
-		}
-		// The sandbox's kernel first finishes what the fast path's
-		// connections still have to send (a program that closed and
-		// exited), for at most settleMax. Relaying signals, the sandbox
-		// owns HUP, INT, QUIT and TERM: one of them (a Ctrl-C) cuts the
-		// wait short, the unfinished streams then reset as the wait's
-		// end would, where the signal's default action killed the
-		// process (QUIT with a dump of its goroutines, status 2).
-		if n.st != nil {
-			ctx, cancel := context.WithTimeout(context.Background(), settleMax)
-			if n.cfg.ForwardSignals {
-				var stop context.CancelFunc
-				ctx, stop = signal.NotifyContext(ctx, syscall.SIGHUP, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGTERM)
-				defer stop()
-			}
-			n.st.Settle(ctx)
-			cancel()
 		}
 		// The stack before the NAT: closing it aborts handshakes still
 		// in progress (which the NAT would otherwise wait for, up to the

@@ -262,6 +262,21 @@ func runHelper(mode string, args []string) int {
 			}
 		}
 		fmt.Printf("answered %d of %d\n", answered, n)
+	case "tcp-send-once": // ADDR N: accept one connection, send N zero bytes, close it and exit
+		l, err := net.Listen("tcp", args[0])
+		if err != nil {
+			return fail("%v", err)
+		}
+		n, _ := strconv.Atoi(args[1])
+		fmt.Println("listening")
+		c, err := l.Accept()
+		if err != nil {
+			return fail("%v", err)
+		}
+		if _, err := c.Write(make([]byte, n)); err != nil {
+			return fail("%v", err)
+		}
+		c.Close()
 	case "http-serve": // ADDR [NETWORK]: answer every request with "hello from inside"
 		l, err := net.Listen(networkArg(args, "tcp"), args[0])
 		if err != nil {
