@@ -304,30 +304,19 @@ func (m *Manager) RemovePort(id int) error {
 	return nil
 }
 
-// Settle waits, until ctx ends, while the published ports' TCP
-// connections still move bytes (within settleQuiet) or hold bytes their
-// clients have not yet taken, as the sandbox is about to stop: a server
-// inside that sent its answer, closed and exited leaves the rest to its
-// kernel and the relay, and Close's resets dropped it (1 MiB to a client
-// reading 1 s later: 128,000 bytes, then ECONNRESET). It returns at once
-// when nothing moves.
-func (m *Manager) Settle(ctx context.Context) {
-	for m.tcp.busy(m.tcp.now(), settleQuiet) {
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(settlePoll):
-		}
-	}
-}
+// Sending reports whether one of the published ports' TCP connections
+// still moves bytes (within settleQuiet) or holds bytes its client has not
+// yet taken, for a caller that waits before Close resets them as the
+// sandbox stops: a server inside that sent its answer, closed and exited
+// leaves the rest to its kernel and the relay, and Close's resets dropped
+// it (1 MiB to a client reading 1 s later: 128,000 bytes, then
+// ECONNRESET).
+func (m *Manager) Sending() bool { return m.tcp.busy(m.tcp.now(), settleQuiet) }
 
 // settleQuiet is how long a relayed connection may move nothing before
-// Settle stops waiting for it, and settlePoll how often it looks: as for
-// the sandbox's own connections (stack/internal/tcpfast, settleIdle).
-const (
-	settleQuiet = 250 * time.Millisecond
-	settlePoll  = 20 * time.Millisecond
-)
+// Sending stops counting it: as for the sandbox's own connections
+// (stack/internal/tcpfast, settleIdle).
+const settleQuiet = 250 * time.Millisecond
 
 // Close stops every port, resets every relayed connection, aborts dials
 // in flight and waits for all goroutines. It may be called more than once;

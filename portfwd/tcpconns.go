@@ -226,7 +226,7 @@ func (t *tcpTable) sweep() []*tcpRelay {
 
 // busy reports whether a relay in the table has moved bytes within quiet
 // of now (each looked at now), or holds bytes its client has not yet
-// acknowledged: Manager.Settle waits for them.
+// acknowledged: Manager.Sending.
 func (t *tcpTable) busy(now time.Time, quiet time.Duration) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()

@@ -701,12 +701,15 @@ func (n *network) egressInfo() *api.EgressInfo {
 }
 
 // settleMax bounds how long Close waits for the sandbox's kernel to send
-// what its closed sockets still hold (stack.Settle) before the rest are
+// what its closed sockets still hold (stack.Sending) before the rest are
 // reset: gonetns returns that much later at most, and only while such
 // bytes still move. A local program's kernel keeps at it for minutes; a
 // server reading 800 KB a second takes 10 s for the 8 MB a socket may
 // hold.
 const settleMax = 10 * time.Second
+
+// settlePoll is how often settle looks whether the connections still send.
+const settlePoll = 20 * time.Millisecond
 
 // settle lets the sandbox's kernel finish what its connections still have
 // to send (a program that closed and exited), the published ports' and
@@ -726,11 +729,12 @@ func (n *network) settle() {
 		ctx, stop = signal.NotifyContext(ctx, syscall.SIGHUP, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGTERM)
 		defer stop()
 	}
-	if n.ports != nil {
-		n.ports.Settle(ctx)
-	}
-	if n.st != nil {
-		n.st.Settle(ctx)
+	for n.ports != nil && n.ports.Sending() || n.st != nil && n.st.Sending() {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(settlePoll):
+		}
 	}
 }
 

@@ -8,7 +8,6 @@
 package stack
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -389,20 +388,18 @@ func (st *Stack) tune(s *stack.Stack) error {
 	return nil
 }
 
-// Settle waits, until ctx ends, for the sandbox's kernel to finish sending
-// what its TCP connections on the fast path still have for the host (a
-// program that closed a socket with bytes still queued, and exited), so
-// that Close can end them as a local program's are; it returns at once
-// when none has (tcpfast.Engine.Settle). Without the fast path it returns
-// at once: gVisor's connections are reset at Close.
-func (st *Stack) Settle(ctx context.Context) {
+// Sending reports whether the sandbox's kernel may still be sending what
+// its TCP connections on the fast path have for the host (a program that
+// closed a socket with bytes still queued, and exited), for a caller that
+// waits before Close ends them as a local program's are
+// (tcpfast.Engine.Sending). Without the fast path, false: gVisor's
+// connections are reset at Close.
+func (st *Stack) Sending() bool {
 	st.mu.Lock()
 	fast := st.fast
 	running := st.state == 1
 	st.mu.Unlock()
-	if fast != nil && running {
-		fast.Settle(ctx)
-	}
+	return fast != nil && running && fast.Sending()
 }
 
 // Close stops the stack: every connection is closed, the device is closed,

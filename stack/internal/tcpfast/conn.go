@@ -138,7 +138,7 @@ type connState struct {
 	roomEst  int       // the host socket's send room as last read, less what was written since
 	sndbuf   int       // the host socket's send buffer as last read
 	lastData bool      // the last segment sent carried data: the sandbox's next data is likely a turn
-	dataAt   int64     // when a segment with data or a FIN last came from the sandbox, or the window shut for want of room opened again (the timers' clock): Settle tells a sender from an idle end by it
+	dataAt   int64     // when a segment with data or a FIN last came from the sandbox, or the window shut for want of room opened again (the timers' clock): Sending tells a sender from an idle end by it
 
 	// The host's data, towards the sandbox.
 	iss          uint32
@@ -1014,7 +1014,7 @@ const maxKeptQueue = 64
 
 // reopened notes that the window, shut while the host socket had no
 // room, is open again: the sandbox's bytes that waited behind it come
-// next, so Settle counts the connection as sending from now on, as it
+// next, so Sending counts the connection from now on, as it
 // did while the window was shut (it took the moment between as idle and
 // reset a connection whose sandbox still had 3.6 of 8 MiB to send, 1 run
 // in 6 on the packet link).
@@ -1567,7 +1567,8 @@ func (c *conn) close(abort bool) {
 }
 
 // closeOnExit ends the connection as the engine stops (the sandbox's
-// command has exited, or the network process is told to stop; Settle has
+// command has exited, or the network process is told to stop; the wait
+// for Sending has
 // given the sandbox's kernel its time to finish). A connection whose
 // stream from the sandbox is complete (its FIN came, and the host socket
 // took the queue whole) is closed as an exiting program's socket is, its

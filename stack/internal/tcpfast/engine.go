@@ -16,7 +16,6 @@
 package tcpfast
 
 import (
-	"context"
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
@@ -267,60 +266,52 @@ func (e *Engine) Start() error {
 	return nil
 }
 
-// Settle waits, until ctx ends, for the sandbox to finish what its
-// connections still have to send, as the engine is about to stop (the
-// sandbox's command has exited): a program that closed its socket and
-// exited leaves the rest of its bytes, and its FIN, to its kernel, which
-// keeps sending them through the TAP (the namespace lives as long as the
-// TAP's descriptor) as it would to a peer on its own machine. A
-// connection is waited for while it has bytes the host socket has not
-// taken, or its window is shut for want of room in the host socket (the
-// sandbox's bytes wait behind it), or, its FIN not come, a segment with
-// data came from the sandbox within settleIdle; a connection whose end is
-// still open (a process left behind holds it) and sends nothing, or only
-// acknowledges what the host sends, is not. It returns at once when
-// nothing is to be waited for, the usual case.
-func (e *Engine) Settle(ctx context.Context) {
-	var all []*conn
-	for {
-		now := e.timers.now()
-		e.mu.RLock()
-		all = all[:0]
-		for _, c := range e.conns {
-			all = append(all, c)
-		}
-		e.mu.RUnlock()
-		busy := false
-		for _, c := range all {
-			c.mu.Lock()
-			busy = c.state == stEstablished && (len(c.queue) > 0 ||
-				!c.finRcvd && (c.wndSmall || c.stalled || now-c.dataAt < int64(settleIdle)))
-			c.mu.Unlock()
-			if busy {
-				break
-			}
-		}
-		if !busy {
-			return
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(settlePoll):
+// Sending reports whether the sandbox may still be sending on one of the
+// engine's connections, as the engine is about to stop (the sandbox's
+// command has exited): a program that closed its socket and exited
+// leaves the rest of its bytes, and its FIN, to its kernel, which keeps
+// sending them through the TAP (the namespace lives as long as the TAP's
+// descriptor) as it would to a peer on its own machine. A connection
+// counts while it has bytes the host socket has not taken, or its window
+// is shut for want of room in the host socket (the sandbox's bytes wait
+// behind it), or, its FIN not come, a segment with data came from the
+// sandbox within settleIdle; a connection whose end is still open (a
+// process left behind holds it) and sends nothing, or only acknowledges
+// what the host sends, does not. The caller looks again while it waits
+// (sandbox's settle).
+func (e *Engine) Sending() bool {
+	now := e.timers.now()
+	e.mu.RLock()
+	all := e.connsLocked()
+	e.mu.RUnlock()
+	for _, c := range all {
+		c.mu.Lock()
+		sending := c.state == stEstablished && (len(c.queue) > 0 ||
+			!c.finRcvd && (c.wndSmall || c.stalled || now-c.dataAt < int64(settleIdle)))
+		c.mu.Unlock()
+		if sending {
+			return true
 		}
 	}
+	return false
+}
+
+// connsLocked returns the engine's connections, for a caller that then
+// locks each in turn. e.mu is held.
+func (e *Engine) connsLocked() []*conn {
+	all := make([]*conn, 0, len(e.conns))
+	for _, c := range e.conns {
+		all = append(all, c)
+	}
+	return all
 }
 
 // settleIdle is how long a connection's sandbox end may stay silent, its
-// FIN not come, before Settle stops waiting for it: a kernel sending the
+// FIN not come, before Sending stops counting it: a kernel sending the
 // rest of a closed socket's bytes sends a segment every round trip, or,
 // the window shut, a probe at its retransmission timeout, which starts
-// at 200 ms and is covered by the window test; settlePoll is how often it
-// looks.
-const (
-	settleIdle = 250 * time.Millisecond
-	settlePoll = 20 * time.Millisecond
-)
+// at 200 ms and is covered by the window test.
+const settleIdle = 250 * time.Millisecond
 
 // Close ends every connection (closeOnExit: with a FIN where the
 // sandbox's stream is complete, else a reset, both ways) and stops the
@@ -336,10 +327,7 @@ func (e *Engine) Close() error {
 	started := e.state == 1
 	e.state = 2
 	e.spare = nil
-	all := make([]*conn, 0, len(e.conns))
-	for _, c := range e.conns {
-		all = append(all, c)
-	}
+	all := e.connsLocked()
 	e.mu.Unlock()
 	for _, c := range all {
 		c.mu.Lock()

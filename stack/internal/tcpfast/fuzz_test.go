@@ -790,7 +790,7 @@ func TestSettleWaitsForTheSandboxsEnd(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	start := time.Now()
-	h.e.Settle(ctx)
+	settle(ctx, h.e)
 	if d := time.Since(start); d > settleIdle+10*settlePoll {
 		t.Errorf("Settle waited %v for an idle connection; want at most about %v", d, settleIdle+settlePoll)
 	}
@@ -812,7 +812,7 @@ func TestSettleWaitsForTheSandboxsEnd(t *testing.T) {
 		h.send(flagACK|flagFIN, seq, h.iss+1, 65535, 0, false)
 	}()
 	start = time.Now()
-	h.e.Settle(ctx)
+	settle(ctx, h.e)
 	if !finSent.Load() {
 		t.Fatalf("Settle returned after %v, while the sandbox still sent", time.Since(start))
 	}
@@ -821,4 +821,19 @@ func TestSettleWaitsForTheSandboxsEnd(t *testing.T) {
 	}
 	h.e.Close()
 	h.resumeSink(9 * 1000)
+}
+
+// settlePoll is how often settle looks, as the sandbox's wait does.
+const settlePoll = 20 * time.Millisecond
+
+// settle waits, until ctx ends, while e.Sending, as the sandbox's wait at
+// exit does (sandbox's network.settle).
+func settle(ctx context.Context, e *Engine) {
+	for e.Sending() {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(settlePoll):
+		}
+	}
 }
