@@ -11,6 +11,10 @@
 //     those bytes before the reset;
 //   - Abort or Close from outside (a manager shutting down) resets both,
 //     and Close waits for the relay to end;
+//   - a kernel socket whose stream the relay has not ended yet is reset,
+//     not ended with a FIN, if the process dies (SO_LINGER 0 from Run
+//     until its half-close): a peer cut off by a killed gonetns reads
+//     ECONNRESET, never a clean end of a stream cut short;
 //   - the bytes moved in each direction and the first error are counted
 //     for the caller's debug line.
 //
@@ -66,6 +70,9 @@ type Result struct {
 
 // end is one side: what the rules need to do to it.
 type end struct {
+	// armReset makes the side reset, not end cleanly, if the process
+	// dies before closeWrite (nil: nothing to arm).
+	armReset   func()
 	closeWrite func() error
 	drain      func(stop <-chan struct{}) // wait until what was written has gone out; nil: nothing to wait for
 	reset      func()                     // RST, and make its copies return
@@ -76,12 +83,32 @@ type end struct {
 }
 
 func socketEnd(c *net.TCPConn) end {
+	// reset, once set, keeps closeWrite from turning the linger off
+	// that the reset is about to use.
+	var mu sync.Mutex
+	reset := false
 	return end{
-		closeWrite: c.CloseWrite,
-		drain:      func(stop <-chan struct{}) { drainSendQueue(c, stop) },
-		reset:      func() { Reset(c) },
-		close:      c.Close,
-		watch:      func(stop <-chan struct{}) error { return watchError(c, stop) },
+		armReset: func() { c.SetLinger(0) },
+		// The FIN passes the other side's end of stream on: from here
+		// the kernel may close the socket cleanly, as it would for a
+		// process of its own.
+		closeWrite: func() error {
+			mu.Lock()
+			defer mu.Unlock()
+			if !reset {
+				c.SetLinger(-1)
+			}
+			return c.CloseWrite()
+		},
+		drain: func(stop <-chan struct{}) { drainSendQueue(c, stop) },
+		reset: func() {
+			mu.Lock()
+			reset = true
+			mu.Unlock()
+			Reset(c)
+		},
+		close: c.Close,
+		watch: func(stop <-chan struct{}) error { return watchError(c, stop) },
 	}
 }
 
@@ -269,6 +296,11 @@ func (r *Relay) Run() Result {
 
 	var res Result
 	if !aborted { // else Abort has reset both already
+		for _, e := range []end{r.a, r.b} {
+			if e.armReset != nil {
+				e.armReset()
+			}
+		}
 		var wg sync.WaitGroup
 		aDone, bDone := make(chan struct{}), make(chan struct{})
 		wg.Go(func() { res.AToB = r.direction(r.a, r.b, r.aToB, aDone, bDone) })

@@ -700,24 +700,71 @@ func testSettleEndsOn(t *testing.T, sig syscall.Signal) {
 	}
 }
 
-// gonetns killed (SIGKILL) while the sandbox sends: the host's stream,
-// unfinished, ends with a reset, not the FIN that the kernel's close of a
-// dead process's sockets gave it.
+// gonetns killed (SIGKILL) while the sandbox sends, on either TCP path:
+// the host's stream, unfinished, ends with a reset, not the FIN that the
+// kernel's close of a dead process's sockets gave it.
 func TestNetKilledMidStreamResets(t *testing.T) {
 	e2etest.RequireTun(t)
 	r := e2etest.Unprivileged(t)
-	l := hostListener(t)
-	var read atomic.Int64
-	got := readOne(l, 0, time.Millisecond, &read) // a reader slower than the sender
-	cmd := r.Command(context.Background(), "bash", "-c", fmt.Sprintf("exec 3<>/dev/tcp/10.0.2.2/%d; head -c %d /dev/zero >&3", l.Addr().(*net.TCPAddr).Port, 256<<20))
+	for _, tc := range []struct {
+		name  string
+		flags []string
+	}{
+		{"fast path", nil},
+		// The netstack's host sockets: their relay's rule (relay.Run).
+		{"netstack", []string{"--tcp-fast-path=false"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			l := hostListener(t)
+			var read atomic.Int64
+			got := readOne(l, 0, time.Millisecond, &read) // a reader slower than the sender
+			args := append(tc.flags, "bash", "-c", fmt.Sprintf("exec 3<>/dev/tcp/10.0.2.2/%d; head -c %d /dev/zero >&3", l.Addr().(*net.TCPAddr).Port, 256<<20))
+			killMidStream(t, r.Command(context.Background(), args...), &read, got)
+		})
+	}
+}
+
+// A published port's client, reading a stream from a server inside when
+// gonetns is killed, reads ECONNRESET, not a clean end of the stream cut
+// short (its relay's socket closed with a FIN before relay.Run armed the
+// reset).
+func TestPortsKilledMidStreamResets(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	hostPort := freePort(t, "tcp")
+	cmd := r.Command(context.Background(), "-p", fmt.Sprintf("127.0.0.1:%d:8000/tcp", hostPort),
+		"sh", "-c", e2etest.HelperCmd(t, "tcp-send-once", "127.0.0.1:8000", strconv.Itoa(256<<20)))
+	out, _ := cmd.StdoutPipe()
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	if line, _ := bufio.NewReader(out).ReadString('\n'); line != "listening\n" {
+		t.Fatalf("the server inside said %q", line)
+	}
+	c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", hostPort), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var read atomic.Int64
+	killMidStream(t, cmd, &read, readSlowly(c, 0, time.Millisecond, &read))
+}
+
+// killMidStream starts cmd (gonetns) unless it has started, kills it with
+// SIGKILL once the host has read 1 MiB of what comes through it, and
+// wants the host's reading (got) to end with ECONNRESET.
+func killMidStream(t *testing.T, cmd *exec.Cmd, read *atomic.Int64, got <-chan readEnd) {
+	t.Helper()
+	if cmd.Process == nil {
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
 	}
 	for deadline := time.Now().Add(netTimeout); read.Load() < 1<<20; time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			cmd.Process.Kill()
 			cmd.Wait()
-			t.Fatal("the sandbox's bytes never came")
+			t.Fatal("the bytes never came")
 		}
 	}
 	cmd.Process.Kill()
@@ -1338,8 +1385,7 @@ type readEnd struct {
 	err error // nil: the end of the stream
 }
 
-// readOne accepts one connection on l and reads it to its end, from wait
-// on, pausing pause after each read; read counts the bytes as they come.
+// readOne accepts one connection on l and reads it to its end (readSlowly).
 func readOne(l net.Listener, wait, pause time.Duration, read *atomic.Int64) <-chan readEnd {
 	got := make(chan readEnd, 1)
 	go func() {
@@ -1348,6 +1394,16 @@ func readOne(l net.Listener, wait, pause time.Duration, read *atomic.Int64) <-ch
 			got <- readEnd{0, err}
 			return
 		}
+		got <- <-readSlowly(c, wait, pause, read)
+	}()
+	return got
+}
+
+// readSlowly reads c to its end, from wait on, pausing pause after each
+// read, and closes it; read counts the bytes as they come.
+func readSlowly(c net.Conn, wait, pause time.Duration, read *atomic.Int64) <-chan readEnd {
+	got := make(chan readEnd, 1)
+	go func() {
 		defer c.Close()
 		c.SetReadDeadline(time.Now().Add(wait + netTimeout))
 		time.Sleep(wait)
