@@ -39,9 +39,11 @@ const (
 	DefaultTimeout = 4 * time.Second
 
 	// maxInFlight bounds queries being forwarded at once, UDP and TCP
-	// together. A UDP query beyond it is dropped (the client retransmits
-	// after its timeout, as it would for a lost datagram); a TCP
-	// connection stops being read until a slot frees.
+	// together. A query beyond it takes the slot of the oldest one if
+	// that one has gone unanswered for a quarter of the budget (slots);
+	// else a UDP query is dropped (the client retransmits after its
+	// timeout, as it would for a lost datagram) and a TCP connection
+	// stops being read until a slot frees.
 	maxInFlight = 256
 	// maxTCPConns bounds open TCP client connections; one beyond it is
 	// closed as soon as it is accepted.
@@ -79,7 +81,7 @@ type Server struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
-	sem    chan struct{} // one slot per query in flight
+	slots  *slots        // one per query in flight
 	tcpSem chan struct{} // one slot per open TCP client connection
 
 	wg sync.WaitGroup // every goroutine the Server started
@@ -128,7 +130,7 @@ func New(cfg Config) (*Server, error) {
 		log:    log,
 		ctx:    ctx,
 		cancel: cancel,
-		sem:    make(chan struct{}, maxInFlight),
+		slots:  newSlots(maxInFlight, timeout/4),
 		tcpSem: make(chan struct{}, maxTCPConns),
 		conns:  make(map[net.Conn]struct{}),
 
@@ -224,17 +226,16 @@ func (s *Server) serveUDP(pc net.PacketConn) {
 		if n < headerLen {
 			continue // not DNS; handle would drop it too
 		}
-		select {
-		case s.sem <- struct{}{}:
-		default:
-			s.log.LogAttrs(s.ctx, slog.LevelDebug, "dns: too many queries in flight; dropping UDP query",
+		sl, qctx, ok := s.slots.take(s.ctx, questionKey(buf[:n]))
+		if !ok {
+			s.log.LogAttrs(s.ctx, slog.LevelDebug, "dns: too many queries in flight, or for its question; dropping UDP query",
 				slog.String("client", addr.String()))
 			continue
 		}
 		query := append([]byte(nil), buf[:n]...)
 		key := addr.String() + string(query[:2]) + string(query[headerLen:])
 		if !s.inFlight(key) {
-			<-s.sem
+			sl.release()
 			s.log.LogAttrs(s.ctx, slog.LevelDebug, "dns: the client resent a query still in flight; its answer answers both",
 				slog.String("client", addr.String()))
 			continue
@@ -242,10 +243,11 @@ func (s *Server) serveUDP(pc net.PacketConn) {
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
-			defer func() { <-s.sem }()
+			defer sl.release()
 			defer s.landed(key)
-			resp := s.fwd.handle(s.ctx, query, udp)
+			resp := s.fwd.handle(qctx, query, udp)
 			if resp == nil {
+				s.gaveUp(qctx, sl, addr)
 				return
 			}
 			if _, err := pc.WriteTo(resp, addr); err != nil && s.ctx.Err() == nil {
@@ -254,6 +256,16 @@ func (s *Server) serveUDP(pc net.PacketConn) {
 			}
 		}()
 	}
+}
+
+// gaveUp logs a query given up for a younger one (slots) while every
+// slot was taken.
+func (s *Server) gaveUp(qctx context.Context, sl *slot, client net.Addr) {
+	if qctx.Err() == nil || s.ctx.Err() != nil {
+		return
+	}
+	s.log.LogAttrs(s.ctx, slog.LevelDebug, "dns: every query slot taken; gave up the oldest query for a new one",
+		slog.String("client", client.String()), slog.Duration("unanswered_for", time.Since(sl.start)))
 }
 
 // inFlight notes a UDP query (its client, ID and the rest after the
@@ -371,9 +383,8 @@ func (s *Server) serveConn(c net.Conn) {
 		case <-s.ctx.Done():
 			return
 		}
-		select {
-		case s.sem <- struct{}{}:
-		case <-s.ctx.Done():
+		sl, qctx, ok := s.slots.wait(s.ctx, questionKey(query))
+		if !ok {
 			<-inflight
 			return
 		}
@@ -381,10 +392,13 @@ func (s *Server) serveConn(c net.Conn) {
 		go func() {
 			defer queries.Done()
 			defer func() {
-				<-s.sem
+				sl.release()
 				<-inflight
 			}()
-			resp := s.fwd.handle(s.ctx, query, tcp)
+			resp := s.fwd.handle(qctx, query, tcp)
+			if resp == nil {
+				s.gaveUp(qctx, sl, c.RemoteAddr())
+			}
 			if resp == nil || len(resp) > 0xFFFF {
 				return
 			}

@@ -2,8 +2,10 @@ package dns
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -266,6 +268,99 @@ func TestOneSilentNameIsNoOutage(t *testing.T) {
 	}
 	if w, i := logs.count(slog.LevelWarn), logs.count(slog.LevelInfo); w != 0 || i != 0 {
 		t.Errorf("%d warnings and %d notes for one name left unanswered among answers; want none", w, i)
+	}
+}
+
+// startSilentUpstream answers the zone but for names that start with
+// "silent", which it never answers.
+func startSilentUpstream(t *testing.T) *testUpstream {
+	return startUpstream(t, func(w mdns.ResponseWriter, r *mdns.Msg) {
+		if len(r.Question) == 1 && strings.HasPrefix(r.Question[0].Name, "silent") {
+			return
+		}
+		zone(w, r)
+	})
+}
+
+// flood sends n UDP queries to the server, for name(i), and waits until
+// want of them are in flight.
+func flood(t *testing.T, srv *testServer, n, want int, name func(i int) string) {
+	t.Helper()
+	c, err := net.Dial("udp", srv.udp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	for i := range n {
+		m := query(name(i), mdns.TypeA)
+		m.Id = uint16(i + 1)
+		b, _ := m.Pack()
+		if _, err := c.Write(b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	start := time.Now()
+	for got, _ := srv.slots.stats(); got < want; got, _ = srv.slots.stats() {
+		if time.Since(start) > time.Second {
+			t.Fatalf("%d of %d flood queries in flight after %v", got, want, time.Since(start))
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// answeredBy asks for a.example. over UDP and wants its answer by the
+// deadline.
+func answeredBy(t *testing.T, srv *testServer, deadline time.Time, what string) {
+	t.Helper()
+	c, err := net.Dial("udp", srv.udp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	b, _ := query("a.example.", mdns.TypeA).Pack()
+	if _, err := c.Write(b); err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadDeadline(deadline)
+	buf := make([]byte, 65535)
+	n, err := c.Read(buf)
+	if err != nil {
+		t.Fatalf("a name that answers, asked during %s: %v; want its answer at once", what, err)
+	}
+	var r mdns.Msg
+	if err := r.Unpack(buf[:n]); err != nil || r.Rcode != mdns.RcodeSuccess || len(r.Answer) != 1 {
+		t.Fatalf("a.example.: %v %v; want its A record", err, &r)
+	}
+}
+
+// TestSilentNameHoldsFewSlots: a program asking, over and over, for a name
+// no upstream answers holds maxQuestionInFlight slots, not all of them;
+// other names are answered at once. Before, its 256 queries took every
+// slot and a name that answers went unanswered for the 4 s budget.
+func TestSilentNameHoldsFewSlots(t *testing.T) {
+	srv := startServer(t, Config{Upstreams: []netip.AddrPort{startSilentUpstream(t).addr}, Logger: slog.New(slog.DiscardHandler)})
+	flood(t, srv, maxInFlight, maxQuestionInFlight, func(int) string { return "silent.example." })
+	time.Sleep(50 * time.Millisecond)
+	if n, _ := srv.slots.stats(); n != maxQuestionInFlight {
+		t.Errorf("%d queries for one silent name in flight; want %d", n, maxQuestionInFlight)
+	}
+	answeredBy(t, srv, time.Now().Add(time.Second), "a flood of queries for one name no upstream answers")
+}
+
+// TestSilentFloodYieldsSlots: queries for many names no upstream answers
+// take every slot; a query for a name that answers, once they have waited
+// a quarter of the budget, takes the oldest one's slot and is answered
+// at once, long before their budget runs out (before: no answer within
+// 2 s of a 4 s budget).
+func TestSilentFloodYieldsSlots(t *testing.T) {
+	const budget = 4 * time.Second
+	srv := startServer(t, Config{Upstreams: []netip.AddrPort{startSilentUpstream(t).addr}, Timeout: budget, Logger: slog.New(slog.DiscardHandler)})
+	start := time.Now()
+	flood(t, srv, maxInFlight, maxInFlight, func(i int) string { return fmt.Sprintf("silent%d.example.", i) })
+	time.Sleep(budget/4 + 100*time.Millisecond - time.Since(start))
+	answeredBy(t, srv, start.Add(budget/2), "a flood of queries for names no upstream answers")
+	if _, jostled := srv.slots.stats(); jostled == 0 {
+		t.Error("no flood query gave up its slot")
 	}
 }
 
@@ -631,7 +726,9 @@ func TestCloseInFlight(t *testing.T) {
 func TestOverload(t *testing.T) {
 	up := startUpstream(t, zone)
 	logs := &recordHandler{messages: make(chan string, 1024)}
-	srv := startServer(t, Config{Upstreams: []netip.AddrPort{up.addr}, Logger: slog.New(logs)})
+	// A budget long enough that the slots the test holds are never old
+	// enough to give up (slots) while it runs.
+	srv := startServer(t, Config{Upstreams: []netip.AddrPort{up.addr}, Logger: slog.New(logs), Timeout: time.Minute})
 	waitLog := func(prefix string) {
 		t.Helper()
 		timeout := time.After(10 * time.Second)
@@ -648,12 +745,17 @@ func TestOverload(t *testing.T) {
 	}
 
 	// Take every in-flight slot, as a flood would.
+	var held []*slot
 	for range maxInFlight {
-		srv.sem <- struct{}{}
+		sl, _, ok := srv.slots.take(context.Background(), "")
+		if !ok {
+			t.Fatal("a free slot could not be taken")
+		}
+		held = append(held, sl)
 	}
 	release := func() {
-		for range maxInFlight {
-			<-srv.sem
+		for _, sl := range held {
+			sl.release()
 		}
 	}
 
