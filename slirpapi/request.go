@@ -258,9 +258,13 @@ func value(d *json.Decoder, depth int) (any, error) {
 
 // readRequest reads a request from a client: up to its end of stream
 // (slirp4netns asks clients to shut down their writing side after the
-// request), or as soon as what arrived is one whole JSON value, for a
-// client that waits for the answer without shutting down. More than
-// MaxRequest bytes is errTooLarge.
+// request), or as soon as what arrived starts with one whole JSON value,
+// for a client that waits for the answer without shutting down; what
+// follows the value is left to the parser, which ignores it as
+// slirp4netns does. A client that sent two requests in one write and
+// waited was never answered (requestTimeout closed it after 10 s;
+// slirp4netns answers the first at once). More than MaxRequest bytes is
+// errTooLarge.
 func readRequest(r io.Reader) ([]byte, error) {
 	buf := make([]byte, 0, 512)
 	chunk := make([]byte, 4096)
@@ -276,8 +280,14 @@ func readRequest(r io.Reader) ([]byte, error) {
 		if err != nil {
 			return nil, err
 		}
-		if n > 0 && json.Valid(bytes.TrimSpace(buf)) {
+		if n > 0 && firstValueRead(buf) {
 			return buf, nil
 		}
 	}
+}
+
+// firstValueRead reports whether buf starts with a whole JSON value.
+func firstValueRead(buf []byte) bool {
+	var v json.RawMessage
+	return json.NewDecoder(bytes.NewReader(buf)).Decode(&v) == nil
 }

@@ -107,6 +107,12 @@ func TestReadRequest(t *testing.T) {
 		// A client that waits for the answer without shutting down: the
 		// request is complete once it is one JSON value.
 		{"no shutdown", io.MultiReader(iotest.OneByteReader(strings.NewReader(req)), blockingReader{}), req, nil},
+		// Two requests in one write, or one and more bytes, without a
+		// shutdown: the first is answered (slirp4netns's parser reads the
+		// first value).
+		{"two requests, no shutdown", io.MultiReader(strings.NewReader(req+req), blockingReader{}), req + req, nil},
+		{"a request and more, no shutdown", io.MultiReader(strings.NewReader(req+" x"), blockingReader{}), req + " x", nil},
+		{"half a request, then the rest", io.MultiReader(strings.NewReader(req[:10]), strings.NewReader(req[10:]), blockingReader{}), req, nil},
 		{"empty", strings.NewReader(""), "", nil},
 		{"broken JSON, then end", strings.NewReader("badjson"), "badjson", nil},
 		{"too large", strings.NewReader(strings.Repeat("x", MaxRequest+1)), "", errTooLarge},
