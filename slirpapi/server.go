@@ -240,8 +240,10 @@ func (s *Server) add(f Forward) (int, error) {
 	v4, v6 := s.specs(f)
 	e := &entry{fwd: f}
 	fail := func(err error) (int, error) {
-		if e.v4 != nil {
-			s.cfg.Ports.RemovePort(e.v4.ID)
+		for _, st := range []*port.Status{e.v4, e.v6} {
+			if st != nil {
+				s.cfg.Ports.RemovePort(st.ID)
+			}
 		}
 		s.log.Debug("api socket: add_hostfwd failed", "err", err)
 		if errors.Is(err, port.ErrConflict) {
@@ -251,19 +253,30 @@ func (s *Server) add(f Forward) (int, error) {
 		}
 		return 0, &Error{"bad request: add_hostfwd: slirp_add_hostfwd failed: " + err.Error()}
 	}
-	if v4 != nil {
-		st, err := s.cfg.Ports.AddPort(s.ctx, *v4)
+	// A forward of an unspecified host address listens on both families
+	// with -6; the family slirp4netns listens on (host_addr's) is the
+	// forward, the other an addition that may fail alone (its port taken
+	// by another program, no IPv6 on the host): slirp4netns publishes
+	// 0.0.0.0:P while [::]:P is in use, and Podman's `-p P:80` failed
+	// here where it worked there.
+	both := v4 != nil && v6 != nil
+	for _, half := range []struct {
+		spec     *port.Spec
+		st       **port.Status
+		optional bool
+	}{{v4, &e.v4, both && f.HostAddr.Is6()}, {v6, &e.v6, both && !f.HostAddr.Is6()}} {
+		if half.spec == nil {
+			continue
+		}
+		st, err := s.cfg.Ports.AddPort(s.ctx, *half.spec)
+		if err != nil && half.optional {
+			s.log.Warn(fmt.Sprintf("api socket: forward of %s port %d listens on %s only: %v", f.Proto[:3], f.HostPort, f.HostAddr, err))
+			continue
+		}
 		if err != nil {
 			return fail(err)
 		}
-		e.v4 = &st
-	}
-	if v6 != nil {
-		st, err := s.cfg.Ports.AddPort(s.ctx, *v6)
-		if err != nil {
-			return fail(err)
-		}
-		e.v6 = &st
+		*half.st = &st
 	}
 	e.id = s.nextID
 	s.nextID++

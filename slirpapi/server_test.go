@@ -11,8 +11,11 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/gonetns/gonetns/internal/e2etest"
 	"github.com/gonetns/gonetns/portfwd"
@@ -239,6 +242,41 @@ func TestServerIPv6(t *testing.T) {
 	list := call(t, sock, `{"execute": "list_hostfwd"}`)
 	if !strings.Contains(list, `"host_addr":"0.0.0.0","host_addr6":"::"`) || !strings.Contains(list, `"guest_addr":"127.0.0.1","guest_addr6":"::1"`) {
 		t.Errorf("list_hostfwd: %s", list)
+	}
+}
+
+// With -6, a forward of 0.0.0.0 whose port another program holds on
+// [::] is published on IPv4 alone, as slirp4netns publishes it; before,
+// the whole add_hostfwd failed ("host address [::]:P is already in use")
+// and Podman's `-p P:80` with it.
+func TestServerIPv6HalfTaken(t *testing.T) {
+	guest := dualEcho(t)
+	sock, _ := testServer(t, netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("::1"))
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var err error
+		c.Control(func(fd uintptr) { err = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 1) })
+		return err
+	}}
+	other, err := lc.Listen(context.Background(), "tcp6", "[::]:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	host := other.Addr().(*net.TCPAddr).Port
+	add := fmt.Sprintf(`{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"0.0.0.0","host_port":%d,"guest_port":%d}}`, host, guest)
+	if got := call(t, sock, add); got != `{"return":{"id":1}}` {
+		t.Fatalf("add_hostfwd with [::]:%d taken: %s", host, got)
+	}
+	if got, err := fetch(fmt.Sprintf("127.0.0.1:%d", host)); got != "hello from guest" {
+		t.Errorf("IPv4 client: %q, %v", got, err)
+	}
+	if list := call(t, sock, `{"execute": "list_hostfwd"}`); strings.Contains(list, "host_addr6") {
+		t.Errorf("list_hostfwd lists an IPv6 half that does not listen: %s", list)
+	}
+	// Asked for on IPv6 by name, the port taken there fails.
+	add6 := fmt.Sprintf(`{"execute":"add_hostfwd","arguments":{"proto":"tcp6","host_port":%d,"guest_port":%d}}`, host, guest)
+	if got := call(t, sock, add6); !strings.Contains(got, "already in use") {
+		t.Errorf("tcp6 add_hostfwd with [::]:%d taken: %s", host, got)
 	}
 }
 
