@@ -128,6 +128,18 @@ func (j *Joined) Addresses() (netip.Addr, netip.Addr) {
 	return j.nw.addrs.child, j.nw.addrs.child6
 }
 
+// Network is the namespace's subnets (IPv4, and IPv6 when on) and the
+// addresses in them that are gonetns's own (gateway and DNS), not the
+// namespace's.
+func (j *Joined) Network() (subnets []netip.Prefix, own []netip.Addr) {
+	a := j.nw.addrs
+	subnets, own = []netip.Prefix{a.subnet}, []netip.Addr{a.gateway, a.dns}
+	if a.subnet6.IsValid() {
+		subnets, own = append(subnets, a.subnet6), append(own, a.gateway6, a.dns6)
+	}
+	return subnets, own
+}
+
 // Close stops the network, then the helper. Idempotent.
 func (j *Joined) Close() error {
 	err := j.nw.Close()

@@ -10,7 +10,9 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -30,6 +32,11 @@ type Config struct {
 	// listens on IPv6 too, and IPv6 clients go to Guest6 unless the
 	// forward names its guest_addr.
 	Guest6 netip.Addr
+	// Subnets are the namespace's networks, where a guest_addr must be,
+	// and Own the addresses in them that are gonetns's, where it must
+	// not (see Server.guestAddr). Empty Subnets: any guest_addr.
+	Subnets []netip.Prefix
+	Own     []netip.Addr
 	// Logger gets each request at Debug. Nil discards.
 	Logger *slog.Logger
 }
@@ -235,6 +242,9 @@ func (s *Server) specs(f Forward) (v4, v6 *port.Spec) {
 
 // add publishes f and returns its id.
 func (s *Server) add(f Forward) (int, error) {
+	if err := s.guestAddr(f.GuestAddr); err != nil {
+		return 0, &Error{"bad request: add_hostfwd: slirp_add_hostfwd failed: " + err.Error()}
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	v4, v6 := s.specs(f)
@@ -282,6 +292,38 @@ func (s *Server) add(f Forward) (int, error) {
 	s.nextID++
 	s.entries[e.id] = e
 	return e.id, nil
+}
+
+// guestAddr checks a forward's guest_addr (invalid: none given). A
+// forward leads to the namespace's side of the link, as slirp4netns's
+// do: its connections are dialled from inside the namespace, so an
+// address there that is not the namespace's own would lead elsewhere:
+// gonetns's gateway to the host's loopback (a host service listening on
+// 127.0.0.1 published on every address), an outside address off the
+// machine, 127.0.0.1 to a service bound to the namespace's loopback. With
+// slirp4netns each of these is accepted and goes nowhere.
+func (s *Server) guestAddr(a netip.Addr) error {
+	if !a.IsValid() || len(s.cfg.Subnets) == 0 {
+		return nil
+	}
+	a = a.Unmap()
+	if slices.Contains(s.cfg.Own, a) {
+		return fmt.Errorf("guest_addr %s is gonetns's own (the namespace's gateway or DNS), not an address of the namespace: leave guest_addr out for %s", a, s.cfg.Guest)
+	}
+	for _, p := range s.cfg.Subnets {
+		if p.Contains(a) {
+			return nil
+		}
+	}
+	return fmt.Errorf("guest_addr %s is not in the namespace's network (%s): leave guest_addr out for %s", a, prefixList(s.cfg.Subnets), s.cfg.Guest)
+}
+
+func prefixList(ps []netip.Prefix) string {
+	s := make([]string, len(ps))
+	for i, p := range ps {
+		s[i] = p.String()
+	}
+	return strings.Join(s, ", ")
 }
 
 // remove stops forward id.

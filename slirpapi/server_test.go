@@ -280,6 +280,40 @@ func TestServerIPv6HalfTaken(t *testing.T) {
 	}
 }
 
+// A forward's guest_addr is an address of the namespace's network, not
+// gonetns's own there (its connections are dialled inside the namespace:
+// the gateway would lead to the host's loopback) nor one outside it.
+func TestGuestAddr(t *testing.T) {
+	s := NewServer(Config{Guest: netip.MustParseAddr("10.0.2.100"),
+		Subnets: []netip.Prefix{netip.MustParsePrefix("10.0.2.0/24"), netip.MustParsePrefix("fd00::/64")},
+		Own:     []netip.Addr{netip.MustParseAddr("10.0.2.2"), netip.MustParseAddr("10.0.2.3"), netip.MustParseAddr("fd00::2"), netip.MustParseAddr("fd00::3")}})
+	for _, tc := range []struct {
+		addr string // "" for none given
+		err  string // "" for accepted
+	}{
+		{"", ""},
+		{"10.0.2.100", ""},
+		{"10.0.2.5", ""},
+		{"::ffff:10.0.2.100", ""},
+		{"fd00::100", ""},
+		{"10.0.2.2", "guest_addr 10.0.2.2 is gonetns's own"},
+		{"10.0.2.3", "is gonetns's own"},
+		{"fd00::2", "is gonetns's own"},
+		{"127.0.0.1", "guest_addr 127.0.0.1 is not in the namespace's network (10.0.2.0/24, fd00::/64): leave guest_addr out for 10.0.2.100"},
+		{"::1", "is not in the namespace's network"},
+		{"192.0.2.1", "is not in the namespace's network"},
+	} {
+		var a netip.Addr
+		if tc.addr != "" {
+			a = netip.MustParseAddr(tc.addr)
+		}
+		err := s.guestAddr(a)
+		if tc.err == "" && err != nil || tc.err != "" && (err == nil || !strings.Contains(err.Error(), tc.err)) {
+			t.Errorf("guest_addr %q: %v; want %q", tc.addr, err, tc.err)
+		}
+	}
+}
+
 func TestServerRequests(t *testing.T) {
 	sock, _ := testServer(t, netip.MustParseAddr("127.0.0.1"), netip.Addr{})
 	// slirp4netns's test: a stream of zeros is too large a message.

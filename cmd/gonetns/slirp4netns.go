@@ -406,8 +406,12 @@ func (o *slirpOptions) sandboxConfig(log *slog.Logger) (sandbox.Config, sandbox.
 		DisableTCPFastPath:  o.noTCPFastPath,
 		Link:                sandbox.Link(o.link),
 		PortDriver:          sandbox.PortsNone,
-		Debug:               o.debug,
-		Logger:              log,
+		// libslirp ends an idle UDP forward's flow after 240 s; a
+		// reply 75 s after the last datagram was lost at gonetns's
+		// 60 s and delivered by slirp4netns.
+		PortUDPIdleTimeout: slirpUDPIdle,
+		Debug:              o.debug,
+		Logger:             log,
 	}
 	if o.pcapMaxSize != "" {
 		if c.PCAPMaxSize, err = parseSize(o.pcapMaxSize); err != nil {
@@ -500,7 +504,8 @@ func runJoined(o *slirpOptions, cfg sandbox.Config, target sandbox.Target, log *
 			return 1
 		}
 		guest, guest6 := j.Addresses()
-		api = slirpapi.NewServer(slirpapi.Config{Ports: j.Ports(), Guest: guest, Guest6: guest6, Logger: log})
+		subnets, own := j.Network()
+		api = slirpapi.NewServer(slirpapi.Config{Ports: j.Ports(), Guest: guest, Guest6: guest6, Subnets: subnets, Own: own, Logger: log})
 		api.Serve(ln)
 		defer api.Close()
 	}
@@ -536,6 +541,10 @@ func runJoined(o *slirpOptions, cfg sandbox.Config, target sandbox.Target, log *
 		return 128 + int(s.(syscall.Signal))
 	}
 }
+
+// slirpUDPIdle is how long a UDP forward's flow lives without traffic:
+// libslirp's UDP sockets expire after 240 s (SO_EXPIRE).
+const slirpUDPIdle = 240 * time.Second
 
 // dieOf kills the process with sig, its default action restored: sent to
 // the calling thread, the signal is taken when the system call returns,

@@ -356,6 +356,14 @@ func TestSlirp4netnsAPISocket(t *testing.T) {
 			t.Errorf("%.50s: answered %q, want error.desc %q", req, got, want)
 		}
 	}
+	// A guest_addr that is not the namespace's: its gateway led to the
+	// host's loopback, 127.0.0.1 to the namespace's own.
+	for _, guest := range []string{"10.0.2.2", "127.0.0.1"} {
+		req := fmt.Sprintf(`{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"127.0.0.1","host_port":%d,"guest_addr":%q,"guest_port":80}}`, freePort(t, "tcp"), guest)
+		if got := api(req); !strings.Contains(got, `"desc":"bad request: add_hostfwd: slirp_add_hostfwd failed: guest_addr `+guest) {
+			t.Errorf("add_hostfwd to guest_addr %s: %s; want it refused", guest, got)
+		}
+	}
 
 	client := e2etest.NewClientNetns(t)
 	tcpPort, udpPort := freePort(t, "tcp"), freePort(t, "udp")

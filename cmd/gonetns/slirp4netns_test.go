@@ -9,6 +9,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/gonetns/gonetns/sandbox"
 )
@@ -94,7 +95,7 @@ func TestParseSlirp4netns(t *testing.T) {
 	}
 	wantTarget := sandbox.Target{NetNS: "/proc/1234/ns/net", UserNS: "/proc/1234/ns/user", OpenOnly: true}
 	if !reflect.DeepEqual(target, wantTarget) || cfg.MTU != 65520 || cfg.PortDriver != sandbox.PortsBuiltin || cfg.IfName != "tap0" ||
-		cfg.CIDR != netip.MustParsePrefix("10.0.2.0/24") || !cfg.DisableHostLoopback {
+		cfg.CIDR != netip.MustParsePrefix("10.0.2.0/24") || !cfg.DisableHostLoopback || cfg.PortUDPIdleTimeout != 240*time.Second {
 		t.Errorf("RootlessKit 1.1's command line: %+v %+v", cfg, target)
 	}
 	o, err = parseSlirp4netns([]string{"-c", "--macaddress=0e:d4:18:d9:38:fb", "--cidr=10.0.135.128/25", "--userns-path=" + netns, "1", "tap11", "extra"})
