@@ -294,7 +294,7 @@ func (m *Manager) RemovePort(id int) error {
 	delete(m.ports, id)
 	m.mu.Unlock()
 	if !ok {
-		return fmt.Errorf("no published port has ID %d (list them with `gonetns ctl list-ports`): %w", id, port.ErrUnknownPort)
+		return fmt.Errorf("no published port has ID %d (list-ports lists them): %w", id, port.ErrUnknownPort)
 	}
 	err := p.stop()
 	m.log.Debug("portfwd: unpublished", "id", id, "spec", p.status().Spec.String())
