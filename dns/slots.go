@@ -1,6 +1,7 @@
 package dns
 
 import (
+	"container/list"
 	"context"
 	"sync"
 	"time"
@@ -26,12 +27,11 @@ type slots struct {
 	max         int
 	jostleAfter time.Duration
 
-	mu         sync.Mutex
-	head, tail *slot // in flight, oldest first
-	n          int
-	perQ       map[string]int // slots held per question
-	jostled    uint64
-	freed      chan struct{} // a token when a slot frees, for a waiting TCP reader
+	mu      sync.Mutex
+	order   list.List      // the slots in flight (*slot), oldest first
+	perQ    map[string]int // slots held per question
+	jostled uint64
+	freed   chan struct{} // a token when a slot frees, for a waiting TCP reader
 }
 
 // maxQuestionInFlight is how many queries for one question may be
@@ -42,12 +42,11 @@ const maxQuestionInFlight = 8
 
 // slot is one query in flight.
 type slot struct {
-	question   string
-	start      time.Time
-	cancel     context.CancelFunc
-	prev, next *slot
-	held       bool // in the list (not released, not jostled)
-	s          *slots
+	question string
+	start    time.Time
+	cancel   context.CancelFunc
+	elem     *list.Element // in slots.order; nil once released or jostled
+	s        *slots
 }
 
 func newSlots(max int, jostleAfter time.Duration) *slots {
@@ -66,9 +65,13 @@ func (s *slots) take(parent context.Context, question string) (*slot, context.Co
 	if question != "" && s.perQ[question] >= maxQuestionInFlight {
 		return nil, nil, false
 	}
-	if s.n >= s.max {
-		old := s.head
-		if old == nil || now.Sub(old.start) < s.jostleAfter {
+	if s.order.Len() >= s.max {
+		front := s.order.Front()
+		if front == nil {
+			return nil, nil, false
+		}
+		old := front.Value.(*slot)
+		if now.Sub(old.start) < s.jostleAfter {
 			return nil, nil, false
 		}
 		s.unlink(old)
@@ -76,14 +79,8 @@ func (s *slots) take(parent context.Context, question string) (*slot, context.Co
 		s.jostled++
 	}
 	ctx, cancel := context.WithCancel(parent)
-	sl := &slot{question: question, start: now, cancel: cancel, s: s, held: true, prev: s.tail}
-	if s.tail != nil {
-		s.tail.next = sl
-	} else {
-		s.head = sl
-	}
-	s.tail = sl
-	s.n++
+	sl := &slot{question: question, start: now, cancel: cancel, s: s}
+	sl.elem = s.order.PushBack(sl)
 	if question != "" {
 		s.perQ[question]++
 	}
@@ -92,18 +89,8 @@ func (s *slots) take(parent context.Context, question string) (*slot, context.Co
 
 // unlink takes sl out of the list; s.mu is held.
 func (s *slots) unlink(sl *slot) {
-	if sl.prev != nil {
-		sl.prev.next = sl.next
-	} else {
-		s.head = sl.next
-	}
-	if sl.next != nil {
-		sl.next.prev = sl.prev
-	} else {
-		s.tail = sl.prev
-	}
-	sl.prev, sl.next, sl.held = nil, nil, false
-	s.n--
+	s.order.Remove(sl.elem)
+	sl.elem = nil
 	if sl.question != "" {
 		if s.perQ[sl.question]--; s.perQ[sl.question] == 0 {
 			delete(s.perQ, sl.question)
@@ -115,7 +102,7 @@ func (s *slots) unlink(sl *slot) {
 func (sl *slot) release() {
 	s := sl.s
 	s.mu.Lock()
-	if sl.held {
+	if sl.elem != nil {
 		s.unlink(sl)
 	}
 	s.mu.Unlock()
@@ -149,7 +136,7 @@ func (s *slots) wait(ctx context.Context, question string) (*slot, context.Conte
 func (s *slots) stats() (inFlight int, jostled uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.n, s.jostled
+	return s.order.Len(), s.jostled
 }
 
 // questionKey is msg's question (its one name, folded to lower case, its

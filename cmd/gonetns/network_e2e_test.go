@@ -730,15 +730,25 @@ func TestNetKilledMidStreamResets(t *testing.T) {
 // reset).
 func TestPortsKilledMidStreamResets(t *testing.T) {
 	e2etest.RequireTun(t)
-	r := e2etest.Unprivileged(t)
+	cmd, c := publishedSender(t, e2etest.Unprivileged(t), 256<<20)
+	var read atomic.Int64
+	killMidStream(t, cmd, &read, readSlowly(c, 0, time.Millisecond, &read))
+}
+
+// publishedSender starts gonetns with a server inside, published on the
+// host's 127.0.0.1, that sends size zero bytes to its first client,
+// closes and exits, and returns gonetns (killed at the test's end) and
+// that client's connection.
+func publishedSender(t *testing.T, r e2etest.Runner, size int) (*exec.Cmd, net.Conn) {
+	t.Helper()
 	hostPort := freePort(t, "tcp")
 	cmd := r.Command(context.Background(), "-p", fmt.Sprintf("127.0.0.1:%d:8000/tcp", hostPort),
-		"sh", "-c", e2etest.HelperCmd(t, "tcp-send-once", "127.0.0.1:8000", strconv.Itoa(256<<20)))
+		"sh", "-c", e2etest.HelperCmd(t, "tcp-send-once", "127.0.0.1:8000", strconv.Itoa(size)))
 	out, _ := cmd.StdoutPipe()
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
 	if line, _ := bufio.NewReader(out).ReadString('\n'); line != "listening\n" {
 		t.Fatalf("the server inside said %q", line)
 	}
@@ -746,8 +756,8 @@ func TestPortsKilledMidStreamResets(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var read atomic.Int64
-	killMidStream(t, cmd, &read, readSlowly(c, 0, time.Millisecond, &read))
+	t.Cleanup(func() { c.Close() })
+	return cmd, c
 }
 
 // killMidStream starts cmd (gonetns) unless it has started, kills it with
@@ -809,24 +819,8 @@ func TestNetTunNotAccessible(t *testing.T) {
 // ECONNRESET).
 func TestPortsBytesLeftAtExitDelivered(t *testing.T) {
 	e2etest.RequireTun(t)
-	r := e2etest.Unprivileged(t)
-	hostPort := freePort(t, "tcp")
 	const size = 1 << 20
-	cmd := r.Command(context.Background(), "-p", fmt.Sprintf("127.0.0.1:%d:8000/tcp", hostPort),
-		"sh", "-c", e2etest.HelperCmd(t, "tcp-send-once", "127.0.0.1:8000", strconv.Itoa(size)))
-	out, _ := cmd.StdoutPipe()
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { cmd.Process.Kill(); cmd.Wait() }()
-	if line, _ := bufio.NewReader(out).ReadString('\n'); line != "listening\n" {
-		t.Fatalf("the server inside said %q", line)
-	}
-	c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", hostPort), 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	_, c := publishedSender(t, e2etest.Unprivileged(t), size)
 	time.Sleep(time.Second) // the server has sent, closed and exited
 	c.SetReadDeadline(time.Now().Add(netTimeout))
 	n, err := io.Copy(io.Discard, c)
