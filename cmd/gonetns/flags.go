@@ -259,6 +259,12 @@ func (r *rawFlags) apply(c *sandbox.Config, fs *pflag.FlagSet, log *slog.Logger)
 	}
 	c.DisableSourceIPTransparent = !r.sourceIPTransparent
 	c.DisableTCPFastPath = !r.tcpFastPath
+	// The sandbox package takes 0 for the default; from the flag it is
+	// a value, and UDP cannot keep a flow for ever (it ended at 60 s,
+	// while 0 of --port-tcp-idle-timeout means never).
+	if fs.Changed("port-udp-idle-timeout") && c.PortUDPIdleTimeout == 0 {
+		return fmt.Errorf("invalid --port-udp-idle-timeout=0s: use at least 1s (UDP has no end of its own: a flow ends only by its timeout)")
+	}
 	c.DisableEventLoop = !r.eventLoop
 	if err := parseBusyPoll(r.busyPoll, c); err != nil {
 		return err

@@ -136,6 +136,7 @@ func TestParseFlags(t *testing.T) {
 			}
 		}},
 		{name: "busy poll garbage", args: []string{"--busy-poll=fast", "x"}, err: "invalid --busy-poll=fast: use auto, 0 (off), or a duration up to 1ms such as 50us"},
+		{name: "udp idle 0", args: []string{"--port-udp-idle-timeout=0", "x"}, err: "invalid --port-udp-idle-timeout=0s: use at least 1s"},
 		{name: "kill orphans off", args: []string{"--kill-orphans=false", "x"}, check: func(t *testing.T, o *options, _ []string) {
 			if !o.cfg.LeaveOrphans {
 				t.Error("--kill-orphans=false did not keep orphans")
