@@ -204,6 +204,11 @@ func (s *Sandbox) Wait() (int, error) {
 // exited by itself.
 func (s *Sandbox) ExitSignal() syscall.Signal { return s.child.CommandSignal() }
 
+// StartError is why the command could not be started (not found, not
+// executable: Wait's status is then 127 or 126), once Wait has returned;
+// nil if it started.
+func (s *Sandbox) StartError() error { return s.child.StartError() }
+
 // Close kills the command if it still runs and releases everything, as
 // Wait does.
 func (s *Sandbox) Close() error {

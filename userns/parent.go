@@ -120,6 +120,9 @@ type Child struct {
 	waited  chan struct{} // closed when supervise has returned; nil before Begin
 	// cmdSignal is the signal that ended the command (msgExited).
 	cmdSignal atomic.Int32
+	// startErr is why the command could not be started (msgError once
+	// set up), or nil.
+	startErr atomic.Pointer[string]
 	// commandDone is set when the child reports that the command exited
 	// by itself (not because the child or this process was killed).
 	commandDone atomic.Bool
@@ -433,6 +436,15 @@ func (c *Child) endAdopted() {
 // returned; 0 if it exited by itself.
 func (c *Child) CommandSignal() syscall.Signal { return syscall.Signal(c.cmdSignal.Load()) }
 
+// StartError is why the command could not be started (not found, not
+// executable), once Wait has returned; nil if it started.
+func (c *Child) StartError() error {
+	if e := c.startErr.Load(); e != nil {
+		return errors.New(*e)
+	}
+	return nil
+}
+
 // Kill ends the child (and, through Pdeathsig and the PID namespace, what
 // runs inside) at once.
 func (c *Child) Kill() {
@@ -542,6 +554,7 @@ func (c *Child) drainControl() {
 			c.ctl.Send(message{Type: msgDoneAck})
 		case msgError:
 			c.log.Debug("child reported", "error", m.Error)
+			c.startErr.Store(&m.Error)
 		}
 	}
 }

@@ -136,7 +136,7 @@ func runLauncher(args []string, who personality, name string) int {
 		// relays signals to the command.
 		cfg.InitProcess = true
 	}
-	code, sig, err := runSandbox(cfg, o.args, log)
+	end, err := runSandbox(cfg, o.args, log)
 	stopMem()
 	<-memDone
 	if err != nil {
@@ -146,31 +146,45 @@ func runLauncher(args []string, who personality, name string) int {
 		}
 		return setupCode
 	}
-	if sig != 0 && who == asRootlessKit {
+	if end.startErr != nil && who == asRootlessKit {
+		// RootlessKit's status for a command it could not start is its
+		// own failure's, 1 (gonetns's is a shell's: 127 not found, 126
+		// not executable).
+		log.Error(fmt.Sprintf("command %v exited: %v", o.args, end.startErr))
+		return exitRootlessKit
+	}
+	if end.sig != 0 && who == asRootlessKit {
 		// RootlessKit has no status for a signal: it says which, in Go's
 		// words, and exits 255 (os.Exit of exec's -1).
-		log.Error(fmt.Sprintf("command %v exited: signal: %v", o.args, sig))
+		log.Error(fmt.Sprintf("command %v exited: signal: %v", o.args, end.sig))
 		return exitRootlessKitSignal
 	}
-	return code
+	return end.code
 }
 
 // exitRootlessKitSignal is rootlesskit's status when the command was
 // ended by a signal.
 const exitRootlessKitSignal = 255
 
-// runSandbox runs the sandbox and returns the command's exit status and
-// the signal that ended it, if one did. The end-to-end tests' probe
-// (probe_e2e.go, built only with the e2ehooks tag) runs between the start
-// and the wait.
-func runSandbox(cfg sandbox.Config, args []string, log *slog.Logger) (int, syscall.Signal, error) {
+// commandEnd is how the command ended: its exit status, the signal that
+// ended it (or 0), and why it could not be started (or nil).
+type commandEnd struct {
+	code     int
+	sig      syscall.Signal
+	startErr error
+}
+
+// runSandbox runs the sandbox and returns how the command ended. The
+// end-to-end tests' probe (probe_e2e.go, built only with the e2ehooks
+// tag) runs between the start and the wait.
+func runSandbox(cfg sandbox.Config, args []string, log *slog.Logger) (commandEnd, error) {
 	s, err := sandbox.Start(context.Background(), cfg, args)
 	if err != nil {
-		return 0, 0, err
+		return commandEnd{}, err
 	}
 	afterStart(s, log)
 	code, err := s.Wait()
-	return code, s.ExitSignal(), err
+	return commandEnd{code, s.ExitSignal(), s.StartError()}, err
 }
 
 // recordCollector keeps records for a logger made later.

@@ -156,6 +156,27 @@ func TestRootlessKitSignalExit(t *testing.T) {
 	}
 }
 
+// A command that cannot be started (not found, or not executable) is
+// rootlesskit's own failure: status 1 and the reason on stderr (gonetns
+// gave a shell's 127 and 126).
+func TestRootlessKitCommandNotStarted(t *testing.T) {
+	for _, k := range kitRunners(t) {
+		dir := k.kit.TempDir(t)
+		notExec := filepath.Join(dir, "not-executable")
+		if err := os.WriteFile(notExec, []byte("#!/bin/sh\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		for _, command := range []string{"/nonexistent-command", notExec} {
+			t.Run(k.name+"/"+filepath.Base(command), func(t *testing.T) {
+				res := k.kit.Run(t, netTimeout, "--state-dir="+filepath.Join(dir, "state"), command)
+				if res.Code != 1 || !strings.Contains(res.Stderr, command) {
+					t.Errorf("rootlesskit %s: want status 1 and the command named on stderr:\n%s", command, res)
+				}
+			})
+		}
+	}
+}
+
 // procsMarked are the pids of processes whose command line is marker.
 func procsMarked(marker string) []int {
 	var pids []int
