@@ -119,6 +119,21 @@ func childHooks(ic initConfig) userns.ChildHooks {
 			}
 			return info, files, err
 		},
+		// With the namespace detached, the command has started in the
+		// host's; the child's main thread, whose namespaces are what
+		// /proc/PID/ns shows, moves into the sandbox's, as RootlessKit's
+		// child does: nsenter -U -m -n -t $(cat $STATE/child_pid), the
+		// way in of containerd-rootless-setuptool.sh nsenter, lands
+		// there (it failed with EPERM: the host's network namespace is
+		// not the user namespace's to enter).
+		Started: func(log *slog.Logger) {
+			if st.netns == nil {
+				return
+			}
+			if err := st.netns.enter(); err != nil {
+				log.Warn("the child could not enter the detached network namespace: nsenter -n -t $(cat child_pid) will not reach it; use nsenter -n$ROOTLESSKIT_STATE_DIR/netns", "err", err)
+			}
+		},
 		Serve: func(ctx context.Context, extra []*os.File, log *slog.Logger) {
 			serveChild(ctx, extra, st, log)
 		},

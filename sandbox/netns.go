@@ -21,6 +21,7 @@ import (
 // send a netlink request); waiting, e.g. for a connect, belongs outside.
 type netnsThread struct {
 	reqs chan func()
+	tid  int // the thread's id, for its /proc/self/task/TID/ns/net
 }
 
 // newNetNSThread starts the thread, creates a new network namespace on it
@@ -43,6 +44,7 @@ func newNetNSThread(path string) (*netnsThread, error) {
 			ready <- err
 			return
 		}
+		t.tid = unix.Gettid()
 		ready <- nil
 		for f := range t.reqs {
 			f()
@@ -66,6 +68,17 @@ func bindNetNS(path string) error {
 		return fmt.Errorf("bind-mount the detached network namespace on %s: %w", path, err)
 	}
 	return nil
+}
+
+// enter moves the calling thread, which must be locked to its goroutine
+// for good, into the namespace.
+func (t *netnsThread) enter() error {
+	fd, err := unix.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", t.tid), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	return unix.Setns(fd, unix.CLONE_NEWNET)
 }
 
 // Do runs fn on the thread in the namespace and returns its error.

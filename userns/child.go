@@ -29,6 +29,12 @@ type ChildHooks struct {
 	// the command, with Options.Network as JSON. The files it returns
 	// (e.g. the TAP device) and the info are sent to the parent.
 	Network func(cfg json.RawMessage, log *slog.Logger) (info any, files []*os.File, err error)
+	// Started runs on the child's main thread once the command has
+	// started; what it does to that thread (setns) stays with it, and
+	// the thread runs nothing but the child's main goroutine from then
+	// on (init locks it; the runtime starts new threads from its
+	// template thread, which is where the child began).
+	Started func(log *slog.Logger)
 	// Serve runs while the command runs, with Options.ExtraFiles; it must
 	// return when ctx is done.
 	Serve func(ctx context.Context, extra []*os.File, log *slog.Logger)
@@ -300,6 +306,9 @@ func (r *runner) run(hooks ChildHooks, extra []*os.File) int {
 	if pid != 0 {
 		r.ctl.Send(message{Type: msgStarted, PID: pid})
 		r.log.Debug("command started", "pid", pid, "path", path)
+		if hooks.Started != nil {
+			hooks.Started(r.log)
+		}
 	}
 
 	// Messages from the parent: relayed signals; end of stream means the

@@ -89,6 +89,18 @@ exec sleep 30`, host.port, e2etest.HelperCmd(t, "http-serve", "127.0.0.1:8000"))
 			if body != "hello from inside\n" {
 				t.Errorf("the published port into the detached namespace answered %q", body)
 			}
+			// The way in of containerd-rootless-setuptool.sh nsenter,
+			// through child_pid, reaches the sandbox's namespace, as
+			// with RootlessKit (it failed: "reassociate to namespace
+			// 'ns/net' failed: Operation not permitted").
+			pid, err := os.ReadFile(filepath.Join(state, "child_pid"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			ns, err := r.Exec(ctx, "nsenter", "-U", "--preserve-credentials", "-m", "-n", "-t", strings.TrimSpace(string(pid)), "ip", "-o", "-4", "addr", "show", "tap0").CombinedOutput()
+			if !strings.Contains(string(ns), "10.0.2.100/24") {
+				t.Errorf("nsenter -U -m -n -t $(cat child_pid): %v\n%s", err, ns)
+			}
 			cmd.Process.Signal(os.Interrupt)
 			cmd.Wait()
 			got := out.String()
