@@ -322,7 +322,10 @@ func parseSlirp4netns(args []string) (*slirpOptions, error) {
 	}
 	o.target, o.tapName = operands[0], slirpDefaultTap
 	if len(operands) >= 2 {
-		o.tapName = operands[1]
+		// slirp4netns copies TAPNAME into the kernel's 16-byte name
+		// (IFNAMSIZ) and so cuts a longer one at 15 characters; gonetns
+		// refused it, naming its own --ifname.
+		o.tapName = operands[1][:min(len(operands[1]), unix.IFNAMSIZ-1)]
 	}
 	if len(operands) > 2 {
 		o.warnings = append(o.warnings, "WARNING: too many arguments")

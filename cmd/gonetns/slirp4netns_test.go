@@ -113,6 +113,10 @@ func TestParseSlirp4netns(t *testing.T) {
 	if o, _ := parseSlirp4netns([]string{"1"}); o.tapName != "tap0" {
 		t.Errorf("no TAPNAME: %q, want tap0", o.tapName)
 	}
+	// Cut at 15 characters, as slirp4netns's copy into IFNAMSIZ does.
+	if o, _ := parseSlirp4netns([]string{"1", "tap-with-a-long-name"}); o.tapName != "tap-with-a-long" {
+		t.Errorf("a 20-character TAPNAME: %q, want its first 15 characters", o.tapName)
+	}
 
 	bad := []struct {
 		args  []string
