@@ -1,9 +1,12 @@
 package veth
 
 import (
+	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -148,6 +151,80 @@ func setOffloads(name string) error {
 		if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.SIOCETHTOOL, uintptr(unsafe.Pointer(&ifr))); e != 0 {
 			return fmt.Errorf("turn %s on for %s: %w", c.what, name, e)
 		}
+	}
+	return nil
+}
+
+// Ethtool's feature strings (linux/ethtool.h).
+const (
+	ethSSFeatures  = 4  // ETH_SS_FEATURES
+	ethGStringLen  = 32 // ETH_GSTRING_LEN
+	maxFeatureBits = 1024
+)
+
+// ethtool runs one SIOCETHTOOL request on name with data.
+func ethtool(fd int, name string, data unsafe.Pointer) error {
+	var ifr ifreqData
+	copy(ifr.name[:], name)
+	ifr.data = data
+	if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.SIOCETHTOOL, uintptr(unsafe.Pointer(&ifr))); e != 0 {
+		return e
+	}
+	return nil
+}
+
+// setFeatures turns the features named (ethtool -k's names) on or off
+// for name, in the calling thread's namespace; a name the kernel does
+// not have is left out.
+func setFeatures(name string, on bool, features ...string) error {
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("socket for ethtool: %w", err)
+	}
+	defer unix.Close(fd)
+	// struct ethtool_sset_info with one data word: the count of feature
+	// strings.
+	var info struct {
+		cmd, reserved uint32
+		mask          uint64
+		count         uint32
+	}
+	info.cmd, info.mask = unix.ETHTOOL_GSSET_INFO, 1<<ethSSFeatures
+	if err := ethtool(fd, name, unsafe.Pointer(&info)); err != nil {
+		return fmt.Errorf("ethtool features of %s: %w", name, err)
+	}
+	n := int(info.count)
+	if info.mask == 0 || n == 0 || n > maxFeatureBits {
+		return fmt.Errorf("ethtool features of %s: %d strings", name, n)
+	}
+	// struct ethtool_gstrings, then the strings.
+	strs := make([]byte, 12+n*ethGStringLen)
+	binary.NativeEndian.PutUint32(strs[0:], unix.ETHTOOL_GSTRINGS)
+	binary.NativeEndian.PutUint32(strs[4:], ethSSFeatures)
+	binary.NativeEndian.PutUint32(strs[8:], uint32(n))
+	if err := ethtool(fd, name, unsafe.Pointer(&strs[0])); err != nil {
+		return fmt.Errorf("ethtool feature names of %s: %w", name, err)
+	}
+	// struct ethtool_sfeatures: a valid and a requested word per 32
+	// features.
+	words := (n + 31) / 32
+	set := make([]uint32, 2+2*words)
+	set[0], set[1] = unix.ETHTOOL_SFEATURES, uint32(words)
+	for i := range n {
+		s := strs[12+i*ethGStringLen : 12+(i+1)*ethGStringLen]
+		if end := bytes.IndexByte(s, 0); end >= 0 {
+			s = s[:end]
+		}
+		if !slices.Contains(features, string(s)) {
+			continue
+		}
+		set[2+2*(i/32)] |= 1 << (i % 32)
+		if on {
+			set[3+2*(i/32)] |= 1 << (i % 32)
+		}
+	}
+	if err := ethtool(fd, name, unsafe.Pointer(&set[0])); err != nil && !errors.Is(err, unix.EOPNOTSUPP) {
+		return fmt.Errorf("ethtool: set %v of %s: %w", features, name, err)
 	}
 	return nil
 }

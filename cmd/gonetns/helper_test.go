@@ -209,6 +209,25 @@ func runHelper(mode string, args []string) int {
 		fmt.Printf("held %d refused %d failed %d\n", held, refused, failed)
 		io.ReadAll(io.LimitReader(os.Stdin, 1)) // the test says when
 		fmt.Println("closed")
+	case "udp-gso-send": // ADDR N SEG: one send of N bytes that the kernel splits into datagrams of SEG (UDP_SEGMENT)
+		c, err := net.Dial("udp", args[0])
+		if err != nil {
+			return fail("%v", err)
+		}
+		n, _ := strconv.Atoi(args[1])
+		seg, _ := strconv.Atoi(args[2])
+		rc, err := c.(*net.UDPConn).SyscallConn()
+		if err != nil {
+			return fail("%v", err)
+		}
+		var serr error
+		rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_UDP, unix.UDP_SEGMENT, seg) })
+		if serr != nil {
+			return fail("UDP_SEGMENT: %v", serr)
+		}
+		if _, err := c.Write(make([]byte, n)); err != nil {
+			return fail("%v", err)
+		}
 	case "udp-echo": // ADDR MSG: one datagram, print the reply
 		c, err := net.Dial("udp", args[0])
 		if err != nil {

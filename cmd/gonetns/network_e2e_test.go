@@ -17,6 +17,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -435,6 +436,51 @@ func TestNetUDPEcho(t *testing.T) {
 	res := r.MustRun(t, netTimeout, "sh", "-c", e2etest.HelperCmd(t, "udp-echo", fmt.Sprintf("10.0.2.2:%d", port), "datagram-1"))
 	if strings.TrimSpace(res.Stdout) != "host:datagram-1" {
 		t.Errorf("UDP echo: %s", res)
+	}
+}
+
+// A UDP send the kernel splits (UDP_SEGMENT, as QUIC clients send)
+// reaches the host as its datagrams: 4,000 bytes in segments of 1,000
+// are 4 datagrams of 1,000. On the packet link they came as one of 4,000
+// (the veth passed the send whole).
+func TestNetUDPSegmentation(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	port := pc.LocalAddr().(*net.UDPAddr).Port
+	r.MustRun(t, netTimeout, "sh", "-c", e2etest.HelperCmd(t, "udp-gso-send", fmt.Sprintf("10.0.2.2:%d", port), "4000", "1000"))
+	var sizes []int
+	b := make([]byte, 65536)
+	for {
+		pc.SetReadDeadline(time.Now().Add(2 * time.Second))
+		n, _, err := pc.ReadFrom(b)
+		if err != nil {
+			break
+		}
+		sizes = append(sizes, n)
+	}
+	if !slices.Equal(sizes, []int{1000, 1000, 1000, 1000}) {
+		t.Errorf("the host received datagrams of %v bytes; want 4 of 1000", sizes)
+	}
+}
+
+// The command may change the MTU of its interface: raised to 9,000 from
+// gonetns's 1,500, a datagram of 4,000 bytes goes out and its echo comes
+// back. On the packet link the veth's far end kept the MTU it was made
+// with and dropped the larger frames.
+func TestNetMTURaisedInside(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	port := startUDPEcho(t, "127.0.0.1:0", "host:")
+	msg := strings.Repeat("m", 4000)
+	res := r.MustRun(t, netTimeout, "--mtu=1500", "sh", "-c", "ip link set tap0 mtu 9000 && "+
+		e2etest.HelperCmd(t, "udp-echo", fmt.Sprintf("10.0.2.2:%d", port), msg))
+	if strings.TrimSpace(res.Stdout) != "host:"+msg {
+		t.Errorf("a 4,000-byte datagram with tap0's MTU raised to 9000: %.200s", res)
 	}
 }
 

@@ -24,6 +24,8 @@ var packetLinkSuite = []struct {
 	{"NetHalfClose", TestNetHalfClose},
 	{"NetUDPEcho", TestNetUDPEcho},
 	{"NetUDPBurst", TestNetUDPBurst},
+	{"NetUDPSegmentation", TestNetUDPSegmentation},
+	{"NetMTURaisedInside", TestNetMTURaisedInside},
 	{"NetRefusedIsFast", TestNetRefusedIsFast},
 	{"NetPing", TestNetPing},
 	{"NetDNS", TestNetDNS},
