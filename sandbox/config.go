@@ -355,6 +355,10 @@ func (c Config) Validate() error {
 	default:
 		return invalidf("invalid --link=%s: use auto (the TAP when /dev/net/tun can be opened, else packet), tap or packet", c.Link)
 	}
+	if c.Link != LinkAuto && c.Net != NetBuiltin {
+		// As --pcap: said, not ignored.
+		return invalidf("--link=%s needs --net=builtin: with --net=%s the sandbox has no link of gonetns's", c.Link, c.Net)
+	}
 	if err := checkCIDR(c.CIDR); err != nil {
 		return err
 	}

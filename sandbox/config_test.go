@@ -45,6 +45,8 @@ func TestConfigValidate(t *testing.T) {
 		{"link unknown", Config{Link: "veth"}, "auto (the TAP when /dev/net/tun can be opened, else packet), tap or packet"},
 		{"link tap", Config{Link: LinkTAP}, ""},
 		{"link packet", Config{Link: LinkPacket}, ""},
+		{"link packet, net host", Config{Link: LinkPacket, Net: NetHost}, "--link=packet needs --net=builtin"},
+		{"link tap, net none", Config{Link: LinkTAP, Net: NetNone}, "--link=tap needs --net=builtin"},
 		{"ifname long", Config{IfName: "0123456789abcdef"}, "up to 15"},
 		{"ifname slash", Config{IfName: "a/b"}, "without '/'"},
 		{"dns upstream zero port", Config{DNSUpstreams: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:0")}}, "--dns-upstream"},

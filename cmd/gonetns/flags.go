@@ -190,7 +190,7 @@ func defineFlags(o *options, who personality, name string, out io.Writer) (*pfla
 
 	fs.BoolVar(&r.debug, "debug", false, "print debug messages")
 	fs.StringVar(&c.PCAP, "pcap", "", "record every frame of the sandbox's link, both ways, in pcap `FILE` (tcpdump -r FILE, Wireshark)")
-	fs.StringVar(&r.pcapMaxSize, "pcap-max-size", "256MiB", "stop recording when the --pcap file reaches `SIZE` bytes (suffixes KiB, MiB, GiB)")
+	fs.StringVar(&r.pcapMaxSize, "pcap-max-size", "256MiB", "stop recording when the --pcap file reaches `SIZE` bytes, at least 1MiB (suffixes K, M, G, KiB, MiB, GiB)")
 	fs.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the gonetns parent (the network) to `FILE`, for go tool pprof")
 	fs.BoolVarP(&o.version, "version", "v", false, "print the version and exit")
 	fs.BoolVarP(&r.help, "help", "h", false, "show this help")
