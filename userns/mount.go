@@ -15,6 +15,9 @@ import (
 // and procfs that show the new namespaces, the copied-up directories, and
 // resolv.conf/hosts for the sandbox's DNS.
 func setupMounts(cfg *childConfig, log *slog.Logger) error {
+	// The working directory, by its path: mounts do not move a process
+	// that is in a directory they cover.
+	wd, wdErr := os.Getwd()
 	prop, err := ParsePropagation(cfg.Propagation)
 	if err != nil {
 		return err
@@ -68,6 +71,15 @@ func setupMounts(cfg *childConfig, log *slog.Logger) error {
 		if !etcCopied {
 			log.Debug("/etc/resolv.conf and /etc/hosts are bind mounts from the state directory; " +
 				"if the host replaces its files, the mounts go with them (use --copy-up=/etc to avoid it)")
+		}
+	}
+	// Entered again through the new mounts: a command started in a
+	// directory that was copied up (cd /etc; gonetns --copy-up=/etc ...)
+	// wrote its relative paths into the host's directory, under the copy
+	// (RootlessKit 1.1 does the same).
+	if wdErr == nil {
+		if err := os.Chdir(wd); err != nil {
+			log.Debug("could not enter the working directory again after the mounts", "dir", wd, "err", err)
 		}
 	}
 	return nil

@@ -179,6 +179,33 @@ head -c 5 /etc/passwd; echo`, probe)
 	}
 }
 
+// A command started in a directory that is copied up works in the copy:
+// what it removes and creates by relative path leaves the host's
+// directory as it was (before, the host's file was removed and the new
+// one made there, while the command's own ls of the copy saw neither).
+func TestLauncherCopyUpWorkingDirectory(t *testing.T) {
+	for _, r := range e2etest.Both(t) {
+		t.Run(r.Name, func(t *testing.T) {
+			dir := r.TempDir(t)
+			if err := os.WriteFile(filepath.Join(dir, "keep.txt"), []byte("keep\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			cmd := r.Command(context.Background(), "--net=host", "--copy-up="+dir, "sh", "-c", "rm keep.txt && echo inside > made.txt && ls")
+			cmd.Dir = dir
+			out, err := cmd.CombinedOutput()
+			if err != nil || strings.TrimSpace(string(out)) != "made.txt" {
+				t.Errorf("inside, in the copied-up directory: %v\n%s", err, out)
+			}
+			if _, err := os.Stat(filepath.Join(dir, "keep.txt")); err != nil {
+				t.Errorf("the host's keep.txt: %v; want it kept", err)
+			}
+			if _, err := os.Stat(filepath.Join(dir, "made.txt")); err == nil {
+				t.Errorf("made.txt appeared in the host's directory")
+			}
+		})
+	}
+}
+
 func mustAtoi(s string) int {
 	n, err := strconv.Atoi(s)
 	if err != nil {
