@@ -36,6 +36,10 @@ func evacuateCgroup2(name string, log *slog.Logger) error {
 		log.Warn("--evacuate-cgroup2: this process is in no cgroup v2 group; nothing is evacuated")
 		return nil
 	}
+	ns, _ := os.Readlink("/proc/self/ns/cgroup")
+	if err := checkEvacuable(group, ns); err != nil {
+		return err
+	}
 	oldPath := filepath.Join(mount, group)
 	newPath := filepath.Join(oldPath, name)
 	if err := os.MkdirAll(newPath, 0o755); err != nil {
@@ -64,6 +68,25 @@ func evacuateCgroup2(name string, log *slog.Logger) error {
 		}
 	}
 	log.Debug("evacuated cgroup", "from", oldPath, "to", newPath)
+	return nil
+}
+
+// initialCgroupNS is the initial cgroup namespace as /proc/PID/ns/cgroup
+// names it (the kernel's PROC_CGROUP_INIT_INO).
+const initialCgroupNS = "cgroup:[4026531835]"
+
+// checkEvacuable refuses to evacuate the machine's root group: group "/"
+// seen from the initial cgroup namespace ns holds every process of the
+// machine that no service put elsewhere, PID 1 among them. As root there,
+// --evacuate-cgroup2 moved them all (other users' too) into the new
+// group and enabled the root's controllers for its subgroups, and left
+// it so. Group "/" of a cgroup namespace of its own (a container's) is
+// that container's group, which is what the option is for; without
+// cgroup namespaces (ns "") "/" is the machine's.
+func checkEvacuable(group, ns string) error {
+	if group == "/" && (ns == initialCgroupNS || ns == "") {
+		return errors.New("--evacuate-cgroup2: gonetns is in the machine's root cgroup, where it would move every process of the machine: run it in a group of its own (systemd-run --user --scope -p Delegate=yes gonetns ..., or as a systemd user service with Delegate=yes)")
+	}
 	return nil
 }
 
