@@ -74,7 +74,7 @@ type handler struct {
 }
 
 // errNoPortDriver answers port calls when gonetns publishes no ports.
-var errNoPortDriver = errors.New("no port driver is available: gonetns runs with --port-driver=none (or --net=host); restart it with --port-driver=builtin to publish ports")
+var errNoPortDriver = errors.New("no port driver is available: with --net=host the command's ports are the host's already, with nothing to publish; with --port-driver=none, restart gonetns with --port-driver=builtin to publish ports")
 
 func (h *handler) needPorts(f http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {

@@ -437,12 +437,23 @@ func statusOf(ws unix.WaitStatus) int {
 	return ws.ExitStatus()
 }
 
+// defaultPath is the PATH of a command whose environment has none (as
+// execvp's default, with the sbin directories of a root shell), and where
+// the id mapping helpers are looked for when $PATH lacks them.
+const defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+// notFound is a command that does not exist: exit status 127.
+type notFound struct{ msg string }
+
+func (e notFound) Error() string        { return e.msg }
+func (e notFound) Is(target error) bool { return target == exec.ErrNotFound }
+
 // lookPath resolves the command with the PATH the command will see.
 func lookPath(name string, env []string) (string, error) {
 	if strings.Contains(name, "/") {
 		return name, checkExecutable(name)
 	}
-	path := "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+	path := defaultPath
 	for _, kv := range env {
 		if v, ok := strings.CutPrefix(kv, "PATH="); ok {
 			path = v
@@ -472,7 +483,9 @@ func checkExecutable(p string) error {
 	st, err := os.Stat(p)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
-		return fmt.Errorf("%s: %w", p, exec.ErrNotFound)
+		// A path, not a name looked up in $PATH: as a shell says it
+		// (it said "executable file not found in $PATH" for ./nosuch).
+		return notFound{p + ": no such file or directory"}
 	case err != nil:
 		return err
 	case st.IsDir():

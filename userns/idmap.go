@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -64,9 +66,10 @@ func (m *idMapper) plan() mapPlan {
 	case lookupErr != nil:
 		p.fallbackReason = lookupErr.Error()
 	case len(ids.UIDs) == 0 || len(ids.GIDs) == 0:
+		start := freeSubIDStart("/etc/subuid", "/etc/subgid")
 		p.fallbackReason = fmt.Sprintf("user %s has no subordinate ids in %s. "+
-			"To map 65536 ids, run as root: usermod --add-subuids 100000-165535 --add-subgids 100000-165535 %s "+
-			"(pick a range no other user has)", m.user, ids.From, m.user)
+			"To map 65536 ids, run as root: usermod --add-subuids %[3]d-%[4]d --add-subgids %[3]d-%[4]d %[1]s "+
+			"(above every range /etc/subuid and /etc/subgid give now)", m.user, ids.From, start, start+65535)
 	case uidHelperErr != nil:
 		p.fallbackReason = uidHelperErr.Error()
 	case gidHelperErr != nil:
@@ -219,6 +222,35 @@ func mapLines(args []string) string {
 	return b.String()
 }
 
+// freeSubIDStart is where a new user's 65536 subordinate ids can start
+// without overlapping the ranges of files (name:start:count lines):
+// 100000, as useradd starts, or past the last range, on a multiple of
+// 65536. The advice of a fixed 100000-165535 overlapped the first user's.
+func freeSubIDStart(files ...string) uint64 {
+	end := uint64(100000)
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			fields := strings.Split(strings.TrimSpace(line), ":")
+			if len(fields) != 3 {
+				continue
+			}
+			start, err1 := strconv.ParseUint(fields[1], 10, 32)
+			count, err2 := strconv.ParseUint(fields[2], 10, 32)
+			if err1 == nil && err2 == nil && start+count > end {
+				end = start + count
+			}
+		}
+	}
+	if end == 100000 {
+		return end
+	}
+	return (end + 65535) / 65536 * 65536
+}
+
 // errNoIDHelper marks a missing or unusable newuidmap/newgidmap.
 var errNoIDHelper = errors.New("id mapping helper unusable")
 
@@ -228,7 +260,13 @@ var errNoIDHelper = errors.New("id mapping helper unusable")
 func findIDHelper(name string) (string, error) {
 	path, err := exec.LookPath(name)
 	if err != nil {
-		return "", fmt.Errorf("%w: %s is not installed (install the uidmap package: sudo apt-get install uidmap, or shadow-utils on Fedora)", errNoIDHelper, name)
+		// Not in $PATH (env -i, a service's short PATH): the system's
+		// directories, where the package puts it. gonetns mapped one id
+		// and said the helper was not installed.
+		path, err = lookIn(defaultPath, name)
+	}
+	if err != nil {
+		return "", fmt.Errorf("%w: %s is not in $PATH or %s (install the uidmap package: sudo apt-get install uidmap, or shadow-utils on Fedora)", errNoIDHelper, name, defaultPath)
 	}
 	var st unix.Stat_t
 	if err := unix.Stat(path, &st); err != nil {
@@ -239,6 +277,18 @@ func findIDHelper(name string) (string, error) {
 		return "", fmt.Errorf("%w: %s is neither setuid root nor has file capabilities (fix: sudo chmod u+s %s, or sudo setcap cap_setuid,cap_setgid+ep %s)", errNoIDHelper, path, path, path)
 	}
 	return path, nil
+}
+
+// lookIn finds an executable regular file name in the directories of
+// path (a PATH list).
+func lookIn(path, name string) (string, error) {
+	for _, dir := range filepath.SplitList(path) {
+		p := filepath.Join(dir, name)
+		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0 {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("%s: %w", name, exec.ErrNotFound)
 }
 
 func hasFileCaps(path string) bool {

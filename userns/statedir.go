@@ -73,6 +73,15 @@ func emptyVarHint(abs string, err error) string {
 	return fmt.Sprintf(" (%s is right under /: was a variable in --state-dir empty? %s%s unset or empty here)", abs, strings.Join(unset, ", "), verb)
 }
 
+// maxSocketPath is the longest path a unix socket can have (sun_path's
+// 108 bytes with the NUL). A longer state directory failed at the API's
+// listen with "bind: invalid argument"; under a long $XDG_RUNTIME_DIR
+// every run did.
+const maxSocketPath = 107
+
+// socketFits reports whether the API socket's path in dir fits.
+func socketFits(dir string) bool { return len(filepath.Join(dir, APISocket)) <= maxSocketPath }
+
 // ErrStateDirBusy reports a state directory locked by another gonetns.
 var ErrStateDirBusy = errors.New("state directory is in use")
 
@@ -83,7 +92,7 @@ func OpenStateDir(path string) (*StateDir, error) {
 	d := &StateDir{Path: path}
 	if path == "" {
 		base := os.Getenv("XDG_RUNTIME_DIR")
-		if base == "" || unix.Access(base, unix.W_OK|unix.X_OK) != nil {
+		if base == "" || unix.Access(base, unix.W_OK|unix.X_OK) != nil || !socketFits(filepath.Join(base, tempPrefix+"1234567890")) {
 			base = os.TempDir()
 		}
 		d.Swept = sweepStale(base)
@@ -98,6 +107,10 @@ func OpenStateDir(path string) (*StateDir, error) {
 			return nil, fmt.Errorf("state directory %q: %w", path, err)
 		}
 		d.Path = abs
+		if !socketFits(abs) {
+			return nil, fmt.Errorf("state directory %s is too long for its socket: %s would be %d bytes, and a unix socket's path has at most %d; choose a shorter --state-dir",
+				abs, APISocket, len(filepath.Join(abs, APISocket)), maxSocketPath)
+		}
 		if err := os.MkdirAll(abs, 0o700); err != nil {
 			return nil, fmt.Errorf("create state directory: %w%s", err, emptyVarHint(abs, err))
 		}

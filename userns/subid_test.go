@@ -185,3 +185,30 @@ func TestRootPlan(t *testing.T) {
 		t.Errorf("nested root plan = %+v", p)
 	}
 }
+
+// The advice for a user with no subordinate ids names a range no line of
+// the files has.
+func TestFreeSubIDStart(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, s string) string {
+		p := dir + "/" + name
+		if err := os.WriteFile(p, []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	for _, tc := range []struct {
+		uid, gid string
+		want     uint64
+	}{
+		{"", "", 100000},
+		{"alice:100000:65536\n", "alice:100000:65536\n", 196608},
+		{"alice:100000:65536\nbob:165536:65536\n", "alice:100000:65536\n", 262144},
+		{"# comment\nbad line\nalice:1000:10\n", "", 100000},
+		{"alice:100000:65536\n", "carol:300000:1000\n", 327680},
+	} {
+		if got := freeSubIDStart(write("subuid", tc.uid), write("subgid", tc.gid), dir+"/missing"); got != tc.want {
+			t.Errorf("subuid %q subgid %q: %d, want %d", tc.uid, tc.gid, got, tc.want)
+		}
+	}
+}

@@ -67,6 +67,23 @@ func TestLauncherIdentityAndMaps(t *testing.T) {
 	}
 }
 
+// Started with an empty environment (env -i: no PATH), gonetns finds
+// newuidmap in the system's directories and maps the subordinate ids;
+// it mapped one id and said newuidmap was not installed.
+func TestLauncherMapsWithoutPath(t *testing.T) {
+	r := e2etest.Unprivileged(t)
+	cmd := r.Command(context.Background(), "--net=host", "cat", "/proc/self/uid_map")
+	cmd.Env = []string{}
+	var errOut strings.Builder
+	cmd.Stderr = &errOut
+	out, err := cmd.Output()
+	us, uc := subStart(t, "/etc/subuid", r.User.Username)
+	want := fmt.Sprintf("0 %s 1|1 %s %s", r.User.Uid, us, uc)
+	if got := strings.Join(fieldsOf(strings.Split(strings.TrimSpace(string(out)), "\n")), "|"); err != nil || got != want || errOut.Len() > 0 {
+		t.Errorf("env -i gonetns: uid_map %q (want %q), %v\n%s", got, want, err, errOut.String())
+	}
+}
+
 func fieldsOf(lines []string) []string {
 	var out []string
 	for _, l := range lines {
@@ -87,6 +104,8 @@ func TestLauncherExitStatus(t *testing.T) {
 		{[]string{"sh", "-c", "kill -TERM $$"}, 128 + 15, ""},
 		{[]string{"--pidns", "sh", "-c", "exit 9"}, 9, ""},
 		{[]string{"gonetns-no-such-command"}, 127, "command not found"},
+		// A path is not looked up in $PATH: said as a shell says it.
+		{[]string{"./gonetns-no-such-command"}, 127, "./gonetns-no-such-command: no such file or directory"},
 	}
 	script := filepath.Join(r.TempDir(t), "noexec.sh")
 	os.WriteFile(script, []byte("#!/bin/sh\necho hi\n"), 0o644)
