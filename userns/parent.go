@@ -15,6 +15,7 @@ import (
 	"runtime"
 	"slices"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -629,12 +630,24 @@ func ValidateCopyUp(dirs []string) error {
 		case "/tmp":
 			return errors.New("--copy-up=/tmp is refused (as RootlessKit does): /tmp is already writable, and gonetns's state may live there")
 		}
+		for _, k := range []string{"/proc", "/sys", "/dev"} {
+			if clean == k || strings.HasPrefix(clean, k+"/") {
+				// It failed in the child with "move the original into
+				// place: no such file or directory".
+				return fmt.Errorf("--copy-up=%s: %s is a kernel filesystem, not files that can be copied", d, k)
+			}
+		}
 		st, err := os.Stat(clean)
 		if err != nil {
 			return fmt.Errorf("--copy-up=%s: %w", d, err)
 		}
 		if !st.IsDir() {
 			return fmt.Errorf("--copy-up=%s: not a directory", d)
+		}
+		if unix.Access(clean, unix.R_OK|unix.X_OK) != nil {
+			// It failed in the child with "permission denied" and a hint
+			// about containers and user namespaces, which were fine.
+			return fmt.Errorf("--copy-up=%s: you (uid %d) cannot read it, and what cannot be read cannot be copied: copy up a directory you can read", d, os.Getuid())
 		}
 		if seen[clean] {
 			return fmt.Errorf("--copy-up=%s given twice", d)

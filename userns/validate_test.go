@@ -28,6 +28,10 @@ func TestValidateCopyUp(t *testing.T) {
 		{[]string{dir + "/nope"}, "no such file"},
 		{[]string{file}, "not a directory"},
 		{[]string{"/etc", "/etc/"}, "given twice"},
+		{[]string{"/proc"}, "/proc is a kernel filesystem"},
+		{[]string{"/sys/fs"}, "/sys is a kernel filesystem"},
+		{[]string{"/dev"}, "/dev is a kernel filesystem"},
+		{[]string{"/devices"}, "no such file"},
 	}
 	for _, tt := range tests {
 		err := ValidateCopyUp(tt.dirs)

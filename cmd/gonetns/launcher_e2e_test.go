@@ -132,6 +132,10 @@ func TestLauncherFlagErrors(t *testing.T) {
 		{[]string{"--mtu=10", "true"}, "1280 to 65521"},
 		{[]string{"--copy-up=/tmp", "true"}, "/tmp is refused"},
 		{[]string{"--copy-up=etc", "true"}, "must be absolute"},
+		// The user cannot read /root (0700, root's): said as that, not
+		// as a container's seccomp profile.
+		{[]string{"--copy-up=/root", "true"}, "cannot read it"},
+		{[]string{"--copy-up=/proc", "true"}, "kernel filesystem"},
 		{[]string{"--net=slirp", "true"}, "builtin, none or host"},
 		{[]string{"--cidr=10.0.2.0/28", "true"}, "/25 or shorter"},
 		{[]string{"--propagation=shared", "true"}, "rprivate or rslave"},
