@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 
@@ -263,7 +262,7 @@ func findIDHelper(name string) (string, error) {
 		// Not in $PATH (env -i, a service's short PATH): the system's
 		// directories, where the package puts it. gonetns mapped one id
 		// and said the helper was not installed.
-		path, err = lookIn(defaultPath, name)
+		path, err = lookPath(name, []string{"PATH=" + defaultPath})
 	}
 	if err != nil {
 		return "", fmt.Errorf("%w: %s is not in $PATH or %s (install the uidmap package: sudo apt-get install uidmap, or shadow-utils on Fedora)", errNoIDHelper, name, defaultPath)
@@ -277,18 +276,6 @@ func findIDHelper(name string) (string, error) {
 		return "", fmt.Errorf("%w: %s is neither setuid root nor has file capabilities (fix: sudo chmod u+s %s, or sudo setcap cap_setuid,cap_setgid+ep %s)", errNoIDHelper, path, path, path)
 	}
 	return path, nil
-}
-
-// lookIn finds an executable regular file name in the directories of
-// path (a PATH list).
-func lookIn(path, name string) (string, error) {
-	for _, dir := range filepath.SplitList(path) {
-		p := filepath.Join(dir, name)
-		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0 {
-			return p, nil
-		}
-	}
-	return "", fmt.Errorf("%s: %w", name, exec.ErrNotFound)
 }
 
 func hasFileCaps(path string) bool {

@@ -145,11 +145,8 @@ func setOffloads(name string) error {
 		{unix.ETHTOOL_SGSO, "GSO"},
 	} {
 		v := ethtoolValue{cmd: c.cmd, data: 1}
-		var ifr ifreqData
-		copy(ifr.name[:], name)
-		ifr.data = unsafe.Pointer(&v)
-		if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.SIOCETHTOOL, uintptr(unsafe.Pointer(&ifr))); e != 0 {
-			return fmt.Errorf("turn %s on for %s: %w", c.what, name, e)
+		if err := ethtool(fd, name, unsafe.Pointer(&v)); err != nil {
+			return fmt.Errorf("turn %s on for %s: %w", c.what, name, err)
 		}
 	}
 	return nil
