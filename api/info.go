@@ -51,8 +51,8 @@ type LimitInfo struct {
 	// where it applies.
 	IdleTimeout string `json:"idleTimeout,omitempty"`
 	// Events counts what the limit did since start, by kind: "closed",
-	// "waited" (api.connections), "reset", "preempted", "idleTimeout"
-	// (ports.tcp.connections), "evicted", "idleTimeout" (ports.udp.flows,
+	// "waited" (api.connections), "reset", "preempted", "endedIdle"
+	// (ports.tcp.connections), "evicted", "endedIdle" (ports.udp.flows,
 	// nat.udp.flows, nat.ping.sessions), "reset" (nat.tcp.connections).
 	Events map[string]uint64 `json:"events,omitempty"`
 }

@@ -661,14 +661,14 @@ func (n *network) limits() []api.LimitInfo {
 	if n.ports != nil {
 		st := n.ports.TCPStats()
 		tcp := api.LimitInfo{Name: "ports.tcp.connections", Max: st.Max, InUse: st.Open, Peak: st.Peak, Clients: st.Clients,
-			Events: map[string]uint64{"reset": st.Reset, "preempted": st.Preempted, "idleTimeout": st.IdleClosed}}
+			Events: map[string]uint64{"reset": st.Reset, "preempted": st.Preempted, "endedIdle": st.IdleClosed}}
 		if st.IdleTimeout > 0 {
 			tcp.IdleTimeout = st.IdleTimeout.String()
 		}
 		us := n.ports.UDPStats()
 		udp := api.LimitInfo{Name: "ports.udp.flows", Max: us.Max, InUse: us.Flows, Peak: us.Peak,
 			IdleTimeout: cmp.Or(n.cfg.PortUDPIdleTimeout, portfwd.DefaultUDPIdleTimeout).String(),
-			Events:      map[string]uint64{"evicted": us.Evicted, "idleTimeout": us.Expired}}
+			Events:      map[string]uint64{"evicted": us.Evicted, "endedIdle": us.Expired}}
 		l = append(l, tcp, udp)
 	}
 	if n.nat != nil {
@@ -677,9 +677,9 @@ func (n *network) limits() []api.LimitInfo {
 			api.LimitInfo{Name: "nat.tcp.connections", Max: tcp.Max, InUse: tcp.Open, Peak: tcp.Peak,
 				Events: map[string]uint64{"reset": tcp.Reset}},
 			api.LimitInfo{Name: "nat.udp.flows", Max: udp.Max, InUse: udp.Flows, Peak: udp.Peak,
-				Events: map[string]uint64{"evicted": udp.Evicted, "idleTimeout": udp.Expired}},
+				Events: map[string]uint64{"evicted": udp.Evicted, "endedIdle": udp.Expired}},
 			api.LimitInfo{Name: "nat.ping.sessions", Max: echo.Max, InUse: echo.Flows, Peak: echo.Peak,
-				Events: map[string]uint64{"evicted": echo.Evicted, "idleTimeout": echo.Expired}})
+				Events: map[string]uint64{"evicted": echo.Evicted, "endedIdle": echo.Expired}})
 	}
 	return l
 }

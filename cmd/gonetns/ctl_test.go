@@ -46,7 +46,7 @@ func ctlServer(t *testing.T) (dir string, m *portfwd.Manager) {
 			NetworkDriver: &api.NetworkDriverInfo{Driver: "gonetns", DNS: []netip.Addr{netip.MustParseAddr("10.0.2.3")}, ChildIP: netip.MustParseAddr("10.0.2.100"), Link: "packet"},
 			PortDriver:    &api.PortDriverInfo{Driver: "builtin", Protos: port.Protos},
 			Limits: []api.LimitInfo{{Name: "ports.tcp.connections", Max: 3820, InUse: 3820, Peak: 3820, Clients: 2, IdleTimeout: "2h0m0s",
-				Events: map[string]uint64{"reset": 180, "preempted": 20, "idleTimeout": 0}}},
+				Events: map[string]uint64{"reset": 180, "preempted": 20, "endedIdle": 0}}},
 		}
 	}))
 	srv.Listener.Close()
@@ -126,7 +126,7 @@ func TestCtlInfo(t *testing.T) {
 	for _, want := range []string{"- REST API version: 1.1.1", "- Implementation version: 0.0.0-test", "- State Directory: " + dir,
 		"- Child PID: 99", "- Network Driver: gonetns", "  - DNS: [10.0.2.3]", "  - IP: 10.0.2.100", "  - Link: packet", "- Port Driver: builtin",
 		"  - Supported protocols: [tcp tcp4 tcp6 udp udp4 udp6]", "- Limits:",
-		"  - ports.tcp.connections: 3820 of 3820 in use (peak 3820), 2 clients, idle timeout 2h0m0s; idleTimeout 0; preempted 20; reset 180"} {
+		"  - ports.tcp.connections: 3820 of 3820 in use (peak 3820), 2 clients, idle timeout 2h0m0s; endedIdle 0; preempted 20; reset 180"} {
 		if code != 0 || !strings.Contains(out, want+"\n") {
 			t.Errorf("info: %d, %q missing in\n%s%s", code, want, out, errOut)
 		}

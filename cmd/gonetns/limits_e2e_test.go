@@ -74,7 +74,7 @@ kill $srv`, e2etest.HelperCmd(t, "http-serve"))
 	}
 	for _, l := range info.Limits {
 		if l.Name == "ports.tcp.connections" {
-			if l.Events["idleTimeout"] != 1 || l.IdleTimeout != "2s" || l.InUse != 0 {
+			if l.Events["endedIdle"] != 1 || l.IdleTimeout != "2s" || l.InUse != 0 {
 				t.Errorf("/v1/info: %+v; want 1 connection ended by the idle timeout of 2s, none in use", l)
 			}
 			return
