@@ -7,6 +7,7 @@ import (
 	"slices"
 	"sync"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -35,7 +36,11 @@ import (
 // way, a client that sends has had none.
 //
 // Never closed for the limit:
-//   - a request being handled, or whose answer is being written;
+//   - a request being handled, or whose answer is being written, unless
+//     the writing has been blocked for stalledWrite: its client reads
+//     nothing (one that sent hundreds of requests and read no answer held
+//     every place until the 10 s write timeout, again and again, and a
+//     prompt client's call waited 9.5 s; RootlessKit, with no cap, 0.7 s);
 //   - a connection net/http has read from and is not reading now (it is
 //     parsing a request that arrived);
 //   - a connection with bytes in its socket that the server has not read:
@@ -121,11 +126,12 @@ type apiConn struct {
 	peer *peer           // its client process
 	elem *list.Element   // in peer.conns; nil once gone
 
-	reading bool // net/http is in Read
-	got     bool // a Read has returned bytes
-	busy    bool // a request is being handled or answered
-	served  bool // a request has arrived whole on it
-	gone    bool // closed for the limit, or closed
+	reading bool      // net/http is in Read
+	writing time.Time // when net/http's blocked Write began; zero when not in Write
+	got     bool      // a Read has returned bytes
+	busy    bool      // a request is being handled or answered
+	served  bool      // a request has arrived whole on it
+	gone    bool      // closed for the limit, or closed
 }
 
 // waits is the state that keeps the server waiting, but for unread bytes
@@ -165,6 +171,32 @@ func (c *apiConn) Read(b []byte) (int, error) {
 	})
 	cs.mu.Unlock()
 	return n, err
+}
+
+// Write tells the limit how long the server has been waiting for this
+// connection's client to take an answer.
+func (c *apiConn) Write(b []byte) (int, error) {
+	cs := &c.s.conns
+	cs.mu.Lock()
+	c.writing = time.Now()
+	cs.mu.Unlock()
+	n, err := c.Conn.Write(b)
+	cs.mu.Lock()
+	c.writing = time.Time{}
+	cs.mu.Unlock()
+	return n, err
+}
+
+// stalledWrite is how long a write of an answer may be blocked before the
+// connection may be closed for a new one. An answer is a few hundred bytes
+// that the socket's buffer takes at once: a write blocks only when the
+// client has left its answers unread until the buffer filled.
+const stalledWrite = time.Second
+
+// stalled reports whether the server has been blocked writing to c's
+// client for stalledWrite.
+func (c *apiConn) stalled(now time.Time) bool {
+	return !c.writing.IsZero() && now.Sub(c.writing) >= stalledWrite && !c.gone
 }
 
 // unread reports whether bytes have arrived that the server has not read
@@ -259,9 +291,17 @@ func (cs *connSet) admit(s *Server, nc net.Conn) (*apiConn, error) {
 			waited = true
 			cs.stats.Waited++
 		}
+		// Looked at again when a place may have come free, or when a
+		// blocked answer may have become a stalled one.
+		wake := time.AfterFunc(stalledWrite, func() {
+			cs.mu.Lock()
+			cs.cond.Broadcast()
+			cs.mu.Unlock()
+		})
 		cs.waiters++
 		cs.cond.Wait()
 		cs.waiters--
+		wake.Stop()
 	}
 	cs.stats.Peak = max(cs.stats.Peak, cs.stats.Open)
 	return c, nil
@@ -300,7 +340,18 @@ func (cs *connSet) victimLocked(newest *apiConn) *apiConn {
 			}
 		}
 	}
-	return nil
+	// None keeps the server waiting for a request: the one whose client
+	// has left an answer unread longest, if it has for stalledWrite.
+	now := time.Now()
+	var stalled *apiConn
+	for _, p := range cs.peers {
+		for e := p.conns.Front(); e != nil; e = e.Next() {
+			if c := e.Value.(*apiConn); c != newest && c.stalled(now) && (stalled == nil || c.writing.Before(stalled.writing)) {
+				stalled = c
+			}
+		}
+	}
+	return stalled
 }
 
 // listener applies the limit to what net/http accepts.

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -138,6 +139,40 @@ func TestServerStaysAnswerable(t *testing.T) {
 	}
 	if open > maxConns {
 		t.Errorf("%d of 200 held connections are still open, want at most %d", open, maxConns)
+	}
+}
+
+// Clients that send requests and never read the answers cannot hold every
+// place: once an answer's write has been blocked for stalledWrite, its
+// connection may go for a new one. Before, a prompt client's call waited
+// for the 10 s write timeout (9.5 s, 4 of 4).
+func TestServerClosesClientsThatDoNotRead(t *testing.T) {
+	path := filepath.Join(shortDir(t), "api.sock")
+	ln, err := Listen(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const maxConns = 4
+	big := strings.Repeat("v", 16<<10) // answers that fill a socket's buffer soon
+	s := NewServer(ServerConfig{Info: func() Info { return Info{Version: big} }, MaxConns: maxConns})
+	s.Serve(ln)
+	defer s.Close()
+	req := strings.Repeat("GET /v1/info HTTP/1.1\r\nHost: x\r\n\r\n", 400)
+	for i := range maxConns {
+		c, err := net.Dial("unix", path)
+		if err != nil {
+			t.Fatalf("connection %d: %v", i, err)
+		}
+		defer c.Close()
+		go io.WriteString(c, req) // and never read
+	}
+	time.Sleep(2 * stalledWrite)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	start := time.Now()
+	info, err := NewClient(path).Info(ctx)
+	if err != nil || info.Version != big {
+		t.Fatalf("GET /v1/info while %d clients leave their answers unread: %v after %v", maxConns, err, time.Since(start).Round(time.Millisecond))
 	}
 }
 
