@@ -213,6 +213,9 @@ func defineFlags(o *options, who personality, name string, out io.Writer) (*pfla
 // apply puts the raw flags into c: RootlessKit's names resolved to
 // gonetns's drivers, addresses, specs and sizes parsed.
 func (r *rawFlags) apply(c *sandbox.Config, fs *pflag.FlagSet, log *slog.Logger) error {
+	if err := r.refuseEmpty(fs); err != nil {
+		return err
+	}
 	c.Debug = r.debug
 	c.Net = sandbox.Net(r.net)
 	if slices.Contains(rootlessKitNets, r.net) {
@@ -282,6 +285,36 @@ func (r *rawFlags) apply(c *sandbox.Config, fs *pflag.FlagSet, log *slog.Logger)
 		return fmt.Errorf("invalid --copy-up-mode=%s: only tmpfs+symlink is supported", r.copyUpMode)
 	}
 	c.SubIDSource = sandbox.SubIDSource(r.subid)
+	return nil
+}
+
+// emptyRefused are the flags whose empty value (--net=$NET with NET unset)
+// is refused rather than taken silently as the default or as nothing:
+// these four as RootlessKit refuses them ("unknown network mode: ",
+// "missing proto in PortSpec string"), under either name; under
+// gonetns's own name the rest too, which RootlessKit takes empty (as its
+// default, or with a warning) and so its personality does.
+var emptyRefused = map[personality][]string{
+	asRootlessKit: {"net", "port-driver", "publish", "copy-up"},
+	asGonetns:     {"net", "port-driver", "publish", "copy-up", "link", "ifname", "propagation", "reaper", "subid-source"},
+}
+
+// refuseEmpty fails if a flag of emptyRefused was given an empty value.
+func (r *rawFlags) refuseEmpty(fs *pflag.FlagSet) error {
+	for _, name := range emptyRefused[r.who] {
+		f := fs.Lookup(name)
+		if f == nil || !f.Changed {
+			continue
+		}
+		if v := f.Value.String(); v != "" && v != "[]" { // "[]": a list flag's empty list
+			continue
+		}
+		leave := "leave the flag out"
+		if d := f.DefValue; d != "" && d != "[]" {
+			leave += " for the default, " + d
+		}
+		return fmt.Errorf("--%s is given an empty value (an unset variable?): give it one (--help lists them), or %s", name, leave)
+	}
 	return nil
 }
 

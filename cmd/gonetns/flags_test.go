@@ -198,6 +198,44 @@ func TestParseFlags(t *testing.T) {
 // --help: the sections in order, each visible flag in one of them, lines
 // of at most 80 columns when the output is not a terminal, no default
 // broken across lines, the examples at the end.
+// TestParseFlagsEmptyValues: a flag given an empty value is refused where
+// the value cannot be empty, and taken where RootlessKit takes it.
+func TestParseFlagsEmptyValues(t *testing.T) {
+	cases := []struct {
+		who  personality
+		args []string
+		err  string // "" for accepted
+	}{
+		{asGonetns, []string{"--net=", "x"}, "--net is given an empty value (an unset variable?): give it one (--help lists them), or leave the flag out for the default, builtin"},
+		{asGonetns, []string{"--port-driver=", "x"}, "--port-driver is given an empty value (an unset variable?): give it one (--help lists them), or leave the flag out\n"},
+		{asGonetns, []string{"-p", "", "x"}, "--publish is given an empty value"},
+		{asGonetns, []string{"--copy-up=", "x"}, "--copy-up is given an empty value"},
+		{asGonetns, []string{"--link=", "x"}, "leave the flag out for the default, auto"},
+		{asGonetns, []string{"--ifname=", "x"}, "--ifname is given an empty value"},
+		{asGonetns, []string{"--propagation=", "x"}, "--propagation is given an empty value"},
+		{asGonetns, []string{"--reaper=", "x"}, "--reaper is given an empty value"},
+		{asGonetns, []string{"--subid-source=", "x"}, "--subid-source is given an empty value"},
+		{asGonetns, []string{"--state-dir=", "--pcap=", "--outbound-addr=", "--evacuate-cgroup2=", "x"}, ""}, // empty is their default
+		{asRootlessKit, []string{"--net=", "x"}, "leave the flag out for the default, host"},
+		{asRootlessKit, []string{"--net=slirp4netns", "--port-driver=", "x"}, "leave the flag out for the default, none"},
+		{asRootlessKit, []string{"--net=slirp4netns", "--publish=", "x"}, "--publish is given an empty value"},
+		{asRootlessKit, []string{"--copy-up=", "x"}, "--copy-up is given an empty value"},
+		// RootlessKit v3.0.1 runs the command with these empty.
+		{asRootlessKit, []string{"--ifname=", "--propagation=", "--subid-source=", "--state-dir=", "x"}, ""},
+		{asGonetns, []string{"--net=", "--net=none", "x"}, ""}, // the last one counts
+	}
+	for _, tc := range cases {
+		_, err := parseFlags(tc.args, tc.who, "gonetns", io.Discard, slog.New(slog.DiscardHandler))
+		got := ""
+		if err != nil {
+			got = err.Error() + "\n"
+		}
+		if tc.err == "" && err != nil || tc.err != "" && !strings.Contains(got, tc.err) {
+			t.Errorf("personality %d, %q: error %q, want one with %q", tc.who, tc.args, got, tc.err)
+		}
+	}
+}
+
 func TestHelpLayout(t *testing.T) {
 	for _, who := range []personality{asGonetns, asRootlessKit} {
 		var out bytes.Buffer
