@@ -124,6 +124,46 @@ func TestNetCurlLargeFileBothMTUs(t *testing.T) {
 	}
 }
 
+// TestNetNestedNamespaceSmallerLink: a namespace inside the sandbox (a
+// container's, routed and masqueraded through the sandbox as rootless
+// Docker's are) behind a link of smaller MTU downloads the 50 MB blob
+// whole. With a veth of MTU 1500 on its side and 1280 on the sandbox's, its
+// SYN asks for segments the sandbox cannot forward, and the sandbox's
+// kernel answers ours with ICMP "fragmentation needed": the fast path
+// ignored them and resent the same segments (the download stalled, "curl:
+// (28) Operation timed out"). With MTU 552 both sides, the namespace asks
+// for an MSS of 512, below the fast path's floor then (536).
+func TestNetNestedNamespaceSmallerLink(t *testing.T) {
+	e2etest.RequireTun(t)
+	if _, err := os.Stat("/usr/sbin/iptables"); err != nil {
+		t.Fatalf("this test masquerades a nested namespace with iptables inside the sandbox: install Debian's iptables (scripts/test-setup.sh does): %v", err)
+	}
+	srv := startHostHTTP(t)
+	r := e2etest.Unprivileged(t)
+	for _, link := range []struct{ name, inner, outer string }{
+		{"pmtu", "1500", "1280"},
+		{"mss 512", "552", "552"},
+	} {
+		t.Run(link.name, func(t *testing.T) {
+			script := fmt.Sprintf(`set -e
+echo 1 > /proc/sys/net/ipv4/ip_forward
+iptables -t nat -A POSTROUTING -s 192.168.77.0/24 -o tap0 -j MASQUERADE
+unshare -n sleep 100 & ns=$!
+while [ "$(readlink /proc/$ns/ns/net)" = "$(readlink /proc/self/ns/net)" ]; do sleep 0.05; done
+ip link add vo type veth peer name vi netns $ns
+ip addr add 192.168.77.1/24 dev vo
+ip link set vo mtu %s up
+nsenter -t $ns -n sh -c 'ip addr add 192.168.77.2/24 dev vi && ip link set vi mtu %s up && ip route add default via 192.168.77.1 &&
+	curl -sS --fail --max-time 30 http://10.0.2.2:%d/blob | sha256sum'
+kill $ns`, link.outer, link.inner, srv.port)
+			res := r.MustRun(t, netTimeout, "--mtu=65520", "sh", "-c", script)
+			if f := strings.Fields(res.Stdout); len(f) == 0 || f[0] != srv.sum {
+				t.Errorf("the nested namespace's download: sha256 %v, want %s\n%s", f, srv.sum, res)
+			}
+		})
+	}
+}
+
 // startHalfCloseServer answers each connection, once the client has
 // half-closed it, with how many bytes it read, until the test ends.
 func startHalfCloseServer(t *testing.T) int {

@@ -216,7 +216,11 @@ func (e *Engine) newConn(s *segment, h Host) *conn {
 	if s.mss != 0 {
 		st.mss = min(mss, int(s.mss))
 	}
-	st.mss = max(st.mss, 536)
+	// Down to Linux's floor (tcp_min_snd_mss): a sandbox whose route to a
+	// namespace inside it has a link of MTU 552 asks for 512, and larger
+	// segments could not be forwarded there (the floor was 536: such a
+	// download stalled).
+	st.mss = max(st.mss, minSndMSS)
 	c := e.takeSpare()
 	if c == nil {
 		c = &conn{e: e}

@@ -143,6 +143,7 @@ type Stats struct {
 	Evicted     uint64 // half-open connections dropped for a new one
 	Retransmits uint64 // segments sent again to the sandbox
 	Dropped     uint64 // segments from the sandbox not kept (beyond the window, or the queue bound)
+	MTUReduced  uint64 // times a connection's segments were made smaller for a link inside the sandbox (pmtu.go)
 }
 
 // Engine is the fast path of one stack. Create it with New, start it with
@@ -181,7 +182,7 @@ type Engine struct {
 	pumping  bool                            // the loop is reading the link (the loop's goroutine only)
 	flowRecv atomic.Pointer[func(id uint32)] // with Config.Link: AttachFlows's receive, set once
 
-	opened, refused, evicted, retransmits, dropped atomic.Uint64
+	opened, refused, evicted, retransmits, dropped, mtuReduced atomic.Uint64
 }
 
 type key struct{ src, dst netip.AddrPort }
@@ -363,6 +364,7 @@ func (e *Engine) Stats() Stats {
 		Refused:     e.refused.Load(),
 		Evicted:     e.evicted.Load(),
 		Retransmits: e.retransmits.Load(),
+		MTUReduced:  e.mtuReduced.Load(),
 		Dropped:     e.dropped.Load(),
 	}
 }
@@ -388,7 +390,7 @@ func (e *Engine) lookup(k key) *conn {
 func (e *Engine) Handle(vnetHdr, head, tail []byte) bool {
 	var s segment
 	if !parse(&s, e.cfg.MAC, vnetHdr, head, tail) {
-		return false
+		return e.tooBig(head)
 	}
 	if c := e.lookup(key{s.src, s.dst}); c != nil {
 		c.mu.Lock()
@@ -417,6 +419,24 @@ func (e *Engine) Handle(vnetHdr, head, tail []byte) bool {
 		return false
 	}
 	e.open(&s)
+	return true
+}
+
+// tooBig hands a report that a segment did not fit a link of the sandbox
+// (pmtu.go) to its connection; false for any other frame, and for a
+// report of no connection of the fast path's, which are the stack's.
+func (e *Engine) tooBig(head []byte) bool {
+	var p tooBig
+	if !parseTooBig(&p, e.cfg.MAC, head) {
+		return false
+	}
+	c := e.lookup(p.k)
+	if c == nil {
+		return false
+	}
+	c.mu.Lock()
+	c.pathMTU(&p)
+	c.mu.Unlock()
 	return true
 }
 

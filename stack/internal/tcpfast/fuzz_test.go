@@ -96,6 +96,8 @@ type fuzzHarness struct {
 	resets    atomic.Int64                // RST segments the engine sent
 	sinkConn  atomic.Pointer[net.TCPConn] // the host's end, once accepted
 	abortive  atomic.Bool                 // the sink ends its connection with a reset, not a FIN
+	dataSegs  atomic.Int64                // frames with data the engine sent
+	maxSeg    atomic.Int64                // the largest segment among them (a TSO frame's gso_size)
 	wg        sync.WaitGroup
 }
 
@@ -227,6 +229,14 @@ func newHarnessGreeted(t *testing.T, greeting []byte, greetedFirst bool) *fuzzHa
 			}
 			if tcp.Flags()&flagRST != 0 {
 				h.resets.Add(1)
+			}
+			if n := int(header.IPv4(f[14:]).TotalLength()) - 20 - int(tcp.DataOffset()); n > 0 {
+				if buf[1] != 0 { // gso_type: the sandbox's kernel cuts it into gso_size segments
+					n = int(binary.LittleEndian.Uint16(buf[4:]))
+				}
+				h.dataSegs.Add(1)
+				for m := h.maxSeg.Load(); int64(n) > m && !h.maxSeg.CompareAndSwap(m, int64(n)); m = h.maxSeg.Load() {
+				}
 			}
 			if tcp.Flags() == flagSYN|flagACK {
 				select {
