@@ -534,7 +534,8 @@ func (n *network) startStack(files []*os.File, li linkInfo) error {
 		IdleAfter: idleRelease,
 		// Half-open connections hold a host socket each: at most half
 		// of the NAT's share, so that a flood of spoofed SYNs leaves
-		// room for the connections that complete.
+		// room for the connections that complete (a burst beyond it
+		// waits: tcpfast's Engine.evict).
 		MaxHalfOpenTCP: min(stack.DefaultMaxHalfOpenTCP, n.budget.NATTCPConns/2),
 		UDP:            n.nat.HandleUDP,
 		Echo:           n.nat.HandleEcho,
@@ -675,7 +676,14 @@ func (n *network) limits() []api.LimitInfo {
 		tcp, udp, echo := n.nat.Stats()
 		l = append(l,
 			api.LimitInfo{Name: "nat.tcp.connections", Max: tcp.Max, InUse: tcp.Open, Peak: tcp.Peak,
-				Events: map[string]uint64{"reset": tcp.Reset}},
+				Events: map[string]uint64{"reset": tcp.Reset}})
+		if n.st != nil {
+			if f := n.st.FastTCPStats(); f.MaxHalfOpen > 0 {
+				l = append(l, api.LimitInfo{Name: "nat.tcp.handshakes", Max: f.MaxHalfOpen, InUse: f.HalfOpen, Peak: f.PeakHalfOpen,
+					Events: map[string]uint64{"evicted": f.Evicted, "deferred": f.Deferred}})
+			}
+		}
+		l = append(l,
 			api.LimitInfo{Name: "nat.udp.flows", Max: udp.Max, InUse: udp.Flows, Peak: udp.Peak,
 				Events: map[string]uint64{"evicted": udp.Evicted, "endedIdle": udp.Expired}},
 			api.LimitInfo{Name: "nat.ping.sessions", Max: echo.Max, InUse: echo.Flows, Peak: echo.Peak,

@@ -65,8 +65,9 @@ type Config struct {
 	// error refuses the connection (the sandbox gets a reset).
 	DialTCP func(src, dst netip.AddrPort) (HostTCP, error)
 	// MaxHalfOpenTCP bounds the fast path's connections whose handshake
-	// is not complete; a new one beyond it evicts the oldest. Default
-	// 4096.
+	// is not complete; a SYN beyond it evicts the oldest, or is dropped
+	// (its sender tries again) while the oldest's ACK may still be
+	// waiting in the link. Default 4096.
 	MaxHalfOpenTCP int
 	// NoPeekOffset makes the fast path read the host sockets as it must
 	// on kernels without SO_PEEK_OFF for TCP (tests).

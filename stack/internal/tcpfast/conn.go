@@ -122,6 +122,7 @@ type connState struct {
 
 	timerOn  bool      // the retransmission timer is set
 	deadline time.Time // of the handshake
+	synFrame uint64    // Engine.frames at the SYN, then at the SYN-ACK (Engine.evict)
 
 	// The sandbox's data, towards the host socket.
 	rcvNxt   uint32    // next sequence number expected: what is acknowledged
@@ -203,6 +204,7 @@ func (e *Engine) newConn(s *segment, h Host) *conn {
 		tsOK:     s.ts,
 		tsRecent: s.tsVal,
 		deadline: time.Now().Add(h.ConnectTimeout),
+		synFrame: e.frames.Load(),
 	}
 	if s.ws >= 0 {
 		st.sndWSOK = true
@@ -301,6 +303,7 @@ func (c *conn) register() bool {
 	e.byID[c.id] = c
 	e.mostConn = max(e.mostConn, len(e.conns))
 	e.halfOpen.push(c)
+	e.peakHalf = max(e.peakHalf, e.halfOpen.n)
 	e.mu.Unlock()
 
 	// Edge-triggered: an event says something new happened (connected,
@@ -429,6 +432,7 @@ func (c *conn) connectDone(failed bool) {
 		return
 	}
 	c.state = stSynAcked
+	c.synFrame = c.e.frames.Load() // its ACK follows in the link's queue from here
 	c.deadline = time.Now().Add(c.e.cfg.HandshakeTimeout)
 	c.disarm()
 	c.arm(min(synAckRTO, c.e.cfg.HandshakeTimeout))
