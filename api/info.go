@@ -37,7 +37,8 @@ type Info struct {
 type LimitInfo struct {
 	// Name says what is capped: "api.connections",
 	// "ports.tcp.connections", "ports.udp.flows", or the sandbox's own
-	// "nat.tcp.connections", "nat.udp.flows", "nat.ping.sessions".
+	// "nat.tcp.connections", "nat.tcp.handshakes", "nat.udp.flows",
+	// "nat.ping.sessions".
 	Name string `json:"name"`
 	// Max is the cap; InUse what is held now; Peak the most held at once,
 	// where it is kept.
@@ -53,7 +54,8 @@ type LimitInfo struct {
 	// Events counts what the limit did since start, by kind: "closed",
 	// "waited" (api.connections), "reset", "preempted", "endedIdle"
 	// (ports.tcp.connections), "evicted", "endedIdle" (ports.udp.flows,
-	// nat.udp.flows, nat.ping.sessions), "reset" (nat.tcp.connections).
+	// nat.udp.flows, nat.ping.sessions), "reset" (nat.tcp.connections),
+	// "evicted", "deferred" (nat.tcp.handshakes).
 	Events map[string]uint64 `json:"events,omitempty"`
 }
 
