@@ -85,6 +85,10 @@ func (n *NAT) HandleEcho(r *stack.EchoRequest) bool {
 	f.last.Store(n.cfg.Now().UnixNano())
 	if err := f.send(r); err != nil {
 		n.log.Debug("icmp echo send failed", "dst", host, "err", err)
+		// No route to it, or (once the host's kernel gave up on its
+		// neighbour) no answer on its link: the sandbox is told, as
+		// the host's ping is.
+		r.Unreachable(err)
 	}
 	return true
 }

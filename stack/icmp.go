@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"sync/atomic"
 
+	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
@@ -75,6 +76,25 @@ func (st *Stack) echoRequest(gs *stack.Stack, src, dst tcpip.Address, id, seq ui
 // Echo handler, which then returns true.
 func (r *EchoRequest) Prohibit() error {
 	return prohibit(r.gs, r.pkt.Load())
+}
+
+// Unreachable answers the request with ICMP destination unreachable for
+// err, the error the host's ping socket gave when it was sent: ENETUNREACH
+// "net unreachable" (ICMPv6 "no route"), EHOSTUNREACH "host unreachable"
+// (ICMPv6 "address unreachable"), as a router without a route, or one
+// that failed to find the host on its link, answers; ping(8) prints
+// "Destination Net Unreachable" ("Destination Host Unreachable") at once,
+// where it waited for its timeout and counted the request lost. Any other
+// err sends nothing and is returned. Call it from the Echo handler, which
+// then returns true.
+func (r *EchoRequest) Unreachable(err error) error {
+	switch {
+	case errors.Is(err, unix.ENETUNREACH):
+		return reject(r.gs, r.pkt.Load(), stack.RejectIPv4WithICMPNetUnreachable, stack.RejectIPv6WithICMPNoRoute)
+	case errors.Is(err, unix.EHOSTUNREACH):
+		return reject(r.gs, r.pkt.Load(), stack.RejectIPv4WithICMPHostUnreachable, stack.RejectIPv6WithICMPAddrUnreachable)
+	}
+	return err
 }
 
 // Reply sends an echo reply with sequence number seq and data to the

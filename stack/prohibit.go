@@ -19,17 +19,23 @@ var errAnswered = errors.New("stack: Prohibit called after the handler returned"
 // and ping(8) prints "Packet filtered" (ICMPv6: "Administratively
 // prohibited"). gVisor's own ICMP rate limit applies.
 func prohibit(s *stack.Stack, pkt *stack.PacketBuffer) error {
+	return reject(s, pkt, stack.RejectIPv4WithICMPAdminProhibited, stack.RejectIPv6WithICMPAdminProhibited)
+}
+
+// reject answers pkt, a packet the sandbox sent, with the ICMP (ICMPv6)
+// error given for its family, from the address pkt was sent to.
+func reject(s *stack.Stack, pkt *stack.PacketBuffer, v4 stack.RejectIPv4WithICMPType, v6 stack.RejectIPv6WithICMPType) error {
 	if pkt == nil {
 		return errAnswered
 	}
 	switch pkt.NetworkProtocolNumber {
 	case ipv4.ProtocolNumber:
 		if h, ok := s.NetworkProtocolInstance(ipv4.ProtocolNumber).(stack.RejectIPv4WithHandler); ok {
-			return Err(h.SendRejectionError(pkt, stack.RejectIPv4WithICMPAdminProhibited, true))
+			return Err(h.SendRejectionError(pkt, v4, true))
 		}
 	case ipv6.ProtocolNumber:
 		if h, ok := s.NetworkProtocolInstance(ipv6.ProtocolNumber).(stack.RejectIPv6WithHandler); ok {
-			return Err(h.SendRejectionError(pkt, stack.RejectIPv6WithICMPAdminProhibited, true))
+			return Err(h.SendRejectionError(pkt, v6, true))
 		}
 	}
 	return errors.New("stack: cannot answer the packet's network protocol")

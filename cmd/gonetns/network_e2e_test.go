@@ -627,6 +627,31 @@ func TestNetPing(t *testing.T) {
 	}
 }
 
+// A ping to an address the host has no way to reach (its route says
+// unreachable) is answered at once with "Destination Host Unreachable", as
+// the host's own ping fails at once ("connect: No route to host");
+// slirp4netns answers so too. The echo was dropped with a debug line, and
+// ping waited and counted it lost.
+func TestNetPingUnreachable(t *testing.T) {
+	e2etest.RequireTun(t)
+	r := e2etest.Unprivileged(t)
+	if !r.PingAllowed(t) {
+		t.Fatalf("ping sockets are not allowed for %s (net.ipv4.ping_group_range): run scripts/test-setup.sh", r.User.Username)
+	}
+	c := e2etest.NewClientNetns(t)
+	b := c.ClientIP4.As4()
+	prefix := fmt.Sprintf("%d.%d.%d.128/25", b[0], b[1], b[2]) // of the test's own /24
+	if out, err := exec.Command("ip", "route", "add", "unreachable", prefix).CombinedOutput(); err != nil {
+		t.Fatalf("ip route add unreachable %s: %v\n%s", prefix, err, out)
+	}
+	t.Cleanup(func() { exec.Command("ip", "route", "del", "unreachable", prefix).Run() })
+	to := fmt.Sprintf("%d.%d.%d.130", b[0], b[1], b[2])
+	res := r.Run(t, netTimeout, "ping", "-c", "1", "-W", "5", to)
+	if !strings.Contains(res.Stdout, "Destination Host Unreachable") {
+		t.Errorf("ping %s, which the host cannot route:\n%s", to, res)
+	}
+}
+
 func TestNetDNS(t *testing.T) {
 	e2etest.RequireTun(t)
 	upstream := startUpstreamDNS(t)
