@@ -179,7 +179,7 @@ func New(cfg Config) (*NAT, error) {
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	n.expiryWake = make(chan struct{}, 1)
 	n.udp = flowtable.New[udpKey, *udpFlow](flowtable.Config[udpKey]{Max: cfg.MaxUDPFlows, Wake: n.expiryWake, Idle: func(k udpKey) time.Duration {
-		if k.dst.Port() == 53 {
+		if k.kind&udpToDNS != 0 {
 			return cfg.DNSIdleTimeout
 		}
 		return cfg.UDPIdleTimeout

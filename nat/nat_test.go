@@ -407,6 +407,66 @@ func TestUDPRoundTrip(t *testing.T) {
 	}
 }
 
+// TestUDPAnswerFromAnotherPort: a server that answers from a port of its
+// own, as TFTP's does, is heard by the sandbox's unconnected socket, from
+// that port of the gateway; the sandbox's next datagram, to that port,
+// leaves from the host port of its first, which is how the server knows
+// its client. A datagram from a host address the socket never sent to is
+// not taken. Before, each destination was a host socket connected to it:
+// the answer was never heard (TFTP from the host timed out).
+func TestUDPAnswerFromAnotherPort(t *testing.T) {
+	f := newFixture(t, Config{HostLoopback: true})
+	listen := func(ip string) *net.UDPConn {
+		c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.ParseIP(ip)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		return c
+	}
+	first, second, stranger := listen("127.0.0.1"), listen("127.0.0.1"), listen("127.0.0.2")
+	c, err := f.guest.ListenUDP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	to := func(u *net.UDPConn) net.Addr {
+		return net.UDPAddrFromAddrPort(viaGateway(u.LocalAddr().(*net.UDPAddr).AddrPort()))
+	}
+	buf := make([]byte, 100)
+	if _, err := c.WriteTo([]byte("RRQ"), to(first)); err != nil {
+		t.Fatal(err)
+	}
+	_, client, err := first.ReadFromUDPAddrPort(buf)
+	if err != nil {
+		t.Fatalf("the first datagram did not reach the host: %v", err)
+	}
+	stranger.WriteToUDPAddrPort([]byte("not yours"), client)
+	second.WriteToUDPAddrPort([]byte("DATA"), client)
+	n, from, err := c.ReadFrom(buf)
+	if err != nil {
+		t.Fatalf("the answer from another port of the host was not heard: %v", err)
+	}
+	if string(buf[:n]) != "DATA" || from.String() != to(second).String() {
+		t.Fatalf("the sandbox read %q from %v; want DATA from %v", buf[:n], from, to(second))
+	}
+	if _, err := c.WriteTo([]byte("ACK"), from); err != nil {
+		t.Fatal(err)
+	}
+	n, client2, err := second.ReadFromUDPAddrPort(buf)
+	if err != nil || string(buf[:n]) != "ACK" {
+		t.Fatalf("the answer to the other port: %q, %v", buf[:n], err)
+	}
+	if client2 != client {
+		t.Errorf("the sandbox's datagrams left from %v, then from %v: one source, one host port", client, client2)
+	}
+	if got := f.nat.udp.Len(); got != 1 {
+		t.Errorf("%d flows for one source", got)
+	}
+}
+
 // TestUDPEmptyDatagram: a datagram without payload goes through both
 // ways, as the kernel sends and delivers one (a NAT keepalive, a probe).
 // Before, the sandbox's was written to the host socket with writev, which
@@ -668,8 +728,8 @@ func TestUDPSocketFamilies(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer n.Close()
-	for _, dst := range []string{"127.0.0.1:9", "[::1]:9", "[::ffff:127.0.0.1]:9"} {
-		fd, err := n.udpSocket(netip.MustParseAddrPort(dst))
+	for _, dst := range []string{"127.0.0.1", "::1", "::ffff:127.0.0.1"} {
+		fd, err := n.udpSocket(netip.MustParseAddr(dst))
 		if err != nil {
 			t.Errorf("%s: %v", dst, err)
 			continue

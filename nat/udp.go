@@ -9,6 +9,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -18,31 +19,73 @@ import (
 	"github.com/gonetns/gonetns/stack"
 )
 
-// A UDP flow is a host socket connected to the destination's host
-// address; datagrams from the sandbox are written to it on the stack's
-// packet path, as they arrive, and what comes back on it is read by one
-// goroutine for all flows (a flowtable.Poller) and sent into the sandbox.
-// A flow costs a descriptor and a small struct: no goroutine and no buffer
-// of its own, so memory stays bounded by the flow cap whatever the
-// traffic.
+// A UDP flow is one host socket for one address and port of the sandbox:
+// every datagram that source sends leaves from the same host port,
+// whatever its destination, and what comes back from any port of a host
+// address it has sent to goes to it (a NAT's endpoint-independent mapping
+// and address-dependent filtering, RFC 4787's recommendations). Before, a
+// flow was a socket connected to one destination: a server that answers
+// from a port of its own (TFTP: each transfer comes from a new port) was
+// never heard, and the sandbox's next datagram, to that port, left from a
+// host port the server did not know. Datagrams from the sandbox are
+// written to the socket on the stack's packet path, as they arrive; what
+// comes back is read by one goroutine for all flows (a flowtable.Poller)
+// and sent into the sandbox. A flow costs a descriptor and a small struct:
+// no goroutine and no buffer of its own, so memory stays bounded by the
+// flow cap whatever the traffic.
 
-type udpKey struct{ src, dst netip.AddrPort }
+// udpKey names a flow: the sandbox's source, and the kind of destination,
+// which decides the socket's source address (--outbound-addr takes a
+// loopback address for the gateway only) and its idle timeout (port 53's
+// is shorter).
+type udpKey struct {
+	src  netip.AddrPort
+	kind uint8
+}
 
-// udpFlow relays one flow: datagrams from the sandbox's src to dst go out
-// of a host socket connected to dst's host address; what comes back on it
-// goes to src.
+const (
+	udpToLoopback = 1 << iota // to the gateway: the host's loopback
+	udpToDNS                  // to port 53
+)
+
+func udpKind(host netip.Addr, port uint16) uint8 {
+	var k uint8
+	if host.IsLoopback() {
+		k |= udpToLoopback
+	}
+	if port == 53 {
+		k |= udpToDNS
+	}
+	return k
+}
+
+// maxUDPDests bounds the destinations one flow remembers (each holds a
+// route into the sandbox); past it the oldest is forgotten, and answers
+// from its host address are no longer taken.
+const maxUDPDests = 64
+
+// udpDest is a destination a flow has sent to.
+type udpDest struct {
+	dst  netip.AddrPort // as the sandbox addressed it
+	host netip.AddrPort // the host's address for it
+	name []byte         // host, for sendmsg (sockaddr.Raw)
+	path *stack.UDPPath // into the sandbox, from dst
+}
+
+// udpFlow relays one source's datagrams to its destinations' host
+// addresses, and what comes back to the source.
 type udpFlow struct {
 	id   uint32 // the poller's key
 	poll *flowtable.Poller
-	path *stack.UDPPath
 	now  func() time.Time
 	last atomic.Int64 // unix nanoseconds of the last datagram either way
 
 	// mu orders closing the socket against I/O on it (a descriptor
 	// number is reused as soon as it is closed): I/O holds it for
-	// reading, close for writing.
-	mu sync.RWMutex
-	fd int // -1 once closed
+	// reading, close and changes to dests for writing.
+	mu    sync.RWMutex
+	fd    int        // -1 once closed
+	dests []*udpDest // oldest first
 }
 
 var (
@@ -55,7 +98,7 @@ func (f *udpFlow) LastActive() time.Time { return time.Unix(0, f.last.Load()) }
 func (f *udpFlow) touch() { f.last.Store(f.now().UnixNano()) }
 
 // Close closes the flow's socket, which also takes it out of the
-// poller's epoll set.
+// poller's epoll set, and its paths into the sandbox.
 func (f *udpFlow) Close() {
 	f.mu.Lock()
 	if f.fd < 0 {
@@ -67,75 +110,148 @@ func (f *udpFlow) Close() {
 	}
 	unix.Close(f.fd)
 	f.fd = -1
+	dests := f.dests
+	f.dests = nil
 	f.mu.Unlock()
-	f.path.Close()
+	for _, d := range dests {
+		d.path.Close()
+	}
 }
 
-// send writes one datagram from the sandbox to the host. A socket that
-// cannot take it now, or an ICMP error from an earlier datagram (which a
-// connected socket reports on the next call, as well as on the read that
-// Receive passes on to the sandbox), loses that datagram only, as a
-// network would. sendmsg, not writev: writev of no bytes sends
-// nothing, and an empty datagram is a datagram too.
-func (f *udpFlow) send(payload [][]byte) {
+// dest returns the flow's destination dst, nil if it has not sent there.
+// f.mu is held.
+func (f *udpFlow) dest(dst netip.AddrPort) *udpDest {
+	for _, d := range f.dests {
+		if d.dst == dst {
+			return d
+		}
+	}
+	return nil
+}
+
+// from returns the destination whose host address sent a datagram from
+// src: the one at src itself, else the newest at its address; nil if the
+// flow never sent to that address (the datagram is not taken). f.mu is
+// held.
+func (f *udpFlow) from(src netip.AddrPort) *udpDest {
+	var same *udpDest
+	for _, d := range f.dests {
+		switch {
+		case d.host == src:
+			return d
+		case d.host.Addr() == src.Addr():
+			same = d
+		}
+	}
+	return same
+}
+
+// send writes one datagram from the sandbox to d's host address. A
+// socket that cannot take it now loses that datagram only, as a network
+// would. One the host cannot route is answered into the sandbox with ICMP
+// port unreachable: the host's own socket fails at once (EHOSTUNREACH),
+// and of the ICMP errors only that one makes a Linux socket fail
+// (ECONNREFUSED; host and net unreachable count as transient without
+// IP_RECVERR). sendmsg, not writev: an empty datagram is a datagram too.
+func (f *udpFlow) send(d *udpDest, payload [][]byte) {
 	f.mu.RLock()
+	var err error
 	if f.fd >= 0 {
-		rawconn.Send(f.fd, payload, 0)
+		_, err = rawconn.SendTo(f.fd, payload, d.name, 0)
 	}
 	f.mu.RUnlock()
+	if errors.Is(err, unix.EHOSTUNREACH) || errors.Is(err, unix.ENETUNREACH) || errors.Is(err, unix.ECONNREFUSED) {
+		d.path.Unreachable(unix.ECONNREFUSED)
+	}
 }
 
 // HandleUDP forwards a datagram of the sandbox, opening the flow's host
-// socket for the first one. Use it as stack.Config.UDP. A destination
-// that cannot be reached from the sandbox, or one the host cannot send
-// to, gets ICMP port unreachable; one the egress policy refuses gets
-// "administratively prohibited".
+// socket for the source's first one. Use it as stack.Config.UDP. A
+// destination that cannot be reached from the sandbox gets ICMP port
+// unreachable; one the egress policy refuses gets "administratively
+// prohibited".
 func (n *NAT) HandleUDP(p *stack.UDPPacket) bool {
-	key := udpKey{p.Src, p.Dst}
+	host, err := n.hostAddr(p.Dst.Addr())
+	if err != nil {
+		return n.udpNotForwarded(p, err)
+	}
+	key := udpKey{p.Src, udpKind(host, p.Dst.Port())}
 	f, ok := n.udp.Get(key)
-	if !ok {
-		var err error
-		if f, err = n.newUDPFlow(p, key); err != nil {
-			if errors.Is(err, errProhibited) {
-				p.Prohibit()
-				return true
-			}
-			if n.log.Enabled(n.ctx, slog.LevelDebug) {
-				n.log.Debug("udp not forwarded", "src", p.Src, "dst", p.Dst, "err", err)
-			}
-			return false
+	var d *udpDest
+	if ok {
+		f.mu.RLock()
+		d = f.dest(p.Dst)
+		f.mu.RUnlock()
+	}
+	if d == nil {
+		if !n.allowed("udp", p.Dst.Addr(), host) {
+			p.Prohibit()
+			return true
 		}
+		if !ok {
+			if f, err = n.newUDPFlow(key, host); err != nil {
+				return n.udpNotForwarded(p, err)
+			}
+		}
+		if d, err = f.addDest(p, netip.AddrPortFrom(host, p.Dst.Port())); err != nil {
+			return n.udpNotForwarded(p, err)
+		}
+		n.log.Debug("udp flow", "src", p.Src, "dst", p.Dst, "host", host)
 	}
 	f.touch()
-	f.send(p.Payload())
+	f.send(d, p.Payload())
 	return true
 }
 
-// errProhibited marks a flow the egress policy refuses.
-var errProhibited = errors.New("refused by the egress policy")
+// udpNotForwarded says why p was not forwarded (--debug) and returns
+// false: the stack answers with ICMP port unreachable.
+func (n *NAT) udpNotForwarded(p *stack.UDPPacket, err error) bool {
+	if n.log.Enabled(n.ctx, slog.LevelDebug) {
+		n.log.Debug("udp not forwarded", "src", p.Src, "dst", p.Dst, "err", err)
+	}
+	return false
+}
 
-func (n *NAT) newUDPFlow(p *stack.UDPPacket, key udpKey) (*udpFlow, error) {
-	host, err := n.hostAddr(p.Dst.Addr())
+// addDest remembers p's destination, at host, for f.
+func (f *udpFlow) addDest(p *stack.UDPPacket, host netip.AddrPort) (*udpDest, error) {
+	name, err := sockaddr.Raw(netip.AddrPortFrom(host.Addr().Unmap(), host.Port()))
+	if err != nil {
+		return nil, fmt.Errorf("udp: %w", err)
+	}
+	path, err := p.ReturnPath()
 	if err != nil {
 		return nil, err
 	}
-	if !n.allowed("udp", p.Dst.Addr(), host) {
-		return nil, errProhibited
+	d := &udpDest{dst: p.Dst, host: host, name: name, path: path}
+	f.mu.Lock()
+	if f.fd < 0 {
+		f.mu.Unlock()
+		path.Close()
+		return nil, net.ErrClosed
 	}
+	var forgotten *udpDest
+	if len(f.dests) >= maxUDPDests {
+		forgotten = f.dests[0]
+		f.dests = append(f.dests[:0], f.dests[1:]...)
+	}
+	f.dests = append(f.dests, d)
+	f.mu.Unlock()
+	if forgotten != nil {
+		forgotten.path.Close()
+	}
+	return d, nil
+}
+
+func (n *NAT) newUDPFlow(key udpKey, host netip.Addr) (*udpFlow, error) {
 	poller, err := n.udpPoller()
 	if err != nil {
 		return nil, err
 	}
-	fd, err := n.udpSocket(netip.AddrPortFrom(host, p.Dst.Port()))
+	fd, err := n.udpSocket(host)
 	if err != nil {
 		return nil, err
 	}
-	path, err := p.ReturnPath()
-	if err != nil {
-		unix.Close(fd)
-		return nil, err
-	}
-	f := &udpFlow{fd: fd, path: path, now: n.cfg.Now}
+	f := &udpFlow{fd: fd, now: n.cfg.Now}
 	f.touch()
 	if f.id, err = poller.Add(fd, f); err != nil {
 		f.Close()
@@ -154,29 +270,30 @@ func (n *NAT) newUDPFlow(p *stack.UDPPacket, key udpKey) (*udpFlow, error) {
 		f.Close()
 		return nil, net.ErrClosed
 	}
-	n.log.Debug("udp flow", "src", p.Src, "dst", p.Dst, "host", host)
 	return f, nil
 }
 
-// udpSocket opens a non-blocking UDP socket connected to dst, from the
-// outbound address when one applies (--outbound-addr).
-func (n *NAT) udpSocket(dst netip.AddrPort) (int, error) {
-	to := netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
-	family := unix.AF_INET
-	if to.Addr().Is6() {
-		family = unix.AF_INET6
+// udpSocket opens a non-blocking UDP socket for datagrams to hosts like
+// host (its family; the outbound address, --outbound-addr, that applies
+// to it), which reports the ICMP errors of what it sends (IP_RECVERR): an
+// unconnected socket hears of them only so.
+func (n *NAT) udpSocket(host netip.Addr) (int, error) {
+	host = host.Unmap()
+	family, level, opt := unix.AF_INET, unix.IPPROTO_IP, unix.IP_RECVERR
+	if host.Is6() {
+		family, level, opt = unix.AF_INET6, unix.IPPROTO_IPV6, unix.IPV6_RECVERR
 	}
 	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return -1, fmt.Errorf("udp socket: %w", err)
 	}
-	if err := n.out.bind(fd, dst.Addr(), false); err != nil {
+	if err := unix.SetsockoptInt(fd, level, opt, 1); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("udp socket: %w", err)
+	}
+	if err := n.out.bind(fd, host, false); err != nil {
 		unix.Close(fd)
 		return -1, fmt.Errorf("udp: %w", err)
-	}
-	if err := sockaddr.Connect(fd, to); err != nil {
-		unix.Close(fd)
-		return -1, fmt.Errorf("udp connect %v: %w", dst, err)
 	}
 	return fd, nil
 }
@@ -225,36 +342,121 @@ const maxBurst = 64
 // Receive passes what the host sent to the sandbox, up to maxBurst
 // datagrams, two per read: a read that brings one says the socket is
 // empty, so a 1-datagram answer costs one system call, not two (the
-// second finding EAGAIN). The flow's lock is held only for the read: the
+// second finding EAGAIN). A datagram from a host address the flow has not
+// sent to is dropped. The flow's lock is held only for the read: the
 // write into the sandbox may wait (for a full device in tests), and must
 // not hold up Close, nor through it the reader's sends.
 func (f *udpFlow) Receive(buf []byte) {
 	bufs := [2][]byte{buf[:flowtable.DatagramMax], buf[flowtable.DatagramMax:]}
-	var lens [len(bufs)]int
-	for range maxBurst / len(bufs) {
+	var lens, nameLens [len(bufs)]int
+	var nameBuf [len(bufs)][unix.SizeofSockaddrInet6]byte
+	names := [len(bufs)][]byte{nameBuf[0][:], nameBuf[1][:]}
+	for turn := range maxBurst / len(bufs) {
 		f.mu.RLock()
 		if f.fd < 0 {
 			f.mu.RUnlock()
 			return
 		}
-		n, err := rawconn.ReadBatch(f.fd, bufs[:], lens[:])
+		n, err := rawconn.ReadBatchFrom(f.fd, bufs[:], lens[:], names[:], nameLens[:])
 		f.mu.RUnlock()
 		if err != nil {
+			// An ICMP error about an earlier datagram (nothing listens
+			// there, or no route) is reported by the read, and waits in
+			// the error queue, where it names its destination; woken
+			// with nothing to read, one may be there too.
+			if !errors.Is(err, unix.EAGAIN) || turn == 0 {
+				f.errors()
+			}
 			if errors.Is(err, unix.EAGAIN) {
 				return
 			}
-			// An ICMP error about an earlier datagram (nothing listens
-			// there, or no route): the sandbox is told as the host's
-			// kernel told us, so that its socket fails as it would.
-			f.path.Unreachable(err)
 			continue
 		}
 		f.touch()
 		for i := range n {
-			f.path.Write(bufs[i][:lens[i]])
+			src, ok := sockaddr.Parse(names[i], nameLens[i])
+			if !ok {
+				continue
+			}
+			f.mu.RLock()
+			d := f.from(src)
+			f.mu.RUnlock()
+			if d != nil {
+				d.path.WriteFrom(src.Port(), bufs[i][:lens[i]])
+			}
 		}
 		if n < len(bufs) {
 			return
 		}
 	}
+}
+
+// errors drains the socket's error queue (IP_RECVERR): each entry is an
+// ICMP error about a datagram to one of the flow's destinations, which
+// the sandbox is told of as the host's kernel told us (ECONNREFUSED,
+// EHOSTUNREACH, ENETUNREACH), so that its socket fails as it would. An
+// error path: its allocations do not matter.
+func (f *udpFlow) errors() {
+	var b [1]byte
+	oob := make([]byte, 512)
+	for range maxUDPDests {
+		f.mu.RLock()
+		if f.fd < 0 {
+			f.mu.RUnlock()
+			return
+		}
+		_, oobn, _, from, err := unix.Recvmsg(f.fd, b[:], oob, unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
+		var d *udpDest
+		if err == nil {
+			if to, ok := sockaddrAddrPort(from); ok {
+				d = f.dest4host(to)
+			}
+		}
+		f.mu.RUnlock()
+		if err != nil {
+			return
+		}
+		if d != nil {
+			if errno := queuedErrno(oob[:oobn]); errno != 0 {
+				d.path.Unreachable(errno)
+			}
+		}
+	}
+}
+
+// queuedErrno is the error of an error queue entry's control message.
+func queuedErrno(oob []byte) unix.Errno {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return 0
+	}
+	for _, m := range msgs {
+		if (m.Header.Level == unix.IPPROTO_IP && m.Header.Type == unix.IP_RECVERR ||
+			m.Header.Level == unix.IPPROTO_IPV6 && m.Header.Type == unix.IPV6_RECVERR) &&
+			len(m.Data) >= int(unsafe.Sizeof(unix.SockExtendedErr{})) {
+			return unix.Errno((*unix.SockExtendedErr)(unsafe.Pointer(&m.Data[0])).Errno)
+		}
+	}
+	return 0
+}
+
+// sockaddrAddrPort is sa as an address and port.
+func sockaddrAddrPort(sa unix.Sockaddr) (netip.AddrPort, bool) {
+	switch sa := sa.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port)), true
+	case *unix.SockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr).Unmap(), uint16(sa.Port)), true
+	}
+	return netip.AddrPort{}, false
+}
+
+// dest4host returns the destination at host address h. f.mu is held.
+func (f *udpFlow) dest4host(h netip.AddrPort) *udpDest {
+	for _, d := range f.dests {
+		if d.host.Addr().Unmap() == h.Addr() && d.host.Port() == h.Port() {
+			return d
+		}
+	}
+	return nil
 }

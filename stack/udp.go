@@ -267,7 +267,11 @@ const MaxPayload = math.MaxUint16 - header.UDPMinimumSize
 
 // Write sends b as one datagram (the stack fragments it if the link's
 // MTU needs). b is copied.
-func (u *UDPPath) Write(b []byte) (int, error) {
+func (u *UDPPath) Write(b []byte) (int, error) { return u.WriteFrom(u.local.Port(), b) }
+
+// WriteFrom is Write from another port of the path's address: the answer
+// of a server that answers from a port of its own (TFTP's transfers).
+func (u *UDPPath) WriteFrom(port uint16, b []byte) (int, error) {
 	if len(b) > MaxPayload {
 		return 0, fmt.Errorf("stack: %d-byte datagram: %w", len(b), errTooLong)
 	}
@@ -284,7 +288,7 @@ func (u *UDPPath) Write(b []byte) (int, error) {
 	defer pkt.DecRef()
 	length := uint16(len(b) + header.UDPMinimumSize)
 	hdr := header.UDP(pkt.TransportHeader().Push(header.UDPMinimumSize))
-	hdr.Encode(&header.UDPFields{SrcPort: u.local.Port(), DstPort: u.remote.Port(), Length: length})
+	hdr.Encode(&header.UDPFields{SrcPort: port, DstPort: u.remote.Port(), Length: length})
 	pkt.TransportProtocolNumber = udp.ProtocolNumber
 	if r.RequiresTXTransportChecksum() {
 		xsum := hdr.CalculateChecksum(checksum.Combine(

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -467,6 +468,80 @@ func TestNetHalfClose(t *testing.T) {
 	if strings.TrimSpace(res.Stdout) != "host read 1000000 bytes" {
 		t.Errorf("half-close through the sandbox: %s", res)
 	}
+}
+
+// busybox tftp fetches a file from a TFTP server on the host: the server
+// answers a read request from a port of its own and takes the client's
+// ACKs only from the client's port (its "transfer ID", RFC 1350). Before,
+// each destination was a host socket connected to it, and the client
+// timed out ("tftp: timeout", an empty file).
+func TestNetTFTPFromHost(t *testing.T) {
+	e2etest.RequireTun(t)
+	if _, err := exec.LookPath("busybox"); err != nil {
+		t.Fatalf("busybox (busybox-static) is not installed: it is the TFTP client here (scripts/test-setup.sh installs it)")
+	}
+	r := e2etest.Unprivileged(t)
+	file := make([]byte, 100_000)
+	rand.NewChaCha8([32]byte{'t', 'f', 't', 'p'}).Read(file)
+	sum := sha256.Sum256(file)
+	port := startTFTP(t, file)
+	res := r.MustRun(t, netTimeout, "sh", "-c", fmt.Sprintf("busybox tftp -g -r blob -l - 10.0.2.2 %d | sha256sum", port))
+	if f := strings.Fields(res.Stdout); len(f) == 0 || f[0] != hex.EncodeToString(sum[:]) {
+		t.Errorf("busybox tftp of 100,000 bytes from the host: sha256 %v, want %x\n%s", f, sum, res)
+	}
+}
+
+// startTFTP serves file to read requests on the host's 127.0.0.1, as a TFTP
+// server does (RFC 1350, no options): each transfer from a socket of its
+// own, in 512-byte blocks, each sent until the client's ACK comes from the
+// port the request came from. It returns the server's port.
+func startTFTP(t *testing.T, file []byte) int {
+	t.Helper()
+	ln, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			n, client, err := ln.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			if n < 2 || binary.BigEndian.Uint16(buf) != 1 { // RRQ
+				continue
+			}
+			go func() {
+				c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+				if err != nil {
+					return
+				}
+				defer c.Close()
+				ack := make([]byte, 1500)
+				for block := 1; (block-1)*512 <= len(file); block++ {
+					data := binary.BigEndian.AppendUint16(binary.BigEndian.AppendUint16(nil, 3), uint16(block))
+					data = append(data, file[(block-1)*512:min(block*512, len(file))]...)
+					acked := false
+					for try := 0; try < 5 && !acked; try++ {
+						c.WriteToUDPAddrPort(data, client)
+						c.SetReadDeadline(time.Now().Add(time.Second))
+						for !acked {
+							n, from, err := c.ReadFromUDPAddrPort(ack)
+							if err != nil {
+								break
+							}
+							acked = from == client && n >= 4 && binary.BigEndian.Uint16(ack) == 4 && binary.BigEndian.Uint16(ack[2:]) == uint16(block)
+						}
+					}
+					if !acked {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return ln.LocalAddr().(*net.UDPAddr).Port
 }
 
 func TestNetUDPEcho(t *testing.T) {

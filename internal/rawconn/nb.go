@@ -92,6 +92,15 @@ func Send(fd int, bufs [][]byte, flags int) (int, error) {
 	return result(n, e)
 }
 
+// SendTo is Send of one datagram to name, a raw socket address
+// (sockaddr.Raw).
+func SendTo(fd int, bufs [][]byte, name []byte, flags int) (int, error) {
+	var arr [maxStackIovecs]unix.Iovec
+	msg := msghdr(iovecs(arr[:0], bufs), name)
+	n, _, e := syscall.Syscall(unix.SYS_SENDMSG, uintptr(fd), uintptr(unsafe.Pointer(&msg)), uintptr(flags))
+	return result(n, e)
+}
+
 // Discard drops up to n bytes from the front of the non-blocking stream
 // socket fd's receive queue without copying them (MSG_TRUNC).
 func Discard(fd int, n int) (int, error) {

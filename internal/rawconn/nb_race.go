@@ -56,6 +56,15 @@ func Discard(fd int, n int) (int, error) {
 	return int(r), nil
 }
 
+func SendTo(fd int, bufs [][]byte, name []byte, flags int) (int, error) {
+	msg := msghdr(iovecs(nil, bufs), name)
+	n, _, e := unix.Syscall(unix.SYS_SENDMSG, uintptr(fd), uintptr(unsafe.Pointer(&msg)), uintptr(flags))
+	if e != 0 {
+		return 0, e
+	}
+	return int(n), nil
+}
+
 func Send(fd int, bufs [][]byte, flags int) (int, error) {
 	return unix.SendmsgBuffers(fd, bufs, nil, nil, flags)
 }

@@ -157,6 +157,13 @@ const MaxBatch = 8
 // EAGAIN. An error comes only when no datagram was read (the kernel keeps
 // a later one for the next call).
 func ReadBatch(fd int, bufs [][]byte, lens []int) (int, error) {
+	return ReadBatchFrom(fd, bufs, lens, nil, nil)
+}
+
+// ReadBatchFrom is ReadBatch that also reads each datagram's sender into
+// names[i] (a buffer of unix.SizeofSockaddrAny bytes, or of the family's
+// size), its length into nameLens[i]; names nil reads no senders.
+func ReadBatchFrom(fd int, bufs [][]byte, lens []int, names [][]byte, nameLens []int) (int, error) {
 	var hdrs [MaxBatch]unix.Mmsghdr
 	var iov [MaxBatch]unix.Iovec
 	m := min(len(bufs), MaxBatch)
@@ -164,11 +171,18 @@ func ReadBatch(fd int, bufs [][]byte, lens []int) (int, error) {
 		return 0, nil
 	}
 	for i := range m {
-		hdrs[i].Hdr = msghdr(iovecs(iov[i:i], bufs[i:i+1]), nil)
+		var name []byte
+		if names != nil {
+			name = names[i]
+		}
+		hdrs[i].Hdr = msghdr(iovecs(iov[i:i], bufs[i:i+1]), name)
 	}
 	n, err := recvmmsg(fd, &hdrs[0], m)
 	for i := range n {
 		lens[i] = int(hdrs[i].Len)
+		if names != nil {
+			nameLens[i] = int(hdrs[i].Hdr.Namelen)
+		}
 	}
 	return n, err
 }

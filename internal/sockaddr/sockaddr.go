@@ -66,6 +66,51 @@ func Connect(fd int, ap netip.AddrPort) error {
 	return errno
 }
 
+// Raw returns ap as the bytes of a struct sockaddr_in or sockaddr_in6,
+// for a system call's address argument (rawconn.SendTo).
+func Raw(ap netip.AddrPort) ([]byte, error) {
+	a := ap.Addr()
+	if a.Is4() {
+		b := make([]byte, unix.SizeofSockaddrInet4)
+		sa := (*unix.RawSockaddrInet4)(unsafe.Pointer(&b[0]))
+		sa.Family, sa.Addr = unix.AF_INET, a.As4()
+		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:], ap.Port())
+		return b, nil
+	}
+	id, err := zoneID(a)
+	if err != nil {
+		return nil, err
+	}
+	b := make([]byte, unix.SizeofSockaddrInet6)
+	sa := (*unix.RawSockaddrInet6)(unsafe.Pointer(&b[0]))
+	sa.Family, sa.Addr, sa.Scope_id = unix.AF_INET6, a.As16(), id
+	binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:], ap.Port())
+	return b, nil
+}
+
+// Parse reads the address a system call wrote into b (a sockaddr_in or
+// sockaddr_in6, of length n); false for another family or a short one. An
+// IPv4-mapped IPv6 address is returned as IPv4; a zone is not kept.
+func Parse(b []byte, n int) (netip.AddrPort, bool) {
+	if n < 2 || n > len(b) {
+		return netip.AddrPort{}, false
+	}
+	port := func(p []byte) uint16 { return binary.BigEndian.Uint16(p) }
+	switch binary.NativeEndian.Uint16(b) {
+	case unix.AF_INET:
+		if n < unix.SizeofSockaddrInet4 {
+			return netip.AddrPort{}, false
+		}
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[4:8])), port(b[2:4])), true
+	case unix.AF_INET6:
+		if n < unix.SizeofSockaddrInet6 {
+			return netip.AddrPort{}, false
+		}
+		return netip.AddrPortFrom(netip.AddrFrom16([16]byte(b[8:24])).Unmap(), port(b[2:4])), true
+	}
+	return netip.AddrPort{}, false
+}
+
 // zoneID is the scope id of a's zone: 0 without one.
 func zoneID(a netip.Addr) (uint32, error) {
 	z := a.Zone()

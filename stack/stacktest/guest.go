@@ -146,6 +146,12 @@ func (g *Guest) DialUDP(addr netip.AddrPort) (*gonet.UDPConn, error) {
 	return gonet.DialUDP(g.s, nil, &r, ipv4.ProtocolNumber)
 }
 
+// ListenUDP returns an unconnected UDP socket, bound to a port of its
+// own by its first WriteTo.
+func (g *Guest) ListenUDP() (*gonet.UDPConn, error) {
+	return gonet.DialUDP(g.s, nil, nil, ipv4.ProtocolNumber)
+}
+
 // Ping sends one ICMP echo request to dst and waits for the reply until
 // ctx ends; it returns the reply's payload.
 func (g *Guest) Ping(ctx context.Context, dst netip.Addr, seq uint16, data []byte) ([]byte, error) {
