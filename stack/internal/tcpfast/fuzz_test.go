@@ -204,20 +204,10 @@ func newHarnessGreeted(t *testing.T, greeting []byte, greetedFirst bool) *fuzzHa
 	h.wg.Add(1)
 	go func() { // what the engine sends: the SYN-ACK's number, then nothing of interest
 		defer h.wg.Done()
-		buf := make([]byte, 70000)
 		var prevACK uint32
 		var prevWnd uint16
-		for {
-			n, err := sandboxSide.Read([][]byte{buf})
-			if err != nil {
-				return
-			}
-			f := buf[tap.VNetHdrLen:n]
-			if len(f) < 54 {
-				continue
-			}
-			tcp := header.TCP(f[34:])
-			if tcp.Flags()&^flagPSH == flagACK && int(header.IPv4(f[14:]).TotalLength()) == 20+int(tcp.DataOffset()) {
+		readSegments(sandboxSide, func(vnet []byte, ip header.IPv4, tcp header.TCP) {
+			if tcp.Flags()&^flagPSH == flagACK && int(ip.TotalLength()) == 20+int(tcp.DataOffset()) {
 				if h.pureACKs.Load() > 0 && tcp.AckNumber() == prevACK && tcp.WindowSize() == prevWnd {
 					h.repeats.Add(1)
 				}
@@ -230,9 +220,9 @@ func newHarnessGreeted(t *testing.T, greeting []byte, greetedFirst bool) *fuzzHa
 			if tcp.Flags()&flagRST != 0 {
 				h.resets.Add(1)
 			}
-			if n := int(header.IPv4(f[14:]).TotalLength()) - 20 - int(tcp.DataOffset()); n > 0 {
-				if buf[1] != 0 { // gso_type: the sandbox's kernel cuts it into gso_size segments
-					n = int(binary.LittleEndian.Uint16(buf[4:]))
+			if n := int(ip.TotalLength()) - 20 - int(tcp.DataOffset()); n > 0 {
+				if vnet[1] != 0 { // gso_type: the sandbox's kernel cuts it into gso_size segments
+					n = int(binary.LittleEndian.Uint16(vnet[4:]))
 				}
 				h.dataSegs.Add(1)
 				for m := h.maxSeg.Load(); int64(n) > m && !h.maxSeg.CompareAndSwap(m, int64(n)); m = h.maxSeg.Load() {
@@ -244,7 +234,7 @@ func newHarnessGreeted(t *testing.T, greeting []byte, greetedFirst bool) *fuzzHa
 				default:
 				}
 			}
-		}
+		})
 	}()
 	h.send(flagSYN, h.irs, 0, 65535, 0, true)
 	select {
@@ -256,6 +246,25 @@ func newHarnessGreeted(t *testing.T, greeting []byte, greetedFirst bool) *fuzzHa
 		h.send(flagACK, h.irs+1, h.iss+1, 65535, 0, false)
 	}
 	return h
+}
+
+// readSegments hands each IPv4 TCP segment the engine writes to the
+// sandbox's end of the link to each, with its virtio-net header, until the
+// link is closed.
+func readSegments(sandbox tap.Device, each func(vnet []byte, ip header.IPv4, tcp header.TCP)) {
+	buf := make([]byte, 70000)
+	for {
+		n, err := sandbox.Read([][]byte{buf})
+		if err != nil {
+			return
+		}
+		const l2, l3 = header.EthernetMinimumSize, header.IPv4MinimumSize
+		f := buf[tap.VNetHdrLen:n]
+		if len(f) < l2+l3+header.TCPMinimumSize {
+			continue
+		}
+		each(buf[:tap.VNetHdrLen], header.IPv4(f[l2:]), header.TCP(f[l2+l3:]))
+	}
 }
 
 // segment sends the segment a 9-byte command describes: flags (and bit 7:

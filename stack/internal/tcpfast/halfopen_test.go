@@ -65,28 +65,16 @@ func TestHalfOpenBurst(t *testing.T) {
 	var mu sync.Mutex
 	synAcks := map[uint16]uint32{} // the sandbox's port: the engine's ISN
 	resets := map[uint16]int{}
-	go func() {
-		buf := make([]byte, 70000)
-		for {
-			n, err := sandbox.Read([][]byte{buf})
-			if err != nil {
-				return
-			}
-			f := buf[tap.VNetHdrLen:n]
-			if len(f) < 54 {
-				continue
-			}
-			tcp := header.TCP(f[34:])
-			mu.Lock()
-			switch {
-			case tcp.Flags() == flagSYN|flagACK:
-				synAcks[tcp.DestinationPort()] = tcp.SequenceNumber()
-			case tcp.Flags()&flagRST != 0:
-				resets[tcp.DestinationPort()]++
-			}
-			mu.Unlock()
+	go readSegments(sandbox, func(_ []byte, _ header.IPv4, tcp header.TCP) {
+		mu.Lock()
+		defer mu.Unlock()
+		switch {
+		case tcp.Flags() == flagSYN|flagACK:
+			synAcks[tcp.DestinationPort()] = tcp.SequenceNumber()
+		case tcp.Flags()&flagRST != 0:
+			resets[tcp.DestinationPort()]++
 		}
-	}()
+	})
 	dst := netip.MustParseAddrPort("192.0.2.7:80")
 	from := func(port uint16) netip.AddrPort { return netip.AddrPortFrom(netip.MustParseAddr("10.0.2.100"), port) }
 	send := func(port uint16, flags header.TCPFlags, ack uint32) {

@@ -46,11 +46,8 @@ type tooBig struct {
 // other frame.
 func parseTooBig(p *tooBig, mac tcpip.LinkAddress, head []byte) bool {
 	const l2 = header.EthernetMinimumSize
-	if len(head) < l2 {
-		return false
-	}
-	eth := header.Ethernet(head)
-	if eth.DestinationAddress() != mac {
+	eth, ok := toMAC(head, mac)
+	if !ok {
 		return false
 	}
 	var quoted []byte

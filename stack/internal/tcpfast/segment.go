@@ -74,11 +74,8 @@ func (s *segment) end() uint32 {
 // fails its checksum. Those go to the stack, which has an answer for each.
 func parse(s *segment, mac tcpip.LinkAddress, vnetHdr, head, tail []byte) bool {
 	const l2 = header.EthernetMinimumSize
-	if len(head) < l2 {
-		return false
-	}
-	eth := header.Ethernet(head)
-	if eth.DestinationAddress() != mac {
+	eth, ok := toMAC(head, mac)
+	if !ok {
 		return false
 	}
 	frameLen := len(head) + len(tail)
@@ -171,6 +168,16 @@ func parse(s *segment, mac tcpip.LinkAddress, vnetHdr, head, tail []byte) bool {
 	}
 	parseOptions(s, head[l4+header.TCPMinimumSize:l4+hlen])
 	return true
+}
+
+// toMAC returns the Ethernet header of the frame whose first buffer is
+// head, if the frame is addressed to mac.
+func toMAC(head []byte, mac tcpip.LinkAddress) (header.Ethernet, bool) {
+	if len(head) < header.EthernetMinimumSize {
+		return nil, false
+	}
+	eth := header.Ethernet(head)
+	return eth, eth.DestinationAddress() == mac
 }
 
 // remoteMAC is the sandbox's MAC address, for a connection's frames.
