@@ -193,7 +193,9 @@ func (n *NAT) HandleUDP(p *stack.UDPPacket) bool {
 				return n.udpNotForwarded(p, err)
 			}
 		}
-		if d, err = f.addDest(p, netip.AddrPortFrom(host, p.Dst.Port())); err != nil {
+		if d, err = f.addDest(p, netip.AddrPortFrom(host, p.Dst.Port())); errors.Is(err, net.ErrClosed) {
+			return true // the flow was evicted or expired meanwhile: this datagram is lost, as on a network
+		} else if err != nil {
 			return n.udpNotForwarded(p, err)
 		}
 		n.log.Debug("udp flow", "src", p.Src, "dst", p.Dst, "host", host)
