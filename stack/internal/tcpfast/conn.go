@@ -123,6 +123,7 @@ type connState struct {
 	timerOn  bool      // the retransmission timer is set
 	deadline time.Time // of the handshake
 	synFrame uint64    // Engine.frames at the SYN, then at the SYN-ACK (Engine.evict)
+	synAt    int64     // and the time (timers.now)
 
 	// The sandbox's data, towards the host socket.
 	rcvNxt   uint32    // next sequence number expected: what is acknowledged
@@ -205,6 +206,7 @@ func (e *Engine) newConn(s *segment, h Host) *conn {
 		tsRecent: s.tsVal,
 		deadline: time.Now().Add(h.ConnectTimeout),
 		synFrame: e.frames.Load(),
+		synAt:    e.timers.now(),
 	}
 	if s.ws >= 0 {
 		st.sndWSOK = true
@@ -432,7 +434,7 @@ func (c *conn) connectDone(failed bool) {
 		return
 	}
 	c.state = stSynAcked
-	c.synFrame = c.e.frames.Load() // its ACK follows in the link's queue from here
+	c.synFrame, c.synAt = c.e.frames.Load(), c.e.timers.now() // its ACK follows in the link's queue from here
 	c.deadline = time.Now().Add(c.e.cfg.HandshakeTimeout)
 	c.disarm()
 	c.arm(min(synAckRTO, c.e.cfg.HandshakeTimeout))

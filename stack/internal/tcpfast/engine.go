@@ -450,17 +450,23 @@ func (e *Engine) Handle(vnetHdr, head, tail []byte) bool {
 // connection then reset a connection the sandbox had seen open (at an
 // open-files limit of 1,024, 111 half-open allowed: a burst of 200
 // connects lost 12-89 of them in 8 runs of 10, ECONNRESET at the first
-// read). Frames the link delivered since c's SYN-ACK count its age: older
-// than the link can queue, its ACK is not coming, and a flood of spoofed
-// SYNs still makes room for new connections. It reports whether c is gone
-// (it may have completed meanwhile).
+// read). c may go once its ACK cannot be coming: the link has delivered
+// more frames since c's SYN-ACK than it can queue (a flood of spoofed
+// SYNs makes room at once), or a second has passed (Linux's first
+// retransmission timeout: its ACK lost, or the flood stopped short of
+// that many frames; before, new connections then waited for the
+// handshakes' 10 s deadline). One whose host connect is still under way
+// (no SYN-ACK sent) goes after a second too: its SYN has gone unanswered
+// that long (120 connects to a host that drops them kept the sandbox's
+// next connect to 10.0.2.2 waiting 11 s). It reports whether c is gone (it
+// may have completed meanwhile).
 func (e *Engine) evict(c *conn) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.state >= stEstablished {
 		return true
 	}
-	if e.frames.Load()-c.synFrame <= uint64(e.cfg.LinkQueue) {
+	if e.frames.Load()-c.synFrame <= uint64(e.cfg.LinkQueue) && e.timers.now()-c.synAt < int64(handshakeAge) {
 		return false
 	}
 	e.evicted.Add(1)
@@ -468,6 +474,10 @@ func (e *Engine) evict(c *conn) bool {
 	c.reset(nil)
 	return true
 }
+
+// handshakeAge is how long a half-open connection is kept from eviction
+// at the cap (evict).
+const handshakeAge = time.Second
 
 // warnHalfOpen says, at most every 10 s, that the half-open cap was
 // reached.

@@ -39,6 +39,7 @@ type tx struct {
 // ends is what a frame needs to know of a connection: its addresses.
 type ends struct {
 	v6             bool
+	mayFragment    bool           // IPv4 without DF: the path's MTU is below minPMTU4 (pmtu.go)
 	local, remote  netip.AddrPort // local: the address the sandbox connected to
 	mac, remoteMAC tcpip.LinkAddress
 }
@@ -101,10 +102,14 @@ func (e *Engine) write(t *tx, ep *ends, f fields, payload []byte, mss int) error
 			DstAddr:           dst,
 		})
 	} else {
+		df := uint8(header.IPv4FlagDontFragment)
+		if ep.mayFragment {
+			df = 0
+		}
 		ip := header.IPv4(b[l2:])
 		ip.Encode(&header.IPv4Fields{
 			TotalLength: uint16(l3 + segLen),
-			Flags:       header.IPv4FlagDontFragment,
+			Flags:       df,
 			TTL:         64,
 			Protocol:    uint8(header.TCPProtocolNumber),
 			SrcAddr:     src,

@@ -18,7 +18,7 @@ import (
 
 // TestHalfOpenBurst: with the half-open table full, a new SYN evicts the
 // oldest handshake only once the link has delivered more frames since its
-// SYN-ACK than it can queue; until then the SYN is dropped, and its
+// SYN-ACK than it can queue, or a second has passed; until then the SYN is dropped, and its
 // sender's next try is taken once the handshakes before it completed.
 // Before, a burst of connects larger than the table reset connections
 // whose ACK was still waiting in the link: the sandbox had them open.
@@ -152,5 +152,26 @@ func TestHalfOpenBurst(t *testing.T) {
 	}
 	if s := e.Stats(); s.Evicted != 1 {
 		t.Errorf("evicted %d, want 1", s.Evicted)
+	}
+
+	// And after a second, whatever the link delivered: a flood that
+	// stopped short of the link's queue, or host connects that never
+	// complete, kept new connections out until the handshakes' deadline.
+	for p := uint16(40010); p <= 40012; p++ { // in place of 40006-40008, older than the queue
+		send(p, flagSYN, 0)
+		synAcked(p)
+	}
+	deferred := e.Stats().Deferred
+	send(40013, flagSYN, 0) // the table holds 40009-40012, young by both counts
+	if s := e.Stats(); s.Deferred != deferred+1 || s.Evicted != 4 {
+		t.Fatalf("a SYN with the table full of young handshakes: %+v; want it deferred and 4 evicted", s)
+	}
+	time.Sleep(handshakeAge + 100*time.Millisecond)
+	send(40013, flagSYN, 0) // the sandbox's SYN again
+	if _, ok := synAcked(40013); !ok {
+		t.Fatal("a SYN was not taken in place of a handshake older than a second")
+	}
+	if s := e.Stats(); s.Evicted != 5 {
+		t.Errorf("evicted %d, want 5", s.Evicted)
 	}
 }

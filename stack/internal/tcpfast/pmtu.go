@@ -21,7 +21,11 @@ import (
 
 // The smallest path MTU the engine takes: a report below it counts as it
 // (Linux's net.ipv4.route.min_pmtu, 552; IPv6's minimum link MTU, 1280),
-// so that no report makes a connection crawl in tiny segments.
+// so that no report makes a connection crawl in tiny segments. Below
+// IPv4's, the connection's packets go without "don't fragment", for the
+// router to fragment, as Linux sends them then (a link of MTU 500 inside
+// the sandbox stalled a download for good: the 552-byte packets were
+// refused again and again).
 const (
 	minPMTU4 = 552
 	minPMTU6 = header.IPv6MinimumMTU
@@ -135,10 +139,12 @@ func (c *conn) pathMTU(p *tooBig) {
 		l3, floor = header.IPv6MinimumSize, minPMTU6
 	}
 	mss := max(p.mtu, floor) - l3 - header.TCPMinimumSize
-	if mss >= c.mss {
+	fragment := !c.ends.v6 && p.mtu < floor
+	if mss >= c.mss && (!fragment || c.ends.mayFragment) {
 		return
 	}
-	c.mss = mss
+	c.mss = min(c.mss, mss)
+	c.ends.mayFragment = c.ends.mayFragment || fragment
 	c.e.mtuReduced.Add(1)
 	t := c.e.txPool.Get().(*tx)
 	defer c.e.txPool.Put(t)

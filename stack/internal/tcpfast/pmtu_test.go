@@ -149,6 +149,9 @@ func TestPathMTU(t *testing.T) {
 	if got := h.e.Stats().MTUReduced; got != 2 {
 		t.Errorf("Stats().MTUReduced = %d, want 2", got)
 	}
+	if c := h.waitConn(func(c *conn) bool { return true }); c == nil || !c.ends.mayFragment {
+		t.Error("below IPv4's floor, the connection's packets still say \"don't fragment\"")
+	}
 
 	h.send(flagACK, h.irs+1, h.iss+1+uint32(len(greeting)), 65535, 0, false) // all of it acknowledged
 	c := h.waitConn(func(c *conn) bool { return c.sndUna == h.iss+1+uint32(len(greeting)) })
