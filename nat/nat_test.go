@@ -467,6 +467,132 @@ func TestUDPAnswerFromAnotherPort(t *testing.T) {
 	}
 }
 
+// TestUDPClosedPortBesideOpen: one source sending in turn to a port where
+// nothing listens and to one where a server answers gets every answer.
+// The host socket reports the first one's ICMP error at its next send as
+// well as in its error queue: that send (to the server) failed, and the
+// datagram was lost and answered "port unreachable" (probe Q1: 26-46 of
+// 200 answers).
+func TestUDPClosedPortBesideOpen(t *testing.T) {
+	f := newFixture(t, Config{HostLoopback: true})
+	srv := udpServer(t)
+	closed, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	closedPort := closed.LocalAddr().(*net.UDPAddr).AddrPort().Port()
+	closed.Close()
+	c, err := f.guest.ListenUDP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	buf := make([]byte, 100)
+	for i := range 50 {
+		c.WriteTo([]byte("x"), net.UDPAddrFromAddrPort(netip.AddrPortFrom(gateway, closedPort)))
+		c.WriteTo([]byte("y"), net.UDPAddrFromAddrPort(viaGateway(srv)))
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, _, err := c.ReadFrom(buf); err != nil {
+			t.Fatalf("round %d: no answer from the server: %v", i+1, err)
+		}
+	}
+}
+
+// TestUDPDestinationsForgetTheIdlest: past maxUDPDests destinations, a
+// flow forgets the one idle longest, not the first it sent to: a stream
+// the sandbox subscribed to with one datagram stopped once it had sent to
+// 64 others.
+func TestUDPDestinationsForgetTheIdlest(t *testing.T) {
+	f := newFixture(t, Config{HostLoopback: true})
+	stream, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stream.Close()
+	first := viaGateway(stream.LocalAddr().(*net.UDPAddr).AddrPort())
+	c, err := f.guest.ListenUDP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.WriteTo([]byte("subscribe"), net.UDPAddrFromAddrPort(first))
+	stream.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, client, err := stream.ReadFromUDPAddrPort(make([]byte, 100))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}) // takes the others, unread
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	for i := range maxUDPDests + 5 {
+		stream.WriteToUDPAddrPort([]byte("tick"), client) // the stream goes on
+		time.Sleep(time.Millisecond)                      // the flow's clock counts in real time
+		port := sink.LocalAddr().(*net.UDPAddr).AddrPort().Port()
+		c.WriteTo([]byte("x"), net.UDPAddrFromAddrPort(netip.AddrPortFrom(gateway, port+uint16(i)+1)))
+	}
+	fl := guestFlow(t, f, c.LocalAddr())
+	fl.mu.RLock()
+	kept, n := fl.dest(first) != nil, len(fl.dests)
+	fl.mu.RUnlock()
+	if !kept || n != maxUDPDests {
+		t.Errorf("after %d destinations: the stream's kept: %v; %d remembered, want %d", maxUDPDests+6, kept, n, maxUDPDests)
+	}
+}
+
+// guestFlow is the flow of the guest's socket at local, to the gateway.
+func guestFlow(t *testing.T, f *fixture, local net.Addr) *udpFlow {
+	t.Helper()
+	src := netip.AddrPortFrom(guestIP.Addr(), local.(*net.UDPAddr).AddrPort().Port())
+	fl, ok := f.nat.udp.Get(udpKey{src, udpToLoopback})
+	if !ok {
+		t.Fatalf("no flow for %v", src)
+	}
+	return fl
+}
+
+// TestUDPStrangerKeepsNoFlow: datagrams to a flow's host port from an
+// address it never sent to are dropped, and do not keep it from ending
+// idle (anyone who could reach the port kept it open for ever).
+func TestUDPStrangerKeepsNoFlow(t *testing.T) {
+	var mu sync.Mutex
+	now := time.Unix(1_000_000, 0)
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	f := newFixture(t, Config{HostLoopback: true, Now: clock})
+	srv, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	c, err := f.guest.DialUDP(viaGateway(srv.LocalAddr().(*net.UDPAddr).AddrPort()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte("x"))
+	srv.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, client, err := srv.ReadFromUDPAddrPort(make([]byte, 10))
+	if err != nil {
+		t.Fatal(err)
+	}
+	stranger, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 2)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stranger.Close()
+	mu.Lock()
+	now = now.Add(100 * time.Second)
+	mu.Unlock()
+	for range 3 {
+		stranger.WriteToUDPAddrPort([]byte("let me in"), client)
+	}
+	time.Sleep(200 * time.Millisecond) // for the poller to read them
+	if last := guestFlow(t, f, c.LocalAddr()).LastActive(); !last.Equal(time.Unix(1_000_000, 0)) {
+		t.Errorf("the flow was last active at %v after a stranger's datagrams; want its own datagram's %v", last, time.Unix(1_000_000, 0))
+	}
+}
+
 // TestUDPEmptyDatagram: a datagram without payload goes through both
 // ways, as the kernel sends and delivers one (a NAT keepalive, a probe).
 // Before, the sandbox's was written to the host socket with writev, which

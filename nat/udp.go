@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -60,8 +61,8 @@ func udpKind(host netip.Addr, port uint16) uint8 {
 }
 
 // maxUDPDests bounds the destinations one flow remembers (each holds a
-// route into the sandbox); past it the oldest is forgotten, and answers
-// from its host address are no longer taken.
+// route into the sandbox); past it one is forgotten (udpFlow.forget), and
+// answers from its host address are no longer taken.
 const maxUDPDests = 64
 
 // udpDest is a destination a flow has sent to.
@@ -70,6 +71,9 @@ type udpDest struct {
 	host netip.AddrPort // the host's address for it
 	name []byte         // host, for sendmsg (sockaddr.Raw)
 	path *stack.UDPPath // into the sandbox, from dst
+	last atomic.Int64   // the flow's clock (udpFlow.now) at its last datagram either way, for maxUDPDests
+	// answered: a datagram came back from its host address.
+	answered atomic.Bool
 }
 
 // udpFlow relays one source's datagrams to its destinations' host
@@ -154,15 +158,35 @@ func (f *udpFlow) from(src netip.AddrPort) *udpDest {
 // (ECONNREFUSED; host and net unreachable count as transient without
 // IP_RECVERR). sendmsg, not writev: an empty datagram is a datagram too.
 func (f *udpFlow) send(d *udpDest, payload [][]byte) {
-	f.mu.RLock()
-	var err error
-	if f.fd >= 0 {
-		_, err = rawconn.SendTo(f.fd, payload, d.name, 0)
+	d.last.Store(f.now().UnixNano())
+	err := f.sendOnce(d, payload)
+	if isUnreachable(err) {
+		// The error may be an ICMP error about an earlier datagram to
+		// another destination, which the socket reports (and forgets)
+		// at its next send as well as in its error queue, where Receive
+		// finds it: this datagram was not sent. Once more; a route
+		// that is missing fails again.
+		err = f.sendOnce(d, payload)
 	}
-	f.mu.RUnlock()
-	if errors.Is(err, unix.EHOSTUNREACH) || errors.Is(err, unix.ENETUNREACH) || errors.Is(err, unix.ECONNREFUSED) {
+	if errors.Is(err, unix.EHOSTUNREACH) || errors.Is(err, unix.ENETUNREACH) {
 		d.path.Unreachable(unix.ECONNREFUSED)
 	}
+}
+
+func (f *udpFlow) sendOnce(d *udpDest, payload [][]byte) error {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	if f.fd < 0 {
+		return nil
+	}
+	_, err := rawconn.SendTo(f.fd, payload, d.name, 0)
+	return err
+}
+
+// isUnreachable reports whether err is one of the ICMP errors a socket
+// reports.
+func isUnreachable(err error) bool {
+	return errors.Is(err, unix.ECONNREFUSED) || errors.Is(err, unix.EHOSTUNREACH) || errors.Is(err, unix.ENETUNREACH)
 }
 
 // HandleUDP forwards a datagram of the sandbox, opening the flow's host
@@ -214,6 +238,30 @@ func (n *NAT) udpNotForwarded(p *stack.UDPPacket, err error) bool {
 	return false
 }
 
+// forget takes out of f.dests the destination to forget for a new one:
+// the idlest of those that never answered (a burst of queries, each to
+// a server of its own, before their answers come), else the idlest. A
+// conversation going on both ways stays: a stream the sandbox subscribed
+// to with one datagram was forgotten as the first destination added, then
+// as the idlest when the sandbox sent to 64 others within one of its
+// intervals. f.mu is held for writing.
+func (f *udpFlow) forget() *udpDest {
+	pick := -1
+	for _, unanswered := range []bool{true, false} {
+		for i, d := range f.dests {
+			if (!unanswered || !d.answered.Load()) && (pick < 0 || d.last.Load() < f.dests[pick].last.Load()) {
+				pick = i
+			}
+		}
+		if pick >= 0 {
+			break
+		}
+	}
+	d := f.dests[pick]
+	f.dests = slices.Delete(f.dests, pick, pick+1)
+	return d
+}
+
 // addDest remembers p's destination, at host, for f.
 func (f *udpFlow) addDest(p *stack.UDPPacket, host netip.AddrPort) (*udpDest, error) {
 	name, err := sockaddr.Raw(netip.AddrPortFrom(host.Addr().Unmap(), host.Port()))
@@ -233,8 +281,7 @@ func (f *udpFlow) addDest(p *stack.UDPPacket, host netip.AddrPort) (*udpDest, er
 	}
 	var forgotten *udpDest
 	if len(f.dests) >= maxUDPDests {
-		forgotten = f.dests[0]
-		f.dests = append(f.dests[:0], f.dests[1:]...)
+		forgotten = f.forget()
 	}
 	f.dests = append(f.dests, d)
 	f.mu.Unlock()
@@ -296,6 +343,17 @@ func (n *NAT) udpSocket(host netip.Addr) (int, error) {
 	if err := n.out.bind(fd, host, false); err != nil {
 		unix.Close(fd)
 		return -1, fmt.Errorf("udp: %w", err)
+	}
+	if host.IsLoopback() && !n.out.source(host).IsValid() {
+		// To the host's loopback only (udpKind): bound there, not to
+		// every address sendto would bind it to, so that only the
+		// host's own programs can send to it, as to the connected
+		// socket a flow was.
+		sa, _ := sockaddr.Of(netip.AddrPortFrom(host, 0))
+		if err := unix.Bind(fd, sa); err != nil {
+			unix.Close(fd)
+			return -1, fmt.Errorf("udp: bind to %v: %w", host, err)
+		}
 	}
 	return fd, nil
 }
@@ -374,7 +432,6 @@ func (f *udpFlow) Receive(buf []byte) {
 			}
 			continue
 		}
-		f.touch()
 		for i := range n {
 			src, ok := sockaddr.Parse(names[i], nameLens[i])
 			if !ok {
@@ -383,7 +440,10 @@ func (f *udpFlow) Receive(buf []byte) {
 			f.mu.RLock()
 			d := f.from(src)
 			f.mu.RUnlock()
-			if d != nil {
+			if d != nil { // else from an address never sent to: it does not keep the flow alive either
+				f.touch()
+				d.last.Store(f.now().UnixNano())
+				d.answered.Store(true)
 				d.path.WriteFrom(src.Port(), bufs[i][:lens[i]])
 			}
 		}
