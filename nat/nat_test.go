@@ -407,6 +407,17 @@ func TestUDPRoundTrip(t *testing.T) {
 	}
 }
 
+// hostUDP is a UDP socket on the host's ip, closed when the test ends.
+func hostUDP(t *testing.T, ip string) *net.UDPConn {
+	t.Helper()
+	c, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.ParseIP(ip)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
 // TestUDPAnswerFromAnotherPort: a server that answers from a port of its
 // own, as TFTP's does, is heard by the sandbox's unconnected socket, from
 // that port of the gateway; the sandbox's next datagram, to that port,
@@ -417,11 +428,7 @@ func TestUDPRoundTrip(t *testing.T) {
 func TestUDPAnswerFromAnotherPort(t *testing.T) {
 	f := newFixture(t, Config{HostLoopback: true})
 	listen := func(ip string) *net.UDPConn {
-		c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.ParseIP(ip)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
+		c := hostUDP(t, ip)
 		c.SetReadDeadline(time.Now().Add(5 * time.Second))
 		return c
 	}
@@ -476,10 +483,7 @@ func TestUDPAnswerFromAnotherPort(t *testing.T) {
 func TestUDPClosedPortBesideOpen(t *testing.T) {
 	f := newFixture(t, Config{HostLoopback: true})
 	srv := udpServer(t)
-	closed, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
+	closed := hostUDP(t, "127.0.0.1")
 	closedPort := closed.LocalAddr().(*net.UDPAddr).AddrPort().Port()
 	closed.Close()
 	c, err := f.guest.ListenUDP()
@@ -504,11 +508,7 @@ func TestUDPClosedPortBesideOpen(t *testing.T) {
 // 64 others.
 func TestUDPDestinationsForgetTheIdlest(t *testing.T) {
 	f := newFixture(t, Config{HostLoopback: true})
-	stream, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer stream.Close()
+	stream := hostUDP(t, "127.0.0.1")
 	first := viaGateway(stream.LocalAddr().(*net.UDPAddr).AddrPort())
 	c, err := f.guest.ListenUDP()
 	if err != nil {
@@ -521,11 +521,7 @@ func TestUDPDestinationsForgetTheIdlest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sink, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}) // takes the others, unread
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sink.Close()
+	sink := hostUDP(t, "127.0.0.1") // takes the others, unread
 	for i := range maxUDPDests + 5 {
 		stream.WriteToUDPAddrPort([]byte("tick"), client) // the stream goes on
 		time.Sleep(time.Millisecond)                      // the flow's clock counts in real time
@@ -560,11 +556,7 @@ func TestUDPStrangerKeepsNoFlow(t *testing.T) {
 	now := time.Unix(1_000_000, 0)
 	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
 	f := newFixture(t, Config{HostLoopback: true, Now: clock})
-	srv, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Close()
+	srv := hostUDP(t, "127.0.0.1")
 	c, err := f.guest.DialUDP(viaGateway(srv.LocalAddr().(*net.UDPAddr).AddrPort()))
 	if err != nil {
 		t.Fatal(err)
@@ -576,11 +568,7 @@ func TestUDPStrangerKeepsNoFlow(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	stranger, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 2)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer stranger.Close()
+	stranger := hostUDP(t, "127.0.0.2")
 	mu.Lock()
 	now = now.Add(100 * time.Second)
 	mu.Unlock()
