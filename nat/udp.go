@@ -99,7 +99,12 @@ var (
 
 func (f *udpFlow) LastActive() time.Time { return time.Unix(0, f.last.Load()) }
 
-func (f *udpFlow) touch() { f.last.Store(f.now().UnixNano()) }
+// touch marks the flow, and d, active now: one clock read per datagram.
+func (f *udpFlow) touch(d *udpDest) {
+	now := f.now().UnixNano()
+	f.last.Store(now)
+	d.last.Store(now)
+}
 
 // Close closes the flow's socket, which also takes it out of the
 // poller's epoll set, and its paths into the sandbox.
@@ -158,7 +163,7 @@ func (f *udpFlow) from(src netip.AddrPort) *udpDest {
 // (ECONNREFUSED; host and net unreachable count as transient without
 // IP_RECVERR). sendmsg, not writev: an empty datagram is a datagram too.
 func (f *udpFlow) send(d *udpDest, payload [][]byte) {
-	d.last.Store(f.now().UnixNano())
+	f.touch(d)
 	err := f.sendOnce(d, payload)
 	if isUnreachable(err) {
 		// The error may be an ICMP error about an earlier datagram to
@@ -224,7 +229,6 @@ func (n *NAT) HandleUDP(p *stack.UDPPacket) bool {
 		}
 		n.log.Debug("udp flow", "src", p.Src, "dst", p.Dst, "host", host)
 	}
-	f.touch()
 	f.send(d, p.Payload())
 	return true
 }
@@ -301,7 +305,7 @@ func (n *NAT) newUDPFlow(key udpKey, host netip.Addr) (*udpFlow, error) {
 		return nil, err
 	}
 	f := &udpFlow{fd: fd, now: n.cfg.Now}
-	f.touch()
+	f.last.Store(f.now().UnixNano())
 	if f.id, err = poller.Add(fd, f); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("udp: %w", err)
@@ -441,8 +445,7 @@ func (f *udpFlow) Receive(buf []byte) {
 			d := f.from(src)
 			f.mu.RUnlock()
 			if d != nil { // else from an address never sent to: it does not keep the flow alive either
-				f.touch()
-				d.last.Store(f.now().UnixNano())
+				f.touch(d)
 				d.answered.Store(true)
 				d.path.WriteFrom(src.Port(), bufs[i][:lens[i]])
 			}

@@ -55,6 +55,7 @@ func parseTooBig(p *tooBig, mac tcpip.LinkAddress, head []byte) bool {
 		return false
 	}
 	var quoted []byte
+	var local, remote netip.Addr // the quoted segment's source (ours) and destination (the sandbox's)
 	switch eth.Type() {
 	case header.IPv4ProtocolNumber:
 		if len(head) < l2+header.IPv4MinimumSize {
@@ -78,8 +79,7 @@ func parseTooBig(p *tooBig, mac tcpip.LinkAddress, head []byte) bool {
 			return false
 		}
 		q := header.IPv4(quoted)
-		p.k.dst = netip.AddrPortFrom(netip.AddrFrom4(q.SourceAddress().As4()), 0)
-		p.k.src = netip.AddrPortFrom(netip.AddrFrom4(q.DestinationAddress().As4()), 0)
+		local, remote = netip.AddrFrom4(q.SourceAddress().As4()), netip.AddrFrom4(q.DestinationAddress().As4())
 		quoted = quoted[header.IPv4MinimumSize:]
 	case header.IPv6ProtocolNumber:
 		if len(head) < l2+header.IPv6MinimumSize {
@@ -110,8 +110,7 @@ func parseTooBig(p *tooBig, mac tcpip.LinkAddress, head []byte) bool {
 			return false
 		}
 		q := header.IPv6(quoted)
-		p.k.dst = netip.AddrPortFrom(netip.AddrFrom16(q.SourceAddress().As16()), 0)
-		p.k.src = netip.AddrPortFrom(netip.AddrFrom16(q.DestinationAddress().As16()), 0)
+		local, remote = netip.AddrFrom16(q.SourceAddress().As16()), netip.AddrFrom16(q.DestinationAddress().As16())
 		quoted = quoted[header.IPv6MinimumSize:]
 	default:
 		return false
@@ -119,8 +118,7 @@ func parseTooBig(p *tooBig, mac tcpip.LinkAddress, head []byte) bool {
 	// The quoted TCP header's first 8 bytes: the ports and the sequence
 	// number, all a router must quote.
 	tcp := header.TCP(quoted)
-	p.k.dst = netip.AddrPortFrom(p.k.dst.Addr(), tcp.SourcePort())
-	p.k.src = netip.AddrPortFrom(p.k.src.Addr(), tcp.DestinationPort())
+	p.k = key{src: netip.AddrPortFrom(remote, tcp.DestinationPort()), dst: netip.AddrPortFrom(local, tcp.SourcePort())}
 	p.seq = tcp.SequenceNumber()
 	return true
 }
